@@ -1,0 +1,63 @@
+/*
+ * sampler.h - choosing the next token from logits.
+ *
+ * Why this file exists: sampling settings arrive per request (OpenAI fields
+ * plus top_k and min_p) and must give the same tokens for the same seed
+ * wherever the request runs, so the sampler owns its own random state and
+ * never touches global state.
+ */
+#ifndef KVQ_SAMPLER_H
+#define KVQ_SAMPLER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct kvq_sampler_params {
+	float temperature;	/* <= 0: greedy */
+	int32_t top_k;		/* <= 0: off */
+	float top_p;		/* >= 1: off */
+	float min_p;		/* <= 0: off */
+	uint64_t seed;
+};
+
+/* Defaults matching common servers: temperature 0.8, top_k 40, top_p 0.95,
+ * min_p 0.05, seed 0. */
+void kvq_sampler_params_default(struct kvq_sampler_params *p);
+
+struct kvq_sampler {
+	struct kvq_sampler_params p;
+	uint64_t rng[4];	/* xoshiro256** state, from the seed */
+	int32_t n_vocab;
+	/* scratch, owned */
+	float *probs;
+	int32_t *idx;
+};
+
+/* 0 or -ENOMEM / -EINVAL (bad parameter values: NaN, top_p <= 0...). */
+int kvq_sampler_init(struct kvq_sampler *s, const struct kvq_sampler_params *p,
+		     int32_t n_vocab);
+void kvq_sampler_fini(struct kvq_sampler *s);
+
+/* Picks a token from @logits (n_vocab values; not modified).  With
+ * temperature <= 0 this is argmax (lowest id wins ties).  When @logprob is
+ * not NULL, stores the log-probability of the chosen token under the
+ * unfiltered softmax at temperature 1. */
+int32_t kvq_sampler_sample(struct kvq_sampler *s, const float *logits,
+			   float *logprob);
+
+/* argmax with lowest index on ties. */
+int32_t kvq_argmax(const float *x, int32_t n);
+
+/*
+ * Stop strings: kvq_stop_check() looks for any of @stops in @text (length
+ * @len).  Returns the offset where the earliest stop string starts, or -1.
+ * kvq_stop_partial() returns how many trailing bytes of @text could be the
+ * start of a stop string (to be held back from a stream), 0 if none.
+ */
+long kvq_stop_check(const char *text, size_t len, char *const *stops,
+		    int n_stops);
+size_t kvq_stop_partial(const char *text, size_t len, char *const *stops,
+			int n_stops);
+
+#endif /* KVQ_SAMPLER_H */
