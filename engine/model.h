@@ -1,1 +1,111 @@
-/* placeholder */
+/*
+ * model.h - a loaded llama-family model and the step function that runs it.
+ *
+ * Why this file exists: the forward pass is written once, over a backend ops
+ * table (engine/backend.h), for a batch of sequences.  Callers (one-shot
+ * mode, the scheduler, the perplexity tool, tests) only see this API:
+ * load a model, create a context (KV cache + scratch), create sequences,
+ * and step a batch of new tokens through the model.
+ */
+#ifndef KVQ_MODEL_H
+#define KVQ_MODEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct kvq_gguf;
+struct kvq_tokenizer;
+struct kvq_pool;
+
+enum kvq_arch {
+	KVQ_ARCH_LLAMA = 1,
+	KVQ_ARCH_QWEN2 = 2,
+};
+
+/* Hyper-parameters, every one read from the GGUF metadata. */
+struct kvq_hparams {
+	enum kvq_arch arch;
+	char arch_name[32];
+	uint32_t n_vocab;
+	uint32_t dim;
+	uint32_t n_layers;
+	uint32_t n_heads;
+	uint32_t n_kv_heads;
+	uint32_t head_dim;
+	uint32_t ffn_dim;
+	uint32_t ctx_len;	/* context length the model was trained for */
+	uint32_t rope_dim;	/* dimensions rotated per head */
+	float rope_base;
+	float rms_eps;
+	bool rope_neox;		/* half-split pairs (qwen2) vs adjacent pairs */
+	bool tied_output;	/* output projection is token_embd */
+	bool qkv_bias;
+};
+
+struct kvq_model_opts {
+	int n_threads;		/* <= 0: one per CPU */
+	bool vocab_only;	/* tokenizer only, no weights */
+};
+
+struct kvq_model;
+
+/*
+ * kvq_model_load() - map @path, validate it, build the tokenizer and the
+ * weight handles.  Returns 0 and stores the model in *out, or -errno with
+ * a one-line message naming the file and what is wrong in @err.
+ */
+int kvq_model_load(const char *path, const struct kvq_model_opts *o,
+		   struct kvq_model **out, char *err, size_t errlen);
+void kvq_model_destroy(struct kvq_model *m);
+
+const struct kvq_hparams *kvq_model_hparams(const struct kvq_model *m);
+struct kvq_tokenizer *kvq_model_tokenizer(const struct kvq_model *m);
+const struct kvq_gguf *kvq_model_gguf(const struct kvq_model *m);
+/* Bytes of weights as stored (mapped). */
+uint64_t kvq_model_weight_bytes(const struct kvq_model *m);
+/* Short description: "llama 5L dim 64 F32 (260K params)". */
+const char *kvq_model_desc(const struct kvq_model *m);
+
+/* ------------------------------------------------------------ contexts */
+
+struct kvq_ctx_opts {
+	uint32_t n_ctx;		/* max tokens of one sequence (0: model's) */
+	uint32_t kv_tokens;	/* total KV capacity over all sequences (0: n_ctx) */
+	uint32_t max_batch;	/* max tokens in one step (0: 512) */
+	uint32_t max_seqs;	/* max live sequences (0: 16) */
+};
+
+struct kvq_ctx;
+
+int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
+		   struct kvq_ctx **out, char *err, size_t errlen);
+void kvq_ctx_destroy(struct kvq_ctx *c);
+
+/* A new empty sequence: returns its id (>= 0) or -ENOSPC. */
+int kvq_seq_create(struct kvq_ctx *c);
+/* Frees the sequence's KV pages at once. */
+void kvq_seq_free(struct kvq_ctx *c, int seq);
+/* Tokens already in the sequence's KV cache. */
+int kvq_seq_len(const struct kvq_ctx *c, int seq);
+/* Drops tokens from position @pos on (pos <= len). */
+int kvq_seq_truncate(struct kvq_ctx *c, int seq, int pos);
+
+/*
+ * One step: for each entry i, append n_tokens[i] tokens of sequence
+ * seq[i] and compute logits.  Sequences in one batch are distinct.
+ * @logits receives, per entry, n_vocab floats for its last token -- or, when
+ * @all_logits is set, n_vocab floats for every token of every entry in
+ * order.  Returns 0, -ENOSPC when the KV cache or a sequence's context is
+ * full (nothing appended), -EINVAL for a bad token id or batch.
+ */
+struct kvq_batch {
+	int n;
+	const int *seq;
+	const int *n_tokens;
+	const int32_t *const *tokens;
+	bool all_logits;
+};
+int kvq_step(struct kvq_ctx *c, const struct kvq_batch *b, float *logits);
+
+#endif /* KVQ_MODEL_H */
