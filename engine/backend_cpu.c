@@ -1,1 +1,300 @@
-/* placeholder */
+/*
+ * backend_cpu.c - the CPU implementation of the backend ops table.
+ *
+ * Why this file exists: it is the reference every other backend is compared
+ * with, and the backend a host without a GPU runs.  Work is split over the
+ * thread pool by rows (matrix products) or by (token, head) (attention);
+ * the per-element math lives in engine/quant.c (dot products per tensor
+ * type) and engine/kvcache.c (attention over pages).
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/backend.h"
+#include "engine/gguf.h"
+#include "engine/kvcache.h"
+#include "engine/quant.h"
+#include "engine/threadpool.h"
+
+/* ------------------------------------------------------------- matmul */
+
+struct mm_job {
+	struct kvq_weight *w;
+	const void *data;
+	const float *x;
+	float *y;
+	uint32_t n_tok;
+	uint64_t row_bytes;
+};
+
+/* Rows are split in multiples of 4 so neighbouring threads do not share
+ * output cache lines at one token. */
+static void mm_range(uint32_t rows, int i, int n, uint32_t *r0, uint32_t *r1)
+{
+	uint32_t per = (rows + n - 1) / n;
+
+	per = (per + 3) & ~3u;
+	*r0 = per * i < rows ? per * i : rows;
+	*r1 = *r0 + per < rows ? *r0 + per : rows;
+}
+
+static void mm_worker(void *ctx, int i, int n)
+{
+	struct mm_job *j = ctx;
+	uint32_t cols = j->w->cols, rows = j->w->rows;
+	uint32_t type = j->w->type;
+	const uint8_t *base = j->data;
+	uint32_t r0, r1, r, t;
+	float *tmp = NULL;
+
+	mm_range(rows, i, n, &r0, &r1);
+	if (r0 >= r1)
+		return;
+	if (j->n_tok == 1) {
+		for (r = r0; r < r1; r++)
+			j->y[r] = kvq_vec_dot(type, base + r * j->row_bytes,
+					      j->x, cols);
+		return;
+	}
+	if (type != KVQ_TYPE_F32) {
+		tmp = malloc(cols * sizeof(float));
+		if (!tmp) {
+			/* Without scratch, dot each row in place. */
+			for (r = r0; r < r1; r++)
+				for (t = 0; t < j->n_tok; t++)
+					j->y[(size_t)t * rows + r] = kvq_vec_dot(
+						type, base + r * j->row_bytes,
+						j->x + (size_t)t * cols, cols);
+			return;
+		}
+	}
+	for (r = r0; r < r1; r++) {
+		const float *wr = (const float *)(base + r * j->row_bytes);
+
+		if (tmp) {
+			kvq_dequant_row(type, base + r * j->row_bytes, tmp,
+					cols);
+			wr = tmp;
+		}
+		for (t = 0; t < j->n_tok; t++)
+			j->y[(size_t)t * rows + r] =
+				kvq_dot_f32(wr, j->x + (size_t)t * cols, cols);
+	}
+	free(tmp);
+}
+
+static void cpu_matmul(struct kvq_backend *be, struct kvq_weight *w,
+		       const float *x, float *y, uint32_t n_tok)
+{
+	struct mm_job j = {
+		.w = w, .x = x, .y = y, .n_tok = n_tok,
+		.row_bytes = kvq_type_row_bytes(w->type, w->cols),
+	};
+
+	j.data = kvq_weight_get(w);
+	kvq_pool_run(be->pool, mm_worker, &j);
+	kvq_weight_put(w);
+}
+
+/* ------------------------------------------------------- element-wise */
+
+static void cpu_rmsnorm(struct kvq_backend *be, const float *x,
+			const float *g, float *y, uint32_t n_tok, uint32_t dim,
+			float eps)
+{
+	uint32_t t, i;
+
+	for (t = 0; t < n_tok; t++) {
+		const float *xr = x + (size_t)t * dim;
+		float *yr = y + (size_t)t * dim;
+		double ss = 0.0;
+		float s;
+
+		for (i = 0; i < dim; i++)
+			ss += (double)xr[i] * xr[i];
+		s = (float)(1.0 / sqrt(ss / dim + eps));
+		for (i = 0; i < dim; i++)
+			yr[i] = xr[i] * s * g[i];
+	}
+}
+
+static void cpu_rope(struct kvq_backend *be, float *x, const uint32_t *pos,
+		     uint32_t n_tok, uint32_t n_heads, uint32_t head_dim,
+		     uint32_t rope_dim, float base, bool neox)
+{
+	uint32_t half = rope_dim / 2, t, h, i;
+	float *cs = malloc(half * 2 * sizeof(float));
+
+	if (!cs)
+		return;
+	for (t = 0; t < n_tok; t++) {
+		float *row = x + (size_t)t * n_heads * head_dim;
+
+		for (i = 0; i < half; i++) {
+			double th = pos[t] * pow(base, -2.0 * i / rope_dim);
+
+			cs[2 * i] = (float)cos(th);
+			cs[2 * i + 1] = (float)sin(th);
+		}
+		for (h = 0; h < n_heads; h++) {
+			float *v = row + (size_t)h * head_dim;
+
+			for (i = 0; i < half; i++) {
+				uint32_t a = neox ? i : 2 * i;
+				uint32_t b = neox ? i + half : 2 * i + 1;
+				float x0 = v[a], x1 = v[b];
+				float c = cs[2 * i], s = cs[2 * i + 1];
+
+				v[a] = x0 * c - x1 * s;
+				v[b] = x0 * s + x1 * c;
+			}
+		}
+	}
+	free(cs);
+}
+
+static void cpu_swiglu(struct kvq_backend *be, float *gate, const float *up,
+		       size_t n)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++) {
+		float g = gate[i];
+
+		gate[i] = g / (1.0f + expf(-g)) * up[i];
+	}
+}
+
+static void cpu_add(struct kvq_backend *be, float *y, const float *x,
+		    size_t n)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++)
+		y[i] += x[i];
+}
+
+static void cpu_add_bias(struct kvq_backend *be, float *y, const float *b,
+			 uint32_t n_tok, uint32_t n)
+{
+	uint32_t t, i;
+
+	for (t = 0; t < n_tok; t++)
+		for (i = 0; i < n; i++)
+			y[(size_t)t * n + i] += b[i];
+}
+
+static int cpu_embed(struct kvq_backend *be, struct kvq_weight *w,
+		     const int32_t *tok, uint32_t n_tok, float *out)
+{
+	uint64_t rb = kvq_type_row_bytes(w->type, w->cols);
+	const uint8_t *base;
+	uint32_t t;
+	int ret = 0;
+
+	base = kvq_weight_get(w);
+	for (t = 0; t < n_tok; t++) {
+		if (tok[t] < 0 || (uint32_t)tok[t] >= w->rows) {
+			ret = -EINVAL;
+			break;
+		}
+		ret = kvq_dequant_row(w->type, base + rb * tok[t],
+				      out + (size_t)t * w->cols, w->cols);
+		if (ret)
+			break;
+	}
+	kvq_weight_put(w);
+	return ret;
+}
+
+/* ---------------------------------------------------------- attention */
+
+struct attn_job {
+	struct kvq_kvcache *kv;
+	uint32_t layer;
+	const struct kvq_attn_seq *seqs;
+	uint32_t n_seqs;
+	const float *q;
+	float *out;
+	uint32_t n_heads;
+	uint32_t n_items;	/* total new tokens * n_heads */
+};
+
+static void attn_worker(void *ctx, int part, int n_parts)
+{
+	struct attn_job *j = ctx;
+	uint32_t hd = j->kv->o.head_dim;
+	uint32_t group = j->n_heads / j->kv->o.n_kv_heads;
+	uint32_t per = (j->n_items + n_parts - 1) / n_parts;
+	uint32_t it0 = per * part, it1 = it0 + per, it, s = 0, before = 0;
+	float scale = 1.0f / sqrtf((float)hd);
+
+	if (it1 > j->n_items)
+		it1 = j->n_items;
+	for (it = it0; it < it1; it++) {
+		uint32_t tok = it / j->n_heads, h = it % j->n_heads;
+		uint32_t row, tj;
+		const struct kvq_attn_seq *sq;
+
+		while (tok >= before + j->seqs[s].n_new) {
+			before += j->seqs[s].n_new;
+			s++;
+		}
+		sq = &j->seqs[s];
+		tj = tok - before;
+		row = sq->row0 + tj;
+		kvq_kv_attend(j->kv, sq->kv, j->layer, h / group,
+			      j->q + ((size_t)row * j->n_heads + h) * hd,
+			      scale, sq->pos0 + tj + 1,
+			      j->out + ((size_t)row * j->n_heads + h) * hd);
+	}
+}
+
+static void cpu_attention(struct kvq_backend *be, struct kvq_kvcache *kv,
+			  uint32_t layer, const struct kvq_attn_seq *seqs,
+			  uint32_t n_seqs, const float *q, const float *k,
+			  const float *v, float *out, uint32_t n_heads)
+{
+	size_t kvd = (size_t)kv->o.n_kv_heads * kv->o.head_dim;
+	struct attn_job j = {
+		.kv = kv, .layer = layer, .seqs = seqs, .n_seqs = n_seqs,
+		.q = q, .out = out, .n_heads = n_heads,
+	};
+	uint32_t s, t;
+
+	for (s = 0; s < n_seqs; s++) {
+		for (t = 0; t < seqs[s].n_new; t++) {
+			uint32_t row = seqs[s].row0 + t;
+
+			memcpy(kvq_kv_k(kv, seqs[s].kv, layer, seqs[s].pos0 + t),
+			       k + row * kvd, kvd * sizeof(float));
+			memcpy(kvq_kv_v(kv, seqs[s].kv, layer, seqs[s].pos0 + t),
+			       v + row * kvd, kvd * sizeof(float));
+		}
+		j.n_items += seqs[s].n_new * n_heads;
+	}
+	kvq_pool_run(be->pool, attn_worker, &j);
+}
+
+static const struct kvq_backend_ops cpu_ops = {
+	.name = "cpu",
+	.matmul = cpu_matmul,
+	.rmsnorm = cpu_rmsnorm,
+	.rope = cpu_rope,
+	.swiglu = cpu_swiglu,
+	.add = cpu_add,
+	.add_bias = cpu_add_bias,
+	.embed = cpu_embed,
+	.attention = cpu_attention,
+};
+
+void kvq_backend_cpu_init(struct kvq_backend *be, struct kvq_pool *pool)
+{
+	be->ops = &cpu_ops;
+	be->pool = pool;
+	be->priv = NULL;
+}

@@ -82,6 +82,12 @@ int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
 		   struct kvq_ctx **out, char *err, size_t errlen);
 void kvq_ctx_destroy(struct kvq_ctx *c);
 
+/* KV bytes in use, KV bytes per token, the context and batch limits. */
+uint64_t kvq_ctx_kv_bytes_used(const struct kvq_ctx *c);
+uint64_t kvq_ctx_kv_bytes_per_token(const struct kvq_ctx *c);
+uint32_t kvq_ctx_n_ctx(const struct kvq_ctx *c);
+uint32_t kvq_ctx_max_batch(const struct kvq_ctx *c);
+
 /* A new empty sequence: returns its id (>= 0) or -ENOSPC. */
 int kvq_seq_create(struct kvq_ctx *c);
 /* Frees the sequence's KV pages at once. */
@@ -97,7 +103,9 @@ int kvq_seq_truncate(struct kvq_ctx *c, int seq, int pos);
  * @logits receives, per entry, n_vocab floats for its last token -- or, when
  * @all_logits is set, n_vocab floats for every token of every entry in
  * order.  Returns 0, -ENOSPC when the KV cache or a sequence's context is
- * full (nothing appended), -EINVAL for a bad token id or batch.
+ * full (nothing appended), -E2BIG when the batch has more tokens than
+ * the context's max_batch (callers chunk long prompts), -EINVAL for a bad
+ * token id or batch.
  */
 struct kvq_batch {
 	int n;

@@ -1,0 +1,334 @@
+/*
+ * forward.c - contexts, sequences and the batched forward step.
+ *
+ * Why this file exists: one step serves every active sequence.  Tokens of
+ * all entries in a batch are stacked into one activation matrix, so the
+ * weight matrices are read once per step whatever the batch holds; only
+ * attention is per sequence, over that sequence's KV pages.  Per-sequence
+ * results do not depend on what else is in the batch (rows are computed
+ * independently), which is what makes a seeded request reproducible beside
+ * any number of others.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/backend.h"
+#include "engine/kvcache.h"
+#include "engine/model.h"
+#include "engine/model_impl.h"
+
+struct kvq_ctx_seq {
+	bool used;
+	struct kvq_kv_seq kv;
+};
+
+struct kvq_ctx {
+	struct kvq_model *m;
+	struct kvq_kvcache *kv;
+	struct kvq_ctx_seq *seqs;
+	uint32_t max_seqs;
+	uint32_t n_ctx;
+	uint32_t max_batch;
+	/* scratch for max_batch tokens */
+	float *x, *xb, *q, *k, *v, *att, *hb, *hb2;
+	uint32_t *pos;
+	struct kvq_attn_seq *aseq;
+};
+
+int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
+		   struct kvq_ctx **out, char *err, size_t errlen)
+{
+	const struct kvq_hparams *hp = &m->hp;
+	struct kvq_ctx_opts d = { 0 };
+	struct kvq_kv_opts ko = { 0 };
+	size_t B, qd, kvd;
+	struct kvq_ctx *c;
+	int ret;
+
+	if (!o)
+		o = &d;
+	if (!m->layers) {
+		snprintf(err, errlen, "model has no weights (vocabulary only)");
+		return -EINVAL;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c)
+		return -ENOMEM;
+	c->m = m;
+	c->n_ctx = o->n_ctx ? o->n_ctx : hp->ctx_len;
+	c->max_batch = o->max_batch ? o->max_batch : 512;
+	c->max_seqs = o->max_seqs ? o->max_seqs : 16;
+	ko.n_layers = hp->n_layers;
+	ko.n_kv_heads = hp->n_kv_heads;
+	ko.head_dim = hp->head_dim;
+	ko.page_tokens = 16;
+	/* Every sequence may hold a partial last page. */
+	ko.n_pages = ((o->kv_tokens ? o->kv_tokens : c->n_ctx) + 15) / 16 +
+		     c->max_seqs;
+	ret = kvq_kv_create(&ko, &c->kv);
+	if (ret) {
+		snprintf(err, errlen, "cannot allocate the KV cache (%u pages)",
+			 ko.n_pages);
+		goto out_free;
+	}
+	B = c->max_batch;
+	qd = (size_t)hp->n_heads * hp->head_dim;
+	kvd = (size_t)hp->n_kv_heads * hp->head_dim;
+	c->seqs = calloc(c->max_seqs, sizeof(*c->seqs));
+	c->x = malloc(B * hp->dim * sizeof(float));
+	c->xb = malloc(B * (hp->dim > qd ? hp->dim : qd) * sizeof(float));
+	c->q = malloc(B * qd * sizeof(float));
+	c->k = malloc(B * kvd * sizeof(float));
+	c->v = malloc(B * kvd * sizeof(float));
+	c->att = malloc(B * qd * sizeof(float));
+	c->hb = malloc(B * hp->ffn_dim * sizeof(float));
+	c->hb2 = malloc(B * hp->ffn_dim * sizeof(float));
+	c->pos = malloc(B * sizeof(*c->pos));
+	c->aseq = malloc(B * sizeof(*c->aseq));
+	if (!c->seqs || !c->x || !c->xb || !c->q || !c->k || !c->v ||
+	    !c->att || !c->hb || !c->hb2 || !c->pos || !c->aseq) {
+		snprintf(err, errlen, "out of memory for activations");
+		ret = -ENOMEM;
+		goto out_free;
+	}
+	*out = c;
+	return 0;
+
+out_free:
+	kvq_ctx_destroy(c);
+	return ret;
+}
+
+void kvq_ctx_destroy(struct kvq_ctx *c)
+{
+	uint32_t i;
+
+	if (!c)
+		return;
+	for (i = 0; c->seqs && i < c->max_seqs; i++)
+		if (c->seqs[i].used)
+			kvq_kv_seq_release(c->kv, &c->seqs[i].kv);
+	kvq_kv_destroy(c->kv);
+	free(c->seqs);
+	free(c->x);
+	free(c->xb);
+	free(c->q);
+	free(c->k);
+	free(c->v);
+	free(c->att);
+	free(c->hb);
+	free(c->hb2);
+	free(c->pos);
+	free(c->aseq);
+	free(c);
+}
+
+int kvq_seq_create(struct kvq_ctx *c)
+{
+	uint32_t i;
+
+	for (i = 0; i < c->max_seqs; i++) {
+		if (!c->seqs[i].used) {
+			c->seqs[i].used = true;
+			kvq_kv_seq_init(&c->seqs[i].kv);
+			return (int)i;
+		}
+	}
+	return -ENOSPC;
+}
+
+static struct kvq_ctx_seq *seq_get(const struct kvq_ctx *c, int seq)
+{
+	if (seq < 0 || (uint32_t)seq >= c->max_seqs || !c->seqs[seq].used)
+		return NULL;
+	return &c->seqs[seq];
+}
+
+void kvq_seq_free(struct kvq_ctx *c, int seq)
+{
+	struct kvq_ctx_seq *s = seq_get(c, seq);
+
+	if (!s)
+		return;
+	kvq_kv_seq_release(c->kv, &s->kv);
+	s->used = false;
+}
+
+int kvq_seq_len(const struct kvq_ctx *c, int seq)
+{
+	struct kvq_ctx_seq *s = seq_get(c, seq);
+
+	return s ? (int)s->kv.n_tokens : -EINVAL;
+}
+
+int kvq_seq_truncate(struct kvq_ctx *c, int seq, int pos)
+{
+	struct kvq_ctx_seq *s = seq_get(c, seq);
+
+	if (!s || pos < 0 || (uint32_t)pos > s->kv.n_tokens)
+		return -EINVAL;
+	kvq_kv_seq_truncate(c->kv, &s->kv, (uint32_t)pos);
+	return 0;
+}
+
+uint64_t kvq_ctx_kv_bytes_used(const struct kvq_ctx *c)
+{
+	return kvq_kv_bytes_used(c->kv);
+}
+
+uint64_t kvq_ctx_kv_bytes_per_token(const struct kvq_ctx *c)
+{
+	return kvq_kv_bytes_per_token(c->kv);
+}
+
+uint32_t kvq_ctx_n_ctx(const struct kvq_ctx *c)
+{
+	return c->n_ctx;
+}
+
+uint32_t kvq_ctx_max_batch(const struct kvq_ctx *c)
+{
+	return c->max_batch;
+}
+
+static int check_batch(struct kvq_ctx *c, const struct kvq_batch *b,
+		       uint32_t *total)
+{
+	uint32_t n_vocab = c->m->hp.n_vocab;
+	int i, j, t;
+
+	*total = 0;
+	if (b->n <= 0)
+		return -EINVAL;
+	for (i = 0; i < b->n; i++) {
+		struct kvq_ctx_seq *s = seq_get(c, b->seq[i]);
+
+		if (!s || b->n_tokens[i] <= 0)
+			return -EINVAL;
+		for (j = 0; j < i; j++)
+			if (b->seq[j] == b->seq[i])
+				return -EINVAL;
+		for (t = 0; t < b->n_tokens[i]; t++)
+			if (b->tokens[i][t] < 0 ||
+			    (uint32_t)b->tokens[i][t] >= n_vocab)
+				return -EINVAL;
+		if (s->kv.n_tokens + (uint32_t)b->n_tokens[i] > c->n_ctx)
+			return -ENOSPC;
+		*total += (uint32_t)b->n_tokens[i];
+	}
+	if (*total > c->max_batch)
+		return -E2BIG;
+	return 0;
+}
+
+int kvq_step(struct kvq_ctx *c, const struct kvq_batch *b, float *logits)
+{
+	struct kvq_model *m = c->m;
+	const struct kvq_hparams *hp = &m->hp;
+	struct kvq_backend *be = &m->be;
+	const struct kvq_backend_ops *op = be->ops;
+	uint32_t qd = hp->n_heads * hp->head_dim;
+	uint32_t kvd = hp->n_kv_heads * hp->head_dim;
+	uint32_t T, row = 0, n_out, l, t;
+	int i, ret;
+
+	ret = check_batch(c, b, &T);
+	if (ret)
+		return ret;
+	for (i = 0; i < b->n; i++) {
+		struct kvq_ctx_seq *s = &c->seqs[b->seq[i]];
+
+		ret = kvq_kv_seq_reserve(c->kv, &s->kv, b->n_tokens[i]);
+		if (ret) {
+			/* Give back what earlier entries reserved. */
+			while (i-- > 0) {
+				s = &c->seqs[b->seq[i]];
+				kvq_kv_seq_truncate(c->kv, &s->kv,
+						    s->kv.n_tokens);
+			}
+			return ret;
+		}
+	}
+	for (i = 0; i < b->n; i++) {
+		struct kvq_ctx_seq *s = &c->seqs[b->seq[i]];
+		struct kvq_attn_seq *a = &c->aseq[i];
+
+		a->kv = &s->kv;
+		a->pos0 = s->kv.n_tokens;
+		a->n_new = (uint32_t)b->n_tokens[i];
+		a->row0 = row;
+		for (t = 0; t < a->n_new; t++)
+			c->pos[row + t] = a->pos0 + t;
+		ret = op->embed(be, m->tok_embd, b->tokens[i], a->n_new,
+				c->x + (size_t)row * hp->dim);
+		if (ret)
+			goto out_unreserve;
+		row += a->n_new;
+	}
+
+	for (l = 0; l < hp->n_layers; l++) {
+		struct kvq_layer *L = &m->layers[l];
+
+		op->rmsnorm(be, c->x, L->attn_norm, c->xb, T, hp->dim,
+			    hp->rms_eps);
+		op->matmul(be, L->wq, c->xb, c->q, T);
+		op->matmul(be, L->wk, c->xb, c->k, T);
+		op->matmul(be, L->wv, c->xb, c->v, T);
+		if (L->bq) {
+			op->add_bias(be, c->q, L->bq, T, qd);
+			op->add_bias(be, c->k, L->bk, T, kvd);
+			op->add_bias(be, c->v, L->bv, T, kvd);
+		}
+		op->rope(be, c->q, c->pos, T, hp->n_heads, hp->head_dim,
+			 hp->rope_dim, hp->rope_base, hp->rope_neox);
+		op->rope(be, c->k, c->pos, T, hp->n_kv_heads, hp->head_dim,
+			 hp->rope_dim, hp->rope_base, hp->rope_neox);
+		op->attention(be, c->kv, l, c->aseq, (uint32_t)b->n, c->q,
+			      c->k, c->v, c->att, hp->n_heads);
+		op->matmul(be, L->wo, c->att, c->xb, T);
+		op->add(be, c->x, c->xb, (size_t)T * hp->dim);
+
+		op->rmsnorm(be, c->x, L->ffn_norm, c->xb, T, hp->dim,
+			    hp->rms_eps);
+		op->matmul(be, L->w_gate, c->xb, c->hb, T);
+		op->matmul(be, L->w_up, c->xb, c->hb2, T);
+		op->swiglu(be, c->hb, c->hb2, (size_t)T * hp->ffn_dim);
+		op->matmul(be, L->w_down, c->hb, c->xb, T);
+		op->add(be, c->x, c->xb, (size_t)T * hp->dim);
+	}
+
+	/* Only the rows whose logits are wanted go through the output. */
+	if (b->all_logits) {
+		n_out = T;
+	} else {
+		n_out = 0;
+		for (i = 0; i < b->n; i++) {
+			uint32_t last = c->aseq[i].row0 + c->aseq[i].n_new - 1;
+
+			if (last != n_out)
+				memcpy(c->x + (size_t)n_out * hp->dim,
+				       c->x + (size_t)last * hp->dim,
+				       hp->dim * sizeof(float));
+			n_out++;
+		}
+	}
+	op->rmsnorm(be, c->x, m->output_norm, c->xb, n_out, hp->dim,
+		    hp->rms_eps);
+	op->matmul(be, m->output, c->xb, logits, n_out);
+
+	for (i = 0; i < b->n; i++)
+		kvq_kv_seq_commit(&c->seqs[b->seq[i]].kv, c->aseq[i].n_new);
+	return 0;
+
+out_unreserve:
+	for (i = 0; i < b->n; i++) {
+		struct kvq_ctx_seq *s = &c->seqs[b->seq[i]];
+
+		kvq_kv_seq_truncate(c->kv, &s->kv, s->kv.n_tokens);
+	}
+	return ret;
+}

@@ -1,0 +1,37 @@
+/*
+ * model_impl.h - the inside of a loaded model, shared by the loader
+ * (model.c) and the forward pass (forward.c).  Nothing else includes it.
+ */
+#ifndef KVQ_MODEL_IMPL_H
+#define KVQ_MODEL_IMPL_H
+
+#include "engine/backend.h"
+#include "engine/model.h"
+
+struct kvq_layer {
+	float *attn_norm;
+	float *ffn_norm;
+	float *bq, *bk, *bv;	/* qwen2 only */
+	struct kvq_weight *wq, *wk, *wv, *wo;
+	struct kvq_weight *w_gate, *w_up, *w_down;
+};
+
+struct kvq_model {
+	struct kvq_gguf *g;
+	struct kvq_hparams hp;
+	struct kvq_tokenizer *tok;
+	struct kvq_pool *pool;
+	struct kvq_backend be;
+	struct kvq_weight *weights;	/* every weight tensor, by GGUF order */
+	uint32_t n_weights;
+	struct kvq_weight *tok_embd;
+	struct kvq_weight *output;
+	float *output_norm;
+	struct kvq_layer *layers;
+	float **owned;			/* f32 copies of norms and biases */
+	uint32_t n_owned;
+	uint64_t weight_bytes;
+	char desc[160];
+};
+
+#endif /* KVQ_MODEL_IMPL_H */
