@@ -1,0 +1,24 @@
+#!/bin/sh
+# Installs what building and testing kvqd needs on Debian 12 (bookworm).
+# Run as root, or as a user who may use sudo.
+set -eu
+
+pkgs="
+	build-essential autoconf automake pkg-config
+	libevent-dev libjansson-dev liburing-dev libnuma-dev libpcre2-dev libxxhash-dev
+	python3 python3-numpy python3-torch
+	curl socat mandoc prometheus
+	nodejs npm
+"
+
+if [ "$(id -u)" -eq 0 ]; then
+	SUDO=
+else
+	SUDO=sudo
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+echo "install-deps: done"
