@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "engine/backend.h"
+#include "engine/gemm.h"
 #include "engine/gguf.h"
 #include "engine/kvcache.h"
 #include "engine/quant.h"
@@ -48,7 +49,7 @@ static void mm_worker(void *ctx, int i, int n)
 	uint32_t cols = j->w->cols, rows = j->w->rows;
 	uint32_t type = j->w->type;
 	const uint8_t *base = j->data;
-	uint32_t r0, r1, r, t;
+	uint32_t r0, r1, r, t, rb;
 	float *tmp = NULL;
 
 	mm_range(rows, i, n, &r0, &r1);
@@ -60,8 +61,14 @@ static void mm_worker(void *ctx, int i, int n)
 					      j->x, cols);
 		return;
 	}
+	/*
+	 * Prompt tokens: dequantize a block of rows once (sized to stay in
+	 * L2), then multiply it with every token through the blocked kernel.
+	 */
+	rb = (uint32_t)(256 * 1024 / ((size_t)cols * sizeof(float)));
+	rb = rb < 4 ? 4 : rb > 64 ? 64 : rb & ~3u;
 	if (type != KVQ_TYPE_F32) {
-		tmp = malloc(cols * sizeof(float));
+		tmp = malloc((size_t)rb * cols * sizeof(float));
 		if (!tmp) {
 			/* Without scratch, dot each row in place. */
 			for (r = r0; r < r1; r++)
@@ -72,17 +79,19 @@ static void mm_worker(void *ctx, int i, int n)
 			return;
 		}
 	}
-	for (r = r0; r < r1; r++) {
+	for (r = r0; r < r1; r += rb) {
+		uint32_t nb = r1 - r < rb ? r1 - r : rb, k;
 		const float *wr = (const float *)(base + r * j->row_bytes);
 
 		if (tmp) {
-			kvq_dequant_row(type, base + r * j->row_bytes, tmp,
-					cols);
+			for (k = 0; k < nb; k++)
+				kvq_dequant_row(type,
+						base + (r + k) * j->row_bytes,
+						tmp + (size_t)k * cols, cols);
 			wr = tmp;
 		}
-		for (t = 0; t < j->n_tok; t++)
-			j->y[(size_t)t * rows + r] =
-				kvq_dot_f32(wr, j->x + (size_t)t * cols, cols);
+		kvq_gemm_f32(wr, cols, nb, j->x, cols, j->n_tok, j->y + r,
+			     rows, cols);
 	}
 	free(tmp);
 }
