@@ -1,12 +1,14 @@
 /*
- * config.c - the key table, the file parser, command-line overrides and
- * validation (see config.h).
+ * conf.c - the key table, the file parser, command-line overrides and
+ * validation (see conf.h).
  *
  * Everything about a key lives in its table row: adding a key is adding a
  * row, a field in struct kvq_config, and a paragraph in kvqd.conf(5).
  * Defaults are written in the file's syntax and go through the same parser
  * as the file, so a default can never be a value the parser would refuse.
  */
+#include "config.h"
+
 #include <ctype.h>
 #include <errno.h>
 #include <limits.h>
@@ -19,7 +21,7 @@
 #include <unistd.h>
 #include <arpa/inet.h>
 
-#include "daemon/config.h"
+#include "daemon/conf.h"
 #include "engine/log.h"
 
 #define MS_PER_S 1000u

@@ -1,10 +1,10 @@
 /*
- * config.h - kvqd's configuration: one file of "key = value" lines, every
+ * conf.h - kvqd's configuration: one file of "key = value" lines, every
  * key overridable on the command line as --key-with-dashes VALUE.
  *
  * Why this file exists: the daemon, `kvqd --check-config`, the admin
  * socket's "config" command, `kvqd --help` and kvqd.conf(5) all speak about
- * the same set of keys.  They are described once, in a table (config.c),
+ * the same set of keys.  They are described once, in a table (conf.c),
  * that says each key's type, range, default, and whether SIGHUP may change
  * it in a running daemon.
  *
@@ -14,8 +14,8 @@
  * other).  Errors name where the value came from: "FILE:LINE: key: why",
  * "command line: --key: why", or "FILE: key: why" for a key left unset.
  */
-#ifndef KVQ_CONFIG_H
-#define KVQ_CONFIG_H
+#ifndef KVQ_CONF_H
+#define KVQ_CONF_H
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -29,7 +29,7 @@
 #define KVQ_ADMIN_SOCKET_NAME "kvqd.sock"
 #define KVQ_ADMIN_DEFAULT_SOCKET "/run/kvqd/" KVQ_ADMIN_SOCKET_NAME
 
-/* Upper bound of keys in the table; checked at compile time in config.c. */
+/* Upper bound of keys in the table; checked at compile time in conf.c. */
 #define KVQ_CONFIG_MAX_KEYS 40
 /* Longest line of a config file, and longest value. */
 #define KVQ_CONFIG_MAX_LINE 4096
@@ -241,4 +241,4 @@ const char *kvq_config_enum_name(int key, int value);
  */
 int kvq_config_lookup(const char *path, const char *name, char **out);
 
-#endif /* KVQ_CONFIG_H */
+#endif /* KVQ_CONF_H */

@@ -5,6 +5,8 @@
  * progress line every few seconds while loading), and a fresh socket
  * needs no locking between the threads that may send.
  */
+#include "config.h"
+
 #include <errno.h>
 #include <stdarg.h>
 #include <stddef.h>
