@@ -57,6 +57,8 @@ struct sreq {
 	bool prompt_logprobs;
 	bool prompt_sent;
 	bool ignore_eos;
+	int32_t eog[KVQ_SCHED_MAX_EOG];
+	int n_eog;
 	char *stop[KVQ_SCHED_MAX_STOP];
 	int n_stop;
 
@@ -347,6 +349,8 @@ static int sreq_build(struct kvq_sched *s, const struct kvq_sched_req *q,
 	r->logprobs = q->logprobs;
 	r->prompt_logprobs = q->prompt_logprobs && q->logprobs >= 0;
 	r->ignore_eos = q->ignore_eos;
+	r->n_eog = q->n_eog;
+	memcpy(r->eog, q->eog, sizeof(int32_t) * q->n_eog);
 	if (q->tag)
 		snprintf(r->tag, sizeof(r->tag), "%s", q->tag);
 	r->toks = malloc(sizeof(int32_t) * (q->n_prompt + max_tokens));
@@ -384,7 +388,8 @@ int kvq_sched_submit(struct kvq_sched *s, const struct kvq_sched_req *q,
 
 	if (!q || !sink || !sink->event || !q->prompt || q->n_prompt < 1 ||
 	    q->n_stop < 0 || q->n_stop > KVQ_SCHED_MAX_STOP ||
-	    q->logprobs > KVQ_SCHED_MAX_TOP)
+	    q->logprobs > KVQ_SCHED_MAX_TOP || q->n_eog < 0 ||
+	    q->n_eog > KVQ_SCHED_MAX_EOG || (q->n_eog && !q->eog))
 		return -EINVAL;
 	for (i = 0; i < q->n_prompt; i++)
 		if (q->prompt[i] < 0 || q->prompt[i] >= s->n_vocab)
@@ -654,6 +659,17 @@ static void send_prompt(struct kvq_sched *s, struct sreq *r)
 	r->prompt_sent = true;
 }
 
+static bool is_eog(const struct kvq_sched *s, const struct sreq *r,
+		   int32_t id)
+{
+	int i;
+
+	for (i = 0; i < r->n_eog; i++)
+		if (r->eog[i] == id)
+			return true;
+	return kvq_tokenizer_is_eog(s->tok, id);
+}
+
 /*
  * Samples the next token of @r from @logits and works out what it means:
  * text released, stop string, end of generation.  Returns the finish
@@ -693,7 +709,7 @@ static enum kvq_finish take_token(struct kvq_sched *s, struct sreq *r,
 	if (r->logprobs >= 0 && (pt = ptok_add(r)))
 		logprob_fill(logits, s->n_vocab, id, r->logprobs, pt);
 
-	if (!r->ignore_eos && kvq_tokenizer_is_eog(s->tok, id))
+	if (!r->ignore_eos && is_eog(s, r, id))
 		return KVQ_FINISH_STOP;
 
 	n = kvq_detok_push(&r->dt, id, piece, sizeof(piece));
@@ -915,10 +931,6 @@ static void opts_fill(struct kvq_sched_opts *o, const struct kvq_hparams *hp)
 			   4096;
 	if (!o->kv_tokens)
 		o->kv_tokens = o->n_ctx * o->max_running;
-	if (!o->queue_timeout_ms)
-		o->queue_timeout_ms = 60000;
-	if (!o->total_timeout_ms)
-		o->total_timeout_ms = 600000;
 }
 
 int kvq_sched_create(struct kvq_model *m, const struct kvq_sched_opts *o,
@@ -1059,10 +1071,8 @@ void kvq_sched_set_limits(struct kvq_sched *s, const struct kvq_sched_opts *o)
 		s->o.max_tokens_default = o->max_tokens_default;
 	if (o->max_tokens_limit)
 		s->o.max_tokens_limit = o->max_tokens_limit;
-	if (o->queue_timeout_ms)
-		s->o.queue_timeout_ms = o->queue_timeout_ms;
-	if (o->total_timeout_ms)
-		s->o.total_timeout_ms = o->total_timeout_ms;
+	s->o.queue_timeout_ms = o->queue_timeout_ms;
+	s->o.total_timeout_ms = o->total_timeout_ms;
 	pthread_mutex_unlock(&s->lock);
 }
 

@@ -37,7 +37,7 @@
 struct kvq_model;
 struct kvq_sched;
 
-/* Limits; a zero field takes the default shown. */
+/* Limits; a zero field takes the default shown (timeouts: none). */
 struct kvq_sched_opts {
 	uint32_t max_running;		/* sequences in the batch (16) */
 	uint32_t max_queued;		/* waiting beyond those (64) */
@@ -46,8 +46,8 @@ struct kvq_sched_opts {
 	uint32_t prefill_chunk;		/* prompt tokens per sequence per step (256) */
 	uint32_t n_ctx;			/* tokens per sequence (model's, capped 4096) */
 	uint32_t kv_tokens;		/* KV capacity over all sequences (n_ctx * max_running) */
-	uint32_t queue_timeout_ms;	/* longest wait in the queue (60000) */
-	uint32_t total_timeout_ms;	/* longest life of a request (600000) */
+	uint32_t queue_timeout_ms;	/* longest wait in the queue (0: none) */
+	uint32_t total_timeout_ms;	/* longest life of a request (0: none) */
 	int n_threads;			/* unused by the scheduler; for the engine */
 };
 
@@ -55,6 +55,7 @@ struct kvq_sched_opts {
 
 #define KVQ_SCHED_MAX_STOP 4
 #define KVQ_SCHED_MAX_TOP 5
+#define KVQ_SCHED_MAX_EOG 4
 
 /* What to generate.  Everything is copied by kvq_sched_submit(). */
 struct kvq_sched_req {
@@ -67,6 +68,8 @@ struct kvq_sched_req {
 	int logprobs;			/* -1: none; 0..5: chosen + N alternatives */
 	bool prompt_logprobs;		/* also the prompt's tokens (echo) */
 	bool ignore_eos;
+	const int32_t *eog;		/* more end-of-generation ids (chat turn end) */
+	int n_eog;			/* up to KVQ_SCHED_MAX_EOG */
 	const char *tag;		/* client label shown in snapshots (copied, may be NULL) */
 };
 
@@ -167,8 +170,9 @@ struct kvq_model *kvq_sched_model(const struct kvq_sched *s);
 
 /*
  * kvq_sched_set_limits() - change max_queued, max_tokens_default,
- * max_tokens_limit and the timeouts live (SIGHUP); other fields of @o are
- * ignored.  Requests already admitted keep their settings.
+ * max_tokens_limit (zero: keep) and the timeouts (zero: none) live
+ * (SIGHUP); other fields of @o are ignored.  Requests already admitted keep
+ * their max_tokens.
  */
 void kvq_sched_set_limits(struct kvq_sched *s, const struct kvq_sched_opts *o);
 
