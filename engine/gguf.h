@@ -50,6 +50,7 @@ enum kvq_type {
 	KVQ_TYPE_BF16 = 30,
 	KVQ_TYPE_TQ1_0 = 34,
 	KVQ_TYPE_TQ2_0 = 35,
+	KVQ_TYPE_MXFP4 = 39,
 	KVQ_TYPE_COUNT = 40,
 };
 
@@ -132,18 +133,20 @@ struct kvq_type_info {
 	uint32_t block_bytes;
 };
 const struct kvq_type_info *kvq_type_info(uint32_t type);
-/* "Q4_K", or "type#N" for an unknown number (static buffer per call site is
- * not used: unknown numbers give "unknown"). */
+/* "Q4_K", or "unknown" for a number that is not a known ggml type. */
 const char *kvq_type_name(uint32_t type);
-/* Bytes of a row of n elements; 0 when n is not a multiple of the block. */
+/* Bytes of a row of n elements; 0 when n is not a multiple of the block,
+ * the type is unknown or the size does not fit in 64 bits. */
 uint64_t kvq_type_row_bytes(uint32_t type, uint64_t n);
 
 /*
  * kvq_gguf_open() - map and validate @path.
  * On success returns 0 and stores a new reader in *out (free with
  * kvq_gguf_close()).  On failure returns -errno (-EINVAL for a malformed
- * file, -ENOTSUP for an unsupported version) and writes one line naming the
- * file and what is wrong into @err (may be NULL); *out is left unchanged.
+ * file, -ENOTSUP for what the format allows but this reader refuses: v1,
+ * big-endian files, other versions, arrays of arrays) and writes one line
+ * naming the file and what is wrong into @err (may be NULL); *out is left
+ * unchanged.
  */
 int kvq_gguf_open(const char *path, struct kvq_gguf **out, char *err,
 		  size_t errlen);
