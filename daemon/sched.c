@@ -443,6 +443,7 @@ int kvq_sched_submit(struct kvq_sched *s, const struct kvq_sched_req *q,
 	s->qtail = r;
 	s->n_queued++;
 	s->st.requests_total++;
+	s->st.tokens_prompt_total += r->n_prompt;
 	pthread_cond_signal(&s->wake);
 	pthread_mutex_unlock(&s->lock);
 	if (id)
