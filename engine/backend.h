@@ -51,6 +51,13 @@ struct kvq_attn_seq {
 	uint32_t row0;
 };
 
+/* RoPE parameters of a model. */
+struct kvq_rope {
+	uint32_t dim;		/* rotated dimensions per head */
+	float base;
+	bool neox;		/* half-split pairs instead of adjacent pairs */
+};
+
 struct kvq_backend;
 
 struct kvq_backend_ops {
@@ -78,13 +85,16 @@ struct kvq_backend_ops {
 	/* out[t] = row tok[t] of the embedding table. */
 	int (*embed)(struct kvq_backend *be, struct kvq_weight *w,
 		     const int32_t *tok, uint32_t n_tok, float *out);
-	/* Appends k/v rows (n_kv_heads*head_dim each) of each sequence's new
-	 * tokens into @layer of the cache, then computes causal attention of
-	 * q (rows n_heads*head_dim) into out. */
+	/* For each sequence's new tokens: rotates the k rows (RoPE at the
+	 * token's position, as @rope says), quantizes k and v and appends
+	 * them to @layer of the cache in one pass; then computes causal
+	 * attention of q (rows of n_heads*head_dim, already rotated) into
+	 * out.  k is modified (rotated in place). */
 	void (*attention)(struct kvq_backend *be, struct kvq_kvcache *kv,
 			  uint32_t layer, const struct kvq_attn_seq *seqs,
-			  uint32_t n_seqs, const float *q, const float *k,
-			  const float *v, float *out, uint32_t n_heads);
+			  uint32_t n_seqs, const float *q, float *k,
+			  const float *v, float *out, uint32_t n_heads,
+			  const struct kvq_rope *rope);
 };
 
 struct kvq_backend {

@@ -230,14 +230,16 @@ struct attn_job {
 	const float *q;
 	float *out;
 	uint32_t n_heads;
-	uint32_t n_items;	/* total new tokens * n_heads */
+	uint32_t n_items;	/* total new tokens * KV heads */
 };
 
+/* Work items are (token, KV head): the query heads of a group share every
+ * K and V row they dequantize. */
 static void attn_worker(void *ctx, int part, int n_parts)
 {
 	struct attn_job *j = ctx;
-	uint32_t hd = j->kv->o.head_dim;
-	uint32_t group = j->n_heads / j->kv->o.n_kv_heads;
+	uint32_t hd = j->kv->o.head_dim, nkv = j->kv->o.n_kv_heads;
+	uint32_t group = j->n_heads / nkv;
 	uint32_t per = (j->n_items + n_parts - 1) / n_parts;
 	uint32_t it0 = per * part, it1 = it0 + per, it, s = 0, before = 0;
 	float scale = 1.0f / sqrtf((float)hd);
@@ -245,9 +247,10 @@ static void attn_worker(void *ctx, int part, int n_parts)
 	if (it1 > j->n_items)
 		it1 = j->n_items;
 	for (it = it0; it < it1; it++) {
-		uint32_t tok = it / j->n_heads, h = it % j->n_heads;
+		uint32_t tok = it / nkv, kh = it % nkv;
 		uint32_t row, tj;
 		const struct kvq_attn_seq *sq;
+		size_t off;
 
 		while (tok >= before + j->seqs[s].n_new) {
 			before += j->seqs[s].n_new;
@@ -256,17 +259,18 @@ static void attn_worker(void *ctx, int part, int n_parts)
 		sq = &j->seqs[s];
 		tj = tok - before;
 		row = sq->row0 + tj;
-		kvq_kv_attend(j->kv, sq->kv, j->layer, h / group,
-			      j->q + ((size_t)row * j->n_heads + h) * hd,
-			      scale, sq->pos0 + tj + 1,
-			      j->out + ((size_t)row * j->n_heads + h) * hd);
+		off = ((size_t)row * j->n_heads + (size_t)kh * group) * hd;
+		kvq_kv_attend(j->kv, sq->kv, j->layer, kh, j->q + off, hd,
+			      group, scale, sq->pos0 + tj + 1, j->out + off,
+			      hd);
 	}
 }
 
 static void cpu_attention(struct kvq_backend *be, struct kvq_kvcache *kv,
 			  uint32_t layer, const struct kvq_attn_seq *seqs,
-			  uint32_t n_seqs, const float *q, const float *k,
-			  const float *v, float *out, uint32_t n_heads)
+			  uint32_t n_seqs, const float *q, float *k,
+			  const float *v, float *out, uint32_t n_heads,
+			  const struct kvq_rope *rope)
 {
 	size_t kvd = (size_t)kv->o.n_kv_heads * kv->o.head_dim;
 	struct attn_job j = {
@@ -277,14 +281,17 @@ static void cpu_attention(struct kvq_backend *be, struct kvq_kvcache *kv,
 
 	for (s = 0; s < n_seqs; s++) {
 		for (t = 0; t < seqs[s].n_new; t++) {
-			uint32_t row = seqs[s].row0 + t;
+			uint32_t row = seqs[s].row0 + t, pos = seqs[s].pos0 + t;
+			float *kr = k + row * kvd;
 
-			memcpy(kvq_kv_k(kv, seqs[s].kv, layer, seqs[s].pos0 + t),
-			       k + row * kvd, kvd * sizeof(float));
-			memcpy(kvq_kv_v(kv, seqs[s].kv, layer, seqs[s].pos0 + t),
-			       v + row * kvd, kvd * sizeof(float));
+			/* Rotate and quantize the new key in one pass. */
+			cpu_rope(be, kr, &pos, 1, kv->o.n_kv_heads,
+				 kv->o.head_dim, rope->dim, rope->base,
+				 rope->neox);
+			kvq_kv_write(kv, seqs[s].kv, layer, pos, kr,
+				     v + row * kvd);
 		}
-		j.n_items += seqs[s].n_new * n_heads;
+		j.n_items += seqs[s].n_new * kv->o.n_kv_heads;
 	}
 	kvq_pool_run(be->pool, attn_worker, &j);
 }

@@ -37,6 +37,8 @@ struct kvq_ctx {
 	float *x, *xb, *q, *k, *v, *att, *hb, *hb2;
 	uint32_t *pos;
 	struct kvq_attn_seq *aseq;
+	struct kvq_rope rope;
+	struct kvq_ctx_opts opts;	/* as resolved at creation */
 };
 
 int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
@@ -47,6 +49,7 @@ int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
 	struct kvq_kv_opts ko = { 0 };
 	size_t B, qd, kvd;
 	struct kvq_ctx *c;
+	uint32_t l;
 	int ret;
 
 	if (!o)
@@ -62,19 +65,51 @@ int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
 	c->n_ctx = o->n_ctx ? o->n_ctx : hp->ctx_len;
 	c->max_batch = o->max_batch ? o->max_batch : 512;
 	c->max_seqs = o->max_seqs ? o->max_seqs : 16;
+	c->rope.dim = hp->rope_dim;
+	c->rope.base = hp->rope_base;
+	c->rope.neox = hp->rope_neox;
+	if (hp->n_layers > KVQ_KV_MAX_LAYERS) {
+		snprintf(err, errlen, "the KV cache supports at most %d layers",
+			 KVQ_KV_MAX_LAYERS);
+		ret = -EINVAL;
+		goto out_free;
+	}
 	ko.n_layers = hp->n_layers;
 	ko.n_kv_heads = hp->n_kv_heads;
 	ko.head_dim = hp->head_dim;
-	ko.page_tokens = 16;
+	ko.page_tokens = o->kv_page_tokens ? o->kv_page_tokens : 16;
+	ko.n_sink = o->kv_sink_tokens;
+	if (ko.page_tokens > 64 || ko.n_sink > ko.page_tokens) {
+		snprintf(err, errlen,
+			 "kv_page_tokens must be 1..64 and kv_sink_tokens at most kv_page_tokens (got %u and %u)",
+			 ko.page_tokens, ko.n_sink);
+		ret = -EINVAL;
+		goto out_free;
+	}
+	for (l = 0; l < hp->n_layers; l++) {
+		ko.type_k[l] = o->kv_types_k ? o->kv_types_k[l] : o->kv_type_k;
+		ko.type_v[l] = o->kv_types_v ? o->kv_types_v[l] : o->kv_type_v;
+		if (ko.type_k[l] >= KVQ_KV_NTYPES || ko.type_v[l] >= KVQ_KV_NTYPES ||
+		    (hp->head_dim >= 32 && hp->head_dim % 32 &&
+		     (ko.type_k[l] >= KVQ_KV_Q8 || ko.type_v[l] >= KVQ_KV_Q8))) {
+			snprintf(err, errlen,
+				 "layer %u: KV types %s/%s cannot be used with head_dim %u",
+				 l, kvq_kv_type_name(ko.type_k[l]),
+				 kvq_kv_type_name(ko.type_v[l]), hp->head_dim);
+			ret = -EINVAL;
+			goto out_free;
+		}
+	}
 	/* Every sequence may hold a partial last page. */
-	ko.n_pages = ((o->kv_tokens ? o->kv_tokens : c->n_ctx) + 15) / 16 +
-		     c->max_seqs;
+	ko.n_pages = ((o->kv_tokens ? o->kv_tokens : c->n_ctx) +
+		      ko.page_tokens - 1) / ko.page_tokens + c->max_seqs;
 	ret = kvq_kv_create(&ko, &c->kv);
 	if (ret) {
 		snprintf(err, errlen, "cannot allocate the KV cache (%u pages)",
 			 ko.n_pages);
 		goto out_free;
 	}
+	c->opts = *o;
 	B = c->max_batch;
 	qd = (size_t)hp->n_heads * hp->head_dim;
 	kvd = (size_t)hp->n_kv_heads * hp->head_dim;
@@ -185,6 +220,11 @@ uint64_t kvq_ctx_kv_bytes_per_token(const struct kvq_ctx *c)
 	return kvq_kv_bytes_per_token(c->kv);
 }
 
+struct kvq_kvcache *kvq_ctx_kvcache(const struct kvq_ctx *c)
+{
+	return c->kv;
+}
+
 uint32_t kvq_ctx_n_ctx(const struct kvq_ctx *c)
 {
 	return c->n_ctx;
@@ -285,10 +325,8 @@ int kvq_step(struct kvq_ctx *c, const struct kvq_batch *b, float *logits)
 		}
 		op->rope(be, c->q, c->pos, T, hp->n_heads, hp->head_dim,
 			 hp->rope_dim, hp->rope_base, hp->rope_neox);
-		op->rope(be, c->k, c->pos, T, hp->n_kv_heads, hp->head_dim,
-			 hp->rope_dim, hp->rope_base, hp->rope_neox);
 		op->attention(be, c->kv, l, c->aseq, (uint32_t)b->n, c->q,
-			      c->k, c->v, c->att, hp->n_heads);
+			      c->k, c->v, c->att, hp->n_heads, &c->rope);
 		op->matmul(be, L->wo, c->att, c->xb, T);
 		op->add(be, c->x, c->xb, (size_t)T * hp->dim);
 
@@ -331,4 +369,13 @@ out_unreserve:
 		kvq_kv_seq_truncate(c->kv, &s->kv, s->kv.n_tokens);
 	}
 	return ret;
+}
+
+void kvq_ctx_opts_default(struct kvq_ctx_opts *o)
+{
+	memset(o, 0, sizeof(*o));
+	o->kv_type_k = KVQ_KV_Q8;
+	o->kv_type_v = KVQ_KV_Q4;
+	o->kv_page_tokens = 16;
+	o->kv_sink_tokens = 4;
 }

@@ -1,6 +1,6 @@
 /*
- * kvcache.c - page pool, block tables and attention over pages (see
- * kvcache.h for the layout).
+ * kvcache.c - page pool, block tables, quantized pages and attention over
+ * them (see kvcache.h for the formats and the byte layout).
  */
 #include "config.h"
 
@@ -12,13 +12,170 @@
 #include "engine/kvcache.h"
 #include "engine/quant.h"
 
+static const char *const type_names[KVQ_KV_NTYPES] = {
+	"f32", "f16", "q8", "q4",
+};
+
+const char *kvq_kv_type_name(enum kvq_kv_type t)
+{
+	return (unsigned)t < KVQ_KV_NTYPES ? type_names[t] : "?";
+}
+
+int kvq_kv_type_parse(const char *s, enum kvq_kv_type *out)
+{
+	int i;
+
+	for (i = 0; i < KVQ_KV_NTYPES; i++) {
+		if (!strcmp(s, type_names[i])) {
+			*out = (enum kvq_kv_type)i;
+			return 0;
+		}
+	}
+	return -EINVAL;
+}
+
+/* ----------------------------------------------------- row formats */
+
+static uint32_t row_bytes(enum kvq_kv_type t, uint32_t d)
+{
+	switch (t) {
+	case KVQ_KV_F32: return 4 * d;
+	case KVQ_KV_F16: return 2 * d;
+	case KVQ_KV_Q8: return d;
+	case KVQ_KV_Q4: return d / 2;
+	default: return 0;
+	}
+}
+
+static bool is_quant(enum kvq_kv_type t)
+{
+	return t == KVQ_KV_Q8 || t == KVQ_KV_Q4;
+}
+
+void kvq_kv_quant_row(enum kvq_kv_type t, const float *x, uint32_t d,
+		      uint32_t group, uint8_t *data, uint16_t *scales)
+{
+	uint32_t g, i;
+
+	switch (t) {
+	case KVQ_KV_F32:
+		memcpy(data, x, d * sizeof(float));
+		return;
+	case KVQ_KV_F16:
+		for (i = 0; i < d; i++) {
+			uint16_t h = kvq_f32_to_f16(x[i]);
+
+			memcpy(data + 2 * i, &h, 2);
+		}
+		return;
+	case KVQ_KV_Q8:
+	case KVQ_KV_Q4:
+		break;
+	default:
+		return;
+	}
+	for (g = 0; g < d / group; g++) {
+		const float *xg = x + g * group;
+		float amax = 0.0f, sc, inv;
+		int qmax = t == KVQ_KV_Q8 ? 127 : 7;
+
+		for (i = 0; i < group; i++)
+			amax = fmaxf(amax, fabsf(xg[i]));
+		scales[g] = kvq_f32_to_f16(amax / qmax);
+		sc = kvq_f16_to_f32(scales[g]);
+		inv = sc > 0.0f ? 1.0f / sc : 0.0f;
+		for (i = 0; i < group; i++) {
+			int q = (int)roundf(xg[i] * inv);
+
+			if (t == KVQ_KV_Q8) {
+				q = q < -127 ? -127 : q > 127 ? 127 : q;
+				data[g * group + i] = (uint8_t)(int8_t)q;
+			} else {
+				uint8_t *b = data + (g * group + i) / 2;
+
+				q = q < -8 ? -8 : q > 7 ? 7 : q;
+				if (i % 2 == 0)
+					*b = (uint8_t)(q + 8);
+				else
+					*b |= (uint8_t)((q + 8) << 4);
+			}
+		}
+	}
+}
+
+void kvq_kv_dequant_row(enum kvq_kv_type t, const uint8_t *data,
+			const uint16_t *scales, uint32_t d, uint32_t group,
+			float *out)
+{
+	uint32_t g, i;
+
+	switch (t) {
+	case KVQ_KV_F32:
+		memcpy(out, data, d * sizeof(float));
+		return;
+	case KVQ_KV_F16:
+		for (i = 0; i < d; i++) {
+			uint16_t h;
+
+			memcpy(&h, data + 2 * i, 2);
+			out[i] = kvq_f16_to_f32(h);
+		}
+		return;
+	case KVQ_KV_Q8:
+		for (g = 0; g < d / group; g++) {
+			float sc = kvq_f16_to_f32(scales[g]);
+
+			for (i = 0; i < group; i++)
+				out[g * group + i] =
+					sc * (float)(int8_t)data[g * group + i];
+		}
+		return;
+	case KVQ_KV_Q4:
+		for (g = 0; g < d / group; g++) {
+			float sc = kvq_f16_to_f32(scales[g]);
+			const uint8_t *b = data + g * group / 2;
+
+			for (i = 0; i < group / 2; i++) {
+				out[g * group + 2 * i] =
+					sc * (float)((b[i] & 15) - 8);
+				out[g * group + 2 * i + 1] =
+					sc * (float)((b[i] >> 4) - 8);
+			}
+		}
+		return;
+	default:
+		return;
+	}
+}
+
+/* ---------------------------------------------------------- the pool */
+
+static int half_init(struct kvq_kvcache *c, struct kvq_kv_half *hf,
+		     uint8_t type)
+{
+	size_t hp = (size_t)c->o.n_kv_heads * c->o.page_tokens;
+
+	if (type >= KVQ_KV_NTYPES)
+		return -EINVAL;
+	hf->type = (enum kvq_kv_type)type;
+	hf->row_bytes = row_bytes(hf->type, c->o.head_dim);
+	hf->n_groups = is_quant(hf->type) ? c->o.head_dim / c->group : 0;
+	hf->page_bytes = hp * hf->row_bytes + hp * hf->n_groups * 2;
+	/* 64-byte aligned pages keep 16-byte vector loads aligned. */
+	hf->page_bytes = (hf->page_bytes + 63) & ~(size_t)63;
+	/* Pages never written stay virtual. */
+	hf->mem = malloc(hf->page_bytes * c->o.n_pages);
+	return hf->mem ? 0 : -ENOMEM;
+}
+
 int kvq_kv_create(const struct kvq_kv_opts *o, struct kvq_kvcache **out)
 {
 	struct kvq_kvcache *c;
 	uint32_t l, i;
-	size_t bytes;
+	int ret = -ENOMEM;
 
-	if (!o->n_layers || !o->n_kv_heads || !o->head_dim || !o->n_pages)
+	if (!o->n_layers || o->n_layers > KVQ_KV_MAX_LAYERS ||
+	    !o->n_kv_heads || !o->head_dim || o->head_dim % 2 || !o->n_pages)
 		return -EINVAL;
 	c = calloc(1, sizeof(*c));
 	if (!c)
@@ -26,19 +183,23 @@ int kvq_kv_create(const struct kvq_kv_opts *o, struct kvq_kvcache **out)
 	c->o = *o;
 	if (!c->o.page_tokens)
 		c->o.page_tokens = 16;
-	c->page_elems = (size_t)c->o.page_tokens * o->n_kv_heads * o->head_dim;
-	bytes = c->page_elems * sizeof(float) * o->n_pages;
-	c->k = calloc(o->n_layers, sizeof(*c->k));
-	c->v = calloc(o->n_layers, sizeof(*c->v));
+	if (c->o.n_sink > c->o.page_tokens)
+		c->o.n_sink = c->o.page_tokens;
+	c->group = o->head_dim < 32 ? o->head_dim : 32;
+	if (o->head_dim % c->group) {
+		ret = -EINVAL;
+		goto out_free;
+	}
+	c->layers = calloc(o->n_layers, sizeof(*c->layers));
 	c->refcnt = calloc(o->n_pages, sizeof(*c->refcnt));
 	c->free_list = malloc(o->n_pages * sizeof(*c->free_list));
-	if (!c->k || !c->v || !c->refcnt || !c->free_list)
+	if (!c->layers || !c->refcnt || !c->free_list)
 		goto out_free;
 	for (l = 0; l < o->n_layers; l++) {
-		/* Untouched pages stay virtual until first written. */
-		c->k[l] = malloc(bytes);
-		c->v[l] = malloc(bytes);
-		if (!c->k[l] || !c->v[l])
+		ret = half_init(c, &c->layers[l].k, o->type_k[l]);
+		if (!ret)
+			ret = half_init(c, &c->layers[l].v, o->type_v[l]);
+		if (ret)
 			goto out_free;
 	}
 	/* Lowest ids are handed out first. */
@@ -50,7 +211,7 @@ int kvq_kv_create(const struct kvq_kv_opts *o, struct kvq_kvcache **out)
 
 out_free:
 	kvq_kv_destroy(c);
-	return -ENOMEM;
+	return ret;
 }
 
 void kvq_kv_destroy(struct kvq_kvcache *c)
@@ -59,12 +220,11 @@ void kvq_kv_destroy(struct kvq_kvcache *c)
 
 	if (!c)
 		return;
-	for (l = 0; c->k && l < c->o.n_layers; l++)
-		free(c->k[l]);
-	for (l = 0; c->v && l < c->o.n_layers; l++)
-		free(c->v[l]);
-	free(c->k);
-	free(c->v);
+	for (l = 0; c->layers && l < c->o.n_layers; l++) {
+		free(c->layers[l].k.mem);
+		free(c->layers[l].v.mem);
+	}
+	free(c->layers);
 	free(c->refcnt);
 	free(c->free_list);
 	free(c);
@@ -72,19 +232,42 @@ void kvq_kv_destroy(struct kvq_kvcache *c)
 
 uint64_t kvq_kv_bytes_per_token(const struct kvq_kvcache *c)
 {
-	return 2ull * c->o.n_layers * c->o.n_kv_heads * c->o.head_dim *
-	       sizeof(float);
+	uint64_t per = 0;
+	uint32_t l;
+
+	/* Format arithmetic: data plus scales, without page padding. */
+	for (l = 0; l < c->o.n_layers; l++) {
+		const struct kvq_kv_layer *L = &c->layers[l];
+
+		per += (uint64_t)c->o.n_kv_heads *
+		       (L->k.row_bytes + 2 * L->k.n_groups +
+			L->v.row_bytes + 2 * L->v.n_groups);
+	}
+	return per;
 }
 
 uint64_t kvq_kv_bytes_used(const struct kvq_kvcache *c)
 {
-	return (uint64_t)(c->o.n_pages - c->n_free) * c->o.page_tokens *
-	       kvq_kv_bytes_per_token(c);
+	uint64_t per_page = 0;
+	uint32_t l;
+
+	for (l = 0; l < c->o.n_layers; l++)
+		per_page += c->layers[l].k.page_bytes +
+			    c->layers[l].v.page_bytes;
+	return (uint64_t)(c->o.n_pages - c->n_free) * per_page;
 }
+
+/* --------------------------------------------------------- sequences */
 
 void kvq_kv_seq_init(struct kvq_kv_seq *s)
 {
 	memset(s, 0, sizeof(*s));
+}
+
+static size_t sink_elems(const struct kvq_kvcache *c)
+{
+	return (size_t)c->o.n_layers * 2 * c->o.n_sink * c->o.n_kv_heads *
+	       c->o.head_dim;
 }
 
 static void page_put(struct kvq_kvcache *c, int32_t p)
@@ -111,19 +294,21 @@ void kvq_kv_seq_release(struct kvq_kvcache *c, struct kvq_kv_seq *s)
 	for (i = 0; i < s->n_pages; i++)
 		page_put(c, s->pages[i]);
 	free(s->pages);
+	free(s->sink);
 	kvq_kv_seq_init(s);
 }
 
 static void page_copy(struct kvq_kvcache *c, int32_t dst, int32_t src)
 {
-	size_t n = c->page_elems * sizeof(float);
 	uint32_t l;
 
 	for (l = 0; l < c->o.n_layers; l++) {
-		memcpy(c->k[l] + (size_t)dst * c->page_elems,
-		       c->k[l] + (size_t)src * c->page_elems, n);
-		memcpy(c->v[l] + (size_t)dst * c->page_elems,
-		       c->v[l] + (size_t)src * c->page_elems, n);
+		struct kvq_kv_half *k = &c->layers[l].k, *v = &c->layers[l].v;
+
+		memcpy(k->mem + dst * k->page_bytes,
+		       k->mem + src * k->page_bytes, k->page_bytes);
+		memcpy(v->mem + dst * v->page_bytes,
+		       v->mem + src * v->page_bytes, v->page_bytes);
 	}
 }
 
@@ -154,6 +339,11 @@ int kvq_kv_seq_reserve(struct kvq_kvcache *c, struct kvq_kv_seq *s,
 		s->pages = np;
 		s->cap = cap;
 	}
+	if (!s->sink && c->o.n_sink && s->n_tokens < c->o.n_sink) {
+		s->sink = calloc(sink_elems(c), sizeof(uint16_t));
+		if (!s->sink)
+			return -ENOMEM;
+	}
 	if (cow) {
 		uint32_t idx = s->n_tokens / pt;
 		int32_t p = page_alloc(c);
@@ -178,7 +368,6 @@ void kvq_kv_seq_truncate(struct kvq_kvcache *c, struct kvq_kv_seq *s,
 	uint32_t pt = c->o.page_tokens;
 	uint32_t keep = (pos + pt - 1) / pt;
 
-	/* pos == n_tokens releases pages reserved but never committed. */
 	if (pos > s->n_tokens)
 		return;
 	while (s->n_pages > keep)
@@ -196,12 +385,19 @@ int kvq_kv_seq_fork(struct kvq_kvcache *c, struct kvq_kv_seq *dst,
 	if (n_tokens > src->n_tokens || dst->n_pages)
 		return -EINVAL;
 	if (np > dst->cap) {
-		int32_t *p = realloc(dst->pages, (np ? np : 1) * sizeof(*p));
+		int32_t *p = realloc(dst->pages, np * sizeof(*p));
 
 		if (!p)
 			return -ENOMEM;
 		dst->pages = p;
-		dst->cap = np ? np : 1;
+		dst->cap = np;
+	}
+	if (src->sink) {
+		if (!dst->sink)
+			dst->sink = malloc(sink_elems(c) * sizeof(uint16_t));
+		if (!dst->sink)
+			return -ENOMEM;
+		memcpy(dst->sink, src->sink, sink_elems(c) * sizeof(uint16_t));
 	}
 	for (i = 0; i < np; i++) {
 		dst->pages[i] = src->pages[i];
@@ -212,55 +408,185 @@ int kvq_kv_seq_fork(struct kvq_kvcache *c, struct kvq_kv_seq *dst,
 	return 0;
 }
 
-/* acc = acc * a + w * v over n channels. */
-static inline void axpby(float *acc, float a, const float *v, float w, int n)
-{
-	int i;
+/* ------------------------------------------------------- rows of pages */
 
-	for (i = 0; i < n; i++)
-		acc[i] = acc[i] * a + w * v[i];
+static inline uint8_t *row_data(const struct kvq_kvcache *c,
+				const struct kvq_kv_half *hf, int32_t page,
+				uint32_t t, uint32_t h)
+{
+	return hf->mem + (size_t)page * hf->page_bytes +
+	       ((size_t)h * c->o.page_tokens + t) * hf->row_bytes;
 }
 
-void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
-		   uint32_t layer, uint32_t kvh, const float *q, float scale,
-		   uint32_t n_ctx, float *out)
+static inline uint16_t *row_scales(const struct kvq_kvcache *c,
+				   const struct kvq_kv_half *hf, int32_t page,
+				   uint32_t t, uint32_t h)
 {
-	uint32_t hd = c->o.head_dim, pt = c->o.page_tokens;
-	size_t tok = (size_t)c->o.n_kv_heads * hd;
-	float m = -INFINITY, l = 0.0f;
-	uint32_t pos = 0, i;
+	size_t hp = (size_t)c->o.n_kv_heads * c->o.page_tokens;
 
-	memset(out, 0, hd * sizeof(float));
+	return (uint16_t *)(hf->mem + (size_t)page * hf->page_bytes +
+			    hp * hf->row_bytes) +
+	       ((size_t)h * c->o.page_tokens + t) * hf->n_groups;
+}
+
+static inline uint16_t *sink_row(const struct kvq_kvcache *c,
+				 const struct kvq_kv_seq *s, uint32_t layer,
+				 bool v, uint32_t pos)
+{
+	size_t kvd = (size_t)c->o.n_kv_heads * c->o.head_dim;
+
+	return s->sink + (((size_t)layer * 2 + v) * c->o.n_sink + pos) * kvd;
+}
+
+static void write_half(struct kvq_kvcache *c, struct kvq_kv_half *hf,
+		       struct kvq_kv_seq *s, uint32_t layer, bool is_v,
+		       uint32_t pos, const float *x)
+{
+	uint32_t pt = c->o.page_tokens, d = c->o.head_dim, h, i;
+	int32_t page = s->pages[pos / pt];
+
+	for (h = 0; h < c->o.n_kv_heads; h++)
+		kvq_kv_quant_row(hf->type, x + (size_t)h * d, d, c->group,
+				 row_data(c, hf, page, pos % pt, h),
+				 hf->n_groups ? row_scales(c, hf, page,
+							   pos % pt, h) : NULL);
+	if (is_quant(hf->type) && pos < c->o.n_sink && s->sink) {
+		uint16_t *dst = sink_row(c, s, layer, is_v, pos);
+
+		for (i = 0; i < c->o.n_kv_heads * d; i++)
+			dst[i] = kvq_f32_to_f16(x[i]);
+	}
+}
+
+void kvq_kv_write(struct kvq_kvcache *c, struct kvq_kv_seq *s, uint32_t layer,
+		  uint32_t pos, const float *k, const float *v)
+{
+	write_half(c, &c->layers[layer].k, s, layer, false, pos, k);
+	write_half(c, &c->layers[layer].v, s, layer, true, pos, v);
+}
+
+/*
+ * Dequantized row, or a pointer straight into the page for f32.
+ * Returns the pointer to use (@tmp or the page).
+ */
+static inline const float *get_row(const struct kvq_kvcache *c,
+				   const struct kvq_kv_half *hf,
+				   const struct kvq_kv_seq *s, uint32_t layer,
+				   bool is_v, int32_t page, uint32_t pos,
+				   uint32_t h, float *tmp)
+{
+	uint32_t pt = c->o.page_tokens, d = c->o.head_dim, i;
+
+	if (pos < c->o.n_sink && s->sink && is_quant(hf->type)) {
+		const uint16_t *src = sink_row(c, s, layer, is_v, pos) +
+				      (size_t)h * d;
+
+		for (i = 0; i < d; i++)
+			tmp[i] = kvq_f16_to_f32(src[i]);
+		return tmp;
+	}
+	if (hf->type == KVQ_KV_F32)
+		return (const float *)row_data(c, hf, page, pos % pt, h);
+	kvq_kv_dequant_row(hf->type, row_data(c, hf, page, pos % pt, h),
+			   hf->n_groups ? row_scales(c, hf, page, pos % pt, h) :
+			   NULL, d, c->group, tmp);
+	return tmp;
+}
+
+void kvq_kv_read(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
+		 uint32_t layer, uint32_t pos, uint32_t h, bool v, float *out)
+{
+	const struct kvq_kv_half *hf = v ? &c->layers[layer].v :
+					   &c->layers[layer].k;
+	const float *r = get_row(c, hf, s, layer, v,
+				 s->pages[pos / c->o.page_tokens], pos, h, out);
+
+	if (r != out)
+		memcpy(out, r, c->o.head_dim * sizeof(float));
+}
+
+/* ---------------------------------------------------------- attention */
+
+#define ATTN_MAX_Q 64		/* query heads per KV head handled at once */
+
+void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
+		   uint32_t layer, uint32_t kvh, const float *q,
+		   size_t q_stride, uint32_t n_q, float scale, uint32_t n_ctx,
+		   float *out, size_t out_stride)
+{
+	const struct kvq_kv_layer *L = &c->layers[layer];
+	uint32_t d = c->o.head_dim, pt = c->o.page_tokens;
+	float m[ATTN_MAX_Q], l[ATTN_MAX_Q];
+	float sc[ATTN_MAX_Q][64];
+	float *tmp = malloc(d * sizeof(float));
+	uint32_t pos = 0, i, t, j;
+
+	if (!tmp || n_q > ATTN_MAX_Q || pt > 64) {
+		/* Cannot happen with checked options; leave zeros. */
+		for (i = 0; i < n_q && i < ATTN_MAX_Q; i++)
+			memset(out + i * out_stride, 0, d * sizeof(float));
+		free(tmp);
+		return;
+	}
+	for (i = 0; i < n_q; i++) {
+		m[i] = -INFINITY;
+		l[i] = 0.0f;
+		memset(out + i * out_stride, 0, d * sizeof(float));
+	}
+	/* Page by page: scores of the page's tokens, then one rescale of the
+	 * running sums, then the weighted values. */
 	while (pos < n_ctx) {
-		size_t base = (size_t)s->pages[pos / pt] * c->page_elems;
-		const float *kp = c->k[layer] + base + kvh * hd;
-		const float *vp = c->v[layer] + base + kvh * hd;
+		int32_t page = s->pages[pos / pt];
 		uint32_t t0 = pos % pt, t1 = pt;
 
 		if (n_ctx - pos < pt - t0)
 			t1 = t0 + (n_ctx - pos);
-		for (i = t0; i < t1; i++) {
-			float sc = kvq_dot_f32(q, kp + i * tok, hd) * scale;
+		for (t = t0; t < t1; t++) {
+			const float *kr = get_row(c, &L->k, s, layer, false,
+						  page, pos + t - t0, kvh, tmp);
 
-			if (sc > m) {
-				float a = expf(m - sc);
+			for (i = 0; i < n_q; i++)
+				sc[i][t] = kvq_dot_f32(q + i * q_stride, kr,
+						       d) * scale;
+		}
+		for (i = 0; i < n_q; i++) {
+			float mx = m[i], a;
 
-				l = l * a + 1.0f;
-				axpby(out, a, vp + i * tok, 1.0f, hd);
-				m = sc;
-			} else {
-				float w = expf(sc - m);
+			for (t = t0; t < t1; t++)
+				mx = fmaxf(mx, sc[i][t]);
+			a = expf(m[i] - mx);	/* 0 on the first page */
+			if (a != 1.0f) {
+				float *o = out + i * out_stride;
 
-				l += w;
-				axpby(out, 1.0f, vp + i * tok, w, hd);
+				for (j = 0; j < d; j++)
+					o[j] *= a;
+				l[i] *= a;
+			}
+			m[i] = mx;
+			for (t = t0; t < t1; t++) {
+				sc[i][t] = expf(sc[i][t] - mx);
+				l[i] += sc[i][t];
+			}
+		}
+		for (t = t0; t < t1; t++) {
+			const float *vr = get_row(c, &L->v, s, layer, true,
+						  page, pos + t - t0, kvh, tmp);
+
+			for (i = 0; i < n_q; i++) {
+				float w = sc[i][t], *o = out + i * out_stride;
+
+				for (j = 0; j < d; j++)
+					o[j] += w * vr[j];
 			}
 		}
 		pos += t1 - t0;
 	}
-	if (l > 0.0f) {
-		float inv = 1.0f / l;
+	for (i = 0; i < n_q; i++) {
+		float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f, *o;
 
-		for (i = 0; i < hd; i++)
-			out[i] *= inv;
+		o = out + i * out_stride;
+		for (j = 0; j < d; j++)
+			o[j] *= inv;
 	}
+	free(tmp);
 }

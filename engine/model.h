@@ -74,7 +74,19 @@ struct kvq_ctx_opts {
 	uint32_t kv_tokens;	/* total KV capacity over all sequences (0: n_ctx) */
 	uint32_t max_batch;	/* max tokens in one step (0: 512) */
 	uint32_t max_seqs;	/* max live sequences (0: 16) */
+	/* KV cache precision (enum kvq_kv_type); zero-initialised options
+	 * mean f32 everywhere (exact, for reference runs);
+	 * kvq_ctx_opts_default() gives the serving defaults. */
+	uint8_t kv_type_k;
+	uint8_t kv_type_v;
+	const uint8_t *kv_types_k;	/* per layer, overrides kv_type_k */
+	const uint8_t *kv_types_v;
+	uint32_t kv_page_tokens;	/* 0: 16 (at most 64) */
+	uint32_t kv_sink_tokens;	/* first tokens kept in f16 */
 };
+
+/* Serving defaults: K q8, V q4, 4 f16 sink tokens, 16-token pages. */
+void kvq_ctx_opts_default(struct kvq_ctx_opts *o);
 
 struct kvq_ctx;
 
@@ -86,6 +98,7 @@ void kvq_ctx_destroy(struct kvq_ctx *c);
 uint64_t kvq_ctx_kv_bytes_used(const struct kvq_ctx *c);
 uint64_t kvq_ctx_kv_bytes_per_token(const struct kvq_ctx *c);
 uint32_t kvq_ctx_n_ctx(const struct kvq_ctx *c);
+struct kvq_kvcache *kvq_ctx_kvcache(const struct kvq_ctx *c);
 uint32_t kvq_ctx_max_batch(const struct kvq_ctx *c);
 
 /* A new empty sequence: returns its id (>= 0) or -ENOSPC. */

@@ -1,6 +1,8 @@
 /*
- * test_kvcache.c - page pool, block tables, copy-on-write sharing and
- * attention over pages against a flat reference.
+ * test_kvcache.c - the paged, quantized KV cache: exact packing (golden
+ * bytes), round-trip error bounds per format, page pool accounting,
+ * copy-on-write sharing, sink tokens, and attention over every format
+ * against a double-precision reference on the dequantized values.
  */
 #include "config.h"
 
@@ -10,113 +12,332 @@
 #include <string.h>
 
 #include "engine/kvcache.h"
+#include "engine/quant.h"
 #include "tap.h"
 
-static float frand(unsigned *s)
+static unsigned seed = 12345;
+
+static float frand(void)
 {
-	*s = *s * 1103515245u + 12345u;
-	return ((*s >> 8) & 0xffff) / 32768.0f - 1.0f;
+	seed = seed * 1103515245u + 12345u;
+	return ((seed >> 8) & 0xffff) / 32768.0f - 1.0f;
 }
 
-/* softmax(q.K^T * scale) V over flat arrays, in double. */
-static void ref_attend(const float *K, const float *V, int n, int hd,
-		       int stride, const float *q, float scale, float *out)
+/* ------------------------------------------------------ golden bytes */
+
+static void quant_row_golden_bytes(void)
 {
-	double *w = malloc(n * sizeof(double)), mx = -1e300, sum = 0;
-	int i, d;
+	float x[32];
+	uint8_t data[32];
+	uint16_t sc[1];
+	int i, ok = 1;
 
-	for (i = 0; i < n; i++) {
-		double s = 0;
+	/* amax 7 -> q4 scale exactly 1.0: q = x, stored q + 8. */
+	for (i = 0; i < 32; i++)
+		x[i] = (float)((i % 15) - 7);
+	kvq_kv_quant_row(KVQ_KV_Q4, x, 32, 32, data, sc);
+	tap_ok(sc[0] == 0x3c00, "kvq_kv_quant_row_q4_scale_is_amax_over_7 (0x%04x)",
+	       sc[0]);
+	for (i = 0; i < 16; i++) {
+		uint8_t want = (uint8_t)(((2 * i) % 15 + 1) |
+					 (((2 * i + 1) % 15 + 1) << 4));
 
-		for (d = 0; d < hd; d++)
-			s += (double)q[d] * K[i * stride + d];
-		w[i] = s * scale;
-		if (w[i] > mx)
-			mx = w[i];
+		if (data[i] != want)
+			ok = 0;
 	}
-	for (i = 0; i < n; i++)
-		sum += (w[i] = exp(w[i] - mx));
-	for (d = 0; d < hd; d++) {
-		double acc = 0;
+	tap_ok(ok, "kvq_kv_quant_row_q4_even_channel_in_low_nibble");
+	/* data[0]: x0=-7 -> 1, x1=-6 -> 2: 0x21; data[7]: 7 -> 15, -7 -> 1. */
+	tap_ok(data[0] == 0x21 && data[7] == 0x1f,
+	       "kvq_kv_quant_row_q4_golden_bytes (0x%02x 0x%02x)", data[0],
+	       data[7]);
 
-		for (i = 0; i < n; i++)
-			acc += w[i] * V[i * stride + d];
-		out[d] = (float)(acc / sum);
-	}
-	free(w);
+	/* amax 127 -> q8 scale 1.0, values stored as int8. */
+	for (i = 0; i < 32; i++)
+		x[i] = (float)(i * 8 - 127 < 127 ? i * 8 - 127 : 127);
+	kvq_kv_quant_row(KVQ_KV_Q8, x, 32, 32, data, sc);
+	tap_ok(sc[0] == 0x3c00 && data[0] == (uint8_t)-127 &&
+	       data[16] == 1 && data[31] == 121,
+	       "kvq_kv_quant_row_q8_golden_bytes (0x%04x %d %d %d)", sc[0],
+	       (int8_t)data[0], (int8_t)data[16], (int8_t)data[31]);
+
+	/* An all-zero group: scale 0, codes 8 (q4) / 0 (q8). */
+	memset(x, 0, sizeof(x));
+	kvq_kv_quant_row(KVQ_KV_Q4, x, 32, 32, data, sc);
+	tap_ok(sc[0] == 0 && data[0] == 0x88 && data[15] == 0x88,
+	       "kvq_kv_quant_row_q4_zero_group");
 }
 
-static void fill_seq(struct kvq_kvcache *c, struct kvq_kv_seq *s, int n,
-		     float *K, float *V, unsigned *seed)
+/* Page layout: data[h][t] rows first, then scales[h][t][g]. */
+static void page_layout_golden(void)
 {
-	size_t tok = (size_t)c->o.n_kv_heads * c->o.head_dim;
-	int t, l;
-	size_t i;
-
-	for (t = 0; t < n; t++) {
-		int base = s->n_tokens;
-
-		if (kvq_kv_seq_reserve(c, s, 1))
-			return;
-		for (l = 0; l < (int)c->o.n_layers; l++) {
-			for (i = 0; i < tok; i++) {
-				float k = frand(seed), v = frand(seed);
-
-				kvq_kv_k(c, s, l, base)[i] = k;
-				kvq_kv_v(c, s, l, base)[i] = v;
-				if (l == 1) {
-					K[(size_t)base * tok + i] = k;
-					V[(size_t)base * tok + i] = v;
-				}
-			}
-		}
-		kvq_kv_seq_commit(s, 1);
-	}
-}
-
-static void attend_matches_reference(void)
-{
-	static const int lens[] = { 1, 15, 16, 17, 32, 33, 100 };
-	struct kvq_kv_opts o = { .n_layers = 2, .n_kv_heads = 2,
-				 .head_dim = 64, .page_tokens = 16,
-				 .n_pages = 64 };
+	struct kvq_kv_opts o = { .n_layers = 1, .n_kv_heads = 2,
+				 .head_dim = 64, .page_tokens = 4,
+				 .n_pages = 2 };
 	struct kvq_kvcache *c;
-	unsigned seed = 7;
-	size_t li;
+	struct kvq_kv_seq s;
+	float k[128], v[128];
+	const uint8_t *pg;
+	uint16_t s0;
+	int i;
 
+	o.type_k[0] = KVQ_KV_Q4;
+	o.type_v[0] = KVQ_KV_Q8;
 	if (kvq_kv_create(&o, &c)) {
-		tap_ok(0, "kvq_kv_create");
+		tap_ok(0, "kvq_kv_create_q4_q8");
 		return;
 	}
-	for (li = 0; li < sizeof(lens) / sizeof(lens[0]); li++) {
-		int n = lens[li], h, d;
-		float *K = calloc((size_t)n * 128, sizeof(float));
-		float *V = calloc((size_t)n * 128, sizeof(float));
-		float q[64], out[64], ref[64];
-		struct kvq_kv_seq s;
-		double maxd = 0;
-
-		kvq_kv_seq_init(&s);
-		fill_seq(c, &s, n, K, V, &seed);
-		for (h = 0; h < 2; h++) {
-			for (d = 0; d < 64; d++)
-				q[d] = frand(&seed) * 2;
-			kvq_kv_attend(c, &s, 1, h, q, 0.125f, n, out);
-			ref_attend(K + h * 64, V + h * 64, n, 64, 128, q,
-				   0.125f, ref);
-			for (d = 0; d < 64; d++)
-				if (fabs(out[d] - ref[d]) > maxd)
-					maxd = fabs(out[d] - ref[d]);
-		}
-		tap_ok(maxd < 1e-5, "kvq_kv_attend_matches_reference_len_%d (max diff %.2g)",
-		       n, maxd);
-		kvq_kv_seq_release(c, &s);
-		free(K);
-		free(V);
+	kvq_kv_seq_init(&s);
+	kvq_kv_seq_reserve(c, &s, 2);
+	for (i = 0; i < 128; i++) {
+		k[i] = 0.0f;
+		v[i] = 0.0f;
 	}
-	tap_ok(c->n_free == o.n_pages, "kvq_kv_seq_release_returns_every_page");
+	kvq_kv_write(c, &s, 0, 0, k, v);
+	/* token 1, head 1, channel 33 (group 1, odd -> high nibble). */
+	k[64 + 33] = 7.0f;
+	v[64 + 40] = -127.0f;
+	kvq_kv_write(c, &s, 0, 1, k, v);
+	kvq_kv_seq_commit(&s, 2);
+	pg = c->layers[0].k.mem + (size_t)s.pages[0] * c->layers[0].k.page_bytes;
+	/* row (h=1, t=1) at (1*4 + 1) * 32 bytes; channel 33 in byte 16. */
+	tap_ok(pg[(1 * 4 + 1) * 32 + 16] == 0xf8,
+	       "kvq_kv_write_q4_row_at_head_major_offset (0x%02x)",
+	       pg[(1 * 4 + 1) * 32 + 16]);
+	/* scales after 2*4*32 data bytes; (h=1,t=1,g=1) is entry 11. */
+	memcpy(&s0, pg + 2 * 4 * 32 + 2 * ((1 * 4 + 1) * 2 + 1), 2);
+	tap_ok(s0 == 0x3c00, "kvq_kv_write_q4_scale_after_data (0x%04x)", s0);
+	pg = c->layers[0].v.mem + (size_t)s.pages[0] * c->layers[0].v.page_bytes;
+	tap_ok((int8_t)pg[(1 * 4 + 1) * 64 + 40] == -127,
+	       "kvq_kv_write_q8_row_at_head_major_offset");
+	/* data + scales, rounded up to 64 bytes */
+	tap_ok(c->layers[0].k.page_bytes == ((2 * 4 * 32 + 2 * 4 * 2 * 2 + 63) & ~63) &&
+	       c->layers[0].v.page_bytes == ((2 * 4 * 64 + 2 * 4 * 2 * 2 + 63) & ~63),
+	       "kvq_kv_page_bytes_match_layout (%zu %zu)",
+	       c->layers[0].k.page_bytes, c->layers[0].v.page_bytes);
+	/* bytes per token: H * (D/2 + 2*2) + H * (D + 2*2) */
+	tap_ok(kvq_kv_bytes_per_token(c) == 2 * (32 + 4) + 2 * (64 + 4),
+	       "kvq_kv_bytes_per_token_is_format_arithmetic (%llu)",
+	       (unsigned long long)kvq_kv_bytes_per_token(c));
+	kvq_kv_seq_release(c, &s);
 	kvq_kv_destroy(c);
 }
+
+/* ---------------------------------------------------- round trips */
+
+static void round_trip_bounds(void)
+{
+	static const enum kvq_kv_type types[] = { KVQ_KV_F32, KVQ_KV_F16,
+						  KVQ_KV_Q8, KVQ_KV_Q4 };
+	size_t ti;
+	int outl;
+
+	for (outl = 0; outl < 2; outl++) {
+		for (ti = 0; ti < 4; ti++) {
+			float x[128], y[128];
+			uint8_t data[512];
+			uint16_t sc[4];
+			double worst = 0;
+			int r, i, g;
+
+			for (r = 0; r < 200; r++) {
+				for (i = 0; i < 128; i++)
+					x[i] = frand();
+				if (outl)	/* outlier channels */
+					for (i = 0; i < 128; i += 37)
+						x[i] *= 50.0f;
+				kvq_kv_quant_row(types[ti], x, 128, 32, data, sc);
+				kvq_kv_dequant_row(types[ti], data, sc, 128, 32, y);
+				for (g = 0; g < 4; g++) {
+					float amax = 0;
+
+					for (i = 0; i < 32; i++)
+						amax = fmaxf(amax, fabsf(x[g * 32 + i]));
+					for (i = 0; i < 32; i++) {
+						double e = fabs(x[g * 32 + i] -
+								y[g * 32 + i]) /
+							   (amax > 0 ? amax : 1);
+
+						if (e > worst)
+							worst = e;
+					}
+				}
+			}
+			/* Bounds: half a step of amax/qmax (+ f16 scale
+			 * rounding); f16 relative 2^-11. */
+			{
+				double bound = types[ti] == KVQ_KV_F32 ? 0 :
+					       types[ti] == KVQ_KV_F16 ? 4.9e-4 :
+					       types[ti] == KVQ_KV_Q8 ? 0.5 / 127 * 1.01 :
+					       0.5 / 7 * 1.01;
+
+				tap_ok(worst <= bound,
+				       "kvq_kv_round_trip_%s_%s_within_bound (%.3g <= %.3g)",
+				       kvq_kv_type_name(types[ti]),
+				       outl ? "outliers" : "uniform", worst, bound);
+			}
+		}
+	}
+}
+
+/* ------------------------------------------------------- attention */
+
+/* Reference: softmax over rows read back through kvq_kv_read (the
+ * dequantized values attention must use), in double. */
+static double attend_check(struct kvq_kvcache *c, struct kvq_kv_seq *s,
+			   uint32_t layer, uint32_t kvh, uint32_t n_ctx)
+{
+	uint32_t d = c->o.head_dim, n_q = 2, i, t, j;
+	float *q = malloc(sizeof(float) * n_q * d);
+	float *out = malloc(sizeof(float) * n_q * d);
+	float *kr = malloc(sizeof(float) * d), *vr = malloc(sizeof(float) * d);
+	double *w = malloc(sizeof(double) * n_ctx), worst = 0;
+
+	for (i = 0; i < n_q * d; i++) {
+		q[i] = frand();
+		out[i] = NAN;	/* poisoned */
+	}
+	kvq_kv_attend(c, s, layer, kvh, q, d, n_q, 0.125f, n_ctx, out, d);
+	for (i = 0; i < n_q; i++) {
+		double mx = -1e300, sum = 0;
+
+		for (t = 0; t < n_ctx; t++) {
+			double sc = 0;
+
+			kvq_kv_read(c, s, layer, t, kvh, false, kr);
+			for (j = 0; j < d; j++)
+				sc += (double)q[i * d + j] * kr[j];
+			w[t] = sc * 0.125;
+			mx = w[t] > mx ? w[t] : mx;
+		}
+		for (t = 0; t < n_ctx; t++)
+			sum += (w[t] = exp(w[t] - mx));
+		for (j = 0; j < d; j++) {
+			double acc = 0, e;
+
+			for (t = 0; t < n_ctx; t++) {
+				kvq_kv_read(c, s, layer, t, kvh, true, vr);
+				acc += w[t] * vr[j];
+			}
+			e = fabs(out[i * d + j] - acc / sum);
+			if (!(e <= worst))
+				worst = isnan(e) ? INFINITY : e;
+		}
+	}
+	free(q);
+	free(out);
+	free(kr);
+	free(vr);
+	free(w);
+	return worst;
+}
+
+static void fill(struct kvq_kvcache *c, struct kvq_kv_seq *s, uint32_t n)
+{
+	uint32_t kvd = c->o.n_kv_heads * c->o.head_dim, t, l, i;
+	float *k = malloc(sizeof(float) * kvd), *v = malloc(sizeof(float) * kvd);
+
+	if (kvq_kv_seq_reserve(c, s, n))
+		goto out;
+	for (t = 0; t < n; t++) {
+		for (l = 0; l < c->o.n_layers; l++) {
+			for (i = 0; i < kvd; i++) {
+				k[i] = frand() * 2;
+				v[i] = frand();
+			}
+			kvq_kv_write(c, s, l, s->n_tokens + t, k, v);
+		}
+	}
+	kvq_kv_seq_commit(s, n);
+out:
+	free(k);
+	free(v);
+}
+
+static void attend_every_format(void)
+{
+	static const uint32_t lens[] = { 1, 3, 15, 16, 17, 32, 33, 100 };
+	static const enum kvq_kv_type pairs[][2] = {
+		{ KVQ_KV_F32, KVQ_KV_F32 }, { KVQ_KV_F16, KVQ_KV_F16 },
+		{ KVQ_KV_Q8, KVQ_KV_Q8 }, { KVQ_KV_Q8, KVQ_KV_Q4 },
+		{ KVQ_KV_Q4, KVQ_KV_Q4 },
+	};
+	size_t pi, li;
+
+	for (pi = 0; pi < sizeof(pairs) / sizeof(pairs[0]); pi++) {
+		struct kvq_kv_opts o = { .n_layers = 2, .n_kv_heads = 2,
+					 .head_dim = 64, .page_tokens = 16,
+					 .n_pages = 64, .n_sink = 4 };
+		struct kvq_kvcache *c;
+		double worst = 0;
+
+		o.type_k[0] = o.type_k[1] = pairs[pi][0];
+		o.type_v[0] = o.type_v[1] = pairs[pi][1];
+		if (kvq_kv_create(&o, &c)) {
+			tap_ok(0, "kvq_kv_create");
+			continue;
+		}
+		for (li = 0; li < sizeof(lens) / sizeof(lens[0]); li++) {
+			struct kvq_kv_seq s;
+			double e;
+
+			kvq_kv_seq_init(&s);
+			fill(c, &s, lens[li]);
+			e = attend_check(c, &s, 1, 1, lens[li]);
+			worst = e > worst ? e : worst;
+			kvq_kv_seq_release(c, &s);
+		}
+		tap_ok(worst < 2e-6,
+		       "kvq_kv_attend_%s_%s_matches_reference_all_lengths (max diff %.2g)",
+		       kvq_kv_type_name(pairs[pi][0]),
+		       kvq_kv_type_name(pairs[pi][1]), worst);
+		tap_ok(c->n_free == o.n_pages, "kvq_kv_seq_release_returns_pages_%s_%s",
+		       kvq_kv_type_name(pairs[pi][0]),
+		       kvq_kv_type_name(pairs[pi][1]));
+		kvq_kv_destroy(c);
+	}
+}
+
+/* Sink tokens: quantized layers read the first tokens back in f16. */
+static void sink_tokens_kept_f16(void)
+{
+	struct kvq_kv_opts o = { .n_layers = 1, .n_kv_heads = 1,
+				 .head_dim = 32, .page_tokens = 16,
+				 .n_pages = 4, .n_sink = 4 };
+	struct kvq_kvcache *c;
+	struct kvq_kv_seq s;
+	float k[32], v[32], r[32];
+	double e4 = 0, e5 = 0;
+	int t, i;
+
+	o.type_k[0] = KVQ_KV_Q4;
+	o.type_v[0] = KVQ_KV_Q4;
+	if (kvq_kv_create(&o, &c))
+		return;
+	kvq_kv_seq_init(&s);
+	kvq_kv_seq_reserve(c, &s, 6);
+	for (t = 0; t < 6; t++) {
+		for (i = 0; i < 32; i++)
+			k[i] = v[i] = 0.1f * i - 1.3f + 0.01f * t;
+		kvq_kv_write(c, &s, 0, t, k, v);
+		kvq_kv_read(c, &s, 0, t, 0, false, r);
+		for (i = 0; i < 32; i++) {
+			double e = fabs(r[i] - k[i]);
+
+			if (t < 4)
+				e4 = e > e4 ? e : e4;
+			else
+				e5 = e > e5 ? e : e5;
+		}
+	}
+	kvq_kv_seq_commit(&s, 6);
+	tap_ok(e4 < 1e-3 && e5 > 1e-2,
+	       "kvq_kv_read_sink_tokens_f16_others_q4 (sink err %.2g, q4 err %.2g)",
+	       e4, e5);
+	kvq_kv_seq_release(c, &s);
+	kvq_kv_destroy(c);
+}
+
+/* --------------------------------------------------- pool accounting */
 
 static void pool_accounting(void)
 {
@@ -125,6 +346,7 @@ static void pool_accounting(void)
 				 .n_pages = 4 };
 	struct kvq_kvcache *c;
 	struct kvq_kv_seq a, b;
+	float k[8] = { 42 }, v[8] = { 0 }, r[8];
 
 	if (kvq_kv_create(&o, &c)) {
 		tap_ok(0, "kvq_kv_create");
@@ -137,22 +359,23 @@ static void pool_accounting(void)
 	tap_ok(kvq_kv_seq_reserve(c, &b, 8) == -ENOSPC && b.n_pages == 0 &&
 	       c->n_free == 1, "kvq_kv_seq_reserve_full_pool_fails_unchanged");
 	kvq_kv_seq_commit(&a, 10);
-	tap_ok(kvq_kv_bytes_used(c) == 3ull * 4 * 2 * 8 * 4,
-	       "kvq_kv_bytes_used_counts_pages");
+	tap_ok(kvq_kv_bytes_used(c) == 3ull * 2 * (4 * 8 * 4),
+	       "kvq_kv_bytes_used_counts_pages (%llu)",
+	       (unsigned long long)kvq_kv_bytes_used(c));
 	kvq_kv_seq_truncate(c, &a, 5);
 	tap_ok(a.n_pages == 2 && a.n_tokens == 5 && c->n_free == 2,
 	       "kvq_kv_seq_truncate_releases_tail_pages");
+	kvq_kv_write(c, &a, 0, 4, k, v);
 	/* Share the first 5 tokens: 2 pages, the second one partial. */
 	tap_ok(kvq_kv_seq_fork(c, &b, &a, 5) == 0 && c->refcnt[a.pages[0]] == 2 &&
 	       c->refcnt[a.pages[1]] == 2 && c->n_free == 2,
 	       "kvq_kv_seq_fork_shares_pages");
-	kvq_kv_k(c, &a, 0, 4)[0] = 42.0f;
 	/* b writes token 5 into the shared partial page: it must copy it. */
 	tap_ok(kvq_kv_seq_reserve(c, &b, 1) == 0 && b.pages[1] != a.pages[1] &&
 	       c->refcnt[a.pages[1]] == 1 && b.pages[0] == a.pages[0],
 	       "kvq_kv_seq_reserve_copies_shared_page_on_write");
-	tap_ok(kvq_kv_k(c, &b, 0, 4)[0] == 42.0f,
-	       "kvq_kv_seq_reserve_copy_keeps_contents");
+	kvq_kv_read(c, &b, 0, 4, 0, false, r);
+	tap_ok(r[0] == 42.0f, "kvq_kv_seq_reserve_copy_keeps_contents");
 	kvq_kv_seq_commit(&b, 1);
 	kvq_kv_seq_release(c, &a);
 	kvq_kv_seq_release(c, &b);
@@ -160,9 +383,62 @@ static void pool_accounting(void)
 	kvq_kv_destroy(c);
 }
 
+/* Attention over a shared prefix equals attention over a private copy. */
+static void shared_prefix_attention(void)
+{
+	struct kvq_kv_opts o = { .n_layers = 1, .n_kv_heads = 1,
+				 .head_dim = 64, .page_tokens = 16,
+				 .n_pages = 16, .n_sink = 4 };
+	struct kvq_kvcache *c;
+	struct kvq_kv_seq a, b;
+	double e;
+
+	o.type_k[0] = KVQ_KV_Q8;
+	o.type_v[0] = KVQ_KV_Q4;
+	if (kvq_kv_create(&o, &c))
+		return;
+	kvq_kv_seq_init(&a);
+	kvq_kv_seq_init(&b);
+	fill(c, &a, 40);
+	kvq_kv_seq_fork(c, &b, &a, 40);
+	fill(c, &b, 9);
+	fill(c, &a, 3);
+	e = attend_check(c, &b, 0, 0, 49);
+	tap_ok(e < 2e-6 && b.pages[0] == a.pages[0] && b.pages[2] != a.pages[2],
+	       "kvq_kv_attend_shared_prefix_pages (max diff %.2g)", e);
+	kvq_kv_seq_release(c, &a);
+	kvq_kv_seq_release(c, &b);
+	kvq_kv_destroy(c);
+}
+
+static void bad_options_refused(void)
+{
+	struct kvq_kv_opts o = { .n_layers = 1, .n_kv_heads = 1,
+				 .head_dim = 48, .page_tokens = 16,
+				 .n_pages = 4 };
+	struct kvq_kvcache *c = NULL;
+	enum kvq_kv_type t;
+
+	o.type_k[0] = KVQ_KV_Q4;
+	tap_ok(kvq_kv_create(&o, &c) == -EINVAL,
+	       "kvq_kv_create_head_dim_not_multiple_of_group_refused");
+	o.head_dim = 64;
+	o.type_k[0] = 9;
+	tap_ok(kvq_kv_create(&o, &c) == -EINVAL, "kvq_kv_create_unknown_type_refused");
+	tap_ok(kvq_kv_type_parse("q4", &t) == 0 && t == KVQ_KV_Q4 &&
+	       kvq_kv_type_parse("q5", &t) == -EINVAL,
+	       "kvq_kv_type_parse_names");
+}
+
 int main(void)
 {
-	attend_matches_reference();
+	quant_row_golden_bytes();
+	page_layout_golden();
+	round_trip_bounds();
+	attend_every_format();
+	sink_tokens_kept_f16();
 	pool_accounting();
+	shared_prefix_attention();
+	bad_options_refused();
 	return tap_done();
 }
