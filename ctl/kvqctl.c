@@ -405,6 +405,11 @@ static void print_status(json_t *r)
 		       used, cap, sget(kv, "tier"), iget(kv, "tokens"),
 		       iget(kv, "n_ctx"));
 	}
+	if (json_object_get(r, "http"))
+		printf("http:         %lld requests, %lld in flight (%lld streaming)\n",
+		       iget(json_object_get(r, "http"), "requests_total"),
+		       iget(json_object_get(r, "http"), "in_flight"),
+		       iget(json_object_get(r, "http"), "streams"));
 	printf("reloads:      %lld (%lld failed; last: %s)\n",
 	       iget(rl, "count"), iget(rl, "failed"),
 	       *sget(rl, "last") ? sget(rl, "last") : "none");

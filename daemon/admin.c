@@ -29,6 +29,7 @@
 #include "engine/gguf.h"
 #include "engine/log.h"
 #include "engine/model.h"
+#include "proto/http.h"
 
 #define ADMIN_IDLE_S 60
 
@@ -166,6 +167,20 @@ static json_t *cmd_status(const struct kvq_admin_view *v, int *code,
 			st.kv_bytes_used));
 		bad |= set(kv, "bytes_capacity", json_integer((json_int_t)
 			st.kv_bytes_capacity));
+	}
+
+	if (v->http) {
+		struct kvq_http_stats hs;
+		json_t *h = json_object();
+
+		kvq_http_stats(v->http, &hs);
+		bad |= set(o, "http", h);
+		if (h) {
+			bad |= set(h, "requests_total", json_integer(
+				(json_int_t)hs.requests_total));
+			bad |= set(h, "in_flight", json_integer(hs.in_flight));
+			bad |= set(h, "streams", json_integer(hs.streams));
+		}
 	}
 
 	rl = json_object();

@@ -33,6 +33,7 @@ struct event_base;
 struct kvq_config;
 struct kvq_model;
 struct kvq_sched;
+struct kvq_http;
 
 /* Lines longer than this are refused and the connection closed. */
 #define KVQ_ADMIN_MAX_LINE (64 * 1024)
@@ -51,6 +52,7 @@ struct kvq_admin_view {
 	const struct kvq_config *pending;
 	struct kvq_model *model;	/* NULL until loaded */
 	struct kvq_sched *sched;	/* NULL until running */
+	struct kvq_http *http;		/* NULL until listening */
 	unsigned reloads;		/* SIGHUPs handled */
 	unsigned reloads_failed;	/* ... whose config was refused */
 	const char *last_reload;	/* "ok", or why the last one failed */

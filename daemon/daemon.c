@@ -1,0 +1,813 @@
+/*
+ * daemon.c - kvqd as a service: configuration, modules, signals and the
+ * main loop.
+ *
+ * Why this file exists: it is the one place that knows the order in which
+ * kvqd's modules come up and go down, and what each signal means.
+ *
+ * Life cycle (all on the event loop's thread unless said otherwise):
+ *
+ *   START    config read and validated, log level set, device chosen,
+ *            event loop, signals, admin socket, HTTP server (/health says
+ *            503 until READY).
+ *   LOADING  a loader thread maps and checks the model; the loop keeps
+ *            answering the admin socket, sends STATUS= and
+ *            EXTEND_TIMEOUT_USEC= to systemd every few seconds, and logs
+ *            progress.  (model_loaded)
+ *   READY    scheduler started, HTTP ready, READY=1 sent.
+ *   DRAINING SIGTERM/SIGINT: STOPPING=1, HTTP stops accepting, a drain
+ *            thread waits up to drain_timeout for running requests while
+ *            the loop keeps streaming them.  (drained)
+ *   EXIT     modules torn down in reverse order; exit status 0.
+ *
+ * SIGHUP in any state re-reads the config file (with the same command-line
+ * overrides), validates it whole, and either applies the keys that can
+ * change live or keeps the old config and logs why.  Keys that need a
+ * restart keep their running value; the new value is reported as pending
+ * by `kvqctl config`.
+ *
+ * A second SIGTERM/SIGINT while draining stops at once (running requests
+ * are cancelled).
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <event2/event.h>
+#include <event2/thread.h>
+
+#include "daemon/admin.h"
+#include "daemon/conf.h"
+#include "daemon/daemon.h"
+#include "daemon/notify.h"
+#include "daemon/sched.h"
+#include "engine/gguf.h"
+#include "engine/log.h"
+#include "engine/model.h"
+#include "kernels/gpu.h"
+#include "proto/http.h"
+
+#define EXIT_CONFIG 1
+#define EXIT_USAGE 2
+
+/* While loading: how often to report, and how much time to ask for. */
+#define LOAD_TICK_S 3
+#define LOAD_EXTEND_USEC (4ull * LOAD_TICK_S * 1000000ull)
+
+struct daemon {
+	struct kvq_args args;
+	struct kvq_config conf;		/* in force */
+	struct kvq_config *pending;	/* file values awaiting a restart */
+	bool conf_ready;
+
+	struct event_base *base;
+	struct event *ev_sig[3];	/* SIGHUP, SIGTERM, SIGINT */
+	struct event *ev_loaded;	/* loader thread finished */
+	struct event *ev_drained;	/* drain thread finished */
+	struct event *ev_tick;		/* load progress */
+
+	struct kvq_admin *admin;
+	struct kvq_admin_view view;
+	char last_reload[512];
+	char device[160];
+
+	pthread_t loader;
+	bool loading;
+	int load_ret;
+	char load_err[512];
+	uint64_t load_start_usec;
+	struct kvq_model *model;
+
+	struct kvq_sched *sched;
+	struct kvq_http *http;
+
+	pthread_t drainer;
+	bool draining;
+	int drain_ret;
+
+	bool stopping;
+	int exit_status;
+};
+
+/* ------------------------------------------------------------- helpers */
+
+static double since_s(uint64_t usec)
+{
+	return (double)(kvq_notify_now_usec() - usec) / 1e6;
+}
+
+static void notify_checked(int ret, const char *what)
+{
+	static bool warned;
+
+	if (ret && !warned) {
+		kvq_warn("sd_notify %s: %s", what, strerror(-ret));
+		warned = true;
+	}
+}
+
+static void set_status(const char *fmt, ...)
+	__attribute__((format(printf, 1, 2)));
+
+static void set_status(const char *fmt, ...)
+{
+	char buf[512];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	notify_checked(kvq_notify_status(buf), "STATUS");
+}
+
+/* Logs every line of a multi-line message at @level. */
+static void log_lines(enum kvq_log_level level, const char *intro,
+		      const char *msg)
+{
+	const char *p = msg, *nl;
+
+	while (*p) {
+		nl = strchr(p, '\n');
+		if (!nl)
+			nl = p + strlen(p);
+		if (nl > p)
+			kvq_log(level, "%s%.*s", intro, (int)(nl - p), p);
+		p = *nl ? nl + 1 : nl;
+	}
+}
+
+static void usage(FILE *f)
+{
+	const struct kvq_config_key *k;
+	char opt[64], arg[32];
+	size_t i, j;
+
+	fprintf(f,
+		"Usage: kvqd [--config FILE] [--check-config] [--KEY VALUE]...\n"
+		"       kvqd --prompt TEXT --model FILE [...]   (one-shot modes, see kvqd(8))\n"
+		"Serve a GGUF model over HTTP (OpenAI-compatible API) in the foreground.\n"
+		"\n"
+		"  -c, --config FILE     config file (default %s)\n"
+		"      --check-config    check the config and the model file, then exit\n"
+		"  -h, --help            this text\n"
+		"  -V, --version         print the version\n"
+		"\n"
+		"Every key of the config file can be given on the command line, and\n"
+		"wins over the file (see kvqd.conf(5)):\n",
+		KVQ_CONFIG_DEFAULT_PATH);
+	for (i = 0; i < kvq_config_n_keys(); i++) {
+		k = kvq_config_key(i);
+		for (j = 0; k->name[j] && j + 1 < sizeof(opt); j++)
+			opt[j] = k->name[j] == '_' ? '-' : k->name[j];
+		opt[j] = '\0';
+		switch (k->type) {
+		case KVQ_CT_FILE:
+			snprintf(arg, sizeof(arg), "FILE");
+			break;
+		case KVQ_CT_DIR:
+			snprintf(arg, sizeof(arg), "DIR");
+			break;
+		case KVQ_CT_SOCKET:
+			snprintf(arg, sizeof(arg), "PATH");
+			break;
+		case KVQ_CT_LISTEN:
+			snprintf(arg, sizeof(arg), "HOST:PORT");
+			break;
+		case KVQ_CT_SIZE:
+			snprintf(arg, sizeof(arg), "BYTES");
+			break;
+		case KVQ_CT_DURATION:
+			snprintf(arg, sizeof(arg), "TIME");
+			break;
+		case KVQ_CT_UINT:
+			snprintf(arg, sizeof(arg), "N");
+			break;
+		default:
+			snprintf(arg, sizeof(arg), "VALUE");
+			break;
+		}
+		fprintf(f, "  --%s %s\n        %s%s%s%s\n", opt, arg, k->help,
+			*k->def ? " (default " : "", k->def,
+			*k->def ? ")" : "");
+	}
+}
+
+/* ---------------------------------------------------------------- config */
+
+static int load_config(struct daemon *d, bool check_only)
+{
+	char err[8192];
+	int ret;
+
+	kvq_config_init(&d->conf);
+	d->conf_ready = true;
+	ret = kvq_config_load(&d->conf, &d->args, err, sizeof(err));
+	if (ret == -ENOMEM) {
+		fprintf(stderr, "kvqd: out of memory\n");
+		return EXIT_CONFIG;
+	}
+	if (!ret)
+		return 0;
+	if (check_only)
+		fputs(err, stderr);
+	else
+		log_lines(KVQ_LOG_ERR, "", err);
+	return EXIT_CONFIG;
+}
+
+/*
+ * --check-config: everything kvq_config_load() checks, plus that the model
+ * is a GGUF file kvqd can load (its metadata and tokenizer; the weights
+ * are checked when served) and that the device can be used.
+ */
+static int check_config(struct daemon *d)
+{
+	struct kvq_model_opts mo = { .vocab_only = true };
+	struct kvq_gpu_info gi;
+	struct kvq_model *m;
+	char err[1024] = "", why[256] = "";
+	const char *file = *d->conf.path ? d->conf.path : "defaults";
+	int bad = load_config(d, true) != 0;
+
+	if (*d->conf.model && !access(d->conf.model, R_OK)) {
+		if (kvq_model_load(d->conf.model, &mo, &m, err, sizeof(err))) {
+			fprintf(stderr, "%s: model: %s\n", file, err);
+			bad = 1;
+		} else {
+			uint32_t ctx = kvq_model_hparams(m)->ctx_len;
+
+			if (d->conf.n_ctx > ctx)
+				fprintf(stderr,
+					"%s: n_ctx: warning: %u is more than the model was trained for (%u)\n",
+					file, d->conf.n_ctx, ctx);
+			kvq_model_destroy(m);
+		}
+	}
+	if (d->conf.device == KVQ_DEVICE_CUDA &&
+	    kvq_gpu_probe(&gi, why, sizeof(why)) <= 0) {
+		fprintf(stderr, "%s: device: cuda is not usable: %s\n", file,
+			why);
+		bad = 1;
+	}
+	if (bad) {
+		fprintf(stderr, "kvqd: configuration has errors\n");
+		return EXIT_CONFIG;
+	}
+	printf("kvqd: configuration OK (%s%s)\n", file,
+	       d->conf.path_missing ? " does not exist; defaults used" : "");
+	return 0;
+}
+
+/* Says once how kvqd will compute; -errno when the config asks for the
+ * impossible. */
+static int choose_device(struct daemon *d)
+{
+	struct kvq_gpu_info gi;
+	char why[256] = "";
+	int n = kvq_gpu_probe(&gi, why, sizeof(why));
+
+	if (d->conf.device == KVQ_DEVICE_CUDA && n <= 0) {
+		kvq_err("device = cuda, but no GPU is usable: %s", why);
+		return -ENODEV;
+	}
+	if (d->conf.device == KVQ_DEVICE_CPU) {
+		snprintf(d->device, sizeof(d->device), "cpu");
+		kvq_notice("device: cpu (as configured)");
+		return 0;
+	}
+	if (n <= 0) {
+		snprintf(d->device, sizeof(d->device), "cpu");
+		kvq_notice("no GPU (%s): running on the CPU", why);
+		return 0;
+	}
+	/* A GPU is present; the forward pass runs on the host until the
+	 * engine's GPU backend is selected here. */
+	if (d->conf.device == KVQ_DEVICE_CUDA) {
+		kvq_err("device = cuda: GPU %s found, but this engine has no GPU backend yet",
+			gi.name);
+		return -ENOTSUP;
+	}
+	snprintf(d->device, sizeof(d->device), "cpu");
+	kvq_notice("GPU %s found, but the engine has no GPU backend yet: running on the CPU",
+		   gi.name);
+	return 0;
+}
+
+/* -------------------------------------------------------------- HTTP */
+
+static void http_opts(const struct kvq_config *c, struct kvq_http_opts *o)
+{
+	memset(o, 0, sizeof(*o));
+	o->host = c->listen_host;
+	o->port = c->listen_port;
+	o->api_key = c->api_key;
+	o->max_body_bytes = (size_t)c->max_body_bytes;
+	o->max_header_bytes = (size_t)c->max_header_bytes;
+	o->idle_timeout_ms = c->idle_timeout_ms;
+}
+
+static void sched_opts(const struct kvq_config *c, struct kvq_sched_opts *o)
+{
+	memset(o, 0, sizeof(*o));
+	o->max_running = c->max_running;
+	/* 0 means "the default" to the scheduler: the smallest queue is 1. */
+	o->max_queued = c->max_queued ? c->max_queued : 1;
+	o->max_tokens_default = c->default_max_tokens;
+	o->max_tokens_limit = c->max_tokens;
+	o->prefill_chunk = c->prefill_chunk;
+	o->n_ctx = c->n_ctx;
+	o->kv_tokens = c->kv_tokens;
+	o->queue_timeout_ms = c->queue_timeout_ms;
+	o->total_timeout_ms = c->request_timeout_ms;
+	o->n_threads = (int)c->threads;
+}
+
+/* ------------------------------------------------------------ loading */
+
+static void *loader_main(void *arg)
+{
+	struct daemon *d = arg;
+	struct kvq_model_opts mo = { .n_threads = (int)d->conf.threads };
+
+	d->load_ret = kvq_model_load(d->conf.model, &mo, &d->model,
+				     d->load_err, sizeof(d->load_err));
+	event_active(d->ev_loaded, EV_READ, 0);
+	return NULL;
+}
+
+static void on_tick(evutil_socket_t fd, short what, void *arg)
+{
+	struct daemon *d = arg;
+	double s = since_s(d->load_start_usec);
+
+	if (!d->loading)
+		return;
+	notify_checked(kvq_notify_extend_timeout(LOAD_EXTEND_USEC),
+		       "EXTEND_TIMEOUT_USEC");
+	set_status("Loading model %s (%.0f s)", d->conf.model, s);
+	if ((int)s % 30 < LOAD_TICK_S)
+		kvq_info("still loading %s (%.0f s)", d->conf.model, s);
+}
+
+static int start_serving(struct daemon *d)
+{
+	struct kvq_sched_opts so;
+	char err[512] = "";
+	int ret;
+
+	sched_opts(&d->conf, &so);
+	ret = kvq_sched_create(d->model, &so, &d->sched, err, sizeof(err));
+	if (ret) {
+		kvq_err("scheduler: %s", err);
+		return ret;
+	}
+	d->view.sched = d->sched;
+	so = *kvq_sched_opts(d->sched);
+	kvq_info("scheduler: %u running, %u queued, n_ctx %u, KV %u tokens, prefill chunk %u",
+		 so.max_running, so.max_queued, so.n_ctx, so.kv_tokens,
+		 so.prefill_chunk);
+
+	kvq_http_attach(d->http, d->sched);
+	kvq_http_set_ready(d->http, true);
+	return 0;
+}
+
+static void on_loaded(evutil_socket_t fd, short what, void *arg)
+{
+	struct daemon *d = arg;
+	char status[512];
+
+	pthread_join(d->loader, NULL);
+	d->loading = false;
+	evtimer_del(d->ev_tick);
+	if (d->load_ret) {
+		kvq_err("model: %s", d->load_err);
+		notify_checked(kvq_notifyf("STATUS=Failed to load %s\nERRNO=%d",
+					   d->conf.model, -d->load_ret),
+			       "STATUS");
+		d->exit_status = 1;
+		event_base_loopbreak(d->base);
+		return;
+	}
+	kvq_info("model loaded: %s, %.1f MiB in %.2f s",
+		 kvq_model_desc(d->model),
+		 (double)kvq_model_weight_bytes(d->model) / (1 << 20),
+		 since_s(d->load_start_usec));
+	d->view.model = d->model;
+	if (d->stopping) {
+		event_base_loopbreak(d->base);
+		return;
+	}
+	if (start_serving(d)) {
+		notify_checked(kvq_notify_status("Failed to start serving"),
+			       "STATUS");
+		d->exit_status = 1;
+		event_base_loopbreak(d->base);
+		return;
+	}
+	d->view.state = "ready";
+	snprintf(status, sizeof(status), "Serving %s on %s (%s)",
+		 kvq_model_desc(d->model), d->conf.listen, d->device);
+	notify_checked(kvq_notify_ready(status), "READY");
+	kvq_notice("ready: %s", status);
+}
+
+static int start_loading(struct daemon *d)
+{
+	struct timeval tick = { LOAD_TICK_S, 0 };
+	int ret;
+
+	d->load_start_usec = kvq_notify_now_usec();
+	kvq_info("loading model %s", d->conf.model);
+	set_status("Loading model %s", d->conf.model);
+	notify_checked(kvq_notify_extend_timeout(LOAD_EXTEND_USEC),
+		       "EXTEND_TIMEOUT_USEC");
+	d->loading = true;
+	ret = -pthread_create(&d->loader, NULL, loader_main, d);
+	if (ret) {
+		d->loading = false;
+		kvq_err("model loader thread: %s", strerror(-ret));
+		return ret;
+	}
+	evtimer_add(d->ev_tick, &tick);
+	return 0;
+}
+
+/* ------------------------------------------------------------ reload */
+
+/* Applies live key @k's new value from @next; logs the change. */
+static int apply_live_key(struct daemon *d, const struct kvq_config *next,
+			  int k)
+{
+	const struct kvq_config_key *key = kvq_config_key((size_t)k);
+	char was[256], now[256];
+
+	kvq_config_format(&d->conf, k, was, sizeof(was));
+	kvq_config_format(next, k, now, sizeof(now));
+	if (key->secret) {
+		snprintf(was, sizeof(was), "%s", *was ? "(set)" : "(none)");
+		snprintf(now, sizeof(now), "%s", *now ? "(a new key)" :
+			 "(none)");
+	}
+	if (kvq_config_copy_key(&d->conf, next, k))
+		return -ENOMEM;
+	kvq_notice("reload: %s: %s -> %s", key->name, was, now);
+	return 0;
+}
+
+static void reload(struct daemon *d)
+{
+	struct kvq_config *next;
+	struct kvq_sched_opts so;
+	struct kvq_http_opts ho;
+	char err[8192], was[256], now[256];
+	bool restart_needed = false;
+	size_t i;
+	int n_live = 0;
+
+	d->view.reloads++;
+	notify_checked(kvq_notify_reloading(), "RELOADING");
+	kvq_info("SIGHUP: reloading %s", d->conf.path);
+	next = malloc(sizeof(*next));
+	if (!next) {
+		kvq_err("reload: out of memory; keeping the old configuration");
+		goto out_failed_nomsg;
+	}
+	kvq_config_init(next);
+	if (kvq_config_load(next, &d->args, err, sizeof(err))) {
+		log_lines(KVQ_LOG_ERR, "reload: ", err);
+		kvq_err("reload: configuration refused; keeping the old one");
+		snprintf(d->last_reload, sizeof(d->last_reload),
+			 "refused: %.*s", (int)strcspn(err, "\n"), err);
+		goto out_failed;
+	}
+
+	for (i = 0; i < kvq_config_n_keys(); i++) {
+		const struct kvq_config_key *key = kvq_config_key(i);
+
+		if (kvq_config_equal(&d->conf, next, (int)i))
+			continue;
+		if (key->live) {
+			if (apply_live_key(d, next, (int)i)) {
+				kvq_err("reload: out of memory");
+				break;
+			}
+			n_live++;
+			continue;
+		}
+		kvq_config_format(&d->conf, (int)i, was, sizeof(was));
+		kvq_config_format(next, (int)i, now, sizeof(now));
+		kvq_warn("reload: %s: changed to '%s', which needs a restart; still using '%s'",
+			 key->name, now, was);
+		restart_needed = true;
+	}
+
+	kvq_log_set_level((enum kvq_log_level)d->conf.log_level);
+	if (d->sched) {
+		sched_opts(&d->conf, &so);
+		kvq_sched_set_limits(d->sched, &so);
+	}
+	if (d->http) {
+		http_opts(&d->conf, &ho);
+		if (kvq_http_set_limits(d->http, &ho))
+			kvq_warn("reload: the HTTP server refused the new limits");
+	}
+
+	if (d->pending) {
+		kvq_config_fini(d->pending);
+		free(d->pending);
+		d->pending = NULL;
+	}
+	if (restart_needed)
+		d->pending = next;
+	else {
+		kvq_config_fini(next);
+		free(next);
+	}
+	d->view.pending = d->pending;
+	snprintf(d->last_reload, sizeof(d->last_reload), "ok (%d change%s%s)",
+		 n_live, n_live == 1 ? "" : "s",
+		 restart_needed ? "; some need a restart" : "");
+	kvq_notice("reload: done, %d live change%s%s", n_live,
+		   n_live == 1 ? "" : "s",
+		   restart_needed ? "; restart kvqd for the others" : "");
+	goto out_ready;
+
+out_failed:
+	kvq_config_fini(next);
+	free(next);
+out_failed_nomsg:
+	d->view.reloads_failed++;
+out_ready:
+	if (d->stopping)
+		return;
+	if (d->loading)
+		notify_checked(kvq_notifyf("READY=1\nSTATUS=Loading model %s",
+					   d->conf.model), "READY");
+	else
+		notify_checked(kvq_notify_ready(d->view.reloads_failed &&
+			strncmp(d->last_reload, "ok", 2) ?
+			"Serving; last reload refused (see the log)" :
+			"Serving"), "READY");
+}
+
+/* ------------------------------------------------------------ stopping */
+
+static void *drainer_main(void *arg)
+{
+	struct daemon *d = arg;
+
+	d->drain_ret = kvq_sched_drain(d->sched, (int)d->conf.drain_timeout_ms);
+	event_active(d->ev_drained, EV_READ, 0);
+	return NULL;
+}
+
+static void on_drained(evutil_socket_t fd, short what, void *arg)
+{
+	struct daemon *d = arg;
+	struct kvq_sched_stats st;
+
+	pthread_join(d->drainer, NULL);
+	d->draining = false;
+	if (d->drain_ret == -ETIMEDOUT) {
+		kvq_sched_stats(d->sched, &st);
+		kvq_warn("drain: timeout after %u ms; cancelling %u running and %u waiting requests",
+			 d->conf.drain_timeout_ms, st.running, st.waiting);
+	} else {
+		kvq_info("drain: all requests finished");
+	}
+	event_base_loopexit(d->base, NULL);
+}
+
+static void stop(struct daemon *d, int sig)
+{
+	int ret;
+
+	if (d->stopping) {
+		kvq_notice("%s again: stopping now", strsignal(sig));
+		event_base_loopbreak(d->base);
+		return;
+	}
+	d->stopping = true;
+	d->view.state = "draining";
+	kvq_notice("%s: stopping", strsignal(sig));
+	notify_checked(kvq_notify_stopping("Stopping"), "STOPPING");
+	if (d->http) {
+		kvq_http_set_ready(d->http, false);
+		kvq_http_stop_accepting(d->http);
+	}
+	if (d->loading) {
+		/* The load cannot be interrupted; exit as soon as it ends. */
+		kvq_info("waiting for the model load to end");
+		return;
+	}
+	if (!d->sched) {
+		event_base_loopexit(d->base, NULL);
+		return;
+	}
+	kvq_info("drain: waiting up to %u ms for running requests",
+		 d->conf.drain_timeout_ms);
+	set_status("Stopping: finishing running requests");
+	ret = -pthread_create(&d->drainer, NULL, drainer_main, d);
+	if (ret) {
+		kvq_err("drain thread: %s; stopping now", strerror(-ret));
+		event_base_loopexit(d->base, NULL);
+		return;
+	}
+	d->draining = true;
+}
+
+static void on_signal(evutil_socket_t sig, short what, void *arg)
+{
+	struct daemon *d = arg;
+
+	if (sig == SIGHUP)
+		reload(d);
+	else
+		stop(d, (int)sig);
+}
+
+/* ----------------------------------------------------- setup/teardown */
+
+static int setup_events(struct daemon *d)
+{
+	static const int sigs[3] = { SIGHUP, SIGTERM, SIGINT };
+	int i;
+
+	if (evthread_use_pthreads()) {
+		kvq_err("libevent: no thread support");
+		return -ENOSYS;
+	}
+	d->base = event_base_new();
+	if (!d->base) {
+		kvq_err("libevent: cannot create the event loop");
+		return -ENOMEM;
+	}
+	for (i = 0; i < 3; i++) {
+		d->ev_sig[i] = evsignal_new(d->base, sigs[i], on_signal, d);
+		if (!d->ev_sig[i] || evsignal_add(d->ev_sig[i], NULL))
+			goto out_nomem;
+	}
+	d->ev_loaded = event_new(d->base, -1, 0, on_loaded, d);
+	d->ev_drained = event_new(d->base, -1, 0, on_drained, d);
+	d->ev_tick = event_new(d->base, -1, EV_PERSIST, on_tick, d);
+	if (!d->ev_loaded || !d->ev_drained || !d->ev_tick)
+		goto out_nomem;
+	return 0;
+
+out_nomem:
+	kvq_err("libevent: cannot set up events");
+	return -ENOMEM;
+}
+
+static void teardown_events(struct daemon *d)
+{
+	int i;
+
+	for (i = 0; i < 3; i++)
+		if (d->ev_sig[i])
+			event_free(d->ev_sig[i]);
+	if (d->ev_loaded)
+		event_free(d->ev_loaded);
+	if (d->ev_drained)
+		event_free(d->ev_drained);
+	if (d->ev_tick)
+		event_free(d->ev_tick);
+	if (d->base)
+		event_base_free(d->base);
+}
+
+static int setup_admin(struct daemon *d)
+{
+	char err[512] = "";
+	int ret;
+
+	ret = kvq_admin_create(d->base, d->conf.admin_socket, &d->view,
+			       &d->admin, err, sizeof(err));
+	if (ret) {
+		kvq_err("%s", err);
+		return ret;
+	}
+	kvq_info("admin socket: %s", d->conf.admin_socket);
+	return 0;
+}
+
+static int setup_http(struct daemon *d)
+{
+	struct kvq_http_opts ho;
+	char err[512] = "";
+	int ret;
+
+	http_opts(&d->conf, &ho);
+	ret = kvq_http_create(d->base, NULL, &ho, &d->http, err, sizeof(err));
+	if (ret) {
+		kvq_err("http: %s", err);
+		return ret;
+	}
+	d->view.http = d->http;
+	kvq_info("listening on %s", d->conf.listen);
+	return 0;
+}
+
+static void teardown(struct daemon *d)
+{
+	if (d->draining) {
+		/* A second signal: stop waiting; destroy cancels the rest. */
+		pthread_detach(d->drainer);
+		d->draining = false;
+	}
+	kvq_http_destroy(d->http);
+	d->http = NULL;
+	d->view.http = NULL;
+	kvq_sched_destroy(d->sched);
+	d->sched = NULL;
+	d->view.sched = NULL;
+	if (d->loading) {
+		/* Leaving while the loader maps the model: it only reads, and
+		 * the process exits right after. */
+		pthread_detach(d->loader);
+		d->loading = false;
+		d->model = NULL;
+	}
+	kvq_model_destroy(d->model);
+	d->model = NULL;
+	d->view.model = NULL;
+	kvq_admin_destroy(d->admin);
+	d->admin = NULL;
+	teardown_events(d);
+	if (d->pending) {
+		kvq_config_fini(d->pending);
+		free(d->pending);
+	}
+	if (d->conf_ready)
+		kvq_config_fini(&d->conf);
+}
+
+int kvq_daemon_main(int argc, char **argv)
+{
+	static struct daemon dd;
+	struct daemon *d = &dd;
+	char err[512];
+
+	if (kvq_config_parse_args(argc, argv, &d->args, err, sizeof(err))) {
+		fprintf(stderr, "kvqd: %s", err);
+		return EXIT_USAGE;
+	}
+	if (d->args.help) {
+		usage(stdout);
+		return 0;
+	}
+	if (d->args.version) {
+		printf("kvqd %s\n", PACKAGE_VERSION);
+		return 0;
+	}
+	if (d->args.check_config) {
+		d->exit_status = check_config(d);
+		kvq_config_fini(&d->conf);
+		return d->exit_status;
+	}
+
+	if (load_config(d, false)) {
+		d->exit_status = EXIT_CONFIG;
+		goto out;
+	}
+	kvq_log_set_level((enum kvq_log_level)d->conf.log_level);
+	kvq_notice("kvqd %s starting (pid %d, config %s%s)", PACKAGE_VERSION,
+		   (int)getpid(), d->conf.path,
+		   d->conf.path_missing ? ", not found: defaults" : "");
+	d->view.state = "loading";
+	d->view.started_usec = kvq_notify_now_usec();
+	d->view.conf = &d->conf;
+	d->view.last_reload = d->last_reload;
+	d->view.device = d->device;
+
+	/* SIGHUP before the loop runs would kill us; a reload can wait. */
+	signal(SIGHUP, SIG_IGN);
+	signal(SIGPIPE, SIG_IGN);
+	d->exit_status = 1;
+	if (choose_device(d) || setup_events(d) || setup_admin(d) ||
+	    setup_http(d) || start_loading(d))
+		goto out;
+	d->exit_status = 0;
+
+	if (event_base_dispatch(d->base) < 0) {
+		kvq_err("event loop failed");
+		d->exit_status = 1;
+	}
+	if (d->stopping)
+		kvq_notice("stopped");
+
+out:
+	if (d->exit_status)
+		notify_checked(kvq_notifyf("STATUS=Failed to start (see the log)\nERRNO=%d",
+					   EINVAL), "STATUS");
+	teardown(d);
+	return d->exit_status;
+}
