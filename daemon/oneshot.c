@@ -13,10 +13,14 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "daemon/oneshot.h"
 #include "engine/log.h"
+#include "engine/kvcache.h"
+#include "engine/kvcalib.h"
 #include "engine/model.h"
+#include "engine/perplexity.h"
 #include "engine/quant.h"
 #include "engine/sampler.h"
 #include "engine/tokenizer.h"
@@ -31,6 +35,12 @@ struct oneshot {
 	const char *dump_logits;
 	const char *prompt_ids;
 	const char *device;
+	const char *perplexity;
+	const char *kl_against;
+	const char *kv_type_k;
+	const char *kv_type_v;
+	int kv_sink_tokens;
+	int kv_page_tokens;
 	int max_tokens;
 	int threads;
 	int n_ctx;
@@ -48,6 +58,8 @@ enum {
 	OPT_MAX_TOKENS, OPT_TEMPERATURE, OPT_SEED, OPT_TOP_K, OPT_TOP_P,
 	OPT_MIN_P, OPT_STOP, OPT_PRINT_IDS, OPT_BENCH_JSON, OPT_IGNORE_EOS,
 	OPT_THREADS, OPT_CTX, OPT_MODEL, OPT_VERBOSE, OPT_DEVICE,
+	OPT_PERPLEXITY, OPT_KL_AGAINST, OPT_KV_TYPE_K, OPT_KV_TYPE_V,
+	OPT_KV_SINK, OPT_KV_PAGE,
 };
 
 static const struct option oneshot_opts[] = {
@@ -70,13 +82,19 @@ static const struct option oneshot_opts[] = {
 	{ "ctx", required_argument, NULL, OPT_CTX },
 	{ "device", required_argument, NULL, OPT_DEVICE },
 	{ "verbose", no_argument, NULL, OPT_VERBOSE },
+	{ "perplexity", required_argument, NULL, OPT_PERPLEXITY },
+	{ "kl-against", required_argument, NULL, OPT_KL_AGAINST },
+	{ "kv-type-k", required_argument, NULL, OPT_KV_TYPE_K },
+	{ "kv-type-v", required_argument, NULL, OPT_KV_TYPE_V },
+	{ "kv-sink-tokens", required_argument, NULL, OPT_KV_SINK },
+	{ "kv-page-tokens", required_argument, NULL, OPT_KV_PAGE },
 	{ NULL, 0, NULL, 0 },
 };
 
 bool kvq_oneshot_wanted(int argc, char **argv)
 {
 	static const char *const modes[] = {
-		"--prompt", "--tokenize", "--dump-logits",
+		"--prompt", "--tokenize", "--dump-logits", "--perplexity",
 	};
 	int i;
 	size_t j;
@@ -122,6 +140,10 @@ static int parse_args(struct oneshot *o, int argc, char **argv)
 
 	kvq_sampler_params_default(&o->sp);
 	o->max_tokens = 128;
+	o->kv_type_k = "q8";
+	o->kv_type_v = "q4";
+	o->kv_sink_tokens = 4;
+	o->kv_page_tokens = 16;
 	o->device = "auto";
 	optind = 1;
 	while ((c = getopt_long(argc, argv, "", oneshot_opts, NULL)) != -1) {
@@ -136,6 +158,20 @@ static int parse_args(struct oneshot *o, int argc, char **argv)
 		case OPT_IGNORE_EOS: o->ignore_eos = true; break;
 		case OPT_VERBOSE: o->verbose = true; break;
 		case OPT_DEVICE: o->device = optarg; break;
+		case OPT_PERPLEXITY: o->perplexity = optarg; break;
+		case OPT_KL_AGAINST: o->kl_against = optarg; break;
+		case OPT_KV_TYPE_K: o->kv_type_k = optarg; break;
+		case OPT_KV_TYPE_V: o->kv_type_v = optarg; break;
+		case OPT_KV_SINK:
+			if (parse_num("kv-sink-tokens", optarg, 0, 64, &v))
+				return -EINVAL;
+			o->kv_sink_tokens = (int)v;
+			break;
+		case OPT_KV_PAGE:
+			if (parse_num("kv-page-tokens", optarg, 1, 64, &v))
+				return -EINVAL;
+			o->kv_page_tokens = (int)v;
+			break;
 		case OPT_STOP:
 			if (o->n_stops == MAX_STOPS) {
 				fprintf(stderr, "kvqd: --stop: at most %d stop strings\n",
@@ -194,6 +230,53 @@ static int parse_args(struct oneshot *o, int argc, char **argv)
 		fprintf(stderr, "kvqd: unexpected argument \"%s\"\n", argv[optind]);
 		return -EINVAL;
 	}
+	return 0;
+}
+
+/* Per-layer type arrays for the context options (static: one model). */
+static uint8_t kv_k[KVQ_KV_MAX_LAYERS], kv_v[KVQ_KV_MAX_LAYERS];
+
+/*
+ * Resolves the --kv-* settings for @m into @co (n_ctx from --ctx).  With
+ * @k_spec/@v_spec NULL the command-line settings are used.
+ */
+static int ctx_opts(struct kvq_model *m, const struct oneshot *o,
+		    const char *k_spec, const char *v_spec, uint8_t *kb,
+		    uint8_t *vb, struct kvq_ctx_opts *co)
+{
+	uint32_t nl = kvq_model_hparams(m)->n_layers;
+	char err[256];
+	int r;
+
+	memset(co, 0, sizeof(*co));
+	co->n_ctx = (uint32_t)o->n_ctx;
+	co->kv_page_tokens = (uint32_t)o->kv_page_tokens;
+	co->kv_sink_tokens = (uint32_t)o->kv_sink_tokens;
+	if (nl > KVQ_KV_MAX_LAYERS) {
+		fprintf(stderr, "kvqd: the model has too many layers (%u)\n", nl);
+		return -EINVAL;
+	}
+	r = kvq_kv_types_parse(k_spec ? k_spec : o->kv_type_k, nl, kb, err,
+			       sizeof(err));
+	if (r == 1) {
+		r = kvq_kv_calibrate_keys(m, co, kb, NULL);
+		if (r < 0)
+			snprintf(err, sizeof(err), "calibration failed: %s",
+				 strerror(-r));
+	}
+	if (r < 0) {
+		fprintf(stderr, "kvqd: --kv-type-k: %s\n", err);
+		return r;
+	}
+	r = kvq_kv_types_parse(v_spec ? v_spec : o->kv_type_v, nl, vb, err,
+			       sizeof(err));
+	if (r) {
+		fprintf(stderr, "kvqd: --kv-type-v: %s\n",
+			r == 1 ? "\"auto\" applies to keys only" : err);
+		return -EINVAL;
+	}
+	co->kv_types_k = kb;
+	co->kv_types_v = vb;
 	return 0;
 }
 
@@ -285,13 +368,16 @@ static int prefill(struct kvq_ctx *ctx, int seq, const int32_t *ids, int n,
 static int do_dump_logits(struct kvq_model *m, struct oneshot *o)
 {
 	uint32_t nv = kvq_model_hparams(m)->n_vocab;
-	struct kvq_ctx_opts co = { .n_ctx = (uint32_t)o->n_ctx };
+	struct kvq_ctx_opts co;
 	struct kvq_ctx *ctx = NULL;
 	float *logits = NULL;
 	int32_t *ids = NULL;
 	char err[512];
 	int n = 0, seq, ret = 1;
 	FILE *f = NULL;
+
+	if (ctx_opts(m, o, NULL, NULL, kv_k, kv_v, &co))
+		return 1;
 
 	if (!o->prompt_ids) {
 		fprintf(stderr, "kvqd: --dump-logits needs --prompt-ids\n");
@@ -339,7 +425,7 @@ static int do_generate(struct kvq_model *m, struct oneshot *o)
 {
 	struct kvq_tokenizer *tok = kvq_model_tokenizer(m);
 	uint32_t nv = kvq_model_hparams(m)->n_vocab;
-	struct kvq_ctx_opts co = { .n_ctx = (uint32_t)o->n_ctx };
+	struct kvq_ctx_opts co;
 	struct kvq_ctx *ctx = NULL;
 	struct kvq_sampler smp;
 	struct kvq_detok dt;
@@ -352,6 +438,8 @@ static int do_generate(struct kvq_model *m, struct oneshot *o)
 	double t0, t1, t2;
 	bool stopped = false;
 
+	if (ctx_opts(m, o, NULL, NULL, kv_k, kv_v, &co))
+		return 1;
 	if (kvq_sampler_init(&smp, &o->sp, (int32_t)nv)) {
 		fprintf(stderr, "kvqd: invalid sampling parameters\n");
 		return 1;
@@ -495,6 +583,93 @@ out:
 	return ret;
 }
 
+static void ppl_progress(void *arg, uint32_t done, uint32_t total)
+{
+	if (isatty(STDERR_FILENO))
+		fprintf(stderr, "\rperplexity: window %u/%u", done, total);
+	if (done == total && isatty(STDERR_FILENO))
+		fprintf(stderr, "\n");
+}
+
+/* Reads a whole text file into a NUL-terminated buffer. */
+static char *read_file(const char *path, size_t *len)
+{
+	FILE *f = fopen(path, "rb");
+	char *buf = NULL;
+	long sz;
+
+	if (!f)
+		return NULL;
+	if (fseek(f, 0, SEEK_END) == 0 && (sz = ftell(f)) >= 0 &&
+	    fseek(f, 0, SEEK_SET) == 0) {
+		buf = malloc((size_t)sz + 1);
+		if (buf && fread(buf, 1, (size_t)sz, f) == (size_t)sz) {
+			buf[sz] = '\0';
+			*len = (size_t)sz;
+		} else {
+			free(buf);
+			buf = NULL;
+		}
+	}
+	fclose(f);
+	return buf;
+}
+
+static int do_perplexity(struct kvq_model *m, struct oneshot *o)
+{
+	static uint8_t rk[KVQ_KV_MAX_LAYERS], rv[KVQ_KV_MAX_LAYERS];
+	struct kvq_ctx_opts co, ro;
+	struct kvq_ppl_result res;
+	int32_t *ids = NULL;
+	size_t len = 0;
+	char *text, err[512];
+	int n, ret = 1;
+	uint32_t window;
+
+	text = read_file(o->perplexity, &len);
+	if (!text) {
+		fprintf(stderr, "kvqd: %s: cannot read: %s\n", o->perplexity,
+			strerror(errno));
+		return 1;
+	}
+	if (ctx_opts(m, o, NULL, NULL, kv_k, kv_v, &co) ||
+	    (o->kl_against && ctx_opts(m, o, o->kl_against, o->kl_against,
+				       rk, rv, &ro)))
+		goto out;
+	ids = malloc((len + 16) * sizeof(*ids));
+	if (!ids)
+		goto out;
+	n = kvq_tokenize(kvq_model_tokenizer(m), text, len, ids, (int)len + 16);
+	if (n < 0 || (size_t)n > len + 16) {
+		fprintf(stderr, "kvqd: %s: cannot tokenize\n", o->perplexity);
+		goto out;
+	}
+	window = o->n_ctx ? (uint32_t)o->n_ctx : kvq_model_hparams(m)->ctx_len;
+	if (kvq_perplexity(m, &co, o->kl_against ? &ro : NULL, ids, (uint32_t)n,
+			   window, &res, ppl_progress, NULL, err, sizeof(err))) {
+		fprintf(stderr, "kvqd: %s: %s\n", o->perplexity, err);
+		goto out;
+	}
+	printf("{\"file\": \"%s\", \"tokens\": %d, \"scored\": %llu, \"window\": %u, "
+	       "\"kv_type_k\": \"%s\", \"kv_type_v\": \"%s\", "
+	       "\"kv_bytes_per_token\": %llu, \"ppl\": %.6f",
+	       o->perplexity, n, (unsigned long long)res.n_scored, window,
+	       o->kv_type_k, o->kv_type_v,
+	       (unsigned long long)res.kv_bytes_per_token, res.ppl);
+	if (o->kl_against)
+		printf(", \"ref\": \"%s\", \"ref_ppl\": %.6f, \"delta_ppl_pct\": %.4f, "
+		       "\"kl_mean\": %.6g, \"kl_max\": %.6g, \"max_logit_err\": %.6g",
+		       o->kl_against, res.ref_ppl,
+		       100.0 * (res.ppl - res.ref_ppl) / res.ref_ppl,
+		       res.kl_mean, res.kl_max, res.max_logit_err);
+	printf(", \"seconds\": %.3f}\n", res.seconds);
+	ret = 0;
+out:
+	free(ids);
+	free(text);
+	return ret;
+}
+
 int kvq_oneshot_main(int argc, char **argv)
 {
 	struct kvq_model_opts mo = { 0 };
@@ -528,6 +703,8 @@ int kvq_oneshot_main(int argc, char **argv)
 		ret = do_tokenize(kvq_model_tokenizer(m), o.tokenize);
 	else if (o.dump_logits)
 		ret = do_dump_logits(m, &o);
+	else if (o.perplexity)
+		ret = do_perplexity(m, &o);
 	else
 		ret = do_generate(m, &o);
 	kvq_model_destroy(m);

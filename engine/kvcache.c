@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -31,6 +32,55 @@ int kvq_kv_type_parse(const char *s, enum kvq_kv_type *out)
 			return 0;
 		}
 	}
+	return -EINVAL;
+}
+
+int kvq_kv_types_parse(const char *spec, uint32_t n_layers, uint8_t *out,
+		       char *err, size_t errlen)
+{
+	enum kvq_kv_type t;
+	uint32_t n = 0, i;
+	const char *p = spec;
+
+	if (!strcmp(spec, "auto"))
+		return 1;
+	if (!strchr(spec, ',')) {
+		if (kvq_kv_type_parse(spec, &t))
+			goto bad_name;
+		for (i = 0; i < n_layers; i++)
+			out[i] = (uint8_t)t;
+		return 0;
+	}
+	while (*p) {
+		char name[8];
+		size_t len = strcspn(p, ",");
+
+		if (len >= sizeof(name) || n >= n_layers)
+			goto bad_list;
+		memcpy(name, p, len);
+		name[len] = '\0';
+		if (kvq_kv_type_parse(name, &t)) {
+			spec = name;
+			goto bad_name;
+		}
+		out[n++] = (uint8_t)t;
+		p += len;
+		if (*p == ',')
+			p++;
+	}
+	if (n != n_layers)
+		goto bad_list;
+	return 0;
+
+bad_name:
+	snprintf(err, errlen,
+		 "unknown KV cache type \"%s\" (expected f32, f16, q8, q4 or auto)",
+		 spec);
+	return -EINVAL;
+bad_list:
+	snprintf(err, errlen,
+		 "a per-layer KV type list needs exactly %u comma-separated names",
+		 n_layers);
 	return -EINVAL;
 }
 

@@ -59,6 +59,15 @@ int kvq_kv_type_parse(const char *s, enum kvq_kv_type *out);
 
 #define KVQ_KV_MAX_LAYERS 256
 
+/*
+ * kvq_kv_types_parse() - a precision setting: one name for every layer
+ * ("q4"), or a comma-separated list with exactly @n_layers names.  Fills
+ * @out[0..n_layers).  Returns 0; 1 when the setting is "auto" (@out
+ * untouched: the caller calibrates); -EINVAL with a message in @err.
+ */
+int kvq_kv_types_parse(const char *spec, uint32_t n_layers, uint8_t *out,
+		       char *err, size_t errlen);
+
 struct kvq_kv_opts {
 	uint32_t n_layers;
 	uint32_t n_kv_heads;

@@ -1,0 +1,284 @@
+/*
+ * kvcalib.c - key precision calibration at load (see kvcalib.h).
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine/kvcache.h"
+#include "engine/kvcalib.h"
+#include "engine/log.h"
+#include "engine/tokenizer.h"
+
+/* Ordinary English: what a served model meets first. */
+static const char *const calib_prompts[] = {
+	"Once upon a time, there was a little girl who lived in a village near the forest. Every morning she walked to the well to fetch water, and",
+	"The committee met on Tuesday to review the budget for the coming year. After a long discussion about roads and schools, the members agreed that",
+	"To make bread, mix flour, water, salt and yeast in a large bowl. Knead the dough for ten minutes until it is smooth, then",
+	"In 1969 two astronauts walked on the Moon while a third orbited above them. Millions of people watched the pictures on television and",
+};
+#define N_PROMPTS (sizeof(calib_prompts) / sizeof(calib_prompts[0]))
+
+void kvq_kv_calib_opts_default(struct kvq_kv_calib_opts *o)
+{
+	o->bound_q4 = 0.25;
+	o->bound_q8 = 0.25;
+	o->ratio_max = 3.0;
+	o->per_layer = true;
+}
+
+struct calib {
+	struct kvq_model *m;
+	struct kvq_ctx_opts base;
+	uint32_t nv, nl;
+	int32_t *ids[N_PROMPTS];
+	int n_ids[N_PROMPTS];
+	float *ref[N_PROMPTS];	/* reference logits of the decoded token */
+	double ref_std[N_PROMPTS];
+	float *lg;
+	uint8_t tv[KVQ_KV_MAX_LAYERS];
+};
+
+/* Logits of the last token of prompt @p with key types @tk. */
+static int run_prompt(struct calib *c, int p, const uint8_t *tk, float *out)
+{
+	struct kvq_ctx_opts o = c->base;
+	struct kvq_ctx *ctx;
+	char err[256];
+	int seq, n = c->n_ids[p] - 1, one = 1, ret;
+	const int32_t *tp = c->ids[p], *last = c->ids[p] + n;
+	struct kvq_batch b = { .n = 1, .seq = &seq, .n_tokens = &n,
+			       .tokens = &tp };
+
+	o.kv_types_k = tk;
+	o.kv_types_v = c->tv;
+	o.n_ctx = (uint32_t)c->n_ids[p] + 1;
+	o.kv_tokens = o.n_ctx;
+	o.max_seqs = 1;
+	o.max_batch = (uint32_t)c->n_ids[p];
+	ret = kvq_ctx_create(c->m, &o, &ctx, err, sizeof(err));
+	if (ret)
+		return ret;
+	seq = kvq_seq_create(ctx);
+	/* Prefill, then decode the last token alone: the decode path. */
+	ret = kvq_step(ctx, &b, out);
+	if (!ret) {
+		b.n_tokens = &one;
+		b.tokens = &last;
+		ret = kvq_step(ctx, &b, out);
+	}
+	kvq_ctx_destroy(ctx);
+	return ret;
+}
+
+/* Relative error of key types @tk over all prompts (max). */
+static int measure(struct calib *c, const uint8_t *tk, double *err)
+{
+	uint32_t p, v;
+	int ret;
+
+	*err = 0;
+	for (p = 0; p < N_PROMPTS; p++) {
+		double e = 0;
+
+		if (!c->ids[p])
+			continue;
+		ret = run_prompt(c, (int)p, tk, c->lg);
+		if (ret)
+			return ret;
+		for (v = 0; v < c->nv; v++) {
+			double d = fabs((double)c->lg[v] - c->ref[p][v]);
+
+			if (d > e)
+				e = d;
+		}
+		e /= c->ref_std[p] > 0 ? c->ref_std[p] : 1.0;
+		if (e > *err)
+			*err = e;
+	}
+	return 0;
+}
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+struct layer_err {
+	uint32_t layer;
+	double err;
+};
+
+static int cmp_err(const void *a, const void *b)
+{
+	const struct layer_err *x = a, *y = b;
+
+	return x->err < y->err ? -1 : x->err > y->err;
+}
+
+int kvq_kv_calibrate_keys_opts(struct kvq_model *m,
+			       const struct kvq_ctx_opts *base,
+			       const struct kvq_kv_calib_opts *co,
+			       uint8_t *types_k,
+			       struct kvq_kv_calib_report *rep)
+{
+	const struct kvq_hparams *hp = kvq_model_hparams(m);
+	struct kvq_tokenizer *tok = kvq_model_tokenizer(m);
+	struct kvq_kv_calib_report r = { 0 };
+	uint8_t tk[KVQ_KV_MAX_LAYERS];
+	struct layer_err *le = NULL;
+	struct calib c = { .m = m, .base = *base };
+	double t0 = now_s(), sum;
+	uint32_t l, p, v;
+	int ret = -ENOMEM, have = 0;
+
+	c.nv = hp->n_vocab;
+	c.nl = hp->n_layers;
+	for (l = 0; l < c.nl; l++) {
+		types_k[l] = KVQ_KV_Q8;
+		c.tv[l] = KVQ_KV_F16;
+	}
+	c.lg = malloc(c.nv * sizeof(float));
+	if (!c.lg)
+		goto out;
+	for (p = 0; p < N_PROMPTS; p++) {
+		size_t len = strlen(calib_prompts[p]);
+		int n = 0, k;
+
+		c.ids[p] = malloc((len + 2) * sizeof(int32_t));
+		c.ref[p] = malloc(c.nv * sizeof(float));
+		if (!c.ids[p] || !c.ref[p])
+			goto out;
+		if (kvq_tokenizer_bos(tok) >= 0)
+			c.ids[p][n++] = kvq_tokenizer_bos(tok);
+		k = kvq_tokenize(tok, calib_prompts[p], len, c.ids[p] + n,
+				 (int)len + 2 - n);
+		if (k < 0 || k > (int)len + 2 - n)
+			k = 0;
+		n += k;
+		if (hp->ctx_len && (uint32_t)n + 1 > hp->ctx_len)
+			n = (int)hp->ctx_len - 1;
+		c.n_ids[p] = n;
+		if (n < 4) {
+			free(c.ids[p]);
+			c.ids[p] = NULL;
+			continue;
+		}
+		/* Reference: keys in f16. */
+		for (l = 0; l < c.nl; l++)
+			tk[l] = KVQ_KV_F16;
+		ret = run_prompt(&c, (int)p, tk, c.ref[p]);
+		if (ret)
+			goto out;
+		{
+			double s = 0, s2 = 0;
+
+			for (v = 0; v < c.nv; v++) {
+				s += c.ref[p][v];
+				s2 += (double)c.ref[p][v] * c.ref[p][v];
+			}
+			s /= c.nv;
+			c.ref_std[p] = sqrt(fmax(s2 / c.nv - s * s, 0));
+		}
+		have++;
+	}
+	ret = -EINVAL;
+	if (!have)
+		goto out;
+
+	for (l = 0; l < c.nl; l++)
+		tk[l] = KVQ_KV_Q8;
+	if ((ret = measure(&c, tk, &r.err_q8)))
+		goto out;
+	for (l = 0; l < c.nl; l++)
+		tk[l] = KVQ_KV_Q4;
+	if ((ret = measure(&c, tk, &r.err_q4)))
+		goto out;
+	r.ratio = r.err_q8 > 0 ? r.err_q4 / r.err_q8 : INFINITY;
+
+	if (r.err_q4 <= co->bound_q4 && r.ratio <= co->ratio_max * 127.0 / 7.0) {
+		memcpy(types_k, tk, c.nl);
+		r.err_final = r.err_q4;
+	} else {
+		uint8_t hi = r.err_q8 <= co->bound_q8 ? KVQ_KV_Q8 : KVQ_KV_F16;
+
+		for (l = 0; l < c.nl; l++)
+			types_k[l] = hi;
+		r.err_final = hi == KVQ_KV_Q8 ? r.err_q8 : 0;
+		if (co->per_layer && c.nl > 1) {
+			le = calloc(c.nl, sizeof(*le));
+			if (!le)
+				goto out;
+			for (l = 0; l < c.nl; l++) {
+				uint32_t j;
+
+				for (j = 0; j < c.nl; j++)
+					tk[j] = hi;
+				tk[l] = KVQ_KV_Q4;
+				le[l].layer = l;
+				if ((ret = measure(&c, tk, &le[l].err)))
+					goto out;
+			}
+			qsort(le, c.nl, sizeof(*le), cmp_err);
+			sum = 0;
+			for (l = 0; l < c.nl; l++) {
+				if (sum + le[l].err > co->bound_q4)
+					break;
+				sum += le[l].err;
+				types_k[le[l].layer] = KVQ_KV_Q4;
+			}
+			if (l > 0)
+				if ((ret = measure(&c, types_k, &r.err_final)))
+					goto out;
+		}
+	}
+	for (l = 0; l < c.nl; l++) {
+		r.n_q4 += types_k[l] == KVQ_KV_Q4;
+		r.n_q8 += types_k[l] == KVQ_KV_Q8;
+		r.n_f16 += types_k[l] == KVQ_KV_F16;
+	}
+	if (r.n_q4 == c.nl)
+		snprintf(r.decision, sizeof(r.decision), "q4");
+	else if (r.n_q8 == c.nl)
+		snprintf(r.decision, sizeof(r.decision), "q8");
+	else if (r.n_f16 == c.nl)
+		snprintf(r.decision, sizeof(r.decision), "f16");
+	else
+		snprintf(r.decision, sizeof(r.decision),
+			 "mixed: %u q4, %u q8, %u f16", r.n_q4, r.n_q8, r.n_f16);
+	r.seconds = now_s() - t0;
+	kvq_notice("KV key calibration: keys %s (err q8 %.4g, q4 %.4g, ratio %.3g, final %.4g; %.2f s)",
+		   r.decision, r.err_q8, r.err_q4, r.ratio, r.err_final,
+		   r.seconds);
+	if (rep)
+		*rep = r;
+	ret = 0;
+out:
+	if (ret)
+		for (l = 0; l < c.nl; l++)
+			types_k[l] = KVQ_KV_Q8;
+	for (p = 0; p < N_PROMPTS; p++) {
+		free(c.ids[p]);
+		free(c.ref[p]);
+	}
+	free(c.lg);
+	free(le);
+	return ret;
+}
+
+int kvq_kv_calibrate_keys(struct kvq_model *m, const struct kvq_ctx_opts *base,
+			  uint8_t *types_k, struct kvq_kv_calib_report *rep)
+{
+	struct kvq_kv_calib_opts co;
+
+	kvq_kv_calib_opts_default(&co);
+	return kvq_kv_calibrate_keys_opts(m, base, &co, types_k, rep);
+}
