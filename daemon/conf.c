@@ -804,7 +804,7 @@ static int split_line(char *line, char **key, char **value, const char **why)
 	}
 	v = trim(eq + 1);
 	if (*v == '"') {
-		for (r = w = v + 1; *r && *r != '"'; r++) {
+		for (w = v, r = v + 1; *r && *r != '"'; r++) {
 			if (*r == '\\' && (r[1] == '"' || r[1] == '\\'))
 				r++;
 			*w++ = *r;
