@@ -47,8 +47,13 @@ bool kvq_tokenizer_is_eog(const struct kvq_tokenizer *t, int32_t id);
 /*
  * kvq_tokenize() - encode @len bytes of @text (no BOS added, special tokens
  * not parsed; SentencePiece adds its leading space as the reference does).
+ * User-defined tokens (token type 4) are still matched in the text, as the
+ * reference does.  Bytes that are not valid UTF-8 are encoded as bytes.
  * Writes up to @cap ids to @out and returns the number of ids the text
- * needs (which may exceed @cap: call again with a larger buffer), or -errno.
+ * needs (which may exceed @cap: call again with a larger buffer), or -errno
+ * (-EINVAL for bad arguments, -E2BIG beyond INT_MAX / 4 bytes, -ENOMEM;
+ * -EILSEQ for invalid UTF-8 given to byte-level BPE with PCRE2 < 10.34).
+ * Safe to call from several threads on one tokenizer.
  */
 int kvq_tokenize(const struct kvq_tokenizer *t, const char *text, size_t len,
 		 int32_t *out, int cap);
@@ -66,10 +71,30 @@ int kvq_token_piece(const struct kvq_tokenizer *t, int32_t id,
 /* The raw vocabulary string of @id (as stored in the GGUF), or NULL. */
 const char *kvq_token_text(const struct kvq_tokenizer *t, int32_t id);
 
+/* The id whose vocabulary string is exactly @len bytes of @text, or -1. */
+int32_t kvq_tokenizer_find(const struct kvq_tokenizer *t, const char *text,
+			   size_t len);
+
+/*
+ * kvq_pretokenize() - cut @len bytes of @text the way byte-level BPE
+ * pre-tokenizer @pre (a tokenizer.ggml.pre value: "gpt-2", "llama-bpe",
+ * "qwen2", ...) does before merging.  Stores the end offset of each piece
+ * in @ends (at most @cap of them) and returns the number of pieces, which
+ * may exceed @cap; -ENOTSUP for a pre-tokenizer this build does not know,
+ * -EINVAL for bad arguments, -ENOMEM.  Mostly for tests: a tokenizer keeps
+ * its regexes compiled, this compiles them on every call.
+ */
+int kvq_pretokenize(const char *pre, const char *text, size_t len,
+		    size_t *ends, int cap);
+
 /*
  * Streaming detokenizer: feeds token ids and releases only complete UTF-8
- * sequences.  For SentencePiece the leading space of the first piece is
- * dropped, as the reference decoder does.
+ * sequences; bytes that cannot become valid UTF-8 come out as U+FFFD.  For
+ * SentencePiece (with add_space_prefix) one leading space of the first piece
+ * that decodes to anything is dropped, as the reference decoder does;
+ * pieces that decode to nothing (BOS, other control tokens) do not count.
+ * To continue text that was decoded elsewhere (generation after a prompt),
+ * set d->first = false after kvq_detok_init().  Embedded, no allocation.
  */
 struct kvq_detok {
 	const struct kvq_tokenizer *t;
@@ -79,10 +104,14 @@ struct kvq_detok {
 };
 void kvq_detok_init(struct kvq_detok *d, const struct kvq_tokenizer *t);
 /* Appends the bytes that became complete to @out (at most @cap; returns the
- * number written, or -ENOSPC when @cap is too small: use >= 64 + piece). */
+ * number written, or -ENOSPC when @cap is too small, with @d unchanged and
+ * @out's contents unspecified; -EINVAL for a bad id).  3 * (3 + piece
+ * length) is always enough; 64 + piece length is unless the piece is
+ * malformed UTF-8. */
 int kvq_detok_push(struct kvq_detok *d, int32_t id, char *out, size_t cap);
 /* Whatever is still pending (an incomplete sequence at the end), emitted as
- * U+FFFD per the usual convention.  Returns bytes written. */
+ * U+FFFD per the usual convention.  Returns bytes written (0 or 3), or
+ * -ENOSPC when @cap < 3 and something is pending. */
 int kvq_detok_flush(struct kvq_detok *d, char *out, size_t cap);
 
 #endif /* KVQ_TOKENIZER_H */
