@@ -75,13 +75,13 @@ char *kvq_chat_default_system(const char *tmpl, size_t len)
 		return NULL;
 	p += sizeof(key) - 1;
 	end = memmem(p, tmpl + len - p, "<|im_end|>", 10);
-	if (!end || end == p)
+	if (!end || end <= p)
 		return NULL;
 	for (q = p; q < end; q++)
 		if (*q == '{' || *q == '}' || *q == '\'' || *q == '"' ||
 		    *q == '+')
 			return NULL;	/* an expression, not a literal */
-	out = malloc(end - p + 1);
+	out = malloc((size_t)(end - p) + 1);
 	if (!out)
 		return NULL;
 	for (o = out, q = p; q < end; q++) {

@@ -1,0 +1,134 @@
+/*
+ * metrics.c - formatting kvqd's counters as Prometheus text (format
+ * version 0.0.4).
+ *
+ * Why this file exists: see metrics.h.  Histograms are cumulative on the
+ * wire (le="..." buckets, +Inf equal to _count); the scheduler keeps them
+ * per bucket.
+ */
+#include "config.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "daemon/sched.h"
+#include "proto/http.h"
+#include "proto/metrics.h"
+
+static void head(FILE *f, const char *name, const char *type,
+		 const char *help)
+{
+	fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+static void one(FILE *f, const char *name, const char *type,
+		const char *help, unsigned long long v)
+{
+	head(f, name, type, help);
+	fprintf(f, "%s %llu\n", name, v);
+}
+
+static void hist(FILE *f, const char *name, const char *help,
+		 const struct kvq_sched_hist *h)
+{
+	unsigned long long cum = 0;
+	int i;
+
+	head(f, name, "histogram", help);
+	for (i = 0; i < KVQ_SCHED_N_BUCKETS; i++) {
+		cum += h ? h->count[i] : 0;
+		fprintf(f, "%s_bucket{le=\"%g\"} %llu\n", name,
+			kvq_sched_buckets[i], cum);
+	}
+	cum += h ? h->count[KVQ_SCHED_N_BUCKETS] : 0;
+	fprintf(f, "%s_bucket{le=\"+Inf\"} %llu\n", name, cum);
+	fprintf(f, "%s_sum %.9g\n", name, h ? h->sum : 0.0);
+	fprintf(f, "%s_count %llu\n", name, cum);
+}
+
+char *kvq_metrics_render(const struct kvq_sched_stats *st,
+			 const struct kvq_http_stats *hs,
+			 const struct kvq_tier_bytes *tb, bool ready,
+			 size_t *len)
+{
+	static const char *const reasons[] = {
+		[KVQ_FINISH_STOP] = "stop",
+		[KVQ_FINISH_LENGTH] = "length",
+		[KVQ_FINISH_CANCELLED] = "cancelled",
+		[KVQ_FINISH_TIMEOUT] = "timeout",
+		[KVQ_FINISH_ERROR] = "error",
+	};
+	struct kvq_sched_stats z;
+	char *buf = NULL;
+	size_t n = 0;
+	FILE *f;
+	int i;
+
+	if (!st) {
+		memset(&z, 0, sizeof(z));
+		st = &z;
+	}
+	f = open_memstream(&buf, &n);
+	if (!f)
+		return NULL;
+
+	one(f, "kvqd_ready", "gauge",
+	    "1 when the model is loaded and requests are served.", ready);
+	one(f, "kvqd_requests_running", "gauge",
+	    "Requests in the running batch.", st->running);
+	one(f, "kvqd_requests_waiting", "gauge",
+	    "Requests queued for the running batch.", st->waiting);
+	one(f, "kvqd_requests_total", "counter",
+	    "Requests accepted by the scheduler.", st->requests_total);
+	one(f, "kvqd_requests_rejected_total", "counter",
+	    "Requests refused because the queue was full or kvqd was "
+	    "draining.", st->requests_rejected);
+	head(f, "kvqd_requests_finished_total", "counter",
+	     "Requests finished, by reason.");
+	for (i = KVQ_FINISH_STOP; i <= KVQ_FINISH_ERROR; i++)
+		fprintf(f, "kvqd_requests_finished_total{reason=\"%s\"} %llu\n",
+			reasons[i],
+			(unsigned long long)st->requests_finished[i]);
+	one(f, "kvqd_tokens_prompt_total", "counter",
+	    "Prompt tokens of accepted requests.", st->tokens_prompt_total);
+	one(f, "kvqd_tokens_generated_total", "counter",
+	    "Tokens generated.", st->tokens_generated_total);
+	one(f, "kvqd_engine_steps_total", "counter",
+	    "Forward passes run by the scheduler.", st->steps_total);
+	hist(f, "kvqd_ttft_seconds",
+	     "Time from accepting a request to its first generated token.",
+	     &st->ttft);
+	hist(f, "kvqd_inter_token_seconds",
+	     "Time between consecutive generated tokens of a request.",
+	     &st->itl);
+	one(f, "kvqd_kv_bytes_used", "gauge",
+	    "Bytes of KV cache holding tokens of live sequences.",
+	    st->kv_bytes_used);
+	one(f, "kvqd_kv_bytes_capacity", "gauge",
+	    "Bytes of KV cache configured.", st->kv_bytes_capacity);
+	head(f, "kvqd_tier_bytes", "gauge",
+	     "Bytes of weights and KV cache resident in each memory tier.");
+	fprintf(f, "kvqd_tier_bytes{tier=\"hbm\"} %llu\n",
+		(unsigned long long)(tb ? tb->hbm : 0));
+	fprintf(f, "kvqd_tier_bytes{tier=\"host\"} %llu\n",
+		(unsigned long long)(tb ? tb->host : 0));
+	fprintf(f, "kvqd_tier_bytes{tier=\"nvme\"} %llu\n",
+		(unsigned long long)(tb ? tb->nvme : 0));
+	if (hs) {
+		head(f, "kvqd_http_requests_total", "counter",
+		     "HTTP requests answered, by status class.");
+		for (i = 1; i <= 5; i++)
+			fprintf(f, "kvqd_http_requests_total{code=\"%dxx\"} "
+				"%llu\n", i,
+				(unsigned long long)hs->by_status[i]);
+		one(f, "kvqd_http_streams", "gauge",
+		    "Streaming responses in progress.", hs->streams);
+	}
+	if (fclose(f)) {
+		free(buf);
+		return NULL;
+	}
+	*len = n;
+	return buf;
+}
