@@ -482,6 +482,9 @@ static int do_generate(struct kvq_model *m, struct oneshot *o)
 	}
 	t1 = now_s();
 	kvq_detok_init(&dt, tok);
+	/* Generated text continues the prompt: keep its first space. */
+	if (o->prompt[0])
+		dt.first = false;
 	while (gen < o->max_tokens && !stopped) {
 		int32_t id = kvq_sampler_sample(&smp, logits, NULL);
 		int pl, one = 1;

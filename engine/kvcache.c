@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "engine/kvcache.h"
+#include "engine/kvcache_impl.h"
 #include "engine/quant.h"
 
 static const char *const type_names[KVQ_KV_NTYPES] = {
@@ -236,6 +237,7 @@ int kvq_kv_create(const struct kvq_kv_opts *o, struct kvq_kvcache **out)
 	if (c->o.n_sink > c->o.page_tokens)
 		c->o.n_sink = c->o.page_tokens;
 	c->group = o->head_dim < 32 ? o->head_dim : 32;
+	c->simd = kvq_kv_have_avx2() && strcmp(kvq_quant_simd_name(), "scalar");
 	if (o->head_dim % c->group) {
 		ret = -EINVAL;
 		goto out_free;
@@ -537,6 +539,11 @@ static inline const float *get_row(const struct kvq_kvcache *c,
 	}
 	if (hf->type == KVQ_KV_F32)
 		return (const float *)row_data(c, hf, page, pos % pt, h);
+	if (c->simd && kvq_kv_dequant_row_avx2(hf->type,
+			row_data(c, hf, page, pos % pt, h),
+			hf->n_groups ? row_scales(c, hf, page, pos % pt, h) :
+			NULL, d, c->group, tmp))
+		return tmp;
 	kvq_kv_dequant_row(hf->type, row_data(c, hf, page, pos % pt, h),
 			   hf->n_groups ? row_scales(c, hf, page, pos % pt, h) :
 			   NULL, d, c->group, tmp);
@@ -625,6 +632,10 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 			for (i = 0; i < n_q; i++) {
 				float w = sc[i][t], *o = out + i * out_stride;
 
+				if (c->simd) {
+					kvq_kv_axpy_avx2(o, w, vr, d);
+					continue;
+				}
 				for (j = 0; j < d; j++)
 					o[j] += w * vr[j];
 			}

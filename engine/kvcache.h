@@ -94,6 +94,7 @@ struct kvq_kv_layer {
 struct kvq_kvcache {
 	struct kvq_kv_opts o;
 	uint32_t group;		/* channels per scale group */
+	bool simd;		/* AVX2 row paths (false: the scalar twin) */
 	struct kvq_kv_layer *layers;
 	int32_t *refcnt;	/* per page; 0 = free */
 	int32_t *free_list;	/* stack of free page ids */

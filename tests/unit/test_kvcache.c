@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "engine/kvcache.h"
+#include "engine/kvcache_impl.h"
 #include "engine/quant.h"
 #include "tap.h"
 
@@ -430,8 +431,43 @@ static void bad_options_refused(void)
 	       "kvq_kv_type_parse_names");
 }
 
+/* The AVX2 row dequantization equals the scalar twin bit for bit. */
+static void simd_rows_match_scalar(void)
+{
+	static const enum kvq_kv_type types[] = { KVQ_KV_F16, KVQ_KV_Q8,
+						  KVQ_KV_Q4 };
+	size_t ti;
+
+	if (!kvq_kv_have_avx2()) {
+		tap_ok(1, "kvq_kv_dequant_row_avx2_matches_scalar # SKIP no AVX2");
+		return;
+	}
+	for (ti = 0; ti < 3; ti++) {
+		float x[128], a[128], b[128];
+		uint8_t data[512];
+		uint16_t sc[4];
+		int r, i, same = 1;
+
+		for (r = 0; r < 100; r++) {
+			for (i = 0; i < 128; i++)
+				x[i] = frand() * (1 + r);
+			kvq_kv_quant_row(types[ti], x, 128, 32, data, sc);
+			kvq_kv_dequant_row(types[ti], data, sc, 128, 32, a);
+			for (i = 0; i < 128; i++)
+				b[i] = NAN;
+			if (!kvq_kv_dequant_row_avx2(types[ti], data, sc, 128,
+						     32, b) ||
+			    memcmp(a, b, sizeof(a)))
+				same = 0;
+		}
+		tap_ok(same, "kvq_kv_dequant_row_avx2_%s_matches_scalar_bitwise",
+		       kvq_kv_type_name(types[ti]));
+	}
+}
+
 int main(void)
 {
+	simd_rows_match_scalar();
 	quant_row_golden_bytes();
 	page_layout_golden();
 	round_trip_bounds();
