@@ -371,6 +371,7 @@ static int sreq_build(struct kvq_sched *s, const struct kvq_sched_req *q,
 		return ret;
 	}
 	kvq_detok_init(&r->dt, s->tok);
+	r->dt.first = false;	/* a continuation keeps its leading space */
 	*out = r;
 	return 0;
 

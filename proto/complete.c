@@ -146,7 +146,9 @@ queue:
 		h->qhead = it;
 	h->qtail = it;
 	pthread_mutex_unlock(&h->qlock);
-	event_active(h->qev, EV_READ, 1);
+	/* a full-body answer needs waking only for its end */
+	if (c->hr->stream || ev->kind == KVQ_SCHED_EV_DONE)
+		event_active(h->qev, EV_READ, 1);
 }
 
 /* ------------------------------------------------------------- hreq */
