@@ -29,24 +29,45 @@ struct kvq_sampler {
 	struct kvq_sampler_params p;
 	uint64_t rng[4];	/* xoshiro256** state, from the seed */
 	int32_t n_vocab;
-	/* scratch, owned */
-	float *probs;
-	int32_t *idx;
+	/* scratch, owned: n_vocab of each */
+	float *probs;		/* candidates' unnormalised weights */
+	uint64_t *keys;		/* candidates as rank keys, see sampler.c */
 };
 
-/* 0 or -ENOMEM / -EINVAL (bad parameter values: NaN, top_p <= 0...). */
+/*
+ * Checks sampling settings without touching any state: 0, or -EINVAL for a
+ * NaN anywhere, an infinite temperature, top_p <= 0 or min_p > 1.  Values
+ * that mean "off" (top_k <= 0, top_p >= 1, min_p <= 0) are valid.
+ */
+int kvq_sampler_params_check(const struct kvq_sampler_params *p);
+
+/*
+ * Sets up @s for a vocabulary of @n_vocab tokens with settings @p (NULL:
+ * the defaults), seeding its random state from p->seed.  Returns 0, -EINVAL
+ * (bad settings, n_vocab <= 0) or -ENOMEM.  On failure @s owns nothing and
+ * kvq_sampler_fini() on it is harmless.
+ */
 int kvq_sampler_init(struct kvq_sampler *s, const struct kvq_sampler_params *p,
 		     int32_t n_vocab);
+/* Frees the scratch owned by @s; @s may be initialised again afterwards. */
 void kvq_sampler_fini(struct kvq_sampler *s);
 
 /* Picks a token from @logits (n_vocab values; not modified).  With
  * temperature <= 0 this is argmax (lowest id wins ties).  When @logprob is
  * not NULL, stores the log-probability of the chosen token under the
- * unfiltered softmax at temperature 1. */
+ * unfiltered softmax at temperature 1.
+ *
+ * Otherwise the filters apply in this order: top-k on the logits, softmax
+ * at the temperature, top-p (the smallest set of most likely tokens whose
+ * probability reaches top_p, at least one), then min-p (drop tokens below
+ * min_p times the most likely one's probability); one token is then drawn
+ * from what is left, in proportion to its probability.  Each call advances
+ * the random state by at most one draw, so a seed gives the same tokens for
+ * the same logits whatever thread runs it.  NaN logits count as -inf. */
 int32_t kvq_sampler_sample(struct kvq_sampler *s, const float *logits,
 			   float *logprob);
 
-/* argmax with lowest index on ties. */
+/* argmax with lowest index on ties; NaN counts as -inf.  -1 when n <= 0. */
 int32_t kvq_argmax(const float *x, int32_t n);
 
 /*
