@@ -68,9 +68,12 @@ int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
 	c->rope.dim = hp->rope_dim;
 	c->rope.base = hp->rope_base;
 	c->rope.neox = hp->rope_neox;
-	if (hp->n_layers > KVQ_KV_MAX_LAYERS) {
-		snprintf(err, errlen, "the KV cache supports at most %d layers",
-			 KVQ_KV_MAX_LAYERS);
+	if (hp->n_layers > KVQ_KV_MAX_LAYERS ||
+	    hp->head_dim > KVQ_KV_MAX_HEAD_DIM ||
+	    hp->n_heads / hp->n_kv_heads > KVQ_KV_MAX_GQA) {
+		snprintf(err, errlen,
+			 "the KV cache supports at most %d layers, head_dim %d and %d query heads per KV head",
+			 KVQ_KV_MAX_LAYERS, KVQ_KV_MAX_HEAD_DIM, KVQ_KV_MAX_GQA);
 		ret = -EINVAL;
 		goto out_free;
 	}

@@ -42,6 +42,7 @@ int kvq_kv_types_parse(const char *spec, uint32_t n_layers, uint8_t *out,
 	enum kvq_kv_type t;
 	uint32_t n = 0, i;
 	const char *p = spec;
+	char name[8];
 
 	if (!strcmp(spec, "auto"))
 		return 1;
@@ -53,7 +54,6 @@ int kvq_kv_types_parse(const char *spec, uint32_t n_layers, uint8_t *out,
 		return 0;
 	}
 	while (*p) {
-		char name[8];
 		size_t len = strcspn(p, ",");
 
 		if (len >= sizeof(name) || n >= n_layers)
@@ -226,7 +226,9 @@ int kvq_kv_create(const struct kvq_kv_opts *o, struct kvq_kvcache **out)
 	int ret = -ENOMEM;
 
 	if (!o->n_layers || o->n_layers > KVQ_KV_MAX_LAYERS ||
-	    !o->n_kv_heads || !o->head_dim || o->head_dim % 2 || !o->n_pages)
+	    !o->n_kv_heads || !o->head_dim || o->head_dim % 2 ||
+	    o->head_dim > KVQ_KV_MAX_HEAD_DIM || !o->n_pages ||
+	    o->page_tokens > KVQ_KV_SC_STRIDE)
 		return -EINVAL;
 	c = calloc(1, sizeof(*c));
 	if (!c)
@@ -564,7 +566,7 @@ void kvq_kv_read(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 
 /* ---------------------------------------------------------- attention */
 
-#define ATTN_MAX_Q 64		/* query heads per KV head handled at once */
+
 
 void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 		   uint32_t layer, uint32_t kvh, const float *q,
@@ -573,18 +575,14 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 {
 	const struct kvq_kv_layer *L = &c->layers[layer];
 	uint32_t d = c->o.head_dim, pt = c->o.page_tokens;
-	float m[ATTN_MAX_Q], l[ATTN_MAX_Q];
-	float sc[ATTN_MAX_Q][64];
-	float *tmp = malloc(d * sizeof(float));
+	float m[KVQ_KV_MAX_GQA], l[KVQ_KV_MAX_GQA];
+	float sc[KVQ_KV_MAX_GQA][KVQ_KV_SC_STRIDE];
+	float tmp[KVQ_KV_MAX_HEAD_DIM];
 	uint32_t pos = 0, i, t, j;
+	bool fast;
 
-	if (!tmp || n_q > ATTN_MAX_Q || pt > 64) {
-		/* Cannot happen with checked options; leave zeros. */
-		for (i = 0; i < n_q && i < ATTN_MAX_Q; i++)
-			memset(out + i * out_stride, 0, d * sizeof(float));
-		free(tmp);
-		return;
-	}
+	/* Options are checked at creation (page_tokens <= 64, head_dim <=
+	 * KVQ_KV_MAX_HEAD_DIM) and by the caller (n_q <= KVQ_KV_MAX_GQA). */
 	for (i = 0; i < n_q; i++) {
 		m[i] = -INFINITY;
 		l[i] = 0.0f;
@@ -598,13 +596,21 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 
 		if (n_ctx - pos < pt - t0)
 			t1 = t0 + (n_ctx - pos);
-		for (t = t0; t < t1; t++) {
-			const float *kr = get_row(c, &L->k, s, layer, false,
-						  page, pos + t - t0, kvh, tmp);
+		fast = c->simd && !(s->sink && pos < c->o.n_sink);
+		if (!fast || !kvq_kv_page_scores_avx2(L->k.type,
+				row_data(c, &L->k, page, 0, kvh),
+				L->k.n_groups ? row_scales(c, &L->k, page, 0, kvh) : NULL,
+				L->k.n_groups, L->k.row_bytes, d, t0, t1, q,
+				q_stride, n_q, scale, &sc[0][0])) {
+			for (t = t0; t < t1; t++) {
+				const float *kr = get_row(c, &L->k, s, layer,
+							  false, page,
+							  pos + t - t0, kvh, tmp);
 
-			for (i = 0; i < n_q; i++)
-				sc[i][t] = kvq_dot_f32(q + i * q_stride, kr,
-						       d) * scale;
+				for (i = 0; i < n_q; i++)
+					sc[i][t] = kvq_dot_f32(q + i * q_stride,
+							       kr, d) * scale;
+			}
 		}
 		for (i = 0; i < n_q; i++) {
 			float mx = m[i], a;
@@ -625,6 +631,14 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 				l[i] += sc[i][t];
 			}
 		}
+		if (fast && kvq_kv_page_values_avx2(L->v.type,
+				row_data(c, &L->v, page, 0, kvh),
+				L->v.n_groups ? row_scales(c, &L->v, page, 0, kvh) : NULL,
+				L->v.n_groups, L->v.row_bytes, d, t0, t1,
+				&sc[0][0], n_q, out, out_stride)) {
+			pos += t1 - t0;
+			continue;
+		}
 		for (t = t0; t < t1; t++) {
 			const float *vr = get_row(c, &L->v, s, layer, true,
 						  page, pos + t - t0, kvh, tmp);
@@ -632,10 +646,6 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 			for (i = 0; i < n_q; i++) {
 				float w = sc[i][t], *o = out + i * out_stride;
 
-				if (c->simd) {
-					kvq_kv_axpy_avx2(o, w, vr, d);
-					continue;
-				}
 				for (j = 0; j < d; j++)
 					o[j] += w * vr[j];
 			}
@@ -649,5 +659,4 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 		for (j = 0; j < d; j++)
 			o[j] *= inv;
 	}
-	free(tmp);
 }

@@ -58,6 +58,8 @@ const char *kvq_kv_type_name(enum kvq_kv_type t);
 int kvq_kv_type_parse(const char *s, enum kvq_kv_type *out);
 
 #define KVQ_KV_MAX_LAYERS 256
+#define KVQ_KV_MAX_HEAD_DIM 1024
+#define KVQ_KV_MAX_GQA 64	/* query heads per KV head */
 
 /*
  * kvq_kv_types_parse() - a precision setting: one name for every layer

@@ -16,4 +16,26 @@ bool kvq_kv_dequant_row_avx2(enum kvq_kv_type t, const uint8_t *data,
 void kvq_kv_axpy_avx2(float *o, float w, const float *v, uint32_t d);
 bool kvq_kv_have_avx2(void);
 
+/* Attention over one page of one head: the most query heads the SIMD page
+ * kernels take at once, and the row stride of the score matrix. */
+#define KVQ_KV_SIMD_MAX_Q 8
+#define KVQ_KV_SC_STRIDE 64
+
+/*
+ * Scores sc[i * KVQ_KV_SC_STRIDE + t] = dot(q_i, K_t) * scale for tokens
+ * t0 <= t < t1 of one page; rows/scales point at token 0 of the head in
+ * the page.  false when the shape has no SIMD kernel.
+ */
+bool kvq_kv_page_scores_avx2(enum kvq_kv_type t, const uint8_t *rows,
+			     const uint16_t *scales, uint32_t ng, uint32_t rb,
+			     uint32_t d, uint32_t t0, uint32_t t1,
+			     const float *q, size_t qs, uint32_t n_q,
+			     float scale, float *sc);
+/* out_i += sum_t w[i * KVQ_KV_SC_STRIDE + t] * V_t. */
+bool kvq_kv_page_values_avx2(enum kvq_kv_type t, const uint8_t *rows,
+			     const uint16_t *scales, uint32_t ng, uint32_t rb,
+			     uint32_t d, uint32_t t0, uint32_t t1,
+			     const float *w, uint32_t n_q, float *out,
+			     size_t os);
+
 #endif /* KVQ_KVCACHE_IMPL_H */
