@@ -27,6 +27,7 @@
 #include <time.h>
 
 #include <event2/buffer.h>
+#include <event2/bufferevent.h>
 #include <event2/event.h>
 #include <event2/http.h>
 
@@ -59,6 +60,7 @@ struct hreq {
 	struct hreq *prev, *next;
 	struct evhttp_request *req;	/* NULL once answered or gone */
 	struct evhttp_connection *conn;
+	struct event *watch;		/* peer close, while answering */
 	enum kvq_oai_kind kind;
 	char id[48];
 	long long created;
@@ -177,28 +179,13 @@ static void hreq_free(struct hreq *hr)
 	free(hr);
 }
 
-static void on_conn_close(struct evhttp_connection *conn, void *arg)
-{
-	struct hreq *hr = arg;
-	int i;
-
-	if (!hr->req)
-		return;
-	kvq_debug("http: %s: client went away", hr->id);
-	hr->req = NULL;
-	hr->conn = NULL;
-	if (hr->stream && hr->h->st.streams)
-		hr->h->st.streams--;
-	if (hr->h->st.in_flight)
-		hr->h->st.in_flight--;
-	for (i = 0; i < hr->n_ch; i++)
-		if (hr->ch[i].live)
-			kvq_sched_cancel(hr->h->sched, hr->ch[i].id);
-}
-
 /* The answer is complete or abandoned: stop watching the connection. */
 static void hreq_detach(struct hreq *hr)
 {
+	if (hr->watch) {
+		event_free(hr->watch);
+		hr->watch = NULL;
+	}
 	if (hr->conn)
 		evhttp_connection_set_closecb(hr->conn, NULL, NULL);
 	if (hr->req) {
@@ -209,6 +196,68 @@ static void hreq_detach(struct hreq *hr)
 	}
 	hr->req = NULL;
 	hr->conn = NULL;
+}
+
+static void cancel_live(struct hreq *hr)
+{
+	int i;
+
+	for (i = 0; i < hr->n_ch; i++)
+		if (hr->ch[i].live)
+			kvq_sched_cancel(hr->h->sched, hr->ch[i].id);
+}
+
+/*
+ * evhttp closed the connection (a failed write, a timeout).  It has already
+ * let go of a request it was still answering; that request is ours to free.
+ */
+static void on_conn_close(struct evhttp_connection *conn, void *arg)
+{
+	struct hreq *hr = arg;
+	struct evhttp_request *req = hr->req;
+
+	if (!req)
+		return;
+	kvq_debug("http: %s: connection closed", hr->id);
+	hreq_detach(hr);
+	cancel_live(hr);
+	if (!evhttp_request_get_connection(req))
+		evhttp_request_free(req);
+}
+
+/*
+ * The client closed its end while its answer is being computed (evhttp
+ * itself reads nothing then, so it would only notice at the next write).
+ * Cancel at once, which frees the KV, and drop the connection.
+ */
+static void on_peer_closed(evutil_socket_t fd, short what, void *arg)
+{
+	struct hreq *hr = arg;
+	struct evhttp_connection *conn = hr->conn;
+
+	kvq_debug("http: %s: client went away", hr->id);
+	hreq_detach(hr);
+	cancel_live(hr);
+	if (conn)
+		evhttp_connection_free(conn);
+}
+
+static void watch_peer(struct hreq *hr)
+{
+	struct bufferevent *bev;
+	evutil_socket_t fd;
+
+	if (!(event_base_get_features(hr->h->base) & EV_FEATURE_EARLY_CLOSE))
+		return;
+	bev = evhttp_connection_get_bufferevent(hr->conn);
+	fd = bev ? bufferevent_getfd(bev) : -1;
+	if (fd < 0)
+		return;
+	hr->watch = event_new(hr->h->base, fd, EV_CLOSED, on_peer_closed, hr);
+	if (hr->watch && event_add(hr->watch, NULL)) {
+		event_free(hr->watch);
+		hr->watch = NULL;
+	}
 }
 
 /* ------------------------------------------------------------- logprobs */
@@ -895,8 +944,10 @@ static struct hreq *start(struct kvq_http *h, struct evhttp_request *req,
 	}
 	hr->req = req;
 	hr->conn = evhttp_request_get_connection(req);
-	if (hr->conn)
+	if (hr->conn) {
 		evhttp_connection_set_closecb(hr->conn, on_conn_close, hr);
+		watch_peer(hr);
+	}
 	h->st.in_flight++;
 	return hr;
 

@@ -563,6 +563,9 @@ int kvq_http_create(struct event_base *base, struct kvq_sched *sched,
 				   EVHTTP_REQ_HEAD | EVHTTP_REQ_PUT |
 				   EVHTTP_REQ_DELETE | EVHTTP_REQ_OPTIONS |
 				   EVHTTP_REQ_PATCH);
+	/* read and drop the rest of an oversized body, so that a client that
+	 * sends it without "Expect: 100-continue" still sees the 413 */
+	evhttp_set_flags(h->http, EVHTTP_SERVER_LINGERING_CLOSE);
 	evhttp_set_gencb(h->http, on_request, h);
 	ret = kvq_complete_init(h);
 	if (ret)
