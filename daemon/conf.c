@@ -853,8 +853,10 @@ int kvq_config_read_file(struct kvq_config *c, const char *path, char *err,
 	f = fopen(path, "re");
 	if (!f)
 		return -errno;
-	p = strdup(path);
-	dir = dir_of(path);
+	p = realpath(path, NULL);
+	if (!p)
+		p = strdup(path);
+	dir = dir_of(p ? p : path);
 	if (!p || !dir) {
 		fclose(f);
 		free(p);
@@ -863,6 +865,7 @@ int kvq_config_read_file(struct kvq_config *c, const char *path, char *err,
 	}
 	free(c->path);
 	c->path = p;
+	path = p;		/* messages name the file as resolved */
 
 	while ((n = getline(&line, &cap, f)) >= 0) {
 		struct kvq_config_origin o = { KVQ_SRC_FILE, ++lineno };
@@ -1192,6 +1195,10 @@ static int check_paths(const struct kvq_config *c, char *err, size_t errlen)
 	} else if (check_dir("directory", c->state_dir, pfx, err, errlen)) {
 		bad = 1;
 	}
+	/* A socket put in a bad state_dir by default: said once above. */
+	if (bad && c->origin[kvq_config_find("admin_socket")].src ==
+		   KVQ_SRC_DEFAULT)
+		return -EINVAL;
 
 	vprefix(c, "admin_socket", pfx, sizeof(pfx));
 	if (strlen(c->admin_socket) >= sizeof(sun.sun_path)) {

@@ -232,13 +232,15 @@ static int check_config(struct daemon *d)
 	struct kvq_model_opts mo = { .vocab_only = true };
 	struct kvq_gpu_info gi;
 	struct kvq_model *m;
-	char err[1024] = "", why[256] = "";
-	const char *file = *d->conf.path ? d->conf.path : "defaults";
+	char err[1024] = "", why[256] = "", where[1100];
 	int bad = load_config(d, true) != 0;
+	const char *file = *d->conf.path ? d->conf.path : "defaults";
 
+	kvq_config_where(&d->conf, kvq_config_find("model"), where,
+			 sizeof(where));
 	if (*d->conf.model && !access(d->conf.model, R_OK)) {
 		if (kvq_model_load(d->conf.model, &mo, &m, err, sizeof(err))) {
-			fprintf(stderr, "%s: model: %s\n", file, err);
+			fprintf(stderr, "%s: model: %s\n", where, err);
 			bad = 1;
 		} else {
 			uint32_t ctx = kvq_model_hparams(m)->ctx_len;
@@ -560,6 +562,12 @@ out_ready:
 
 /* ------------------------------------------------------------ stopping */
 
+static const char *sig_name(int sig)
+{
+	return sig == SIGTERM ? "SIGTERM" : sig == SIGINT ? "SIGINT" :
+	       sig == SIGHUP ? "SIGHUP" : "signal";
+}
+
 static void *drainer_main(void *arg)
 {
 	struct daemon *d = arg;
@@ -591,13 +599,13 @@ static void stop(struct daemon *d, int sig)
 	int ret;
 
 	if (d->stopping) {
-		kvq_notice("%s again: stopping now", strsignal(sig));
+		kvq_notice("%s again: stopping now", sig_name(sig));
 		event_base_loopbreak(d->base);
 		return;
 	}
 	d->stopping = true;
 	d->view.state = "draining";
-	kvq_notice("%s: stopping", strsignal(sig));
+	kvq_notice("%s: stopping", sig_name(sig));
 	notify_checked(kvq_notify_stopping("Stopping"), "STOPPING");
 	if (d->http) {
 		kvq_http_set_ready(d->http, false);
@@ -712,7 +720,6 @@ static int setup_http(struct daemon *d)
 		return ret;
 	}
 	d->view.http = d->http;
-	kvq_info("listening on %s", d->conf.listen);
 	return 0;
 }
 
