@@ -26,8 +26,8 @@ static const char *const calib_prompts[] = {
 
 void kvq_kv_calib_opts_default(struct kvq_kv_calib_opts *o)
 {
-	o->bound_q4 = 0.25;
-	o->bound_q8 = 0.25;
+	o->bound_q4 = 0.5;
+	o->bound_q8 = 0.5;
 	o->ratio_max = 3.0;
 	o->per_layer = true;
 }
