@@ -60,6 +60,10 @@
 /* While loading: how often to report, and how much time to ask for. */
 #define LOAD_TICK_S 3
 #define LOAD_EXTEND_USEC (4ull * LOAD_TICK_S * 1000000ull)
+/* After a drain: how long to wait for answers to reach the sockets. */
+#define FLUSH_POLL_MS 20
+#define FLUSH_GRACE_MS 200
+#define FLUSH_MAX_MS 2000
 
 struct daemon {
 	struct kvq_args args;
@@ -72,6 +76,7 @@ struct daemon {
 	struct event *ev_loaded;	/* loader thread finished */
 	struct event *ev_drained;	/* drain thread finished */
 	struct event *ev_tick;		/* load progress */
+	struct event *ev_flush;		/* answers written after a drain */
 
 	struct kvq_admin *admin;
 	struct kvq_admin_view view;
@@ -91,6 +96,7 @@ struct daemon {
 	pthread_t drainer;
 	bool draining;
 	int drain_ret;
+	uint64_t flush_start_usec;
 
 	bool stopping;
 	int exit_status;
@@ -577,6 +583,30 @@ static void *drainer_main(void *arg)
 	return NULL;
 }
 
+/*
+ * The scheduler is idle, but the last tokens may still be on their way to
+ * the clients: wait until the HTTP server has handed over every answer,
+ * then give the loop a moment to write them out before leaving it.
+ */
+static void on_flush(evutil_socket_t fd, short what, void *arg)
+{
+	struct daemon *d = arg;
+	struct timeval poll = { 0, FLUSH_POLL_MS * 1000 };
+	struct timeval grace = { 0, FLUSH_GRACE_MS * 1000 };
+	struct kvq_http_stats hs = { 0 };
+
+	if (d->http)
+		kvq_http_stats(d->http, &hs);
+	if (hs.in_flight &&
+	    since_s(d->flush_start_usec) * 1000 < FLUSH_MAX_MS) {
+		evtimer_add(d->ev_flush, &poll);
+		return;
+	}
+	if (hs.in_flight)
+		kvq_warn("drain: %u answers not delivered; closing", hs.in_flight);
+	event_base_loopexit(d->base, &grace);
+}
+
 static void on_drained(evutil_socket_t fd, short what, void *arg)
 {
 	struct daemon *d = arg;
@@ -591,7 +621,8 @@ static void on_drained(evutil_socket_t fd, short what, void *arg)
 	} else {
 		kvq_info("drain: all requests finished");
 	}
-	event_base_loopexit(d->base, NULL);
+	d->flush_start_usec = kvq_notify_now_usec();
+	on_flush(-1, 0, d);
 }
 
 static void stop(struct daemon *d, int sig)
@@ -666,7 +697,8 @@ static int setup_events(struct daemon *d)
 	d->ev_loaded = event_new(d->base, -1, 0, on_loaded, d);
 	d->ev_drained = event_new(d->base, -1, 0, on_drained, d);
 	d->ev_tick = event_new(d->base, -1, EV_PERSIST, on_tick, d);
-	if (!d->ev_loaded || !d->ev_drained || !d->ev_tick)
+	d->ev_flush = evtimer_new(d->base, on_flush, d);
+	if (!d->ev_loaded || !d->ev_drained || !d->ev_tick || !d->ev_flush)
 		goto out_nomem;
 	return 0;
 
@@ -688,6 +720,8 @@ static void teardown_events(struct daemon *d)
 		event_free(d->ev_drained);
 	if (d->ev_tick)
 		event_free(d->ev_tick);
+	if (d->ev_flush)
+		event_free(d->ev_flush);
 	if (d->base)
 		event_base_free(d->base);
 }

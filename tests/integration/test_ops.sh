@@ -33,7 +33,7 @@ cleanup() {
 	[ -n "$DAEMON_PID" ] && kill "$DAEMON_PID" 2>/dev/null
 	[ -n "$NOTIFY_PID" ] && kill "$NOTIFY_PID" 2>/dev/null
 	wait 2>/dev/null
-	rm -rf "$T"
+	[ -n "${KEEP:-}" ] || rm -rf "$T"
 }
 trap cleanup EXIT
 trap 'exit 1' INT TERM
@@ -308,13 +308,44 @@ else
 	skip "kvqctl_permission_denied_names_group" "needs root and setpriv"
 fi
 
-# ----------------------------------------------------------------- SIGTERM
+# ------------------------------------- requests in flight, SIGTERM drains
+STREAMS=
+if command -v curl >/dev/null 2>&1; then
+	for i in 1 2; do
+		curl -sN "http://127.0.0.1:$PORT/v1/completions" \
+			-d '{"prompt": "Once upon a time", "max_tokens": 2000, "stream": true, "ignore_eos": true, "seed": '$i'}' \
+			>"$T/stream$i.out" 2>&1 &
+		STREAMS="$STREAMS $!"
+	done
+	wait_for "$T/stream1.out" "data:" 30
+	wait_for "$T/stream2.out" "data:" 30
+	"$KVQCTL" --socket "$SOCK" --json requests >"$T/req.json" 2>&1
+	"$KVQCTL" --socket "$SOCK" requests >"$T/req.out" 2>&1
+	"$KVQCTL" --socket "$SOCK" --json tiers >"$T/tiers.json" 2>&1
+fi
 stop_daemon
 st=$?
 check "sigterm_exits_0" [ $st -eq 0 ]
 [ $st -eq 0 ] || diag "$T/kvqd.log"
 check "notify_stopping" grep -q "STOPPING=1" "$T/notify.log"
 check "sigterm_drains" grep -q "drain: all requests finished" "$T/kvqd.log"
+if [ -n "$STREAMS" ]; then
+	# shellcheck disable=SC2086
+	wait $STREAMS
+	check "kvqctl_requests_in_flight_json" json "$T/req.json" \
+		'len(j["requests"]) >= 1 and all(r["state"] in ("queued", "prefill", "decode") and r["max_tokens"] == 2000 for r in j["requests"])'
+	check "kvqctl_requests_in_flight_table" \
+		grep -q "^ *[0-9][0-9]*  *\(queued\|prefill\|decode\) .* 2000 " "$T/req.out"
+	check "kvqctl_tiers_kv_chunks_in_flight" json "$T/tiers.json" \
+		'any(o["kind"] == "kv" and o["tier"] == "host" and o["bytes"] > 0 for o in j["objects"])'
+	check "sigterm_finishes_running_streams" \
+		sh -c "tail -n 3 '$T/stream1.out' | grep -q '^data: \[DONE\]' && tail -n 3 '$T/stream2.out' | grep -q '^data: \[DONE\]' && grep -q '\"finish_reason\": *\"length\"' '$T/stream1.out'"
+else
+	for t in kvqctl_requests_in_flight_json kvqctl_requests_in_flight_table \
+		 kvqctl_tiers_kv_chunks_in_flight sigterm_finishes_running_streams; do
+		skip "$t" "no curl"
+	done
+fi
 check "admin_socket_removed" [ ! -e "$SOCK" ]
 
 "$KVQCTL" --socket "$SOCK" status >"$T/out" 2>&1
