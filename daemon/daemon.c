@@ -82,6 +82,7 @@ struct daemon {
 	struct kvq_admin_view view;
 	char last_reload[512];
 	char device[160];
+	char status[512];		/* STATUS= while serving */
 
 	pthread_t loader;
 	bool loading;
@@ -390,7 +391,6 @@ static int start_serving(struct daemon *d)
 static void on_loaded(evutil_socket_t fd, short what, void *arg)
 {
 	struct daemon *d = arg;
-	char status[512];
 
 	pthread_join(d->loader, NULL);
 	d->loading = false;
@@ -421,10 +421,10 @@ static void on_loaded(evutil_socket_t fd, short what, void *arg)
 		return;
 	}
 	d->view.state = "ready";
-	snprintf(status, sizeof(status), "Serving %s on %s (%s)",
+	snprintf(d->status, sizeof(d->status), "Serving %s on %s (%s)",
 		 kvq_model_desc(d->model), d->conf.listen, d->device);
-	notify_checked(kvq_notify_ready(status), "READY");
-	kvq_notice("ready: %s", status);
+	notify_checked(kvq_notify_ready(d->status), "READY");
+	kvq_notice("ready: %s", d->status);
 }
 
 static int start_loading(struct daemon *d)
@@ -560,10 +560,9 @@ out_ready:
 		notify_checked(kvq_notifyf("READY=1\nSTATUS=Loading model %s",
 					   d->conf.model), "READY");
 	else
-		notify_checked(kvq_notify_ready(d->view.reloads_failed &&
+		notify_checked(kvq_notifyf("READY=1\nSTATUS=%s%s", d->status,
 			strncmp(d->last_reload, "ok", 2) ?
-			"Serving; last reload refused (see the log)" :
-			"Serving"), "READY");
+			"; last reload refused (see the log)" : ""), "READY");
 }
 
 /* ------------------------------------------------------------ stopping */

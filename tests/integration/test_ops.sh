@@ -258,8 +258,10 @@ check "admin_protocol_errors_and_bare_words" \
 	sh -c "sed -n 1p '$T/out' | grep -q '\"code\": *\"unknown_command\"' && sed -n 2p '$T/out' | grep -q '\"ok\": *true' && sed -n 3p '$T/out' | grep -q 'malformed JSON'"
 
 # ------------------------------------------------------------------ SIGHUP
+KEY=test-key-0123456789
 write_conf debug 9
 sed -i "s/^listen = .*/listen = 127.0.0.1:1/" "$CONF"
+echo "api_key = $KEY" >>"$CONF"
 kill -HUP "$DAEMON_PID"
 if wait_for "$T/kvqd.log" "reload: done" 20; then
 	ok "sighup_good_config_reloads"
@@ -270,11 +272,22 @@ fi
 check "sighup_changes_log_level" grep -q "reload: log_level: info -> debug" "$T/kvqd.log"
 check "sighup_changes_max_queued" grep -q "reload: max_queued: 8 -> 9" "$T/kvqd.log"
 check "sighup_restart_key_kept" grep -q "reload: listen: changed to '127.0.0.1:1', which needs a restart" "$T/kvqd.log"
+if command -v curl >/dev/null 2>&1; then
+	code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/v1/models")
+	code2=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $KEY" \
+		"http://127.0.0.1:$PORT/v1/models")
+	check "sighup_sets_api_key_live" sh -c "[ '$code' = 401 ] && [ '$code2' = 200 ]"
+	check "sighup_api_key_not_logged" sh -c "! grep -q '$KEY' '$T/kvqd.log'"
+else
+	skip "sighup_sets_api_key_live" "no curl"
+	skip "sighup_api_key_not_logged" "no curl"
+fi
 check "notify_reloading_with_monotonic_usec" \
 	sh -c "grep -q 'RELOADING=1' '$T/notify.log' && grep -q 'MONOTONIC_USEC=[0-9]' '$T/notify.log'"
 "$KVQCTL" --socket "$SOCK" --json config >"$T/out.json" 2>&1
+check "kvqctl_config_hides_api_key" sh -c "! grep -q '$KEY' '$T/out.json'"
 check "kvqctl_config_after_reload" json "$T/out.json" \
-	'(lambda k: k["log_level"]["value"] == "debug" and k["listen"]["value"].endswith(":'"$PORT"'") and k["listen"]["pending_restart"] == "127.0.0.1:1")({k["key"]: k for k in j["keys"]})'
+	'(lambda k: k["log_level"]["value"] == "debug" and k["api_key"]["value"] == "(set)" and k["listen"]["value"].endswith(":'"$PORT"'") and k["listen"]["pending_restart"] == "127.0.0.1:1")({k["key"]: k for k in j["keys"]})'
 
 cp "$CONF" "$T/good.conf"
 printf 'log_level = info\nthreads = many\n' >"$CONF"
@@ -313,6 +326,7 @@ STREAMS=
 if command -v curl >/dev/null 2>&1; then
 	for i in 1 2; do
 		curl -sN "http://127.0.0.1:$PORT/v1/completions" \
+			-H "Authorization: Bearer $KEY" \
 			-d '{"prompt": "Once upon a time", "max_tokens": 2000, "stream": true, "ignore_eos": true, "seed": '$i'}' \
 			>"$T/stream$i.out" 2>&1 &
 		STREAMS="$STREAMS $!"
