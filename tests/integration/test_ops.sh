@@ -146,7 +146,7 @@ state_dir = $T/state
 admin_socket = $SOCK
 threads = 1
 max_running = 4
-drain_timeout = 5s
+drain_timeout = 60s
 log_level = $1
 max_queued = $2
 EOF
