@@ -994,6 +994,12 @@ int kvq_config_parse_args(int argc, char **argv, struct kvq_args *a,
 		snprintf(name, sizeof(name), "%.*s",
 			 (int)(eq ? (size_t)(eq - arg - 2) : strlen(arg + 2)),
 			 arg + 2);
+		k = strcmp(name, "config") ? kvq_config_find(name) : 0;
+		if (k < 0) {
+			errf(err, errlen, "unknown option --%s (see kvqd --help)",
+			     name);
+			return -EINVAL;
+		}
 		if (eq) {
 			value = eq + 1;
 		} else if (i + 1 < argc) {
@@ -1006,12 +1012,6 @@ int kvq_config_parse_args(int argc, char **argv, struct kvq_args *a,
 			a->config_path = value;
 			a->config_given = true;
 			continue;
-		}
-		k = kvq_config_find(name);
-		if (k < 0) {
-			errf(err, errlen, "unknown option --%s (see kvqd --help)",
-			     name);
-			return -EINVAL;
 		}
 		if (a->n_over >= KVQ_ARGS_MAX_OVERRIDES) {
 			errf(err, errlen, "too many options");
@@ -1123,7 +1123,7 @@ static void vprefix(const struct kvq_config *c, const char *name, char *buf,
 {
 	int k = kvq_config_find(name);
 
-	prefix(buf, len, k, c->origin[k], c->path);
+	prefix(buf, len, k, c->origin[k], c->path_missing ? NULL : c->path);
 }
 
 static bool explicit(const struct kvq_config *c, const char *name)
@@ -1142,8 +1142,9 @@ static int check_model(const struct kvq_config *c, char *err, size_t errlen)
 	vprefix(c, "model", pfx, sizeof(pfx));
 	if (!*c->model) {
 		errf(err, errlen,
-		     "%s: no model set (add 'model = PATH' to %s or pass --model PATH)",
-		     pfx, *c->path ? c->path : KVQ_CONFIG_DEFAULT_PATH);
+		     "%s: no model set (add 'model = PATH' to %s%s or pass --model PATH)",
+		     pfx, *c->path ? c->path : KVQ_CONFIG_DEFAULT_PATH,
+		     c->path_missing ? ", which does not exist," : "");
 		return -EINVAL;
 	}
 	if (stat(c->model, &st) || access(c->model, R_OK)) {

@@ -368,6 +368,7 @@ static void test_args(void)
 			  "debug", NULL };
 	char *argv2[] = { "kvqd", "--bogus", "1", NULL };
 	char *argv3[] = { "kvqd", "--model", NULL };
+	char *argv6[] = { "kvqd", "--bogus", NULL };
 	char *argv4[] = { "kvqd", "stray", NULL };
 	char *argv5[] = { "kvqd", "-c", "/y.conf", "-h", "-V", NULL };
 	struct kvq_args a;
@@ -383,6 +384,9 @@ static void test_args(void)
 	ret = kvq_config_parse_args(3, argv2, &a, err, sizeof(err));
 	tap_ok(ret == -EINVAL && strstr(err, "unknown option --bogus"),
 	       "parse_args_unknown_option");
+	ret = kvq_config_parse_args(2, argv6, &a, err, sizeof(err));
+	tap_ok(ret == -EINVAL && strstr(err, "unknown option --bogus"),
+	       "parse_args_unknown_option_without_value");
 	ret = kvq_config_parse_args(2, argv3, &a, err, sizeof(err));
 	tap_ok(ret == -EINVAL && strstr(err, "--model needs a value"),
 	       "parse_args_missing_value");
