@@ -86,6 +86,8 @@ struct daemon {
 
 	pthread_t loader;
 	bool loading;
+	char *load_path;
+	struct kvq_model_opts load_opts;
 	int load_ret;
 	char load_err[512];
 	uint64_t load_start_usec;
@@ -340,12 +342,12 @@ static void sched_opts(const struct kvq_config *c, struct kvq_sched_opts *o)
 
 /* ------------------------------------------------------------ loading */
 
+/* Reads only what start_loading() set aside: the loop may reload d->conf. */
 static void *loader_main(void *arg)
 {
 	struct daemon *d = arg;
-	struct kvq_model_opts mo = { .n_threads = (int)d->conf.threads };
 
-	d->load_ret = kvq_model_load(d->conf.model, &mo, &d->model,
+	d->load_ret = kvq_model_load(d->load_path, &d->load_opts, &d->model,
 				     d->load_err, sizeof(d->load_err));
 	event_active(d->ev_loaded, EV_READ, 0);
 	return NULL;
@@ -433,6 +435,10 @@ static int start_loading(struct daemon *d)
 	int ret;
 
 	d->load_start_usec = kvq_notify_now_usec();
+	d->load_path = strdup(d->conf.model);
+	if (!d->load_path)
+		return -ENOMEM;
+	d->load_opts.n_threads = (int)d->conf.threads;
 	kvq_info("loading model %s", d->conf.model);
 	set_status("Loading model %s", d->conf.model);
 	notify_checked(kvq_notify_extend_timeout(LOAD_EXTEND_USEC),
@@ -567,6 +573,21 @@ out_ready:
 
 /* ------------------------------------------------------------ stopping */
 
+/* Cancels every queued and running request. */
+static void cancel_all(struct daemon *d)
+{
+	struct kvq_sched_req_info *info = NULL;
+	size_t n = 0, i;
+
+	if (!d->sched || kvq_sched_snapshot(d->sched, &info, &n))
+		return;
+	for (i = 0; i < n; i++)
+		kvq_sched_cancel(d->sched, info[i].id);
+	if (n)
+		kvq_notice("cancelled %zu request%s", n, n == 1 ? "" : "s");
+	free(info);
+}
+
 static const char *sig_name(int sig)
 {
 	return sig == SIGTERM ? "SIGTERM" : sig == SIGINT ? "SIGINT" :
@@ -630,7 +651,10 @@ static void stop(struct daemon *d, int sig)
 
 	if (d->stopping) {
 		kvq_notice("%s again: stopping now", sig_name(sig));
-		event_base_loopbreak(d->base);
+		if (d->draining)
+			cancel_all(d);	/* the drain ends, on_drained exits */
+		else
+			event_base_loopbreak(d->base);
 		return;
 	}
 	d->stopping = true;
@@ -758,9 +782,12 @@ static int setup_http(struct daemon *d)
 
 static void teardown(struct daemon *d)
 {
+	bool loader_alive = d->loading;
+
 	if (d->draining) {
-		/* A second signal: stop waiting; destroy cancels the rest. */
-		pthread_detach(d->drainer);
+		/* The loop left early: end the drain quickly, then wait. */
+		cancel_all(d);
+		pthread_join(d->drainer, NULL);
 		d->draining = false;
 	}
 	kvq_http_destroy(d->http);
@@ -769,19 +796,25 @@ static void teardown(struct daemon *d)
 	kvq_sched_destroy(d->sched);
 	d->sched = NULL;
 	d->view.sched = NULL;
-	if (d->loading) {
-		/* Leaving while the loader maps the model: it only reads, and
-		 * the process exits right after. */
+	if (loader_alive) {
+		/*
+		 * Stopped while the loader maps the model: it cannot be
+		 * interrupted and only reads.  Leave it, its path, its event
+		 * and the event base alone; the process exits right after.
+		 */
 		pthread_detach(d->loader);
 		d->loading = false;
-		d->model = NULL;
+	} else {
+		kvq_model_destroy(d->model);
+		free(d->load_path);
+		d->load_path = NULL;
 	}
-	kvq_model_destroy(d->model);
 	d->model = NULL;
 	d->view.model = NULL;
 	kvq_admin_destroy(d->admin);
 	d->admin = NULL;
-	teardown_events(d);
+	if (!loader_alive)
+		teardown_events(d);
 	if (d->pending) {
 		kvq_config_fini(d->pending);
 		free(d->pending);

@@ -398,8 +398,25 @@ wait_for "$T/kvqd3.log" "ready:" 60
 st=$?
 check "second_daemon_refuses_live_admin_socket" \
 	sh -c "[ $st -ne 0 ] && grep -q 'another kvqd is listening there' '$T/out'"
+
+# A second SIGTERM while draining cancels what runs and exits 0 at once.
+STREAMS=
+if command -v curl >/dev/null 2>&1; then
+	for i in 1 2; do
+		curl -sN "http://127.0.0.1:$PORT/v1/completions" \
+			-d '{"prompt": "Once", "max_tokens": 2000, "stream": true, "ignore_eos": true}' \
+			>"$T/cstream$i.out" 2>&1 &
+		STREAMS="$STREAMS $!"
+	done
+	wait_for "$T/cstream1.out" "data:" 30
+fi
+kill -TERM "$DAEMON_PID"
+wait_for "$T/kvqd3.log" "SIGTERM: stopping" 10
 stop_daemon
-check "first_daemon_still_exits_0" [ $? -eq 0 ]
+check "second_sigterm_exits_0" [ $? -eq 0 ]
+check "second_sigterm_stops_now" grep -q "SIGTERM again: stopping now" "$T/kvqd3.log"
+# shellcheck disable=SC2086
+[ -n "$STREAMS" ] && wait $STREAMS
 
 echo "1..$N"
 [ $FAILED -eq 0 ]
