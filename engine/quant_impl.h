@@ -1,1 +1,121 @@
-/* placeholder */
+/*
+ * quant_impl.h - block layouts and kernel tables shared by quant.c and
+ * quant_avx2.c.
+ *
+ * Why this file exists: the portable code (quant.c) and the AVX2 code
+ * (quant_avx2.c, compiled for the baseline ISA with per-function target
+ * attributes) must agree on the byte layout of every block and on the shape
+ * of the kernel table that quant.c picks at run time.  Nothing outside
+ * engine/quant*.c includes this header.
+ *
+ * Include "config.h" before this file: KVQ_HAVE_X86 decides whether the AVX2
+ * table exists or is a stub that reports "not available".
+ */
+#ifndef KVQ_QUANT_IMPL_H
+#define KVQ_QUANT_IMPL_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "engine/gguf.h"
+
+#define KVQ_QK8_0	32	/* elements per Q8_0 block */
+#define KVQ_QK4_0	32	/* elements per Q4_0 block */
+#define KVQ_QK_K	256	/* elements per K-quant super-block */
+#define KVQ_K_SCALE_BYTES 12	/* packed 6-bit scales/mins of Q4_K */
+
+/*
+ * Block layouts, exactly as they lie in a GGUF file (little-endian; the f16
+ * fields are IEEE binary16 bit patterns).  Every member has alignment 1 or 2
+ * and the sizes below leave no padding, so the structs map file bytes 1:1.
+ */
+
+/* Q8_0: x[j] = d * qs[j]. */
+struct kvq_block_q8_0 {
+	uint16_t d;
+	int8_t qs[KVQ_QK8_0];
+};
+
+/* Q4_0: x[j] = d * ((qs[j] & 15) - 8), x[j + 16] = d * ((qs[j] >> 4) - 8). */
+struct kvq_block_q4_0 {
+	uint16_t d;
+	uint8_t qs[KVQ_QK4_0 / 2];
+};
+
+/*
+ * Q4_K: 8 sub-blocks of 32.  Sub-block s has a 6-bit scale sc[s] and a 6-bit
+ * min m[s] packed in scales[] (see kvq_q4k_scale_min()); x = d*sc*q - dmin*m.
+ * qs[] holds 4 chunks of 32 bytes: chunk c carries sub-block 2c in its low
+ * nibbles and sub-block 2c+1 in its high nibbles.
+ */
+struct kvq_block_q4_k {
+	uint16_t d;
+	uint16_t dmin;
+	uint8_t scales[KVQ_K_SCALE_BYTES];
+	uint8_t qs[KVQ_QK_K / 2];
+};
+
+/*
+ * Q6_K: 16 sub-blocks of 16 with signed 8-bit scales; x = d*scales[s]*(q-32).
+ * The super-block is two halves of 128; in half h, for l in 0..31:
+ *   element  l      : low nibble of ql[64h + l],      bits 0-1 of qh[32h + l]
+ *   element  l + 32 : low nibble of ql[64h + l + 32], bits 2-3 of qh[32h + l]
+ *   element  l + 64 : high nibble of ql[64h + l],     bits 4-5 of qh[32h + l]
+ *   element  l + 96 : high nibble of ql[64h + l + 32],bits 6-7 of qh[32h + l]
+ * (the qh bits are the top two bits of the 6-bit q).
+ */
+struct kvq_block_q6_k {
+	uint8_t ql[KVQ_QK_K / 2];
+	uint8_t qh[KVQ_QK_K / 4];
+	int8_t scales[KVQ_QK_K / 16];
+	uint16_t d;
+};
+
+_Static_assert(sizeof(struct kvq_block_q8_0) == 34, "Q8_0 block size");
+_Static_assert(sizeof(struct kvq_block_q4_0) == 18, "Q4_0 block size");
+_Static_assert(sizeof(struct kvq_block_q4_k) == 144, "Q4_K block size");
+_Static_assert(sizeof(struct kvq_block_q6_k) == 210, "Q6_K block size");
+
+/*
+ * kvq_q4k_scale_min() - 6-bit scale and min of sub-block @j (0..7) from the
+ * 12 packed bytes @q.  Sub-blocks 0-3 keep their scale in the low 6 bits of
+ * q[j] and their min in the low 6 bits of q[j + 4]; sub-blocks 4-7 keep the
+ * low 4 bits of both in q[j + 4] (scale low nibble, min high nibble) and the
+ * top 2 bits in the spare top bits of q[j - 4] (scale) and q[j] (min).
+ */
+static inline void kvq_q4k_scale_min(int j, const uint8_t *q, uint8_t *sc,
+				     uint8_t *m)
+{
+	if (j < 4) {
+		*sc = q[j] & 63;
+		*m = q[j + 4] & 63;
+	} else {
+		*sc = (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4);
+		*m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+	}
+}
+
+/* Dot product of n elements of one row with an f32 vector. */
+typedef float (*kvq_vec_dot_fn)(const void *row, const float *x, int64_t n);
+
+/* One implementation of the hot-path kernels (scalar or a SIMD flavour). */
+struct kvq_quant_kernels {
+	const char *name;
+	float (*dot_f32)(const float *a, const float *b, int64_t n);
+	kvq_vec_dot_fn vec_dot[KVQ_TYPE_COUNT];	/* NULL: unsupported */
+};
+
+#ifdef KVQ_HAVE_X86
+/*
+ * kvq_quant_avx2_kernels() - the AVX2/FMA/F16C table, or NULL when this CPU
+ * lacks one of those extensions.  Safe to call from any thread.
+ */
+const struct kvq_quant_kernels *kvq_quant_avx2_kernels(void);
+#else
+static inline const struct kvq_quant_kernels *kvq_quant_avx2_kernels(void)
+{
+	return NULL;
+}
+#endif
+
+#endif /* KVQ_QUANT_IMPL_H */
