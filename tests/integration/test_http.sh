@@ -1,0 +1,469 @@
+#!/bin/bash
+# test_http.sh - kvqd's HTTP API end to end: the real daemon on a free
+# loopback port, driven with curl as a client would (TAP on stdout).
+#
+# Needs: curl, python3 (JSON checks), the shared stories260K.gguf.
+# Optional: promtool (Debian's prometheus) for /metrics, python3-numpy for
+# the generated ChatML model used by the chat tests.
+
+set -u
+
+n=0
+failed=0
+ok() {	# ok COND-EXIT-STATUS NAME
+	n=$((n + 1))
+	if [ "$1" = 0 ]; then
+		echo "ok $n - $2"
+	else
+		echo "not ok $n - $2"
+		failed=$((failed + 1))
+	fi
+}
+skip() { n=$((n + 1)); echo "ok $n - $1 # SKIP $2"; }
+diag() { echo "# $*"; }
+skip_all() { echo "1..0 # SKIP $*"; exit 0; }
+
+: "${KVQD:=./kvqd}"
+: "${KVQ_TESTDATA:=../shared/testdata}"
+MODEL="$KVQ_TESTDATA/stories260K.gguf"
+[ -x "$KVQD" ] || skip_all "no kvqd binary at $KVQD"
+[ -f "$MODEL" ] || skip_all "stories260K.gguf not found in $KVQ_TESTDATA"
+command -v curl >/dev/null || skip_all "curl is not installed"
+PY=
+for p in "${PYTHON3:-}" /usr/bin/python3 python3; do
+	[ -n "$p" ] && "$p" -c 'import json' 2>/dev/null && { PY=$p; break; }
+done
+[ -n "$PY" ] || skip_all "python3 is not installed"
+
+DIR=$(mktemp -d "${TMPDIR:-/tmp}/kvqd-http.XXXXXX")
+PIDS=()
+cleanup() {
+	local p
+	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+	for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+	rm -rf "$DIR"
+}
+trap cleanup EXIT
+
+free_port() {
+	"$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# start NAME MODEL [ARGS...]: sets $PORT; the daemon's log is $DIR/NAME.log
+start() {
+	local name=$1 model=$2 i
+	shift 2
+	mkdir -p "$DIR/$name"
+	PORT=$(free_port)
+	"$KVQD" --model "$model" --listen "127.0.0.1:$PORT" \
+		--admin-socket "$DIR/$name/admin.sock" --state-dir "$DIR/$name" \
+		"$@" >"$DIR/$name.log" 2>&1 &
+	PIDS+=($!)
+	for i in $(seq 1 200); do
+		curl -s -o /dev/null "http://127.0.0.1:$PORT/health" -w '%{http_code}' |
+			grep -q 200 && return 0
+		kill -0 "${PIDS[-1]}" 2>/dev/null || break
+		sleep 0.05
+	done
+	diag "kvqd ($name) did not become ready; its log:"
+	sed 's/^/# /' "$DIR/$name.log"
+	return 1
+}
+
+# req METHOD PATH [CURL ARGS...]: body in $DIR/body, status in $STATUS
+req() {
+	local m=$1 path=$2
+	shift 2
+	STATUS=$(curl -s -o "$DIR/body" -w '%{http_code}' -X "$m" \
+		"http://127.0.0.1:$PORT$path" "$@")
+}
+
+# js EXPR: evaluates a Python expression over j (the JSON in $DIR/body)
+js() {
+	"$PY" -c 'import json,sys; j=json.load(open(sys.argv[1])); sys.exit(0 if eval(sys.argv[2]) else 1)' \
+		"$DIR/body" "$1" 2>/dev/null
+}
+
+# An OpenAI error body: {"error": {"message", "type", "param", "code"}}
+ERR_SHAPE='set(j) == {"error"} and set(j["error"]) == {"message","type","param","code"} and j["error"]["message"]'
+
+# sse_text FILE: concatenated text (or chat delta content) of an SSE stream
+sse_text() {
+	"$PY" - "$1" <<'EOF'
+import json, sys
+out = []
+for line in open(sys.argv[1], encoding="utf-8"):
+    line = line.rstrip("\n")
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        continue
+    j = json.loads(line[6:])
+    for c in j.get("choices", []):
+        out.append(c.get("text") or c.get("delta", {}).get("content") or "")
+sys.stdout.write("".join(out))
+EOF
+}
+
+# sse_check FILE OBJECT INCLUDE_USAGE: every event is "data: JSON" with the
+# OpenAI chunk shape, the last is [DONE], usage as asked.
+sse_check() {
+	"$PY" - "$@" <<'EOF'
+import json, sys
+path, obj, inc = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+events = [l[6:] for l in open(path, encoding="utf-8").read().split("\n\n") if l]
+assert all(True for _ in events)
+assert events and events[-1] == "[DONE]", "no [DONE] at the end"
+chunks = [json.loads(e) for e in events[:-1]]
+ids = {c["id"] for c in chunks}
+assert len(ids) == 1, "ids differ"
+for c in chunks:
+    assert c["object"] == obj, c
+    assert isinstance(c["created"], int) and c["model"]
+    assert isinstance(c["choices"], list)
+    if inc:
+        assert "usage" in c
+for c in chunks[:-1] if inc else chunks:
+    assert len(c["choices"]) == 1
+    ch = c["choices"][0]
+    assert set(ch) >= {"index", "logprobs", "finish_reason"}, ch
+    assert ("text" in ch) if obj == "text_completion" else ("delta" in ch)
+    if inc:
+        assert c["usage"] is None
+fins = [c["choices"][0]["finish_reason"] for c in (chunks[:-1] if inc else chunks)]
+assert fins[-1] in ("stop", "length") and all(f is None for f in fins[:-1]), fins
+if obj == "chat.completion.chunk":
+    assert chunks[0]["choices"][0]["delta"].get("role") == "assistant"
+if inc:
+    u = chunks[-1]
+    assert u["choices"] == [] and u["usage"]["total_tokens"] == \
+        u["usage"]["prompt_tokens"] + u["usage"]["completion_tokens"]
+    assert "cached_tokens" in u["usage"]["prompt_tokens_details"]
+EOF
+}
+
+normal='{"prompt":"Once upon a time","max_tokens":8,"seed":1}'
+# after_bad NAME: a normal request right after still succeeds
+after_bad() {
+	req POST /v1/completions -d "$normal"
+	[ "$STATUS" = 200 ] && js 'j["object"] == "text_completion"'
+	ok $? "normal request after $1"
+}
+
+# ---------------------------------------------------------------- daemon 1
+start main "$MODEL" --idle-timeout 2s --max-body-bytes 1M
+ok $? "kvqd starts and /health turns 200"
+[ "$n" = 1 ] && [ "$failed" = 0 ] || { echo "1..$n"; exit 1; }
+
+req GET /health
+[ "$STATUS" = 200 ] && js 'j == {"status": "ok"}'
+ok $? "GET /health is 200 {\"status\":\"ok\"}"
+
+req GET /v1/models
+[ "$STATUS" = 200 ] && js 'j["object"] == "list" and j["data"][0]["object"] == "model" and j["data"][0]["id"]'
+ok $? "GET /v1/models lists the model"
+
+# plain completion
+req POST /v1/completions -H 'Content-Type: application/json' \
+	-d '{"model":"x","prompt":"Once upon a time","max_tokens":24,"seed":42,"temperature":0.8}'
+cp "$DIR/body" "$DIR/plain.json"
+[ "$STATUS" = 200 ] && js 'j["object"] == "text_completion" and j["id"].startswith("cmpl-")
+	and isinstance(j["created"], int) and j["model"]
+	and len(j["choices"]) == 1 and j["choices"][0]["index"] == 0
+	and j["choices"][0]["text"] and j["choices"][0]["logprobs"] is None
+	and j["choices"][0]["finish_reason"] in ("stop", "length")
+	and j["usage"]["prompt_tokens"] > 0 and 0 < j["usage"]["completion_tokens"] <= 24
+	and j["usage"]["total_tokens"] == j["usage"]["prompt_tokens"] + j["usage"]["completion_tokens"]
+	and j["usage"]["prompt_tokens_details"]["cached_tokens"] == 0'
+ok $? "POST /v1/completions answers in OpenAI's shape"
+plain_text=$("$PY" -c 'import json,sys; sys.stdout.write(json.load(open(sys.argv[1]))["choices"][0]["text"])' "$DIR/plain.json")
+
+# streaming, same seed: same text
+curl -sN -o "$DIR/stream.txt" "http://127.0.0.1:$PORT/v1/completions" \
+	-d '{"prompt":"Once upon a time","max_tokens":24,"seed":42,"temperature":0.8,"stream":true,"stream_options":{"include_usage":true}}'
+sse_check "$DIR/stream.txt" text_completion 1
+ok $? "streamed completion: chunks in OpenAI's shape, usage chunk, data: [DONE]"
+[ "$(sse_text "$DIR/stream.txt")" = "$plain_text" ]
+ok $? "streamed text equals the plain text for the same seed"
+
+curl -sN -o "$DIR/stream2.txt" "http://127.0.0.1:$PORT/v1/completions" \
+	-d '{"prompt":"Once upon a time","max_tokens":5,"stream":true}'
+sse_check "$DIR/stream2.txt" text_completion 0 && ! grep -q '"usage"' "$DIR/stream2.txt"
+ok $? "stream without include_usage carries no usage"
+
+# prompt forms, n, echo, logprobs, stop
+req POST /v1/completions -d '{"prompt":[[1,403,407],[1,403]],"max_tokens":3,"n":2,"seed":7}'
+[ "$STATUS" = 200 ] && js '[c["index"] for c in j["choices"]] == [0,1,2,3] and j["usage"]["prompt_tokens"] == 5'
+ok $? "token-id prompts with n=2 give 4 choices"
+req POST /v1/completions -d '{"prompt":["Once","The dog"],"max_tokens":3,"temperature":0}'
+[ "$STATUS" = 200 ] && js 'len(j["choices"]) == 2'
+ok $? "array of string prompts"
+req POST /v1/completions -d '{"prompt":"Once upon","max_tokens":3,"echo":true,"logprobs":2,"seed":1}'
+[ "$STATUS" = 200 ] && js 'j["choices"][0]["text"].startswith("Once upon")
+	and set(j["choices"][0]["logprobs"]) == {"tokens","token_logprobs","top_logprobs","text_offset"}
+	and j["choices"][0]["logprobs"]["token_logprobs"][0] is None
+	and len(j["choices"][0]["logprobs"]["tokens"]) == j["usage"]["prompt_tokens"] + j["usage"]["completion_tokens"]'
+ok $? "echo with logprobs returns prompt and completion token logprobs"
+stop_word=$("$PY" -c 'import sys; w=sys.argv[1].split(); print(" " + w[2] if len(w) > 3 else "")' "$plain_text")
+if [ -n "$stop_word" ]; then
+	req POST /v1/completions -d "{\"prompt\":\"Once upon a time\",\"max_tokens\":24,\"seed\":42,\"temperature\":0.8,\"stop\":[\"$stop_word\"]}"
+	[ "$STATUS" = 200 ] && js 'j["choices"][0]["finish_reason"] == "stop"' &&
+		"$PY" -c 'import json,sys; t=json.load(open(sys.argv[1]))["choices"][0]["text"]; sys.exit(0 if sys.argv[2].startswith(t) and sys.argv[3] not in t else 1)' "$DIR/body" "$plain_text" "$stop_word"
+	ok $? "a stop string ends the text before it (finish_reason stop)"
+else
+	skip "stop string" "the plain completion was too short"
+fi
+
+# tokenize / detokenize (llama.cpp shapes)
+req POST /tokenize -d '{"content":"Once upon a time"}'
+[ "$STATUS" = 200 ] && js 'isinstance(j["tokens"], list) and len(j["tokens"]) > 1 and all(isinstance(t, int) for t in j["tokens"])'
+ok $? "POST /tokenize returns token ids"
+toks=$("$PY" -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))["tokens"]))' "$DIR/body")
+req POST /tokenize -d '{"content":"Once upon a time","add_special":false,"with_pieces":true}'
+[ "$STATUS" = 200 ] && js 'all(set(t) == {"id","piece"} for t in j["tokens"])'
+ok $? "POST /tokenize with_pieces returns id and piece"
+req POST /detokenize -d "{\"tokens\":$toks}"
+[ "$STATUS" = 200 ] && js 'j == {"content": "Once upon a time"}'
+ok $? "POST /detokenize inverts /tokenize"
+
+# chat without a template
+req POST /v1/chat/completions -d '{"messages":[{"role":"user","content":"Hi"}]}'
+[ "$STATUS" = 400 ] && js "$ERR_SHAPE" && js 'j["error"]["code"] == "chat_template_missing" and "template" in j["error"]["message"]'
+ok $? "chat on a model without a template: 400 with a clear error"
+
+# metrics
+curl -s -D "$DIR/mhead" -o "$DIR/metrics.txt" "http://127.0.0.1:$PORT/metrics"
+grep -qi '^content-type: text/plain; version=0.0.4' "$DIR/mhead"
+ok $? "GET /metrics is Prometheus text"
+m_ok=0
+for name in kvqd_requests_running kvqd_requests_waiting kvqd_tokens_prompt_total \
+	kvqd_tokens_generated_total kvqd_ttft_seconds kvqd_inter_token_seconds \
+	kvqd_kv_bytes_used kvqd_tier_bytes; do
+	grep -q "^# HELP $name " "$DIR/metrics.txt" && grep -q "^# TYPE $name " "$DIR/metrics.txt" || { diag "missing $name"; m_ok=1; }
+done
+for t in hbm host nvme; do grep -q "^kvqd_tier_bytes{tier=\"$t\"} " "$DIR/metrics.txt" || m_ok=1; done
+grep -q '^kvqd_ttft_seconds_bucket{le="+Inf"} [1-9]' "$DIR/metrics.txt" || m_ok=1
+grep -q '^kvqd_tokens_generated_total [1-9]' "$DIR/metrics.txt" || m_ok=1
+ok $m_ok "/metrics has every family with HELP and TYPE, and counts"
+if command -v promtool >/dev/null; then
+	promtool check metrics <"$DIR/metrics.txt" >"$DIR/promtool.txt" 2>&1
+	r=$?
+	[ $r = 0 ] || sed 's/^/# /' "$DIR/promtool.txt"
+	ok $r "promtool check metrics accepts /metrics"
+else
+	skip "promtool check metrics" "promtool (Debian's prometheus) is not installed"
+fi
+
+# ---------------------------------------------------------------- bad requests
+req POST /v1/completions -d '{"prompt": "x", '
+[ "$STATUS" = 400 ] && js "$ERR_SHAPE" && js 'j["error"]["type"] == "invalid_request_error"'
+ok $? "malformed JSON: 400 invalid_request_error"
+after_bad "malformed JSON"
+
+req POST /v1/completions -d '{"prompt":"x","max_tokens":"ten","temperature":"hot"}'
+[ "$STATUS" = 400 ] && js "$ERR_SHAPE" && js 'j["error"]["param"] in ("max_tokens", "temperature")'
+ok $? "wrong types: 400 naming the param"
+after_bad "wrong types"
+
+req POST /v1/completions -d '{"max_tokens":5}'
+[ "$STATUS" = 400 ] && js "$ERR_SHAPE" && js 'j["error"]["param"] == "prompt"'
+ok $? "missing prompt: 400 param prompt"
+after_bad "missing prompt"
+
+req POST /v1/completions -d '{"prompt":"x","max_tokens":-5}'
+[ "$STATUS" = 400 ] && js "$ERR_SHAPE" && js 'j["error"]["param"] == "max_tokens"'
+ok $? "negative max_tokens: 400"
+after_bad "negative max_tokens"
+
+req POST /v1/completions -d '{"prompt":"x","max_tokens":100000000}'
+[ "$STATUS" = 400 ] && js "$ERR_SHAPE" && js 'j["error"]["param"] == "max_tokens"'
+ok $? "huge max_tokens: 400"
+after_bad "huge max_tokens"
+
+"$PY" -c 'import json; print(json.dumps({"prompt": "Once upon a time " * 1000}))' >"$DIR/long.json"
+req POST /v1/completions --data-binary @"$DIR/long.json"
+[ "$STATUS" = 400 ] && js "$ERR_SHAPE" && js 'j["error"]["code"] == "context_length_exceeded"'
+ok $? "prompt longer than the context: 400 context_length_exceeded"
+after_bad "a prompt longer than the context"
+
+printf '{"prompt":"caf\xe9 \xff"}' >"$DIR/bad-utf8.json"
+req POST /v1/completions --data-binary @"$DIR/bad-utf8.json"
+[ "$STATUS" = 400 ] && js "$ERR_SHAPE" && js '"UTF-8" in j["error"]["message"]'
+ok $? "invalid UTF-8: 400"
+after_bad "invalid UTF-8"
+
+head -c 20000000 /dev/zero | tr '\0' 'a' >"$DIR/big.bin"
+STATUS=$(curl -s -o "$DIR/body" -w '%{http_code}' "http://127.0.0.1:$PORT/v1/completions" --data-binary @"$DIR/big.bin")
+[ "$STATUS" = 413 ]
+ok $? "20 MB body: 413"
+after_bad "a 20 MB body"
+
+req GET /v1/nothing
+[ "$STATUS" = 404 ] && js "$ERR_SHAPE"
+ok $? "unknown path: 404 with an error body"
+after_bad "an unknown path"
+
+req GET /v1/completions
+[ "$STATUS" = 405 ] && js "$ERR_SHAPE"
+ok $? "wrong method: 405 with an error body"
+after_bad "a wrong method"
+
+# half a request, then silence: closed at the idle timeout (2 s)
+t0=$(date +%s%N)
+"$PY" - "$PORT" <<'EOF' >"$DIR/stall.txt" 2>&1
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt":')
+s.settimeout(15)
+data = b""
+try:
+    while True:
+        b = s.recv(4096)
+        if not b:
+            break
+        data += b
+except Exception as e:
+    print("error", e)
+print("closed", len(data))
+EOF
+t1=$(date +%s%N)
+el=$(( (t1 - t0) / 1000000 ))
+grep -q '^closed' "$DIR/stall.txt" && [ "$el" -lt 8000 ]
+ok $? "a client that stalls mid-request is disconnected at the idle timeout (${el} ms)"
+after_bad "a stalled client"
+
+# ---------------------------------------------------------------- concurrency
+body_for() {
+	printf '{"prompt":"Once upon a time, number %d","max_tokens":48,"seed":%d,"temperature":0.9,"stream":true}' "$1" "$1"
+}
+for i in $(seq 1 16); do
+	curl -sN "http://127.0.0.1:$PORT/v1/completions" -d "$(body_for "$i")" -o "$DIR/alone.$i"
+done
+cpids=()
+for i in $(seq 1 16); do
+	curl -sN "http://127.0.0.1:$PORT/v1/completions" -d "$(body_for "$i")" -o "$DIR/conc.$i" &
+	cpids+=($!)
+done
+wait_ok=0
+for j in "${cpids[@]}"; do wait "$j" || wait_ok=1; done
+same=0
+for i in $(seq 1 16); do
+	if sse_check "$DIR/conc.$i" text_completion 0 &&
+		[ "$(sse_text "$DIR/conc.$i")" = "$(sse_text "$DIR/alone.$i")" ] &&
+		[ -n "$(sse_text "$DIR/alone.$i")" ]; then
+		same=$((same + 1))
+	else
+		diag "client $i: alone \"$(sse_text "$DIR/alone.$i")\" concurrent \"$(sse_text "$DIR/conc.$i")\""
+	fi
+done
+[ $wait_ok = 0 ] && [ $same = 16 ]
+ok $? "16 concurrent streaming clients finish with what each gets alone ($same/16)"
+
+# a client that goes away is cancelled and its KV freed at once
+curl -sN -m 0.5 "http://127.0.0.1:$PORT/v1/completions" \
+	-d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true,"stream":true}' -o /dev/null
+curl -s -m 0.5 "http://127.0.0.1:$PORT/v1/completions" \
+	-d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true}' -o /dev/null
+sleep 0.2
+curl -s "http://127.0.0.1:$PORT/metrics" -o "$DIR/m2.txt"
+grep -q '^kvqd_requests_running 0$' "$DIR/m2.txt" && grep -q '^kvqd_kv_bytes_used 0$' "$DIR/m2.txt" &&
+	grep -q '^kvqd_requests_finished_total{reason="cancelled"} 2$' "$DIR/m2.txt"
+ok $? "disconnected clients (streamed and plain) are cancelled and their KV freed"
+after_bad "disconnected clients"
+
+# ---------------------------------------------------------------- limits
+start limits "$MODEL" --api-key s3cret --max-running 1 --max-queued 1
+ok $? "kvqd starts with an API key and small queue limits"
+req GET /health
+[ "$STATUS" = 200 ]
+ok $? "/health needs no key"
+req POST /v1/completions -d "$normal"
+[ "$STATUS" = 401 ] && js "$ERR_SHAPE" && js 'j["error"]["code"] == "invalid_api_key"'
+ok $? "no API key: 401"
+req POST /v1/completions -H 'Authorization: Bearer s3cre' -d "$normal"
+[ "$STATUS" = 401 ]
+ok $? "wrong API key: 401"
+req POST /v1/completions -H 'Authorization: Bearer s3cret' -d "$normal"
+[ "$STATUS" = 200 ]
+ok $? "right API key: 200"
+cpids=()
+for i in 1 2 3 4; do
+	curl -s -o /dev/null -w '%{http_code}\n' -H 'Authorization: Bearer s3cret' \
+		"http://127.0.0.1:$PORT/v1/completions" \
+		-d '{"prompt":"Once","max_tokens":400,"ignore_eos":true}' >"$DIR/q.$i" &
+	cpids+=($!)
+done
+for j in "${cpids[@]}"; do wait "$j"; done
+codes=$(cat "$DIR"/q.* | sort | tr '\n' ' ')
+[ "$(grep -c 429 "$DIR"/q.* | awk -F: '{s+=$2} END {print s}')" -ge 1 ] &&
+	[ "$(grep -c 200 "$DIR"/q.* | awk -F: '{s+=$2} END {print s}')" -ge 2 ]
+ok $? "more requests than running + queued: 429 for the rest ($codes)"
+req POST /v1/completions -H 'Authorization: Bearer s3cret' -d "$normal"
+[ "$STATUS" = 200 ]
+ok $? "normal request after 429s"
+
+# ---------------------------------------------------------------- chat
+NPY=
+for p in "${PYTHON3:-}" /usr/bin/python3 python3; do
+	[ -n "$p" ] && "$p" -c 'import numpy' 2>/dev/null && { NPY=$p; break; }
+done
+SRC=${KVQ_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}
+if [ -n "$NPY" ] && [ -f "$SRC/tools/gen_model.py" ]; then
+	# stories260K's vocabulary plus ChatML's two control tokens and a
+	# Qwen2-style template, under random weights
+	PYTHONPATH="$SRC/tools" "$NPY" - "$MODEL" "$DIR/chatml-vocab.gguf" <<'EOF'
+import sys
+import numpy as np
+from kvq_gguf import GGUFReader, GGUFWriter, GGUFValue, VType
+TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+            "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+            "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+with GGUFReader(sys.argv[1]) as r:
+    fields = [(k, v) for k, v in r.fields.items() if k.startswith("tokenizer.")]
+w = GGUFWriter(sys.argv[2])
+for k, v in fields:
+    if k == "tokenizer.ggml.tokens":
+        v = GGUFValue(VType.ARRAY, list(v.value) + ["<|im_start|>", "<|im_end|>"], VType.STRING)
+    elif k in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        a = np.asarray(v.value)
+        add = np.zeros(2, a.dtype) if k.endswith("scores") else np.full(2, 3, a.dtype)
+        v = GGUFValue(VType.ARRAY, np.concatenate([a, add]), v.subtype)
+    w.add(k, v)
+w.add_string("tokenizer.chat_template", TEMPLATE)
+w.close()
+EOF
+	PYTHONPATH="$SRC/tools" "$NPY" "$SRC/tools/gen_model.py" -q --out "$DIR/chatml.gguf" \
+		--arch llama --type F32 --dim 64 --layers 2 --heads 4 --ffn 128 \
+		--ctx 256 --vocab-from "$DIR/chatml-vocab.gguf" >"$DIR/gen.log" 2>&1
+	r=$?
+	[ $r = 0 ] || sed 's/^/# /' "$DIR/gen.log"
+	ok $r "generate a small model with a ChatML template"
+	if [ $r = 0 ] && start chat "$DIR/chatml.gguf"; then
+		req POST /v1/chat/completions -d '{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hello"}],"max_tokens":8,"seed":3}'
+		cp "$DIR/body" "$DIR/chat.json"
+		[ "$STATUS" = 200 ] && js 'j["object"] == "chat.completion" and j["id"].startswith("chatcmpl-")
+			and j["choices"][0]["message"]["role"] == "assistant"
+			and isinstance(j["choices"][0]["message"]["content"], str)
+			and j["choices"][0]["finish_reason"] in ("stop", "length")
+			and j["usage"]["prompt_tokens"] > 10'
+		ok $? "POST /v1/chat/completions answers chat.completion"
+		curl -sN -o "$DIR/chat.txt" "http://127.0.0.1:$PORT/v1/chat/completions" \
+			-d '{"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hello"}],"max_tokens":8,"seed":3,"stream":true,"stream_options":{"include_usage":true}}'
+		sse_check "$DIR/chat.txt" chat.completion.chunk 1
+		ok $? "streamed chat: chat.completion.chunk with role first, usage, [DONE]"
+		[ "$(sse_text "$DIR/chat.txt")" = "$("$PY" -c 'import json,sys; sys.stdout.write(json.load(open(sys.argv[1]))["choices"][0]["message"]["content"])' "$DIR/chat.json")" ]
+		ok $? "streamed chat content equals the plain answer"
+		req POST /v1/chat/completions -d '{"messages":[{"role":"user","content":"Hi"}],"max_tokens":4,"logprobs":true,"top_logprobs":2}'
+		[ "$STATUS" = 200 ] && js 'all(set(t) == {"token","logprob","bytes","top_logprobs"} and len(t["top_logprobs"]) == 2 for t in j["choices"][0]["logprobs"]["content"])'
+		ok $? "chat logprobs in OpenAI's shape"
+		req GET /v1/models
+		js 'j["data"][0]["meta"]["chat_template"] == "chatml"'
+		ok $? "/v1/models reports the ChatML template"
+	else
+		skip "chat completions" "the ChatML model did not start"
+	fi
+else
+	skip "chat completions on a ChatML model" "python3-numpy or tools/gen_model.py missing"
+fi
+
+echo "1..$n"
+[ "$failed" = 0 ]
