@@ -80,7 +80,7 @@ req() {
 
 # js EXPR: evaluates a Python expression over j (the JSON in $DIR/body)
 js() {
-	"$PY" -c 'import json,sys; j=json.load(open(sys.argv[1])); sys.exit(0 if eval(sys.argv[2]) else 1)' \
+	"$PY" -c 'import json,sys; j=json.load(open(sys.argv[1])); sys.exit(0 if eval("(" + sys.argv[2] + ")") else 1)' \
 		"$DIR/body" "$1" 2>/dev/null
 }
 
@@ -429,7 +429,7 @@ for k, v in fields:
         v = GGUFValue(VType.ARRAY, np.concatenate([a, add]), v.subtype)
     w.add(k, v)
 w.add_string("tokenizer.chat_template", TEMPLATE)
-w.close()
+w.write()
 EOF
 	PYTHONPATH="$SRC/tools" "$NPY" "$SRC/tools/gen_model.py" -q --out "$DIR/chatml.gguf" \
 		--arch llama --type F32 --dim 64 --layers 2 --heads 4 --ffn 128 \
