@@ -17,12 +17,174 @@
 #define cudaDeviceProp hipDeviceProp_t
 #define cudaMemGetInfo hipMemGetInfo
 #define cudaSetDevice hipSetDevice
+#define cudaGetDevice hipGetDevice
+#define cudaMalloc hipMalloc
+#define cudaFree hipFree
+#define cudaMemcpy hipMemcpy
+#define cudaMemcpyHostToDevice hipMemcpyHostToDevice
+#define cudaMemcpyDeviceToHost hipMemcpyDeviceToHost
+#define cudaMemset hipMemset
+#define cudaDeviceSynchronize hipDeviceSynchronize
+#define cudaEvent_t hipEvent_t
+#define cudaEventCreate hipEventCreate
+#define cudaEventDestroy hipEventDestroy
+#define cudaEventRecord hipEventRecord
+#define cudaEventSynchronize hipEventSynchronize
+#define cudaEventElapsedTime hipEventElapsedTime
+#define cudaStream_t hipStream_t
+#define cudaGetLastError hipGetLastError
+#define cudaDeviceGetAttribute hipDeviceGetAttribute
+#define cudaDevAttrMultiProcessorCount hipDeviceAttributeMultiprocessorCount
+#define cudaFuncSetAttribute hipFuncSetAttribute
+#define cudaFuncAttributeMaxDynamicSharedMemorySize \
+	hipFuncAttributeMaxDynamicSharedMemorySize
+#define cudaOccupancyMaxActiveBlocksPerMultiprocessor \
+	hipOccupancyMaxActiveBlocksPerMultiprocessor
+#include <hip/hip_fp16.h>
 #define KVQ_WARP_SIZE 64
 #define KVQ_GPU_BACKEND "hip"
 #else
 #include <cuda_runtime.h>
+#include <cuda_fp16.h>
 #define KVQ_WARP_SIZE 32
 #define KVQ_GPU_BACKEND "cuda"
 #endif
+
+/*
+ * Device helpers of the attention kernels.  Their tiles are built for
+ * groups of 32 lanes (the operand layout of a 16x8x16 f16 matrix product),
+ * so every shuffle below stays inside such a group; on a 64-wide wavefront
+ * the two halves are independent groups.
+ */
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define KVQ_LANES 32
+
+static __device__ __forceinline__ unsigned kvq_shfl_u32(unsigned v, int src)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	return __shfl(v, src, KVQ_LANES);
+#else
+	return __shfl_sync(0xffffffffu, v, src, KVQ_LANES);
+#endif
+}
+
+static __device__ __forceinline__ float kvq_shfl_xor_f32(float v, int m)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	return __shfl_xor(v, m, KVQ_LANES);
+#else
+	return __shfl_xor_sync(0xffffffffu, v, m, KVQ_LANES);
+#endif
+}
+
+static __device__ __forceinline__ bool kvq_any(bool p)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	return __any(p);
+#else
+	return __any_sync(0xffffffffu, p);
+#endif
+}
+
+static __device__ __forceinline__ void kvq_syncwarp(void)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	__builtin_amdgcn_fence(__ATOMIC_RELEASE, "wavefront");
+	__builtin_amdgcn_wave_barrier();
+	__builtin_amdgcn_fence(__ATOMIC_ACQUIRE, "wavefront");
+#else
+	__syncwarp();
+#endif
+}
+
+/* A load that skips the (non-coherent) L1: data other blocks wrote. */
+static __device__ __forceinline__ float kvq_ld_cg(const float *p)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	return __builtin_nontemporal_load(p);
+#else
+	return __ldcg(p);
+#endif
+}
+
+/*
+ * 16-byte asynchronous copies global -> shared, in commit groups; wait<N>
+ * returns when at most N groups are still in flight.  HIP: plain copies.
+ */
+static __device__ __forceinline__ void kvq_cp_async16(void *smem,
+						      const void *gmem)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	*(uint4 *)smem = *(const uint4 *)gmem;
+#else
+	unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+		     :: "r"(s), "l"(gmem) : "memory");
+#endif
+}
+
+static __device__ __forceinline__ void kvq_cp_async_commit(void)
+{
+#if !(defined(__HIPCC__) || defined(KVQ_HIP))
+	asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+static __device__ __forceinline__ void kvq_cp_async_wait(void)
+{
+#if !(defined(__HIPCC__) || defined(KVQ_HIP))
+	asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+#endif
+}
+
+/*
+ * c += A * B for one 16x8x16 tile: A 16x16 f16 (4 registers of two halves,
+ * row-major fragment), B 16x8 f16 (2 registers), c 16x8 f32 (4 floats),
+ * in the operand layout of PTX mma.m16n8k16: lane = 4 * g + t holds
+ * A[g|g+8][2t..2t+1 | 2t+8..2t+9], B[2t..2t+1 | 2t+8..2t+9][g] and
+ * C[g|g+8][2t..2t+1].  HIP: the same product computed with shuffles
+ * (correct, slow; untested on AMD hardware).
+ */
+static __device__ __forceinline__ void kvq_mma_f16_16816(float c[4],
+							 const unsigned a[4],
+							 const unsigned b[2])
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	int lane = threadIdx.x & (KVQ_LANES - 1), g = lane >> 2, t = lane & 3;
+	int kk, j;
+
+	for (kk = 0; kk < 4; kk++) {
+		unsigned ar[4], b0[2], b1[2];
+
+		for (j = 0; j < 4; j++)
+			ar[j] = kvq_shfl_u32(a[j], g * 4 + kk);
+		for (j = 0; j < 2; j++) {
+			b0[j] = kvq_shfl_u32(b[j], (2 * t) * 4 + kk);
+			b1[j] = kvq_shfl_u32(b[j], (2 * t + 1) * 4 + kk);
+		}
+		for (j = 0; j < 2; j++) {
+			/* k = 2kk + {0,1} + 8j */
+			float2 x0 = __half22float2(*(const __half2 *)&ar[2 * j]);
+			float2 x1 = __half22float2(*(const __half2 *)&ar[2 * j + 1]);
+			float2 y0 = __half22float2(*(const __half2 *)&b0[j]);
+			float2 y1 = __half22float2(*(const __half2 *)&b1[j]);
+
+			c[0] += x0.x * y0.x + x0.y * y0.y;
+			c[1] += x0.x * y1.x + x0.y * y1.y;
+			c[2] += x1.x * y0.x + x1.y * y0.y;
+			c[3] += x1.x * y1.x + x1.y * y1.y;
+		}
+	}
+#else
+	asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+	    "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+	    : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+	    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]),
+	      "r"(b[0]), "r"(b[1]));
+#endif
+}
+#endif /* __CUDACC__ || __HIPCC__ */
 
 #endif /* KVQ_GPU_COMPAT_H */

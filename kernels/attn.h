@@ -1,0 +1,154 @@
+/*
+ * attn.h - the plain-C face of the GPU decode-attention and KV-append
+ * kernels (kernels/attn_decode.cu, kernels/attn_append.cu).
+ *
+ * Why this file exists: the GPU backend reads and writes kvqd's paged KV
+ * cache (engine/kvcache.h) in place.  Callers hand over device pointers to
+ * one layer's K and V page pools, the block tables and the sequence
+ * lengths; no CUDA or HIP type appears here.  Every function returns 0 or
+ * -errno and changes nothing on failure, except where it says otherwise.
+ *
+ * Formats are those of engine/kvcache.h, byte for byte: a page of P tokens
+ * holds data[h][t] rows, then f16 scales[h][t][g] for q8/q4; page_bytes is
+ * the engine's (64-byte multiple).  The plain-C twins are kvq_kv_attend()
+ * and kvq_kv_write() in engine/kvcache.c (and kvq_attn_ref_rope() in
+ * kernels/attn_ref.c for the rotation).
+ */
+#ifndef KVQ_ATTN_H
+#define KVQ_ATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Element type of q / out / new k and v rows. */
+enum kvq_gpu_dtype {
+	KVQ_GPU_F32 = 0,
+	KVQ_GPU_F16 = 1,
+};
+
+/*
+ * One decode-attention launch: every sequence of the batch attends with
+ * one query token over positions [0, seq_lens[b]) of one layer.
+ *
+ * Query head i uses KV head i / (n_q_heads / n_kv_heads).  Supported:
+ * head_dim 128; page_tokens a multiple of 16; K and V types f16, q8, q4
+ * in any pair (f32 pages are not read here: -EOPNOTSUPP).
+ */
+struct kvq_gpu_attn_args {
+	const void *q;		/* [batch][n_q_heads][head_dim], q_type */
+	void *out;		/* [batch][n_q_heads][head_dim], out_type */
+	int q_type, out_type;	/* enum kvq_gpu_dtype */
+
+	const void *k_pages;	/* one layer's K pool: n_pages * k_page_bytes */
+	const void *v_pages;
+	size_t k_page_bytes, v_page_bytes;
+	int k_type, v_type;	/* enum kvq_kv_type */
+
+	const int32_t *block_table;	/* [batch][bt_stride] page ids */
+	uint32_t bt_stride;
+	const int32_t *seq_lens;	/* [batch] tokens attended, device */
+	uint32_t max_len;	/* host-side bound on seq_lens (split plan) */
+
+	/*
+	 * Sink tokens: sink[b] points at sequence b's f16 copies for this
+	 * layer, [k|v][n_sink][n_kv_heads * head_dim] (the layer's slice of
+	 * struct kvq_kv_seq.sink), or is NULL.  Positions below n_sink of a
+	 * quantized K (V) are read from there, as kvq_kv_attend() does.  A
+	 * NULL array means no sequence has sinks.
+	 */
+	const uint16_t *const *sink;
+	uint32_t n_sink;
+
+	uint32_t batch, n_q_heads, n_kv_heads, head_dim, page_tokens;
+	float scale;		/* usually 1/sqrt(head_dim) */
+
+	/* Device scratch of kvq_gpu_attn_workspace_bytes(); zero-filled
+	 * once before first use, the kernel leaves it zeroed. */
+	void *workspace;
+	size_t workspace_bytes;
+};
+
+/*
+ * kvq_gpu_attn_workspace_bytes() - device scratch @a needs (split-KV
+ * partial results and merge counters), from its shape fields and max_len.
+ * Returns 0 only for an unsupported shape.
+ */
+size_t kvq_gpu_attn_workspace_bytes(const struct kvq_gpu_attn_args *a);
+
+/*
+ * kvq_gpu_attn_decode() - launch decode attention on @stream (a
+ * cudaStream_t / hipStream_t, NULL for the default stream).  Returns 0
+ * once queued; -EINVAL for inconsistent arguments, -EOPNOTSUPP for shapes
+ * or types this kernel does not cover, -ENOSPC when the workspace is too
+ * small, -EIO when the launch fails.  @a->out is written by the kernel
+ * (every element, also for sequences of length 0, which get zeros).
+ */
+int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a, void *stream);
+
+/*
+ * One append launch: RoPE on each new key row, then K and V quantized
+ * exactly as kvq_kv_quant_row() does and stored at their positions (and
+ * the f16 sink copies for positions below n_sink of a quantized type, as
+ * kvq_kv_write() does).  The pages must be reserved.
+ */
+struct kvq_gpu_append_args {
+	const void *k;		/* [n_rows][n_kv_heads * head_dim], not rotated */
+	const void *v;
+	int in_type;		/* enum kvq_gpu_dtype */
+	uint32_t n_rows;
+	const int32_t *row_seq;	/* [n_rows] sequence index; NULL: row i is seq i */
+	const int32_t *row_pos;	/* [n_rows] position in its sequence */
+
+	void *k_pages, *v_pages;
+	size_t k_page_bytes, v_page_bytes;
+	int k_type, v_type;
+	const int32_t *block_table;
+	uint32_t bt_stride;
+	uint16_t *const *sink;	/* as in kvq_gpu_attn_args, or NULL */
+	uint32_t n_sink;
+
+	uint32_t n_kv_heads, head_dim, page_tokens;
+	uint32_t rope_dim;	/* rotated channels per head (even, <= head_dim) */
+	float rope_base;
+	int rope_neox;		/* half-split pairs instead of adjacent pairs */
+	/*
+	 * Optional [n_rows][rope_dim / 2][2] (cos, sin) as f32, computed on
+	 * the host by kvq_attn_ref_rope_table(); the rotation is then
+	 * bit-identical to the CPU engine's.  NULL: the kernel computes the
+	 * angles itself in double precision (the same formula; a cos/sin
+	 * may differ in the last float bit in rare cases).
+	 */
+	const float *rope_cs;
+};
+
+/* kvq_gpu_attn_append() - launch the append on @stream.  Returns 0 once
+ * queued, -EINVAL / -EOPNOTSUPP / -EIO as kvq_gpu_attn_decode(). */
+int kvq_gpu_attn_append(const struct kvq_gpu_append_args *a, void *stream);
+
+/* ------------------------------------------------ plain-C reference twins */
+
+/*
+ * kvq_attn_ref_rope_table() - (cos, sin) pairs of @n positions for
+ * rope_dim channels, exactly as the CPU engine computes them: @cs gets
+ * n * rope_dim/2 pairs.
+ */
+void kvq_attn_ref_rope_table(const uint32_t *pos, uint32_t n,
+			     uint32_t rope_dim, float base, float *cs);
+
+/*
+ * kvq_attn_ref_rope() - rotates @n_heads heads of @head_dim floats of one
+ * row in place with one position's table @cs (from the function above),
+ * with the same float operations as the CPU engine and the GPU kernel.
+ */
+void kvq_attn_ref_rope(float *x, uint32_t n_heads, uint32_t head_dim,
+		       uint32_t rope_dim, int neox, const float *cs);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVQ_ATTN_H */

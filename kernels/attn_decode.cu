@@ -1,0 +1,1058 @@
+/*
+ * attn_decode.cu - fused split-KV decode attention over kvqd's paged,
+ * quantized KV cache (f16, q8 and q4 pages, any K/V pair).
+ *
+ * Why this file exists: a decode step reads every KV page of every
+ * sequence once, so the bytes of the pages are the speed.  This kernel
+ * reads the pages in their stored format and dequantizes in registers;
+ * q4 pages are 3.56x smaller than f16 ones.
+ *
+ * Work split.  A block is (sequence, KV head, split): it owns a run of
+ * 16-token tiles of one sequence and serves every query head of that KV
+ * head (GQA), so each page is read once.  Each of its 4 warps streams its
+ * own tiles through a private ring of shared-memory stages filled with
+ * 16-byte asynchronous copies (several tiles in flight per warp), keeps
+ * its own online-softmax state, and the warps are merged at the end.  The
+ * number of splits is chosen so that a batch of one fills the GPU; when a
+ * sequence has several splits, the last block to finish (an atomic
+ * counter in the workspace) merges their partial results, so one launch
+ * does everything.
+ *
+ * Arithmetic.  Scores and values go through 16x8x16 f16 matrix products
+ * with f32 accumulation.  Keys: the tile's 16 tokens are the rows, the
+ * query heads the 8 columns.  Key codes enter as exact small integers (q4
+ * n-8, q8 n, or the stored f16), one product per 32-channel scale group,
+ * and the group's scale is applied to the f32 partial score, so scores
+ * carry no rounding beyond f32.  The query is pre-scaled by scale*log2(e)
+ * and split into a high and a low f16 half; with at most 4 query heads per
+ * KV head the two halves fill the 8 columns, so the query is exact to
+ * about 2^-22.  Values: V^T is the left operand (channels x tokens) with
+ * the group scale folded in (f16 rounding of n*s, 2^-11 relative), P^T the
+ * right operand, again split into high and low f16 halves.  The softmax is
+ * f32 and base 2; the running maximum is raised lazily (only when a tile
+ * exceeds it by 2^8) to skip most rescales.
+ *
+ * Sinks: positions below n_sink of a quantized K or V come from the
+ * sequence's f16 copies, as in kvq_kv_attend(); the warp that owns tile 0
+ * handles them first in plain f32 and the tile pass masks them out.
+ *
+ * Operand layouts (lane = 4g + t): keys, group G, k-step 2G+r: lane t
+ * holds channels 32G+8t+{2r, 2r+4 | 2r+1, 2r+5} of tokens g and g+8; that
+ * is one 32-bit word of q4 codes per token and group.  Values: lane g
+ * holds channels 16g..16g+15 of tokens 2t, 2t+1, 2t+8, 2t+9; m-tile
+ * 4q+j has channel 16g+8q+j in row g and 16g+8q+j+4 in row g+8.
+ */
+#include <errno.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/gpu_compat.h"
+#include "kernels/attn.h"
+#include "engine/kvcache.h"
+
+namespace {
+
+constexpr int HD = 128;		/* head_dim served */
+constexpr int TT = 16;		/* tokens per tile */
+constexpr int NW = 4;		/* warps per block */
+constexpr int NCOL = 8;		/* query-head columns of one pass */
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LAZY = 8.0f;	/* log2 headroom before a rescale */
+
+template <int T> struct fmt;
+template <> struct fmt<KVQ_KV_F16> { static constexpr int RB = 256, SB = 0; };
+template <> struct fmt<KVQ_KV_Q8> { static constexpr int RB = 128, SB = 8; };
+template <> struct fmt<KVQ_KV_Q4> { static constexpr int RB = 64, SB = 8; };
+
+/* One warp's stage: K rows, K scales, V rows, V scales of one tile. */
+template <int KT, int VT> struct stage {
+	static constexpr int K_OFF = 0;
+	static constexpr int KS_OFF = K_OFF + TT * fmt<KT>::RB;
+	static constexpr int V_OFF = KS_OFF + TT * fmt<KT>::SB;
+	static constexpr int VS_OFF = V_OFF + TT * fmt<VT>::RB;
+	static constexpr int BYTES = VS_OFF + TT * fmt<VT>::SB;
+	static constexpr int N = BYTES <= 2304 ? 4 : BYTES <= 4352 ? 3 : 2;
+	static constexpr int SMEM = NW * N * BYTES;
+	static constexpr int MERGE = NW * NCOL * HD * 4 + 2 * NW * NCOL * 4;
+	static constexpr int DYN = SMEM > MERGE ? SMEM : MERGE;
+};
+
+/*
+ * Placement of 16-byte chunk x of a tile's K (V) rows in shared memory:
+ * a permutation that makes the fragment reads below free of bank
+ * conflicts.
+ */
+template <int T> __device__ __forceinline__ int swz_k(int x)
+{
+	if (T == KVQ_KV_Q4)
+		return x ^ ((x >> 3) & 3);
+	if (T == KVQ_KV_Q8)
+		return x ^ (((x >> 3) & 3) << 1);
+	return x ^ (((x >> 4) & 1) << 2);
+}
+
+template <int T> __device__ __forceinline__ int swz_v(int x)
+{
+	if (T == KVQ_KV_Q4)
+		return x ^ ((x >> 2) & 6);
+	if (T == KVQ_KV_Q8)
+		return x ^ ((x >> 3) & 6);
+	return x ^ ((((x >> 5) & 1) << 2) | ((x >> 6) & 1));
+}
+
+__device__ __forceinline__ unsigned h2u(__half2 h)
+{
+	return *reinterpret_cast<unsigned *>(&h);
+}
+
+__device__ __forceinline__ __half2 u2h(unsigned u)
+{
+	return *reinterpret_cast<__half2 *>(&u);
+}
+
+/* (n0,n4) (n1,n5) (n2,n6) (n3,n7) of a word of 8 q4 codes, minus 8. */
+__device__ __forceinline__ void q4_pairs(unsigned w, unsigned h[4])
+{
+	const __half2 b_lo = u2h(0x64086408u);	/* 1032 */
+	const __half2 m16 = u2h(0x2c002c00u);	/* 1/16 */
+	const __half2 b_hi = u2h(0xd480d480u);	/* -72 */
+	unsigned w2 = w >> 8;
+
+	h[0] = h2u(__hsub2(u2h((w & 0x000f000fu) | 0x64006400u), b_lo));
+	h[1] = h2u(__hfma2(u2h((w & 0x00f000f0u) | 0x64006400u), m16, b_hi));
+	h[2] = h2u(__hsub2(u2h((w2 & 0x000f000fu) | 0x64006400u), b_lo));
+	h[3] = h2u(__hfma2(u2h((w2 & 0x00f000f0u) | 0x64006400u), m16, b_hi));
+}
+
+/* Bytes at selector positions of two words (already xor 0x80) as f16. */
+__device__ __forceinline__ unsigned q8_pair(unsigned a, unsigned b,
+					    unsigned sel)
+{
+	const __half2 bias = u2h(0x64806480u);	/* 1152 */
+	unsigned x = __byte_perm(a, b, sel);
+
+	return h2u(__hsub2(u2h((x & 0x00ff00ffu) | 0x64006400u), bias));
+}
+
+__device__ __forceinline__ float h_lo(unsigned u)
+{
+	return __low2float(u2h(u));
+}
+
+__device__ __forceinline__ float h_hi(unsigned u)
+{
+	return __high2float(u2h(u));
+}
+
+struct plan {
+	int n_splits;		/* grid.x */
+	int tps;		/* tiles per split */
+	int n_chunks;		/* query-head passes of 8 per KV head */
+};
+
+struct kparams {
+	const void *q;
+	void *out;
+	int q_f16, out_f16;
+	const uint8_t *kp, *vp;
+	size_t kpb, vpb;
+	const int32_t *bt;
+	int bt_stride;
+	const int32_t *lens;
+	const uint16_t *const *sink;
+	int n_sink;
+	int hq, hk, gqa, P;
+	float qscale;		/* scale * log2(e) */
+	int n_splits, tps, n_chunks;
+	int *cnt;
+	float *ws_m, *ws_l, *ws_o;
+};
+
+__device__ __forceinline__ float load_q(const kparams &p, size_t i)
+{
+	if (p.q_f16)
+		return __half2float(((const __half *)p.q)[i]);
+	return ((const float *)p.q)[i];
+}
+
+__device__ __forceinline__ float f16_at(const uint16_t *p, int i)
+{
+	return __half2float(((const __half *)p)[i]);
+}
+
+/* Per-warp online-softmax state; lane 4g+t owns query columns 2t, 2t+1. */
+struct wstate {
+	float o[8][4];		/* O^T fragments of the 8 m-tiles */
+	float m[2], l[2];
+};
+
+/*
+ * Sink positions [0, ns) of head @h: keys and values as f16 rows (from
+ * the sink copies or, for an unquantized half, from page 0), in f32.
+ */
+__device__ void sink_pass(const kparams &p, wstate &st, int b, int h,
+			  int hq0, int nh, bool hilo, int ns,
+			  const uint16_t *sk, const uint16_t *sv, int kstride,
+			  int vstride)
+{
+	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+	int c0 = hilo ? 2 * (t & 1) : 2 * t;
+	bool own = !hilo || t < 2;
+
+	for (int pos = 0; pos < ns; pos++) {
+		const uint16_t *kr = sk + (size_t)pos * kstride;
+		const uint16_t *vr = sv + (size_t)pos * vstride;
+		float sc[2] = { 0.0f, 0.0f }, kv[4], pr[2], al[2];
+
+		for (int j = 0; j < 4; j++)
+			kv[j] = f16_at(kr, lane + 32 * j);
+#pragma unroll
+		for (int hd = 0; hd < NCOL; hd++) {
+			float acc = 0.0f;
+
+			if (hd < nh) {
+				size_t qo = ((size_t)b * p.hq + hq0 + hd) * HD;
+
+				for (int j = 0; j < 4; j++)
+					acc += load_q(p, qo + lane + 32 * j) *
+					       p.qscale * kv[j];
+			}
+			for (int m = 16; m; m >>= 1)
+				acc += kvq_shfl_xor_f32(acc, m);
+			if (hd == c0)
+				sc[0] = acc;
+			if (hd == c0 + 1)
+				sc[1] = acc;
+		}
+#pragma unroll
+		for (int e = 0; e < 2; e++) {
+			float nm = fmaxf(st.m[e], sc[e]);
+
+			al[e] = st.m[e] == -INFINITY ? 0.0f :
+				exp2f(st.m[e] - nm);
+			pr[e] = exp2f(sc[e] - nm);
+			st.m[e] = nm;
+			st.l[e] = st.l[e] * al[e] + (g == 0 ? pr[e] : 0.0f);
+		}
+#pragma unroll
+		for (int i = 0; i < 8; i++) {
+			int ch = 16 * g + 8 * (i >> 2) + (i & 3);
+			float v0 = own ? f16_at(vr, ch) : 0.0f;
+			float v1 = own ? f16_at(vr, ch + 4) : 0.0f;
+
+			st.o[i][0] = st.o[i][0] * al[0] + pr[0] * v0;
+			st.o[i][1] = st.o[i][1] * al[1] + pr[1] * v0;
+			st.o[i][2] = st.o[i][2] * al[0] + pr[0] * v1;
+			st.o[i][3] = st.o[i][3] * al[1] + pr[1] * v1;
+		}
+	}
+}
+
+/* Queue the 16-byte copies of one tile into stage @dst. */
+template <int KT, int VT>
+__device__ __forceinline__ void issue_tile(const kparams &p, uint8_t *dst,
+					   int page, int h, int sb)
+{
+	typedef stage<KT, VT> S;
+	constexpr int RK = fmt<KT>::RB, RV = fmt<VT>::RB;
+	constexpr int SK = fmt<KT>::SB, SV = fmt<VT>::SB;
+	int lane = threadIdx.x & 31;
+	size_t rowk = (size_t)h * p.P + sb;
+	const uint8_t *kpage = p.kp + (size_t)page * p.kpb;
+	const uint8_t *vpage = p.vp + (size_t)page * p.vpb;
+	const uint8_t *kd = kpage + rowk * RK;
+	const uint8_t *vd = vpage + rowk * RV;
+
+#pragma unroll
+	for (int j = 0; j < RK / 32; j++) {
+		int x = lane + 32 * j;
+
+		kvq_cp_async16(dst + S::K_OFF + swz_k<KT>(x) * 16, kd + x * 16);
+	}
+	if (SK && lane < TT * SK / 16) {
+		const uint8_t *ks = kpage + (size_t)p.hk * p.P * RK + rowk * SK;
+
+		kvq_cp_async16(dst + S::KS_OFF + lane * 16, ks + lane * 16);
+	}
+#pragma unroll
+	for (int j = 0; j < RV / 32; j++) {
+		int x = lane + 32 * j;
+
+		kvq_cp_async16(dst + S::V_OFF + swz_v<VT>(x) * 16, vd + x * 16);
+	}
+	if (SV && lane < TT * SV / 16) {
+		const uint8_t *vs = vpage + (size_t)p.hk * p.P * RV + rowk * SV;
+
+		kvq_cp_async16(dst + S::VS_OFF + lane * 16, vs + lane * 16);
+	}
+}
+
+/*
+ * Scores of the tile's tokens g and g+8 for query columns 2t, 2t+1
+ * (scaled, base 2), from the stage in shared memory.
+ */
+template <int KT>
+__device__ __forceinline__ void tile_scores(const uint8_t *kst,
+					    const uint8_t *kss,
+					    const unsigned qf[8][2],
+					    float s[4])
+{
+	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+
+	s[0] = s[1] = s[2] = s[3] = 0.0f;
+	if (KT == KVQ_KV_F16) {
+#pragma unroll
+		for (int G = 0; G < 4; G++) {
+			int x0 = 16 * g + 4 * G + t, x1 = x0 + 16 * 8;
+			uint4 r0 = *(const uint4 *)(kst + swz_k<KT>(x0) * 16);
+			uint4 r1 = *(const uint4 *)(kst + swz_k<KT>(x1) * 16);
+			unsigned a[4];
+
+			a[0] = __byte_perm(r0.x, r0.z, 0x5410);
+			a[1] = __byte_perm(r1.x, r1.z, 0x5410);
+			a[2] = __byte_perm(r0.x, r0.z, 0x7632);
+			a[3] = __byte_perm(r1.x, r1.z, 0x7632);
+			kvq_mma_f16_16816(s, a, qf[2 * G]);
+			a[0] = __byte_perm(r0.y, r0.w, 0x5410);
+			a[1] = __byte_perm(r1.y, r1.w, 0x5410);
+			a[2] = __byte_perm(r0.y, r0.w, 0x7632);
+			a[3] = __byte_perm(r1.y, r1.w, 0x7632);
+			kvq_mma_f16_16816(s, a, qf[2 * G + 1]);
+		}
+		return;
+	}
+	uint2 sr0 = *(const uint2 *)(kss + g * 8);
+	uint2 sr1 = *(const uint2 *)(kss + (g + 8) * 8);
+	float sg0[4] = { h_lo(sr0.x), h_hi(sr0.x), h_lo(sr0.y), h_hi(sr0.y) };
+	float sg1[4] = { h_lo(sr1.x), h_hi(sr1.x), h_lo(sr1.y), h_hi(sr1.y) };
+
+#pragma unroll
+	for (int G = 0; G < 4; G++) {
+		unsigned e0[4], e1[4], a[4];
+		float c[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
+
+		if (KT == KVQ_KV_Q4) {
+			int x0 = 4 * g + G, x1 = x0 + 4 * 8;
+			unsigned w0 = *(const unsigned *)(kst + swz_k<KT>(x0) * 16 + 4 * t);
+			unsigned w1 = *(const unsigned *)(kst + swz_k<KT>(x1) * 16 + 4 * t);
+
+			q4_pairs(w0, e0);
+			q4_pairs(w1, e1);
+		} else {
+			int x0 = 8 * g + 2 * G + (t >> 1), x1 = x0 + 8 * 8;
+			uint2 r0 = *(const uint2 *)(kst + swz_k<KT>(x0) * 16 + 8 * (t & 1));
+			uint2 r1 = *(const uint2 *)(kst + swz_k<KT>(x1) * 16 + 8 * (t & 1));
+
+			r0.x ^= 0x80808080u;
+			r0.y ^= 0x80808080u;
+			r1.x ^= 0x80808080u;
+			r1.y ^= 0x80808080u;
+#pragma unroll
+			for (int i = 0; i < 4; i++) {
+				unsigned sel = i | ((i + 4) << 8);
+
+				e0[i] = q8_pair(r0.x, r0.y, sel);
+				e1[i] = q8_pair(r1.x, r1.y, sel);
+			}
+		}
+		a[0] = e0[0];
+		a[1] = e1[0];
+		a[2] = e0[1];
+		a[3] = e1[1];
+		kvq_mma_f16_16816(c, a, qf[2 * G]);
+		a[0] = e0[2];
+		a[1] = e1[2];
+		a[2] = e0[3];
+		a[3] = e1[3];
+		kvq_mma_f16_16816(c, a, qf[2 * G + 1]);
+		s[0] += sg0[G] * c[0];
+		s[1] += sg0[G] * c[1];
+		s[2] += sg1[G] * c[2];
+		s[3] += sg1[G] * c[3];
+	}
+}
+
+/*
+ * Words of the lane's 16 channels of V token @tk (q4: 2, q8: 4, f16: 8),
+ * zero for an invalid token when the format has no scale to zero.
+ */
+template <int VT>
+__device__ __forceinline__ void v_words(const uint8_t *vst, int tk, bool ok,
+					unsigned w[8])
+{
+	int lane = threadIdx.x & 31, g = lane >> 2;
+
+	if (VT == KVQ_KV_Q4) {
+		uint2 x = *(const uint2 *)(vst + swz_v<VT>(4 * tk + (g >> 1)) * 16 +
+					   8 * (g & 1));
+
+		w[0] = x.x;
+		w[1] = x.y;
+	} else if (VT == KVQ_KV_Q8) {
+		uint4 x = *(const uint4 *)(vst + swz_v<VT>(8 * tk + g) * 16);
+
+		w[0] = x.x;
+		w[1] = x.y;
+		w[2] = x.z;
+		w[3] = x.w;
+	} else {
+#pragma unroll
+		for (int c = 0; c < 2; c++) {
+			uint4 x = *(const uint4 *)(vst + swz_v<VT>(16 * tk + 2 * g + c) * 16);
+
+			w[4 * c] = ok ? x.x : 0u;
+			w[4 * c + 1] = ok ? x.y : 0u;
+			w[4 * c + 2] = ok ? x.z : 0u;
+			w[4 * c + 3] = ok ? x.w : 0u;
+		}
+	}
+}
+
+/*
+ * Operands of m-tiles 4q..4q+3 for the token pair (A, B): hf[j][0] holds
+ * (A, B) of channel 16g+8q+j, hf[j][1] of channel 16g+8q+j+4, scaled by
+ * @sc (the pair's scales; f16 pages have none).
+ */
+template <int VT>
+__device__ __forceinline__ void v_pair(const unsigned *ra, const unsigned *rb,
+				       int q, unsigned sc, unsigned hf[4][2])
+{
+	if (VT == KVQ_KV_Q4) {
+		unsigned lo4[4], hi4[4];
+
+		/* Bytes 0,1 then 2,3 of both tokens: codes 0-3 and 4-7. */
+		q4_pairs(__byte_perm(ra[q], rb[q], 0x5410), lo4);
+		q4_pairs(__byte_perm(ra[q], rb[q], 0x7632), hi4);
+#pragma unroll
+		for (int j = 0; j < 4; j++) {
+			hf[j][0] = lo4[j];
+			hf[j][1] = hi4[j];
+		}
+	} else if (VT == KVQ_KV_Q8) {
+		unsigned a0 = ra[2 * q] ^ 0x80808080u;
+		unsigned b0 = rb[2 * q] ^ 0x80808080u;
+		unsigned a1 = ra[2 * q + 1] ^ 0x80808080u;
+		unsigned b1 = rb[2 * q + 1] ^ 0x80808080u;
+
+#pragma unroll
+		for (int j = 0; j < 4; j++) {
+			unsigned sel = j | ((4 + j) << 8);
+
+			hf[j][0] = q8_pair(a0, b0, sel);
+			hf[j][1] = q8_pair(a1, b1, sel);
+		}
+	} else {
+#pragma unroll
+		for (int j = 0; j < 4; j++) {
+			int c = 8 * q + j, d = c + 4;
+
+			hf[j][0] = __byte_perm(ra[c >> 1], rb[c >> 1],
+					       (c & 1) ? 0x7632 : 0x5410);
+			hf[j][1] = __byte_perm(ra[d >> 1], rb[d >> 1],
+					       (d & 1) ? 0x7632 : 0x5410);
+		}
+	}
+	if (VT != KVQ_KV_F16) {
+#pragma unroll
+		for (int j = 0; j < 4; j++) {
+			hf[j][0] = h2u(__hmul2(u2h(hf[j][0]), u2h(sc)));
+			hf[j][1] = h2u(__hmul2(u2h(hf[j][1]), u2h(sc)));
+		}
+	}
+}
+
+/*
+ * o += V^T P^T for the tile: @pb is P^T's fragment, tokens [lo, hi) valid
+ * (others contribute zero even when their bytes are not numbers).
+ */
+template <int VT>
+__device__ __forceinline__ void tile_values(const uint8_t *vst,
+					    const uint8_t *vss,
+					    const unsigned pb[2], int lo,
+					    int hi, float o[8][4])
+{
+	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+	int tk[4] = { 2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9 };
+	unsigned w[4][8], sc[2] = { 0u, 0u };
+
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		v_words<VT>(vst, tk[i], tk[i] >= lo && tk[i] < hi, w[i]);
+	if (VT != KVQ_KV_F16) {
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			unsigned s = *(const unsigned short *)(vss + tk[i] * 8 +
+							       2 * (g >> 1));
+
+			if (!(tk[i] >= lo && tk[i] < hi))
+				s = 0u;
+			sc[i >> 1] |= s << (16 * (i & 1));
+		}
+	}
+#pragma unroll
+	for (int q = 0; q < 2; q++) {
+		unsigned h0[4][2], h1[4][2];
+
+		v_pair<VT>(w[0], w[1], q, sc[0], h0);
+		v_pair<VT>(w[2], w[3], q, sc[1], h1);
+#pragma unroll
+		for (int j = 0; j < 4; j++) {
+			unsigned a[4] = { h0[j][0], h0[j][1], h1[j][0], h1[j][1] };
+
+			kvq_mma_f16_16816(o[4 * q + j], a, pb);
+		}
+	}
+}
+
+/* out[b][hq][ch] = v in the caller's element type. */
+__device__ __forceinline__ void put_out(const kparams &p, size_t i, float v)
+{
+	if (p.out_f16)
+		((__half *)p.out)[i] = __float2half_rn(v);
+	else
+		((float *)p.out)[i] = v;
+}
+
+/*
+ * One block: sequence blockIdx.z, KV head blockIdx.y / n_chunks (query
+ * heads of pass blockIdx.y % n_chunks), tiles [split * tps, + tps).
+ */
+template <int KT, int VT>
+__global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
+{
+	typedef stage<KT, VT> S;
+	extern __shared__ __align__(16) uint8_t smem[];
+	__shared__ int last;
+	int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+	int g = lane >> 2, t = lane & 3;
+	int split = blockIdx.x, b = blockIdx.z;
+	int h = blockIdx.y / p.n_chunks, hc = blockIdx.y % p.n_chunks;
+	int hq0 = h * p.gqa + hc * NCOL;
+	int nh = min(NCOL, p.gqa - hc * NCOL);
+	bool hilo = nh <= 4;
+	long long cap = (long long)p.n_splits * p.tps * TT;
+	long long lim = (long long)p.bt_stride * p.P;
+	int len = p.lens[b];
+
+	if (len < 0)
+		len = 0;
+	if (len > cap)
+		len = (int)cap;
+	if (len > lim)
+		len = (int)lim;
+	int n_tiles = (len + TT - 1) / TT;
+	int n_active = (n_tiles + p.tps - 1) / p.tps;
+
+	if (len == 0) {
+		if (split == 0)
+			for (int i = threadIdx.x; i < nh * HD; i += NW * 32)
+				put_out(p, ((size_t)b * p.hq + hq0) * HD + i, 0.0f);
+		return;
+	}
+	if (split >= n_active)
+		return;
+
+	const int32_t *bt = p.bt + (size_t)b * p.bt_stride;
+	const uint16_t *sinkp = p.sink ? p.sink[b] : nullptr;
+	const bool kq = KT != KVQ_KV_F16, vq = VT != KVQ_KV_F16;
+	int skip = (sinkp && (kq || vq)) ? min(p.n_sink, len) : 0;
+	int t_begin = split * p.tps, t_end = min(t_begin + p.tps, n_tiles);
+
+	/* The query as B fragments: column g is head g (or, with at most 4
+	 * heads, head g&3's high (g<4) or low (g>=4) f16 part). */
+	unsigned qf[8][2];
+	{
+		int hd = hilo ? (g & 3) : g;
+		bool lo_part = hilo && g >= 4;
+		bool ok = hd < nh;
+		size_t qo = ((size_t)b * p.hq + hq0 + (ok ? hd : 0)) * HD;
+
+#pragma unroll
+		for (int G = 0; G < 4; G++) {
+			float v[8];
+
+#pragma unroll
+			for (int i = 0; i < 8; i++)
+				v[i] = ok ? load_q(p, qo + 32 * G + 8 * t + i) *
+					    p.qscale : 0.0f;
+#pragma unroll
+			for (int r = 0; r < 2; r++) {
+				float x[4] = { v[2 * r], v[2 * r + 4], v[2 * r + 1],
+					       v[2 * r + 5] };
+				__half2 h0 = __floats2half2_rn(x[0], x[1]);
+				__half2 h1 = __floats2half2_rn(x[2], x[3]);
+
+				if (lo_part) {
+					float2 f0 = __half22float2(h0);
+					float2 f1 = __half22float2(h1);
+
+					h0 = __floats2half2_rn(x[0] - f0.x, x[1] - f0.y);
+					h1 = __floats2half2_rn(x[2] - f1.x, x[3] - f1.y);
+				}
+				qf[2 * G + r][0] = h2u(h0);
+				qf[2 * G + r][1] = h2u(h1);
+			}
+		}
+	}
+
+	wstate st;
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+#pragma unroll
+		for (int e = 0; e < 4; e++)
+			st.o[i][e] = 0.0f;
+	st.m[0] = st.m[1] = -INFINITY;
+	st.l[0] = st.l[1] = 0.0f;
+
+	if (skip && t_begin == 0 && w == 0) {
+		int pg0 = bt[0];
+		const uint16_t *sk, *sv;
+		int ks, vs;
+
+		if (kq) {
+			sk = sinkp + (size_t)h * HD;
+			ks = p.hk * HD;
+		} else {
+			sk = (const uint16_t *)(p.kp + (size_t)pg0 * p.kpb) +
+			     (size_t)h * p.P * HD;
+			ks = HD;
+		}
+		if (vq) {
+			sv = sinkp + ((size_t)p.n_sink * p.hk + h) * HD;
+			vs = p.hk * HD;
+		} else {
+			sv = (const uint16_t *)(p.vp + (size_t)pg0 * p.vpb) +
+			     (size_t)h * p.P * HD;
+			vs = HD;
+		}
+		sink_pass(p, st, b, h, hq0, nh, hilo, skip, sk, sv, ks, vs);
+	}
+
+	uint8_t *ring = smem + w * S::N * S::BYTES;
+	int n_my = t_end - t_begin > w ? (t_end - t_begin - w + NW - 1) / NW : 0;
+	/* Page ids of this warp's tiles, 32 at a time, one batch ahead. */
+	int kb = 0, pid_cur, pid_nxt;
+	{
+		int k0 = lane, k1 = lane + 32;
+
+		pid_cur = k0 < n_my ? bt[((t_begin + w + k0 * NW) * TT) / p.P] : 0;
+		pid_nxt = k1 < n_my ? bt[((t_begin + w + k1 * NW) * TT) / p.P] : 0;
+	}
+
+	auto issue = [&](int k) {
+		if (k - kb >= 32) {
+			int kn = kb + 64 + lane;
+
+			pid_cur = pid_nxt;
+			kb += 32;
+			pid_nxt = kn < n_my ?
+				  bt[((t_begin + w + kn * NW) * TT) / p.P] : 0;
+		}
+		int pg = (int)kvq_shfl_u32((unsigned)pid_cur, k - kb);
+		int tt = t_begin + w + k * NW;
+
+		issue_tile<KT, VT>(p, ring + (k % S::N) * S::BYTES, pg, h,
+				   (tt * TT) % p.P);
+	};
+
+#pragma unroll
+	for (int s = 0; s < S::N - 1; s++) {
+		if (s < n_my)
+			issue(s);
+		kvq_cp_async_commit();
+	}
+	for (int k = 0; k < n_my; k++) {
+		if (k + S::N - 1 < n_my)
+			issue(k + S::N - 1);
+		kvq_cp_async_commit();
+		kvq_cp_async_wait<S::N - 1>();
+		kvq_syncwarp();
+
+		int tok0 = (t_begin + w + k * NW) * TT;
+		int lo = max(0, skip - tok0), hi = min(TT, len - tok0);
+
+		if (lo < hi) {
+			const uint8_t *sp = ring + (k % S::N) * S::BYTES;
+			float s4[4];
+
+			tile_scores<KT>(sp + S::K_OFF, sp + S::KS_OFF, qf, s4);
+			if (hilo)
+#pragma unroll
+				for (int i = 0; i < 4; i++)
+					s4[i] += kvq_shfl_xor_f32(s4[i], 2);
+			if (!(g >= lo && g < hi))
+				s4[0] = s4[1] = -INFINITY;
+			if (!(g + 8 >= lo && g + 8 < hi))
+				s4[2] = s4[3] = -INFINITY;
+
+			float mt0 = fmaxf(s4[0], s4[2]), mt1 = fmaxf(s4[1], s4[3]);
+
+#pragma unroll
+			for (int m = 4; m < 32; m <<= 1) {
+				mt0 = fmaxf(mt0, kvq_shfl_xor_f32(mt0, m));
+				mt1 = fmaxf(mt1, kvq_shfl_xor_f32(mt1, m));
+			}
+			if (kvq_any(mt0 > st.m[0] + LAZY || mt1 > st.m[1] + LAZY)) {
+				float n0 = fmaxf(st.m[0], mt0);
+				float n1 = fmaxf(st.m[1], mt1);
+				float a0 = st.m[0] == -INFINITY ? 0.0f :
+					   exp2f(st.m[0] - n0);
+				float a1 = st.m[1] == -INFINITY ? 0.0f :
+					   exp2f(st.m[1] - n1);
+
+				st.m[0] = n0;
+				st.m[1] = n1;
+				st.l[0] *= a0;
+				st.l[1] *= a1;
+#pragma unroll
+				for (int i = 0; i < 8; i++) {
+					st.o[i][0] *= a0;
+					st.o[i][1] *= a1;
+					st.o[i][2] *= a0;
+					st.o[i][3] *= a1;
+				}
+			}
+			float p0 = exp2f(s4[0] - st.m[0]);
+			float p1 = exp2f(s4[1] - st.m[1]);
+			float p2 = exp2f(s4[2] - st.m[0]);
+			float p3 = exp2f(s4[3] - st.m[1]);
+
+			st.l[0] += p0 + p2;
+			st.l[1] += p1 + p3;
+
+			__half2 hg = __floats2half2_rn(p0, p1);
+			__half2 hg8 = __floats2half2_rn(p2, p3);
+			unsigned pk0 = h2u(hg), pk1 = h2u(hg8);
+
+			if (hilo && t >= 2) {
+				float2 f0 = __half22float2(hg);
+				float2 f1 = __half22float2(hg8);
+
+				pk0 = h2u(__floats2half2_rn(p0 - f0.x, p1 - f0.y));
+				pk1 = h2u(__floats2half2_rn(p2 - f1.x, p3 - f1.y));
+			}
+			int tsrc = hilo ? (((g & 3) >> 1) | ((g >> 2) << 1)) :
+				   (g >> 1);
+			unsigned sel = (g & 1) ? 0x7632u : 0x5410u;
+			unsigned x0 = kvq_shfl_u32(pk0, 8 * t + tsrc);
+			unsigned x1 = kvq_shfl_u32(pk0, 8 * t + 4 + tsrc);
+			unsigned x2 = kvq_shfl_u32(pk1, 8 * t + tsrc);
+			unsigned x3 = kvq_shfl_u32(pk1, 8 * t + 4 + tsrc);
+			unsigned pb[2] = { __byte_perm(x0, x1, sel),
+					   __byte_perm(x2, x3, sel) };
+
+			tile_values<VT>(sp + S::V_OFF, sp + S::VS_OFF, pb, lo,
+					hi, st.o);
+		}
+		kvq_syncwarp();
+	}
+
+	/* This warp's sums over its tokens; the two f16 parts added. */
+#pragma unroll
+	for (int m = 4; m < 32; m <<= 1) {
+		st.l[0] += kvq_shfl_xor_f32(st.l[0], m);
+		st.l[1] += kvq_shfl_xor_f32(st.l[1], m);
+	}
+	if (hilo)
+#pragma unroll
+		for (int i = 0; i < 8; i++)
+#pragma unroll
+			for (int e = 0; e < 4; e++)
+				st.o[i][e] += kvq_shfl_xor_f32(st.o[i][e], 2);
+
+	__syncthreads();	/* the rings are free: reuse them */
+	float *sO = (float *)smem;
+	float *sM = sO + NW * NCOL * HD, *sL = sM + NW * NCOL;
+
+	if (!hilo || t < 2) {
+#pragma unroll
+		for (int e = 0; e < 2; e++) {
+			int hd = 2 * t + e;
+			float *o = sO + (size_t)(w * NCOL + hd) * HD;
+
+#pragma unroll
+			for (int i = 0; i < 8; i++) {
+				int ch = 16 * g + 8 * (i >> 2) + (i & 3);
+
+				o[ch] = st.o[i][e];
+				o[ch + 4] = st.o[i][2 + e];
+			}
+			if (g == 0) {
+				sM[w * NCOL + hd] = st.m[e];
+				sL[w * NCOL + hd] = st.l[e];
+			}
+		}
+	}
+	__syncthreads();
+
+	size_t unit = ((size_t)b * p.hk + h) * p.n_chunks + hc;
+	size_t part = unit * p.n_splits + split;
+
+	for (int i = threadIdx.x; i < nh * HD; i += NW * 32) {
+		int hd = i / HD, ch = i % HD;
+		float M = -INFINITY, o = 0.0f, L = 0.0f;
+
+		for (int v = 0; v < NW; v++)
+			M = fmaxf(M, sM[v * NCOL + hd]);
+		for (int v = 0; v < NW; v++) {
+			float mv = sM[v * NCOL + hd];
+
+			if (mv != -INFINITY) {
+				float a = exp2f(mv - M);
+
+				o += a * sO[(v * NCOL + hd) * HD + ch];
+				L += a * sL[v * NCOL + hd];
+			}
+		}
+		if (n_active == 1) {
+			put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch,
+				L > 0.0f ? o / L : 0.0f);
+		} else {
+			p.ws_o[(part * NCOL + hd) * HD + ch] = o;
+			if (ch == 0) {
+				p.ws_m[part * NCOL + hd] = M;
+				p.ws_l[part * NCOL + hd] = L;
+			}
+		}
+	}
+	if (n_active == 1)
+		return;
+
+	/* The last block of this sequence and head merges the splits. */
+	__threadfence();
+	__syncthreads();
+	if (threadIdx.x == 0)
+		last = atomicAdd(&p.cnt[unit], 1) == n_active - 1;
+	__syncthreads();
+	if (!last)
+		return;
+	__threadfence();
+	for (int i = threadIdx.x; i < nh * HD; i += NW * 32) {
+		int hd = i / HD, ch = i % HD;
+		size_t u0 = unit * p.n_splits;
+		float M = -INFINITY, o = 0.0f, L = 0.0f;
+
+		for (int v = 0; v < n_active; v++)
+			M = fmaxf(M, kvq_ld_cg(&p.ws_m[(u0 + v) * NCOL + hd]));
+#pragma unroll 4
+		for (int v = 0; v < n_active; v++) {
+			float mv = kvq_ld_cg(&p.ws_m[(u0 + v) * NCOL + hd]);
+			float a = mv == -INFINITY ? 0.0f : exp2f(mv - M);
+
+			o += a * kvq_ld_cg(&p.ws_o[((u0 + v) * NCOL + hd) * HD + ch]);
+			L += a * kvq_ld_cg(&p.ws_l[(u0 + v) * NCOL + hd]);
+		}
+		put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch,
+			L > 0.0f ? o / L : 0.0f);
+	}
+	if (threadIdx.x == 0)
+		p.cnt[unit] = 0;
+}
+
+/* --------------------------------------------------------------- host */
+
+typedef void (*kfn)(kparams);
+
+struct kinfo {
+	kfn fn;
+	int dyn;		/* dynamic shared memory bytes */
+	int per_sm;		/* resident blocks per multiprocessor, 0: unknown */
+};
+
+/* Index of a page type among f16, q8, q4; -1 for others. */
+int tix(int t)
+{
+	return t == KVQ_KV_F16 ? 0 : t == KVQ_KV_Q8 ? 1 : t == KVQ_KV_Q4 ? 2 : -1;
+}
+
+template <int KT, int VT> kinfo make_info()
+{
+	kinfo k = { decode_kernel<KT, VT>, stage<KT, VT>::DYN, 0 };
+
+	return k;
+}
+
+kinfo kinfos[3][3] = {
+	{ make_info<KVQ_KV_F16, KVQ_KV_F16>(), make_info<KVQ_KV_F16, KVQ_KV_Q8>(),
+	  make_info<KVQ_KV_F16, KVQ_KV_Q4>() },
+	{ make_info<KVQ_KV_Q8, KVQ_KV_F16>(), make_info<KVQ_KV_Q8, KVQ_KV_Q8>(),
+	  make_info<KVQ_KV_Q8, KVQ_KV_Q4>() },
+	{ make_info<KVQ_KV_Q4, KVQ_KV_F16>(), make_info<KVQ_KV_Q4, KVQ_KV_Q8>(),
+	  make_info<KVQ_KV_Q4, KVQ_KV_Q4>() },
+};
+int n_sms;
+
+/* Shared-memory limit and occupancy of one kernel, once.  -EIO on error. */
+int setup(kinfo *k)
+{
+	int dev, per = 0;
+
+	if (k->per_sm)
+		return 0;
+	if (!n_sms) {
+		if (cudaGetDevice(&dev) != cudaSuccess ||
+		    cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount,
+					   dev) != cudaSuccess || n_sms <= 0) {
+			n_sms = 0;
+			return -EIO;
+		}
+	}
+	if (cudaFuncSetAttribute((const void *)k->fn,
+				 cudaFuncAttributeMaxDynamicSharedMemorySize,
+				 k->dyn) != cudaSuccess)
+		return -EIO;
+	if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, k->fn,
+							  NW * 32, k->dyn) !=
+	    cudaSuccess || per <= 0)
+		return -EIO;
+	k->per_sm = per;
+	return 0;
+}
+
+int row_bytes(int t, int d)
+{
+	return t == KVQ_KV_F16 ? 2 * d : t == KVQ_KV_Q8 ? d : d / 2;
+}
+
+int scale_bytes(int t, int d)
+{
+	return t == KVQ_KV_F16 ? 0 : 2 * (d / 32);
+}
+
+/* Checks @a and picks its kernel; -EINVAL / -EOPNOTSUPP. */
+int check(const struct kvq_gpu_attn_args *a, kinfo **k)
+{
+	int ki = tix(a->k_type), vi = tix(a->v_type);
+	size_t hp;
+
+	if (!a->n_kv_heads || !a->n_q_heads || a->n_q_heads % a->n_kv_heads ||
+	    !a->page_tokens || !a->batch || a->n_sink > a->page_tokens)
+		return -EINVAL;
+	if ((a->k_type == KVQ_KV_F32 || a->v_type == KVQ_KV_F32) ||
+	    ki < 0 || vi < 0)
+		return ki < 0 && a->k_type != KVQ_KV_F32 ? -EINVAL :
+		       vi < 0 && a->v_type != KVQ_KV_F32 ? -EINVAL :
+		       -EOPNOTSUPP;
+	if (a->head_dim != HD || a->page_tokens % TT ||
+	    a->batch > 65535 || a->n_kv_heads * ((a->n_q_heads / a->n_kv_heads +
+	    NCOL - 1) / NCOL) > 65535)
+		return -EOPNOTSUPP;
+	hp = (size_t)a->n_kv_heads * a->page_tokens;
+	if (a->k_page_bytes < hp * (row_bytes(a->k_type, HD) +
+				    scale_bytes(a->k_type, HD)) ||
+	    a->v_page_bytes < hp * (row_bytes(a->v_type, HD) +
+				    scale_bytes(a->v_type, HD)) ||
+	    a->k_page_bytes % 16 || a->v_page_bytes % 16)
+		return -EINVAL;
+	if (a->q_type < 0 || a->q_type > 1 || a->out_type < 0 ||
+	    a->out_type > 1)
+		return -EINVAL;
+	*k = &kinfos[ki][vi];
+	return 0;
+}
+
+void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
+{
+	long long units, n_tiles, cap, ns, tps;
+
+	pl->n_chunks = (int)((a->n_q_heads / a->n_kv_heads + NCOL - 1) / NCOL);
+	units = (long long)a->batch * a->n_kv_heads * pl->n_chunks;
+	n_tiles = ((long long)a->max_len + TT - 1) / TT;
+	if (n_tiles < 1)
+		n_tiles = 1;
+	cap = (long long)n_sms * k->per_sm;
+	ns = cap / units;
+	if (ns < 1)
+		ns = 1;
+	tps = (n_tiles + ns - 1) / ns;
+	if (tps < NW)
+		tps = NW;
+	ns = (n_tiles + tps - 1) / tps;
+	pl->n_splits = (int)ns;
+	pl->tps = (int)tps;
+}
+
+size_t ws_layout(const struct kvq_gpu_attn_args *a, const plan *pl,
+		 size_t *off_m, size_t *off_l, size_t *off_o)
+{
+	size_t units = (size_t)a->batch * a->n_kv_heads * pl->n_chunks;
+	size_t parts = units * pl->n_splits;
+	size_t o = (units * sizeof(int) + 255) & ~(size_t)255;
+
+	*off_m = o;
+	o += (parts * NCOL * sizeof(float) + 255) & ~(size_t)255;
+	*off_l = o;
+	o += (parts * NCOL * sizeof(float) + 255) & ~(size_t)255;
+	*off_o = o;
+	o += parts * NCOL * HD * sizeof(float);
+	return o;
+}
+
+} /* namespace */
+
+extern "C" size_t kvq_gpu_attn_workspace_bytes(const struct kvq_gpu_attn_args *a)
+{
+	kinfo *k;
+	plan pl;
+	size_t om, ol, oo;
+
+	if (check(a, &k) || setup(k))
+		return 0;
+	make_plan(a, k, &pl);
+	return ws_layout(a, &pl, &om, &ol, &oo);
+}
+
+extern "C" int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a,
+				   void *stream)
+{
+	kinfo *k;
+	plan pl;
+	kparams p;
+	size_t om, ol, oo, need;
+	int ret;
+
+	ret = check(a, &k);
+	if (ret)
+		return ret;
+	if (!a->q || !a->out || !a->k_pages || !a->v_pages ||
+	    !a->block_table || !a->seq_lens || !a->bt_stride)
+		return -EINVAL;
+	ret = setup(k);
+	if (ret)
+		return ret;
+	make_plan(a, k, &pl);
+	need = ws_layout(a, &pl, &om, &ol, &oo);
+	if (!a->workspace || a->workspace_bytes < need)
+		return -ENOSPC;
+
+	p.q = a->q;
+	p.out = a->out;
+	p.q_f16 = a->q_type == KVQ_GPU_F16;
+	p.out_f16 = a->out_type == KVQ_GPU_F16;
+	p.kp = (const uint8_t *)a->k_pages;
+	p.vp = (const uint8_t *)a->v_pages;
+	p.kpb = a->k_page_bytes;
+	p.vpb = a->v_page_bytes;
+	p.bt = a->block_table;
+	p.bt_stride = (int)a->bt_stride;
+	p.lens = a->seq_lens;
+	p.sink = a->n_sink ? a->sink : nullptr;
+	p.n_sink = (int)a->n_sink;
+	p.hq = (int)a->n_q_heads;
+	p.hk = (int)a->n_kv_heads;
+	p.gqa = (int)(a->n_q_heads / a->n_kv_heads);
+	p.P = (int)a->page_tokens;
+	p.qscale = a->scale * LOG2E;
+	p.n_splits = pl.n_splits;
+	p.tps = pl.tps;
+	p.n_chunks = pl.n_chunks;
+	p.cnt = (int *)a->workspace;
+	p.ws_m = (float *)((uint8_t *)a->workspace + om);
+	p.ws_l = (float *)((uint8_t *)a->workspace + ol);
+	p.ws_o = (float *)((uint8_t *)a->workspace + oo);
+
+	dim3 grid(pl.n_splits, a->n_kv_heads * pl.n_chunks, a->batch);
+
+	k->fn<<<grid, NW * 32, k->dyn, (cudaStream_t)stream>>>(p);
+	return cudaGetLastError() == cudaSuccess ? 0 : -EIO;
+}

@@ -1,0 +1,607 @@
+/*
+ * test_gpu_attn.c - the GPU decode attention and KV append kernels
+ * (kernels/attn.h) against their C twins, on the device.
+ *
+ * Decode: pages are built on the host by kvq_kv_write() from fresh random
+ * rows and copied to the device byte for byte; the output is poisoned
+ * (NaN) before each launch; the result is compared with kvq_kv_attend()
+ * over the same pages.  Tolerance: |gpu - ref| <= 1e-3 * max|V| + 1e-5
+ * (+ 1e-3 * |ref| for f16 output).  The kernel's only rounding beyond f32
+ * is V's n*scale held in f16 (2^-11 relative), so the bound has 2x
+ * headroom; keys, the query and the softmax weights are exact to f32.
+ * Each case runs twice and must give identical bits (no race, and the
+ * split-merge counters are left zeroed).
+ *
+ * Append: after the GPU append, the K and V pools and the sink copies
+ * must equal, byte for byte, the host cache after RoPE
+ * (kvq_attn_ref_rope) and kvq_kv_write() of the same rows.
+ *
+ * Without a GPU: "1..0 # SKIP no GPU" and exit status 77.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/kvcache.h"
+#include "engine/quant.h"
+#include "kernels/attn.h"
+#include "tests/gpu/gpu_test_util.h"
+#include "tap.h"
+
+#define HD 128
+
+static uint64_t rng = 0x9e3779b97f4a7c15ull;
+
+static uint32_t rnd(void)
+{
+	rng ^= rng << 13;
+	rng ^= rng >> 7;
+	rng ^= rng << 17;
+	return (uint32_t)(rng >> 16);
+}
+
+/* Uniform in [-1, 1). */
+static float frand(void)
+{
+	return (float)(rnd() & 0xffffff) / 8388608.0f - 1.0f;
+}
+
+static const char *tn(int t)
+{
+	return kvq_kv_type_name((enum kvq_kv_type)t);
+}
+
+struct dcase {
+	const char *name;
+	int kt, vt;
+	uint32_t hq, hk, P, n_sink, batch;
+	uint32_t lens[8];
+	float scale;		/* 0: 1/sqrt(head_dim) */
+	float kmag;		/* key magnitude: larger is a peakier softmax */
+	int q_f16, out_f16;
+};
+
+/* A host cache with @batch sequences of random tokens, interleaved so
+ * that each sequence's pages are scattered over the pool. */
+static struct kvq_kvcache *build(int kt, int vt, uint32_t hk, uint32_t P,
+				 uint32_t n_sink, uint32_t batch,
+				 const uint32_t *lens, float kmag,
+				 struct kvq_kv_seq *s)
+{
+	struct kvq_kv_opts o;
+	struct kvq_kvcache *c;
+	uint32_t b, pos, maxl = 0, pages = 1, i;
+	size_t kvd = (size_t)hk * HD;
+	float *k = malloc(kvd * sizeof(float)), *v = malloc(kvd * sizeof(float));
+
+	for (b = 0; b < batch; b++) {
+		pages += (lens[b] + P - 1) / P + 1;
+		if (lens[b] > maxl)
+			maxl = lens[b];
+	}
+	memset(&o, 0, sizeof(o));
+	o.n_layers = 1;
+	o.n_kv_heads = hk;
+	o.head_dim = HD;
+	o.page_tokens = P;
+	o.n_pages = pages;
+	o.n_sink = n_sink;
+	o.type_k[0] = (uint8_t)kt;
+	o.type_v[0] = (uint8_t)vt;
+	if (!k || !v || kvq_kv_create(&o, &c)) {
+		free(k);
+		free(v);
+		return NULL;
+	}
+	/* Pages never written hold garbage; make it loud (NaN patterns). */
+	memset(c->layers[0].k.mem, 0xff, c->layers[0].k.page_bytes * pages);
+	memset(c->layers[0].v.mem, 0xff, c->layers[0].v.page_bytes * pages);
+	for (b = 0; b < batch; b++)
+		kvq_kv_seq_init(&s[b]);
+	for (pos = 0; pos < maxl; pos++) {
+		for (b = 0; b < batch; b++) {
+			if (pos >= lens[b])
+				continue;
+			for (i = 0; i < kvd; i++) {
+				k[i] = frand() * kmag;
+				v[i] = frand();
+			}
+			/* An outlier channel now and then, as real keys have. */
+			if (rnd() % 7 == 0)
+				k[rnd() % kvd] *= 6.0f;
+			if (kvq_kv_seq_reserve(c, &s[b], 1))
+				goto fail;
+			kvq_kv_write(c, &s[b], 0, pos, k, v);
+			kvq_kv_seq_commit(&s[b], 1);
+		}
+	}
+	free(k);
+	free(v);
+	return c;
+fail:
+	free(k);
+	free(v);
+	for (b = 0; b < batch; b++)
+		kvq_kv_seq_release(c, &s[b]);
+	kvq_kv_destroy(c);
+	return NULL;
+}
+
+/* Device copies of one layer-0 cache: pools, block table, sinks. */
+struct dev {
+	void *kp, *vp, *bt, *lens, *sinkv, *sinks[8];
+	uint32_t bt_stride;
+};
+
+static void dev_free(struct dev *d)
+{
+	int i;
+
+	kvq_test_gpu_free(d->kp);
+	kvq_test_gpu_free(d->vp);
+	kvq_test_gpu_free(d->bt);
+	kvq_test_gpu_free(d->lens);
+	kvq_test_gpu_free(d->sinkv);
+	for (i = 0; i < 8; i++)
+		kvq_test_gpu_free(d->sinks[i]);
+	memset(d, 0, sizeof(*d));
+}
+
+static int dev_put(struct dev *d, const struct kvq_kvcache *c,
+		   const struct kvq_kv_seq *s, uint32_t batch,
+		   const uint32_t *lens)
+{
+	const struct kvq_kv_layer *L = &c->layers[0];
+	size_t kb = L->k.page_bytes * c->o.n_pages;
+	size_t vb = L->v.page_bytes * c->o.n_pages;
+	size_t sinkn = (size_t)2 * c->o.n_sink * c->o.n_kv_heads * HD;
+	int32_t *bt, *ln;
+	void *ptrs[8] = { 0 };
+	uint32_t b, i, w = 1;
+	int ret = -1;
+
+	memset(d, 0, sizeof(*d));
+	for (b = 0; b < batch; b++)
+		if (s[b].n_pages > w)
+			w = s[b].n_pages;
+	d->bt_stride = w;
+	bt = calloc((size_t)batch * w, sizeof(*bt));
+	ln = calloc(batch, sizeof(*ln));
+	if (!bt || !ln)
+		goto out;
+	for (b = 0; b < batch; b++) {
+		for (i = 0; i < s[b].n_pages; i++)
+			bt[b * w + i] = s[b].pages[i];
+		ln[b] = (int32_t)lens[b];
+	}
+	d->kp = kvq_test_gpu_alloc(kb);
+	d->vp = kvq_test_gpu_alloc(vb);
+	d->bt = kvq_test_gpu_alloc((size_t)batch * w * sizeof(*bt));
+	d->lens = kvq_test_gpu_alloc(batch * sizeof(*ln));
+	d->sinkv = kvq_test_gpu_alloc(8 * sizeof(void *));
+	if (!d->kp || !d->vp || !d->bt || !d->lens || !d->sinkv)
+		goto out;
+	if (kvq_test_gpu_put(d->kp, L->k.mem, kb) ||
+	    kvq_test_gpu_put(d->vp, L->v.mem, vb) ||
+	    kvq_test_gpu_put(d->bt, bt, (size_t)batch * w * sizeof(*bt)) ||
+	    kvq_test_gpu_put(d->lens, ln, batch * sizeof(*ln)))
+		goto out;
+	for (b = 0; b < batch && c->o.n_sink; b++) {
+		if (!s[b].sink)
+			continue;
+		d->sinks[b] = kvq_test_gpu_alloc(sinkn * 2);
+		if (!d->sinks[b] ||
+		    kvq_test_gpu_put(d->sinks[b], s[b].sink, sinkn * 2))
+			goto out;
+		ptrs[b] = d->sinks[b];
+	}
+	if (kvq_test_gpu_put(d->sinkv, ptrs, sizeof(ptrs)))
+		goto out;
+	ret = 0;
+out:
+	free(bt);
+	free(ln);
+	return ret;
+}
+
+static int run_decode(const struct dcase *tc)
+{
+	struct kvq_kv_seq s[8];
+	struct kvq_kvcache *c;
+	struct kvq_gpu_attn_args a;
+	struct dev d;
+	uint32_t gqa = tc->hq / tc->hk, b, h, maxl = 0;
+	size_t nq = (size_t)tc->batch * tc->hq * HD, i, bad = 0, nan = 0;
+	size_t esz = tc->out_f16 ? 2 : 4, wsb;
+	float *q = malloc(nq * sizeof(float)), *ref = malloc(nq * sizeof(float));
+	float *got = malloc(nq * sizeof(float));
+	uint16_t *q16 = malloc(nq * 2), *o16 = malloc(nq * 2), *o16b = malloc(nq * 2);
+	float *gotb = malloc(nq * sizeof(float));
+	void *dq = NULL, *dout = NULL, *ws = NULL;
+	double maxerr = 0.0, maxref = 0.0;
+	float scale = tc->scale ? tc->scale : 1.0f / sqrtf((float)HD);
+	char why[256] = "";
+	int ret, same = 1, ok;
+
+	c = build(tc->kt, tc->vt, tc->hk, tc->P, tc->n_sink, tc->batch,
+		  tc->lens, tc->kmag, s);
+	if (!c || !q || !ref || !got || !q16 || !o16 || !o16b || !gotb) {
+		tap_ok(0, "%s: host set-up", tc->name);
+		goto out_host;
+	}
+	for (i = 0; i < nq; i++) {
+		q[i] = frand();
+		q16[i] = kvq_f32_to_f16(q[i]);
+		if (tc->q_f16)
+			q[i] = kvq_f16_to_f32(q16[i]);
+	}
+	for (b = 0; b < tc->batch; b++)
+		if (tc->lens[b] > maxl)
+			maxl = tc->lens[b];
+	if (dev_put(&d, c, s, tc->batch, tc->lens)) {
+		tap_ok(0, "%s: device set-up", tc->name);
+		goto out_dev;
+	}
+	memset(&a, 0, sizeof(a));
+	a.q_type = tc->q_f16 ? KVQ_GPU_F16 : KVQ_GPU_F32;
+	a.out_type = tc->out_f16 ? KVQ_GPU_F16 : KVQ_GPU_F32;
+	a.k_pages = d.kp;
+	a.v_pages = d.vp;
+	a.k_page_bytes = c->layers[0].k.page_bytes;
+	a.v_page_bytes = c->layers[0].v.page_bytes;
+	a.k_type = tc->kt;
+	a.v_type = tc->vt;
+	a.block_table = d.bt;
+	a.bt_stride = d.bt_stride;
+	a.seq_lens = d.lens;
+	a.max_len = maxl;
+	a.sink = tc->n_sink ? (const uint16_t *const *)d.sinkv : NULL;
+	a.n_sink = c->o.n_sink;
+	a.batch = tc->batch;
+	a.n_q_heads = tc->hq;
+	a.n_kv_heads = tc->hk;
+	a.head_dim = HD;
+	a.page_tokens = tc->P;
+	a.scale = scale;
+	wsb = kvq_gpu_attn_workspace_bytes(&a);
+	dq = kvq_test_gpu_alloc(nq * 4);
+	dout = kvq_test_gpu_alloc(nq * esz);
+	ws = kvq_test_gpu_alloc(wsb);
+	if (!wsb || !dq || !dout || !ws || kvq_test_gpu_fill(ws, 0, wsb) ||
+	    kvq_test_gpu_put(dq, tc->q_f16 ? (void *)q16 : (void *)q,
+			     nq * (tc->q_f16 ? 2 : 4))) {
+		tap_ok(0, "%s: device buffers (workspace %zu)", tc->name, wsb);
+		goto out_dev;
+	}
+	a.q = dq;
+	a.out = dout;
+	a.workspace = ws;
+	a.workspace_bytes = wsb;
+
+	for (int run = 0; run < 2; run++) {
+		float *dst = run ? gotb : got;
+		uint16_t *d16 = run ? o16b : o16;
+
+		kvq_test_gpu_fill(dout, 0xff, nq * esz);	/* NaN */
+		ret = kvq_gpu_attn_decode(&a, NULL);
+		if (ret || kvq_test_gpu_sync(why, sizeof(why))) {
+			tap_ok(0, "%s: launch (%d %s)", tc->name, ret, why);
+			goto out_dev;
+		}
+		kvq_test_gpu_get(tc->out_f16 ? (void *)d16 : (void *)dst, dout,
+				 nq * esz);
+		if (tc->out_f16)
+			for (i = 0; i < nq; i++)
+				dst[i] = kvq_f16_to_f32(d16[i]);
+	}
+	for (b = 0; b < tc->batch; b++)
+		for (h = 0; h < tc->hk; h++) {
+			size_t off = ((size_t)b * tc->hq + h * gqa) * HD;
+
+			kvq_kv_attend(c, &s[b], 0, h, q + off, HD, gqa, scale,
+				      tc->lens[b], ref + off, HD);
+		}
+	for (i = 0; i < nq; i++) {
+		double e = fabs((double)got[i] - ref[i]);
+		double tol = 1e-3 + 1e-5 + (tc->out_f16 ? 1e-3 * fabs(ref[i]) : 0);
+
+		if (isnan(got[i]))
+			nan++;
+		else if (e > tol)
+			bad++;
+		if (e > maxerr)
+			maxerr = e;
+		if (fabs(ref[i]) > maxref)
+			maxref = fabs(ref[i]);
+		if (memcmp(&got[i], &gotb[i], sizeof(float)))
+			same = 0;
+	}
+	ok = !bad && !nan;
+	tap_ok(ok, "kvq_gpu_attn_decode_%s_%s_%s (max err %.2e, max |ref| %.3f, "
+	       "%zu over tolerance, %zu unwritten)", tc->name, tn(tc->kt),
+	       tn(tc->vt), maxerr, maxref, bad, nan);
+	tap_ok(same, "kvq_gpu_attn_decode_%s_%s_%s_repeatable", tc->name,
+	       tn(tc->kt), tn(tc->vt));
+out_dev:
+	kvq_test_gpu_free(dq);
+	kvq_test_gpu_free(dout);
+	kvq_test_gpu_free(ws);
+	dev_free(&d);
+out_host:
+	if (c) {
+		for (b = 0; b < tc->batch; b++)
+			kvq_kv_seq_release(c, &s[b]);
+		kvq_kv_destroy(c);
+	}
+	free(q);
+	free(ref);
+	free(got);
+	free(gotb);
+	free(q16);
+	free(o16);
+	free(o16b);
+	return 0;
+}
+
+/* ------------------------------------------------------------- append */
+
+struct acase {
+	const char *name;
+	int kt, vt;
+	uint32_t rope_dim;
+	int neox, table, in_f16;
+};
+
+static void run_append(const struct acase *tc)
+{
+	enum { B = 4, NEW = 2 };
+	const uint32_t hk = 8, P = 16, n_sink = 4;
+	uint32_t lens[B] = { 0, 3, 15, 40 }, b, j, r, nrows = B * NEW;
+	struct kvq_kv_seq s[B];
+	struct kvq_kvcache *c;
+	struct kvq_gpu_append_args a;
+	struct dev d;
+	size_t kvd = (size_t)hk * HD, kb, vb, sinkn, i, diff = 0;
+	float *kr = malloc(nrows * kvd * 4), *vr = malloc(nrows * kvd * 4);
+	float *cs = malloc((size_t)nrows * HD * 4), *tmp = malloc(kvd * 4);
+	uint16_t *k16 = malloc(nrows * kvd * 2), *v16 = malloc(nrows * kvd * 2);
+	int32_t rseq[B * NEW], rpos[B * NEW];
+	uint32_t upos[B * NEW];
+	void *dk = NULL, *dv = NULL, *dseq = NULL, *dpos = NULL, *dcs = NULL;
+	uint8_t *back = NULL;
+	char why[256] = "";
+	int ret;
+
+	c = build(tc->kt, tc->vt, hk, P, n_sink, B, lens, 1.0f, s);
+	if (!c || !kr || !vr || !cs || !tmp || !k16 || !v16) {
+		tap_ok(0, "append %s: host set-up", tc->name);
+		goto out_host;
+	}
+	for (b = 0; b < B; b++)
+		if (kvq_kv_seq_reserve(c, &s[b], NEW)) {
+			tap_ok(0, "append %s: reserve", tc->name);
+			goto out_host;
+		}
+	for (r = 0; r < nrows; r++) {
+		rseq[r] = (int32_t)(r % B);
+		rpos[r] = (int32_t)(lens[r % B] + r / B);
+		upos[r] = (uint32_t)rpos[r];
+	}
+	for (i = 0; i < nrows * kvd; i++) {
+		kr[i] = 2.0f * frand();
+		vr[i] = 2.0f * frand();
+		k16[i] = kvq_f32_to_f16(kr[i]);
+		v16[i] = kvq_f32_to_f16(vr[i]);
+		if (tc->in_f16) {
+			kr[i] = kvq_f16_to_f32(k16[i]);
+			vr[i] = kvq_f16_to_f32(v16[i]);
+		}
+	}
+	/* Exact .5 ties of the quantizer now and then. */
+	for (r = 0; r < nrows; r++)
+		vr[r * kvd + 5] = 0.5f * vr[r * kvd + 7];
+	if (tc->in_f16)
+		for (r = 0; r < nrows; r++)
+			v16[r * kvd + 5] = kvq_f32_to_f16(vr[r * kvd + 5]);
+	kvq_attn_ref_rope_table(upos, nrows, tc->rope_dim ? tc->rope_dim : 2,
+				10000.0f, cs);
+	/* The device gets the cache as it is before the append. */
+	if (dev_put(&d, c, s, B, lens)) {
+		tap_ok(0, "append %s: device set-up", tc->name);
+		goto out_dev;
+	}
+	kb = c->layers[0].k.page_bytes * c->o.n_pages;
+	vb = c->layers[0].v.page_bytes * c->o.n_pages;
+	sinkn = 2 * n_sink * kvd;
+	dk = kvq_test_gpu_alloc(nrows * kvd * 4);
+	dv = kvq_test_gpu_alloc(nrows * kvd * 4);
+	dseq = kvq_test_gpu_alloc(sizeof(rseq));
+	dpos = kvq_test_gpu_alloc(sizeof(rpos));
+	dcs = kvq_test_gpu_alloc((size_t)nrows * HD * 4);
+	back = malloc(kb > vb ? kb : vb);
+	if (!dk || !dv || !dseq || !dpos || !dcs || !back ||
+	    kvq_test_gpu_put(dk, tc->in_f16 ? (void *)k16 : (void *)kr,
+			     nrows * kvd * (tc->in_f16 ? 2 : 4)) ||
+	    kvq_test_gpu_put(dv, tc->in_f16 ? (void *)v16 : (void *)vr,
+			     nrows * kvd * (tc->in_f16 ? 2 : 4)) ||
+	    kvq_test_gpu_put(dseq, rseq, sizeof(rseq)) ||
+	    kvq_test_gpu_put(dpos, rpos, sizeof(rpos)) ||
+	    kvq_test_gpu_put(dcs, cs, (size_t)nrows * (tc->rope_dim / 2) * 8)) {
+		tap_ok(0, "append %s: device buffers", tc->name);
+		goto out_dev;
+	}
+	memset(&a, 0, sizeof(a));
+	a.k = dk;
+	a.v = dv;
+	a.in_type = tc->in_f16 ? KVQ_GPU_F16 : KVQ_GPU_F32;
+	a.n_rows = nrows;
+	a.row_seq = dseq;
+	a.row_pos = dpos;
+	a.k_pages = d.kp;
+	a.v_pages = d.vp;
+	a.k_page_bytes = c->layers[0].k.page_bytes;
+	a.v_page_bytes = c->layers[0].v.page_bytes;
+	a.k_type = tc->kt;
+	a.v_type = tc->vt;
+	a.block_table = d.bt;
+	a.bt_stride = d.bt_stride;
+	a.sink = (uint16_t *const *)d.sinkv;
+	a.n_sink = n_sink;
+	a.n_kv_heads = hk;
+	a.head_dim = HD;
+	a.page_tokens = P;
+	a.rope_dim = tc->rope_dim;
+	a.rope_base = 10000.0f;
+	a.rope_neox = tc->neox;
+	a.rope_cs = tc->table ? dcs : NULL;
+	ret = kvq_gpu_attn_append(&a, NULL);
+	if (ret || kvq_test_gpu_sync(why, sizeof(why))) {
+		tap_ok(0, "append %s: launch (%d %s)", tc->name, ret, why);
+		goto out_dev;
+	}
+	/* The twin: the engine's rotation, then kvq_kv_write(). */
+	for (r = 0; r < nrows; r++) {
+		memcpy(tmp, kr + r * kvd, kvd * 4);
+		kvq_attn_ref_rope(tmp, hk, HD, tc->rope_dim, tc->neox,
+				  cs + (size_t)r * (tc->rope_dim / 2) * 2);
+		kvq_kv_write(c, &s[rseq[r]], 0, upos[r], tmp, vr + r * kvd);
+	}
+	kvq_test_gpu_get(back, d.kp, kb);
+	for (i = 0; i < kb; i++)
+		diff += back[i] != c->layers[0].k.mem[i];
+	kvq_test_gpu_get(back, d.vp, vb);
+	for (i = 0; i < vb; i++)
+		diff += back[i] != c->layers[0].v.mem[i];
+	for (b = 0; b < B; b++) {
+		kvq_test_gpu_get(back, d.sinks[b], sinkn * 2);
+		for (j = 0; j < sinkn * 2; j++)
+			diff += back[j] != ((uint8_t *)s[b].sink)[j];
+	}
+	tap_ok(diff == 0, "kvq_gpu_attn_append_%s_%s_%s_bytes_equal (%zu bytes differ)",
+	       tc->name, tn(tc->kt), tn(tc->vt), diff);
+out_dev:
+	kvq_test_gpu_free(dk);
+	kvq_test_gpu_free(dv);
+	kvq_test_gpu_free(dseq);
+	kvq_test_gpu_free(dpos);
+	kvq_test_gpu_free(dcs);
+	dev_free(&d);
+out_host:
+	if (c) {
+		for (b = 0; b < B; b++)
+			kvq_kv_seq_release(c, &s[b]);
+		kvq_kv_destroy(c);
+	}
+	free(back);
+	free(kr);
+	free(vr);
+	free(cs);
+	free(tmp);
+	free(k16);
+	free(v16);
+}
+
+static void args_rejected(void)
+{
+	struct kvq_gpu_attn_args a;
+
+	memset(&a, 0, sizeof(a));
+	a.batch = 1;
+	a.n_q_heads = 32;
+	a.n_kv_heads = 8;
+	a.head_dim = 96;
+	a.page_tokens = 16;
+	a.k_type = KVQ_KV_Q4;
+	a.v_type = KVQ_KV_Q4;
+	a.k_page_bytes = a.v_page_bytes = 1 << 20;
+	tap_ok(kvq_gpu_attn_decode(&a, NULL) == -EOPNOTSUPP,
+	       "kvq_gpu_attn_decode_head_dim_96_unsupported");
+	a.head_dim = 128;
+	a.k_type = KVQ_KV_F32;
+	tap_ok(kvq_gpu_attn_decode(&a, NULL) == -EOPNOTSUPP,
+	       "kvq_gpu_attn_decode_f32_pages_unsupported");
+	a.k_type = KVQ_KV_Q4;
+	a.n_q_heads = 30;
+	tap_ok(kvq_gpu_attn_decode(&a, NULL) == -EINVAL,
+	       "kvq_gpu_attn_decode_heads_not_multiple_rejected");
+}
+
+int main(void)
+{
+	static const int types[3] = { KVQ_KV_F16, KVQ_KV_Q8, KVQ_KV_Q4 };
+	static const int main_pairs[4][2] = {
+		{ KVQ_KV_Q4, KVQ_KV_Q4 }, { KVQ_KV_Q8, KVQ_KV_Q4 },
+		{ KVQ_KV_Q8, KVQ_KV_Q8 }, { KVQ_KV_F16, KVQ_KV_F16 },
+	};
+	char why[256] = "";
+	int i, j;
+
+	if (kvq_test_gpu_count(why, sizeof(why)) <= 0) {
+		printf("1..0 # SKIP no GPU (%s)\n", why);
+		return 77;
+	}
+	args_rejected();
+
+	/* Every pair: ragged batch, tokens below and across page ends,
+	 * sinks, Llama-3-8B-like heads. */
+	for (i = 0; i < 3; i++)
+		for (j = 0; j < 3; j++) {
+			struct dcase tc = {
+				"ragged", types[i], types[j], 32, 8, 16, 4, 6,
+				{ 1, 4, 5, 16, 17, 300 }, 0, 1.0f, 0, 0,
+			};
+			run_decode(&tc);
+		}
+	for (i = 0; i < 4; i++) {
+		int kt = main_pairs[i][0], vt = main_pairs[i][1];
+		struct dcase cases[] = {
+			{ "long", kt, vt, 32, 8, 16, 4, 3,
+			  { 32768, 8191, 33 }, 0, 1.0f, 0, 0 },
+			{ "batch8_mixed", kt, vt, 32, 8, 16, 4, 8,
+			  { 4096, 2, 1023, 4097, 64, 15, 2048, 511 }, 0, 1.0f,
+			  0, 0 },
+			{ "gqa1", kt, vt, 8, 8, 16, 4, 2, { 100, 37 }, 0, 1.0f, 0, 0 },
+			{ "gqa2", kt, vt, 16, 8, 16, 4, 2, { 100, 37 }, 0, 1.0f, 0, 0 },
+			{ "gqa6", kt, vt, 48, 8, 16, 4, 2, { 100, 37 }, 0, 1.0f, 0, 0 },
+			{ "gqa8", kt, vt, 32, 4, 16, 4, 2, { 100, 37 }, 0, 1.0f, 0, 0 },
+			{ "gqa16", kt, vt, 64, 4, 16, 4, 2, { 100, 37 }, 0, 1.0f, 0, 0 },
+			{ "page32", kt, vt, 32, 8, 32, 20, 4, { 1, 31, 33, 200 },
+			  0, 1.0f, 0, 0 },
+			{ "page64", kt, vt, 32, 8, 64, 4, 4, { 3, 64, 65, 700 },
+			  0, 1.0f, 0, 0 },
+			{ "no_sinks", kt, vt, 32, 8, 16, 0, 2, { 3, 50 }, 0, 1.0f,
+			  0, 0 },
+			{ "empty_seq", kt, vt, 32, 8, 16, 4, 3, { 0, 10, 2 }, 0,
+			  1.0f, 0, 0 },
+			{ "f16_io_peaky", kt, vt, 32, 8, 16, 4, 2, { 2000, 129 },
+			  0.5f, 3.0f, 1, 1 },
+		};
+		for (j = 0; j < (int)(sizeof(cases) / sizeof(cases[0])); j++)
+			run_decode(&cases[j]);
+	}
+
+	for (i = 0; i < 3; i++)
+		for (j = 0; j < 3; j++) {
+			struct acase tc = { "adjacent_table", types[i], types[j],
+					    HD, 0, 1, 0 };
+			run_append(&tc);
+		}
+	for (i = 0; i < 4; i++) {
+		int kt = main_pairs[i][0], vt = main_pairs[i][1];
+		struct acase cases[] = {
+			{ "neox_table", kt, vt, HD, 1, 1, 0 },
+			{ "neox_partial64", kt, vt, 64, 1, 1, 0 },
+			{ "adjacent_partial32_f16_in", kt, vt, 32, 0, 1, 1 },
+			{ "adjacent_device_angles", kt, vt, HD, 0, 0, 0 },
+			{ "neox_device_angles", kt, vt, HD, 1, 0, 0 },
+		};
+		for (j = 0; j < (int)(sizeof(cases) / sizeof(cases[0])); j++)
+			run_append(&cases[j]);
+	}
+	return tap_done();
+}
