@@ -321,13 +321,12 @@ static void finish(struct kvq_sched *s, struct sreq *r, enum kvq_finish f)
 			r->tlen += n;
 		}
 	}
-	deliver_done(s, r);
-
 	pthread_mutex_lock(&s->lock);
 	r->state = KVQ_SCHED_FINISHED;
 	s->kv_full = false;
 	s->st.requests_finished[f]++;
 	pthread_mutex_unlock(&s->lock);
+	deliver_done(s, r);
 	sreq_free(r);
 }
 
@@ -350,7 +349,8 @@ static int sreq_build(struct kvq_sched *s, const struct kvq_sched_req *q,
 	r->prompt_logprobs = q->prompt_logprobs && q->logprobs >= 0;
 	r->ignore_eos = q->ignore_eos;
 	r->n_eog = q->n_eog;
-	memcpy(r->eog, q->eog, sizeof(int32_t) * q->n_eog);
+	if (q->n_eog)
+		memcpy(r->eog, q->eog, sizeof(int32_t) * q->n_eog);
 	if (q->tag)
 		snprintf(r->tag, sizeof(r->tag), "%s", q->tag);
 	r->toks = malloc(sizeof(int32_t) * (q->n_prompt + max_tokens));
@@ -531,6 +531,29 @@ static void collect_dead(struct kvq_sched *s, struct sreq **dead, double t)
 		}
 		i++;
 	}
+}
+
+/*
+ * Publishes the running requests' progress for snapshots and the KV bytes
+ * in use (lock held; scheduler thread).
+ */
+static void publish(struct kvq_sched *s)
+{
+	uint64_t kv = 0;
+	struct sreq *r;
+	uint32_t k;
+
+	for (k = 0; k < s->n_run; k++) {
+		r = s->run[k];
+		r->state = r->n_fed >= r->n_prompt ? KVQ_SCHED_DECODE :
+			   KVQ_SCHED_PREFILL;
+		r->pub_fed = r->n_fed;
+		r->pub_gen = r->n_toks - r->n_prompt;
+		kv += r->n_fed;
+	}
+	s->st.kv_bytes_used = kv * s->kv_token_bytes;
+	s->st.running = s->n_run;
+	s->st.waiting = s->n_queued;
 }
 
 /* Moves queued requests into the running array while there is room. */
@@ -753,7 +776,6 @@ static void do_step(struct kvq_sched *s)
 	struct kvq_batch b;
 	double t;
 	uint32_t k;
-	uint64_t kv = 0;
 
 	pthread_mutex_lock(&s->lock);
 	for (k = 0; k < s->n_run; k++) {
@@ -838,15 +860,7 @@ static void do_step(struct kvq_sched *s)
 				run_remove(s, k);
 				break;
 			}
-	for (k = 0; k < s->n_run; k++) {
-		r = s->run[k];
-		r->state = r->n_fed >= r->n_prompt ? KVQ_SCHED_DECODE :
-			   KVQ_SCHED_PREFILL;
-		r->pub_fed = r->n_fed;
-		r->pub_gen = r->n_toks - r->n_prompt;
-		kv += r->n_fed;
-	}
-	s->st.kv_bytes_used = kv * s->kv_token_bytes;
+	publish(s);
 	pthread_mutex_unlock(&s->lock);
 
 	while ((r = dead)) {
@@ -863,6 +877,7 @@ fail_all:
 		r->next = dead;
 		dead = r;
 	}
+	publish(s);
 	pthread_mutex_unlock(&s->lock);
 	while ((r = dead)) {
 		dead = r->next;
@@ -883,7 +898,7 @@ static void *sched_main(void *arg)
 		dead = NULL;
 		collect_dead(s, &dead, now_s());
 		if (dead) {
-			s->st.kv_bytes_used = 0;
+			publish(s);
 			pthread_mutex_unlock(&s->lock);
 			while ((r = dead)) {
 				dead = r->next;
@@ -895,10 +910,8 @@ static void *sched_main(void *arg)
 		if (s->stop && !s->n_run && !s->qhead)
 			break;
 		admit(s);
-		s->st.running = s->n_run;
-		s->st.waiting = s->n_queued;
+		publish(s);
 		if (!s->n_run) {
-			s->st.kv_bytes_used = 0;
 			pthread_cond_broadcast(&s->idle);
 			pthread_cond_wait(&s->wake, &s->lock);
 			continue;

@@ -501,13 +501,41 @@ static void chat_setup(struct kvq_http *h)
 	h->chat_init = true;
 }
 
+/* The model's file name without directory and ".gguf", as its id. */
+static void model_id_from_path(struct kvq_http *h)
+{
+	const struct kvq_gguf *g = kvq_model_gguf(h->model);
+	const char *base;
+	size_t n;
+	char *id;
+
+	if (!g || !g->path)
+		return;
+	base = strrchr(g->path, '/');
+	base = base ? base + 1 : g->path;
+	n = strlen(base);
+	if (n > 5 && !strcmp(base + n - 5, ".gguf"))
+		n -= 5;
+	if (!n)
+		return;
+	id = strndup(base, n);
+	if (!id)
+		return;
+	free(h->model_id);
+	h->model_id = id;
+	h->o.model_id = id;
+}
+
 void kvq_http_attach(struct kvq_http *h, struct kvq_sched *sched)
 {
 	h->sched = sched;
 	h->model = sched ? kvq_sched_model(sched) : NULL;
 	h->tok = h->model ? kvq_model_tokenizer(h->model) : NULL;
-	if (h->model)
-		chat_setup(h);
+	if (!h->model)
+		return;
+	if (!h->model_id_set)
+		model_id_from_path(h);
+	chat_setup(h);
 }
 
 void kvq_http_set_ready(struct kvq_http *h, bool ready)
@@ -547,8 +575,8 @@ int kvq_http_create(struct event_base *base, struct kvq_sched *sched,
 	h->created = (long long)time(NULL);
 	h->o.port = o->port ? o->port : DEF_PORT;
 	h->host = strdup(o->host && o->host[0] ? o->host : DEF_HOST);
-	h->model_id = strdup(o->model_id && o->model_id[0] ? o->model_id :
-			     DEF_MODEL_ID);
+	h->model_id_set = o->model_id && o->model_id[0];
+	h->model_id = strdup(h->model_id_set ? o->model_id : DEF_MODEL_ID);
 	if (!h->host || !h->model_id)
 		goto out_free;
 	h->o.host = h->host;

@@ -28,7 +28,8 @@ struct kvq_http_opts {
 	const char *host;		/* "127.0.0.1" */
 	uint16_t port;			/* 8080 */
 	const char *api_key;		/* NULL or "": no key needed */
-	const char *model_id;		/* name in /v1/models ("kvqd") */
+	const char *model_id;		/* id in /v1/models (the model's file
+					 * name without ".gguf") */
 	uint64_t max_body_bytes;	/* 8 MiB */
 	uint64_t max_header_bytes;	/* 16 KiB */
 	uint32_t idle_timeout_ms;	/* read/write idle per connection (30000) */

@@ -38,6 +38,7 @@ struct kvq_http {
 	char *host;
 	char *api_key;
 	char *model_id;
+	bool model_id_set;		/* given in the options, not derived */
 	long long created;		/* unix time the server started */
 	bool ready;
 	bool draining;
