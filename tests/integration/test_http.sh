@@ -400,6 +400,27 @@ req POST /v1/completions -H 'Authorization: Bearer s3cret' -d "$normal"
 [ "$STATUS" = 200 ]
 ok $? "normal request after 429s"
 
+# ---------------------------------------------------------------- timeouts
+start timeouts "$MODEL" --request-timeout 1s
+ok $? "kvqd starts with a 1 s request timeout"
+req POST /v1/completions -d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true}'
+[ "$STATUS" = 504 ] && js "$ERR_SHAPE" && js 'j["error"]["code"] == "request_timeout"'
+ok $? "a request over the request timeout: 504 timeout_error"
+curl -sN -o "$DIR/to.txt" "http://127.0.0.1:$PORT/v1/completions" \
+	-d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true,"stream":true}'
+"$PY" - "$DIR/to.txt" <<'EOF'
+import json, sys
+ev = [l[6:] for l in open(sys.argv[1]).read().split("\n\n") if l]
+assert ev[-1] == "[DONE]"
+err = json.loads(ev[-2])
+assert err["error"]["code"] == "request_timeout", err
+assert all("choices" in json.loads(e) for e in ev[:-2])
+EOF
+ok $? "a stream over the request timeout ends with an error event and [DONE]"
+req POST /v1/completions -d "$normal"
+[ "$STATUS" = 200 ]
+ok $? "normal request after timeouts"
+
 # ---------------------------------------------------------------- chat
 NPY=
 for p in "${PYTHON3:-}" /usr/bin/python3 python3; do
