@@ -96,8 +96,10 @@ void kvq_http_reply_err(struct kvq_http *h, struct evhttp_request *req,
 	if (e->status == 401)
 		evhttp_add_header(evhttp_request_get_output_headers(req),
 				  "WWW-Authenticate", "Bearer");
-	if (e->status >= 500)
+	if (e->status == 500)
 		kvq_warn("http: %d %s", e->status, e->msg);
+	else
+		kvq_debug("http: %d %s", e->status, e->msg);
 	kvq_http_reply_json(h, req, e->status, kvq_oai_error_json(e));
 }
 

@@ -5,7 +5,16 @@
  */
 #include "config.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <event2/buffer.h>
+#include <event2/event.h>
+#include <event2/http.h>
+#include <event2/thread.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -549,6 +558,117 @@ static void test_metrics(void)
 	free(s);
 }
 
+/* ------------------------------------------------ server without a model */
+
+struct answer {
+	struct event_base *base;
+	int status;
+	char body[4096];
+};
+
+static void on_answer(struct evhttp_request *req, void *arg)
+{
+	struct answer *a = arg;
+	struct evbuffer *b;
+	size_t n;
+
+	a->status = req ? evhttp_request_get_response_code(req) : -1;
+	if (req) {
+		b = evhttp_request_get_input_buffer(req);
+		n = evbuffer_get_length(b);
+		if (n >= sizeof(a->body))
+			n = sizeof(a->body) - 1;
+		evbuffer_remove(b, a->body, n);
+		a->body[n] = 0;
+	}
+	event_base_loopexit(a->base, NULL);
+}
+
+static void ask(struct event_base *base, uint16_t port,
+		enum evhttp_cmd_type m, const char *path, struct answer *a)
+{
+	struct evhttp_connection *c;
+	struct evhttp_request *req;
+
+	memset(a, 0, sizeof(*a));
+	a->base = base;
+	a->status = -1;
+	c = evhttp_connection_base_new(base, NULL, "127.0.0.1", port);
+	req = evhttp_request_new(on_answer, a);
+	evhttp_add_header(evhttp_request_get_output_headers(req), "Host", "x");
+	if (m == EVHTTP_REQ_POST)
+		evbuffer_add_printf(evhttp_request_get_output_buffer(req),
+				    "{\"prompt\":\"x\"}");
+	evhttp_make_request(c, req, m, path);
+	event_base_dispatch(base);
+	evhttp_connection_free(c);
+}
+
+static uint16_t free_port(void)
+{
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	socklen_t len = sizeof(sa);
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	uint16_t port = 0;
+
+	sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	if (fd >= 0 && !bind(fd, (struct sockaddr *)&sa, sizeof(sa)) &&
+	    !getsockname(fd, (struct sockaddr *)&sa, &len))
+		port = ntohs(sa.sin_port);
+	if (fd >= 0)
+		close(fd);
+	return port;
+}
+
+static void test_http_loading(void)
+{
+	struct kvq_http_opts o = { .host = "127.0.0.1" };
+	struct kvq_http *h = NULL, *h2 = NULL;
+	struct event_base *base;
+	struct answer a;
+	char err[256] = "";
+	int ret;
+
+	evthread_use_pthreads();
+	base = event_base_new();
+	o.port = free_port();
+	ret = kvq_http_create(base, NULL, &o, &h, err, sizeof(err));
+	tap_ok(!ret, "kvq_http_create_without_model (%s)", ret ? err : "ok");
+	if (ret) {
+		event_base_free(base);
+		return;
+	}
+	ret = kvq_http_create(base, NULL, &o, &h2, err, sizeof(err));
+	tap_ok(ret < 0 && strstr(err, "cannot listen"),
+	       "kvq_http_create_port_in_use (%s)", err);
+
+	ask(base, o.port, EVHTTP_REQ_GET, "/health", &a);
+	tap_ok(a.status == 503 && strstr(a.body, "\"code\":\"loading\"") &&
+	       strstr(a.body, "\"type\":\"unavailable_error\""),
+	       "health_while_loading_is_503_json (%d %s)", a.status, a.body);
+	ask(base, o.port, EVHTTP_REQ_POST, "/v1/completions", &a);
+	tap_ok(a.status == 503 && strstr(a.body, "\"loading\""),
+	       "completions_while_loading_is_503");
+	ask(base, o.port, EVHTTP_REQ_GET, "/v1/nope", &a);
+	tap_ok(a.status == 404 && strstr(a.body, "\"not_found\""),
+	       "unknown_path_is_404");
+	ask(base, o.port, EVHTTP_REQ_PUT, "/v1/completions", &a);
+	tap_ok(a.status == 405 && strstr(a.body, "\"method_not_allowed\""),
+	       "wrong_method_is_405");
+	ask(base, o.port, EVHTTP_REQ_GET, "/metrics", &a);
+	tap_ok(a.status == 200 && strstr(a.body, "\nkvqd_ready 0\n"),
+	       "metrics_while_loading");
+	kvq_http_set_ready(h, true);
+	ask(base, o.port, EVHTTP_REQ_GET, "/health", &a);
+	tap_ok(a.status == 503, "health_ready_without_scheduler_is_503");
+	kvq_http_stop_accepting(h);
+	ask(base, o.port, EVHTTP_REQ_GET, "/health", &a);
+	tap_ok(a.status == 503 && strstr(a.body, "\"draining\""),
+	       "health_while_draining_is_503");
+	kvq_http_destroy(h);
+	event_base_free(base);
+}
+
 int main(void)
 {
 	test_completion_fields();
@@ -559,5 +679,6 @@ int main(void)
 	test_chat_detect();
 	test_chat_render();
 	test_metrics();
+	test_http_loading();
 	return tap_done();
 }
