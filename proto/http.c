@@ -441,6 +441,12 @@ static void on_request(struct evhttp_request *req, void *arg)
 		kvq_http_reply_err(h, req, &e);
 		return;
 	}
+	if ((r->flags & R_MODEL) && h->draining) {
+		kvq_oai_fail(&e, 503, "unavailable_error", "draining", NULL,
+			     "kvqd is shutting down");
+		kvq_http_reply_err(h, req, &e);
+		return;
+	}
 	if ((r->flags & R_MODEL) && (!h->ready || !h->sched)) {
 		kvq_oai_fail(&e, 503, "unavailable_error", "loading", NULL,
 			     "the model is loading; retry shortly");
