@@ -486,5 +486,24 @@ else
 	skip "chat completions on a ChatML model" "python3-numpy or tools/gen_model.py missing"
 fi
 
+# ---------------------------------------------------------------- drain
+start drain "$MODEL"
+ok $? "kvqd starts (drain)"
+dpid=${PIDS[-1]}
+curl -sN -o "$DIR/drain.txt" "http://127.0.0.1:$PORT/v1/completions" \
+	-d '{"prompt":"Once","max_tokens":600,"ignore_eos":true,"stream":true}' &
+cpid=$!
+sleep 0.2
+kill -TERM "$dpid"
+sleep 0.05
+req POST /v1/completions -d "$normal"
+[ "$STATUS" = 503 ] && js 'j["error"]["code"] == "draining"'
+ok $? "SIGTERM: a new request gets 503 draining"
+wait "$cpid"
+sse_check "$DIR/drain.txt" text_completion 0 && js_n=$(grep -c '"finish_reason":"length"' "$DIR/drain.txt") && [ "$js_n" = 1 ]
+ok $? "SIGTERM: the running stream finishes with [DONE]"
+wait "$dpid"
+ok $? "SIGTERM: kvqd exits 0 after the drain"
+
 echo "1..$n"
 [ "$failed" = 0 ]
