@@ -17,8 +17,16 @@
 #ifndef KVQ_ATTN_H
 #define KVQ_ATTN_H
 
+#include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
+
+/* Callers include config.h first; the kernels themselves are compiled by
+ * nvcc or hipcc. */
+#if defined(KVQ_HAVE_CUDA) || defined(KVQ_HAVE_HIP) || \
+	defined(__CUDACC__) || defined(__HIPCC__)
+#define KVQ_ATTN_GPU 1
+#endif
 
 #ifdef __cplusplus
 extern "C" {
@@ -77,7 +85,16 @@ struct kvq_gpu_attn_args {
  * partial results and merge counters), from its shape fields and max_len.
  * Returns 0 only for an unsupported shape.
  */
+#ifdef KVQ_ATTN_GPU
 size_t kvq_gpu_attn_workspace_bytes(const struct kvq_gpu_attn_args *a);
+#else
+static inline size_t
+kvq_gpu_attn_workspace_bytes(const struct kvq_gpu_attn_args *a)
+{
+	(void)a;
+	return 0;
+}
+#endif
 
 /*
  * kvq_gpu_attn_decode() - launch decode attention on @stream (a
@@ -87,7 +104,17 @@ size_t kvq_gpu_attn_workspace_bytes(const struct kvq_gpu_attn_args *a);
  * small, -EIO when the launch fails.  @a->out is written by the kernel
  * (every element, also for sequences of length 0, which get zeros).
  */
+#ifdef KVQ_ATTN_GPU
 int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a, void *stream);
+#else
+static inline int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a,
+				      void *stream)
+{
+	(void)a;
+	(void)stream;
+	return -ENOSYS;
+}
+#endif
 
 /*
  * One append launch: RoPE on each new key row, then K and V quantized
@@ -126,8 +153,19 @@ struct kvq_gpu_append_args {
 };
 
 /* kvq_gpu_attn_append() - launch the append on @stream.  Returns 0 once
- * queued, -EINVAL / -EOPNOTSUPP / -EIO as kvq_gpu_attn_decode(). */
+ * queued, -EINVAL / -EOPNOTSUPP / -EIO as kvq_gpu_attn_decode().
+ * Without a GPU backend in the build, both launchers return -ENOSYS. */
+#ifdef KVQ_ATTN_GPU
 int kvq_gpu_attn_append(const struct kvq_gpu_append_args *a, void *stream);
+#else
+static inline int kvq_gpu_attn_append(const struct kvq_gpu_append_args *a,
+				      void *stream)
+{
+	(void)a;
+	(void)stream;
+	return -ENOSYS;
+}
+#endif
 
 /* ------------------------------------------------ plain-C reference twins */
 
