@@ -61,6 +61,8 @@ struct hreq {
 	struct evhttp_request *req;	/* NULL once answered or gone */
 	struct evhttp_connection *conn;
 	struct event *watch;		/* peer close, while answering */
+	struct event *beat;		/* stream keep-alive timer */
+	bool wrote;			/* a chunk went out since the last beat */
 	enum kvq_oai_kind kind;
 	char id[48];
 	long long created;
@@ -186,6 +188,10 @@ static void hreq_detach(struct hreq *hr)
 		event_free(hr->watch);
 		hr->watch = NULL;
 	}
+	if (hr->beat) {
+		event_free(hr->beat);
+		hr->beat = NULL;
+	}
 	if (hr->conn)
 		evhttp_connection_set_closecb(hr->conn, NULL, NULL);
 	if (hr->req) {
@@ -240,6 +246,47 @@ static void on_peer_closed(evutil_socket_t fd, short what, void *arg)
 	cancel_live(hr);
 	if (conn)
 		evhttp_connection_free(conn);
+}
+
+/*
+ * A stream that is queued, or whose tokens come slowly, writes nothing for
+ * a while; evhttp would then close it at the idle timeout.  An SSE comment
+ * line (ignored by clients) keeps it alive, and keeps proxies from timing
+ * it out too.
+ */
+static void on_beat(evutil_socket_t fd, short what, void *arg)
+{
+	struct hreq *hr = arg;
+	struct evbuffer *b;
+
+	if (!hr->req)
+		return;
+	if (hr->wrote) {
+		hr->wrote = false;
+		return;
+	}
+	b = evbuffer_new();
+	if (!b)
+		return;
+	evbuffer_add_printf(b, ": keep-alive\n\n");
+	evhttp_send_reply_chunk(hr->req, b);
+	evbuffer_free(b);
+}
+
+static void start_beat(struct hreq *hr)
+{
+	uint32_t ms = hr->h->o.idle_timeout_ms / 3;
+	struct timeval tv;
+
+	if (ms < 200)
+		ms = 200;
+	tv.tv_sec = ms / 1000;
+	tv.tv_usec = (ms % 1000) * 1000;
+	hr->beat = event_new(hr->h->base, -1, EV_PERSIST, on_beat, hr);
+	if (hr->beat && event_add(hr->beat, &tv)) {
+		event_free(hr->beat);
+		hr->beat = NULL;
+	}
 }
 
 static void watch_peer(struct hreq *hr)
@@ -408,6 +455,7 @@ static void sse_send(struct hreq *hr, json_t *j)
 		goto out;
 	evbuffer_add_printf(b, "data: %s\n\n", s);
 	evhttp_send_reply_chunk(hr->req, b);
+	hr->wrote = true;
 out:
 	if (b)
 		evbuffer_free(b);
@@ -1024,6 +1072,7 @@ void kvq_complete_handle(struct kvq_http *h, struct evhttp_request *req,
 		evhttp_send_reply_start(req, 200, "OK");
 		kvq_http_count(h, 200);
 		h->st.streams++;
+		start_beat(hr);
 	}
 	goto out;
 fail:

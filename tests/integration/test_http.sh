@@ -109,8 +109,10 @@ sse_check() {
 	"$PY" - "$@" <<'EOF'
 import json, sys
 path, obj, inc = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-events = [l[6:] for l in open(path, encoding="utf-8").read().split("\n\n") if l]
-assert all(True for _ in events)
+events = [l for l in open(path, encoding="utf-8").read().split("\n\n")
+          if l and not l.startswith(":")]
+assert all(e.startswith("data: ") and "\n" not in e for e in events), events
+events = [e[6:] for e in events]
 assert events and events[-1] == "[DONE]", "no [DONE] at the end"
 chunks = [json.loads(e) for e in events[:-1]]
 ids = {c["id"] for c in chunks}
@@ -410,7 +412,8 @@ curl -sN -o "$DIR/to.txt" "http://127.0.0.1:$PORT/v1/completions" \
 	-d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true,"stream":true}'
 "$PY" - "$DIR/to.txt" <<'EOF'
 import json, sys
-ev = [l[6:] for l in open(sys.argv[1]).read().split("\n\n") if l]
+ev = [l[6:] for l in open(sys.argv[1]).read().split("\n\n")
+      if l and not l.startswith(":")]
 assert ev[-1] == "[DONE]"
 err = json.loads(ev[-2])
 assert err["error"]["code"] == "request_timeout", err
@@ -420,6 +423,19 @@ ok $? "a stream over the request timeout ends with an error event and [DONE]"
 req POST /v1/completions -d "$normal"
 [ "$STATUS" = 200 ]
 ok $? "normal request after timeouts"
+
+# a stream queued behind a long request outlives the idle timeout
+start queue "$MODEL" --idle-timeout 1s --max-running 1
+ok $? "kvqd starts with a 1 s idle timeout and one running request"
+curl -s -o /dev/null "http://127.0.0.1:$PORT/v1/completions" \
+	-d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true}' &
+cpid=$!
+sleep 0.1
+curl -sN -o "$DIR/queued.txt" "http://127.0.0.1:$PORT/v1/completions" \
+	-d '{"prompt":"Once","max_tokens":1500,"ignore_eos":true,"stream":true}'
+wait "$cpid"
+sse_check "$DIR/queued.txt" text_completion 0 && grep -q '^: keep-alive$' "$DIR/queued.txt"
+ok $? "a queued stream is kept alive with SSE comments past the idle timeout"
 
 # ---------------------------------------------------------------- chat
 NPY=
