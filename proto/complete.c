@@ -1113,8 +1113,12 @@ void kvq_complete_fini(struct kvq_http *h)
 			struct evhttp_request *req = hr->req;
 
 			if (hr->stream) {
-				hreq_detach(hr);
-				evhttp_send_reply_end(req);
+				stream_error(hr, 503, "unavailable_error",
+					     "cancelled", "the request was "
+					     "cancelled (kvqd is shutting "
+					     "down)");
+				hr->include_usage = false;
+				stream_end(hr);
 			} else {
 				struct kvq_oai_err e;
 
