@@ -63,6 +63,7 @@ struct hreq {
 	struct event *watch;		/* peer close, while answering */
 	struct event *beat;		/* stream keep-alive timer */
 	bool wrote;			/* a chunk went out since the last beat */
+	bool error_sent;		/* a stream's error event is out */
 	enum kvq_oai_kind kind;
 	char id[48];
 	long long created;
@@ -671,8 +672,10 @@ static void apply(struct kvq_http *h, struct evitem *it)
 			struct kvq_oai_err e;
 
 			if (choice_failed(c, &e)) {
-				stream_error(hr, e.status, e.type, e.code,
-					     e.msg);
+				if (!hr->error_sent)
+					stream_error(hr, e.status, e.type,
+						     e.code, e.msg);
+				hr->error_sent = true;
 				goto out;
 			}
 			fin = kvq_finish_name(c->finish);

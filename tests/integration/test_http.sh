@@ -364,10 +364,13 @@ curl -sN -m 0.5 "http://127.0.0.1:$PORT/v1/completions" \
 	-d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true,"stream":true}' -o /dev/null
 curl -s -m 0.5 "http://127.0.0.1:$PORT/v1/completions" \
 	-d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true}' -o /dev/null
-sleep 0.2
-curl -s "http://127.0.0.1:$PORT/metrics" -o "$DIR/m2.txt"
-grep -q '^kvqd_requests_running 0$' "$DIR/m2.txt" && grep -q '^kvqd_kv_bytes_used 0$' "$DIR/m2.txt" &&
-	grep -q '^kvqd_requests_finished_total{reason="cancelled"} 2$' "$DIR/m2.txt"
+for i in $(seq 1 60); do
+	curl -s "http://127.0.0.1:$PORT/metrics" -o "$DIR/m2.txt"
+	grep -q '^kvqd_requests_running 0$' "$DIR/m2.txt" && grep -q '^kvqd_kv_bytes_used 0$' "$DIR/m2.txt" &&
+		grep -q '^kvqd_requests_finished_total{reason="cancelled"} 2$' "$DIR/m2.txt" && break
+	sleep 0.05
+done
+[ "$i" -le 20 ]
 ok $? "disconnected clients (streamed and plain) are cancelled and their KV freed"
 after_bad "disconnected clients"
 
@@ -390,7 +393,7 @@ cpids=()
 for i in 1 2 3 4; do
 	curl -s -o /dev/null -w '%{http_code}\n' -H 'Authorization: Bearer s3cret' \
 		"http://127.0.0.1:$PORT/v1/completions" \
-		-d '{"prompt":"Once","max_tokens":400,"ignore_eos":true}' >"$DIR/q.$i" &
+		-d '{"prompt":"Once","max_tokens":1000,"ignore_eos":true}' >"$DIR/q.$i" &
 	cpids+=($!)
 done
 for j in "${cpids[@]}"; do wait "$j"; done
@@ -405,11 +408,11 @@ ok $? "normal request after 429s"
 # ---------------------------------------------------------------- timeouts
 start timeouts "$MODEL" --request-timeout 1s
 ok $? "kvqd starts with a 1 s request timeout"
-req POST /v1/completions -d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true}'
+req POST /v1/completions -d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true,"n":16}'
 [ "$STATUS" = 504 ] && js "$ERR_SHAPE" && js 'j["error"]["code"] == "request_timeout"'
 ok $? "a request over the request timeout: 504 timeout_error"
 curl -sN -o "$DIR/to.txt" "http://127.0.0.1:$PORT/v1/completions" \
-	-d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true,"stream":true}'
+	-d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true,"stream":true,"n":16}'
 "$PY" - "$DIR/to.txt" <<'EOF'
 import json, sys
 ev = [l[6:] for l in open(sys.argv[1]).read().split("\n\n")
@@ -425,14 +428,14 @@ req POST /v1/completions -d "$normal"
 ok $? "normal request after timeouts"
 
 # a stream queued behind a long request outlives the idle timeout
-start queue "$MODEL" --idle-timeout 1s --max-running 1
-ok $? "kvqd starts with a 1 s idle timeout and one running request"
+start queue "$MODEL" --idle-timeout 1s --max-running 4
+ok $? "kvqd starts with a 1 s idle timeout and four running requests"
 curl -s -o /dev/null "http://127.0.0.1:$PORT/v1/completions" \
-	-d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true}' &
+	-d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true,"n":4}' &
 cpid=$!
 sleep 0.1
 curl -sN -o "$DIR/queued.txt" "http://127.0.0.1:$PORT/v1/completions" \
-	-d '{"prompt":"Once","max_tokens":1500,"ignore_eos":true,"stream":true}'
+	-d '{"prompt":"Once","max_tokens":100,"ignore_eos":true,"stream":true}'
 wait "$cpid"
 sse_check "$DIR/queued.txt" text_completion 0 && grep -q '^: keep-alive$' "$DIR/queued.txt"
 ok $? "a queued stream is kept alive with SSE comments past the idle timeout"
