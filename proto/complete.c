@@ -853,7 +853,7 @@ static int check_limits(struct kvq_http *h, const struct kvq_oai_req *r,
 			int n_prompt, struct kvq_oai_err *e)
 {
 	const struct kvq_sched_opts *so = kvq_sched_opts(h->sched);
-	const char *mt = r->kind == KVQ_OAI_CHAT ? "max_tokens" : "max_tokens";
+	const char *mt = "max_tokens";
 
 	if (n_prompt < 1)
 		return kvq_oai_bad(e, r->kind == KVQ_OAI_CHAT ? "messages" :
