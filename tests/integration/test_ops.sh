@@ -404,6 +404,7 @@ STREAMS=
 if command -v curl >/dev/null 2>&1; then
 	for i in 1 2; do
 		curl -sN "http://127.0.0.1:$PORT/v1/completions" \
+			-H "Authorization: Bearer $KEY" \
 			-d '{"prompt": "Once", "max_tokens": 2000, "stream": true, "ignore_eos": true}' \
 			>"$T/cstream$i.out" 2>&1 &
 		STREAMS="$STREAMS $!"
@@ -415,8 +416,12 @@ wait_for "$T/kvqd3.log" "SIGTERM: stopping" 10
 stop_daemon
 check "second_sigterm_exits_0" [ $? -eq 0 ]
 check "second_sigterm_stops_now" grep -q "SIGTERM again: stopping now" "$T/kvqd3.log"
-# shellcheck disable=SC2086
-[ -n "$STREAMS" ] && wait $STREAMS
+if [ -n "$STREAMS" ]; then
+	# shellcheck disable=SC2086
+	wait $STREAMS
+	check "second_sigterm_streams_end_cleanly" \
+		sh -c "tail -n 3 '$T/cstream1.out' | grep -q '^data: \[DONE\]'"
+fi
 
 echo "1..$N"
 [ $FAILED -eq 0 ]
