@@ -9,6 +9,7 @@ pkgs="
 	python3 python3-numpy python3-torch
 	curl socat mandoc prometheus
 	nodejs npm
+	hipcc
 "
 
 if [ "$(id -u)" -eq 0 ]; then
