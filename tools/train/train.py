@@ -418,9 +418,40 @@ def cmd_export(a):
 
 
 # --------------------------------------------------------------------- eval
-def perplexity(model_path, text_path, ctx=None, max_tokens=None, dtype=None):
-    """(ppl, nll, tokens) of the GGUF at @model_path over @text_path by the
-    chunk protocol, with kvq_ref and the GGUF's own vocabulary."""
+def windows(n, ctx, protocol):
+    """[(start, length, first scored)] of the perplexity windows over @n
+    text tokens; each window predicts ids[start:start+length] from BOS and
+    the tokens before each, and scores those from index @first on.
+
+    chunk:   consecutive chunks of ctx tokens, all scored (what training
+             reports as val and held-out loss).
+    sliding: kvqd --perplexity's windows: ctx - 1 text tokens after BOS,
+             moving by ctx // 2; a window scores the tokens no earlier
+             window scored."""
+    out = []
+    if protocol == "chunk":
+        for s in range(0, n, ctx):
+            out.append((s, min(ctx, n - s), s))
+        return out
+    if protocol != "sliding":
+        raise ValueError("protocol %r: chunk or sliding" % protocol)
+    ctx = min(ctx, n + 1)
+    stride = ctx // 2
+    start, until = 0, 0
+    while True:
+        length = min(n - start, ctx - 1)
+        out.append((start, length, until))
+        until = start + length
+        if start + ctx - 1 >= n:
+            break
+        start += stride
+    return out
+
+
+def perplexity(model_path, text_path, ctx=None, max_tokens=None, dtype=None,
+               protocol="sliding"):
+    """(ppl, nll, tokens scored) of the GGUF at @model_path over
+    @text_path, with kvq_ref and the GGUF's own vocabulary."""
     import torch
     from kvq_gguf import GGUFReader
     from kvq_ref import RefModel
@@ -436,13 +467,14 @@ def perplexity(model_path, text_path, ctx=None, max_tokens=None, dtype=None):
     bos = int(m.hp.bos_id)
     tot, cnt = 0.0, 0
     with torch.no_grad():
-        for s in range(0, len(ids), ctx):
-            c = ids[s:s + ctx]
-            x = [bos] + [int(t) for t in c[:-1]]
-            lg = m.forward(x)
+        for start, length, first in windows(len(ids), ctx, protocol):
+            c = ids[start:start + length]
+            lg = m.forward([bos] + [int(t) for t in c[:-1]])
             lp = torch.log_softmax(lg, dim=-1)
-            tot -= float(lp[torch.arange(len(c)), torch.from_numpy(c)].sum())
-            cnt += len(c)
+            k = first - start
+            tgt = torch.from_numpy(c[k:])
+            tot -= float(lp[torch.arange(k, length), tgt].sum())
+            cnt += length - k
     return math.exp(tot / cnt), tot / cnt, cnt
 
 
@@ -452,9 +484,11 @@ def cmd_eval(a):
         torch.set_num_threads(a.threads)
     t0 = time.time()
     ppl, nll, n = perplexity(a.model, a.text, a.ctx, a.max_tokens,
-                             torch.float32 if a.float32 else torch.float64)
+                             torch.float32 if a.float32 else torch.float64,
+                             a.protocol)
     res = {"model": os.path.basename(a.model),
-           "text": os.path.basename(a.text), "tokens": n, "nll": nll,
+           "text": os.path.basename(a.text), "protocol": a.protocol,
+           "tokens": n, "nll": nll,
            "ppl": ppl, "seconds": round(time.time() - t0, 1)}
     print(json.dumps(res))
     return 0
@@ -478,7 +512,7 @@ def cmd_all(a):
     rc = rc or cmd_eval(ns(model=model,
                            text=os.path.join(data, "heldout.txt"), ctx=None,
                            max_tokens=None, float32=False,
-                           threads=a.threads))
+                           threads=a.threads, protocol="sliding"))
     return rc
 
 
@@ -514,6 +548,8 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--float32", action="store_true")
     p.add_argument("--threads", type=int)
+    p.add_argument("--protocol", choices=("sliding", "chunk"),
+                   default="sliding")
     p = sub.add_parser("all")
     p.add_argument("--out", required=True)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
