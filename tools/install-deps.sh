@@ -6,7 +6,7 @@ set -eu
 pkgs="
 	build-essential autoconf automake pkg-config
 	libevent-dev libjansson-dev liburing-dev libnuma-dev libpcre2-dev libxxhash-dev
-	python3 python3-numpy python3-torch
+	python3 python3-numpy python3-torch python3-sentencepiece
 	curl socat mandoc prometheus
 	nodejs npm
 	hipcc
