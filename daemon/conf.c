@@ -22,6 +22,7 @@
 #include <arpa/inet.h>
 
 #include "daemon/conf.h"
+#include "engine/kvcache.h"
 #include "engine/log.h"
 
 #define MS_PER_S 1000u
@@ -33,14 +34,6 @@ static const struct kvq_config_choice log_levels[] = {
 	{ "notice", KVQ_LOG_NOTICE },
 	{ "info", KVQ_LOG_INFO },
 	{ "debug", KVQ_LOG_DEBUG },
-	{ NULL, 0 },
-};
-
-static const struct kvq_config_choice kv_types[] = {
-	{ "auto", KVQ_KV_AUTO },
-	{ "f16", KVQ_KV_F16 },
-	{ "q8", KVQ_KV_Q8 },
-	{ "q4", KVQ_KV_Q4 },
 	{ NULL, 0 },
 };
 
@@ -103,10 +96,10 @@ static const struct kvq_config_key keys[] = {
 	  "on SIGTERM, time running requests get to finish" },
 	{ "log_level", KVQ_CT_ENUM, OFF(log_level), true, false, "info", 0, 0,
 	  log_levels, "err, warning, notice, info or debug" },
-	{ "kv_type_k", KVQ_CT_ENUM, OFF(kv_type_k), false, false, "q8", 0, 0,
-	  kv_types, "precision of cached keys: f16, q8, q4 or auto" },
-	{ "kv_type_v", KVQ_CT_ENUM, OFF(kv_type_v), false, false, "q4", 0, 0,
-	  kv_types, "precision of cached values: f16, q8, q4 or auto" },
+	{ "kv_type_k", KVQ_CT_STRING, OFF(kv_type_k), false, false, "q8", 0, 0,
+	  NULL, "precision of cached keys: f32, f16, q8, q4, one per layer comma-separated, or auto" },
+	{ "kv_type_v", KVQ_CT_STRING, OFF(kv_type_v), false, false, "q4", 0, 0,
+	  NULL, "precision of cached values: f32, f16, q8, q4, or one per layer comma-separated" },
 	{ "kv_page_tokens", KVQ_CT_UINT, OFF(kv_page_tokens), false, false,
 	  "16", 1, 1024, NULL, "tokens per KV page (a power of two)" },
 	{ "kv_sink_tokens", KVQ_CT_UINT, OFF(kv_sink_tokens), false, false,
@@ -1216,6 +1209,46 @@ static int check_paths(const struct kvq_config *c, char *err, size_t errlen)
 	return bad ? -EINVAL : 0;
 }
 
+/*
+ * A KV precision: one of f32, f16, q8, q4 (or "auto" for keys), or a
+ * comma-separated list of those, one per layer (its length is checked
+ * against the model when it loads).
+ */
+static int check_kv_types(const struct kvq_config *c, const char *key,
+			  const char *v, bool allow_auto, char *err,
+			  size_t errlen)
+{
+	enum kvq_kv_type t;
+	char pfx[256], name[16];
+	const char *p = v;
+
+	vprefix(c, key, pfx, sizeof(pfx));
+	if (allow_auto && !strcmp(v, "auto"))
+		return 0;
+	if (!*v) {
+		errf(err, errlen, "%s: empty (expected f32, f16, q8, q4%s)", pfx,
+		     allow_auto ? " or auto" : "");
+		return -EINVAL;
+	}
+	while (*p) {
+		size_t len = strcspn(p, ",");
+
+		snprintf(name, sizeof(name), "%.*s", (int)(len < 15 ? len : 15), p);
+		if (len >= sizeof(name) || kvq_kv_type_parse(name, &t)) {
+			errf(err, errlen,
+			     "%s: '%s' is not one of: f32, f16, q8, q4%s (or a comma-separated list of them, one per layer)",
+			     pfx, name, allow_auto ? ", auto" : "");
+			return -EINVAL;
+		}
+		p += len;
+		if (*p == ',' && !*++p) {
+			errf(err, errlen, "%s: the list ends with a comma", pfx);
+			return -EINVAL;
+		}
+	}
+	return 0;
+}
+
 static int check_limits(const struct kvq_config *c, char *err, size_t errlen)
 {
 	char pfx[512];
@@ -1242,6 +1275,9 @@ static int check_limits(const struct kvq_config *c, char *err, size_t errlen)
 		     c->kv_tokens, c->n_ctx);
 		bad = 1;
 	}
+	if (check_kv_types(c, "kv_type_k", c->kv_type_k, true, err, errlen) ||
+	    check_kv_types(c, "kv_type_v", c->kv_type_v, false, err, errlen))
+		bad = 1;
 	if (c->kv_page_tokens & (c->kv_page_tokens - 1)) {
 		vprefix(c, "kv_page_tokens", pfx, sizeof(pfx));
 		errf(err, errlen, "%s: %u is not a power of two", pfx,

@@ -34,14 +34,6 @@
 /* Longest line of a config file, and longest value. */
 #define KVQ_CONFIG_MAX_LINE 4096
 
-/* Precision of KV pages (the KV cache's own enum arrives with it). */
-enum kvq_kv_type {
-	KVQ_KV_AUTO = 0,	/* decided by calibration at start-up */
-	KVQ_KV_F16,
-	KVQ_KV_Q8,
-	KVQ_KV_Q4,
-};
-
 enum kvq_device {
 	KVQ_DEVICE_AUTO = 0,	/* a GPU when one is usable, else the CPU */
 	KVQ_DEVICE_CPU,
@@ -91,8 +83,8 @@ struct kvq_config {
 	uint32_t queue_timeout_ms;	/* 0: none */
 	uint32_t drain_timeout_ms;
 	int log_level;			/* enum kvq_log_level */
-	int kv_type_k;			/* enum kvq_kv_type */
-	int kv_type_v;
+	char *kv_type_k;		/* a type, a per-layer list, or "auto" */
+	char *kv_type_v;		/* a type or a per-layer list */
 	uint32_t kv_page_tokens;
 	uint32_t kv_sink_tokens;
 	int device;			/* enum kvq_device */

@@ -338,6 +338,10 @@ static void sched_opts(const struct kvq_config *c, struct kvq_sched_opts *o)
 	o->queue_timeout_ms = c->queue_timeout_ms;
 	o->total_timeout_ms = c->request_timeout_ms;
 	o->n_threads = (int)c->threads;
+	o->kv_type_k = c->kv_type_k;
+	o->kv_type_v = c->kv_type_v;
+	o->kv_page_tokens = c->kv_page_tokens;
+	o->kv_sink_tokens = c->kv_sink_tokens;
 }
 
 /* ------------------------------------------------------------ loading */

@@ -30,8 +30,11 @@
 #include <time.h>
 
 #include "daemon/sched.h"
+#include "engine/kvcache.h"
+#include "engine/kvcalib.h"
 #include "engine/log.h"
 #include "engine/model.h"
+#include "engine/quant.h"
 #include "engine/tokenizer.h"
 
 const double kvq_sched_buckets[KVQ_SCHED_N_BUCKETS] = {
@@ -85,6 +88,8 @@ struct kvq_sched {
 	struct kvq_ctx *ctx;
 	struct kvq_sched_opts o;
 	uint64_t kv_token_bytes;
+	uint8_t kv_k[KVQ_KV_MAX_LAYERS];	/* resolved KV types per layer */
+	uint8_t kv_v[KVQ_KV_MAX_LAYERS];
 
 	pthread_t thread;
 	pthread_mutex_t lock;
@@ -551,7 +556,8 @@ static void publish(struct kvq_sched *s)
 		r->pub_gen = r->n_toks - r->n_prompt;
 		kv += r->n_fed;
 	}
-	s->st.kv_bytes_used = kv * s->kv_token_bytes;
+	(void)kv;
+	s->st.kv_bytes_used = kvq_ctx_kv_bytes_used(s->ctx);
 	s->st.running = s->n_run;
 	s->st.waiting = s->n_queued;
 }
@@ -948,6 +954,80 @@ static void opts_fill(struct kvq_sched_opts *o, const struct kvq_hparams *hp)
 		o->kv_tokens = o->n_ctx * o->max_running;
 }
 
+/* "q4" when every layer has one type, else a count per type. */
+static void types_summary(const uint8_t *t, uint32_t n, char *out, size_t len)
+{
+	uint32_t cnt[KVQ_KV_NTYPES] = { 0 }, i;
+	int k, w = 0;
+
+	for (i = 0; i < n; i++)
+		cnt[t[i] < KVQ_KV_NTYPES ? t[i] : 0]++;
+	for (k = 0; k < KVQ_KV_NTYPES; k++) {
+		if (cnt[k] == n) {
+			snprintf(out, len, "%s", kvq_kv_type_name(k));
+			return;
+		}
+	}
+	w = snprintf(out, len, "mixed:");
+	for (k = KVQ_KV_NTYPES - 1; k >= 0 && w > 0 && (size_t)w < len; k--)
+		if (cnt[k])
+			w += snprintf(out + w, len - w, " %u %s", cnt[k],
+				      kvq_kv_type_name(k));
+}
+
+/*
+ * Resolves the KV precision settings into @co (per-layer arrays owned by
+ * the scheduler), calibrating keys when asked.
+ */
+static int kv_setup(struct kvq_sched *s, struct kvq_ctx_opts *co, char *err,
+		    size_t errlen)
+{
+	uint32_t nl = kvq_model_hparams(s->m)->n_layers;
+	const char *ks = s->o.kv_type_k ? s->o.kv_type_k : "q8";
+	const char *vs = s->o.kv_type_v ? s->o.kv_type_v : "q4";
+	char why[160];
+	int r;
+
+	if (nl > KVQ_KV_MAX_LAYERS) {
+		snprintf(err, errlen, "the KV cache supports at most %d layers",
+			 KVQ_KV_MAX_LAYERS);
+		return -EINVAL;
+	}
+	co->kv_page_tokens = s->o.kv_page_tokens;
+	co->kv_sink_tokens = s->o.kv_sink_tokens;
+	r = kvq_kv_types_parse(vs, nl, s->kv_v, why, sizeof(why));
+	if (r) {
+		snprintf(err, errlen, "kv_type_v: %s", r == 1 ?
+			 "\"auto\" applies to keys only" : why);
+		return -EINVAL;
+	}
+	co->kv_types_v = s->kv_v;
+	r = kvq_kv_types_parse(ks, nl, s->kv_k, why, sizeof(why));
+	if (r < 0) {
+		snprintf(err, errlen, "kv_type_k: %s", why);
+		return -EINVAL;
+	}
+	if (r == 1) {
+		struct kvq_kv_calib_report rep;
+
+		r = kvq_kv_calibrate_keys(s->m, co, s->kv_k, &rep);
+		if (r) {
+			snprintf(err, errlen, "kv_type_k = auto: calibration failed: %s",
+				 strerror(-r));
+			return r;
+		}
+		s->st.kv_calibrated = true;
+		s->st.kv_calib_err_q8 = rep.err_q8;
+		s->st.kv_calib_err_q4 = rep.err_q4;
+		s->st.kv_calib_ratio = rep.ratio;
+		s->st.kv_calib_seconds = rep.seconds;
+	}
+	co->kv_types_k = s->kv_k;
+	types_summary(s->kv_k, nl, s->st.kv_type_k, sizeof(s->st.kv_type_k));
+	types_summary(s->kv_v, nl, s->st.kv_type_v, sizeof(s->st.kv_type_v));
+	return 0;
+}
+
 int kvq_sched_create(struct kvq_model *m, const struct kvq_sched_opts *o,
 		     struct kvq_sched **out, char *err, size_t errlen)
 {
@@ -967,17 +1047,22 @@ int kvq_sched_create(struct kvq_model *m, const struct kvq_sched_opts *o,
 	if (o)
 		s->o = *o;
 	opts_fill(&s->o, hp);
-	s->kv_token_bytes = (uint64_t)hp->n_layers * hp->n_kv_heads *
-			    hp->head_dim * 2 * sizeof(float);
-	s->st.kv_bytes_capacity = (uint64_t)s->o.kv_tokens * s->kv_token_bytes;
 
 	co.n_ctx = s->o.n_ctx;
 	co.kv_tokens = s->o.kv_tokens;
 	co.max_batch = s->o.prefill_chunk + s->o.max_running;
 	co.max_seqs = s->o.max_running;
+	ret = kv_setup(s, &co, err, errlen);
+	if (ret)
+		goto out_free;
 	ret = kvq_ctx_create(m, &co, &s->ctx, err, errlen);
 	if (ret)
 		goto out_free;
+	s->kv_token_bytes = kvq_ctx_kv_bytes_per_token(s->ctx);
+	s->st.kv_bytes_per_token = s->kv_token_bytes;
+	s->st.kv_bytes_capacity = (uint64_t)s->o.kv_tokens * s->kv_token_bytes;
+	snprintf(s->st.backend, sizeof(s->st.backend), "cpu (%s)",
+		 kvq_quant_simd_name());
 
 	ret = -ENOMEM;
 	s->run = calloc(s->o.max_running, sizeof(*s->run));

@@ -49,6 +49,13 @@ struct kvq_sched_opts {
 	uint32_t queue_timeout_ms;	/* longest wait in the queue (0: none) */
 	uint32_t total_timeout_ms;	/* longest life of a request (0: none) */
 	int n_threads;			/* unused by the scheduler; for the engine */
+	/* KV cache precision: "f32", "f16", "q8", "q4", a comma-separated
+	 * list with one per layer, or (keys) "auto" to calibrate at start-up.
+	 * NULL: keys q8, values q4. */
+	const char *kv_type_k;
+	const char *kv_type_v;
+	uint32_t kv_page_tokens;	/* 0: 16 */
+	uint32_t kv_sink_tokens;	/* f16 sink tokens (default 4 via conf) */
 };
 
 /* ------------------------------------------------------------- requests */
@@ -225,6 +232,15 @@ struct kvq_sched_stats {
 	uint64_t steps_total;
 	uint64_t kv_bytes_used;
 	uint64_t kv_bytes_capacity;
+	uint64_t kv_bytes_per_token;	/* the format's arithmetic */
+	char kv_type_k[48];		/* "q8", or "mixed: 10 q4, 2 q8, 0 f16" */
+	char kv_type_v[48];
+	bool kv_calibrated;		/* keys chosen by calibration */
+	double kv_calib_err_q8;		/* its measurements (kvcalib.h) */
+	double kv_calib_err_q4;
+	double kv_calib_ratio;
+	double kv_calib_seconds;
+	char backend[64];		/* "cpu (avx2+fma)": where steps run */
 	struct kvq_sched_hist ttft;
 	struct kvq_sched_hist itl;	/* inter-token latency */
 	bool draining;

@@ -117,8 +117,8 @@ static void test_defaults(void)
 	tap_ok(c.idle_timeout_ms == 60000 && c.request_timeout_ms == 600000 &&
 	       c.drain_timeout_ms == 30000 && c.queue_timeout_ms == 60000,
 	       "init_defaults_durations");
-	tap_ok(c.log_level == KVQ_LOG_INFO && c.kv_type_k == KVQ_KV_Q8 &&
-	       c.kv_type_v == KVQ_KV_Q4 && c.device == KVQ_DEVICE_AUTO &&
+	tap_ok(c.log_level == KVQ_LOG_INFO && !strcmp(c.kv_type_k, "q8") &&
+	       !strcmp(c.kv_type_v, "q4") && c.device == KVQ_DEVICE_AUTO &&
 	       c.kv_page_tokens == 16, "init_defaults_enums");
 	tap_ok(!strcmp(c.api_key, "") && !strcmp(c.model, "") &&
 	       c.origin[kvq_config_find("model")].src == KVQ_SRC_DEFAULT,
@@ -146,7 +146,7 @@ static void test_good_file(void)
 		"queue_timeout = 5m\n"
 		"log_level = DEBUG\n"
 		"kv_type_k = f16\n"
-		"kv_type_v = auto\n"
+		"kv_type_v = q8,q4\n"
 		"device = cpu\n"
 		"api_key = \"s3cr#t=\\\"x\\\\y\"\n"
 		"n_ctx = 512\n"
@@ -167,8 +167,8 @@ static void test_good_file(void)
 	tap_ok(c.idle_timeout_ms == 1500 && c.request_timeout_ms == 7200000 &&
 	       c.drain_timeout_ms == 0 && c.queue_timeout_ms == 300000,
 	       "read_file_duration_suffixes");
-	tap_ok(c.log_level == KVQ_LOG_DEBUG && c.kv_type_k == KVQ_KV_F16 &&
-	       c.kv_type_v == KVQ_KV_AUTO && c.device == KVQ_DEVICE_CPU,
+	tap_ok(c.log_level == KVQ_LOG_DEBUG && !strcmp(c.kv_type_k, "f16") &&
+	       !strcmp(c.kv_type_v, "q8,q4") && c.device == KVQ_DEVICE_CPU,
 	       "read_file_enums_case_insensitive");
 	tap_ok(!strcmp(c.api_key, "s3cr#t=\"x\\y"), "read_file_quoted_value");
 	snprintf(buf, sizeof(buf), "%s/rel.sock", dir);
@@ -224,7 +224,7 @@ static void test_bad_values(void)
 	expect_error("set_duration_too_long", "drain_timeout = 2h\n",
 		     at(1, "drain_timeout"), "out of range (0s to 1h)");
 	expect_error("set_enum_unknown", "kv_type_k = q3\n",
-		     at(1, "kv_type_k"), "not one of: auto, f16, q8, q4");
+		     at(1, "kv_type_k"), "'q3' is not one of: f32, f16, q8, q4, auto");
 	expect_error("set_enum_log_level", "log_level = loud\n",
 		     at(1, "log_level"), "err, warning, notice, info, debug");
 	expect_error("set_enum_device", "device = tpu\n", at(1, "device"),
