@@ -21,7 +21,8 @@
  * Arithmetic.  Scores and values go through 16x8x16 f16 matrix products
  * with f32 accumulation.  Keys: the tile's 16 tokens are the rows, the
  * query heads the 8 columns.  Key codes enter as exact small integers (q4
- * n-8, q8 n, or the stored f16), one product per 32-channel scale group,
+ * as 64+n, its bias taken out through the accumulator's initial value;
+ * q8 as n; or the stored f16), one product per 32-channel scale group,
  * and the group's scale is applied to the f32 partial score, so scores
  * carry no rounding beyond f32.  The query is pre-scaled by scale*log2(e)
  * and split into a high and a low f16 half; with at most 4 query heads per
@@ -35,6 +36,12 @@
  * Sinks: positions below n_sink of a quantized K or V come from the
  * sequence's f16 copies, as in kvq_kv_attend(); the warp that owns tile 0
  * handles them first in plain f32 and the tile pass masks them out.
+ *
+ * Shared memory: each stage holds a tile's K rows, K scales, V rows and V
+ * scales; rows are padded so that every fragment read is free of bank
+ * conflicts and sits at a per-lane base plus a constant, and the tile
+ * loop is unrolled over the stages so that no address is computed per
+ * tile beyond the page's.
  *
  * Operand layouts (lane = 4g + t): keys, group G, k-step 2G+r: lane t
  * holds channels 32G+8t+{2r, 2r+4 | 2r+1, 2r+5} of tokens g and g+8; that
@@ -56,49 +63,63 @@ constexpr int HD = 128;		/* head_dim served */
 constexpr int TT = 16;		/* tokens per tile */
 constexpr int NW = 4;		/* warps per block */
 constexpr int NCOL = 8;		/* query-head columns of one pass */
+constexpr int MAX_SPLITS = 256;
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LAZY = 8.0f;	/* log2 headroom before a rescale */
 
+/*
+ * Per page type: row bytes, scale bytes of a row, and the padded shared-
+ * memory offset of a tile's row r, as K (rk) and as V (rv).
+ */
 template <int T> struct fmt;
-template <> struct fmt<KVQ_KV_F16> { static constexpr int RB = 256, SB = 0; };
-template <> struct fmt<KVQ_KV_Q8> { static constexpr int RB = 128, SB = 8; };
-template <> struct fmt<KVQ_KV_Q4> { static constexpr int RB = 64, SB = 8; };
+template <> struct fmt<KVQ_KV_F16> {
+	static constexpr int RB = 256, SB = 0;
+	static constexpr __host__ __device__ int rk(int r) { return r * 320; }
+	static constexpr __host__ __device__ int rv(int r)
+	{
+		return r * 256 + ((r >> 1) & 1) * 64 + ((r >> 2) & 1) * 16 +
+		       (r >> 3) * 96;
+	}
+};
+template <> struct fmt<KVQ_KV_Q8> {
+	static constexpr int RB = 128, SB = 8;
+	static constexpr __host__ __device__ int rk(int r) { return r * 160; }
+	static constexpr __host__ __device__ int rv(int r)
+	{
+		return r * 128 + (r >> 1) * 32;
+	}
+};
+template <> struct fmt<KVQ_KV_Q4> {
+	static constexpr int RB = 64, SB = 8;
+	static constexpr __host__ __device__ int rk(int r)
+	{
+		return r * 64 + (r >> 1) * 16;
+	}
+	static constexpr __host__ __device__ int rv(int r)
+	{
+		return r * 64 + (r >> 1) * 32;
+	}
+};
+
+constexpr int up16(int x)
+{
+	return (x + 15) & ~15;
+}
 
 /* One warp's stage: K rows, K scales, V rows, V scales of one tile. */
 template <int KT, int VT> struct stage {
 	static constexpr int K_OFF = 0;
-	static constexpr int KS_OFF = K_OFF + TT * fmt<KT>::RB;
+	static constexpr int KS_OFF = up16(fmt<KT>::rk(TT - 1) + fmt<KT>::RB);
 	static constexpr int V_OFF = KS_OFF + TT * fmt<KT>::SB;
-	static constexpr int VS_OFF = V_OFF + TT * fmt<VT>::RB;
+	static constexpr int VS_OFF = V_OFF + up16(fmt<VT>::rv(TT - 1) + fmt<VT>::RB);
 	static constexpr int BYTES = VS_OFF + TT * fmt<VT>::SB;
-	static constexpr int N = BYTES <= 2304 ? 4 : BYTES <= 4352 ? 3 : 2;
+	static constexpr int N = BYTES <= 2700 ? 4 : BYTES <= 4100 ? 3 : 2;
 	static constexpr int SMEM = NW * N * BYTES;
 	static constexpr int MERGE = NW * NCOL * HD * 4 + 2 * NW * NCOL * 4;
-	static constexpr int DYN = SMEM > MERGE ? SMEM : MERGE;
+	static constexpr int SPLIT = 3 * MAX_SPLITS * NCOL * 4;
+	static constexpr int DYN = SMEM > MERGE ? (SMEM > SPLIT ? SMEM : SPLIT) :
+				   (MERGE > SPLIT ? MERGE : SPLIT);
 };
-
-/*
- * Placement of 16-byte chunk x of a tile's K (V) rows in shared memory:
- * a permutation that makes the fragment reads below free of bank
- * conflicts.
- */
-template <int T> __device__ __forceinline__ int swz_k(int x)
-{
-	if (T == KVQ_KV_Q4)
-		return x ^ ((x >> 3) & 3);
-	if (T == KVQ_KV_Q8)
-		return x ^ (((x >> 3) & 3) << 1);
-	return x ^ (((x >> 4) & 1) << 2);
-}
-
-template <int T> __device__ __forceinline__ int swz_v(int x)
-{
-	if (T == KVQ_KV_Q4)
-		return x ^ ((x >> 2) & 6);
-	if (T == KVQ_KV_Q8)
-		return x ^ ((x >> 3) & 6);
-	return x ^ ((((x >> 5) & 1) << 2) | ((x >> 6) & 1));
-}
 
 __device__ __forceinline__ unsigned h2u(__half2 h)
 {
@@ -122,6 +143,18 @@ __device__ __forceinline__ void q4_pairs(unsigned w, unsigned h[4])
 	h[1] = h2u(__hfma2(u2h((w & 0x00f000f0u) | 0x64006400u), m16, b_hi));
 	h[2] = h2u(__hsub2(u2h((w2 & 0x000f000fu) | 0x64006400u), b_lo));
 	h[3] = h2u(__hfma2(u2h((w2 & 0x00f000f0u) | 0x64006400u), m16, b_hi));
+}
+
+/*
+ * The same pairs as 64 + n, exact, without the f16 arithmetic: each code
+ * lands in mantissa bits 4-7 of 64.0 (whose unit there is 1).
+ */
+__device__ __forceinline__ void q4_pairs64(unsigned w, unsigned h[4])
+{
+	h[0] = ((w << 4) & 0x00f000f0u) | 0x54005400u;
+	h[1] = (w & 0x00f000f0u) | 0x54005400u;
+	h[2] = ((w >> 4) & 0x00f000f0u) | 0x54005400u;
+	h[3] = ((w >> 8) & 0x00f000f0u) | 0x54005400u;
 }
 
 /* Bytes at selector positions of two words (already xor 0x80) as f16. */
@@ -162,6 +195,7 @@ struct kparams {
 	const uint16_t *const *sink;
 	int n_sink;
 	int hq, hk, gqa, P;
+	int tshift;		/* log2(page_tokens / 16) */
 	float qscale;		/* scale * log2(e) */
 	int n_splits, tps, n_chunks;
 	int *cnt;
@@ -189,34 +223,42 @@ struct wstate {
 /*
  * Sink positions [0, ns) of head @h: keys and values as f16 rows (from
  * the sink copies or, for an unquantized half, from page 0), in f32.
+ * All of a position's loads are issued before its arithmetic.
  */
-__device__ void sink_pass(const kparams &p, wstate &st, int b, int h,
-			  int hq0, int nh, bool hilo, int ns,
-			  const uint16_t *sk, const uint16_t *sv, int kstride,
-			  int vstride)
+__device__ void sink_pass(const kparams &p, wstate &st, int b, int hq0,
+			  int nh, bool hilo, int ns, const uint16_t *sk,
+			  const uint16_t *sv, int kstride, int vstride)
 {
 	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 	int c0 = hilo ? 2 * (t & 1) : 2 * t;
 	bool own = !hilo || t < 2;
+	float qv[NCOL][4];
 
+#pragma unroll
+	for (int hd = 0; hd < NCOL; hd++) {
+		size_t qo = ((size_t)b * p.hq + hq0 + (hd < nh ? hd : 0)) * HD;
+
+#pragma unroll
+		for (int j = 0; j < 4; j++)
+			qv[hd][j] = hd < nh ? load_q(p, qo + lane + 32 * j) *
+					      p.qscale : 0.0f;
+	}
 	for (int pos = 0; pos < ns; pos++) {
 		const uint16_t *kr = sk + (size_t)pos * kstride;
 		const uint16_t *vr = sv + (size_t)pos * vstride;
+		uint4 vw[2] = { ((const uint4 *)(vr + 16 * g))[0],
+				((const uint4 *)(vr + 16 * g))[1] };
 		float sc[2] = { 0.0f, 0.0f }, kv[4], pr[2], al[2];
 
+#pragma unroll
 		for (int j = 0; j < 4; j++)
 			kv[j] = f16_at(kr, lane + 32 * j);
 #pragma unroll
 		for (int hd = 0; hd < NCOL; hd++) {
-			float acc = 0.0f;
+			float acc = qv[hd][0] * kv[0] + qv[hd][1] * kv[1] +
+				    qv[hd][2] * kv[2] + qv[hd][3] * kv[3];
 
-			if (hd < nh) {
-				size_t qo = ((size_t)b * p.hq + hq0 + hd) * HD;
-
-				for (int j = 0; j < 4; j++)
-					acc += load_q(p, qo + lane + 32 * j) *
-					       p.qscale * kv[j];
-			}
+#pragma unroll
 			for (int m = 16; m; m >>= 1)
 				acc += kvq_shfl_xor_f32(acc, m);
 			if (hd == c0)
@@ -234,11 +276,13 @@ __device__ void sink_pass(const kparams &p, wstate &st, int b, int h,
 			st.m[e] = nm;
 			st.l[e] = st.l[e] * al[e] + (g == 0 ? pr[e] : 0.0f);
 		}
+		const unsigned *vu = (const unsigned *)vw;
+
 #pragma unroll
 		for (int i = 0; i < 8; i++) {
-			int ch = 16 * g + 8 * (i >> 2) + (i & 3);
-			float v0 = own ? f16_at(vr, ch) : 0.0f;
-			float v1 = own ? f16_at(vr, ch + 4) : 0.0f;
+			int c = 8 * (i >> 2) + (i & 3), d = c + 4;
+			float v0 = own ? ((c & 1) ? h_hi(vu[c >> 1]) : h_lo(vu[c >> 1])) : 0.0f;
+			float v1 = own ? ((d & 1) ? h_hi(vu[d >> 1]) : h_lo(vu[d >> 1])) : 0.0f;
 
 			st.o[i][0] = st.o[i][0] * al[0] + pr[0] * v0;
 			st.o[i][1] = st.o[i][1] * al[1] + pr[1] * v0;
@@ -248,64 +292,96 @@ __device__ void sink_pass(const kparams &p, wstate &st, int b, int h,
 	}
 }
 
-/* Queue the 16-byte copies of one tile into stage @dst. */
+/*
+ * Per-lane constants of the copies into a stage (shared-memory offsets
+ * from the ring, byte offsets from a page) and of the reads from it.
+ */
+struct lanes {
+	int dk, dks, dv, dvs;		/* copy destinations */
+	unsigned sk, sks, sv, svs;	/* copy sources within a page */
+	int rk, rks, rv, rvs;		/* fragment reads */
+};
+
 template <int KT, int VT>
-__device__ __forceinline__ void issue_tile(const kparams &p, uint8_t *dst,
-					   int page, int h, int sb)
+__device__ __forceinline__ void lanes_init(const kparams &p, int h,
+					   lanes &L)
 {
 	typedef stage<KT, VT> S;
-	constexpr int RK = fmt<KT>::RB, RV = fmt<VT>::RB;
-	constexpr int SK = fmt<KT>::SB, SV = fmt<VT>::SB;
+	typedef fmt<KT> FK;
+	typedef fmt<VT> FV;
+	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+	int ck = FK::RB / 16, cv = FV::RB / 16;	/* chunks per row */
+	unsigned hp = (unsigned)h * p.P;
+
+	L.dk = S::K_OFF + FK::rk(lane / ck) + 16 * (lane % ck);
+	L.dv = S::V_OFF + FV::rv(lane / cv) + 16 * (lane % cv);
+	L.dks = S::KS_OFF + 16 * lane;
+	L.dvs = S::VS_OFF + 16 * lane;
+	L.sk = hp * FK::RB + 16 * lane;
+	L.sv = hp * FV::RB + 16 * lane;
+	L.sks = (unsigned)p.hk * p.P * FK::RB + hp * FK::SB + 16 * lane;
+	L.svs = (unsigned)p.hk * p.P * FV::RB + hp * FV::SB + 16 * lane;
+	if (KT == KVQ_KV_Q4)
+		L.rk = S::K_OFF + FK::rk(g) + 4 * t;
+	else if (KT == KVQ_KV_Q8)
+		L.rk = S::K_OFF + FK::rk(g) + 8 * t;
+	else
+		L.rk = S::K_OFF + FK::rk(g) + 16 * t;
+	L.rks = S::KS_OFF + 8 * g;
+	L.rv = S::V_OFF + FV::rv(2 * t) + (VT == KVQ_KV_Q4 ? 8 : VT == KVQ_KV_Q8 ? 16 : 32) * g;
+	L.rvs = S::VS_OFF + 16 * t + 2 * (g >> 1);
+}
+
+/* Queue the 16-byte copies of one tile (row offset @ro in its page). */
+template <int KT, int VT>
+__device__ __forceinline__ void issue_tile(const kparams &p, const lanes &L,
+					   uint8_t *st, int page, int ro)
+{
+	typedef fmt<KT> FK;
+	typedef fmt<VT> FV;
 	int lane = threadIdx.x & 31;
-	size_t rowk = (size_t)h * p.P + sb;
-	const uint8_t *kpage = p.kp + (size_t)page * p.kpb;
-	const uint8_t *vpage = p.vp + (size_t)page * p.vpb;
-	const uint8_t *kd = kpage + rowk * RK;
-	const uint8_t *vd = vpage + rowk * RV;
+	const uint8_t *kpg = p.kp + (size_t)page * p.kpb;
+	const uint8_t *vpg = p.vp + (size_t)page * p.vpb;
+	const uint8_t *ks = kpg + L.sk + ro * FK::RB;
+	const uint8_t *vs = vpg + L.sv + ro * FV::RB;
 
 #pragma unroll
-	for (int j = 0; j < RK / 32; j++) {
-		int x = lane + 32 * j;
-
-		kvq_cp_async16(dst + S::K_OFF + swz_k<KT>(x) * 16, kd + x * 16);
-	}
-	if (SK && lane < TT * SK / 16) {
-		const uint8_t *ks = kpage + (size_t)p.hk * p.P * RK + rowk * SK;
-
-		kvq_cp_async16(dst + S::KS_OFF + lane * 16, ks + lane * 16);
-	}
+	for (int j = 0; j < FK::RB / 32; j++)
+		kvq_cp_async16(st + L.dk + (FK::rk(j * 32 / (FK::RB / 16)) -
+					    FK::rk(0)),
+			       ks + 512 * j);
+	if (FK::SB && lane < TT * FK::SB / 16)
+		kvq_cp_async16(st + L.dks, kpg + L.sks + ro * FK::SB);
 #pragma unroll
-	for (int j = 0; j < RV / 32; j++) {
-		int x = lane + 32 * j;
-
-		kvq_cp_async16(dst + S::V_OFF + swz_v<VT>(x) * 16, vd + x * 16);
-	}
-	if (SV && lane < TT * SV / 16) {
-		const uint8_t *vs = vpage + (size_t)p.hk * p.P * RV + rowk * SV;
-
-		kvq_cp_async16(dst + S::VS_OFF + lane * 16, vs + lane * 16);
-	}
+	for (int j = 0; j < FV::RB / 32; j++)
+		kvq_cp_async16(st + L.dv + (FV::rv(j * 32 / (FV::RB / 16)) -
+					    FV::rv(0)),
+			       vs + 512 * j);
+	if (FV::SB && lane < TT * FV::SB / 16)
+		kvq_cp_async16(st + L.dvs, vpg + L.svs + ro * FV::SB);
 }
 
 /*
  * Scores of the tile's tokens g and g+8 for query columns 2t, 2t+1
- * (scaled, base 2), from the stage in shared memory.
+ * (scaled, base 2), from stage @st.  @kc holds, for q4 keys, the bias of
+ * each group's codes (72 * the column's query sum) to start from.
  */
-template <int KT>
-__device__ __forceinline__ void tile_scores(const uint8_t *kst,
-					    const uint8_t *kss,
+template <int KT, int VT>
+__device__ __forceinline__ void tile_scores(const uint8_t *st,
+					    const lanes &L,
 					    const unsigned qf[8][2],
-					    float s[4])
+					    const float kc[4][2], float s[4])
 {
-	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+	typedef fmt<KT> FK;
+	const uint8_t *kr = st + L.rk;
+	constexpr int R8 = FK::rk(8) - FK::rk(0);	/* row g -> g+8 */
 
 	s[0] = s[1] = s[2] = s[3] = 0.0f;
 	if (KT == KVQ_KV_F16) {
 #pragma unroll
 		for (int G = 0; G < 4; G++) {
-			int x0 = 16 * g + 4 * G + t, x1 = x0 + 16 * 8;
-			uint4 r0 = *(const uint4 *)(kst + swz_k<KT>(x0) * 16);
-			uint4 r1 = *(const uint4 *)(kst + swz_k<KT>(x1) * 16);
+			uint4 r0 = *(const uint4 *)(kr + 64 * G);
+			uint4 r1 = *(const uint4 *)(kr + 64 * G + R8);
 			unsigned a[4];
 
 			a[0] = __byte_perm(r0.x, r0.z, 0x5410);
@@ -321,27 +397,24 @@ __device__ __forceinline__ void tile_scores(const uint8_t *kst,
 		}
 		return;
 	}
-	uint2 sr0 = *(const uint2 *)(kss + g * 8);
-	uint2 sr1 = *(const uint2 *)(kss + (g + 8) * 8);
+	uint2 sr0 = *(const uint2 *)(st + L.rks);
+	uint2 sr1 = *(const uint2 *)(st + L.rks + 64);
 	float sg0[4] = { h_lo(sr0.x), h_hi(sr0.x), h_lo(sr0.y), h_hi(sr0.y) };
 	float sg1[4] = { h_lo(sr1.x), h_hi(sr1.x), h_lo(sr1.y), h_hi(sr1.y) };
 
 #pragma unroll
 	for (int G = 0; G < 4; G++) {
 		unsigned e0[4], e1[4], a[4];
-		float c[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
+		float c[4];
 
 		if (KT == KVQ_KV_Q4) {
-			int x0 = 4 * g + G, x1 = x0 + 4 * 8;
-			unsigned w0 = *(const unsigned *)(kst + swz_k<KT>(x0) * 16 + 4 * t);
-			unsigned w1 = *(const unsigned *)(kst + swz_k<KT>(x1) * 16 + 4 * t);
-
-			q4_pairs(w0, e0);
-			q4_pairs(w1, e1);
+			q4_pairs64(*(const unsigned *)(kr + 16 * G), e0);
+			q4_pairs64(*(const unsigned *)(kr + 16 * G + R8), e1);
+			c[0] = c[2] = -kc[G][0];
+			c[1] = c[3] = -kc[G][1];
 		} else {
-			int x0 = 8 * g + 2 * G + (t >> 1), x1 = x0 + 8 * 8;
-			uint2 r0 = *(const uint2 *)(kst + swz_k<KT>(x0) * 16 + 8 * (t & 1));
-			uint2 r1 = *(const uint2 *)(kst + swz_k<KT>(x1) * 16 + 8 * (t & 1));
+			uint2 r0 = *(const uint2 *)(kr + 32 * G);
+			uint2 r1 = *(const uint2 *)(kr + 32 * G + R8);
 
 			r0.x ^= 0x80808080u;
 			r0.y ^= 0x80808080u;
@@ -354,6 +427,7 @@ __device__ __forceinline__ void tile_scores(const uint8_t *kst,
 				e0[i] = q8_pair(r0.x, r0.y, sel);
 				e1[i] = q8_pair(r1.x, r1.y, sel);
 			}
+			c[0] = c[1] = c[2] = c[3] = 0.0f;
 		}
 		a[0] = e0[0];
 		a[1] = e1[0];
@@ -369,42 +443,6 @@ __device__ __forceinline__ void tile_scores(const uint8_t *kst,
 		s[1] += sg0[G] * c[1];
 		s[2] += sg1[G] * c[2];
 		s[3] += sg1[G] * c[3];
-	}
-}
-
-/*
- * Words of the lane's 16 channels of V token @tk (q4: 2, q8: 4, f16: 8),
- * zero for an invalid token when the format has no scale to zero.
- */
-template <int VT>
-__device__ __forceinline__ void v_words(const uint8_t *vst, int tk, bool ok,
-					unsigned w[8])
-{
-	int lane = threadIdx.x & 31, g = lane >> 2;
-
-	if (VT == KVQ_KV_Q4) {
-		uint2 x = *(const uint2 *)(vst + swz_v<VT>(4 * tk + (g >> 1)) * 16 +
-					   8 * (g & 1));
-
-		w[0] = x.x;
-		w[1] = x.y;
-	} else if (VT == KVQ_KV_Q8) {
-		uint4 x = *(const uint4 *)(vst + swz_v<VT>(8 * tk + g) * 16);
-
-		w[0] = x.x;
-		w[1] = x.y;
-		w[2] = x.z;
-		w[3] = x.w;
-	} else {
-#pragma unroll
-		for (int c = 0; c < 2; c++) {
-			uint4 x = *(const uint4 *)(vst + swz_v<VT>(16 * tk + 2 * g + c) * 16);
-
-			w[4 * c] = ok ? x.x : 0u;
-			w[4 * c + 1] = ok ? x.y : 0u;
-			w[4 * c + 2] = ok ? x.z : 0u;
-			w[4 * c + 3] = ok ? x.w : 0u;
-		}
 	}
 }
 
@@ -462,31 +500,54 @@ __device__ __forceinline__ void v_pair(const unsigned *ra, const unsigned *rb,
 }
 
 /*
- * o += V^T P^T for the tile: @pb is P^T's fragment, tokens [lo, hi) valid
- * (others contribute zero even when their bytes are not numbers).
+ * o += V^T P^T for the tile: @pb is P^T's fragment; @vm has bit i set
+ * when the lane's token i (2t, 2t+1, 2t+8, 2t+9) is valid (the others
+ * contribute zero even when their bytes are not numbers).
  */
-template <int VT>
-__device__ __forceinline__ void tile_values(const uint8_t *vst,
-					    const uint8_t *vss,
-					    const unsigned pb[2], int lo,
-					    int hi, float o[8][4])
+template <int KT, int VT>
+__device__ __forceinline__ void tile_values(const uint8_t *st,
+					    const lanes &L,
+					    const unsigned pb[2], int vm,
+					    float o[8][4])
 {
-	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-	int tk[4] = { 2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9 };
+	typedef fmt<VT> FV;
+	const uint8_t *vr = st + L.rv;
+	const int dt[4] = { 0, FV::rv(1) - FV::rv(0), FV::rv(8) - FV::rv(0),
+			    FV::rv(9) - FV::rv(0) };
 	unsigned w[4][8], sc[2] = { 0u, 0u };
 
 #pragma unroll
-	for (int i = 0; i < 4; i++)
-		v_words<VT>(vst, tk[i], tk[i] >= lo && tk[i] < hi, w[i]);
-	if (VT != KVQ_KV_F16) {
-#pragma unroll
-		for (int i = 0; i < 4; i++) {
-			unsigned s = *(const unsigned short *)(vss + tk[i] * 8 +
-							       2 * (g >> 1));
+	for (int i = 0; i < 4; i++) {
+		bool ok = (vm >> i) & 1;
 
-			if (!(tk[i] >= lo && tk[i] < hi))
-				s = 0u;
-			sc[i >> 1] |= s << (16 * (i & 1));
+		if (VT == KVQ_KV_Q4) {
+			uint2 x = *(const uint2 *)(vr + dt[i]);
+
+			w[i][0] = x.x;
+			w[i][1] = x.y;
+		} else if (VT == KVQ_KV_Q8) {
+			uint4 x = *(const uint4 *)(vr + dt[i]);
+
+			w[i][0] = x.x;
+			w[i][1] = x.y;
+			w[i][2] = x.z;
+			w[i][3] = x.w;
+		} else {
+#pragma unroll
+			for (int c = 0; c < 2; c++) {
+				uint4 x = *(const uint4 *)(vr + dt[i] + 16 * c);
+
+				w[i][4 * c] = ok ? x.x : 0u;
+				w[i][4 * c + 1] = ok ? x.y : 0u;
+				w[i][4 * c + 2] = ok ? x.z : 0u;
+				w[i][4 * c + 3] = ok ? x.w : 0u;
+			}
+		}
+		if (VT != KVQ_KV_F16) {
+			const int so[4] = { 0, 8, 64, 72 };
+			unsigned s = *(const unsigned short *)(st + L.rvs + so[i]);
+
+			sc[i >> 1] |= (ok ? s : 0u) << (16 * (i & 1));
 		}
 	}
 #pragma unroll
@@ -514,6 +575,86 @@ __device__ __forceinline__ void put_out(const kparams &p, size_t i, float v)
 }
 
 /*
+ * One tile from stage @st: scores, online softmax, values.  Tokens
+ * [lo, hi) of the tile are valid.
+ */
+template <int KT, int VT>
+__device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
+				     const unsigned qf[8][2],
+				     const float kc[4][2], bool hilo, int lo,
+				     int hi, wstate &ws)
+{
+	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+	float s4[4];
+
+	tile_scores<KT, VT>(st, L, qf, kc, s4);
+	if (hilo)
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+			s4[i] += kvq_shfl_xor_f32(s4[i], 2);
+	if (!(g >= lo && g < hi))
+		s4[0] = s4[1] = -INFINITY;
+	if (!(g + 8 >= lo && g + 8 < hi))
+		s4[2] = s4[3] = -INFINITY;
+
+	float mt0 = fmaxf(s4[0], s4[2]), mt1 = fmaxf(s4[1], s4[3]);
+
+#pragma unroll
+	for (int m = 4; m < 32; m <<= 1) {
+		mt0 = fmaxf(mt0, kvq_shfl_xor_f32(mt0, m));
+		mt1 = fmaxf(mt1, kvq_shfl_xor_f32(mt1, m));
+	}
+	if (kvq_any(mt0 > ws.m[0] + LAZY || mt1 > ws.m[1] + LAZY)) {
+		float n0 = fmaxf(ws.m[0], mt0), n1 = fmaxf(ws.m[1], mt1);
+		float a0 = ws.m[0] == -INFINITY ? 0.0f : exp2f(ws.m[0] - n0);
+		float a1 = ws.m[1] == -INFINITY ? 0.0f : exp2f(ws.m[1] - n1);
+
+		ws.m[0] = n0;
+		ws.m[1] = n1;
+		ws.l[0] *= a0;
+		ws.l[1] *= a1;
+#pragma unroll
+		for (int i = 0; i < 8; i++) {
+			ws.o[i][0] *= a0;
+			ws.o[i][1] *= a1;
+			ws.o[i][2] *= a0;
+			ws.o[i][3] *= a1;
+		}
+	}
+	float p0 = exp2f(s4[0] - ws.m[0]), p1 = exp2f(s4[1] - ws.m[1]);
+	float p2 = exp2f(s4[2] - ws.m[0]), p3 = exp2f(s4[3] - ws.m[1]);
+
+	ws.l[0] += p0 + p2;
+	ws.l[1] += p1 + p3;
+
+	__half2 hg = __floats2half2_rn(p0, p1), hg8 = __floats2half2_rn(p2, p3);
+	unsigned pk0 = h2u(hg), pk1 = h2u(hg8);
+
+	if (hilo && t >= 2) {
+		float2 f0 = __half22float2(hg), f1 = __half22float2(hg8);
+
+		pk0 = h2u(__floats2half2_rn(p0 - f0.x, p1 - f0.y));
+		pk1 = h2u(__floats2half2_rn(p2 - f1.x, p3 - f1.y));
+	}
+	int tsrc = hilo ? (((g & 3) >> 1) | ((g >> 2) << 1)) : (g >> 1);
+	unsigned sel = (g & 1) ? 0x7632u : 0x5410u;
+	unsigned x0 = kvq_shfl_u32(pk0, 8 * t + tsrc);
+	unsigned x1 = kvq_shfl_u32(pk0, 8 * t + 4 + tsrc);
+	unsigned x2 = kvq_shfl_u32(pk1, 8 * t + tsrc);
+	unsigned x3 = kvq_shfl_u32(pk1, 8 * t + 4 + tsrc);
+	unsigned pb[2] = { __byte_perm(x0, x1, sel), __byte_perm(x2, x3, sel) };
+	int vm = 0;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		int tk = 2 * t + (i & 1) + 8 * (i >> 1);
+
+		vm |= (tk >= lo && tk < hi) << i;
+	}
+	tile_values<KT, VT>(st, L, pb, vm, ws.o);
+}
+
+/*
  * One block: sequence blockIdx.z, KV head blockIdx.y / n_chunks (query
  * heads of pass blockIdx.y % n_chunks), tiles [split * tps, + tps).
  */
@@ -521,6 +662,7 @@ template <int KT, int VT>
 __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 {
 	typedef stage<KT, VT> S;
+	constexpr int N = S::N;
 	extern __shared__ __align__(16) uint8_t smem[];
 	__shared__ int last;
 	int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -557,10 +699,47 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 	const bool kq = KT != KVQ_KV_F16, vq = VT != KVQ_KV_F16;
 	int skip = (sinkp && (kq || vq)) ? min(p.n_sink, len) : 0;
 	int t_begin = split * p.tps, t_end = min(t_begin + p.tps, n_tiles);
+	int n_my = t_end - t_begin > w ? (t_end - t_begin - w + NW - 1) / NW : 0;
+	int tmask = (1 << p.tshift) - 1;
+	uint8_t *ring = smem + w * N * S::BYTES;
+	lanes L;
+
+	lanes_init<KT, VT>(p, h, L);
+
+	/* Page ids of this warp's tiles, 32 at a time, one batch ahead. */
+	int kb = 0, pid_cur, pid_nxt;
+	{
+		int k0 = lane, k1 = lane + 32;
+
+		pid_cur = k0 < n_my ? bt[(t_begin + w + k0 * NW) >> p.tshift] : 0;
+		pid_nxt = k1 < n_my ? bt[(t_begin + w + k1 * NW) >> p.tshift] : 0;
+	}
+	auto issue = [&](int k, uint8_t *st) {
+		if (k - kb >= 32) {
+			int kn = kb + 64 + lane;
+
+			pid_cur = pid_nxt;
+			kb += 32;
+			pid_nxt = kn < n_my ?
+				  bt[(t_begin + w + kn * NW) >> p.tshift] : 0;
+		}
+		int pg = (int)kvq_shfl_u32((unsigned)pid_cur, k - kb);
+		int tt = t_begin + w + k * NW;
+
+		issue_tile<KT, VT>(p, L, st, pg, (tt & tmask) * TT);
+	};
+
+#pragma unroll
+	for (int s = 0; s < N - 1; s++) {
+		if (s < n_my)
+			issue(s, ring + s * S::BYTES);
+		kvq_cp_async_commit();
+	}
 
 	/* The query as B fragments: column g is head g (or, with at most 4
 	 * heads, head g&3's high (g<4) or low (g>=4) f16 part). */
 	unsigned qf[8][2];
+	float kc[4][2];
 	{
 		int hd = hilo ? (g & 3) : g;
 		bool lo_part = hilo && g >= 4;
@@ -569,7 +748,7 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 
 #pragma unroll
 		for (int G = 0; G < 4; G++) {
-			float v[8];
+			float v[8], sum = 0.0f;
 
 #pragma unroll
 			for (int i = 0; i < 8; i++)
@@ -591,18 +770,28 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 				}
 				qf[2 * G + r][0] = h2u(h0);
 				qf[2 * G + r][1] = h2u(h1);
+				sum += h_lo(h2u(h0)) + h_hi(h2u(h0)) +
+				       h_lo(h2u(h1)) + h_hi(h2u(h1));
 			}
+			/* Column g's sum over the group, then the sums of
+			 * this lane's columns 2t, 2t+1. */
+			sum += kvq_shfl_xor_f32(sum, 1);
+			sum += kvq_shfl_xor_f32(sum, 2);
+			kc[G][0] = 72.0f * __uint_as_float(
+				kvq_shfl_u32(__float_as_uint(sum), 8 * t));
+			kc[G][1] = 72.0f * __uint_as_float(
+				kvq_shfl_u32(__float_as_uint(sum), 8 * t + 4));
 		}
 	}
 
-	wstate st;
+	wstate ws;
 #pragma unroll
 	for (int i = 0; i < 8; i++)
 #pragma unroll
 		for (int e = 0; e < 4; e++)
-			st.o[i][e] = 0.0f;
-	st.m[0] = st.m[1] = -INFINITY;
-	st.l[0] = st.l[1] = 0.0f;
+			ws.o[i][e] = 0.0f;
+	ws.m[0] = ws.m[1] = -INFINITY;
+	ws.l[0] = ws.l[1] = 0.0f;
 
 	if (skip && t_begin == 0 && w == 0) {
 		int pg0 = bt[0];
@@ -625,141 +814,46 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 			     (size_t)h * p.P * HD;
 			vs = HD;
 		}
-		sink_pass(p, st, b, h, hq0, nh, hilo, skip, sk, sv, ks, vs);
+		sink_pass(p, ws, b, hq0, nh, hilo, skip, sk, sv, ks, vs);
 	}
 
-	uint8_t *ring = smem + w * S::N * S::BYTES;
-	int n_my = t_end - t_begin > w ? (t_end - t_begin - w + NW - 1) / NW : 0;
-	/* Page ids of this warp's tiles, 32 at a time, one batch ahead. */
-	int kb = 0, pid_cur, pid_nxt;
-	{
-		int k0 = lane, k1 = lane + 32;
+	for (int k0 = 0; k0 < n_my; k0 += N) {
+#pragma unroll
+		for (int s = 0; s < N; s++) {
+			int k = k0 + s;
 
-		pid_cur = k0 < n_my ? bt[((t_begin + w + k0 * NW) * TT) / p.P] : 0;
-		pid_nxt = k1 < n_my ? bt[((t_begin + w + k1 * NW) * TT) / p.P] : 0;
-	}
+			if (k >= n_my)
+				break;
+			if (k + N - 1 < n_my)
+				issue(k + N - 1, ring + ((s + N - 1) % N) * S::BYTES);
+			kvq_cp_async_commit();
+			kvq_cp_async_wait<N - 1>();
+			kvq_syncwarp();
 
-	auto issue = [&](int k) {
-		if (k - kb >= 32) {
-			int kn = kb + 64 + lane;
+			int tok0 = (t_begin + w + k * NW) * TT;
+			int lo = max(0, skip - tok0), hi = min(TT, len - tok0);
 
-			pid_cur = pid_nxt;
-			kb += 32;
-			pid_nxt = kn < n_my ?
-				  bt[((t_begin + w + kn * NW) * TT) / p.P] : 0;
+			if (lo < hi)
+				tile<KT, VT>(ring + s * S::BYTES, L, qf, kc, hilo,
+					     lo, hi, ws);
+			kvq_syncwarp();
 		}
-		int pg = (int)kvq_shfl_u32((unsigned)pid_cur, k - kb);
-		int tt = t_begin + w + k * NW;
-
-		issue_tile<KT, VT>(p, ring + (k % S::N) * S::BYTES, pg, h,
-				   (tt * TT) % p.P);
-	};
-
-#pragma unroll
-	for (int s = 0; s < S::N - 1; s++) {
-		if (s < n_my)
-			issue(s);
-		kvq_cp_async_commit();
-	}
-	for (int k = 0; k < n_my; k++) {
-		if (k + S::N - 1 < n_my)
-			issue(k + S::N - 1);
-		kvq_cp_async_commit();
-		kvq_cp_async_wait<S::N - 1>();
-		kvq_syncwarp();
-
-		int tok0 = (t_begin + w + k * NW) * TT;
-		int lo = max(0, skip - tok0), hi = min(TT, len - tok0);
-
-		if (lo < hi) {
-			const uint8_t *sp = ring + (k % S::N) * S::BYTES;
-			float s4[4];
-
-			tile_scores<KT>(sp + S::K_OFF, sp + S::KS_OFF, qf, s4);
-			if (hilo)
-#pragma unroll
-				for (int i = 0; i < 4; i++)
-					s4[i] += kvq_shfl_xor_f32(s4[i], 2);
-			if (!(g >= lo && g < hi))
-				s4[0] = s4[1] = -INFINITY;
-			if (!(g + 8 >= lo && g + 8 < hi))
-				s4[2] = s4[3] = -INFINITY;
-
-			float mt0 = fmaxf(s4[0], s4[2]), mt1 = fmaxf(s4[1], s4[3]);
-
-#pragma unroll
-			for (int m = 4; m < 32; m <<= 1) {
-				mt0 = fmaxf(mt0, kvq_shfl_xor_f32(mt0, m));
-				mt1 = fmaxf(mt1, kvq_shfl_xor_f32(mt1, m));
-			}
-			if (kvq_any(mt0 > st.m[0] + LAZY || mt1 > st.m[1] + LAZY)) {
-				float n0 = fmaxf(st.m[0], mt0);
-				float n1 = fmaxf(st.m[1], mt1);
-				float a0 = st.m[0] == -INFINITY ? 0.0f :
-					   exp2f(st.m[0] - n0);
-				float a1 = st.m[1] == -INFINITY ? 0.0f :
-					   exp2f(st.m[1] - n1);
-
-				st.m[0] = n0;
-				st.m[1] = n1;
-				st.l[0] *= a0;
-				st.l[1] *= a1;
-#pragma unroll
-				for (int i = 0; i < 8; i++) {
-					st.o[i][0] *= a0;
-					st.o[i][1] *= a1;
-					st.o[i][2] *= a0;
-					st.o[i][3] *= a1;
-				}
-			}
-			float p0 = exp2f(s4[0] - st.m[0]);
-			float p1 = exp2f(s4[1] - st.m[1]);
-			float p2 = exp2f(s4[2] - st.m[0]);
-			float p3 = exp2f(s4[3] - st.m[1]);
-
-			st.l[0] += p0 + p2;
-			st.l[1] += p1 + p3;
-
-			__half2 hg = __floats2half2_rn(p0, p1);
-			__half2 hg8 = __floats2half2_rn(p2, p3);
-			unsigned pk0 = h2u(hg), pk1 = h2u(hg8);
-
-			if (hilo && t >= 2) {
-				float2 f0 = __half22float2(hg);
-				float2 f1 = __half22float2(hg8);
-
-				pk0 = h2u(__floats2half2_rn(p0 - f0.x, p1 - f0.y));
-				pk1 = h2u(__floats2half2_rn(p2 - f1.x, p3 - f1.y));
-			}
-			int tsrc = hilo ? (((g & 3) >> 1) | ((g >> 2) << 1)) :
-				   (g >> 1);
-			unsigned sel = (g & 1) ? 0x7632u : 0x5410u;
-			unsigned x0 = kvq_shfl_u32(pk0, 8 * t + tsrc);
-			unsigned x1 = kvq_shfl_u32(pk0, 8 * t + 4 + tsrc);
-			unsigned x2 = kvq_shfl_u32(pk1, 8 * t + tsrc);
-			unsigned x3 = kvq_shfl_u32(pk1, 8 * t + 4 + tsrc);
-			unsigned pb[2] = { __byte_perm(x0, x1, sel),
-					   __byte_perm(x2, x3, sel) };
-
-			tile_values<VT>(sp + S::V_OFF, sp + S::VS_OFF, pb, lo,
-					hi, st.o);
-		}
-		kvq_syncwarp();
 	}
 
 	/* This warp's sums over its tokens; the two f16 parts added. */
 #pragma unroll
 	for (int m = 4; m < 32; m <<= 1) {
-		st.l[0] += kvq_shfl_xor_f32(st.l[0], m);
-		st.l[1] += kvq_shfl_xor_f32(st.l[1], m);
+		ws.l[0] += kvq_shfl_xor_f32(ws.l[0], m);
+		ws.l[1] += kvq_shfl_xor_f32(ws.l[1], m);
 	}
 	if (hilo)
 #pragma unroll
 		for (int i = 0; i < 8; i++)
 #pragma unroll
 			for (int e = 0; e < 4; e++)
-				st.o[i][e] += kvq_shfl_xor_f32(st.o[i][e], 2);
+				ws.o[i][e] += kvq_shfl_xor_f32(ws.o[i][e], 2);
 
+	kvq_cp_async_wait<0>();
 	__syncthreads();	/* the rings are free: reuse them */
 	float *sO = (float *)smem;
 	float *sM = sO + NW * NCOL * HD, *sL = sM + NW * NCOL;
@@ -774,12 +868,12 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 			for (int i = 0; i < 8; i++) {
 				int ch = 16 * g + 8 * (i >> 2) + (i & 3);
 
-				o[ch] = st.o[i][e];
-				o[ch + 4] = st.o[i][2 + e];
+				o[ch] = ws.o[i][e];
+				o[ch + 4] = ws.o[i][2 + e];
 			}
 			if (g == 0) {
-				sM[w * NCOL + hd] = st.m[e];
-				sL[w * NCOL + hd] = st.l[e];
+				sM[w * NCOL + hd] = ws.m[e];
+				sL[w * NCOL + hd] = ws.l[e];
 			}
 		}
 	}
@@ -790,7 +884,7 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 
 	for (int i = threadIdx.x; i < nh * HD; i += NW * 32) {
 		int hd = i / HD, ch = i % HD;
-		float M = -INFINITY, o = 0.0f, L = 0.0f;
+		float M = -INFINITY, o = 0.0f, L2 = 0.0f;
 
 		for (int v = 0; v < NW; v++)
 			M = fmaxf(M, sM[v * NCOL + hd]);
@@ -801,17 +895,17 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 				float a = exp2f(mv - M);
 
 				o += a * sO[(v * NCOL + hd) * HD + ch];
-				L += a * sL[v * NCOL + hd];
+				L2 += a * sL[v * NCOL + hd];
 			}
 		}
 		if (n_active == 1) {
 			put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch,
-				L > 0.0f ? o / L : 0.0f);
+				L2 > 0.0f ? o / L2 : 0.0f);
 		} else {
 			p.ws_o[(part * NCOL + hd) * HD + ch] = o;
 			if (ch == 0) {
 				p.ws_m[part * NCOL + hd] = M;
-				p.ws_l[part * NCOL + hd] = L;
+				p.ws_l[part * NCOL + hd] = L2;
 			}
 		}
 	}
@@ -827,23 +921,63 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 	if (!last)
 		return;
 	__threadfence();
-	for (int i = threadIdx.x; i < nh * HD; i += NW * 32) {
-		int hd = i / HD, ch = i % HD;
-		size_t u0 = unit * p.n_splits;
-		float M = -INFINITY, o = 0.0f, L = 0.0f;
 
-		for (int v = 0; v < n_active; v++)
-			M = fmaxf(M, kvq_ld_cg(&p.ws_m[(u0 + v) * NCOL + hd]));
-#pragma unroll 4
+	size_t u0 = unit * p.n_splits;
+	float *wa = (float *)smem;			/* [split][head] weights */
+	float *hl = wa + MAX_SPLITS * NCOL;		/* [head] 1 / sum */
+	float *hm = hl + NCOL;				/* [head] maximum */
+
+	if (threadIdx.x < NCOL) {
+		int hd = threadIdx.x;
+		float M = -INFINITY;
+
+		if (hd < nh)
+			for (int v = 0; v < n_active; v++)
+				M = fmaxf(M, kvq_ld_cg(&p.ws_m[(u0 + v) * NCOL + hd]));
+		hm[hd] = M;
+	}
+	__syncthreads();
+	for (int i = threadIdx.x; i < n_active * NCOL; i += NW * 32) {
+		int v = i / NCOL, hd = i % NCOL;
+		float mv = hd < nh ? kvq_ld_cg(&p.ws_m[(u0 + v) * NCOL + hd]) :
+			   -INFINITY;
+
+		wa[i] = mv == -INFINITY ? 0.0f : exp2f(mv - hm[hd]);
+	}
+	__syncthreads();
+	if (threadIdx.x < NCOL) {
+		int hd = threadIdx.x;
+		float L2 = 0.0f;
+
+		if (hd < nh)
+			for (int v = 0; v < n_active; v++)
+				L2 += wa[v * NCOL + hd] *
+				      kvq_ld_cg(&p.ws_l[(u0 + v) * NCOL + hd]);
+		hl[hd] = L2 > 0.0f ? 1.0f / L2 : 0.0f;
+	}
+	__syncthreads();
+	for (int i = threadIdx.x; i < nh * (HD / 4); i += NW * 32) {
+		int hd = i / (HD / 4), c4 = i % (HD / 4);
+		const float4 *src = (const float4 *)(p.ws_o + (u0 * NCOL + hd) * HD) + c4;
+		float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+
+#pragma unroll 8
 		for (int v = 0; v < n_active; v++) {
-			float mv = kvq_ld_cg(&p.ws_m[(u0 + v) * NCOL + hd]);
-			float a = mv == -INFINITY ? 0.0f : exp2f(mv - M);
+			float a = wa[v * NCOL + hd];
+			float4 x = kvq_ld_cg4(src + (size_t)v * NCOL * HD / 4);
 
-			o += a * kvq_ld_cg(&p.ws_o[((u0 + v) * NCOL + hd) * HD + ch]);
-			L += a * kvq_ld_cg(&p.ws_l[(u0 + v) * NCOL + hd]);
+			o.x += a * x.x;
+			o.y += a * x.y;
+			o.z += a * x.z;
+			o.w += a * x.w;
 		}
-		put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch,
-			L > 0.0f ? o / L : 0.0f);
+		size_t oi = ((size_t)b * p.hq + hq0 + hd) * HD + 4 * c4;
+		float r = hl[hd];
+
+		put_out(p, oi, o.x * r);
+		put_out(p, oi + 1, o.y * r);
+		put_out(p, oi + 2, o.z * r);
+		put_out(p, oi + 3, o.w * r);
 	}
 	if (threadIdx.x == 0)
 		p.cnt[unit] = 0;
@@ -934,6 +1068,7 @@ int check(const struct kvq_gpu_attn_args *a, kinfo **k)
 		       vi < 0 && a->v_type != KVQ_KV_F32 ? -EINVAL :
 		       -EOPNOTSUPP;
 	if (a->head_dim != HD || a->page_tokens % TT ||
+	    (a->page_tokens / TT) & (a->page_tokens / TT - 1) ||
 	    a->batch > 65535 || a->n_kv_heads * ((a->n_q_heads / a->n_kv_heads +
 	    NCOL - 1) / NCOL) > 65535)
 		return -EOPNOTSUPP;
@@ -964,6 +1099,8 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 	ns = cap / units;
 	if (ns < 1)
 		ns = 1;
+	if (ns > MAX_SPLITS)
+		ns = MAX_SPLITS;
 	tps = (n_tiles + ns - 1) / ns;
 	if (tps < NW)
 		tps = NW;
@@ -1042,6 +1179,9 @@ extern "C" int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a,
 	p.hk = (int)a->n_kv_heads;
 	p.gqa = (int)(a->n_q_heads / a->n_kv_heads);
 	p.P = (int)a->page_tokens;
+	p.tshift = 0;
+	while ((TT << p.tshift) < p.P)
+		p.tshift++;
 	p.qscale = a->scale * LOG2E;
 	p.n_splits = pl.n_splits;
 	p.tps = pl.tps;

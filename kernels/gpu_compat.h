@@ -107,6 +107,15 @@ static __device__ __forceinline__ float kvq_ld_cg(const float *p)
 #endif
 }
 
+static __device__ __forceinline__ float4 kvq_ld_cg4(const float4 *p)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	return __builtin_nontemporal_load(p);
+#else
+	return __ldcg(p);
+#endif
+}
+
 /*
  * 16-byte asynchronous copies global -> shared, in commit groups; wait<N>
  * returns when at most N groups are still in flight.  HIP: plain copies.
