@@ -404,6 +404,16 @@ static void print_status(json_t *r)
 		printf("kv cache:     %s of %s in use (%s, %lld tokens, n_ctx %lld)\n",
 		       used, cap, sget(kv, "tier"), iget(kv, "tokens"),
 		       iget(kv, "n_ctx"));
+		printf("kv format:    keys %s, values %s, %lld bytes per token; attention on %s\n",
+		       sget(kv, "type_k"), sget(kv, "type_v"),
+		       iget(kv, "bytes_per_token"), sget(kv, "attention"));
+		if (json_object_get(kv, "calibration")) {
+			json_t *cal = json_object_get(kv, "calibration");
+
+			printf("kv calibration: keys chosen by calibration in %.2f s (max logit error / std: q8 %.4g, q4 %.4g; ratio %.3g)\n",
+			       nget(cal, "seconds"), nget(cal, "err_q8"),
+			       nget(cal, "err_q4"), nget(cal, "ratio"));
+		}
 	}
 	if (json_object_get(r, "http"))
 		printf("http:         %lld requests, %lld in flight (%lld streaming)\n",

@@ -167,6 +167,22 @@ static json_t *cmd_status(const struct kvq_admin_view *v, int *code,
 			st.kv_bytes_used));
 		bad |= set(kv, "bytes_capacity", json_integer((json_int_t)
 			st.kv_bytes_capacity));
+		bad |= set(kv, "bytes_per_token", json_integer((json_int_t)
+			st.kv_bytes_per_token));
+		bad |= set(kv, "type_k", jstr(st.kv_type_k));
+		bad |= set(kv, "type_v", jstr(st.kv_type_v));
+		bad |= set(kv, "attention", jstr(st.backend));
+		if (st.kv_calibrated) {
+			json_t *cal = json_object();
+
+			bad |= set(kv, "calibration", cal);
+			if (cal) {
+				bad |= set(cal, "err_q8", json_real(st.kv_calib_err_q8));
+				bad |= set(cal, "err_q4", json_real(st.kv_calib_err_q4));
+				bad |= set(cal, "ratio", json_real(st.kv_calib_ratio));
+				bad |= set(cal, "seconds", json_real(st.kv_calib_seconds));
+			}
+		}
 	}
 
 	if (v->http) {

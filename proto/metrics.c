@@ -107,6 +107,31 @@ char *kvq_metrics_render(const struct kvq_sched_stats *st,
 	    st->kv_bytes_used);
 	one(f, "kvqd_kv_bytes_capacity", "gauge",
 	    "Bytes of KV cache configured.", st->kv_bytes_capacity);
+	one(f, "kvqd_kv_bytes_per_token", "gauge",
+	    "KV cache bytes one token takes over all layers (data and scales).",
+	    st->kv_bytes_per_token);
+	head(f, "kvqd_kv_format_info", "gauge",
+	     "Precision of the KV cache (1 for the configuration in use).");
+	fprintf(f, "kvqd_kv_format_info{k=\"%s\",v=\"%s\",calibrated=\"%s\"} 1\n",
+		st->kv_type_k[0] ? st->kv_type_k : "none",
+		st->kv_type_v[0] ? st->kv_type_v : "none",
+		st->kv_calibrated ? "yes" : "no");
+	if (st->kv_calibrated) {
+		head(f, "kvqd_kv_calibration_error", "gauge",
+		     "Key calibration: max logit error over the logits' std, by key bits.");
+		fprintf(f, "kvqd_kv_calibration_error{bits=\"8\"} %.6g\n",
+			st->kv_calib_err_q8);
+		fprintf(f, "kvqd_kv_calibration_error{bits=\"4\"} %.6g\n",
+			st->kv_calib_err_q4);
+		head(f, "kvqd_kv_calibration_seconds", "gauge",
+		     "Time the key calibration took at start-up.");
+		fprintf(f, "kvqd_kv_calibration_seconds %.6f\n",
+			st->kv_calib_seconds);
+	}
+	head(f, "kvqd_backend_info", "gauge",
+	     "Where forward passes and attention run (1 for the one in use).");
+	fprintf(f, "kvqd_backend_info{device=\"%s\"} 1\n",
+		st->backend[0] ? st->backend : "none");
 	head(f, "kvqd_tier_bytes", "gauge",
 	     "Bytes of weights and KV cache resident in each memory tier.");
 	fprintf(f, "kvqd_tier_bytes{tier=\"hbm\"} %llu\n",

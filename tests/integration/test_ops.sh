@@ -223,9 +223,13 @@ check "admin_socket_mode_0660" [ "$mode" = "660" ]
 "$KVQCTL" --socket "$SOCK" status >"$T/out" 2>&1
 check "kvqctl_status_table" \
 	sh -c "grep -q '^state: *ready' '$T/out' && grep -q '^model: .*stories260K' '$T/out' && grep -q '^device: *cpu' '$T/out'"
+check "kvqctl_status_kv_format_and_attention_device" \
+	sh -c "grep -q '^kv format: *keys q8, values q4, 320 bytes per token; attention on cpu' '$T/out'"
 "$KVQCTL" --socket "$SOCK" --json status >"$T/out.json" 2>&1
 check "kvqctl_status_json" json "$T/out.json" \
 	'j["state"] == "ready" and j["model"]["n_layers"] == 5 and j["requests"]["running"] == 0 and j["listen"].endswith(":'"$PORT"'")'
+check "kvqctl_status_json_kv_format" json "$T/out.json" \
+	'j["kv"]["type_k"] == "q8" and j["kv"]["type_v"] == "q4" and j["kv"]["bytes_per_token"] == 320 and j["kv"]["attention"].startswith("cpu")'
 
 "$KVQCTL" --socket "$SOCK" tiers >"$T/out" 2>&1
 check "kvqctl_tiers_table" \
