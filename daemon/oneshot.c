@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +17,7 @@
 #include <unistd.h>
 
 #include "daemon/oneshot.h"
+#include "engine/fisher.h"
 #include "engine/log.h"
 #include "engine/kvcache.h"
 #include "engine/kvcalib.h"
@@ -39,6 +41,7 @@ struct oneshot {
 	const char *kl_against;
 	const char *kv_type_k;
 	const char *kv_type_v;
+	const char *fim;
 	int kv_sink_tokens;
 	int kv_page_tokens;
 	int max_tokens;
@@ -48,6 +51,8 @@ struct oneshot {
 	bool bench_json;
 	bool ignore_eos;
 	bool verbose;
+	bool ranks;
+	bool json;
 	struct kvq_sampler_params sp;
 	char *stops[MAX_STOPS];
 	int n_stops;
@@ -59,7 +64,7 @@ enum {
 	OPT_MIN_P, OPT_STOP, OPT_PRINT_IDS, OPT_BENCH_JSON, OPT_IGNORE_EOS,
 	OPT_THREADS, OPT_CTX, OPT_MODEL, OPT_VERBOSE, OPT_DEVICE,
 	OPT_PERPLEXITY, OPT_KL_AGAINST, OPT_KV_TYPE_K, OPT_KV_TYPE_V,
-	OPT_KV_SINK, OPT_KV_PAGE,
+	OPT_KV_SINK, OPT_KV_PAGE, OPT_RANKS, OPT_JSON, OPT_FIM,
 };
 
 static const struct option oneshot_opts[] = {
@@ -88,6 +93,9 @@ static const struct option oneshot_opts[] = {
 	{ "kv-type-v", required_argument, NULL, OPT_KV_TYPE_V },
 	{ "kv-sink-tokens", required_argument, NULL, OPT_KV_SINK },
 	{ "kv-page-tokens", required_argument, NULL, OPT_KV_PAGE },
+	{ "ranks", no_argument, NULL, OPT_RANKS },
+	{ "json", no_argument, NULL, OPT_JSON },
+	{ "fim", required_argument, NULL, OPT_FIM },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -95,6 +103,7 @@ bool kvq_oneshot_wanted(int argc, char **argv)
 {
 	static const char *const modes[] = {
 		"--prompt", "--tokenize", "--dump-logits", "--perplexity",
+		"--ranks",
 	};
 	int i;
 	size_t j;
@@ -162,6 +171,9 @@ static int parse_args(struct oneshot *o, int argc, char **argv)
 		case OPT_KL_AGAINST: o->kl_against = optarg; break;
 		case OPT_KV_TYPE_K: o->kv_type_k = optarg; break;
 		case OPT_KV_TYPE_V: o->kv_type_v = optarg; break;
+		case OPT_RANKS: o->ranks = true; break;
+		case OPT_JSON: o->json = true; break;
+		case OPT_FIM: o->fim = optarg; break;
 		case OPT_KV_SINK:
 			if (parse_num("kv-sink-tokens", optarg, 0, 64, &v))
 				return -EINVAL;
@@ -228,6 +240,10 @@ static int parse_args(struct oneshot *o, int argc, char **argv)
 	}
 	if (optind < argc) {
 		fprintf(stderr, "kvqd: unexpected argument \"%s\"\n", argv[optind]);
+		return -EINVAL;
+	}
+	if ((o->json || o->fim) && !o->ranks) {
+		fprintf(stderr, "kvqd: --json and --fim go with --ranks\n");
 		return -EINVAL;
 	}
 	return 0;
@@ -673,6 +689,117 @@ out:
 	return ret;
 }
 
+/* One tensor of the --ranks --json document. */
+static json_t *rank_json(const struct kvq_fisher_entry *e, bool fallback)
+{
+	return json_pack("{s:s, s:s, s:I, s:I, s:s?, s:o, s:o, s:f, s:i}",
+			 "name", e->name, "type", e->type,
+			 "bytes", (json_int_t)e->bytes,
+			 "elements", (json_int_t)e->n_elements,
+			 "layout", fallback ? NULL : e->rows ? "rows" : "full",
+			 "trace", fallback ? json_null() : json_real(e->trace),
+			 "density", fallback ? json_null() :
+					       json_real(e->density),
+			 "score", e->score, "rank", (int)e->rank);
+}
+
+static int print_ranks_json(const struct kvq_fisher *f, const char *model)
+{
+	const struct kvq_fisher_meta *mi = kvq_fisher_meta(f);
+	bool fb = kvq_fisher_is_fallback(f);
+	json_t *doc, *arr;
+	uint32_t r;
+	size_t n;
+	int ret = 1;
+
+	kvq_fisher_entries(f, &n);
+	arr = json_array();
+	doc = json_pack("{s:s, s:s, s:s?, s:s*, s:I, s:I, s:s, s:o}",
+			"model", model, "source", kvq_fisher_source(f),
+			"sidecar", mi->path,
+			"fallback_rule", fb ? KVQ_FISHER_FALLBACK_RULE : NULL,
+			"token_count", (json_int_t)mi->token_count,
+			"step_count", (json_int_t)mi->step_count,
+			"dataset", mi->dataset, "tensors", arr);
+	if (!doc)
+		goto out;
+	for (r = 1; r <= n; r++)
+		if (json_array_append_new(arr, rank_json(kvq_fisher_ranked(f, r),
+							 fb)))
+			goto out;
+	if (json_dumpf(doc, stdout, JSON_INDENT(1) | JSON_REAL_PRECISION(17)))
+		goto out;
+	printf("\n");
+	ret = 0;
+out:
+	if (ret)
+		fprintf(stderr, "kvqd: --ranks: cannot build the JSON document\n");
+	json_decref(doc);
+	return ret;
+}
+
+static void print_ranks_table(const struct kvq_fisher *f)
+{
+	const struct kvq_fisher_meta *mi = kvq_fisher_meta(f);
+	const struct kvq_fisher_entry *e;
+	int w = (int)strlen("tensor");
+	uint32_t r;
+	size_t n;
+
+	kvq_fisher_entries(f, &n);
+	for (r = 1; r <= n; r++)
+		if ((int)strlen(kvq_fisher_ranked(f, r)->name) > w)
+			w = (int)strlen(kvq_fisher_ranked(f, r)->name);
+	if (kvq_fisher_is_fallback(f))
+		printf("# source: fallback (no Fisher sidecar): ranking by %s\n",
+		       KVQ_FISHER_FALLBACK_RULE);
+	else
+		printf("# source: %s (%s); %llu tokens, %llu steps; dataset: %s\n",
+		       kvq_fisher_source(f), mi->path,
+		       (unsigned long long)mi->token_count,
+		       (unsigned long long)mi->step_count,
+		       mi->dataset[0] ? mi->dataset : "(unknown)");
+	printf("%-*s  %-6s %12s %13s %13s %5s\n", w, "tensor", "type", "bytes",
+	       "trace", "density", "rank");
+	for (r = 1; r <= n; r++) {
+		e = kvq_fisher_ranked(f, r);
+		if (kvq_fisher_is_fallback(f))
+			printf("%-*s  %-6s %12llu %13s %13s %5u\n", w, e->name,
+			       e->type, (unsigned long long)e->bytes, "-", "-",
+			       e->rank);
+		else
+			printf("%-*s  %-6s %12llu %13.6e %13.6e %5u\n", w,
+			       e->name, e->type, (unsigned long long)e->bytes,
+			       e->trace, e->density, e->rank);
+	}
+}
+
+/* --ranks: the model's tensors by Fisher density (or the fallback rule). */
+static int do_ranks(struct kvq_model *m, struct oneshot *o)
+{
+	struct kvq_fisher *f;
+	char err[512];
+	int ret;
+
+	if (kvq_fisher_load(m, o->fim, &f, err, sizeof(err))) {
+		fprintf(stderr, "kvqd: %s\n", err);
+		return 1;
+	}
+	if (kvq_fisher_is_fallback(f))
+		kvq_warn("no Fisher sidecar for %s: ranking by %s", o->model,
+			 KVQ_FISHER_FALLBACK_RULE);
+	if (o->json) {
+		ret = print_ranks_json(f, o->model);
+	} else {
+		print_ranks_table(f);
+		ret = 0;
+	}
+	if (fflush(stdout))
+		ret = 1;
+	kvq_fisher_destroy(f);
+	return ret;
+}
+
 int kvq_oneshot_main(int argc, char **argv)
 {
 	struct kvq_model_opts mo = { 0 };
@@ -702,7 +829,9 @@ int kvq_oneshot_main(int argc, char **argv)
 	}
 	kvq_info("model: %s", kvq_model_desc(m));
 	kvq_info("device: cpu (%s dot products)", kvq_quant_simd_name());
-	if (o.tokenize)
+	if (o.ranks)
+		ret = do_ranks(m, &o);
+	else if (o.tokenize)
 		ret = do_tokenize(kvq_model_tokenizer(m), o.tokenize);
 	else if (o.dump_logits)
 		ret = do_dump_logits(m, &o);
