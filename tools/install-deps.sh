@@ -22,4 +22,10 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 # shellcheck disable=SC2086
 $SUDO apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
+# The official OpenAI Node.js client, for tests/integration/test_openai_node.sh.
+root=$(cd "$(dirname "$0")/.." && pwd)
+if command -v npm >/dev/null; then
+	npm install --prefix "$root/tests/node" --no-audit --no-fund --loglevel=error >/dev/null ||
+		echo "install-deps: npm could not install the openai package; its test will be skipped" >&2
+fi
 echo "install-deps: done"

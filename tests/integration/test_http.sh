@@ -453,31 +453,8 @@ SRC=${KVQ_SRCDIR:-$(cd "$(dirname "$0")/../.." && pwd)}
 if [ -n "$NPY" ] && [ -f "$SRC/tools/gen_model.py" ]; then
 	# stories260K's vocabulary plus ChatML's two control tokens and a
 	# Qwen2-style template, under random weights
-	PYTHONPATH="$SRC/tools" "$NPY" - "$MODEL" "$DIR/chatml-vocab.gguf" <<'EOF'
-import sys
-import numpy as np
-from kvq_gguf import GGUFReader, GGUFWriter, GGUFValue, VType
-TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-            "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-            "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-with GGUFReader(sys.argv[1]) as r:
-    fields = [(k, v) for k, v in r.fields.items() if k.startswith("tokenizer.")]
-w = GGUFWriter(sys.argv[2])
-for k, v in fields:
-    if k == "tokenizer.ggml.tokens":
-        v = GGUFValue(VType.ARRAY, list(v.value) + ["<|im_start|>", "<|im_end|>"], VType.STRING)
-    elif k in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
-        a = np.asarray(v.value)
-        add = np.zeros(2, a.dtype) if k.endswith("scores") else np.full(2, 3, a.dtype)
-        v = GGUFValue(VType.ARRAY, np.concatenate([a, add]), v.subtype)
-    w.add(k, v)
-w.add_string("tokenizer.chat_template", TEMPLATE)
-w.write()
-EOF
-	PYTHONPATH="$SRC/tools" "$NPY" "$SRC/tools/gen_model.py" -q --out "$DIR/chatml.gguf" \
-		--arch llama --type F32 --dim 64 --layers 2 --heads 4 --ffn 128 \
-		--ctx 256 --vocab-from "$DIR/chatml-vocab.gguf" >"$DIR/gen.log" 2>&1
+	PYTHONPATH="$SRC/tools" "$NPY" "$SRC/tools/chatml_model.py" "$DIR/chatml.gguf" \
+		--vocab-from "$MODEL" >"$DIR/gen.log" 2>&1
 	r=$?
 	[ $r = 0 ] || sed 's/^/# /' "$DIR/gen.log"
 	ok $r "generate a small model with a ChatML template"
