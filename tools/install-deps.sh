@@ -8,9 +8,11 @@ pkgs="
 	libevent-dev libjansson-dev liburing-dev libnuma-dev libpcre2-dev libxxhash-dev
 	python3 python3-numpy python3-torch python3-sentencepiece
 	curl socat mandoc prometheus
-	nodejs npm
 	hipcc
 "
+# Node.js and npm: Debian's, unless a Node.js with its own npm is there
+# (Debian's npm conflicts with such builds).
+command -v npm >/dev/null 2>&1 || pkgs="$pkgs nodejs npm"
 
 if [ "$(id -u)" -eq 0 ]; then
 	SUDO=
