@@ -26,6 +26,7 @@
 #include "daemon/conf.h"
 #include "daemon/notify.h"
 #include "daemon/sched.h"
+#include "engine/fisher.h"
 #include "engine/gguf.h"
 #include "engine/log.h"
 #include "engine/model.h"
@@ -235,8 +236,18 @@ static int tiers_weights(const struct kvq_admin_view *v, json_t *list,
 		bad |= set(o, "bytes", json_integer((json_int_t)t->nbytes));
 		bad |= set(o, "type", json_string(kvq_type_name(t->type)));
 		bad |= set(o, "layer", json_integer(tensor_layer(t->name)));
-		bad |= set(o, "score",
-			   json_real(position_score(t->name, n_layers)));
+		if (v->fisher && kvq_fisher_find(v->fisher, t->name)) {
+			const struct kvq_fisher_entry *e =
+				kvq_fisher_find(v->fisher, t->name);
+
+			bad |= set(o, "score", json_real(e->score));
+			bad |= set(o, "rank", json_integer(e->rank));
+			if (!kvq_fisher_is_fallback(v->fisher))
+				bad |= set(o, "trace", json_real(e->trace));
+		} else {
+			bad |= set(o, "score", json_real(
+				position_score(t->name, n_layers)));
+		}
 		bad |= set(o, "state", json_string("resident"));
 		bad |= set(o, "pins", json_integer(0));
 		*bytes += t->nbytes;
@@ -324,8 +335,17 @@ static json_t *cmd_tiers(const struct kvq_admin_view *v, int *code,
 		json_decref(host);
 		goto out_nomem;
 	}
-	bad |= set(o, "score_source",
-		   json_string("position (no Fisher sidecar)"));
+	if (v->fisher && !kvq_fisher_is_fallback(v->fisher)) {
+		char src[512];
+
+		snprintf(src, sizeof(src), "fisher: %s (%s)",
+			 kvq_fisher_source(v->fisher),
+			 kvq_fisher_meta(v->fisher)->path);
+		bad |= set(o, "score_source", json_string(src));
+	} else {
+		bad |= set(o, "score_source", json_string(
+			"fallback (no Fisher sidecar): " KVQ_FISHER_FALLBACK_RULE));
+	}
 	bad |= set(o, "tiers", tiers);
 	tiers = NULL;
 	bad |= tiers_weights(v, objs, &wbytes);

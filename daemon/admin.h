@@ -51,6 +51,7 @@ struct kvq_admin_view {
 	 */
 	const struct kvq_config *pending;
 	struct kvq_model *model;	/* NULL until loaded */
+	const struct kvq_fisher *fisher;	/* weight scores, with the model */
 	struct kvq_sched *sched;	/* NULL until running */
 	struct kvq_http *http;		/* NULL until listening */
 	unsigned reloads;		/* SIGHUPs handled */
@@ -59,6 +60,7 @@ struct kvq_admin_view {
 };
 
 struct kvq_admin;
+struct kvq_fisher;
 
 /*
  * kvq_admin_create() - listen on the unix socket @path with mode 0660.

@@ -49,6 +49,8 @@ static const struct kvq_config_choice devices[] = {
 static const struct kvq_config_key keys[] = {
 	{ "model", KVQ_CT_FILE, OFF(model), false, false, "", 0, 0, NULL,
 	  "GGUF model file to serve" },
+	{ "fim", KVQ_CT_STRING, OFF(fim), false, false, "", 0, 0, NULL,
+	  "Fisher sidecar ranking the weights (default: MODEL.fim.gguf beside the model, when there)" },
 	{ "listen", KVQ_CT_LISTEN, OFF(listen), false, false,
 	  "127.0.0.1:8080", 0, 0, NULL,
 	  "HTTP address, HOST:PORT or [IPV6]:PORT" },

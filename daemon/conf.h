@@ -30,7 +30,7 @@
 #define KVQ_ADMIN_DEFAULT_SOCKET "/run/kvqd/" KVQ_ADMIN_SOCKET_NAME
 
 /* Upper bound of keys in the table; checked at compile time in conf.c. */
-#define KVQ_CONFIG_MAX_KEYS 40
+#define KVQ_CONFIG_MAX_KEYS 48
 /* Longest line of a config file, and longest value. */
 #define KVQ_CONFIG_MAX_LINE 4096
 
@@ -62,6 +62,7 @@ struct kvq_config {
 	bool path_missing;		/* the default file did not exist */
 
 	char *model;
+	char *fim;			/* Fisher sidecar; "": MODEL.fim.gguf if there */
 	char *listen;			/* "HOST:PORT" as written */
 	char *listen_host;		/* parsed: no brackets around IPv6 */
 	uint16_t listen_port;

@@ -49,6 +49,7 @@
 #include "daemon/notify.h"
 #include "daemon/sched.h"
 #include "engine/gguf.h"
+#include "engine/fisher.h"
 #include "engine/log.h"
 #include "engine/model.h"
 #include "kernels/gpu.h"
@@ -92,6 +93,8 @@ struct daemon {
 	char load_err[512];
 	uint64_t load_start_usec;
 	struct kvq_model *model;
+	char *load_fim;			/* NULL: beside the model */
+	struct kvq_fisher *fisher;
 
 	struct kvq_sched *sched;
 	struct kvq_http *http;
@@ -353,6 +356,9 @@ static void *loader_main(void *arg)
 
 	d->load_ret = kvq_model_load(d->load_path, &d->load_opts, &d->model,
 				     d->load_err, sizeof(d->load_err));
+	if (!d->load_ret)
+		d->load_ret = kvq_fisher_load(d->model, d->load_fim, &d->fisher,
+					      d->load_err, sizeof(d->load_err));
 	event_active(d->ev_loaded, EV_READ, 0);
 	return NULL;
 }
@@ -415,6 +421,13 @@ static void on_loaded(evutil_socket_t fd, short what, void *arg)
 		 (double)kvq_model_weight_bytes(d->model) / (1 << 20),
 		 since_s(d->load_start_usec));
 	d->view.model = d->model;
+	d->view.fisher = d->fisher;
+	if (kvq_fisher_is_fallback(d->fisher))
+		kvq_notice("no Fisher sidecar for %s: ranking by %s",
+			   d->conf.model, KVQ_FISHER_FALLBACK_RULE);
+	else
+		kvq_info("Fisher scores: %s (%s)", kvq_fisher_meta(d->fisher)->path,
+			 kvq_fisher_source(d->fisher));
 	if (d->stopping) {
 		event_base_loopbreak(d->base);
 		return;
@@ -443,6 +456,11 @@ static int start_loading(struct daemon *d)
 	if (!d->load_path)
 		return -ENOMEM;
 	d->load_opts.n_threads = (int)d->conf.threads;
+	if (d->conf.fim[0]) {
+		d->load_fim = strdup(d->conf.fim);
+		if (!d->load_fim)
+			return -ENOMEM;
+	}
 	kvq_info("loading model %s", d->conf.model);
 	set_status("Loading model %s", d->conf.model);
 	notify_checked(kvq_notify_extend_timeout(LOAD_EXTEND_USEC),
@@ -809,9 +827,14 @@ static void teardown(struct daemon *d)
 		pthread_detach(d->loader);
 		d->loading = false;
 	} else {
+		kvq_fisher_destroy(d->fisher);
+		d->fisher = NULL;
+		d->view.fisher = NULL;
 		kvq_model_destroy(d->model);
 		free(d->load_path);
 		d->load_path = NULL;
+		free(d->load_fim);
+		d->load_fim = NULL;
 	}
 	d->model = NULL;
 	d->view.model = NULL;
