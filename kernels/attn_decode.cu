@@ -77,7 +77,7 @@ template <> struct fmt<KVQ_KV_F16> {
 	static constexpr __host__ __device__ int rk(int r) { return r * 320; }
 	static constexpr __host__ __device__ int rv(int r)
 	{
-		return r * 256 + ((r >> 1) & 1) * 64 + ((r >> 2) & 1) * 16 +
+		return r * 256 + ((r >> 1) & 1) * 16 + ((r >> 2) & 1) * 64 +
 		       (r >> 3) * 96;
 	}
 };
@@ -114,9 +114,10 @@ template <int KT, int VT> struct stage {
 	static constexpr int VS_OFF = V_OFF + up16(fmt<VT>::rv(TT - 1) + fmt<VT>::RB);
 	static constexpr int BYTES = VS_OFF + TT * fmt<VT>::SB;
 	static constexpr int N = BYTES <= 2700 ? 4 : BYTES <= 4100 ? 3 : 2;
-	static constexpr int SMEM = NW * N * BYTES;
+	static constexpr int SINK_OFF = NW * N * BYTES;	/* 2 KiB */
+	static constexpr int SMEM = SINK_OFF + 2048;
 	static constexpr int MERGE = NW * NCOL * HD * 4 + 2 * NW * NCOL * 4;
-	static constexpr int SPLIT = 3 * MAX_SPLITS * NCOL * 4;
+	static constexpr int SPLIT = (2 * MAX_SPLITS + 1) * NCOL * 4;
 	static constexpr int DYN = SMEM > MERGE ? (SMEM > SPLIT ? SMEM : SPLIT) :
 				   (MERGE > SPLIT ? MERGE : SPLIT);
 };
@@ -139,10 +140,12 @@ __device__ __forceinline__ void q4_pairs(unsigned w, unsigned h[4])
 	const __half2 b_hi = u2h(0xd480d480u);	/* -72 */
 	unsigned w2 = w >> 8;
 
-	h[0] = h2u(__hsub2(u2h((w & 0x000f000fu) | 0x64006400u), b_lo));
-	h[1] = h2u(__hfma2(u2h((w & 0x00f000f0u) | 0x64006400u), m16, b_hi));
-	h[2] = h2u(__hsub2(u2h((w2 & 0x000f000fu) | 0x64006400u), b_lo));
-	h[3] = h2u(__hfma2(u2h((w2 & 0x00f000f0u) | 0x64006400u), m16, b_hi));
+	h[0] = h2u(__hsub2(u2h(kvq_and_or(w, 0x000f000fu, 0x64006400u)), b_lo));
+	h[1] = h2u(__hfma2(u2h(kvq_and_or(w, 0x00f000f0u, 0x64006400u)), m16,
+			   b_hi));
+	h[2] = h2u(__hsub2(u2h(kvq_and_or(w2, 0x000f000fu, 0x64006400u)), b_lo));
+	h[3] = h2u(__hfma2(u2h(kvq_and_or(w2, 0x00f000f0u, 0x64006400u)), m16,
+			   b_hi));
 }
 
 /*
@@ -151,10 +154,10 @@ __device__ __forceinline__ void q4_pairs(unsigned w, unsigned h[4])
  */
 __device__ __forceinline__ void q4_pairs64(unsigned w, unsigned h[4])
 {
-	h[0] = ((w << 4) & 0x00f000f0u) | 0x54005400u;
-	h[1] = (w & 0x00f000f0u) | 0x54005400u;
-	h[2] = ((w >> 4) & 0x00f000f0u) | 0x54005400u;
-	h[3] = ((w >> 8) & 0x00f000f0u) | 0x54005400u;
+	h[0] = kvq_and_or(w << 4, 0x00f000f0u, 0x54005400u);
+	h[1] = kvq_and_or(w, 0x00f000f0u, 0x54005400u);
+	h[2] = kvq_and_or(w >> 4, 0x00f000f0u, 0x54005400u);
+	h[3] = kvq_and_or(w >> 8, 0x00f000f0u, 0x54005400u);
 }
 
 /* Bytes at selector positions of two words (already xor 0x80) as f16. */
@@ -164,7 +167,7 @@ __device__ __forceinline__ unsigned q8_pair(unsigned a, unsigned b,
 	const __half2 bias = u2h(0x64806480u);	/* 1152 */
 	unsigned x = __byte_perm(a, b, sel);
 
-	return h2u(__hsub2(u2h((x & 0x00ff00ffu) | 0x64006400u), bias));
+	return h2u(__hsub2(u2h(kvq_and_or(x, 0x00ff00ffu, 0x64006400u)), bias));
 }
 
 __device__ __forceinline__ float h_lo(unsigned u)
@@ -209,11 +212,6 @@ __device__ __forceinline__ float load_q(const kparams &p, size_t i)
 	return ((const float *)p.q)[i];
 }
 
-__device__ __forceinline__ float f16_at(const uint16_t *p, int i)
-{
-	return __half2float(((const __half *)p)[i]);
-}
-
 /* Per-warp online-softmax state; lane 4g+t owns query columns 2t, 2t+1. */
 struct wstate {
 	float o[8][4];		/* O^T fragments of the 8 m-tiles */
@@ -221,74 +219,94 @@ struct wstate {
 };
 
 /*
- * Sink positions [0, ns) of head @h: keys and values as f16 rows (from
- * the sink copies or, for an unquantized half, from page 0), in f32.
- * All of a position's loads are issued before its arithmetic.
+ * Sink positions [0, ns) of the head: keys and values as f16 rows (from
+ * the sink copies or, for an unquantized half, from page 0, @ks / @vs
+ * halves apart), in f32, four positions at a time staged in @buf (2 KiB
+ * of shared memory).  Scores use the query fragments @qf, so they equal
+ * the tile pass's to f32 rounding.
  */
-__device__ void sink_pass(const kparams &p, wstate &st, int b, int hq0,
-			  int nh, bool hilo, int ns, const uint16_t *sk,
-			  const uint16_t *sv, int kstride, int vstride)
+__device__ void sink_pass(wstate &st, const unsigned qf[8][2], bool hilo,
+			  int ns, const uint16_t *sk, const uint16_t *sv,
+			  int ks, int vs, uint8_t *buf)
 {
 	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-	int c0 = hilo ? 2 * (t & 1) : 2 * t;
 	bool own = !hilo || t < 2;
-	float qv[NCOL][4];
 
+	for (int p0 = 0; p0 < ns; p0 += 4) {
+		/* 4 rows of 256 bytes each for K and V: 2 chunks a lane. */
 #pragma unroll
-	for (int hd = 0; hd < NCOL; hd++) {
-		size_t qo = ((size_t)b * p.hq + hq0 + (hd < nh ? hd : 0)) * HD;
+		for (int j = 0; j < 2; j++) {
+			int x = lane + 32 * j, r = x >> 4, c = x & 15;
 
-#pragma unroll
-		for (int j = 0; j < 4; j++)
-			qv[hd][j] = hd < nh ? load_q(p, qo + lane + 32 * j) *
-					      p.qscale : 0.0f;
-	}
-	for (int pos = 0; pos < ns; pos++) {
-		const uint16_t *kr = sk + (size_t)pos * kstride;
-		const uint16_t *vr = sv + (size_t)pos * vstride;
-		uint4 vw[2] = { ((const uint4 *)(vr + 16 * g))[0],
-				((const uint4 *)(vr + 16 * g))[1] };
-		float sc[2] = { 0.0f, 0.0f }, kv[4], pr[2], al[2];
-
-#pragma unroll
-		for (int j = 0; j < 4; j++)
-			kv[j] = f16_at(kr, lane + 32 * j);
-#pragma unroll
-		for (int hd = 0; hd < NCOL; hd++) {
-			float acc = qv[hd][0] * kv[0] + qv[hd][1] * kv[1] +
-				    qv[hd][2] * kv[2] + qv[hd][3] * kv[3];
-
-#pragma unroll
-			for (int m = 16; m; m >>= 1)
-				acc += kvq_shfl_xor_f32(acc, m);
-			if (hd == c0)
-				sc[0] = acc;
-			if (hd == c0 + 1)
-				sc[1] = acc;
+			if (p0 + r < ns) {
+				kvq_cp_async16(buf + 256 * r + 16 * c,
+					       sk + (size_t)(p0 + r) * ks + 8 * c);
+				kvq_cp_async16(buf + 1024 + 256 * r + 16 * c,
+					       sv + (size_t)(p0 + r) * vs + 8 * c);
+			}
 		}
+		kvq_cp_async_commit();
+		kvq_cp_async_wait<0>();
+		kvq_syncwarp();
+		for (int u = 0; u < 4 && p0 + u < ns; u++) {
+			const uint8_t *kr = buf + 256 * u;
+			const uint4 *vr = (const uint4 *)(buf + 1024 + 256 * u + 32 * g);
+			float acc = 0.0f, sc[2], pr[2], al[2];
+
+			/* Column g's partial score over channels 32G+8t+i. */
 #pragma unroll
-		for (int e = 0; e < 2; e++) {
-			float nm = fmaxf(st.m[e], sc[e]);
-
-			al[e] = st.m[e] == -INFINITY ? 0.0f :
-				exp2f(st.m[e] - nm);
-			pr[e] = exp2f(sc[e] - nm);
-			st.m[e] = nm;
-			st.l[e] = st.l[e] * al[e] + (g == 0 ? pr[e] : 0.0f);
-		}
-		const unsigned *vu = (const unsigned *)vw;
+			for (int G = 0; G < 4; G++) {
+				uint4 k8 = *(const uint4 *)(kr + 2 * (32 * G + 8 * t));
+				unsigned kw[4] = { k8.x, k8.y, k8.z, k8.w };
 
 #pragma unroll
-		for (int i = 0; i < 8; i++) {
-			int c = 8 * (i >> 2) + (i & 3), d = c + 4;
-			float v0 = own ? ((c & 1) ? h_hi(vu[c >> 1]) : h_lo(vu[c >> 1])) : 0.0f;
-			float v1 = own ? ((d & 1) ? h_hi(vu[d >> 1]) : h_lo(vu[d >> 1])) : 0.0f;
+				for (int r = 0; r < 2; r++) {
+					/* qf[2G+r] = (c2r, c2r+4), (c2r+1, c2r+5) */
+					unsigned q0 = qf[2 * G + r][0];
+					unsigned q1 = qf[2 * G + r][1];
 
-			st.o[i][0] = st.o[i][0] * al[0] + pr[0] * v0;
-			st.o[i][1] = st.o[i][1] * al[1] + pr[1] * v0;
-			st.o[i][2] = st.o[i][2] * al[0] + pr[0] * v1;
-			st.o[i][3] = st.o[i][3] * al[1] + pr[1] * v1;
+					acc += h_lo(q0) * h_lo(kw[r]) +
+					       h_hi(q0) * h_lo(kw[r + 2]) +
+					       h_lo(q1) * h_hi(kw[r]) +
+					       h_hi(q1) * h_hi(kw[r + 2]);
+				}
+			}
+			acc += kvq_shfl_xor_f32(acc, 1);
+			acc += kvq_shfl_xor_f32(acc, 2);
+			if (hilo)
+				acc += kvq_shfl_xor_f32(acc, 16);
+			sc[0] = __uint_as_float(kvq_shfl_u32(__float_as_uint(acc), 8 * t));
+			sc[1] = __uint_as_float(kvq_shfl_u32(__float_as_uint(acc), 8 * t + 4));
+#pragma unroll
+			for (int e = 0; e < 2; e++) {
+				float nm = fmaxf(st.m[e], sc[e]);
+
+				al[e] = st.m[e] == -INFINITY ? 0.0f :
+					exp2f(st.m[e] - nm);
+				pr[e] = exp2f(sc[e] - nm);
+				st.m[e] = nm;
+				st.l[e] = st.l[e] * al[e] +
+					  (g == 0 ? pr[e] : 0.0f);
+			}
+			uint4 v0 = vr[0], v1 = vr[1];
+			unsigned vu[8] = { v0.x, v0.y, v0.z, v0.w,
+					   v1.x, v1.y, v1.z, v1.w };
+
+#pragma unroll
+			for (int i = 0; i < 8; i++) {
+				int c = 8 * (i >> 2) + (i & 3), d = c + 4;
+				float x0 = own ? ((c & 1) ? h_hi(vu[c >> 1]) :
+						  h_lo(vu[c >> 1])) : 0.0f;
+				float x1 = own ? ((d & 1) ? h_hi(vu[d >> 1]) :
+						  h_lo(vu[d >> 1])) : 0.0f;
+
+				st.o[i][0] = st.o[i][0] * al[0] + pr[0] * x0;
+				st.o[i][1] = st.o[i][1] * al[1] + pr[1] * x0;
+				st.o[i][2] = st.o[i][2] * al[0] + pr[0] * x1;
+				st.o[i][3] = st.o[i][3] * al[1] + pr[1] * x1;
+			}
 		}
+		kvq_syncwarp();
 	}
 }
 
@@ -410,8 +428,6 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 		if (KT == KVQ_KV_Q4) {
 			q4_pairs64(*(const unsigned *)(kr + 16 * G), e0);
 			q4_pairs64(*(const unsigned *)(kr + 16 * G + R8), e1);
-			c[0] = c[2] = -kc[G][0];
-			c[1] = c[3] = -kc[G][1];
 		} else {
 			uint2 r0 = *(const uint2 *)(kr + 32 * G);
 			uint2 r1 = *(const uint2 *)(kr + 32 * G + R8);
@@ -433,7 +449,14 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 		a[1] = e1[0];
 		a[2] = e0[1];
 		a[3] = e1[1];
-		kvq_mma_f16_16816(c, a, qf[2 * G]);
+		if (KT == KVQ_KV_Q4) {
+			const float c0[4] = { -kc[G][0], -kc[G][1], -kc[G][0],
+					      -kc[G][1] };
+
+			kvq_mma_f16_16816_c(c, a, qf[2 * G], c0);
+		} else {
+			kvq_mma_f16_16816(c, a, qf[2 * G]);
+		}
 		a[0] = e0[2];
 		a[1] = e1[2];
 		a[2] = e0[3];
@@ -578,7 +601,7 @@ __device__ __forceinline__ void put_out(const kparams &p, size_t i, float v)
  * One tile from stage @st: scores, online softmax, values.  Tokens
  * [lo, hi) of the tile are valid.
  */
-template <int KT, int VT>
+template <int KT, int VT, bool FULL>
 __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 				     const unsigned qf[8][2],
 				     const float kc[4][2], bool hilo, int lo,
@@ -592,10 +615,12 @@ __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 #pragma unroll
 		for (int i = 0; i < 4; i++)
 			s4[i] += kvq_shfl_xor_f32(s4[i], 2);
-	if (!(g >= lo && g < hi))
-		s4[0] = s4[1] = -INFINITY;
-	if (!(g + 8 >= lo && g + 8 < hi))
-		s4[2] = s4[3] = -INFINITY;
+	if (!FULL) {
+		if (!(g >= lo && g < hi))
+			s4[0] = s4[1] = -INFINITY;
+		if (!(g + 8 >= lo && g + 8 < hi))
+			s4[2] = s4[3] = -INFINITY;
+	}
 
 	float mt0 = fmaxf(s4[0], s4[2]), mt1 = fmaxf(s4[1], s4[3]);
 
@@ -606,8 +631,10 @@ __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 	}
 	if (kvq_any(mt0 > ws.m[0] + LAZY || mt1 > ws.m[1] + LAZY)) {
 		float n0 = fmaxf(ws.m[0], mt0), n1 = fmaxf(ws.m[1], mt1);
-		float a0 = ws.m[0] == -INFINITY ? 0.0f : exp2f(ws.m[0] - n0);
-		float a1 = ws.m[1] == -INFINITY ? 0.0f : exp2f(ws.m[1] - n1);
+		float a0 = ws.m[0] == -INFINITY ? 0.0f :
+			   kvq_exp2_fast(ws.m[0] - n0);
+		float a1 = ws.m[1] == -INFINITY ? 0.0f :
+			   kvq_exp2_fast(ws.m[1] - n1);
 
 		ws.m[0] = n0;
 		ws.m[1] = n1;
@@ -621,8 +648,10 @@ __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 			ws.o[i][3] *= a1;
 		}
 	}
-	float p0 = exp2f(s4[0] - ws.m[0]), p1 = exp2f(s4[1] - ws.m[1]);
-	float p2 = exp2f(s4[2] - ws.m[0]), p3 = exp2f(s4[3] - ws.m[1]);
+	float p0 = kvq_exp2_fast(s4[0] - ws.m[0]);
+	float p1 = kvq_exp2_fast(s4[1] - ws.m[1]);
+	float p2 = kvq_exp2_fast(s4[2] - ws.m[0]);
+	float p3 = kvq_exp2_fast(s4[3] - ws.m[1]);
 
 	ws.l[0] += p0 + p2;
 	ws.l[1] += p1 + p3;
@@ -643,13 +672,16 @@ __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 	unsigned x2 = kvq_shfl_u32(pk1, 8 * t + tsrc);
 	unsigned x3 = kvq_shfl_u32(pk1, 8 * t + 4 + tsrc);
 	unsigned pb[2] = { __byte_perm(x0, x1, sel), __byte_perm(x2, x3, sel) };
-	int vm = 0;
+	int vm = 15;
 
+	if (!FULL) {
+		vm = 0;
 #pragma unroll
-	for (int i = 0; i < 4; i++) {
-		int tk = 2 * t + (i & 1) + 8 * (i >> 1);
+		for (int i = 0; i < 4; i++) {
+			int tk = 2 * t + (i & 1) + 8 * (i >> 1);
 
-		vm |= (tk >= lo && tk < hi) << i;
+			vm |= (tk >= lo && tk < hi) << i;
+		}
 	}
 	tile_values<KT, VT>(st, L, pb, vm, ws.o);
 }
@@ -814,7 +846,7 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 			     (size_t)h * p.P * HD;
 			vs = HD;
 		}
-		sink_pass(p, ws, b, hq0, nh, hilo, skip, sk, sv, ks, vs);
+		sink_pass(ws, qf, hilo, skip, sk, sv, ks, vs, smem + S::SINK_OFF);
 	}
 
 	for (int k0 = 0; k0 < n_my; k0 += N) {
@@ -833,9 +865,12 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 			int tok0 = (t_begin + w + k * NW) * TT;
 			int lo = max(0, skip - tok0), hi = min(TT, len - tok0);
 
-			if (lo < hi)
-				tile<KT, VT>(ring + s * S::BYTES, L, qf, kc, hilo,
-					     lo, hi, ws);
+			if (lo == 0 && hi == TT)
+				tile<KT, VT, true>(ring + s * S::BYTES, L, qf, kc,
+						   hilo, 0, TT, ws);
+			else if (lo < hi)
+				tile<KT, VT, false>(ring + s * S::BYTES, L, qf, kc,
+						    hilo, lo, hi, ws);
 			kvq_syncwarp();
 		}
 	}
@@ -924,36 +959,35 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 
 	size_t u0 = unit * p.n_splits;
 	float *wa = (float *)smem;			/* [split][head] weights */
-	float *hl = wa + MAX_SPLITS * NCOL;		/* [head] 1 / sum */
-	float *hm = hl + NCOL;				/* [head] maximum */
+	float *wl = wa + MAX_SPLITS * NCOL;		/* [split][head] sums */
+	float *hl = wl + MAX_SPLITS * NCOL;		/* [head] 1 / sum */
 
-	if (threadIdx.x < NCOL) {
-		int hd = threadIdx.x;
-		float M = -INFINITY;
-
-		if (hd < nh)
-			for (int v = 0; v < n_active; v++)
-				M = fmaxf(M, kvq_ld_cg(&p.ws_m[(u0 + v) * NCOL + hd]));
-		hm[hd] = M;
-	}
-	__syncthreads();
 	for (int i = threadIdx.x; i < n_active * NCOL; i += NW * 32) {
-		int v = i / NCOL, hd = i % NCOL;
-		float mv = hd < nh ? kvq_ld_cg(&p.ws_m[(u0 + v) * NCOL + hd]) :
-			   -INFINITY;
-
-		wa[i] = mv == -INFINITY ? 0.0f : exp2f(mv - hm[hd]);
+		wa[i] = kvq_ld_cg(&p.ws_m[u0 * NCOL + i]);
+		wl[i] = kvq_ld_cg(&p.ws_l[u0 * NCOL + i]);
 	}
 	__syncthreads();
-	if (threadIdx.x < NCOL) {
-		int hd = threadIdx.x;
-		float L2 = 0.0f;
+	/* Warp w: heads w and w + 4; lanes stride over the splits. */
+	for (int hd = w; hd < nh; hd += NW) {
+		float M = -INFINITY, L2 = 0.0f;
 
-		if (hd < nh)
-			for (int v = 0; v < n_active; v++)
-				L2 += wa[v * NCOL + hd] *
-				      kvq_ld_cg(&p.ws_l[(u0 + v) * NCOL + hd]);
-		hl[hd] = L2 > 0.0f ? 1.0f / L2 : 0.0f;
+		for (int v = lane; v < n_active; v += 32)
+			M = fmaxf(M, wa[v * NCOL + hd]);
+#pragma unroll
+		for (int m = 16; m; m >>= 1)
+			M = fmaxf(M, kvq_shfl_xor_f32(M, m));
+		for (int v = lane; v < n_active; v += 32) {
+			float mv = wa[v * NCOL + hd];
+			float a = mv == -INFINITY ? 0.0f : exp2f(mv - M);
+
+			wa[v * NCOL + hd] = a;
+			L2 += a * wl[v * NCOL + hd];
+		}
+#pragma unroll
+		for (int m = 16; m; m >>= 1)
+			L2 += kvq_shfl_xor_f32(L2, m);
+		if (lane == 0)
+			hl[hd] = L2 > 0.0f ? 1.0f / L2 : 0.0f;
 	}
 	__syncthreads();
 	for (int i = threadIdx.x; i < nh * (HD / 4); i += NW * 32) {

@@ -148,6 +148,34 @@ static __device__ __forceinline__ void kvq_cp_async_wait(void)
 #endif
 }
 
+/* (x & m) | c in one instruction (the compiler splits it when both m and
+ * c are constants). */
+static __device__ __forceinline__ unsigned kvq_and_or(unsigned x, unsigned m,
+						     unsigned c)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	return (x & m) | c;
+#else
+	unsigned r;
+
+	asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(x), "r"(m), "r"(c));
+	return r;
+#endif
+}
+
+/* 2^x, approximate (about 2 ulp), subnormal results flushed to zero. */
+static __device__ __forceinline__ float kvq_exp2_fast(float x)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	return __builtin_amdgcn_exp2f(x);
+#else
+	float r;
+
+	asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+	return r;
+#endif
+}
+
 /*
  * c += A * B for one 16x8x16 tile: A 16x16 f16 (4 registers of two halves,
  * row-major fragment), B 16x8 f16 (2 registers), c 16x8 f32 (4 floats),
@@ -192,6 +220,28 @@ static __device__ __forceinline__ void kvq_mma_f16_16816(float c[4],
 	    : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
 	    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]),
 	      "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+/* d = A * B + c (c left unchanged). */
+static __device__ __forceinline__ void kvq_mma_f16_16816_c(float d[4],
+							   const unsigned a[4],
+							   const unsigned b[2],
+							   const float c[4])
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	d[0] = c[0];
+	d[1] = c[1];
+	d[2] = c[2];
+	d[3] = c[3];
+	kvq_mma_f16_16816(d, a, b);
+#else
+	asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+	    "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+	    : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+	    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]),
+	      "r"(b[0]), "r"(b[1]),
+	      "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 #endif
 }
 #endif /* __CUDACC__ || __HIPCC__ */
