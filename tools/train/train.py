@@ -13,17 +13,23 @@ sidecar.
       the configuration, the tokenizer, step and token counts
   train.py export --ckpt CKPT --out MODEL.gguf [--type f16|q8_0|f32]
       GGUF `llama` file and MODEL.fim.gguf beside it (exp_avg_sq)
-  train.py eval --model MODEL.gguf --text FILE [--ctx N]
-      perplexity of a GGUF over a text by the protocol below, computed by
+  train.py eval --model MODEL.gguf --text FILE [--ctx N] [--lines N]
+               [--protocol sliding|chunk]
+      perplexity of a GGUF over a text (or its first lines), computed by
       kvq_ref (the PyTorch reference, float64) from the GGUF's weights
+  train.py record --summary S --eval E [--eval E2] --out REC.json
+      the fit summary and eval results in one record (models/*.json)
   train.py all --out DIR [--preset tiny] [--text FILE]
       prepare, fit, export and eval in one go
 
-Perplexity protocol (train, eval and the README's figures): the text is
-tokenized as a whole (no BOS), cut into consecutive chunks of ctx tokens;
-each chunk is fed as [BOS] + its first ctx - 1 tokens and every one of
-its ctx tokens is scored.  Training windows are drawn the same way at
-random offsets.
+Perplexity.  The text is tokenized as a whole (no BOS added) and every
+token is scored once, predicted after a BOS and the tokens before it in
+its window.  "chunk" (what training reports): consecutive windows of ctx
+tokens.  "sliding" (eval's default, the same windows as kvqd
+--perplexity): ctx - 1 tokens after BOS, moving by ctx / 2, each window
+scoring the tokens no earlier one scored.  Training windows are BOS plus
+ctx - 1 tokens from random offsets, so both protocols see what training
+saw.
 """
 
 import argparse
@@ -448,18 +454,33 @@ def windows(n, ctx, protocol):
     return out
 
 
+def read_text(path, lines=None):
+    """The text of @path, or its first @lines lines (what `head -n LINES`
+    gives)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if lines:
+        at = -1
+        for _ in range(lines):
+            at = text.find("\n", at + 1)
+            if at < 0:
+                return text
+        text = text[:at + 1]
+    return text
+
+
 def perplexity(model_path, text_path, ctx=None, max_tokens=None, dtype=None,
-               protocol="sliding"):
+               protocol="sliding", lines=None):
     """(ppl, nll, tokens scored) of the GGUF at @model_path over
-    @text_path, with kvq_ref and the GGUF's own vocabulary."""
+    @text_path (its first @lines lines when given), with kvq_ref and the
+    GGUF's own vocabulary."""
     import torch
     from kvq_gguf import GGUFReader
     from kvq_ref import RefModel
     from fim import tok as fimtok
     with GGUFReader(model_path) as r:
         tk = fimtok.from_gguf(r)
-    with open(text_path, encoding="utf-8") as f:
-        ids = np.asarray(tk.encode(f.read()), dtype=np.int64)
+    ids = np.asarray(tk.encode(read_text(text_path, lines)), dtype=np.int64)
     if max_tokens:
         ids = ids[:max_tokens]
     m = RefModel(model_path, dtype=dtype or torch.float64)
@@ -485,12 +506,30 @@ def cmd_eval(a):
     t0 = time.time()
     ppl, nll, n = perplexity(a.model, a.text, a.ctx, a.max_tokens,
                              torch.float32 if a.float32 else torch.float64,
-                             a.protocol)
+                             a.protocol, a.lines)
     res = {"model": os.path.basename(a.model),
-           "text": os.path.basename(a.text), "protocol": a.protocol,
-           "tokens": n, "nll": nll,
+           "text": os.path.basename(a.text), "lines": a.lines,
+           "protocol": a.protocol, "ctx": a.ctx, "tokens": n, "nll": nll,
            "ppl": ppl, "seconds": round(time.time() - t0, 1)}
     print(json.dumps(res))
+    return 0
+
+
+def cmd_record(a):
+    """Merge the fit summary and eval results into one JSON record."""
+    with open(a.summary) as f:
+        summ = json.load(f)
+    rec = {"model": a.model_name, "training": summ}
+    for path in a.eval:
+        with open(path) as f:
+            ev = json.loads([l for l in f if l.startswith("{")][-1])
+        key = "heldout_prefix" if ev.get("lines") else "heldout"
+        if ev.get("protocol", "sliding") != "sliding":
+            key += "_" + ev["protocol"]
+        rec[key] = ev
+    with open(a.out, "w") as f:
+        json.dump(rec, f, indent=1)
+        f.write("\n")
     return 0
 
 
@@ -512,7 +551,8 @@ def cmd_all(a):
     rc = rc or cmd_eval(ns(model=model,
                            text=os.path.join(data, "heldout.txt"), ctx=None,
                            max_tokens=None, float32=False,
-                           threads=a.threads, protocol="sliding"))
+                           threads=a.threads, protocol="sliding",
+                           lines=None))
     return rc
 
 
@@ -550,6 +590,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int)
     p.add_argument("--protocol", choices=("sliding", "chunk"),
                    default="sliding")
+    p.add_argument("--lines", type=int, help="only the first LINES lines")
+    p = sub.add_parser("record")
+    p.add_argument("--summary", required=True, help="fit --summary output")
+    p.add_argument("--eval", action="append", required=True,
+                   help="an eval output (JSON line)")
+    p.add_argument("--model-name", default="kvq-austen-5m")
+    p.add_argument("--out", required=True)
     p = sub.add_parser("all")
     p.add_argument("--out", required=True)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -562,7 +609,7 @@ def main(argv=None):
     p.add_argument("--time-limit", type=float)
     a = ap.parse_args(argv)
     return {"prepare": cmd_prepare, "fit": cmd_fit, "export": cmd_export,
-            "eval": cmd_eval, "all": cmd_all}[a.cmd](a)
+            "eval": cmd_eval, "record": cmd_record, "all": cmd_all}[a.cmd](a)
 
 
 if __name__ == "__main__":
