@@ -706,6 +706,25 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 	bool hilo = nh <= 4;
 	long long cap = (long long)p.n_splits * p.tps * TT;
 	long long lim = (long long)p.bt_stride * p.P;
+	const int32_t *bt = p.bt + (size_t)b * p.bt_stride;
+	int t_begin = split * p.tps;
+
+	/*
+	 * Page ids of this warp's tiles, 32 at a time, one batch ahead;
+	 * loaded before the sequence length is known (any tile of the split
+	 * that the block table can hold), so both loads overlap.
+	 */
+	int kb = 0, pid_cur, pid_nxt;
+	{
+		long long tl = (lim + TT - 1) / TT;
+		int t_cap = (int)(t_begin + p.tps < tl ? t_begin + p.tps : tl);
+		int n_cap = t_cap - t_begin > w ?
+			    (t_cap - t_begin - w + NW - 1) / NW : 0;
+		int k0 = lane, k1 = lane + 32;
+
+		pid_cur = k0 < n_cap ? bt[(t_begin + w + k0 * NW) >> p.tshift] : 0;
+		pid_nxt = k1 < n_cap ? bt[(t_begin + w + k1 * NW) >> p.tshift] : 0;
+	}
 	int len = p.lens[b];
 
 	if (len < 0)
@@ -726,11 +745,10 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 	if (split >= n_active)
 		return;
 
-	const int32_t *bt = p.bt + (size_t)b * p.bt_stride;
 	const uint16_t *sinkp = p.sink ? p.sink[b] : nullptr;
 	const bool kq = KT != KVQ_KV_F16, vq = VT != KVQ_KV_F16;
 	int skip = (sinkp && (kq || vq)) ? min(p.n_sink, len) : 0;
-	int t_begin = split * p.tps, t_end = min(t_begin + p.tps, n_tiles);
+	int t_end = min(t_begin + p.tps, n_tiles);
 	int n_my = t_end - t_begin > w ? (t_end - t_begin - w + NW - 1) / NW : 0;
 	int tmask = (1 << p.tshift) - 1;
 	uint8_t *ring = smem + w * N * S::BYTES;
@@ -738,14 +756,6 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 
 	lanes_init<KT, VT>(p, h, L);
 
-	/* Page ids of this warp's tiles, 32 at a time, one batch ahead. */
-	int kb = 0, pid_cur, pid_nxt;
-	{
-		int k0 = lane, k1 = lane + 32;
-
-		pid_cur = k0 < n_my ? bt[(t_begin + w + k0 * NW) >> p.tshift] : 0;
-		pid_nxt = k1 < n_my ? bt[(t_begin + w + k1 * NW) >> p.tshift] : 0;
-	}
 	auto issue = [&](int k, uint8_t *st) {
 		if (k - kb >= 32) {
 			int kn = kb + 64 + lane;
