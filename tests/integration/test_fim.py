@@ -275,7 +275,6 @@ def test_import_json(tap, stories, tmp):
 def test_other_model(tap, stories, tmp):
     """A sidecar of stories260K checked against a model of another shape."""
     import numpy as np
-    from fim import sidecar
     from kvq_gguf import GGMLType, GGUFReader, GGUFWriter
     other = os.path.join(tmp, "other.gguf")
     with GGUFReader(stories) as r:

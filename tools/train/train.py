@@ -231,9 +231,9 @@ def fit_one(hp, data, device, deadline, tag):
         last = step == total or time.time() > deadline
         if step % hp["eval_every"] == 0 or last:
             v, _ = evaluate(model, val, L, bos, device, amp=amp)
-            history.append((step, float(loss), v))
+            history.append((step, loss.item(), v))
             log("%s step %d/%d train %.4f val %.4f (ppl %.2f) %.0f s"
-                % (tag, step, total, float(loss), v, math.exp(v),
+                % (tag, step, total, loss.item(), v, math.exp(v),
                    time.time() - t0))
             if v < best["val"]:
                 best = {"val": v, "step": step,
@@ -256,7 +256,7 @@ def fit_one(hp, data, device, deadline, tag):
 
 def cmd_fit(a):
     import torch
-    from model import ROPE_LAYOUT, Config, Llama
+    from model import ROPE_LAYOUT, Llama
     import spm
 
     hp = dict(PRESETS[a.preset])
@@ -305,12 +305,8 @@ def cmd_fit(a):
     cfg = best["cfg"]
     model = Llama(cfg).to(device)
     model.load_state_dict(best["model"])
-    if device.type == "cuda":
-        import contextlib
-        amp = contextlib.nullcontext     # held-out figure in float32
-    else:
-        import contextlib
-        amp = contextlib.nullcontext
+    import contextlib
+    amp = contextlib.nullcontext        # the final figures in float32
     ho, n_ho = evaluate(model, data["heldout"], cfg.ctx_len, tk.bos_id,
                         device, amp=amp)
     va, _ = evaluate(model, data["val"], cfg.ctx_len, tk.bos_id, device,
@@ -365,7 +361,7 @@ FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}
 
 def cmd_export(a):
     import torch
-    from kvq_gguf import GGMLType, GGUFWriter, VType
+    from kvq_gguf import GGMLType, GGUFWriter
     from fim import adam
     import spm
     from model import Config
