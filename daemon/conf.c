@@ -1044,6 +1044,20 @@ static int set_default_from(struct kvq_config *c, int key, const char *v,
 	return kvq_config_set(c, key, v, o, c->path, NULL, err, errlen);
 }
 
+const char *kvq_config_default_model(void)
+{
+	static const char *const paths[] = {
+		KVQ_MODELDIR "/" KVQ_BUNDLED_MODEL,
+		KVQ_SRC_MODELDIR "/" KVQ_BUNDLED_MODEL,
+	};
+	size_t i;
+
+	for (i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
+		if (!access(paths[i], R_OK))
+			return paths[i];
+	return NULL;
+}
+
 int kvq_config_load(struct kvq_config *c, const struct kvq_args *a,
 		    char *err, size_t errlen)
 {
@@ -1103,6 +1117,12 @@ int kvq_config_load(struct kvq_config *c, const struct kvq_args *a,
 						KVQ_SRC_DEFAULT, err, errlen);
 		}
 	}
+	/* No model named: the bundled one, installed or in the source tree. */
+	if (c->origin[kvq_config_find("model")].src == KVQ_SRC_DEFAULT &&
+	    !*c->model && kvq_config_default_model())
+		bad |= set_default_from(c, kvq_config_find("model"),
+					kvq_config_default_model(),
+					KVQ_SRC_DEFAULT, err, errlen);
 	/* A default that a smaller explicit max_tokens overtakes follows it. */
 	if (c->origin[k_def].src == KVQ_SRC_DEFAULT &&
 	    c->default_max_tokens > c->max_tokens)

@@ -193,6 +193,13 @@ int kvq_config_read_file(struct kvq_config *c, const char *path, char *err,
  * kvq_config_init()'ed; it is filled even on failure (for messages).
  * Returns 0 or -EINVAL with every problem in @err, one per line.
  */
+/*
+ * The bundled model: KVQ_MODELDIR/KVQ_BUNDLED_MODEL once installed, else
+ * the copy in the source tree; NULL when neither is readable.  A config
+ * without a model uses it.
+ */
+const char *kvq_config_default_model(void);
+
 int kvq_config_load(struct kvq_config *c, const struct kvq_args *a,
 		    char *err, size_t errlen);
 

@@ -416,9 +416,7 @@ static void on_loaded(evutil_socket_t fd, short what, void *arg)
 		event_base_loopbreak(d->base);
 		return;
 	}
-	kvq_info("model loaded: %s, %.1f MiB in %.2f s",
-		 kvq_model_desc(d->model),
-		 (double)kvq_model_weight_bytes(d->model) / (1 << 20),
+	kvq_info("model loaded: %s in %.2f s", kvq_model_desc(d->model),
 		 since_s(d->load_start_usec));
 	d->view.model = d->model;
 	d->view.fisher = d->fisher;

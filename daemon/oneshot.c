@@ -16,6 +16,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "daemon/conf.h"
 #include "daemon/oneshot.h"
 #include "engine/fisher.h"
 #include "engine/log.h"
@@ -811,8 +812,11 @@ int kvq_oneshot_main(int argc, char **argv)
 	if (parse_args(&o, argc, argv))
 		return 2;
 	kvq_log_set_level(o.verbose ? KVQ_LOG_INFO : KVQ_LOG_WARNING);
+	if (!o.model)
+		o.model = kvq_config_default_model();
 	if (!o.model) {
-		fprintf(stderr, "kvqd: --model FILE is required in one-shot mode\n");
+		fprintf(stderr, "kvqd: no --model FILE given and the bundled model (%s) is not installed\n",
+			KVQ_BUNDLED_MODEL);
 		return 2;
 	}
 	if (strcmp(o.device, "auto") && strcmp(o.device, "cpu")) {
