@@ -110,7 +110,10 @@ static __device__ __forceinline__ float kvq_ld_cg(const float *p)
 static __device__ __forceinline__ float4 kvq_ld_cg4(const float4 *p)
 {
 #if defined(__HIPCC__) || defined(KVQ_HIP)
-	return __builtin_nontemporal_load(p);
+	const float *f = (const float *)p;
+
+	return make_float4(kvq_ld_cg(f), kvq_ld_cg(f + 1), kvq_ld_cg(f + 2),
+			   kvq_ld_cg(f + 3));
 #else
 	return __ldcg(p);
 #endif
@@ -167,7 +170,7 @@ static __device__ __forceinline__ unsigned kvq_and_or(unsigned x, unsigned m,
 static __device__ __forceinline__ float kvq_exp2_fast(float x)
 {
 #if defined(__HIPCC__) || defined(KVQ_HIP)
-	return __builtin_amdgcn_exp2f(x);
+	return exp2f(x);
 #else
 	float r;
 
