@@ -33,6 +33,7 @@
 #define DEF_PORT 8080
 #define DEF_MODEL_ID "kvqd"
 #define DEF_MAX_BODY (8ull << 20)
+#define BODY_READ_CAP (64ull << 20)	/* see set_limits() */
 #define DEF_MAX_HEADERS (16ull << 10)
 #define DEF_IDLE_MS 30000
 
@@ -397,6 +398,15 @@ static void on_request(struct evhttp_request *req, void *arg)
 	size_t i, n;
 	bool path_known = false;
 
+	n = evbuffer_get_length(evhttp_request_get_input_buffer(req));
+	if (n > h->o.max_body_bytes) {
+		kvq_oai_fail(&e, 413, "invalid_request_error", "body_too_large",
+			     NULL,
+			     "request body of %zu bytes is larger than max_body_bytes (%llu)",
+			     n, (unsigned long long)h->o.max_body_bytes);
+		kvq_http_reply_err(h, req, &e);
+		return;
+	}
 	n = strcspn(uri, "?#");
 	if (n >= sizeof(path))
 		n = sizeof(path) - 1;
@@ -476,7 +486,15 @@ static int set_limits(struct kvq_http *h, const struct kvq_http_opts *o)
 				DEF_MAX_HEADERS;
 	h->o.idle_timeout_ms = o->idle_timeout_ms ? o->idle_timeout_ms :
 			       DEF_IDLE_MS;
-	evhttp_set_max_body_size(h->http, (ev_ssize_t)h->o.max_body_bytes);
+	/*
+	 * libevent answers a body over its own limit with an HTML page; to
+	 * answer with the JSON error, bodies up to BODY_READ_CAP are read
+	 * and refused in on_request().  Larger ones still get libevent's
+	 * 413 (PROTOCOL.md says so).
+	 */
+	evhttp_set_max_body_size(h->http, (ev_ssize_t)(h->o.max_body_bytes >
+				 BODY_READ_CAP ? h->o.max_body_bytes :
+				 BODY_READ_CAP));
 	evhttp_set_max_headers_size(h->http,
 				    (ev_ssize_t)h->o.max_header_bytes);
 	tv.tv_sec = h->o.idle_timeout_ms / 1000;

@@ -298,8 +298,8 @@ after_bad "invalid UTF-8"
 
 head -c 20000000 /dev/zero | tr '\0' 'a' >"$DIR/big.bin"
 STATUS=$(curl -s -o "$DIR/body" -w '%{http_code}' "http://127.0.0.1:$PORT/v1/completions" --data-binary @"$DIR/big.bin")
-[ "$STATUS" = 413 ]
-ok $? "20 MB body: 413"
+[ "$STATUS" = 413 ] && js "$ERR_SHAPE" && js 'j["error"]["code"] == "body_too_large"'
+ok $? "20 MB body: 413 with the JSON error"
 after_bad "a 20 MB body"
 
 req GET /v1/nothing
