@@ -26,8 +26,8 @@ static const char *const calib_prompts[] = {
 
 void kvq_kv_calib_opts_default(struct kvq_kv_calib_opts *o)
 {
-	o->bound_q4 = 0.5;
-	o->bound_q8 = 0.5;
+	o->kl_q4 = 0.005;
+	o->kl_q8 = 0.005;
 	o->ratio_max = 3.0;
 	o->per_layer = true;
 }
@@ -76,30 +76,55 @@ static int run_prompt(struct calib *c, int p, const uint8_t *tk, float *out)
 	return ret;
 }
 
-/* Relative error of key types @tk over all prompts (max). */
-static int measure(struct calib *c, const uint8_t *tk, double *err)
+/* log(sum(exp(x))) over n logits. */
+static double log_sum_exp(const float *x, uint32_t n)
+{
+	double mx = x[0], s = 0;
+	uint32_t i;
+
+	for (i = 1; i < n; i++)
+		mx = x[i] > mx ? x[i] : mx;
+	for (i = 0; i < n; i++)
+		s += exp(x[i] - mx);
+	return mx + log(s);
+}
+
+/*
+ * Key types @tk against the reference over all prompts: the largest
+ * |logit error| / std(reference logits) in *err, and the largest
+ * KL(reference || test) of the next-token distributions in *kl.
+ */
+static int measure(struct calib *c, const uint8_t *tk, double *err,
+		   double *kl)
 {
 	uint32_t p, v;
 	int ret;
 
 	*err = 0;
+	*kl = 0;
 	for (p = 0; p < N_PROMPTS; p++) {
-		double e = 0;
+		double e = 0, k = 0, la, lb;
 
 		if (!c->ids[p])
 			continue;
 		ret = run_prompt(c, (int)p, tk, c->lg);
 		if (ret)
 			return ret;
+		la = log_sum_exp(c->ref[p], c->nv);
+		lb = log_sum_exp(c->lg, c->nv);
 		for (v = 0; v < c->nv; v++) {
 			double d = fabs((double)c->lg[v] - c->ref[p][v]);
+			double lpa = c->ref[p][v] - la, lpb = c->lg[v] - lb;
 
 			if (d > e)
 				e = d;
+			k += exp(lpa) * (lpa - lpb);
 		}
 		e /= c->ref_std[p] > 0 ? c->ref_std[p] : 1.0;
 		if (e > *err)
 			*err = e;
+		if (k > *kl)
+			*kl = k;
 	}
 	return 0;
 }
@@ -136,7 +161,7 @@ int kvq_kv_calibrate_keys_opts(struct kvq_model *m,
 	uint8_t tk[KVQ_KV_MAX_LAYERS];
 	struct layer_err *le = NULL;
 	struct calib c = { .m = m, .base = *base };
-	double t0 = now_s(), sum;
+	double t0 = now_s(), sum, dummy;
 	uint32_t l, p, v;
 	int ret = -ENOMEM, have = 0;
 
@@ -196,23 +221,25 @@ int kvq_kv_calibrate_keys_opts(struct kvq_model *m,
 
 	for (l = 0; l < c.nl; l++)
 		tk[l] = KVQ_KV_Q8;
-	if ((ret = measure(&c, tk, &r.err_q8)))
+	if ((ret = measure(&c, tk, &r.err_q8, &r.kl_q8)))
 		goto out;
 	for (l = 0; l < c.nl; l++)
 		tk[l] = KVQ_KV_Q4;
-	if ((ret = measure(&c, tk, &r.err_q4)))
+	if ((ret = measure(&c, tk, &r.err_q4, &r.kl_q4)))
 		goto out;
 	r.ratio = r.err_q8 > 0 ? r.err_q4 / r.err_q8 : INFINITY;
 
-	if (r.err_q4 <= co->bound_q4 && r.ratio <= co->ratio_max * 127.0 / 7.0) {
+	if (r.kl_q4 <= co->kl_q4 && r.ratio <= co->ratio_max * 127.0 / 7.0) {
 		memcpy(types_k, tk, c.nl);
 		r.err_final = r.err_q4;
+		r.kl_final = r.kl_q4;
 	} else {
-		uint8_t hi = r.err_q8 <= co->bound_q8 ? KVQ_KV_Q8 : KVQ_KV_F16;
+		uint8_t hi = r.kl_q8 <= co->kl_q8 ? KVQ_KV_Q8 : KVQ_KV_F16;
 
 		for (l = 0; l < c.nl; l++)
 			types_k[l] = hi;
 		r.err_final = hi == KVQ_KV_Q8 ? r.err_q8 : 0;
+		r.kl_final = hi == KVQ_KV_Q8 ? r.kl_q8 : 0;
 		if (co->per_layer && c.nl > 1) {
 			le = calloc(c.nl, sizeof(*le));
 			if (!le)
@@ -224,19 +251,22 @@ int kvq_kv_calibrate_keys_opts(struct kvq_model *m,
 					tk[j] = hi;
 				tk[l] = KVQ_KV_Q4;
 				le[l].layer = l;
-				if ((ret = measure(&c, tk, &le[l].err)))
+				if ((ret = measure(&c, tk, &dummy, &le[l].err)))
 					goto out;
 			}
+			/* Least sensitive first, while the summed KL stays
+			 * within the q4 bound. */
 			qsort(le, c.nl, sizeof(*le), cmp_err);
 			sum = 0;
 			for (l = 0; l < c.nl; l++) {
-				if (sum + le[l].err > co->bound_q4)
+				if (sum + le[l].err > co->kl_q4)
 					break;
 				sum += le[l].err;
 				types_k[le[l].layer] = KVQ_KV_Q4;
 			}
 			if (l > 0)
-				if ((ret = measure(&c, types_k, &r.err_final)))
+				if ((ret = measure(&c, types_k, &r.err_final,
+						   &r.kl_final)))
 					goto out;
 		}
 	}
@@ -255,9 +285,9 @@ int kvq_kv_calibrate_keys_opts(struct kvq_model *m,
 		snprintf(r.decision, sizeof(r.decision),
 			 "mixed: %u q4, %u q8, %u f16", r.n_q4, r.n_q8, r.n_f16);
 	r.seconds = now_s() - t0;
-	kvq_notice("KV key calibration: keys %s (err q8 %.4g, q4 %.4g, ratio %.3g, final %.4g; %.2f s)",
-		   r.decision, r.err_q8, r.err_q4, r.ratio, r.err_final,
-		   r.seconds);
+	kvq_notice("KV key calibration: keys %s (err q8 %.4g, q4 %.4g, ratio %.3g; KL q8 %.3g, q4 %.3g, final %.3g; %.2f s)",
+		   r.decision, r.err_q8, r.err_q4, r.ratio, r.kl_q8, r.kl_q4,
+		   r.kl_final, r.seconds);
 	if (rep)
 		*rep = r;
 	ret = 0;

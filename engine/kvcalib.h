@@ -7,15 +7,17 @@
  *
  * Method (kv_type_k = auto).  A few calibration prompts are prefilled and
  * one token decoded, with values in f16 and keys in f16 (reference), q8 and
- * q4; the error of a setting is the largest |logit - reference logit| over
- * the prompts, divided by the reference logits' standard deviation.  Keys
- * go to q4 when err(q4) <= bound_q4; otherwise each layer is tried alone at
- * q4 and layers move to q4, least sensitive first, while the summed
- * per-layer error stays within bound_q4; the rest stay q8, or f16 when even
- * err(q8) exceeds bound_q8.
+ * q4.  For each setting two errors are measured over the prompts: the
+ * largest |logit - reference logit| divided by the reference logits'
+ * standard deviation (reported), and the largest KL divergence of the
+ * next-token distribution from the reference's (which decides: it is what
+ * perplexity feels).  Keys go to q4 when KL(q4) <= kl_q4; otherwise each
+ * layer is tried alone at q4 and layers move to q4, least sensitive first,
+ * while their summed KL stays within kl_q4; the rest stay q8, or f16 when
+ * even KL(q8) exceeds kl_q8.
  *
- * The ratio err(q4)/err(q8) is measured and reported too.  It is not what
- * decides: while quantization noise is small the ratio is simply the ratio
+ * The ratio err(q4)/err(q8) is measured and reported too.  It does not
+ * decide: while quantization noise is small the ratio is simply the ratio
  * of the step sizes (about 127/7 = 18) on sensitive and insensitive models
  * alike, and when 4-bit steps swamp the keys it falls, not rises (measured
  * on generated models with a growing key bias: 21, 19, 18, 4.7).  It only
@@ -35,6 +37,9 @@ struct kvq_kv_calib_report {
 	double err_q4;		/* all layers q4 */
 	double ratio;		/* err_q4 / err_q8 */
 	double err_final;	/* the chosen assignment */
+	double kl_q8;		/* max KL against the reference, all q8 */
+	double kl_q4;		/* all q4 */
+	double kl_final;
 	uint32_t n_q4;		/* layers given q4 keys */
 	uint32_t n_q8;
 	uint32_t n_f16;
@@ -43,8 +48,8 @@ struct kvq_kv_calib_report {
 };
 
 struct kvq_kv_calib_opts {
-	double bound_q4;	/* default 0.5 */
-	double bound_q8;	/* default 0.5 */
+	double kl_q4;		/* KL bound for q4 keys, default 0.005 */
+	double kl_q8;		/* for q8 keys (else f16), default 0.005 */
 	double ratio_max;	/* default 3.0 */
 	bool per_layer;		/* default true */
 };
