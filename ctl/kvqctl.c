@@ -410,8 +410,9 @@ static void print_status(json_t *r)
 		if (json_object_get(kv, "calibration")) {
 			json_t *cal = json_object_get(kv, "calibration");
 
-			printf("kv calibration: keys chosen by calibration in %.2f s (max logit error / std: q8 %.4g, q4 %.4g; ratio %.3g)\n",
-			       nget(cal, "seconds"), nget(cal, "err_q8"),
+			printf("kv calibration: keys chosen by calibration in %.2f s (KL q8 %.3g, q4 %.3g; max logit error / std: q8 %.4g, q4 %.4g; ratio %.3g)\n",
+			       nget(cal, "seconds"), nget(cal, "kl_q8"),
+			       nget(cal, "kl_q4"), nget(cal, "err_q8"),
 			       nget(cal, "err_q4"), nget(cal, "ratio"));
 		}
 	}

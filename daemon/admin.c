@@ -181,6 +181,8 @@ static json_t *cmd_status(const struct kvq_admin_view *v, int *code,
 				bad |= set(cal, "err_q8", json_real(st.kv_calib_err_q8));
 				bad |= set(cal, "err_q4", json_real(st.kv_calib_err_q4));
 				bad |= set(cal, "ratio", json_real(st.kv_calib_ratio));
+				bad |= set(cal, "kl_q8", json_real(st.kv_calib_kl_q8));
+				bad |= set(cal, "kl_q4", json_real(st.kv_calib_kl_q4));
 				bad |= set(cal, "seconds", json_real(st.kv_calib_seconds));
 			}
 		}

@@ -1020,6 +1020,8 @@ static int kv_setup(struct kvq_sched *s, struct kvq_ctx_opts *co, char *err,
 		s->st.kv_calib_err_q8 = rep.err_q8;
 		s->st.kv_calib_err_q4 = rep.err_q4;
 		s->st.kv_calib_ratio = rep.ratio;
+		s->st.kv_calib_kl_q8 = rep.kl_q8;
+		s->st.kv_calib_kl_q4 = rep.kl_q4;
 		s->st.kv_calib_seconds = rep.seconds;
 	}
 	co->kv_types_k = s->kv_k;

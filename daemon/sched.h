@@ -239,6 +239,8 @@ struct kvq_sched_stats {
 	double kv_calib_err_q8;		/* its measurements (kvcalib.h) */
 	double kv_calib_err_q4;
 	double kv_calib_ratio;
+	double kv_calib_kl_q8;		/* KL of the next-token distribution */
+	double kv_calib_kl_q4;
 	double kv_calib_seconds;
 	char backend[64];		/* "cpu (avx2+fma)": where steps run */
 	struct kvq_sched_hist ttft;

@@ -123,6 +123,12 @@ char *kvq_metrics_render(const struct kvq_sched_stats *st,
 			st->kv_calib_err_q8);
 		fprintf(f, "kvqd_kv_calibration_error{bits=\"4\"} %.6g\n",
 			st->kv_calib_err_q4);
+		head(f, "kvqd_kv_calibration_kl", "gauge",
+		     "Key calibration: KL divergence of the next-token distribution from f16 keys, by key bits.");
+		fprintf(f, "kvqd_kv_calibration_kl{bits=\"8\"} %.6g\n",
+			st->kv_calib_kl_q8);
+		fprintf(f, "kvqd_kv_calibration_kl{bits=\"4\"} %.6g\n",
+			st->kv_calib_kl_q4);
 		head(f, "kvqd_kv_calibration_seconds", "gauge",
 		     "Time the key calibration took at start-up.");
 		fprintf(f, "kvqd_kv_calibration_seconds %.6f\n",
