@@ -328,6 +328,8 @@ static void finish(struct kvq_sched *s, struct sreq *r, enum kvq_finish f)
 	}
 	pthread_mutex_lock(&s->lock);
 	r->state = KVQ_SCHED_FINISHED;
+	/* Its pages are free now, before the finish is delivered. */
+	s->st.kv_bytes_used = kvq_ctx_kv_bytes_used(s->ctx);
 	s->kv_full = false;
 	s->st.requests_finished[f]++;
 	pthread_mutex_unlock(&s->lock);

@@ -31,8 +31,10 @@ FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K": 15,
              "Q6_K": 18, "BF16": 32}
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_VOCAB = os.path.join(REPO_ROOT, "..", "shared", "testdata",
-                             "stories260K.gguf")
+DEFAULT_VOCAB = os.path.join(
+    os.environ.get("KVQ_TESTDATA")
+    or os.path.join(REPO_ROOT, "..", "shared", "testdata"),
+    "stories260K.gguf")
 
 # Elements generated per chunk of a large tensor.
 CHUNK_ELEMS = 1 << 22
