@@ -65,7 +65,7 @@ enum {
 	OPT_MIN_P, OPT_STOP, OPT_PRINT_IDS, OPT_BENCH_JSON, OPT_IGNORE_EOS,
 	OPT_THREADS, OPT_CTX, OPT_MODEL, OPT_VERBOSE, OPT_DEVICE,
 	OPT_PERPLEXITY, OPT_KL_AGAINST, OPT_KV_TYPE_K, OPT_KV_TYPE_V,
-	OPT_KV_SINK, OPT_KV_PAGE, OPT_RANKS, OPT_JSON, OPT_FIM,
+	OPT_KV_SINK, OPT_KV_PAGE, OPT_RANKS, OPT_JSON, OPT_FIM, OPT_DOT,
 };
 
 static const struct option oneshot_opts[] = {
@@ -97,6 +97,7 @@ static const struct option oneshot_opts[] = {
 	{ "ranks", no_argument, NULL, OPT_RANKS },
 	{ "json", no_argument, NULL, OPT_JSON },
 	{ "fim", required_argument, NULL, OPT_FIM },
+	{ "dot", required_argument, NULL, OPT_DOT },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -175,6 +176,18 @@ static int parse_args(struct oneshot *o, int argc, char **argv)
 		case OPT_RANKS: o->ranks = true; break;
 		case OPT_JSON: o->json = true; break;
 		case OPT_FIM: o->fim = optarg; break;
+		case OPT_DOT: {
+			enum kvq_dot_mode mode;
+
+			/* int8: quantized activations in matrix-vector products */
+			if (kvq_quant_parse_dot_mode(optarg, &mode)) {
+				fprintf(stderr, "kvqd: --dot: expected int8 or exact, got \"%s\"\n",
+					optarg);
+				return -EINVAL;
+			}
+			kvq_quant_set_dot_mode(mode);
+			break;
+		}
 		case OPT_KV_SINK:
 			if (parse_num("kv-sink-tokens", optarg, 0, 64, &v))
 				return -EINVAL;
@@ -585,13 +598,14 @@ static int do_generate(struct kvq_model *m, struct oneshot *o)
 			"{\"prompt_tokens\": %d, \"prompt_s\": %.6f, \"prompt_tps\": %.3f, "
 			"\"decode_tokens\": %d, \"decode_s\": %.6f, \"decode_tps\": %.3f, "
 			"\"weight_bytes\": %llu, \"kv_bytes\": %llu, \"peak_rss_bytes\": %llu, "
-			"\"simd\": \"%s\"}\n",
+			"\"simd\": \"%s\", \"dot\": \"%s\"}\n",
 			n, t1 - t0, n / (t1 - t0), gen > 0 ? gen - 1 : 0, t2 - t1,
 			gen > 1 ? (gen - 1) / (t2 - t1) : 0.0,
 			(unsigned long long)kvq_model_weight_bytes(m),
 			(unsigned long long)kvq_ctx_kv_bytes_used(ctx),
 			(unsigned long long)ru.ru_maxrss * 1024ull,
-			kvq_quant_simd_name());
+			kvq_quant_simd_name(),
+			kvq_quant_dot_mode_name(kvq_quant_dot_mode()));
 	}
 	ret = 0;
 out:

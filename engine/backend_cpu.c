@@ -5,7 +5,8 @@
  * with, and the backend a host without a GPU runs.  Work is split over the
  * thread pool by rows (matrix products) or by (token, head) (attention);
  * the per-element math lives in engine/quant.c (dot products per tensor
- * type) and engine/kvcache.c (attention over pages).
+ * type) and engine/kvcache.c (attention over pages).  Matrix-vector
+ * products are exact unless the int8 dot mode is on (kvq_quant_dot_mode()).
  */
 #include "config.h"
 
@@ -18,6 +19,7 @@
 #include "engine/gemm.h"
 #include "engine/gguf.h"
 #include "engine/kvcache.h"
+#include "engine/log.h"
 #include "engine/quant.h"
 #include "engine/threadpool.h"
 
@@ -27,10 +29,20 @@ struct mm_job {
 	struct kvq_weight *w;
 	const void *data;
 	const float *x;
+	const uint8_t *xq;	/* x as int8 blocks, or NULL: exact path */
+	size_t xq_bytes;	/* per token */
 	float *y;
 	uint32_t n_tok;
 	uint64_t row_bytes;
 };
+
+/*
+ * Up to this many tokens (decode steps, small batches of sequences), the
+ * int8 dot mode (kvq_quant_dot_mode()) dots each row with every token in
+ * turn while the row is in L1; longer batches (prompts) keep the exact
+ * path, dequantization and the f32 GEMM.
+ */
+#define MM_INT8_MAX_TOK 8
 
 /* Rows are split in multiples of 4 so neighbouring threads do not share
  * output cache lines at one token. */
@@ -55,6 +67,14 @@ static void mm_worker(void *ctx, int i, int n)
 	mm_range(rows, i, n, &r0, &r1);
 	if (r0 >= r1)
 		return;
+	if (j->xq) {
+		for (r = r0; r < r1; r++)
+			for (t = 0; t < j->n_tok; t++)
+				j->y[(size_t)t * rows + r] = kvq_vec_dot_q8act(
+					type, base + r * j->row_bytes,
+					j->xq + t * j->xq_bytes, cols);
+		return;
+	}
 	if (j->n_tok == 1) {
 		for (r = r0; r < r1; r++)
 			j->y[r] = kvq_vec_dot(type, base + r * j->row_bytes,
@@ -96,6 +116,31 @@ static void mm_worker(void *ctx, int i, int n)
 	free(tmp);
 }
 
+/*
+ * In the int8 dot mode, quantize the n_tok input vectors once for all
+ * threads; returns the buffer (the caller frees it) or NULL for the exact
+ * path: another mode, a type without int8 kernels, too many tokens, or no
+ * memory.
+ */
+static uint8_t *mm_quantize_x(struct mm_job *j)
+{
+	uint32_t cols = j->w->cols, t;
+	uint8_t *buf;
+
+	if (j->n_tok > MM_INT8_MAX_TOK || cols % 32 ||
+	    kvq_quant_dot_mode() != KVQ_DOT_INT8 ||
+	    !kvq_q8act_supported(j->w->type))
+		return NULL;
+	j->xq_bytes = kvq_act_q8_bytes(cols);
+	buf = malloc(j->xq_bytes * j->n_tok);
+	if (!buf)
+		return NULL;
+	for (t = 0; t < j->n_tok; t++)
+		kvq_quantize_act_q8(j->x + (size_t)t * cols, cols,
+				    buf + t * j->xq_bytes);
+	return buf;
+}
+
 static void cpu_matmul(struct kvq_backend *be, struct kvq_weight *w,
 		       const float *x, float *y, uint32_t n_tok)
 {
@@ -103,10 +148,13 @@ static void cpu_matmul(struct kvq_backend *be, struct kvq_weight *w,
 		.w = w, .x = x, .y = y, .n_tok = n_tok,
 		.row_bytes = kvq_type_row_bytes(w->type, w->cols),
 	};
+	uint8_t *xq = mm_quantize_x(&j);
 
+	j.xq = xq;
 	j.data = kvq_weight_get(w);
 	kvq_pool_run(be->pool, mm_worker, &j);
 	kvq_weight_put(w);
+	free(xq);
 }
 
 /* ------------------------------------------------------- element-wise */
@@ -310,7 +358,13 @@ static const struct kvq_backend_ops cpu_ops = {
 
 void kvq_backend_cpu_init(struct kvq_backend *be, struct kvq_pool *pool)
 {
+	enum kvq_dot_mode mode = kvq_quant_dot_mode();
+
 	be->ops = &cpu_ops;
 	be->pool = pool;
 	be->priv = NULL;
+	kvq_info("cpu backend: %s dot products, %s matrix-vector mode%s",
+		 kvq_quant_simd_name(), kvq_quant_dot_mode_name(mode),
+		 mode == KVQ_DOT_INT8 ?
+		 " (int8 activations for Q8_0, Q4_0, Q4_K, Q6_K)" : "");
 }

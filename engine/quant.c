@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/log.h"
 #include "engine/quant.h"
 #include "engine/quant_impl.h"
 
@@ -358,6 +359,159 @@ SCALAR_VEC_DOT(vec_dot_q4_0_scalar, KVQ_TYPE_Q4_0)
 SCALAR_VEC_DOT(vec_dot_q4_k_scalar, KVQ_TYPE_Q4_K)
 SCALAR_VEC_DOT(vec_dot_q6_k_scalar, KVQ_TYPE_Q6_K)
 
+/* --------------------------------------------- scalar int8 activations */
+
+/*
+ * kvq_quantize_act_q8_scalar's worker: per block, d from the largest
+ * magnitude, q = x * (1/d) rounded to nearest even (lrintf in the default
+ * rounding mode, as vcvtps2dq), and the two half-block sums.
+ */
+static void quantize_act_scalar(const float *x, int64_t n, void *dst)
+{
+	struct kvq_act_q8_view v = kvq_act_q8_view(dst, n);
+
+	for (int64_t b = 0; b < n / KVQ_QK_ACT; b++, x += KVQ_QK_ACT) {
+		int8_t *q = v.qs + b * KVQ_QK_ACT;
+		float amax = 0.0f, id;
+		int s0 = 0, s1 = 0;
+
+		for (int j = 0; j < KVQ_QK_ACT; j++)
+			amax = fmaxf(amax, fabsf(x[j]));
+		v.d[b] = kvq_act_block_scale(amax, &id);
+		for (int j = 0; j < KVQ_QK_ACT; j++)
+			q[j] = (int8_t)lrintf(x[j] * id);
+		for (int j = 0; j < KVQ_QK_ACT / 2; j++) {
+			s0 += q[j];
+			s1 += q[j + KVQ_QK_ACT / 2];
+		}
+		v.sum[2 * b] = (int16_t)s0;
+		v.sum[2 * b + 1] = (int16_t)s1;
+	}
+}
+
+/*
+ * The scalar dot products compute every block's integer sum exactly and
+ * scale it in f32: sum += (d_w * d_x) * isum, in block order.
+ */
+static float dot_q8a_q8_0_scalar(const void *row, const void *xq, int64_t n)
+{
+	const struct kvq_block_q8_0 *b = row;
+	struct kvq_act_q8_view v = kvq_act_q8_view(xq, n);
+	float sum = 0.0f;
+
+	for (int64_t i = 0; i < n / KVQ_QK8_0; i++, b++) {
+		const int8_t *q = v.qs + i * KVQ_QK8_0;
+		int32_t isum = 0;
+
+		for (int j = 0; j < KVQ_QK8_0; j++)
+			isum += b->qs[j] * q[j];
+		sum += kvq_f16_to_f32(b->d) * v.d[i] * (float)isum;
+	}
+	return sum;
+}
+
+static float dot_q8a_q4_0_scalar(const void *row, const void *xq, int64_t n)
+{
+	const struct kvq_block_q4_0 *b = row;
+	struct kvq_act_q8_view v = kvq_act_q8_view(xq, n);
+	float sum = 0.0f;
+
+	for (int64_t i = 0; i < n / KVQ_QK4_0; i++, b++) {
+		const int8_t *q = v.qs + i * KVQ_QK4_0;
+		int32_t isum = 0;
+
+		for (int j = 0; j < KVQ_QK4_0 / 2; j++) {
+			isum += ((b->qs[j] & 0x0f) - 8) * q[j];
+			isum += ((b->qs[j] >> 4) - 8) * q[j + KVQ_QK4_0 / 2];
+		}
+		sum += kvq_f16_to_f32(b->d) * v.d[i] * (float)isum;
+	}
+	return sum;
+}
+
+/*
+ * Q4_K: sub-block s of super-block i lines up with activation block
+ * 8i + s; its weights are d*sc*q - dmin*m, so it adds
+ * d*sc*dx * sum(q * qx) - dmin*m*dx * sum(qx).
+ */
+static float dot_q8a_q4_k_scalar(const void *row, const void *xq, int64_t n)
+{
+	const struct kvq_block_q4_k *b = row;
+	struct kvq_act_q8_view v = kvq_act_q8_view(xq, n);
+	float sum = 0.0f, msum = 0.0f;
+
+	for (int64_t i = 0; i < n / KVQ_QK_K; i++, b++) {
+		const float d = kvq_f16_to_f32(b->d);
+		const float dmin = kvq_f16_to_f32(b->dmin);
+
+		for (int s = 0; s < 8; s++) {
+			int64_t ab = 8 * i + s;
+			const int8_t *q = v.qs + ab * KVQ_QK_ACT;
+			const uint8_t *w = b->qs + 32 * (s / 2);
+			int shift = 4 * (s & 1);
+			int32_t isum = 0;
+			uint8_t sc, m;
+
+			kvq_q4k_scale_min(s, b->scales, &sc, &m);
+			for (int l = 0; l < 32; l++)
+				isum += ((w[l] >> shift) & 0x0f) * q[l];
+			sum += d * sc * v.d[ab] * (float)isum;
+			msum += dmin * m * v.d[ab] *
+				(float)(v.sum[2 * ab] + v.sum[2 * ab + 1]);
+		}
+	}
+	return sum - msum;
+}
+
+/*
+ * Q6_K: sub-blocks of 16, two per activation block; weights
+ * d*sc*(q - 32) with q unsigned, so sub-block s adds
+ * d*dx * sc * (sum(q * qx) - 32 * sum(qx)), all but d*dx in integers.
+ */
+static float dot_q8a_q6_k_scalar(const void *row, const void *xq, int64_t n)
+{
+	const struct kvq_block_q6_k *b = row;
+	struct kvq_act_q8_view v = kvq_act_q8_view(xq, n);
+	float sum = 0.0f;
+
+	for (int64_t i = 0; i < n / KVQ_QK_K; i++, b++) {
+		const float d = kvq_f16_to_f32(b->d);
+		uint8_t w[KVQ_QK_K];
+
+		for (int h = 0; h < 2; h++) {
+			const uint8_t *ql = b->ql + 64 * h;
+			const uint8_t *qh = b->qh + 32 * h;
+			uint8_t *o = w + 128 * h;
+
+			for (int l = 0; l < 32; l++) {
+				o[l] = (ql[l] & 0x0f) | (qh[l] & 3) << 4;
+				o[l + 32] = (ql[l + 32] & 0x0f) |
+					    (qh[l] >> 2 & 3) << 4;
+				o[l + 64] = (ql[l] >> 4) | (qh[l] >> 4 & 3) << 4;
+				o[l + 96] = (ql[l + 32] >> 4) |
+					    (qh[l] >> 6 & 3) << 4;
+			}
+		}
+		for (int g = 0; g < 8; g++) {
+			int64_t ab = 8 * i + g;
+			const int8_t *q = v.qs + ab * KVQ_QK_ACT;
+			int32_t isum = 0;
+
+			for (int h = 0; h < 2; h++) {
+				int s = 2 * g + h;
+				int32_t t = 0;
+
+				for (int l = 16 * h; l < 16 * h + 16; l++)
+					t += w[32 * g + l] * q[l];
+				isum += b->scales[s] *
+					(t - 32 * v.sum[2 * ab + h]);
+			}
+			sum += d * v.d[ab] * (float)isum;
+		}
+	}
+	return sum;
+}
+
 static const struct kvq_quant_kernels kvq_scalar_kernels = {
 	.name = "scalar",
 	.dot_f32 = kvq_dot_f32_scalar,
@@ -369,6 +523,13 @@ static const struct kvq_quant_kernels kvq_scalar_kernels = {
 		[KVQ_TYPE_Q4_0] = vec_dot_q4_0_scalar,
 		[KVQ_TYPE_Q4_K] = vec_dot_q4_k_scalar,
 		[KVQ_TYPE_Q6_K] = vec_dot_q6_k_scalar,
+	},
+	.quantize_act = quantize_act_scalar,
+	.vec_dot_q8a = {
+		[KVQ_TYPE_Q8_0] = dot_q8a_q8_0_scalar,
+		[KVQ_TYPE_Q4_0] = dot_q8a_q4_0_scalar,
+		[KVQ_TYPE_Q4_K] = dot_q8a_q4_k_scalar,
+		[KVQ_TYPE_Q6_K] = dot_q8a_q6_k_scalar,
 	},
 };
 
@@ -445,6 +606,118 @@ float kvq_vec_dot(uint32_t type, const void *row, const float *x, int64_t n)
 float kvq_dot_f32(const float *a, const float *b, int64_t n)
 {
 	return kernels()->dot_f32(a, b, n);
+}
+
+/* ---------------------------------------------------- int8 activations */
+
+/* kvq_act_q8_bytes() - see quant.h. */
+size_t kvq_act_q8_bytes(int64_t n)
+{
+	int64_t nb = n > 0 ? n / KVQ_QK_ACT : 0;
+
+	return (size_t)nb * (KVQ_QK_ACT + sizeof(float) + 2 * sizeof(int16_t));
+}
+
+static bool act_n_ok(int64_t n)
+{
+	return n > 0 && n % KVQ_QK_ACT == 0;
+}
+
+/* kvq_quantize_act_q8() - see quant.h. */
+int kvq_quantize_act_q8(const float *x, int64_t n, void *dst)
+{
+	if (!act_n_ok(n))
+		return -EINVAL;
+	kernels()->quantize_act(x, n, dst);
+	return 0;
+}
+
+/* kvq_quantize_act_q8_scalar() - see quant.h. */
+int kvq_quantize_act_q8_scalar(const float *x, int64_t n, void *dst)
+{
+	if (!act_n_ok(n))
+		return -EINVAL;
+	quantize_act_scalar(x, n, dst);
+	return 0;
+}
+
+/* kvq_q8act_supported() - see quant.h. */
+bool kvq_q8act_supported(uint32_t type)
+{
+	return type < KVQ_TYPE_COUNT && kvq_scalar_kernels.vec_dot_q8a[type];
+}
+
+/* kvq_vec_dot_q8act() - see quant.h. */
+float kvq_vec_dot_q8act(uint32_t type, const void *row, const void *xq,
+			int64_t n)
+{
+	kvq_vec_dot_q8a_fn fn;
+
+	if (type >= KVQ_TYPE_COUNT)
+		return NAN;
+	fn = kernels()->vec_dot_q8a[type];
+	return fn ? fn(row, xq, n) : NAN;
+}
+
+/* kvq_vec_dot_q8act_scalar() - see quant.h. */
+float kvq_vec_dot_q8act_scalar(uint32_t type, const void *row, const void *xq,
+			       int64_t n)
+{
+	if (!kvq_q8act_supported(type))
+		return NAN;
+	return kvq_scalar_kernels.vec_dot_q8a[type](row, xq, n);
+}
+
+/*
+ * The dot mode: -1 until first read or set.  The first reader parses
+ * KVQ_DOT and publishes the result with a compare-exchange, so a
+ * concurrent kvq_quant_set_dot_mode() is never overwritten by it.
+ */
+static _Atomic int kvq_dot_mode_v = -1;
+
+/* kvq_quant_parse_dot_mode() - see quant.h. */
+int kvq_quant_parse_dot_mode(const char *s, enum kvq_dot_mode *mode)
+{
+	if (!s)
+		return -EINVAL;
+	if (!strcmp(s, "exact"))
+		*mode = KVQ_DOT_EXACT;
+	else if (!strcmp(s, "int8"))
+		*mode = KVQ_DOT_INT8;
+	else
+		return -EINVAL;
+	return 0;
+}
+
+/* kvq_quant_dot_mode_name() - see quant.h. */
+const char *kvq_quant_dot_mode_name(enum kvq_dot_mode mode)
+{
+	return mode == KVQ_DOT_INT8 ? "int8" : "exact";
+}
+
+/* kvq_quant_dot_mode() - see quant.h. */
+enum kvq_dot_mode kvq_quant_dot_mode(void)
+{
+	int m = atomic_load_explicit(&kvq_dot_mode_v, memory_order_relaxed);
+	enum kvq_dot_mode parsed = KVQ_DOT_EXACT;
+	const char *env;
+
+	if (__builtin_expect(m >= 0, 1))
+		return (enum kvq_dot_mode)m;
+	env = getenv("KVQ_DOT");
+	if (env && env[0] && kvq_quant_parse_dot_mode(env, &parsed))
+		kvq_warn("KVQ_DOT=%s: expected \"int8\" or \"exact\"; using exact",
+			 env);
+	if (atomic_compare_exchange_strong(&kvq_dot_mode_v, &m, (int)parsed))
+		return parsed;
+	return (enum kvq_dot_mode)m;
+}
+
+/* kvq_quant_set_dot_mode() - see quant.h. */
+void kvq_quant_set_dot_mode(enum kvq_dot_mode mode)
+{
+	atomic_store_explicit(&kvq_dot_mode_v, (int)mode,
+			      memory_order_relaxed);
 }
 
 /* ----------------------------------------------------------- quantizers */

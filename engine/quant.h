@@ -67,6 +67,78 @@ float kvq_dot_f32_scalar(const float *a, const float *b, int64_t n);
 void kvq_quantize_row_q8_0(const float *x, void *dst, int64_t n);
 void kvq_quantize_row_q4_0(const float *x, void *dst, int64_t n);
 
+/*
+ * Int8 activations (the fast, inexact decode path).
+ *
+ * A matrix-vector product can quantize its f32 input vector once to blocks
+ * of 32 int8 values with one f32 scale each (d = amax/127, q = x/d rounded
+ * to nearest, ties to even) and then dot every quantized weight row with it
+ * in integer arithmetic, scaling per block in f32.  The weights are not
+ * touched; the only new error is that of rounding x to 8 bits: at most
+ * sum|w_i| * d_i / 2 per product (d_i the scale of x_i's block), in
+ * practice under 0.2% of sum|w*x| for random data and up to about 1.3%
+ * when a block holds an outlier 30x its neighbours (tests/unit/
+ * test_quant_act.c checks these bounds).
+ *
+ * The buffer that kvq_quantize_act_q8() fills is opaque: the int8 values in
+ * element order, then the block scales, then the sum of the int8 values of
+ * each half block (16 elements) as int16.  Its size depends only on @n.
+ */
+
+/* Bytes that kvq_quantize_act_q8() writes for @n elements (n % 32 == 0). */
+size_t kvq_act_q8_bytes(int64_t n);
+
+/*
+ * kvq_quantize_act_q8() - quantize the @n f32 values at @x into @dst
+ * (kvq_act_q8_bytes(n) bytes, any alignment).  Returns 0, or -EINVAL when
+ * @n is not a positive multiple of 32 (dst untouched).  NaN or infinite
+ * inputs give an unspecified (but memory-safe) result.
+ */
+int kvq_quantize_act_q8(const float *x, int64_t n, void *dst);
+
+/* true when kvq_vec_dot_q8act() can multiply rows of @type. */
+bool kvq_q8act_supported(uint32_t type);
+
+/*
+ * kvq_vec_dot_q8act() - dot product of one row of @type (n elements at @row)
+ * with a vector quantized by kvq_quantize_act_q8() with the same @n.
+ * Q8_0, Q4_0, Q4_K and Q6_K are supported; for any other type the result is
+ * NaN (the caller checks kvq_q8act_supported() once and uses kvq_vec_dot()
+ * otherwise).  Integer products are exact; the per-block f32 scaling and
+ * summation order differ between the SIMD and scalar versions.
+ */
+float kvq_vec_dot_q8act(uint32_t type, const void *row, const void *xq,
+			int64_t n);
+
+/* The scalar twins of the two above, whatever kvq_quant_simd_name() says. */
+int kvq_quantize_act_q8_scalar(const float *x, int64_t n, void *dst);
+float kvq_vec_dot_q8act_scalar(uint32_t type, const void *row, const void *xq,
+			       int64_t n);
+
+/*
+ * How the CPU backend computes matrix-vector products of quantized weights:
+ * EXACT dequantizes to f32 (kvq_vec_dot()), INT8 quantizes the input vector
+ * and uses kvq_vec_dot_q8act() for the types it supports.
+ */
+enum kvq_dot_mode {
+	KVQ_DOT_EXACT,
+	KVQ_DOT_INT8,
+};
+
+/*
+ * kvq_quant_dot_mode() - the mode in force.  Until kvq_quant_set_dot_mode()
+ * is called, the environment variable KVQ_DOT decides ("int8" or "exact",
+ * read once; unset, empty or anything else: EXACT, with a warning for a
+ * value it does not know).  Safe from any thread.
+ */
+enum kvq_dot_mode kvq_quant_dot_mode(void);
+/* Set the mode for every later product (overrides KVQ_DOT). */
+void kvq_quant_set_dot_mode(enum kvq_dot_mode mode);
+/* "exact" or "int8". */
+const char *kvq_quant_dot_mode_name(enum kvq_dot_mode mode);
+/* Parse "exact" or "int8" into *@mode: 0, or -EINVAL (*mode unchanged). */
+int kvq_quant_parse_dot_mode(const char *s, enum kvq_dot_mode *mode);
+
 /* "avx2+fma" or "scalar": what kvq_vec_dot() uses now. */
 const char *kvq_quant_simd_name(void);
 /*

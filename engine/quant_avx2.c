@@ -15,6 +15,9 @@
  * accumulators, so FMA latency does not limit throughput.  Q4_K, whose
  * sub-blocks have a min, rebuilds each weight with one FMA of q, scale and
  * min; the others scale a sum per block or sub-block.
+ *
+ * The int8-activation kernels (opt-in, see quant.h) multiply in integers
+ * instead and scale once per block of 32.
  */
 #include "config.h"
 
@@ -451,6 +454,320 @@ KVQ_AVX2 static inline float dot_q6_k_row(const void *row, const float *x,
 	return hsum4(acc0, acc1, acc2, acc3);
 }
 
+/* ------------------------------------------------- int8 activations */
+
+/*
+ * The integer kernels multiply 32 weight bytes with 32 activation bytes
+ * per instruction: vpmaddubsw takes one unsigned and one signed operand
+ * and adds adjacent products into 16 int16 lanes, vpmaddwd with ones (or
+ * with scales) adds adjacent int16 lanes into 8 int32 lanes.  No int16
+ * lane can saturate: the largest is 2 * 128 * 127 (Q8_0's -128 through
+ * vpsignb), Q6_K's 2 * 63 * 127.  Every block's int32 lanes are converted
+ * and multiplied by the product of the two block scales with one FMA.
+ */
+
+/* The int8 activation blocks, quantized 32 at a time. */
+KVQ_AVX2 static void quantize_act(const float *x, int64_t n, void *dst)
+{
+	struct kvq_act_q8_view v = kvq_act_q8_view(dst, n);
+	const __m256 sign = _mm256_set1_ps(-0.0f);
+	const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+
+	for (int64_t b = 0; b < n / KVQ_QK_ACT; b++, x += KVQ_QK_ACT) {
+		__m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
+		__m256 x2 = _mm256_loadu_ps(x + 16);
+		__m256 x3 = _mm256_loadu_ps(x + 24);
+		__m256 m = _mm256_max_ps(
+			_mm256_max_ps(_mm256_andnot_ps(sign, x0),
+				      _mm256_andnot_ps(sign, x1)),
+			_mm256_max_ps(_mm256_andnot_ps(sign, x2),
+				      _mm256_andnot_ps(sign, x3)));
+		__m128 h = _mm_max_ps(_mm256_castps256_ps128(m),
+				      _mm256_extractf128_ps(m, 1));
+		__m256i q0, q1, q2, q3, s01, s23, q;
+		__m256 id;
+		float idf;
+
+		h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+		h = _mm_max_ss(h, _mm_movehdup_ps(h));
+		v.d[b] = kvq_act_block_scale(_mm_cvtss_f32(h), &idf);
+		id = _mm256_set1_ps(idf);
+		q0 = _mm256_cvtps_epi32(_mm256_mul_ps(x0, id));
+		q1 = _mm256_cvtps_epi32(_mm256_mul_ps(x1, id));
+		q2 = _mm256_cvtps_epi32(_mm256_mul_ps(x2, id));
+		q3 = _mm256_cvtps_epi32(_mm256_mul_ps(x3, id));
+		/* half-block sums from the int32 lanes */
+		s01 = _mm256_add_epi32(q0, q1);
+		s23 = _mm256_add_epi32(q2, q3);
+		s01 = _mm256_hadd_epi32(s01, s23);
+		s01 = _mm256_hadd_epi32(s01, s01);
+		/* lanes 0 and 4: halves of sum(q0 + q1); 1 and 5: q2 + q3 */
+		v.sum[2 * b] = (int16_t)(_mm256_extract_epi32(s01, 0) +
+					 _mm256_extract_epi32(s01, 4));
+		v.sum[2 * b + 1] = (int16_t)(_mm256_extract_epi32(s01, 1) +
+					     _mm256_extract_epi32(s01, 5));
+		/* packs work per 128-bit lane; the permute restores order */
+		q = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1),
+				       _mm256_packs_epi32(q2, q3));
+		q = _mm256_permutevar8x32_epi32(q, order);
+		_mm256_storeu_si256((__m256i *)(v.qs + b * KVQ_QK_ACT), q);
+	}
+}
+
+/* Sum of signed bytes w[j] * x[j] in 8 int32 lanes. */
+KVQ_AVX2 static inline __m256i dot_i8(__m256i w, __m256i x)
+{
+	__m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w),
+					 _mm256_sign_epi8(x, w));
+
+	return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+/* Sum of unsigned bytes w[j] times signed bytes x[j] in 8 int32 lanes. */
+KVQ_AVX2 static inline __m256i dot_u8i8(__m256i w, __m256i x)
+{
+	return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x),
+				 _mm256_set1_epi16(1));
+}
+
+KVQ_AVX2 static inline __m256i load_x32(const int8_t *p)
+{
+	return _mm256_loadu_si256((const __m256i *)p);
+}
+
+KVQ_AVX2 static inline __m256 q8a_q8_0_block(const struct kvq_block_q8_0 *b,
+					     const int8_t *xq, float dx,
+					     __m256 acc)
+{
+	__m256i w = _mm256_loadu_si256((const __m256i *)b->qs);
+	__m256 s = to_f32(dot_i8(w, load_x32(xq)));
+
+	return _mm256_fmadd_ps(s, _mm256_set1_ps(_cvtsh_ss(b->d) * dx), acc);
+}
+
+/* Q4_0: low nibbles are elements 0-15, high nibbles 16-31, minus 8. */
+KVQ_AVX2 static inline __m256 q8a_q4_0_dot(const struct kvq_block_q4_0 *b,
+					   const int8_t *xq)
+{
+	__m128i v = _mm_loadu_si128((const __m128i *)b->qs);
+	__m256i w = _mm256_set_m128i(_mm_srli_epi16(v, 4), v);
+
+	w = _mm256_sub_epi8(_mm256_and_si256(w, _mm256_set1_epi8(0x0f)),
+			    _mm256_set1_epi8(8));
+	return to_f32(dot_i8(w, load_x32(xq)));
+}
+
+KVQ_AVX2 static inline __m256 q8a_q4_0_block(const struct kvq_block_q4_0 *b,
+					     const int8_t *xq, float dx,
+					     __m256 acc)
+{
+	return _mm256_fmadd_ps(q8a_q4_0_dot(b, xq),
+			       _mm256_set1_ps(_cvtsh_ss(b->d) * dx), acc);
+}
+
+/*
+ * The products d_w * d_x of four consecutive blocks with one f16
+ * conversion and one multiply, parked for broadcasting from memory.
+ */
+KVQ_AVX2 static inline void q4_0_scales4(const struct kvq_block_q4_0 *b,
+					 const float *dx, float *out)
+{
+	uint64_t h = (uint64_t)b[0].d | (uint64_t)b[1].d << 16 |
+		     (uint64_t)b[2].d << 32 | (uint64_t)b[3].d << 48;
+	__m128 f = _mm_cvtph_ps(_mm_cvtsi64_si128((long long)h));
+
+	_mm_store_ps(out, _mm_mul_ps(f, _mm_loadu_ps(dx)));
+}
+
+KVQ_AVX2 static float dot_q8a_q8_0(const void *row, const void *xq, int64_t n)
+{
+	const struct kvq_block_q8_0 *b = row;
+	struct kvq_act_q8_view v = kvq_act_q8_view(xq, n);
+	const int64_t nb = n / KVQ_QK8_0;
+	__m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+	int64_t i = 0;
+
+	for (; i + 2 <= nb; i += 2) {
+		acc0 = q8a_q8_0_block(b + i, v.qs + i * 32, v.d[i], acc0);
+		acc1 = q8a_q8_0_block(b + i + 1, v.qs + i * 32 + 32,
+				      v.d[i + 1], acc1);
+	}
+	if (i < nb)
+		acc0 = q8a_q8_0_block(b + i, v.qs + i * 32, v.d[i], acc0);
+	return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+KVQ_AVX2 static float dot_q8a_q4_0(const void *row, const void *xq, int64_t n)
+{
+	const struct kvq_block_q4_0 *b = row;
+	struct kvq_act_q8_view v = kvq_act_q8_view(xq, n);
+	const int64_t nb = n / KVQ_QK4_0;
+	__m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+	float s4[4] __attribute__((aligned(16)));
+	int64_t i = 0;
+
+
+	for (; i + 4 <= nb; i += 4) {
+		const int8_t *xs = v.qs + i * 32;
+
+		q4_0_scales4(b + i, v.d + i, s4);
+		acc0 = _mm256_fmadd_ps(q8a_q4_0_dot(b + i, xs),
+				       _mm256_broadcast_ss(&s4[0]), acc0);
+		acc1 = _mm256_fmadd_ps(q8a_q4_0_dot(b + i + 1, xs + 32),
+				       _mm256_broadcast_ss(&s4[1]), acc1);
+		acc0 = _mm256_fmadd_ps(q8a_q4_0_dot(b + i + 2, xs + 64),
+				       _mm256_broadcast_ss(&s4[2]), acc0);
+		acc1 = _mm256_fmadd_ps(q8a_q4_0_dot(b + i + 3, xs + 96),
+				       _mm256_broadcast_ss(&s4[3]), acc1);
+	}
+	for (; i + 2 <= nb; i += 2) {
+		acc0 = q8a_q4_0_block(b + i, v.qs + i * 32, v.d[i], acc0);
+		acc1 = q8a_q4_0_block(b + i + 1, v.qs + i * 32 + 32,
+				      v.d[i + 1], acc1);
+	}
+	if (i < nb)
+		acc0 = q8a_q4_0_block(b + i, v.qs + i * 32, v.d[i], acc0);
+	return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+/*
+ * Q4_K: chunk c's low nibbles are sub-block 2c, its high nibbles sub-block
+ * 2c + 1, each lined up with one activation block.  The eight d*sc*dx
+ * come from one vector product and are parked for broadcasting; the mins
+ * need only the activation block sums: dmin * sum(m * dx * sum(qx)), one
+ * vector FMA per super-block, subtracted at the end.
+ */
+KVQ_AVX2 static float dot_q8a_q4_k(const void *row, const void *xq, int64_t n)
+{
+	const struct kvq_block_q4_k *b = row;
+	struct kvq_act_q8_view v = kvq_act_q8_view(xq, n);
+	const int64_t nb = n / KVQ_QK_K;
+	const __m256i m4 = _mm256_set1_epi8(0x0f);
+	const __m256i ones = _mm256_set1_epi16(1);
+	__m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+	__m256 accm = _mm256_setzero_ps();
+	float dsc[8] __attribute__((aligned(32)));
+
+	for (int64_t i = 0; i < nb; i++, b++) {
+		const int8_t *xs = v.qs + i * KVQ_QK_K;
+		const __m256 dx = _mm256_loadu_ps(v.d + 8 * i);
+		__m256i s32 = _mm256_madd_epi16(_mm256_loadu_si256(
+			(const __m256i *)(v.sum + 16 * i)), ones);
+		uint64_t sc, mn;
+
+		q4_k_unpack_scales(b->scales, &sc, &mn);
+		_mm256_store_ps(dsc, _mm256_mul_ps(
+			u8x8_times(sc, _cvtsh_ss(b->d)), dx));
+		accm = _mm256_fmadd_ps(_mm256_mul_ps(
+			u8x8_times(mn, _cvtsh_ss(b->dmin)), dx),
+			to_f32(s32), accm);
+		for (int c = 0; c < 4; c++) {
+			__m256i q = _mm256_loadu_si256(
+				(const __m256i *)(b->qs + 32 * c));
+			__m256i lo = _mm256_and_si256(q, m4);
+			__m256i hi = _mm256_and_si256(
+				_mm256_srli_epi16(q, 4), m4);
+			__m256 plo = to_f32(dot_u8i8(lo,
+				load_x32(xs + 64 * c)));
+			__m256 phi = to_f32(dot_u8i8(hi,
+				load_x32(xs + 64 * c + 32)));
+
+			acc0 = _mm256_fmadd_ps(plo,
+				_mm256_broadcast_ss(&dsc[2 * c]), acc0);
+			acc1 = _mm256_fmadd_ps(phi,
+				_mm256_broadcast_ss(&dsc[2 * c + 1]), acc1);
+		}
+	}
+	return hsum(_mm256_add_ps(acc0, acc1)) - hsum(accm);
+}
+
+/*
+ * The unsigned 6-bit values of one half super-block (128 elements) as four
+ * registers of 32 consecutive elements (see q6_k_unpack_half()).
+ */
+KVQ_AVX2 static inline void q6_k_unpack_u(const uint8_t *ql,
+					  const uint8_t *qh, __m256i q[4])
+{
+	const __m256i m4 = _mm256_set1_epi8(0x0f);
+	const __m256i m30 = _mm256_set1_epi8(0x30);
+	__m256i h = _mm256_loadu_si256((const __m256i *)qh);
+	__m256i a = _mm256_loadu_si256((const __m256i *)ql);
+	__m256i c = _mm256_loadu_si256((const __m256i *)(ql + 32));
+
+	q[0] = _mm256_or_si256(_mm256_and_si256(a, m4),
+		_mm256_and_si256(_mm256_slli_epi16(h, 4), m30));
+	q[1] = _mm256_or_si256(_mm256_and_si256(c, m4),
+		_mm256_and_si256(_mm256_slli_epi16(h, 2), m30));
+	q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(a, 4), m4),
+		_mm256_and_si256(h, m30));
+	q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(c, 4), m4),
+		_mm256_and_si256(_mm256_srli_epi16(h, 2), m30));
+}
+
+/*
+ * Q6_K: each register of 32 unsigned values is one activation block and
+ * two sub-blocks of 16.  vpmaddubsw leaves the first sub-block in the low
+ * 128-bit lane and the second in the high one, so vpmaddwd with a vector
+ * holding scale 2k in the low lane and 2k + 1 in the high one applies the
+ * int8 scales in the integers.  The offset of 32 is subtracted once per
+ * super-block: 32 * d * sum(dx * sc * sum16(qx)), again with vpmaddwd.
+ */
+KVQ_AVX2 static float dot_q8a_q6_k(const void *row, const void *xq, int64_t n)
+{
+	const struct kvq_block_q6_k *b = row;
+	struct kvq_act_q8_view v = kvq_act_q8_view(xq, n);
+	const int64_t nb = n / KVQ_QK_K;
+	__m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+	__m256 accc = _mm256_setzero_ps();
+	float ddx[8] __attribute__((aligned(32)));
+	__m256i pick[4];
+
+	/* word 2k of each 128-bit lane into the low lane, 2k + 1 high */
+	for (int k = 0; k < 4; k++)
+		pick[k] = _mm256_set_m128i(
+			_mm_set1_epi16((short)((4 * k + 3) << 8 | (4 * k + 2))),
+			_mm_set1_epi16((short)((4 * k + 1) << 8 | (4 * k))));
+
+	for (int64_t i = 0; i < nb; i++, b++) {
+		const int8_t *xs = v.qs + i * KVQ_QK_K;
+		const __m256 dx = _mm256_loadu_ps(v.d + 8 * i);
+		const __m256 dd = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(b->d)),
+						dx);
+		__m256i sc16 = _mm256_cvtepi8_epi16(
+			_mm_loadu_si128((const __m128i *)b->scales));
+		__m256i c32 = _mm256_madd_epi16(sc16, _mm256_loadu_si256(
+			(const __m256i *)(v.sum + 16 * i)));
+
+		_mm256_store_ps(ddx, dd);
+		accc = _mm256_fmadd_ps(to_f32(c32), dd, accc);
+		for (int h = 0; h < 2; h++) {
+			__m256i sh = _mm256_broadcastsi128_si256(
+				_mm_cvtepi8_epi16(_mm_loadl_epi64(
+					(const __m128i *)(b->scales + 8 * h))));
+			__m256i q[4];
+
+			q6_k_unpack_u(b->ql + 64 * h, b->qh + 32 * h, q);
+			for (int k = 0; k < 4; k += 2) {
+				const int g = 4 * h + k;
+				__m256i p0 = _mm256_maddubs_epi16(q[k],
+					load_x32(xs + 32 * g));
+				__m256i p1 = _mm256_maddubs_epi16(q[k + 1],
+					load_x32(xs + 32 * g + 32));
+
+				p0 = _mm256_madd_epi16(p0,
+					_mm256_shuffle_epi8(sh, pick[k]));
+				p1 = _mm256_madd_epi16(p1,
+					_mm256_shuffle_epi8(sh, pick[k + 1]));
+				acc0 = _mm256_fmadd_ps(to_f32(p0),
+					_mm256_broadcast_ss(&ddx[g]), acc0);
+				acc1 = _mm256_fmadd_ps(to_f32(p1),
+					_mm256_broadcast_ss(&ddx[g + 1]), acc1);
+			}
+		}
+	}
+	return hsum(_mm256_add_ps(acc0, acc1)) - 32.0f * hsum(accc);
+}
+
 /* ---------------------------------------------------------------- tables */
 
 /*
@@ -499,6 +816,13 @@ static const struct kvq_quant_kernels kvq_avx2_kernels = {
 		[KVQ_TYPE_Q4_K] = vec_dot_q4_k,
 		[KVQ_TYPE_Q6_K] = vec_dot_q6_k,
 	},
+	.quantize_act = quantize_act,
+	.vec_dot_q8a = {
+		[KVQ_TYPE_Q8_0] = dot_q8a_q8_0,
+		[KVQ_TYPE_Q4_0] = dot_q8a_q4_0,
+		[KVQ_TYPE_Q4_K] = dot_q8a_q4_k,
+		[KVQ_TYPE_Q6_K] = dot_q8a_q6_k,
+	},
 };
 
 static const struct kvq_quant_kernels kvq_avx2_pf_kernels = {
@@ -512,6 +836,13 @@ static const struct kvq_quant_kernels kvq_avx2_pf_kernels = {
 		[KVQ_TYPE_Q4_0] = vec_dot_q4_0_pf,
 		[KVQ_TYPE_Q4_K] = vec_dot_q4_k_pf,
 		[KVQ_TYPE_Q6_K] = vec_dot_q6_k_pf,
+	},
+	.quantize_act = quantize_act,
+	.vec_dot_q8a = {
+		[KVQ_TYPE_Q8_0] = dot_q8a_q8_0,
+		[KVQ_TYPE_Q4_0] = dot_q8a_q4_0,
+		[KVQ_TYPE_Q4_K] = dot_q8a_q4_k,
+		[KVQ_TYPE_Q6_K] = dot_q8a_q6_k,
 	},
 };
 

@@ -95,15 +95,73 @@ static inline void kvq_q4k_scale_min(int j, const uint8_t *q, uint8_t *sc,
 	}
 }
 
+/*
+ * An activation vector quantized by kvq_quantize_act_q8(), n elements in
+ * nb = n/32 blocks: x[32b + j] ~= d[b] * qs[32b + j].  The three arrays lie
+ * one after the other in this order (n + 4*nb + 4*nb bytes): the int8
+ * values first, so that SIMD code reads them 32 at a time; the scales
+ * next, so that the eight scales of a 256-element super-block are one
+ * vector load; and last sum[2b] and sum[2b + 1], the sums of qs over the
+ * first and second 16 elements of block b (|sum| <= 16 * 127), which turn
+ * the offset of an unsigned weight format (Q4_K's min, Q6_K's 32) into one
+ * integer product per half block.
+ */
+#define KVQ_QK_ACT	32	/* elements per activation block */
+
+struct kvq_act_q8_view {
+	int8_t *qs;
+	float *d;
+	int16_t *sum;
+};
+
+static inline struct kvq_act_q8_view kvq_act_q8_view(const void *buf,
+						     int64_t n)
+{
+	uint8_t *p = (uint8_t *)buf;
+	int64_t nb = n / KVQ_QK_ACT;
+	struct kvq_act_q8_view v = {
+		.qs = (int8_t *)p,
+		.d = (float *)(p + n),
+		.sum = (int16_t *)(p + n + 4 * nb),
+	};
+
+	return v;
+}
+
 /* Dot product of n elements of one row with an f32 vector. */
 typedef float (*kvq_vec_dot_fn)(const void *row, const float *x, int64_t n);
+/* Dot product of n elements of one row with a quantized activation. */
+typedef float (*kvq_vec_dot_q8a_fn)(const void *row, const void *xq,
+				    int64_t n);
 
 /* One implementation of the hot-path kernels (scalar or a SIMD flavour). */
 struct kvq_quant_kernels {
 	const char *name;
 	float (*dot_f32)(const float *a, const float *b, int64_t n);
 	kvq_vec_dot_fn vec_dot[KVQ_TYPE_COUNT];	/* NULL: unsupported */
+	/* n a positive multiple of 32, checked by the caller */
+	void (*quantize_act)(const float *x, int64_t n, void *dst);
+	kvq_vec_dot_q8a_fn vec_dot_q8a[KVQ_TYPE_COUNT]; /* NULL: none */
 };
+
+/*
+ * kvq_act_block_scale() - the scale of one activation block from its
+ * largest magnitude, and its inverse; both 0 for a block that is all zero
+ * or so small that 1/d would overflow.  Shared so that the scalar and SIMD
+ * quantizers agree bit for bit.
+ */
+static inline float kvq_act_block_scale(float amax, float *id)
+{
+	float d;
+
+	if (!(amax >= 1e-30f)) {
+		*id = 0.0f;
+		return 0.0f;
+	}
+	d = amax / 127;
+	*id = 1.0f / d;
+	return d;
+}
 
 #ifdef KVQ_HAVE_X86
 /*
