@@ -44,6 +44,10 @@ struct mm_job {
  */
 #define MM_INT8_MAX_TOK 8
 
+/* Up to this many tokens the exact path also dots rows token by token
+ * (measured on 2 cores: faster than dequantizing for the GEMM below 6). */
+#define MM_SMALL_TOK 5
+
 /* Rows are split in multiples of 4 so neighbouring threads do not share
  * output cache lines at one token. */
 static void mm_range(uint32_t rows, int i, int n, uint32_t *r0, uint32_t *r1)
@@ -79,6 +83,16 @@ static void mm_worker(void *ctx, int i, int n)
 		for (r = r0; r < r1; r++)
 			j->y[r] = kvq_vec_dot(type, base + r * j->row_bytes,
 					      j->x, cols);
+		return;
+	}
+	/* A few tokens: each row is read once and dotted with each token
+	 * while it is in L1 (the blocked GEMM needs 3 tokens a block). */
+	if (j->n_tok <= MM_SMALL_TOK) {
+		for (r = r0; r < r1; r++)
+			for (t = 0; t < j->n_tok; t++)
+				j->y[(size_t)t * rows + r] = kvq_vec_dot(
+					type, base + r * j->row_bytes,
+					j->x + (size_t)t * cols, cols);
 		return;
 	}
 	/*

@@ -287,6 +287,8 @@ int kvq_dequant_row(uint32_t type, const void *src, float *dst, int64_t n)
 
 	if (!t || n < 0 || n % t->block_elems)
 		return -EINVAL;
+	if (kvq_dequant_row_avx2(type, src, dst, n))
+		return 0;
 	t->dequant(src, dst, n / t->block_elems);
 	return 0;
 }

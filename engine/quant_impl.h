@@ -176,4 +176,9 @@ static inline const struct kvq_quant_kernels *kvq_quant_avx2_kernels(void)
 }
 #endif
 
+/* AVX2 row dequantization (dequant_avx2.c), bit-exact with the reference
+ * dequantizers; false when the type or CPU has no SIMD version. */
+bool kvq_dequant_row_avx2(uint32_t type, const void *src, float *dst,
+			  int64_t n);
+
 #endif /* KVQ_QUANT_IMPL_H */
