@@ -12,10 +12,15 @@ the L2 cache (no copy is read twice in a row).
 
   python3 bench/gpu_attn.py --lib path/to/libkvqgpuattn.so
       [--heads 32] [--kv-heads 8] [--batches 1,8,16,64]
-      [--contexts 1024,4096,32768,131072] [--formats q4/q4,q8/q4,f16/f16]
+      [--contexts 1024,4096,32768,131072] [--shapes 1:1024,16:32768]
+      [--formats q4/q4,q8/q4,f16/f16]
 
 The library is kernels/attn_decode.cu, kernels/attn_append.cu and
-bench/gpu_attn_stream.cu built with -shared.
+bench/gpu_attn_stream.cu built with -shared.  --lib may be given more
+than once as NAME=PATH (two builds of the kernel, say): every library is
+timed on every shape against the same SDPA measurement, and each run
+names its library.  --shapes (batch:context pairs) replaces the product
+of --batches and --contexts.
 """
 import argparse
 import ctypes as C
@@ -225,23 +230,38 @@ def bench_stream(lib):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lib", required=True)
+    ap.add_argument("--lib", required=True, action="append",
+                    help="PATH or NAME=PATH; repeat to compare builds")
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--batches", default="1,8,16,64")
     ap.add_argument("--contexts", default="1024,4096,32768,131072")
     ap.add_argument("--formats", default="q4/q4,q8/q4,f16/f16")
+    ap.add_argument("--shapes", default="",
+                    help="batch:context pairs, comma-separated")
     ap.add_argument("--max-gib", type=float, default=100.0,
                     help="skip shapes whose data would exceed this")
     o = ap.parse_args()
-    lib = C.CDLL(o.lib)
-    lib.kvq_gpu_attn_workspace_bytes.restype = C.c_size_t
-    lib.kvq_gpu_attn_workspace_bytes.argtypes = [C.POINTER(Args)]
-    lib.kvq_gpu_attn_decode.restype = C.c_int
-    lib.kvq_gpu_attn_decode.argtypes = [C.POINTER(Args), C.c_void_p]
-    lib.kvq_bench_stream_read.restype = C.c_int
-    lib.kvq_bench_stream_read.argtypes = [C.c_void_p, C.c_size_t,
-                                          C.c_void_p, C.c_int, C.c_void_p]
+    libs = []
+    for spec in o.lib:
+        name, _, path = spec.rpartition("=")
+        lib = C.CDLL(path)
+        lib.kvq_gpu_attn_workspace_bytes.restype = C.c_size_t
+        lib.kvq_gpu_attn_workspace_bytes.argtypes = [C.POINTER(Args)]
+        lib.kvq_gpu_attn_decode.restype = C.c_int
+        lib.kvq_gpu_attn_decode.argtypes = [C.POINTER(Args), C.c_void_p]
+        lib.kvq_bench_stream_read.restype = C.c_int
+        lib.kvq_bench_stream_read.argtypes = [C.c_void_p, C.c_size_t,
+                                              C.c_void_p, C.c_int,
+                                              C.c_void_p]
+        libs.append((name or "kvq", lib))
+    lib = libs[0][1]
+    if o.shapes:
+        shapes = [tuple(int(x) for x in sh.split(":"))
+                  for sh in o.shapes.split(",")]
+    else:
+        shapes = [(b, c) for b in [int(x) for x in o.batches.split(",")]
+                  for c in [int(x) for x in o.contexts.split(",")]]
     torch.manual_seed(0)
     hq, hk = o.heads, o.kv_heads
     res = {
@@ -252,43 +272,46 @@ def main():
                   "io": "f16 q and out"},
         "method": "median of CUDA-graph replays; " + L2_NOTE,
         "stream_read": bench_stream(lib),
+        "libs": [n for n, _ in libs],
         "runs": [],
     }
     ceil = res["stream_read"]["gbs"]
     print("stream read: %.0f GB/s" % ceil, file=sys.stderr)
     fmts = [f.split("/") for f in o.formats.split(",")]
-    for batch in [int(x) for x in o.batches.split(",")]:
-        for ctx in [int(x) for x in o.contexts.split(",")]:
-            f16_bytes = batch * hk * ctx * HD * 4
-            if f16_bytes * 2.2 > o.max_gib * (1 << 30):
-                res["runs"].append({"batch": batch, "context": ctx,
-                                    "skipped": "does not fit"})
-                continue
-            try:
-                sd = bench_sdpa(hq, hk, batch, ctx)
-            except Exception as e:  # noqa: BLE001 - report and go on
-                sd = {"error": str(e)}
-            for kt, vt in fmts:
+    for batch, ctx in shapes:
+        f16_bytes = batch * hk * ctx * HD * 4
+        if f16_bytes * 2.2 > o.max_gib * (1 << 30):
+            res["runs"].append({"batch": batch, "context": ctx,
+                                "skipped": "does not fit"})
+            continue
+        try:
+            sd = bench_sdpa(hq, hk, batch, ctx)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            sd = {"error": str(e)}
+        for kt, vt in fmts:
+            for name, lb in libs:
                 try:
-                    r = bench_kvq(lib, kt, vt, hq, hk, batch, ctx)
+                    r = bench_kvq(lb, kt, vt, hq, hk, batch, ctx)
                 except Exception as e:  # noqa: BLE001
                     r = {"error": str(e)}
                 run = {"batch": batch, "context": ctx,
-                       "format": kt + "/" + vt, "kvq": r, "sdpa": sd}
+                       "format": kt + "/" + vt, "lib": name, "kvq": r,
+                       "sdpa": sd}
                 if "us" in r and "us" in sd:
                     run["speedup"] = sd["us"] / r["us"]
                     run["of_stream_read"] = r["gbs"] / ceil
                 res["runs"].append(run)
                 if "us" in r:
-                    print("b%-3d ctx %-6d %-7s %8.2f us %6.0f GB/s (%.0f%%)"
-                          "  sdpa %8.2f us  x%.2f" % (
-                              batch, ctx, kt + "/" + vt, r["us"], r["gbs"],
-                              100 * r["gbs"] / ceil, sd.get("us", -1),
-                              run.get("speedup", 0)), file=sys.stderr)
-                else:
-                    print("b%d ctx %d %s/%s: %s" % (batch, ctx, kt, vt,
-                                                    r.get("error")),
+                    print("b%-3d ctx %-6d %-7s %-5s %8.2f us %6.0f GB/s "
+                          "(%.0f%%)  sdpa %8.2f us  x%.2f" % (
+                              batch, ctx, kt + "/" + vt, name, r["us"],
+                              r["gbs"], 100 * r["gbs"] / ceil,
+                              sd.get("us", -1), run.get("speedup", 0)),
                           file=sys.stderr)
+                else:
+                    print("b%d ctx %d %s/%s %s: %s" % (
+                        batch, ctx, kt, vt, name, r.get("error")),
+                        file=sys.stderr)
     json.dump(res, sys.stdout, indent=1)
     print()
 

@@ -20,34 +20,44 @@
  *
  * Arithmetic.  Scores and values go through 16x8x16 f16 matrix products
  * with f32 accumulation.  Keys: the tile's 16 tokens are the rows, the
- * query heads the 8 columns.  Key codes enter as exact small integers (q4
- * as 64+n, its bias taken out through the accumulator's initial value;
- * q8 as n; or the stored f16), one product per 32-channel scale group,
- * and the group's scale is applied to the f32 partial score, so scores
- * carry no rounding beyond f32.  The query is pre-scaled by scale*log2(e)
- * and split into a high and a low f16 half; with at most 4 query heads per
- * KV head the two halves fill the 8 columns, so the query is exact to
- * about 2^-22.  Values: V^T is the left operand (channels x tokens) with
- * the group scale folded in (f16 rounding of n*s, 2^-11 relative), P^T the
- * right operand, again split into high and low f16 halves.  The softmax is
- * f32 and base 2; the running maximum is raised lazily (only when a tile
- * exceeds it by 2^8) to skip most rescales.
+ * query heads the 8 columns.  Key codes enter as exact biased integers
+ * made by one and-or (q4: 1024+n for low nibbles, 64+n for high ones;
+ * q8: 1152+q from one byte permute with the exponent byte; or the stored
+ * f16), one product per 32-channel scale group with the group's bias
+ * times the query as the accumulator's initial value, and the group's
+ * scale is applied to the f32 partial score.  The bias cancels in f32
+ * (relative rounding about 2^-24 of 1032 * |q| for q4), so scores carry
+ * no f16 rounding.  The query is pre-scaled by scale*log2(e) and split
+ * into a high and a low f16 half; with at most 4 query heads per KV head
+ * the two halves fill the 8 columns, so the query is exact to about
+ * 2^-22.  Values: V^T is the left operand (channels x tokens), P^T the
+ * right operand, again split into high and low f16 halves.  q4 values
+ * enter as exact n-8 and the m-tiles are group-pure, so each group's
+ * scales multiply P^T (f16 rounding of p*s, 2^-11 relative); q8 and f16
+ * values carry the scale themselves (f16 rounding of n*s).  The softmax
+ * is f32 and base 2; the running maximum is raised lazily (only when a
+ * score exceeds it by 2^8, found without a reduction) to skip most
+ * rescales.
  *
  * Sinks: positions below n_sink of a quantized K or V come from the
- * sequence's f16 copies, as in kvq_kv_attend(); the warp that owns tile 0
- * handles them first in plain f32 and the tile pass masks them out.
+ * sequence's f16 copies, as in kvq_kv_attend(); split 0's warps take
+ * them first (position w for warp w), in plain f32, and the tile pass
+ * masks them out.
  *
  * Shared memory: each stage holds a tile's K rows, K scales, V rows and V
  * scales; rows are padded so that every fragment read is free of bank
- * conflicts and sits at a per-lane base plus a constant, and the tile
- * loop is unrolled over the stages so that no address is computed per
- * tile beyond the page's.
+ * conflicts and sits at a per-lane base plus a constant (q4 rows are read
+ * with ldmatrix), and the tile loop is unrolled over the stages.  A
+ * tile's copies cost one wide multiply per pool; page ids come from a
+ * per-warp ring in shared memory, refilled 32 at a time.
  *
  * Operand layouts (lane = 4g + t): keys, group G, k-step 2G+r: lane t
- * holds channels 32G+8t+{2r, 2r+4 | 2r+1, 2r+5} of tokens g and g+8; that
- * is one 32-bit word of q4 codes per token and group.  Values: lane g
- * holds channels 16g..16g+15 of tokens 2t, 2t+1, 2t+8, 2t+9; m-tile
- * 4q+j has channel 16g+8q+j in row g and 16g+8q+j+4 in row g+8.
+ * holds channels 32G+8t+{2r, 2r+4 | 2r+1, 2r+5} of tokens g and g+8 (q8:
+ * 32G+8t+4r+{0, 1 | 2, 3}); that is one 32-bit word of q4 codes per token
+ * and group.  Values, q4: m-tile 2G+a has channel 32G+4g+2a in row g and
+ * the next one in row g+8; q8 and f16: lane g holds channels 16g..16g+15
+ * of tokens 2t, 2t+1, 2t+8, 2t+9, m-tile 4q+j has channel 16g+8q+j in
+ * row g and 16g+8q+j+4 in row g+8.
  */
 #include <errno.h>
 #include <stddef.h>
@@ -97,7 +107,7 @@ template <> struct fmt<KVQ_KV_Q4> {
 	}
 	static constexpr __host__ __device__ int rv(int r)
 	{
-		return r * 64 + (r >> 1) * 32;
+		return r * 64 + (r >> 1) * 16;
 	}
 };
 
@@ -114,8 +124,9 @@ template <int KT, int VT> struct stage {
 	static constexpr int VS_OFF = V_OFF + up16(fmt<VT>::rv(TT - 1) + fmt<VT>::RB);
 	static constexpr int BYTES = VS_OFF + TT * fmt<VT>::SB;
 	static constexpr int N = BYTES <= 2700 ? 4 : BYTES <= 4100 ? 3 : 2;
-	static constexpr int SINK_OFF = NW * N * BYTES;	/* 2 KiB */
-	static constexpr int SMEM = SINK_OFF + 2048;
+	static constexpr int SINK_OFF = NW * N * BYTES;	/* [NW][512] */
+	static constexpr int PID_OFF = SINK_OFF + 2048;	/* [NW][64] */
+	static constexpr int SMEM = PID_OFF + NW * 64 * 4;
 	static constexpr int MERGE = NW * NCOL * HD * 4 + 2 * NW * NCOL * 4;
 	static constexpr int SPLIT = (2 * MAX_SPLITS + 1) * NCOL * 4;
 	static constexpr int DYN = SMEM > MERGE ? (SMEM > SPLIT ? SMEM : SPLIT) :
@@ -132,32 +143,20 @@ __device__ __forceinline__ __half2 u2h(unsigned u)
 	return *reinterpret_cast<__half2 *>(&u);
 }
 
-/* (n0,n4) (n1,n5) (n2,n6) (n3,n7) of a word of 8 q4 codes, minus 8. */
-__device__ __forceinline__ void q4_pairs(unsigned w, unsigned h[4])
+/*
+ * The pairs (n0,n4) (n1,n5) (n2,n6) (n3,n7) of a word of 8 q4 codes,
+ * biased, exact, without f16 arithmetic: a low nibble
+ * lands in mantissa bits 0-3 of 1024.0 (1024 + n, pairs 0 and 2), a high
+ * one in bits 4-7 of 64.0 (64 + n, pairs 1 and 3); the unit there is 1.
+ */
+__device__ __forceinline__ void q4_pairs_biased(unsigned w, unsigned h[4])
 {
-	const __half2 b_lo = u2h(0x64086408u);	/* 1032 */
-	const __half2 m16 = u2h(0x2c002c00u);	/* 1/16 */
-	const __half2 b_hi = u2h(0xd480d480u);	/* -72 */
 	unsigned w2 = w >> 8;
 
-	h[0] = h2u(__hsub2(u2h(kvq_and_or(w, 0x000f000fu, 0x64006400u)), b_lo));
-	h[1] = h2u(__hfma2(u2h(kvq_and_or(w, 0x00f000f0u, 0x64006400u)), m16,
-			   b_hi));
-	h[2] = h2u(__hsub2(u2h(kvq_and_or(w2, 0x000f000fu, 0x64006400u)), b_lo));
-	h[3] = h2u(__hfma2(u2h(kvq_and_or(w2, 0x00f000f0u, 0x64006400u)), m16,
-			   b_hi));
-}
-
-/*
- * The same pairs as 64 + n, exact, without the f16 arithmetic: each code
- * lands in mantissa bits 4-7 of 64.0 (whose unit there is 1).
- */
-__device__ __forceinline__ void q4_pairs64(unsigned w, unsigned h[4])
-{
-	h[0] = kvq_and_or(w << 4, 0x00f000f0u, 0x54005400u);
+	h[0] = kvq_and_or(w, 0x000f000fu, 0x64006400u);
 	h[1] = kvq_and_or(w, 0x00f000f0u, 0x54005400u);
-	h[2] = kvq_and_or(w >> 4, 0x00f000f0u, 0x54005400u);
-	h[3] = kvq_and_or(w >> 8, 0x00f000f0u, 0x54005400u);
+	h[2] = kvq_and_or(w2, 0x000f000fu, 0x64006400u);
+	h[3] = kvq_and_or(w2, 0x00f000f0u, 0x54005400u);
 }
 
 /* Bytes at selector positions of two words (already xor 0x80) as f16. */
@@ -191,7 +190,7 @@ struct kparams {
 	void *out;
 	int q_f16, out_f16;
 	const uint8_t *kp, *vp;
-	size_t kpb, vpb;
+	unsigned kpb, vpb;	/* page bytes (< 4 GiB) */
 	const int32_t *bt;
 	int bt_stride;
 	const int32_t *lens;
@@ -199,6 +198,7 @@ struct kparams {
 	int n_sink;
 	int hq, hk, gqa, P;
 	int tshift;		/* log2(page_tokens / 16) */
+	int vmask;		/* (page_tokens / 16 - 1) / NW */
 	float qscale;		/* scale * log2(e) */
 	int n_splits, tps, n_chunks;
 	int *cnt;
@@ -216,44 +216,54 @@ __device__ __forceinline__ float load_q(const kparams &p, size_t i)
 struct wstate {
 	float o[8][4];		/* O^T fragments of the 8 m-tiles */
 	float m[2], l[2];
+	float th[2];		/* m + LAZY: a score above it raises m */
 };
 
+/* Queue the copies of sink position @p into @buf: its K row (lanes
+ * 0-15) then its V row (lanes 16-31), 256 bytes each. */
+__device__ __forceinline__ void sink_copy(int p, const uint16_t *sk,
+					  const uint16_t *sv, int ks, int vs,
+					  uint8_t *buf)
+{
+	int lane = threadIdx.x & 31, c = lane & 15;
+	const uint16_t *src = lane < 16 ? sk + (size_t)p * ks + 8 * c :
+				      sv + (size_t)p * vs + 8 * c;
+
+	kvq_cp_async16(buf + 16 * lane, src);
+}
+
 /*
- * Sink positions [0, ns) of the head: keys and values as f16 rows (from
- * the sink copies or, for an unquantized half, from page 0, @ks / @vs
- * halves apart), in f32, four positions at a time staged in @buf (2 KiB
- * of shared memory).  Scores use the query fragments @qf, so they equal
+ * Sink positions w, w + NW, ... below ns of the head, for warp w: keys and
+ * values as f16 rows (from the sink copies or, for an unquantized half,
+ * from page 0, @ks / @vs halves apart), in f32, one position at a time
+ * staged in @buf (512 bytes of shared memory); the copies of the first
+ * are already queued.  Scores use the query fragments @qf, so they equal
  * the tile pass's to f32 rounding.
  */
+template <int KT, int VT>
 __device__ void sink_pass(wstate &st, const unsigned qf[8][2], bool hilo,
-			  int ns, const uint16_t *sk, const uint16_t *sv,
-			  int ks, int vs, uint8_t *buf)
+			  int ns, int w, const uint16_t *sk,
+			  const uint16_t *sv, int ks, int vs, uint8_t *buf)
 {
 	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 	bool own = !hilo || t < 2;
 
-	for (int p0 = 0; p0 < ns; p0 += 4) {
-		/* 4 rows of 256 bytes each for K and V: 2 chunks a lane. */
-#pragma unroll
-		for (int j = 0; j < 2; j++) {
-			int x = lane + 32 * j, r = x >> 4, c = x & 15;
-
-			if (p0 + r < ns) {
-				kvq_cp_async16(buf + 256 * r + 16 * c,
-					       sk + (size_t)(p0 + r) * ks + 8 * c);
-				kvq_cp_async16(buf + 1024 + 256 * r + 16 * c,
-					       sv + (size_t)(p0 + r) * vs + 8 * c);
-			}
+	for (int p = w; p < ns; p += NW) {
+		if (p != w) {
+			sink_copy(p, sk, sv, ks, vs, buf);
+			kvq_cp_async_commit();
 		}
-		kvq_cp_async_commit();
 		kvq_cp_async_wait<0>();
 		kvq_syncwarp();
-		for (int u = 0; u < 4 && p0 + u < ns; u++) {
-			const uint8_t *kr = buf + 256 * u;
-			const uint4 *vr = (const uint4 *)(buf + 1024 + 256 * u + 32 * g);
+		{
+			const uint8_t *kr = buf;
+			const uint4 *vr = (const uint4 *)(buf + 256 + 32 * g);
 			float acc = 0.0f, sc[2], pr[2], al[2];
 
-			/* Column g's partial score over channels 32G+8t+i. */
+			/* Column g's partial score over channels 32G+8t+i,
+			 * one sum per group. */
+			float ag[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
+
 #pragma unroll
 			for (int G = 0; G < 4; G++) {
 				uint4 k8 = *(const uint4 *)(kr + 2 * (32 * G + 8 * t));
@@ -261,16 +271,24 @@ __device__ void sink_pass(wstate &st, const unsigned qf[8][2], bool hilo,
 
 #pragma unroll
 				for (int r = 0; r < 2; r++) {
-					/* qf[2G+r] = (c2r, c2r+4), (c2r+1, c2r+5) */
 					unsigned q0 = qf[2 * G + r][0];
 					unsigned q1 = qf[2 * G + r][1];
 
-					acc += h_lo(q0) * h_lo(kw[r]) +
-					       h_hi(q0) * h_lo(kw[r + 2]) +
-					       h_lo(q1) * h_hi(kw[r]) +
-					       h_hi(q1) * h_hi(kw[r + 2]);
+					if (KT == KVQ_KV_Q8)
+						/* (c4r, c4r+1), (c4r+2, c4r+3) */
+						ag[G] += h_lo(q0) * h_lo(kw[2 * r]) +
+						       h_hi(q0) * h_hi(kw[2 * r]) +
+						       h_lo(q1) * h_lo(kw[2 * r + 1]) +
+						       h_hi(q1) * h_hi(kw[2 * r + 1]);
+					else
+						/* (c2r, c2r+4), (c2r+1, c2r+5) */
+						ag[G] += h_lo(q0) * h_lo(kw[r]) +
+						       h_hi(q0) * h_lo(kw[r + 2]) +
+						       h_lo(q1) * h_hi(kw[r]) +
+						       h_hi(q1) * h_hi(kw[r + 2]);
 				}
 			}
+			acc = (ag[0] + ag[1]) + (ag[2] + ag[3]);
 			acc += kvq_shfl_xor_f32(acc, 1);
 			acc += kvq_shfl_xor_f32(acc, 2);
 			if (hilo)
@@ -285,16 +303,41 @@ __device__ void sink_pass(wstate &st, const unsigned qf[8][2], bool hilo,
 					exp2f(st.m[e] - nm);
 				pr[e] = exp2f(sc[e] - nm);
 				st.m[e] = nm;
+				st.th[e] = nm + LAZY;
 				st.l[e] = st.l[e] * al[e] +
 					  (g == 0 ? pr[e] : 0.0f);
 			}
-			uint4 v0 = vr[0], v1 = vr[1];
-			unsigned vu[8] = { v0.x, v0.y, v0.z, v0.w,
-					   v1.x, v1.y, v1.z, v1.w };
+			/* The lane's 16 channels, in the order of vch(). */
+			unsigned vu[8];
+
+			if (VT == KVQ_KV_Q4) {
+				const uint8_t *vrow = buf + 256 + 8 * g;
 
 #pragma unroll
+				for (int G = 0; G < 4; G++) {
+					uint2 x = *(const uint2 *)(vrow + 64 * G);
+
+					vu[2 * G] = x.x;
+					vu[2 * G + 1] = x.y;
+				}
+			} else {
+				uint4 v0 = vr[0], v1 = vr[1];
+
+				vu[0] = v0.x;
+				vu[1] = v0.y;
+				vu[2] = v0.z;
+				vu[3] = v0.w;
+				vu[4] = v1.x;
+				vu[5] = v1.y;
+				vu[6] = v1.z;
+				vu[7] = v1.w;
+			}
+#pragma unroll
 			for (int i = 0; i < 8; i++) {
-				int c = 8 * (i >> 2) + (i & 3), d = c + 4;
+				/* Offsets of rows g, g+8 among the 16. */
+				int c = VT == KVQ_KV_Q4 ? 4 * (i >> 1) + 2 * (i & 1) :
+					8 * (i >> 2) + (i & 3);
+				int d = VT == KVQ_KV_Q4 ? c + 1 : c + 4;
 				float x0 = own ? ((c & 1) ? h_hi(vu[c >> 1]) :
 						  h_lo(vu[c >> 1])) : 0.0f;
 				float x1 = own ? ((d & 1) ? h_hi(vu[d >> 1]) :
@@ -311,84 +354,129 @@ __device__ void sink_pass(wstate &st, const unsigned qf[8][2], bool hilo,
 }
 
 /*
- * Per-lane constants of the copies into a stage (shared-memory offsets
- * from the ring, byte offsets from a page) and of the reads from it.
+ * Per-lane constants of the copies into a stage and of the reads from it.
+ * A tile's copies are one 16-byte chunk per lane and step: K rows and V
+ * rows at a fixed stride, and the scale rows of K (lanes 0-7) and V (the
+ * next 8 lanes) in one more step, each lane from its own pool.  A source
+ * is the lane's byte on page 0 plus page * page bytes: one wide multiply-
+ * add per pool.
  */
+template <int KT, int VT> struct copy_shape {
+	static constexpr int NKS = fmt<KT>::SB ? TT * fmt<KT>::SB / 16 : 0;
+	static constexpr int NVS = fmt<VT>::SB ? TT * fmt<VT>::SB / 16 : 0;
+	static constexpr int NS = NKS + NVS;	/* lanes copying scales */
+};
+
 struct lanes {
-	int dk, dks, dv, dvs;		/* copy destinations */
-	unsigned sk, sks, sv, svs;	/* copy sources within a page */
+	unsigned ck, cv, cs;		/* copy sources within a page */
+	int dk, dv, ds;			/* copy destinations */
 	int rk, rks, rv, rvs;		/* fragment reads */
 };
 
+/*
+ * @sub0: the 16-token row block, within its page, of the warp's tiles
+ * (the same for all of them when a page holds at most NW tiles; the part
+ * that changes is added per tile, see issue_tile()).
+ */
 template <int KT, int VT>
 __device__ __forceinline__ void lanes_init(const kparams &p, int h,
-					   lanes &L)
+					   unsigned sub0, lanes &L)
 {
 	typedef stage<KT, VT> S;
 	typedef fmt<KT> FK;
 	typedef fmt<VT> FV;
+	typedef copy_shape<KT, VT> C;
 	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 	int ck = FK::RB / 16, cv = FV::RB / 16;	/* chunks per row */
-	unsigned hp = (unsigned)h * p.P;
+	size_t hp = (size_t)h * p.P;
 
 	L.dk = S::K_OFF + FK::rk(lane / ck) + 16 * (lane % ck);
 	L.dv = S::V_OFF + FV::rv(lane / cv) + 16 * (lane % cv);
-	L.dks = S::KS_OFF + 16 * lane;
-	L.dvs = S::VS_OFF + 16 * lane;
-	L.sk = hp * FK::RB + 16 * lane;
-	L.sv = hp * FV::RB + 16 * lane;
-	L.sks = (unsigned)p.hk * p.P * FK::RB + hp * FK::SB + 16 * lane;
-	L.svs = (unsigned)p.hk * p.P * FV::RB + hp * FV::SB + 16 * lane;
+	L.ck = (unsigned)((hp + TT * sub0) * FK::RB + 16 * lane);
+	L.cv = (unsigned)((hp + TT * sub0) * FV::RB + 16 * lane);
+	if (lane < C::NKS) {
+		L.cs = (unsigned)((size_t)p.hk * p.P * FK::RB +
+				  (hp + TT * sub0) * FK::SB + 16 * lane);
+		L.ds = S::KS_OFF + 16 * lane;
+	} else {
+		int l2 = lane - C::NKS;
+
+		L.cs = (unsigned)((size_t)p.hk * p.P * FV::RB +
+				  (hp + TT * sub0) * FV::SB + 16 * l2);
+		L.ds = S::VS_OFF + 16 * l2;
+	}
+	/* q4 rows are read with ldmatrix: lane l gives row l & 7 of
+	 * matrix l >> 3, the 16 bytes of group (l >> 4) of token
+	 * (l & 7) + 8 * ((l >> 3) & 1); two more groups are 32 bytes on. */
+	int mrow = (lane & 7) + 8 * ((lane >> 3) & 1), mgrp = lane >> 4;
+
 	if (KT == KVQ_KV_Q4)
-		L.rk = S::K_OFF + FK::rk(g) + 4 * t;
+		L.rk = S::K_OFF + FK::rk(mrow) + 16 * mgrp;
 	else if (KT == KVQ_KV_Q8)
 		L.rk = S::K_OFF + FK::rk(g) + 8 * t;
 	else
 		L.rk = S::K_OFF + FK::rk(g) + 16 * t;
 	L.rks = S::KS_OFF + 8 * g;
-	L.rv = S::V_OFF + FV::rv(2 * t) + (VT == KVQ_KV_Q4 ? 8 : VT == KVQ_KV_Q8 ? 16 : 32) * g;
-	L.rvs = S::VS_OFF + 16 * t + 2 * (g >> 1);
+	if (VT == KVQ_KV_Q4) {
+		L.rv = S::V_OFF + FV::rv(mrow) + 16 * mgrp;
+		L.rvs = S::VS_OFF + 16 * t;
+	} else {
+		L.rv = S::V_OFF + FV::rv(2 * t) + (VT == KVQ_KV_Q8 ? 16 : 32) * g;
+		L.rvs = S::VS_OFF + 16 * t + 2 * (g >> 1);
+	}
 }
 
-/* Queue the 16-byte copies of one tile (row offset @ro in its page). */
-template <int KT, int VT>
+/*
+ * Queue the 16-byte copies of one tile of @page, or with @n = 0 only
+ * zeros (nothing is read).  VAR: pages of more than NW tiles, where the
+ * tile's row block is NW * @sub beyond the warp's sub0.
+ */
+template <int KT, int VT, bool VAR>
 __device__ __forceinline__ void issue_tile(const kparams &p, const lanes &L,
-					   uint8_t *st, int page, int ro)
+					   uint8_t *st, unsigned page,
+					   unsigned sub, unsigned n)
 {
 	typedef fmt<KT> FK;
 	typedef fmt<VT> FV;
+	typedef copy_shape<KT, VT> C;
 	int lane = threadIdx.x & 31;
-	const uint8_t *kpg = p.kp + (size_t)page * p.kpb;
-	const uint8_t *vpg = p.vp + (size_t)page * p.vpb;
-	const uint8_t *ks = kpg + L.sk + ro * FK::RB;
-	const uint8_t *vs = vpg + L.sv + ro * FV::RB;
+	const uint8_t *ks = p.kp + ((size_t)page * p.kpb + L.ck);
+	const uint8_t *vs = p.vp + ((size_t)page * p.vpb + L.cv);
+	const uint8_t *ss = lane < C::NKS ?
+			    p.kp + ((size_t)page * p.kpb + L.cs) :
+			    p.vp + ((size_t)page * p.vpb + L.cs);
 
+	if (VAR) {
+		ks += sub * (NW * TT * FK::RB);
+		vs += sub * (NW * TT * FV::RB);
+		ss += sub * (NW * TT * 8);
+	}
 #pragma unroll
 	for (int j = 0; j < FK::RB / 32; j++)
-		kvq_cp_async16(st + L.dk + (FK::rk(j * 32 / (FK::RB / 16)) -
-					    FK::rk(0)),
-			       ks + 512 * j);
-	if (FK::SB && lane < TT * FK::SB / 16)
-		kvq_cp_async16(st + L.dks, kpg + L.sks + ro * FK::SB);
+		kvq_cp_async16_n(st + L.dk + (FK::rk(j * 32 / (FK::RB / 16)) -
+					      FK::rk(0)),
+				 ks + 512 * j, n);
+	if (C::NS && lane < C::NS)
+		kvq_cp_async16_n(st + L.ds, ss, n);
 #pragma unroll
 	for (int j = 0; j < FV::RB / 32; j++)
-		kvq_cp_async16(st + L.dv + (FV::rv(j * 32 / (FV::RB / 16)) -
-					    FV::rv(0)),
-			       vs + 512 * j);
-	if (FV::SB && lane < TT * FV::SB / 16)
-		kvq_cp_async16(st + L.dvs, vpg + L.svs + ro * FV::SB);
+		kvq_cp_async16_n(st + L.dv + (FV::rv(j * 32 / (FV::RB / 16)) -
+					      FV::rv(0)),
+				 vs + 512 * j, n);
 }
 
 /*
  * Scores of the tile's tokens g and g+8 for query columns 2t, 2t+1
- * (scaled, base 2), from stage @st.  @kc holds, for q4 keys, the bias of
- * each group's codes (72 * the column's query sum) to start from.
+ * (scaled, base 2), from stage @st.  Quantized keys enter the products
+ * as exact biased integers (q4: 1024 + n or 64 + n, q8: 1152 + q); @kc
+ * holds each group's bias times the column's query to start from, as
+ * the accumulator fragment (columns 2t, 2t+1 of rows g and g+8).
  */
 template <int KT, int VT>
 __device__ __forceinline__ void tile_scores(const uint8_t *st,
 					    const lanes &L,
 					    const unsigned qf[8][2],
-					    const float kc[4][2], float s[4])
+					    const float kc[4][4], float s[4])
 {
 	typedef fmt<KT> FK;
 	const uint8_t *kr = st + L.rk;
@@ -419,6 +507,13 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 	uint2 sr1 = *(const uint2 *)(st + L.rks + 64);
 	float sg0[4] = { h_lo(sr0.x), h_hi(sr0.x), h_lo(sr0.y), h_hi(sr0.y) };
 	float sg1[4] = { h_lo(sr1.x), h_hi(sr1.x), h_lo(sr1.y), h_hi(sr1.y) };
+	unsigned kx[8];		/* q4: group G's words of rows g, g+8 */
+	const unsigned e1024 = 0x64646464u;	/* q8: bytes b -> 1024 + b */
+
+	if (KT == KVQ_KV_Q4) {
+		kvq_ldsm4(kx, st + L.rk);
+		kvq_ldsm4(kx + 4, st + L.rk + 32);
+	}
 
 #pragma unroll
 	for (int G = 0; G < 4; G++) {
@@ -426,9 +521,10 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 		float c[4];
 
 		if (KT == KVQ_KV_Q4) {
-			q4_pairs64(*(const unsigned *)(kr + 16 * G), e0);
-			q4_pairs64(*(const unsigned *)(kr + 16 * G + R8), e1);
+			q4_pairs_biased(kx[2 * G], e0);
+			q4_pairs_biased(kx[2 * G + 1], e1);
 		} else {
+			/* q8: adjacent channels, 1152 + q after the xor. */
 			uint2 r0 = *(const uint2 *)(kr + 32 * G);
 			uint2 r1 = *(const uint2 *)(kr + 32 * G + R8);
 
@@ -436,27 +532,20 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 			r0.y ^= 0x80808080u;
 			r1.x ^= 0x80808080u;
 			r1.y ^= 0x80808080u;
-#pragma unroll
-			for (int i = 0; i < 4; i++) {
-				unsigned sel = i | ((i + 4) << 8);
-
-				e0[i] = q8_pair(r0.x, r0.y, sel);
-				e1[i] = q8_pair(r1.x, r1.y, sel);
-			}
-			c[0] = c[1] = c[2] = c[3] = 0.0f;
+			e0[0] = __byte_perm(r0.x, e1024, 0x4140);
+			e0[1] = __byte_perm(r0.x, e1024, 0x4342);
+			e0[2] = __byte_perm(r0.y, e1024, 0x4140);
+			e0[3] = __byte_perm(r0.y, e1024, 0x4342);
+			e1[0] = __byte_perm(r1.x, e1024, 0x4140);
+			e1[1] = __byte_perm(r1.x, e1024, 0x4342);
+			e1[2] = __byte_perm(r1.y, e1024, 0x4140);
+			e1[3] = __byte_perm(r1.y, e1024, 0x4342);
 		}
 		a[0] = e0[0];
 		a[1] = e1[0];
 		a[2] = e0[1];
 		a[3] = e1[1];
-		if (KT == KVQ_KV_Q4) {
-			const float c0[4] = { -kc[G][0], -kc[G][1], -kc[G][0],
-					      -kc[G][1] };
-
-			kvq_mma_f16_16816_c(c, a, qf[2 * G], c0);
-		} else {
-			kvq_mma_f16_16816(c, a, qf[2 * G]);
-		}
+		kvq_mma_f16_16816_c(c, a, qf[2 * G], kc[G]);
 		a[0] = e0[2];
 		a[1] = e1[2];
 		a[2] = e0[3];
@@ -470,26 +559,15 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 }
 
 /*
- * Operands of m-tiles 4q..4q+3 for the token pair (A, B): hf[j][0] holds
- * (A, B) of channel 16g+8q+j, hf[j][1] of channel 16g+8q+j+4, scaled by
- * @sc (the pair's scales; f16 pages have none).
+ * Operands of m-tiles 4q..4q+3 for the token pair (A, B) of q8 or f16
+ * values: hf[j][0] holds (A, B) of channel 16g+8q+j, hf[j][1] of channel
+ * 16g+8q+j+4, scaled by @sc (the pair's scales; f16 pages have none).
  */
 template <int VT>
 __device__ __forceinline__ void v_pair(const unsigned *ra, const unsigned *rb,
 				       int q, unsigned sc, unsigned hf[4][2])
 {
-	if (VT == KVQ_KV_Q4) {
-		unsigned lo4[4], hi4[4];
-
-		/* Bytes 0,1 then 2,3 of both tokens: codes 0-3 and 4-7. */
-		q4_pairs(__byte_perm(ra[q], rb[q], 0x5410), lo4);
-		q4_pairs(__byte_perm(ra[q], rb[q], 0x7632), hi4);
-#pragma unroll
-		for (int j = 0; j < 4; j++) {
-			hf[j][0] = lo4[j];
-			hf[j][1] = hi4[j];
-		}
-	} else if (VT == KVQ_KV_Q8) {
+	if (VT == KVQ_KV_Q8) {
 		unsigned a0 = ra[2 * q] ^ 0x80808080u;
 		unsigned b0 = rb[2 * q] ^ 0x80808080u;
 		unsigned a1 = ra[2 * q + 1] ^ 0x80808080u;
@@ -523,6 +601,91 @@ __device__ __forceinline__ void v_pair(const unsigned *ra, const unsigned *rb,
 }
 
 /*
+ * o += V^T P^T for a tile of q4 values.  The m-tiles are group-pure:
+ * m-tile 2G+a holds channels 32G+4g+2a (row g) and 32G+4g+2a+1 (row
+ * g+8), so group G's scales scale P^T's fragment (tokens 2t, 2t+1 and
+ * 2t+8, 2t+9 of column g) and the codes enter as exact n-8.  A
+ * transposed ldmatrix gives lane 4g+t, per group and 8-token half, the
+ * word [A.b, A.b', B.b, B.b'] of tokens A=2t, B=2t+1 (+8), bytes
+ * b=2g, b'=2g+1 of the group's 16 bytes: channels 4g..4g+3.
+ */
+template <int KT, int VT>
+__device__ __forceinline__ void tile_values_q4(const uint8_t *st,
+					       const lanes &L,
+					       const unsigned pb[2], int vm,
+					       float o[8][4])
+{
+	typedef stage<KT, VT> S;
+	const uint8_t *vb = KT == KVQ_KV_Q4 ?
+			    st + L.rk + (S::V_OFF - S::K_OFF) : st + L.rv;
+	const __half2 b_lo = u2h(0xe408e408u);	/* -1032 */
+	const __half2 b_hi = u2h(0xd480d480u);	/* -72 */
+	unsigned x[8], sp[4], sq[4];
+
+	kvq_ldsm4_t(x, vb);
+	kvq_ldsm4_t(x + 4, vb + 32);
+
+	uint4 sa = *(const uint4 *)(st + L.rvs);	/* tokens 2t, 2t+1 */
+	uint4 sb = *(const uint4 *)(st + L.rvs + 64);	/* 2t+8, 2t+9 */
+
+	sp[0] = __byte_perm(sa.x, sa.z, 0x5410);
+	sp[1] = __byte_perm(sa.x, sa.z, 0x7632);
+	sp[2] = __byte_perm(sa.y, sa.w, 0x5410);
+	sp[3] = __byte_perm(sa.y, sa.w, 0x7632);
+	sq[0] = __byte_perm(sb.x, sb.z, 0x5410);
+	sq[1] = __byte_perm(sb.x, sb.z, 0x7632);
+	sq[2] = __byte_perm(sb.y, sb.w, 0x5410);
+	sq[3] = __byte_perm(sb.y, sb.w, 0x7632);
+	if (vm != 15) {
+		unsigned ma = ((vm & 1) ? 0xffffu : 0u) |
+			      ((vm & 2) ? 0xffff0000u : 0u);
+		unsigned mb = ((vm & 4) ? 0xffffu : 0u) |
+			      ((vm & 8) ? 0xffff0000u : 0u);
+
+#pragma unroll
+		for (int G = 0; G < 4; G++) {
+			sp[G] &= ma;
+			sq[G] &= mb;
+		}
+	}
+#pragma unroll
+	for (int G = 0; G < 4; G++) {
+		unsigned b[2] = { h2u(__hmul2(u2h(pb[0]), u2h(sp[G]))),
+				  h2u(__hmul2(u2h(pb[1]), u2h(sq[G]))) };
+		unsigned xl = x[2 * G], xh = x[2 * G + 1];
+		unsigned yl = xl >> 8, yh = xh >> 8;
+		unsigned a0[4] = {
+			h2u(__hadd2(u2h(kvq_and_or(xl, 0x000f000fu, 0x64006400u)), b_lo)),
+			h2u(__hadd2(u2h(kvq_and_or(xl, 0x00f000f0u, 0x54005400u)), b_hi)),
+			h2u(__hadd2(u2h(kvq_and_or(xh, 0x000f000fu, 0x64006400u)), b_lo)),
+			h2u(__hadd2(u2h(kvq_and_or(xh, 0x00f000f0u, 0x54005400u)), b_hi)),
+		};
+		unsigned a1[4] = {
+			h2u(__hadd2(u2h(kvq_and_or(yl, 0x000f000fu, 0x64006400u)), b_lo)),
+			h2u(__hadd2(u2h(kvq_and_or(yl, 0x00f000f0u, 0x54005400u)), b_hi)),
+			h2u(__hadd2(u2h(kvq_and_or(yh, 0x000f000fu, 0x64006400u)), b_lo)),
+			h2u(__hadd2(u2h(kvq_and_or(yh, 0x00f000f0u, 0x54005400u)), b_hi)),
+		};
+
+		kvq_mma_f16_16816(o[2 * G], a0, b);
+		kvq_mma_f16_16816(o[2 * G + 1], a1, b);
+	}
+}
+
+/*
+ * Channel of row g (up = 0) or g+8 (up = 1) of the values' m-tile i:
+ * group-pure for q4 (see tile_values_q4()), else lane g's channels are
+ * 16g..16g+15.
+ */
+template <int VT>
+__device__ __forceinline__ int vch(int i, int up, int g)
+{
+	if (VT == KVQ_KV_Q4)
+		return 32 * (i >> 1) + 4 * g + 2 * (i & 1) + up;
+	return 16 * g + 8 * (i >> 2) + (i & 3) + 4 * up;
+}
+
+/*
  * o += V^T P^T for the tile: @pb is P^T's fragment; @vm has bit i set
  * when the lane's token i (2t, 2t+1, 2t+8, 2t+9) is valid (the others
  * contribute zero even when their bytes are not numbers).
@@ -534,6 +697,11 @@ __device__ __forceinline__ void tile_values(const uint8_t *st,
 					    float o[8][4])
 {
 	typedef fmt<VT> FV;
+
+	if (VT == KVQ_KV_Q4) {
+		tile_values_q4<KT, VT>(st, L, pb, vm, o);
+		return;
+	}
 	const uint8_t *vr = st + L.rv;
 	const int dt[4] = { 0, FV::rv(1) - FV::rv(0), FV::rv(8) - FV::rv(0),
 			    FV::rv(9) - FV::rv(0) };
@@ -604,7 +772,7 @@ __device__ __forceinline__ void put_out(const kparams &p, size_t i, float v)
 template <int KT, int VT, bool FULL>
 __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 				     const unsigned qf[8][2],
-				     const float kc[4][2], bool hilo, int lo,
+				     const float kc[4][4], bool hilo, int lo,
 				     int hi, wstate &ws)
 {
 	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -624,12 +792,14 @@ __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 
 	float mt0 = fmaxf(s4[0], s4[2]), mt1 = fmaxf(s4[1], s4[3]);
 
+	/* Rare: some score exceeds its column's maximum by more than
+	 * LAZY; only then the tile's column maxima are reduced. */
+	if (kvq_any(mt0 > ws.th[0] || mt1 > ws.th[1])) {
 #pragma unroll
-	for (int m = 4; m < 32; m <<= 1) {
-		mt0 = fmaxf(mt0, kvq_shfl_xor_f32(mt0, m));
-		mt1 = fmaxf(mt1, kvq_shfl_xor_f32(mt1, m));
-	}
-	if (kvq_any(mt0 > ws.m[0] + LAZY || mt1 > ws.m[1] + LAZY)) {
+		for (int m = 4; m < 32; m <<= 1) {
+			mt0 = fmaxf(mt0, kvq_shfl_xor_f32(mt0, m));
+			mt1 = fmaxf(mt1, kvq_shfl_xor_f32(mt1, m));
+		}
 		float n0 = fmaxf(ws.m[0], mt0), n1 = fmaxf(ws.m[1], mt1);
 		float a0 = ws.m[0] == -INFINITY ? 0.0f :
 			   kvq_exp2_fast(ws.m[0] - n0);
@@ -638,6 +808,8 @@ __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 
 		ws.m[0] = n0;
 		ws.m[1] = n1;
+		ws.th[0] = n0 + LAZY;
+		ws.th[1] = n1 + LAZY;
 		ws.l[0] *= a0;
 		ws.l[1] *= a1;
 #pragma unroll
@@ -708,13 +880,17 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 	long long lim = (long long)p.bt_stride * p.P;
 	const int32_t *bt = p.bt + (size_t)b * p.bt_stride;
 	int t_begin = split * p.tps;
+	const bool kq = KT != KVQ_KV_F16, vq = VT != KVQ_KV_F16;
 
 	/*
-	 * Page ids of this warp's tiles, 32 at a time, one batch ahead;
-	 * loaded before the sequence length is known (any tile of the split
-	 * that the block table can hold), so both loads overlap.
+	 * Page ids of this warp's tiles k, in a ring of 64 in shared memory
+	 * (entry k & 63), filled 32 at a time one batch ahead.  The first
+	 * two batches are loaded before the sequence length is known (any
+	 * tile of the split that the block table can hold), so that they,
+	 * the length and the sink pointer arrive together.
 	 */
-	int kb = 0, pid_cur, pid_nxt;
+	int *pids = (int *)(smem + S::PID_OFF) + w * 64;
+	int pid0, pid1;
 	{
 		long long tl = (lim + TT - 1) / TT;
 		int t_cap = (int)(t_begin + p.tps < tl ? t_begin + p.tps : tl);
@@ -722,9 +898,10 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 			    (t_cap - t_begin - w + NW - 1) / NW : 0;
 		int k0 = lane, k1 = lane + 32;
 
-		pid_cur = k0 < n_cap ? bt[(t_begin + w + k0 * NW) >> p.tshift] : 0;
-		pid_nxt = k1 < n_cap ? bt[(t_begin + w + k1 * NW) >> p.tshift] : 0;
+		pid0 = k0 < n_cap ? bt[(t_begin + w + k0 * NW) >> p.tshift] : 0;
+		pid1 = k1 < n_cap ? bt[(t_begin + w + k1 * NW) >> p.tshift] : 0;
 	}
+	const uint16_t *sinkp = (p.sink && (kq || vq)) ? p.sink[b] : nullptr;
 	int len = p.lens[b];
 
 	if (len < 0)
@@ -745,43 +922,79 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 	if (split >= n_active)
 		return;
 
-	const uint16_t *sinkp = p.sink ? p.sink[b] : nullptr;
-	const bool kq = KT != KVQ_KV_F16, vq = VT != KVQ_KV_F16;
-	int skip = (sinkp && (kq || vq)) ? min(p.n_sink, len) : 0;
+	int skip = sinkp ? min(p.n_sink, len) : 0;
 	int t_end = min(t_begin + p.tps, n_tiles);
 	int n_my = t_end - t_begin > w ? (t_end - t_begin - w + NW - 1) / NW : 0;
-	int tmask = (1 << p.tshift) - 1;
+	int t0 = t_begin + w;
 	uint8_t *ring = smem + w * N * S::BYTES;
 	lanes L;
 
-	lanes_init<KT, VT>(p, h, L);
+	lanes_init<KT, VT>(p, h, (unsigned)(t0 & ((1 << p.tshift) - 1) &
+					    (NW - 1)), L);
+	pids[lane] = pid0;
+	pids[32 + lane] = pid1;
+	kvq_syncwarp();
 
+	/* Tile k's copies (zeros past the warp's last tile). */
 	auto issue = [&](int k, uint8_t *st) {
-		if (k - kb >= 32) {
-			int kn = kb + 64 + lane;
+		bool ok = k < n_my;
+		unsigned pg = ok ? (unsigned)pids[k & 63] : 0u;
+		unsigned n = ok ? 16u : 0u;
 
-			pid_cur = pid_nxt;
-			kb += 32;
-			pid_nxt = kn < n_my ?
-				  bt[(t_begin + w + kn * NW) >> p.tshift] : 0;
-		}
-		int pg = (int)kvq_shfl_u32((unsigned)pid_cur, k - kb);
-		int tt = t_begin + w + k * NW;
+		if (p.vmask)
+			issue_tile<KT, VT, true>(p, L, st, pg,
+						 (unsigned)((t0 / NW + k) & p.vmask), n);
+		else
+			issue_tile<KT, VT, false>(p, L, st, pg, 0, n);
+	};
+	/* Page ids of batch b (tiles 32b..32b+31) into the ring; called
+	 * once batch b-2, whose entries they take, has been issued. */
+	auto refill = [&](int b) {
+		int kn = 32 * b + lane;
 
-		issue_tile<KT, VT>(p, L, st, pg, (tt & tmask) * TT);
+		if (kn < n_my)
+			kvq_cp_async4(pids + (kn & 63),
+				      bt + ((t0 + kn * NW) >> p.tshift));
 	};
 
+	/* Split 0's warps share the sinks, position w first; its rows
+	 * travel with the first tiles. */
+	bool sinks = skip > w && t_begin == 0;
+	uint8_t *sbuf = smem + S::SINK_OFF + 512 * w;
+	const uint16_t *sk = nullptr, *sv = nullptr;
+	int ks = 0, vs = 0;
+
+	if (sinks) {
+		size_t pg0 = (unsigned)(w ? bt[0] : pids[0]);
+
+		if (kq) {
+			sk = sinkp + (size_t)h * HD;
+			ks = p.hk * HD;
+		} else {
+			sk = (const uint16_t *)(p.kp + pg0 * p.kpb) +
+			     (size_t)h * p.P * HD;
+			ks = HD;
+		}
+		if (vq) {
+			sv = sinkp + ((size_t)p.n_sink * p.hk + h) * HD;
+			vs = p.hk * HD;
+		} else {
+			sv = (const uint16_t *)(p.vp + pg0 * p.vpb) +
+			     (size_t)h * p.P * HD;
+			vs = HD;
+		}
+		sink_copy(w, sk, sv, ks, vs, sbuf);
+	}
 #pragma unroll
 	for (int s = 0; s < N - 1; s++) {
-		if (s < n_my)
-			issue(s, ring + s * S::BYTES);
+		issue(s, ring + s * S::BYTES);
 		kvq_cp_async_commit();
 	}
 
 	/* The query as B fragments: column g is head g (or, with at most 4
 	 * heads, head g&3's high (g<4) or low (g>=4) f16 part). */
 	unsigned qf[8][2];
-	float kc[4][2];
+	float kc[4][4];
 	{
 		int hd = hilo ? (g & 3) : g;
 		bool lo_part = hilo && g >= 4;
@@ -796,10 +1009,25 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 			for (int i = 0; i < 8; i++)
 				v[i] = ok ? load_q(p, qo + 32 * G + 8 * t + i) *
 					    p.qscale : 0.0f;
+			float s1 = 0.0f;
+
 #pragma unroll
 			for (int r = 0; r < 2; r++) {
-				float x[4] = { v[2 * r], v[2 * r + 4], v[2 * r + 1],
-					       v[2 * r + 5] };
+				/* k-pairs of product r: q8 keys adjacent
+				 * channels, q4 and f16 keys c, c+4. */
+				float x[4];
+
+				if (KT == KVQ_KV_Q8) {
+					x[0] = v[4 * r];
+					x[1] = v[4 * r + 1];
+					x[2] = v[4 * r + 2];
+					x[3] = v[4 * r + 3];
+				} else {
+					x[0] = v[2 * r];
+					x[1] = v[2 * r + 4];
+					x[2] = v[2 * r + 1];
+					x[3] = v[2 * r + 5];
+				}
 				__half2 h0 = __floats2half2_rn(x[0], x[1]);
 				__half2 h1 = __floats2half2_rn(x[2], x[3]);
 
@@ -812,17 +1040,23 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 				}
 				qf[2 * G + r][0] = h2u(h0);
 				qf[2 * G + r][1] = h2u(h1);
-				sum += h_lo(h2u(h0)) + h_hi(h2u(h0)) +
-				       h_lo(h2u(h1)) + h_hi(h2u(h1));
+				sum += h_lo(h2u(h0)) + h_hi(h2u(h0));
+				s1 += h_lo(h2u(h1)) + h_hi(h2u(h1));
 			}
-			/* Column g's sum over the group, then the sums of
-			 * this lane's columns 2t, 2t+1. */
+			/* The bias of column g's group (k-pair class 0 and
+			 * 1), then that of this lane's columns 2t, 2t+1. */
+			if (KT == KVQ_KV_Q4)
+				sum = -(1032.0f * sum + 72.0f * s1);
+			else
+				sum = -1152.0f * (sum + s1);
 			sum += kvq_shfl_xor_f32(sum, 1);
 			sum += kvq_shfl_xor_f32(sum, 2);
-			kc[G][0] = 72.0f * __uint_as_float(
+			kc[G][0] = __uint_as_float(
 				kvq_shfl_u32(__float_as_uint(sum), 8 * t));
-			kc[G][1] = 72.0f * __uint_as_float(
+			kc[G][1] = __uint_as_float(
 				kvq_shfl_u32(__float_as_uint(sum), 8 * t + 4));
+			kc[G][2] = kc[G][0];
+			kc[G][3] = kc[G][1];
 		}
 	}
 
@@ -833,55 +1067,83 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 		for (int e = 0; e < 4; e++)
 			ws.o[i][e] = 0.0f;
 	ws.m[0] = ws.m[1] = -INFINITY;
+	ws.th[0] = ws.th[1] = -INFINITY;
 	ws.l[0] = ws.l[1] = 0.0f;
 
-	if (skip && t_begin == 0 && w == 0) {
-		int pg0 = bt[0];
-		const uint16_t *sk, *sv;
-		int ks, vs;
+	if (sinks)
+		sink_pass<KT, VT>(ws, qf, hilo, skip, w, sk, sv, ks, vs, sbuf);
 
-		if (kq) {
-			sk = sinkp + (size_t)h * HD;
-			ks = p.hk * HD;
-		} else {
-			sk = (const uint16_t *)(p.kp + (size_t)pg0 * p.kpb) +
-			     (size_t)h * p.P * HD;
-			ks = HD;
-		}
-		if (vq) {
-			sv = sinkp + ((size_t)p.n_sink * p.hk + h) * HD;
-			vs = p.hk * HD;
-		} else {
-			sv = (const uint16_t *)(p.vp + (size_t)pg0 * p.vpb) +
-			     (size_t)h * p.P * HD;
-			vs = HD;
-		}
-		sink_pass(ws, qf, hilo, skip, sk, sv, ks, vs, smem + S::SINK_OFF);
+	/*
+	 * Tiles k of this warp: [0, k_lo) hold sink positions, [k_hi, n_my)
+	 * the sequence's ragged end.  Runs of N full tiles starting at a
+	 * multiple of N go through the unrolled loop (stages fixed at compile
+	 * time); the others, before and after, through step() with the stage
+	 * picked at run time.  Each step issues tile k + N - 1 and commits
+	 * one group, so the wait leaves tile k complete.
+	 */
+	int k_lo = 0, k_hi = n_my;
+	{
+		int ts = (skip + TT - 1) / TT;
+
+		if (ts > t0)
+			k_lo = min(n_my, (ts - t0 + NW - 1) / NW);
+		if ((len & (TT - 1)) && n_my &&
+		    t0 + (n_my - 1) * NW == n_tiles - 1)
+			k_hi = n_my - 1;
+		if (k_hi < k_lo)
+			k_hi = k_lo;
 	}
+	auto step = [&](int k) {
+		int i = k + N - 1;
 
-	for (int k0 = 0; k0 < n_my; k0 += N) {
-#pragma unroll
-		for (int s = 0; s < N; s++) {
-			int k = k0 + s;
+		issue(i, ring + (i % N) * S::BYTES);
+		if (!(i & 31) && i >= 32)
+			refill(i / 32 + 1);
+		kvq_cp_async_commit();
+		kvq_cp_async_wait<N - 1>();
+		kvq_syncwarp();
 
-			if (k >= n_my)
-				break;
-			if (k + N - 1 < n_my)
-				issue(k + N - 1, ring + ((s + N - 1) % N) * S::BYTES);
-			kvq_cp_async_commit();
-			kvq_cp_async_wait<N - 1>();
-			kvq_syncwarp();
+		const uint8_t *st = ring + (k % N) * S::BYTES;
 
-			int tok0 = (t_begin + w + k * NW) * TT;
+		if (k >= k_lo && k < k_hi) {
+			tile<KT, VT, true>(st, L, qf, kc, hilo, 0, TT, ws);
+		} else {
+			int tok0 = (t0 + k * NW) * TT;
 			int lo = max(0, skip - tok0), hi = min(TT, len - tok0);
 
-			if (lo == 0 && hi == TT)
+			if (lo < hi)
+				tile<KT, VT, false>(st, L, qf, kc, hilo, lo, hi,
+						    ws);
+		}
+		kvq_syncwarp();
+	};
+	int k = 0;
+	int k_a = min((k_lo + N - 1) / N * N, n_my);
+
+#pragma unroll 1
+	for (int ph = 0; ph < 2; ph++) {
+		for (int ke = ph ? n_my : k_a; k < ke; k++)
+			step(k);
+		if (ph)
+			break;
+		for (; k + N <= k_hi; k += N) {
+#pragma unroll
+			for (int s = 0; s < N; s++) {
+				issue(k + s + N - 1,
+				      ring + ((s + N - 1) % N) * S::BYTES);
+				kvq_cp_async_commit();
+				kvq_cp_async_wait<N - 1>();
+				kvq_syncwarp();
 				tile<KT, VT, true>(ring + s * S::BYTES, L, qf, kc,
 						   hilo, 0, TT, ws);
-			else if (lo < hi)
-				tile<KT, VT, false>(ring + s * S::BYTES, L, qf, kc,
-						    hilo, lo, hi, ws);
-			kvq_syncwarp();
+				kvq_syncwarp();
+			}
+			/* A batch boundary 32b among this run's issues:
+			 * batch b-1 is used up, batch b+1 takes its place. */
+			int b1 = (k + 2 * N - 2) >> 5;
+
+			if (b1 != (k + N - 2) >> 5 && b1 >= 1)
+				refill(b1 + 1);
 		}
 	}
 
@@ -911,10 +1173,8 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 
 #pragma unroll
 			for (int i = 0; i < 8; i++) {
-				int ch = 16 * g + 8 * (i >> 2) + (i & 3);
-
-				o[ch] = ws.o[i][e];
-				o[ch + 4] = ws.o[i][2 + e];
+				o[vch<VT>(i, 0, g)] = ws.o[i][e];
+				o[vch<VT>(i, 1, g)] = ws.o[i][2 + e];
 			}
 			if (g == 0) {
 				sM[w * NCOL + hd] = ws.m[e];
@@ -958,20 +1218,39 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 		return;
 
 	/* The last block of this sequence and head merges the splits. */
-	__threadfence();
 	__syncthreads();
-	if (threadIdx.x == 0)
+	if (threadIdx.x == 0) {
+		__threadfence();
 		last = atomicAdd(&p.cnt[unit], 1) == n_active - 1;
+	}
 	__syncthreads();
 	if (!last)
 		return;
 	__threadfence();
 
+	/*
+	 * Thread i sums item i (a head's 4 channels) over the splits, 16
+	 * splits' loads in flight at a time; the first 16 are loaded
+	 * together with the maxima and sums.
+	 */
+	constexpr int U = 16;
+	constexpr int C4 = HD / 4;
 	size_t u0 = unit * p.n_splits;
 	float *wa = (float *)smem;			/* [split][head] weights */
 	float *wl = wa + MAX_SPLITS * NCOL;		/* [split][head] sums */
 	float *hl = wl + MAX_SPLITS * NCOL;		/* [head] 1 / sum */
+	const size_t vstep = (size_t)NCOL * HD / 4;
+	float4 pre[U];
+	int it0 = threadIdx.x;
 
+	if (it0 < nh * C4) {
+		const float4 *src = (const float4 *)(p.ws_o + (u0 * NCOL +
+					it0 / C4) * HD) + it0 % C4;
+
+#pragma unroll
+		for (int v = 0; v < U; v++)
+			pre[v] = kvq_ld_cg4(src + min(v, n_active - 1) * vstep);
+	}
 	for (int i = threadIdx.x; i < n_active * NCOL; i += NW * 32) {
 		wa[i] = kvq_ld_cg(&p.ws_m[u0 * NCOL + i]);
 		wl[i] = kvq_ld_cg(&p.ws_l[u0 * NCOL + i]);
@@ -1000,20 +1279,44 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 			hl[hd] = L2 > 0.0f ? 1.0f / L2 : 0.0f;
 	}
 	__syncthreads();
-	for (int i = threadIdx.x; i < nh * (HD / 4); i += NW * 32) {
-		int hd = i / (HD / 4), c4 = i % (HD / 4);
+	for (int it = it0; it < nh * C4; it += NW * 32) {
+		int hd = it / C4, c4 = it % C4;
 		const float4 *src = (const float4 *)(p.ws_o + (u0 * NCOL + hd) * HD) + c4;
 		float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+		int v0 = 0;
 
-#pragma unroll 8
-		for (int v = 0; v < n_active; v++) {
-			float a = wa[v * NCOL + hd];
-			float4 x = kvq_ld_cg4(src + (size_t)v * NCOL * HD / 4);
+		if (it == it0) {
+#pragma unroll
+			for (int v = 0; v < U; v++) {
+				if (v < n_active) {
+					float a = wa[v * NCOL + hd];
 
-			o.x += a * x.x;
-			o.y += a * x.y;
-			o.z += a * x.z;
-			o.w += a * x.w;
+					o.x += a * pre[v].x;
+					o.y += a * pre[v].y;
+					o.z += a * pre[v].z;
+					o.w += a * pre[v].w;
+				}
+			}
+			v0 = U;
+		}
+		for (; v0 < n_active; v0 += U) {
+			float4 x[U];
+
+#pragma unroll
+			for (int u = 0; u < U; u++)
+				x[u] = kvq_ld_cg4(src + min(v0 + u, n_active - 1) *
+							vstep);
+#pragma unroll
+			for (int u = 0; u < U; u++) {
+				if (v0 + u < n_active) {
+					float a = wa[(v0 + u) * NCOL + hd];
+
+					o.x += a * x[u].x;
+					o.y += a * x[u].y;
+					o.z += a * x[u].z;
+					o.w += a * x[u].w;
+				}
+			}
 		}
 		size_t oi = ((size_t)b * p.hq + hq0 + hd) * HD + 4 * c4;
 		float r = hl[hd];
@@ -1123,6 +1426,9 @@ int check(const struct kvq_gpu_attn_args *a, kinfo **k)
 				    scale_bytes(a->v_type, HD)) ||
 	    a->k_page_bytes % 16 || a->v_page_bytes % 16)
 		return -EINVAL;
+	if (a->k_page_bytes >= ((size_t)1 << 32) ||
+	    a->v_page_bytes >= ((size_t)1 << 32))
+		return -EOPNOTSUPP;
 	if (a->q_type < 0 || a->q_type > 1 || a->out_type < 0 ||
 	    a->out_type > 1)
 		return -EINVAL;
@@ -1212,8 +1518,8 @@ extern "C" int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a,
 	p.out_f16 = a->out_type == KVQ_GPU_F16;
 	p.kp = (const uint8_t *)a->k_pages;
 	p.vp = (const uint8_t *)a->v_pages;
-	p.kpb = a->k_page_bytes;
-	p.vpb = a->v_page_bytes;
+	p.kpb = (unsigned)a->k_page_bytes;
+	p.vpb = (unsigned)a->v_page_bytes;
 	p.bt = a->block_table;
 	p.bt_stride = (int)a->bt_stride;
 	p.lens = a->seq_lens;
@@ -1226,6 +1532,7 @@ extern "C" int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a,
 	p.tshift = 0;
 	while ((TT << p.tshift) < p.P)
 		p.tshift++;
+	p.vmask = ((1 << p.tshift) - 1) / NW;
 	p.qscale = a->scale * LOG2E;
 	p.n_splits = pl.n_splits;
 	p.tps = pl.tps;

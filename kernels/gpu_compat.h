@@ -136,6 +136,35 @@ static __device__ __forceinline__ void kvq_cp_async16(void *smem,
 #endif
 }
 
+/* The same with @n (0 or 16) bytes read and the rest of the 16 zeroed:
+ * with n = 0, nothing is read. */
+static __device__ __forceinline__ void kvq_cp_async16_n(void *smem,
+							const void *gmem,
+							unsigned n)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	*(uint4 *)smem = n ? *(const uint4 *)gmem : make_uint4(0, 0, 0, 0);
+#else
+	unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+
+	asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+		     :: "r"(s), "l"(gmem), "r"(n) : "memory");
+#endif
+}
+
+static __device__ __forceinline__ void kvq_cp_async4(void *smem,
+						     const void *gmem)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	*(unsigned *)smem = *(const unsigned *)gmem;
+#else
+	unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+
+	asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
+		     :: "r"(s), "l"(gmem) : "memory");
+#endif
+}
+
 static __device__ __forceinline__ void kvq_cp_async_commit(void)
 {
 #if !(defined(__HIPCC__) || defined(KVQ_HIP))
@@ -148,6 +177,70 @@ static __device__ __forceinline__ void kvq_cp_async_wait(void)
 {
 #if !(defined(__HIPCC__) || defined(KVQ_HIP))
 	asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+#endif
+}
+
+/*
+ * Four 8x8 matrices of 16-bit elements from shared memory: lane l gives
+ * the address of row l & 7 of matrix l >> 3 (16 bytes, 16-byte aligned).
+ * Lane 4g+t gets, of matrix j, r[j] = row g's bytes 4t..4t+3; with
+ * _t (transposed), element g (bytes 2g, 2g+1) of row 2t in the low half
+ * and of row 2t+1 in the high half.  HIP: the rows' addresses are passed
+ * around by shuffles and read with plain loads.
+ */
+static __device__ __forceinline__ void kvq_ldsm4(unsigned r[4],
+						 const void *row)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	int lane = threadIdx.x & (KVQ_LANES - 1), g = lane >> 2, t = lane & 3;
+	unsigned long long a = (unsigned long long)row;
+
+	for (int j = 0; j < 4; j++) {
+		unsigned lo = kvq_shfl_u32((unsigned)a, 8 * j + g);
+		unsigned hi = kvq_shfl_u32((unsigned)(a >> 32), 8 * j + g);
+		const unsigned char *p = (const unsigned char *)
+			(((unsigned long long)hi << 32) | lo);
+
+		r[j] = *(const unsigned *)(p + 4 * t);
+	}
+#else
+	unsigned s = (unsigned)__cvta_generic_to_shared(row);
+
+	asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 "
+		     "{%0,%1,%2,%3}, [%4];\n"
+		     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+		     : "r"(s));
+#endif
+}
+
+static __device__ __forceinline__ void kvq_ldsm4_t(unsigned r[4],
+						   const void *row)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	int lane = threadIdx.x & (KVQ_LANES - 1), g = lane >> 2, t = lane & 3;
+	unsigned long long a = (unsigned long long)row;
+
+	for (int j = 0; j < 4; j++) {
+		unsigned v[2];
+
+		for (int e = 0; e < 2; e++) {
+			int src = 8 * j + 2 * t + e;
+			unsigned lo = kvq_shfl_u32((unsigned)a, src);
+			unsigned hi = kvq_shfl_u32((unsigned)(a >> 32), src);
+			const unsigned char *p = (const unsigned char *)
+				(((unsigned long long)hi << 32) | lo);
+
+			v[e] = *(const unsigned short *)(p + 2 * g);
+		}
+		r[j] = v[0] | (v[1] << 16);
+	}
+#else
+	unsigned s = (unsigned)__cvta_generic_to_shared(row);
+
+	asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 "
+		     "{%0,%1,%2,%3}, [%4];\n"
+		     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+		     : "r"(s));
 #endif
 }
 
