@@ -131,7 +131,7 @@ void kvq_kv_quant_row(enum kvq_kv_type t, const float *x, uint32_t d,
 		int qmax = t == KVQ_KV_Q8 ? 127 : 7;
 
 		for (i = 0; i < group; i++)
-			amax = fmaxf(amax, fabsf(xg[i]));
+			amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax;
 		scales[g] = kvq_f32_to_f16(amax / qmax);
 		sc = kvq_f16_to_f32(scales[g]);
 		inv = sc > 0.0f ? 1.0f / sc : 0.0f;
@@ -616,7 +616,7 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 			float mx = m[i], a;
 
 			for (t = t0; t < t1; t++)
-				mx = fmaxf(mx, sc[i][t]);
+				mx = sc[i][t] > mx ? sc[i][t] : mx;
 			a = expf(m[i] - mx);	/* 0 on the first page */
 			if (a != 1.0f) {
 				float *o = out + i * out_stride;
@@ -626,6 +626,10 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 				l[i] *= a;
 			}
 			m[i] = mx;
+			if (fast) {
+				l[i] += kvq_kv_exp_sum_avx2(&sc[i][t0], t1 - t0, mx);
+				continue;
+			}
 			for (t = t0; t < t1; t++) {
 				sc[i][t] = expf(sc[i][t] - mx);
 				l[i] += sc[i][t];

@@ -10,6 +10,7 @@
  */
 #include "config.h"
 
+#include <math.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
@@ -136,7 +137,7 @@ static inline __m256 load8(enum kvq_kv_type t, const uint8_t *row,
 		__m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(
 			(const __m128i *)(row + c)));
 
-		return _mm256_mul_ps(_mm256_set1_ps(kvq_f16_to_f32(sc[c / 32])),
+		return _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(sc[c / 32])),
 				     _mm256_cvtepi32_ps(q));
 	}
 	default: {	/* KVQ_KV_Q4 */
@@ -150,7 +151,7 @@ static inline __m256 load8(enum kvq_kv_type t, const uint8_t *row,
 		hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
 		q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)),
 				     _mm256_set1_epi32(8));
-		return _mm256_mul_ps(_mm256_set1_ps(kvq_f16_to_f32(sc[c / 32])),
+		return _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(sc[c / 32])),
 				     _mm256_cvtepi32_ps(q));
 	}
 	}
@@ -168,72 +169,186 @@ static inline float hsum8(__m256 v)
 	return _mm_cvtss_f32(lo);
 }
 
-/* Instantiated per type so the switch in load8 folds away. */
-#define PAGE_SCORES(T)							\
-__attribute__((target("avx2,fma,f16c")))				\
-static void scores_##T(const uint8_t *rows, const uint16_t *scales,	\
-		       uint32_t ng, uint32_t rb, uint32_t d, uint32_t t0, \
-		       uint32_t t1, const float *q, size_t qs, uint32_t n_q, \
-		       float scale, float *sc)				\
-{									\
-	uint32_t t, c, i;						\
-									\
-	for (t = t0; t < t1; t++) {					\
-		const uint8_t *row = rows + (size_t)t * rb;		\
-		const uint16_t *s = scales ? scales + (size_t)t * ng : NULL; \
-		__m256 acc[KVQ_KV_SIMD_MAX_Q];				\
-									\
-		for (i = 0; i < n_q; i++)				\
-			acc[i] = _mm256_setzero_ps();			\
-		for (c = 0; c < d; c += 8) {				\
-			__m256 k8 = load8(T, row, s, c);		\
-									\
-			for (i = 0; i < n_q; i++)			\
-				acc[i] = _mm256_fmadd_ps(		\
-					_mm256_loadu_ps(q + i * qs + c), \
-					k8, acc[i]);			\
-		}							\
-		for (i = 0; i < n_q; i++)				\
-			sc[i * KVQ_KV_SC_STRIDE + t] = hsum8(acc[i]) * scale; \
-	}								\
+/* Eight channels [c, c+8) of a q8 or q4 row as unscaled codes (q8: the
+ * int8 value, q4: the nibble - 8). */
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline __m256 codes8(enum kvq_kv_type t, const uint8_t *row,
+			    uint32_t c)
+{
+	if (t == KVQ_KV_Q8)
+		return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+			_mm_loadl_epi64((const __m128i *)(row + c))));
+	{
+		int32_t w;
+		__m128i b, lo, hi;
+
+		memcpy(&w, row + c / 2, 4);
+		b = _mm_cvtsi32_si128(w);
+		lo = _mm_and_si128(b, _mm_set1_epi8(15));
+		hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+		return _mm256_cvtepi32_ps(_mm256_sub_epi32(
+			_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)),
+			_mm256_set1_epi32(8)));
+	}
 }
 
-#define PAGE_VALUES(T)							\
-__attribute__((target("avx2,fma,f16c")))				\
-static void values_##T(const uint8_t *rows, const uint16_t *scales,	\
-		       uint32_t ng, uint32_t rb, uint32_t d, uint32_t t0, \
-		       uint32_t t1, const float *w, uint32_t n_q,	\
-		       float *out, size_t os)				\
-{									\
-	uint32_t t, c, i;						\
-									\
-	for (c = 0; c < d; c += 8) {					\
-		__m256 acc[KVQ_KV_SIMD_MAX_Q];				\
-									\
-		for (i = 0; i < n_q; i++)				\
-			acc[i] = _mm256_loadu_ps(out + i * os + c);	\
-		for (t = t0; t < t1; t++) {				\
-			__m256 v8 = load8(T, rows + (size_t)t * rb,	\
-					  scales ? scales + (size_t)t * ng : NULL, c); \
-									\
-			for (i = 0; i < n_q; i++)			\
-				acc[i] = _mm256_fmadd_ps(		\
-					_mm256_set1_ps(w[i * KVQ_KV_SC_STRIDE + t]), \
-					v8, acc[i]);			\
-		}							\
-		for (i = 0; i < n_q; i++)				\
-			_mm256_storeu_ps(out + i * os + c, acc[i]);	\
-	}								\
+/*
+ * Scores of NQ query heads (a compile-time constant at every call site, so
+ * the accumulators live in registers).  For q8/q4 each 32-channel group is
+ * summed on the raw codes and scaled once.
+ */
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline void scores_impl(enum kvq_kv_type T, const uint32_t NQ,
+			       const uint8_t *rows, const uint16_t *scales,
+			       uint32_t ng, uint32_t rb, uint32_t d,
+			       uint32_t t0, uint32_t t1, const float *q,
+			       size_t qs, float scale, float *sc)
+{
+	uint32_t t, c, g, i;
+
+	for (t = t0; t < t1; t++) {
+		const uint8_t *row = rows + (size_t)t * rb;
+		__m256 acc[8];
+
+		for (i = 0; i < NQ; i++)
+			acc[i] = _mm256_setzero_ps();
+		if (T == KVQ_KV_Q8 || T == KVQ_KV_Q4) {
+			const uint16_t *s = scales + (size_t)t * ng;
+
+			for (g = 0; g < d / 32; g++) {
+				__m256 ga[8], sg;
+
+				for (i = 0; i < NQ; i++)
+					ga[i] = _mm256_setzero_ps();
+				for (c = g * 32; c < g * 32 + 32; c += 8) {
+					__m256 v = codes8(T, row, c);
+
+					for (i = 0; i < NQ; i++)
+						ga[i] = _mm256_fmadd_ps(
+							_mm256_loadu_ps(q + i * qs + c),
+							v, ga[i]);
+				}
+				sg = _mm256_set1_ps(_cvtsh_ss(s[g]));
+				for (i = 0; i < NQ; i++)
+					acc[i] = _mm256_fmadd_ps(ga[i], sg, acc[i]);
+			}
+		} else {
+			for (c = 0; c < d; c += 8) {
+				__m256 k8 = load8(T, row, NULL, c);
+
+				for (i = 0; i < NQ; i++)
+					acc[i] = _mm256_fmadd_ps(
+						_mm256_loadu_ps(q + i * qs + c),
+						k8, acc[i]);
+			}
+		}
+		for (i = 0; i < NQ; i++)
+			sc[i * KVQ_KV_SC_STRIDE + t] = hsum8(acc[i]) * scale;
+	}
 }
 
-PAGE_SCORES(KVQ_KV_F32)
-PAGE_SCORES(KVQ_KV_F16)
-PAGE_SCORES(KVQ_KV_Q8)
-PAGE_SCORES(KVQ_KV_Q4)
-PAGE_VALUES(KVQ_KV_F32)
-PAGE_VALUES(KVQ_KV_F16)
-PAGE_VALUES(KVQ_KV_Q8)
-PAGE_VALUES(KVQ_KV_Q4)
+/*
+ * out_i += sum_t w_i[t] * V_t for NQ heads.  For q8/q4 the weights are
+ * first multiplied by each token's group scale (ws), so the inner loop
+ * is convert + FMA.
+ */
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline void values_impl(enum kvq_kv_type T, const uint32_t NQ,
+			       const uint8_t *rows, const uint16_t *scales,
+			       uint32_t ng, uint32_t rb, uint32_t d,
+			       uint32_t t0, uint32_t t1, const float *w,
+			       float *out, size_t os)
+{
+	uint32_t t, c, i;
+
+	for (c = 0; c < d; c += 8) {
+		__m256 acc[8];
+		uint32_t g = c / 32;
+
+		for (i = 0; i < NQ; i++)
+			acc[i] = _mm256_loadu_ps(out + i * os + c);
+		for (t = t0; t < t1; t++) {
+			const uint8_t *row = rows + (size_t)t * rb;
+
+			if (T == KVQ_KV_Q8 || T == KVQ_KV_Q4) {
+				__m256 v = codes8(T, row, c);
+				float s = _cvtsh_ss(scales[(size_t)t * ng + g]);
+
+				for (i = 0; i < NQ; i++)
+					acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(
+						w[i * KVQ_KV_SC_STRIDE + t] * s),
+						v, acc[i]);
+			} else {
+				__m256 v = load8(T, row, NULL, c);
+
+				for (i = 0; i < NQ; i++)
+					acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(
+						w[i * KVQ_KV_SC_STRIDE + t]),
+						v, acc[i]);
+			}
+		}
+		for (i = 0; i < NQ; i++)
+			_mm256_storeu_ps(out + i * os + c, acc[i]);
+	}
+}
+
+/* One function per (type, head count); the switch picks it. */
+#define PAGE_KERNELS(T, NQ)						\
+__attribute__((target("avx2,fma,f16c")))				\
+static void scores_##T##_##NQ(const uint8_t *rows, const uint16_t *scales, \
+			      uint32_t ng, uint32_t rb, uint32_t d,	\
+			      uint32_t t0, uint32_t t1, const float *q,	\
+			      size_t qs, float scale, float *sc)	\
+{									\
+	scores_impl(T, NQ, rows, scales, ng, rb, d, t0, t1, q, qs, scale, sc); \
+}									\
+__attribute__((target("avx2,fma,f16c")))				\
+static void values_##T##_##NQ(const uint8_t *rows, const uint16_t *scales, \
+			      uint32_t ng, uint32_t rb, uint32_t d,	\
+			      uint32_t t0, uint32_t t1, const float *w,	\
+			      float *out, size_t os)			\
+{									\
+	values_impl(T, NQ, rows, scales, ng, rb, d, t0, t1, w, out, os); \
+}
+
+#define PAGE_KERNELS_ALL(T)						\
+	PAGE_KERNELS(T, 1) PAGE_KERNELS(T, 2) PAGE_KERNELS(T, 4)	\
+	PAGE_KERNELS(T, 8)
+
+PAGE_KERNELS_ALL(KVQ_KV_F32)
+PAGE_KERNELS_ALL(KVQ_KV_F16)
+PAGE_KERNELS_ALL(KVQ_KV_Q8)
+PAGE_KERNELS_ALL(KVQ_KV_Q4)
+
+typedef void (*scores_fn)(const uint8_t *, const uint16_t *, uint32_t,
+			  uint32_t, uint32_t, uint32_t, uint32_t,
+			  const float *, size_t, float, float *);
+typedef void (*values_fn)(const uint8_t *, const uint16_t *, uint32_t,
+			  uint32_t, uint32_t, uint32_t, uint32_t,
+			  const float *, float *, size_t);
+
+static const scores_fn scores_tab[KVQ_KV_NTYPES][4] = {
+	[KVQ_KV_F32] = { scores_KVQ_KV_F32_1, scores_KVQ_KV_F32_2, scores_KVQ_KV_F32_4, scores_KVQ_KV_F32_8 },
+	[KVQ_KV_F16] = { scores_KVQ_KV_F16_1, scores_KVQ_KV_F16_2, scores_KVQ_KV_F16_4, scores_KVQ_KV_F16_8 },
+	[KVQ_KV_Q8] = { scores_KVQ_KV_Q8_1, scores_KVQ_KV_Q8_2, scores_KVQ_KV_Q8_4, scores_KVQ_KV_Q8_8 },
+	[KVQ_KV_Q4] = { scores_KVQ_KV_Q4_1, scores_KVQ_KV_Q4_2, scores_KVQ_KV_Q4_4, scores_KVQ_KV_Q4_8 },
+};
+static const values_fn values_tab[KVQ_KV_NTYPES][4] = {
+	[KVQ_KV_F32] = { values_KVQ_KV_F32_1, values_KVQ_KV_F32_2, values_KVQ_KV_F32_4, values_KVQ_KV_F32_8 },
+	[KVQ_KV_F16] = { values_KVQ_KV_F16_1, values_KVQ_KV_F16_2, values_KVQ_KV_F16_4, values_KVQ_KV_F16_8 },
+	[KVQ_KV_Q8] = { values_KVQ_KV_Q8_1, values_KVQ_KV_Q8_2, values_KVQ_KV_Q8_4, values_KVQ_KV_Q8_8 },
+	[KVQ_KV_Q4] = { values_KVQ_KV_Q4_1, values_KVQ_KV_Q4_2, values_KVQ_KV_Q4_4, values_KVQ_KV_Q4_8 },
+};
+
+/* The largest kernel width (8, 4, 2, 1) not above @n, as a table index. */
+static inline int width_index(uint32_t n, uint32_t *width)
+{
+	if (n >= 8) { *width = 8; return 3; }
+	if (n >= 4) { *width = 4; return 2; }
+	if (n >= 2) { *width = 2; return 1; }
+	*width = 1;
+	return 0;
+}
 
 bool kvq_kv_page_scores_avx2(enum kvq_kv_type t, const uint8_t *rows,
 			     const uint16_t *scales, uint32_t ng, uint32_t rb,
@@ -241,15 +356,18 @@ bool kvq_kv_page_scores_avx2(enum kvq_kv_type t, const uint8_t *rows,
 			     const float *q, size_t qs, uint32_t n_q,
 			     float scale, float *sc)
 {
-	if (d % 8 || n_q > KVQ_KV_SIMD_MAX_Q || (ng && d % 32))
+	uint32_t h = 0, wdt;
+
+	if (d % 8 || (unsigned)t >= KVQ_KV_NTYPES || (ng && d % 32))
 		return false;
-	switch (t) {
-	case KVQ_KV_F32: scores_KVQ_KV_F32(rows, scales, ng, rb, d, t0, t1, q, qs, n_q, scale, sc); return true;
-	case KVQ_KV_F16: scores_KVQ_KV_F16(rows, scales, ng, rb, d, t0, t1, q, qs, n_q, scale, sc); return true;
-	case KVQ_KV_Q8: scores_KVQ_KV_Q8(rows, scales, ng, rb, d, t0, t1, q, qs, n_q, scale, sc); return true;
-	case KVQ_KV_Q4: scores_KVQ_KV_Q4(rows, scales, ng, rb, d, t0, t1, q, qs, n_q, scale, sc); return true;
-	default: return false;
+	while (h < n_q) {
+		int k = width_index(n_q - h, &wdt);
+
+		scores_tab[t][k](rows, scales, ng, rb, d, t0, t1, q + h * qs,
+				 qs, scale, sc + h * KVQ_KV_SC_STRIDE);
+		h += wdt;
 	}
+	return true;
 }
 
 bool kvq_kv_page_values_avx2(enum kvq_kv_type t, const uint8_t *rows,
@@ -258,15 +376,67 @@ bool kvq_kv_page_values_avx2(enum kvq_kv_type t, const uint8_t *rows,
 			     const float *w, uint32_t n_q, float *out,
 			     size_t os)
 {
-	if (d % 8 || n_q > KVQ_KV_SIMD_MAX_Q || (ng && d % 32))
+	uint32_t h = 0, wdt;
+
+	if (d % 8 || (unsigned)t >= KVQ_KV_NTYPES || (ng && d % 32))
 		return false;
-	switch (t) {
-	case KVQ_KV_F32: values_KVQ_KV_F32(rows, scales, ng, rb, d, t0, t1, w, n_q, out, os); return true;
-	case KVQ_KV_F16: values_KVQ_KV_F16(rows, scales, ng, rb, d, t0, t1, w, n_q, out, os); return true;
-	case KVQ_KV_Q8: values_KVQ_KV_Q8(rows, scales, ng, rb, d, t0, t1, w, n_q, out, os); return true;
-	case KVQ_KV_Q4: values_KVQ_KV_Q4(rows, scales, ng, rb, d, t0, t1, w, n_q, out, os); return true;
-	default: return false;
+	while (h < n_q) {
+		int k = width_index(n_q - h, &wdt);
+
+		values_tab[t][k](rows, scales, ng, rb, d, t0, t1,
+				 w + h * KVQ_KV_SC_STRIDE, out + h * os, os);
+		h += wdt;
 	}
+	return true;
+}
+
+/* exp(x) for x in [-87, 0]: 2^n * e^r with |r| <= ln2/2 and a degree-6
+ * Taylor polynomial for e^r (truncation below 1.3e-7 relative); below
+ * -87 the result is 0. */
+__attribute__((target("avx2,fma")))
+static inline __m256 exp8(__m256 x)
+{
+	const __m256 lo = _mm256_set1_ps(-87.0f);
+	__m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+	__m256 n, r, p;
+	__m256i e;
+
+	x = _mm256_max_ps(x, lo);
+	n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
+			    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+	r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+	r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+	p = _mm256_set1_ps(1.0f / 720);
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+	p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+	e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+	p = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+	return _mm256_andnot_ps(under, p);
+}
+
+__attribute__((target("avx2,fma")))
+float kvq_kv_exp_sum_avx2(float *x, uint32_t n, float mx)
+{
+	__m256 m = _mm256_set1_ps(mx), acc = _mm256_setzero_ps();
+	float sum;
+	uint32_t i = 0;
+
+	for (; i + 8 <= n; i += 8) {
+		__m256 v = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), m));
+
+		_mm256_storeu_ps(x + i, v);
+		acc = _mm256_add_ps(acc, v);
+	}
+	sum = hsum8(acc);
+	for (; i < n; i++) {
+		x[i] = expf(x[i] - mx);
+		sum += x[i];
+	}
+	return sum;
 }
 
 bool kvq_kv_have_avx2(void)
@@ -303,6 +473,16 @@ bool kvq_kv_dequant_row_avx2(enum kvq_kv_type t, const uint8_t *data,
 			     uint32_t group, float *out)
 {
 	return false;
+}
+
+float kvq_kv_exp_sum_avx2(float *x, uint32_t n, float mx)
+{
+	float sum = 0;
+	uint32_t i;
+
+	for (i = 0; i < n; i++)
+		sum += (x[i] = expf(x[i] - mx));
+	return sum;
 }
 
 void kvq_kv_axpy_avx2(float *o, float w, const float *v, uint32_t d)

@@ -38,4 +38,11 @@ bool kvq_kv_page_values_avx2(enum kvq_kv_type t, const uint8_t *rows,
 			     const float *w, uint32_t n_q, float *out,
 			     size_t os);
 
+/*
+ * x[i] = exp(x[i] - mx) for i < n, returning their sum: the softmax
+ * weights of one page.  Relative error of each exp below 2e-7 (a
+ * polynomial, not libm); inputs are <= 0.
+ */
+float kvq_kv_exp_sum_avx2(float *x, uint32_t n, float mx);
+
 #endif /* KVQ_KVCACHE_IMPL_H */

@@ -465,8 +465,26 @@ static void simd_rows_match_scalar(void)
 	}
 }
 
+/* The page softmax's exp: close to exp() in double, sum included. */
+static void exp_sum_accuracy(void)
+{
+	float x[61];
+	double worst = 0, sum = 0, got;
+	int i;
+
+	for (i = 0; i < 61; i++)
+		x[i] = i == 0 ? 0.0f : i == 60 ? -100.0f : frand() * 40 - 45;
+	for (i = 0; i < 61; i++)
+		sum += exp((double)x[i] - 0.5);
+	got = kvq_kv_exp_sum_avx2(x, 61, 0.5f);
+	worst = fabs(got - sum) / sum;
+	tap_ok(worst < 1e-6 && x[60] < 1e-37f,
+	       "kvq_kv_exp_sum_avx2_relative_error (%.2g)", worst);
+}
+
 int main(void)
 {
+	exp_sum_accuracy();
 	simd_rows_match_scalar();
 	quant_row_golden_bytes();
 	page_layout_golden();
