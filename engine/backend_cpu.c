@@ -44,6 +44,9 @@ struct mm_job {
  */
 #define MM_INT8_MAX_TOK 8
 
+/* Multiply-adds below which a product runs on the calling thread alone. */
+#define MM_INLINE_MACS (128 * 1024)
+
 /* Up to this many tokens the exact path also dots rows token by token
  * (measured on 2 cores: faster than dequantizing for the GEMM below 6). */
 #define MM_SMALL_TOK 5
@@ -166,7 +169,11 @@ static void cpu_matmul(struct kvq_backend *be, struct kvq_weight *w,
 
 	j.xq = xq;
 	j.data = kvq_weight_get(w);
-	kvq_pool_run(be->pool, mm_worker, &j);
+	/* A product this small costs less than waking the pool. */
+	if ((uint64_t)w->rows * w->cols * n_tok < MM_INLINE_MACS)
+		mm_worker(&j, 0, 1);
+	else
+		kvq_pool_run(be->pool, mm_worker, &j);
 	kvq_weight_put(w);
 	free(xq);
 }

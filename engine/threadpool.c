@@ -51,6 +51,8 @@
  * spins 200 us once after its last job, then sleeps.
  */
 #define POOL_SPIN_NS 200000
+/* After this long a spinning worker yields the CPU between looks. */
+#define POOL_YIELD_NS 20000
 /* Spin iterations between two looks at the clock. */
 #define POOL_SPIN_CHECK 32
 /* Upper bound on the pool size, whatever is asked for. */
@@ -92,7 +94,7 @@ static uint64_t now_ns(void)
 /* Spins until @gen differs from @seen or the spin time is up. */
 static bool spin_for_gen(struct kvq_pool *p, unsigned int seen)
 {
-	uint64_t t0 = now_ns();
+	uint64_t t0 = now_ns(), el;
 	unsigned int i;
 
 	for (;;) {
@@ -102,8 +104,12 @@ static bool spin_for_gen(struct kvq_pool *p, unsigned int seen)
 				return true;
 			kvq_cpu_relax();
 		}
-		if (now_ns() - t0 > POOL_SPIN_NS)
+		el = now_ns() - t0;
+		if (el > POOL_SPIN_NS)
 			return false;
+		/* A long wait lets other threads (the HTTP loop) run. */
+		if (el > POOL_YIELD_NS)
+			sched_yield();
 	}
 }
 
