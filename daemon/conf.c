@@ -89,7 +89,7 @@ static const struct kvq_config_key keys[] = {
 	  "60s", MS_PER_S, DAY_MS, NULL,
 	  "close a connection silent for this long" },
 	{ "request_timeout", KVQ_CT_DURATION, OFF(request_timeout_ms), true,
-	  false, "10m", MS_PER_S, DAY_MS, NULL,
+	  false, "10m", 100, DAY_MS, NULL,
 	  "longest life of one request, queue included" },
 	{ "queue_timeout", KVQ_CT_DURATION, OFF(queue_timeout_ms), true, false,
 	  "60s", MS_PER_S, DAY_MS, NULL, "longest wait in the queue" },

@@ -410,8 +410,8 @@ req POST /v1/completions -H 'Authorization: Bearer s3cret' -d "$normal"
 ok $? "normal request after 429s"
 
 # ---------------------------------------------------------------- timeouts
-start timeouts "$MODEL" --request-timeout 1s
-ok $? "kvqd starts with a 1 s request timeout"
+start timeouts "$MODEL" --request-timeout 250ms
+ok $? "kvqd starts with a 250 ms request timeout"
 req POST /v1/completions -d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true,"n":16}'
 [ "$STATUS" = 504 ] && js "$ERR_SHAPE" && js 'j["error"]["code"] == "request_timeout"'
 ok $? "a request over the request timeout: 504 timeout_error"
