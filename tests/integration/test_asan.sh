@@ -44,6 +44,7 @@ run "test_gguf under ASan+UBSan (malformed files, every truncation)" \
 # shellcheck disable=SC2086
 run "build test_tokenizer with ASan+UBSan" $CC $flags -o "$tmp/test_tokenizer" \
 	"$KVQ_SRCDIR/tests/unit/test_tokenizer.c" "$KVQ_SRCDIR/engine/tokenizer.c" \
+	"$KVQ_SRCDIR/engine/pretok.c" \
 	"$KVQ_SRCDIR/engine/unicode.c" "$KVQ_SRCDIR/engine/gguf.c" $pcre
 run "test_tokenizer under ASan+UBSan" \
 	env ASAN_OPTIONS=detect_leaks=1 "$tmp/test_tokenizer"
