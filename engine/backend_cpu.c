@@ -68,7 +68,7 @@ static void mm_worker(void *ctx, int i, int n)
 	uint32_t cols = j->w->cols, rows = j->w->rows;
 	uint32_t type = j->w->type;
 	const uint8_t *base = j->data;
-	uint32_t r0, r1, r, t, rb;
+	uint32_t r0, r1, r, t, rb, tb;
 	float *tmp = NULL;
 
 	mm_range(rows, i, n, &r0, &r1);
@@ -104,6 +104,8 @@ static void mm_worker(void *ctx, int i, int n)
 	 */
 	rb = (uint32_t)(256 * 1024 / ((size_t)cols * sizeof(float)));
 	rb = rb < 4 ? 4 : rb > 64 ? 64 : rb & ~3u;
+	tb = (uint32_t)(384 * 1024 / ((size_t)cols * sizeof(float)));
+	tb = tb < 6 ? 6 : tb - tb % 3;
 	if (type != KVQ_TYPE_F32) {
 		tmp = malloc((size_t)rb * cols * sizeof(float));
 		if (!tmp) {
@@ -127,8 +129,14 @@ static void mm_worker(void *ctx, int i, int n)
 						tmp + (size_t)k * cols, cols);
 			wr = tmp;
 		}
-		kvq_gemm_f32(wr, cols, nb, j->x, cols, j->n_tok, j->y + r,
-			     rows, cols);
+		/* Tokens in chunks that stay in L2 beside the row block. */
+		for (t = 0; t < j->n_tok; t += tb) {
+			uint32_t nt = j->n_tok - t < tb ? j->n_tok - t : tb;
+
+			kvq_gemm_f32(wr, cols, nb, j->x + (size_t)t * cols,
+				     cols, nt, j->y + (size_t)t * rows + r,
+				     rows, cols);
+		}
 	}
 	free(tmp);
 }
