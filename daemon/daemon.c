@@ -50,6 +50,8 @@
 #include "daemon/sched.h"
 #include "engine/gguf.h"
 #include "engine/fisher.h"
+#include "engine/kvcache.h"
+#include "engine/kvcalib.h"
 #include "engine/log.h"
 #include "engine/model.h"
 #include "kernels/gpu.h"
@@ -95,6 +97,12 @@ struct daemon {
 	struct kvq_model *model;
 	char *load_fim;			/* NULL: beside the model */
 	struct kvq_fisher *fisher;
+	/* kv_type_k = auto: the loader calibrates, off the event loop. */
+	bool load_calibrate;
+	char *load_kv_v;
+	uint32_t load_kv_page, load_kv_sink;
+	char calib_types[KVQ_KV_MAX_LAYERS * 4];	/* "q4,q8,..." */
+	struct kvq_kv_calib_report calib;
 
 	struct kvq_sched *sched;
 	struct kvq_http *http;
@@ -349,6 +357,43 @@ static void sched_opts(const struct kvq_config *c, struct kvq_sched_opts *o)
 
 /* ------------------------------------------------------------ loading */
 
+/*
+ * kv_type_k = auto, on the loader thread: measures which layers' keys
+ * tolerate q4 (engine/kvcalib.h) and leaves the answer as a per-layer list
+ * in d->calib_types for the scheduler.
+ */
+static int calibrate_keys(struct daemon *d)
+{
+	uint32_t nl = kvq_model_hparams(d->model)->n_layers, l;
+	uint8_t tk[KVQ_KV_MAX_LAYERS], tv[KVQ_KV_MAX_LAYERS];
+	struct kvq_ctx_opts co = { 0 };
+	size_t w = 0;
+	int ret;
+
+	if (nl > KVQ_KV_MAX_LAYERS)
+		return 0;	/* the scheduler refuses it with a message */
+	ret = kvq_kv_types_parse(d->load_kv_v, nl, tv, d->load_err,
+				 sizeof(d->load_err));
+	if (ret)
+		return 0;	/* likewise */
+	co.kv_types_v = tv;
+	co.kv_page_tokens = d->load_kv_page;
+	co.kv_sink_tokens = d->load_kv_sink;
+	kvq_info("kv_type_k = auto: calibrating key precision");
+	ret = kvq_kv_calibrate_keys(d->model, &co, tk, &d->calib);
+	if (ret) {
+		snprintf(d->load_err, sizeof(d->load_err),
+			 "kv_type_k = auto: calibration failed: %s",
+			 strerror(-ret));
+		return ret;
+	}
+	for (l = 0; l < nl; l++)
+		w += (size_t)snprintf(d->calib_types + w,
+				      sizeof(d->calib_types) - w, "%s%s",
+				      l ? "," : "", kvq_kv_type_name(tk[l]));
+	return 0;
+}
+
 /* Reads only what start_loading() set aside: the loop may reload d->conf. */
 static void *loader_main(void *arg)
 {
@@ -359,6 +404,8 @@ static void *loader_main(void *arg)
 	if (!d->load_ret)
 		d->load_ret = kvq_fisher_load(d->model, d->load_fim, &d->fisher,
 					      d->load_err, sizeof(d->load_err));
+	if (!d->load_ret && d->load_calibrate)
+		d->load_ret = calibrate_keys(d);
 	event_active(d->ev_loaded, EV_READ, 0);
 	return NULL;
 }
@@ -384,6 +431,10 @@ static int start_serving(struct daemon *d)
 	int ret;
 
 	sched_opts(&d->conf, &so);
+	if (d->calib_types[0]) {
+		so.kv_type_k = d->calib_types;
+		so.kv_calib = &d->calib;
+	}
 	ret = kvq_sched_create(d->model, &so, &d->sched, err, sizeof(err));
 	if (ret) {
 		kvq_err("scheduler: %s", err);
@@ -454,6 +505,14 @@ static int start_loading(struct daemon *d)
 	if (!d->load_path)
 		return -ENOMEM;
 	d->load_opts.n_threads = (int)d->conf.threads;
+	if (!strcmp(d->conf.kv_type_k, "auto")) {
+		d->load_calibrate = true;
+		d->load_kv_v = strdup(d->conf.kv_type_v);
+		if (!d->load_kv_v)
+			return -ENOMEM;
+		d->load_kv_page = d->conf.kv_page_tokens;
+		d->load_kv_sink = d->conf.kv_sink_tokens;
+	}
 	if (d->conf.fim[0]) {
 		d->load_fim = strdup(d->conf.fim);
 		if (!d->load_fim)
@@ -833,6 +892,8 @@ static void teardown(struct daemon *d)
 		d->load_path = NULL;
 		free(d->load_fim);
 		d->load_fim = NULL;
+		free(d->load_kv_v);
+		d->load_kv_v = NULL;
 	}
 	d->model = NULL;
 	d->view.model = NULL;

@@ -1026,7 +1026,22 @@ static int kv_setup(struct kvq_sched *s, struct kvq_ctx_opts *co, char *err,
 		s->st.kv_calib_kl_q4 = rep.kl_q4;
 		s->st.kv_calib_seconds = rep.seconds;
 	}
+	if (s->o.kv_calib) {
+		const struct kvq_kv_calib_report *rep = s->o.kv_calib;
+
+		s->st.kv_calibrated = true;
+		s->st.kv_calib_err_q8 = rep->err_q8;
+		s->st.kv_calib_err_q4 = rep->err_q4;
+		s->st.kv_calib_ratio = rep->ratio;
+		s->st.kv_calib_kl_q8 = rep->kl_q8;
+		s->st.kv_calib_kl_q4 = rep->kl_q4;
+		s->st.kv_calib_seconds = rep->seconds;
+		s->o.kv_calib = NULL;	/* not kept: the caller owns it */
+	}
 	co->kv_types_k = s->kv_k;
+	/* The strings belong to the caller's config, which a reload frees. */
+	s->o.kv_type_k = NULL;
+	s->o.kv_type_v = NULL;
 	types_summary(s->kv_k, nl, s->st.kv_type_k, sizeof(s->st.kv_type_k));
 	types_summary(s->kv_v, nl, s->st.kv_type_v, sizeof(s->st.kv_type_v));
 	return 0;

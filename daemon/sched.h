@@ -38,6 +38,8 @@ struct kvq_model;
 struct kvq_sched;
 
 /* Limits; a zero field takes the default shown (timeouts: none). */
+struct kvq_kv_calib_report;
+
 struct kvq_sched_opts {
 	uint32_t max_running;		/* sequences in the batch (16) */
 	uint32_t max_queued;		/* waiting beyond those (64) */
@@ -56,6 +58,9 @@ struct kvq_sched_opts {
 	const char *kv_type_v;
 	uint32_t kv_page_tokens;	/* 0: 16 */
 	uint32_t kv_sink_tokens;	/* f16 sink tokens (default 4 via conf) */
+	/* When kv_type_k is a per-layer list that calibration chose (the
+	 * daemon calibrates while loading), its report, for the stats. */
+	const struct kvq_kv_calib_report *kv_calib;
 };
 
 /* ------------------------------------------------------------- requests */

@@ -486,12 +486,24 @@ else
 	skip "chat completions on a ChatML model" "python3-numpy or tools/gen_model.py missing"
 fi
 
+# ---------------------------------------------------------------- KV calibration
+start calib "$MODEL" --kv-type-k auto
+ok $? "kvqd starts with kv_type_k = auto"
+curl -s -o "$DIR/calib-metrics.txt" "http://127.0.0.1:$PORT/metrics"
+grep -q '^kvqd_kv_format_info{.*calibrated="yes"} 1' "$DIR/calib-metrics.txt" &&
+	grep -q '^kvqd_kv_calibration_kl{bits="4"} ' "$DIR/calib-metrics.txt" &&
+	grep -q 'KV key calibration: keys' "$DIR/calib.log"
+ok $? "kv_type_k = auto: calibrated while loading, logged and in /metrics"
+req POST /v1/completions -d "$normal"
+[ "$STATUS" = 200 ]
+ok $? "a request served with calibrated key precision"
+
 # ---------------------------------------------------------------- drain
 start drain "$MODEL"
 ok $? "kvqd starts (drain)"
 dpid=${PIDS[-1]}
 curl -sN -o "$DIR/drain.txt" "http://127.0.0.1:$PORT/v1/completions" \
-	-d '{"prompt":"Once","max_tokens":600,"ignore_eos":true,"stream":true}' &
+	-d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true,"stream":true}' &
 cpid=$!
 sleep 0.2
 kill -TERM "$dpid"
