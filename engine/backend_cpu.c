@@ -213,10 +213,9 @@ static void cpu_rope(struct kvq_backend *be, float *x, const uint32_t *pos,
 		     uint32_t rope_dim, float base, bool neox)
 {
 	uint32_t half = rope_dim / 2, t, h, i;
-	float *cs = malloc(half * 2 * sizeof(float));
-
-	if (!cs)
-		return;
+	/* rope_dim <= head_dim <= KVQ_KV_MAX_HEAD_DIM (checked at context
+	 * creation): the cos/sin table fits on the stack. */
+	float cs[KVQ_KV_MAX_HEAD_DIM];
 	for (t = 0; t < n_tok; t++) {
 		float *row = x + (size_t)t * n_heads * head_dim;
 
@@ -240,7 +239,6 @@ static void cpu_rope(struct kvq_backend *be, float *x, const uint32_t *pos,
 			}
 		}
 	}
-	free(cs);
 }
 
 static void cpu_swiglu(struct kvq_backend *be, float *gate, const float *up,

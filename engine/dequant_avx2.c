@@ -88,20 +88,10 @@ static void deq_q4_0(const struct kvq_block_q4_0 *b, float *dst, int64_t nb)
 	}
 }
 
-static bool have_avx2_f16c(void)
-{
-	static int cached = -1;
-
-	if (cached < 0)
-		cached = __builtin_cpu_supports("avx2") &&
-			 __builtin_cpu_supports("f16c");
-	return cached;
-}
-
 bool kvq_dequant_row_avx2(uint32_t type, const void *src, float *dst,
 			  int64_t n)
 {
-	if (!have_avx2_f16c() || !strcmp(kvq_quant_simd_name(), "scalar"))
+	if (!kvq_quant_simd())
 		return false;
 	switch (type) {
 	case KVQ_TYPE_F16:

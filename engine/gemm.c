@@ -9,10 +9,10 @@
 #include "config.h"
 
 #include <stdbool.h>
-#include <string.h>
 
 #include "engine/gemm.h"
 #include "engine/quant.h"
+#include "engine/simd_avx2.h"
 
 #ifdef KVQ_HAVE_X86
 #include <immintrin.h>
@@ -31,18 +31,6 @@ void kvq_gemm_f32_scalar(const float *w, size_t ldw, uint32_t n_rows,
 }
 
 #ifdef KVQ_HAVE_X86
-__attribute__((target("avx2,fma")))
-static inline float hsum8(__m256 v)
-{
-	__m128 lo = _mm256_castps256_ps128(v);
-	__m128 hi = _mm256_extractf128_ps(v, 1);
-
-	lo = _mm_add_ps(lo, hi);
-	lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-	lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-	return _mm_cvtss_f32(lo);
-}
-
 __attribute__((target("avx2,fma")))
 static void block_4x3(const float *w, size_t ldw, const float *x, size_t ldx,
 		      float *y, size_t ldy, uint32_t cols)
@@ -81,10 +69,10 @@ static void block_4x3(const float *w, size_t ldw, const float *x, size_t ldx,
 		a31 = _mm256_fmadd_ps(u, v1, a31);
 		a32 = _mm256_fmadd_ps(u, v2, a32);
 	}
-	out[0][0] = hsum8(a00); out[0][1] = hsum8(a01); out[0][2] = hsum8(a02);
-	out[1][0] = hsum8(a10); out[1][1] = hsum8(a11); out[1][2] = hsum8(a12);
-	out[2][0] = hsum8(a20); out[2][1] = hsum8(a21); out[2][2] = hsum8(a22);
-	out[3][0] = hsum8(a30); out[3][1] = hsum8(a31); out[3][2] = hsum8(a32);
+	out[0][0] = kvq_hsum8(a00); out[0][1] = kvq_hsum8(a01); out[0][2] = kvq_hsum8(a02);
+	out[1][0] = kvq_hsum8(a10); out[1][1] = kvq_hsum8(a11); out[1][2] = kvq_hsum8(a12);
+	out[2][0] = kvq_hsum8(a20); out[2][1] = kvq_hsum8(a21); out[2][2] = kvq_hsum8(a22);
+	out[3][0] = kvq_hsum8(a30); out[3][1] = kvq_hsum8(a31); out[3][2] = kvq_hsum8(a32);
 	for (r = 0; r < 4; r++) {
 		for (t = 0; t < 3; t++) {
 			float s = out[r][t];
@@ -96,15 +84,6 @@ static void block_4x3(const float *w, size_t ldw, const float *x, size_t ldx,
 	}
 }
 
-static bool have_avx2(void)
-{
-	static int cached = -1;
-
-	if (cached < 0)
-		cached = __builtin_cpu_supports("avx2") &&
-			 __builtin_cpu_supports("fma");
-	return cached;
-}
 #endif
 
 void kvq_gemm_f32(const float *w, size_t ldw, uint32_t n_rows,
@@ -114,7 +93,7 @@ void kvq_gemm_f32(const float *w, size_t ldw, uint32_t n_rows,
 	uint32_t r = 0, t;
 
 #ifdef KVQ_HAVE_X86
-	if (have_avx2() && strcmp(kvq_quant_simd_name(), "scalar")) {
+	if (kvq_quant_simd()) {
 		for (; r + 4 <= n_rows; r += 4) {
 			for (t = 0; t + 3 <= n_tok; t += 3)
 				block_4x3(w + r * ldw, ldw, x + t * ldx, ldx,

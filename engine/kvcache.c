@@ -239,7 +239,7 @@ int kvq_kv_create(const struct kvq_kv_opts *o, struct kvq_kvcache **out)
 	if (c->o.n_sink > c->o.page_tokens)
 		c->o.n_sink = c->o.page_tokens;
 	c->group = o->head_dim < 32 ? o->head_dim : 32;
-	c->simd = kvq_kv_have_avx2() && strcmp(kvq_quant_simd_name(), "scalar");
+	c->simd = kvq_quant_simd();
 	if (o->head_dim % c->group) {
 		ret = -EINVAL;
 		goto out_free;

@@ -18,6 +18,7 @@
 #include "engine/kvcache.h"
 #include "engine/kvcache_impl.h"
 #include "engine/quant.h"
+#include "engine/simd_avx2.h"
 
 #ifdef KVQ_HAVE_X86
 #include <immintrin.h>
@@ -157,18 +158,6 @@ static inline __m256 load8(enum kvq_kv_type t, const uint8_t *row,
 	}
 }
 
-__attribute__((target("avx2,fma,f16c")))
-static inline float hsum8(__m256 v)
-{
-	__m128 lo = _mm256_castps256_ps128(v);
-	__m128 hi = _mm256_extractf128_ps(v, 1);
-
-	lo = _mm_add_ps(lo, hi);
-	lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-	lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-	return _mm_cvtss_f32(lo);
-}
-
 /* Eight channels [c, c+8) of a q8 or q4 row as unscaled codes (q8: the
  * int8 value, q4: the nibble - 8). */
 __attribute__((target("avx2,fma,f16c"), always_inline))
@@ -243,7 +232,7 @@ static inline void scores_impl(enum kvq_kv_type T, const uint32_t NQ,
 			}
 		}
 		for (i = 0; i < NQ; i++)
-			sc[i * KVQ_KV_SC_STRIDE + t] = hsum8(acc[i]) * scale;
+			sc[i * KVQ_KV_SC_STRIDE + t] = kvq_hsum8(acc[i]) * scale;
 	}
 }
 
@@ -431,7 +420,7 @@ float kvq_kv_exp_sum_avx2(float *x, uint32_t n, float mx)
 		_mm256_storeu_ps(x + i, v);
 		acc = _mm256_add_ps(acc, v);
 	}
-	sum = hsum8(acc);
+	sum = kvq_hsum8(acc);
 	for (; i < n; i++) {
 		x[i] = expf(x[i] - mx);
 		sum += x[i];
@@ -439,16 +428,6 @@ float kvq_kv_exp_sum_avx2(float *x, uint32_t n, float mx)
 	return sum;
 }
 
-bool kvq_kv_have_avx2(void)
-{
-	static int cached = -1;
-
-	if (cached < 0)
-		cached = __builtin_cpu_supports("avx2") &&
-			 __builtin_cpu_supports("fma") &&
-			 __builtin_cpu_supports("f16c");
-	return cached;
-}
 #else
 bool kvq_kv_page_scores_avx2(enum kvq_kv_type t, const uint8_t *rows,
 			     const uint16_t *scales, uint32_t ng, uint32_t rb,
@@ -491,10 +470,5 @@ void kvq_kv_axpy_avx2(float *o, float w, const float *v, uint32_t d)
 
 	for (j = 0; j < d; j++)
 		o[j] += w * v[j];
-}
-
-bool kvq_kv_have_avx2(void)
-{
-	return false;
 }
 #endif

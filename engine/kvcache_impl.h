@@ -14,7 +14,6 @@ bool kvq_kv_dequant_row_avx2(enum kvq_kv_type t, const uint8_t *data,
 			     const uint16_t *scales, uint32_t d,
 			     uint32_t group, float *out);
 void kvq_kv_axpy_avx2(float *o, float w, const float *v, uint32_t d);
-bool kvq_kv_have_avx2(void);
 
 /* Attention over one page of one head: the most query heads the SIMD page
  * kernels take at once, and the row stride of the score matrix. */

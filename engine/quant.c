@@ -579,6 +579,11 @@ static inline const struct kvq_quant_kernels *kernels(void)
 	return k;
 }
 
+bool kvq_quant_simd(void)
+{
+	return kernels() != &kvq_scalar_kernels;
+}
+
 /* kvq_quant_force_scalar() - see quant.h. */
 void kvq_quant_force_scalar(bool on)
 {

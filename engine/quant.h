@@ -141,6 +141,13 @@ int kvq_quant_parse_dot_mode(const char *s, enum kvq_dot_mode *mode);
 
 /* "avx2+fma" or "scalar": what kvq_vec_dot() uses now. */
 const char *kvq_quant_simd_name(void);
+
+/*
+ * true when the AVX2/FMA/F16C kernels are in use (the CPU has them and
+ * neither KVQ_NO_SIMD nor kvq_quant_force_scalar() turned them off).  Every
+ * other SIMD path of the engine follows this one switch.
+ */
+bool kvq_quant_simd(void);
 /*
  * Force the scalar path (true) or go back to the run-time choice (false).
  * The choice is made once, on first use: the SIMD path when the CPU has

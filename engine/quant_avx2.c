@@ -31,22 +31,13 @@
 
 #include "engine/quant.h"
 #include "engine/quant_impl.h"
+#include "engine/simd_avx2.h"
 
 #define KVQ_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-KVQ_AVX2 static inline float hsum(__m256 v)
-{
-	__m128 s = _mm_add_ps(_mm256_castps256_ps128(v),
-			      _mm256_extractf128_ps(v, 1));
-
-	s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-	s = _mm_add_ss(s, _mm_movehdup_ps(s));
-	return _mm_cvtss_f32(s);
-}
-
 KVQ_AVX2 static inline float hsum4(__m256 a, __m256 b, __m256 c, __m256 d)
 {
-	return hsum(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+	return kvq_hsum8(_mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
 }
 
 /* 8 unsigned bytes at @p, widened to 8 int32 lanes. */
@@ -237,7 +228,7 @@ KVQ_AVX2 static inline float dot_q8_0_row(const void *row, const float *x,
 	}
 	if (i < nb)
 		acc0 = q8_0_block(b + i, x, acc0);
-	return hsum(_mm256_add_ps(acc0, acc1));
+	return kvq_hsum8(_mm256_add_ps(acc0, acc1));
 }
 
 KVQ_AVX2 static inline float dot_q4_0_row(const void *row, const float *x,
@@ -256,7 +247,7 @@ KVQ_AVX2 static inline float dot_q4_0_row(const void *row, const float *x,
 	}
 	if (i < nb)
 		acc0 = q4_0_block(b + i, x, acc0);
-	return hsum(_mm256_add_ps(acc0, acc1));
+	return kvq_hsum8(_mm256_add_ps(acc0, acc1));
 }
 
 /* --------------------------------------------------------------- Q4_K */
@@ -594,7 +585,7 @@ KVQ_AVX2 static float dot_q8a_q8_0(const void *row, const void *xq, int64_t n)
 	}
 	if (i < nb)
 		acc0 = q8a_q8_0_block(b + i, v.qs + i * 32, v.d[i], acc0);
-	return hsum(_mm256_add_ps(acc0, acc1));
+	return kvq_hsum8(_mm256_add_ps(acc0, acc1));
 }
 
 KVQ_AVX2 static float dot_q8a_q4_0(const void *row, const void *xq, int64_t n)
@@ -627,7 +618,7 @@ KVQ_AVX2 static float dot_q8a_q4_0(const void *row, const void *xq, int64_t n)
 	}
 	if (i < nb)
 		acc0 = q8a_q4_0_block(b + i, v.qs + i * 32, v.d[i], acc0);
-	return hsum(_mm256_add_ps(acc0, acc1));
+	return kvq_hsum8(_mm256_add_ps(acc0, acc1));
 }
 
 /*
@@ -678,7 +669,7 @@ KVQ_AVX2 static float dot_q8a_q4_k(const void *row, const void *xq, int64_t n)
 				_mm256_broadcast_ss(&dsc[2 * c + 1]), acc1);
 		}
 	}
-	return hsum(_mm256_add_ps(acc0, acc1)) - hsum(accm);
+	return kvq_hsum8(_mm256_add_ps(acc0, acc1)) - kvq_hsum8(accm);
 }
 
 /*
@@ -765,7 +756,7 @@ KVQ_AVX2 static float dot_q8a_q6_k(const void *row, const void *xq, int64_t n)
 			}
 		}
 	}
-	return hsum(_mm256_add_ps(acc0, acc1)) - 32.0f * hsum(accc);
+	return kvq_hsum8(_mm256_add_ps(acc0, acc1)) - 32.0f * kvq_hsum8(accc);
 }
 
 /* ---------------------------------------------------------------- tables */
