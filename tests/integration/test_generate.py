@@ -37,17 +37,7 @@ def kvqd_cmd(kvqd, model, print_ids):
 
 
 def main():
-    miss = testing.missing_modules()
-    if miss:
-        testing.skip_all("python modules missing: %s" % ", ".join(miss))
-    stories = testing.testdata("stories260K.gguf")
-    if stories is None:
-        testing.skip_all("test data missing: %s"
-                         % os.path.join(testing.testdata_dir(),
-                                        "stories260K.gguf"))
-    kvqd = testing.kvqd_path()
-    if kvqd is None:
-        testing.skip_all("kvqd binary not found (set KVQD)")
+    stories, kvqd = testing.require_reference_setup("stories260K.gguf")
 
     import numpy as np
     from kvq_ref import RefModel

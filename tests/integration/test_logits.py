@@ -96,17 +96,7 @@ def compare(tap, np, desc, ref, got_path, n_vocab, tol_fn, tol_text):
 
 
 def main():
-    miss = testing.missing_modules()
-    if miss:
-        testing.skip_all("python modules missing: %s" % ", ".join(miss))
-    stories = testing.testdata("stories260K.gguf")
-    if stories is None:
-        testing.skip_all("test data missing: %s"
-                         % os.path.join(testing.testdata_dir(),
-                                        "stories260K.gguf"))
-    kvqd = testing.kvqd_path()
-    if kvqd is None:
-        testing.skip_all("kvqd binary not found (set KVQD)")
+    stories, kvqd = testing.require_reference_setup("stories260K.gguf")
 
     import numpy as np
     import gen_model

@@ -144,3 +144,21 @@ def setup_path():
     tools = os.path.join(srcdir(), "tools")
     if tools not in sys.path:
         sys.path.insert(0, tools)
+
+
+def require_reference_setup(model_name):
+    """What a test against the PyTorch reference needs: numpy and torch,
+    the test data file @model_name and the kvqd binary.  Returns (model
+    path, kvqd path), or ends the test with a TAP skip naming what is
+    missing."""
+    miss = missing_modules()
+    if miss:
+        skip_all("python modules missing: %s" % ", ".join(miss))
+    model = testdata(model_name)
+    if model is None:
+        skip_all("test data missing: %s"
+                 % os.path.join(testdata_dir(), model_name))
+    kvqd = kvqd_path()
+    if kvqd is None:
+        skip_all("kvqd binary not found (set KVQD)")
+    return model, kvqd
