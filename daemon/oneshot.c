@@ -845,7 +845,7 @@ int kvq_oneshot_main(int argc, char **argv)
 		fprintf(stderr, "kvqd: %s\n", err);
 		return 1;
 	}
-	kvq_info("model: %s", kvq_model_desc(m));
+	kvq_info("model: %s (%s)", o.model, kvq_model_desc(m));
 	kvq_info("device: cpu (%s dot products)", kvq_quant_simd_name());
 	if (o.ranks)
 		ret = do_ranks(m, &o);

@@ -64,6 +64,13 @@ out=$("$KVQD" --model "$S260" --prompt "" --max-tokens 60 --temperature 0 --stop
 [ -n "$out" ] && ! echo "$out" | grep -q Lily
 ok $? "a stop string ends the text before it: '$out'"
 
+# No --model: the bundled model (installed, or this source tree's).
+out=$("$KVQD" --prompt "It is a truth universally acknowledged" --max-tokens 12 \
+	--temperature 0 --verbose 2>"$DIR/err")
+rc=$?
+[ $rc = 0 ] && [ -n "$out" ] && grep -q "kvq-austen-5m" "$DIR/err"
+ok $? "no --model: the bundled model answers: '$out'"
+
 expect_error "missing file" "$DIR/none.gguf" "No such file"
 head -c 100000 "$S260" >"$DIR/trunc.gguf"
 expect_error "truncated file" "$DIR/trunc.gguf" "truncated"
