@@ -4,18 +4,23 @@
  *
  * Why this file exists: see http.h.  Completions live in complete.c; this
  * file decides who may call what and answers everything that does not
- * need the scheduler.
+ * need the scheduler.  It also watches every connection while evhttp reads
+ * a request (struct conn, below), because evhttp 2.1 silently drops a
+ * client that stalls half-way through one and kvqd answers it with 408.
  */
 #include "config.h"
 
 #include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #include <event2/buffer.h>
+#include <event2/bufferevent.h>
 #include <event2/event.h>
 #include <event2/http.h>
 #include <event2/keyvalq_struct.h>
@@ -56,6 +61,7 @@ static const char *reason(int status)
 	case 401: return "Unauthorized";
 	case 404: return "Not Found";
 	case 405: return "Method Not Allowed";
+	case 408: return "Request Timeout";
 	case 413: return "Payload Too Large";
 	case 429: return "Too Many Requests";
 	case 500: return "Internal Server Error";
@@ -327,6 +333,335 @@ static void on_completions(struct kvq_http *h, struct evhttp_request *req)
 	kvq_complete_handle(h, req, KVQ_OAI_COMPLETION);
 }
 
+/* ------------------------------------------------------------- connections */
+
+/*
+ * evhttp 2.1 drops a connection whose request stops half-way (part of the
+ * header, or fewer body bytes than Content-Length) at its read timeout,
+ * without a word.  kvqd answers such a client with 408 and its JSON error
+ * instead.  evhttp has no hook for that, so every connection's socket
+ * bufferevent is made here (evhttp_set_bevcb()) and watched through its
+ * buffers' callbacks; the read-side idle timeout is taken over from evhttp.
+ *
+ * States of a struct conn (all on the loop thread):
+ *   NEW      --first timer run (evhttp has set its timeouts)-->  WATCHED
+ *   WATCHED  --idle_timeout with no byte in or out while evhttp waits
+ *              for a request-->  CLOSING (408 first when bytes of an
+ *              incomplete request arrived, else just closed)
+ *   any      --evhttp let go of the bufferevent-->  freed
+ * That evhttp let go is noticed when the socket reports a shutdown (the
+ * peer's or ours, EV_CLOSED), else at the next timer run, at most
+ * idle_timeout later; until then the socket stays open.
+ * Invariants:
+ *   1. A conn holds one reference to its bufferevent, so @bev is valid for
+ *      the conn's whole life; the socket closes (BEV_OPT_CLOSE_ON_FREE)
+ *      only when that reference is dropped, so the descriptor that @closed
+ *      watches is never another connection's.
+ *   2. evhttp has let go of @bev exactly when all three of its callbacks
+ *      are NULL (bufferevent_free() clears them); it never sets them again.
+ *   3. @n_in counts bytes received since the last complete request (or
+ *      since the last answer began): a connection with @n_in == 0 that
+ *      goes quiet is idle, not stalled.
+ */
+struct conn {
+	struct conn *prev, *next;
+	struct http_server *srv;
+	struct bufferevent *bev;
+	struct event *timer;		/* idle deadline; also "check now" */
+	struct event *closed;		/* EV_CLOSED on the socket, or NULL */
+	struct evbuffer_cb_entry *in_cb, *out_cb;
+	uint64_t n_in;			/* invariant 3 */
+	uint64_t last_ns;		/* last byte read or written */
+	bool watched;			/* evhttp's read timeout replaced */
+	bool req_open;			/* a complete request, no answer yet */
+	bool closing;			/* shut down here */
+};
+
+/* The server and the connections it watches; kvq_http comes first so that
+ * the struct kvq_http pointers handed out are this object. */
+struct http_server {
+	struct kvq_http h;
+	struct conn *conns;
+};
+
+static struct http_server *srv_of(struct kvq_http *h)
+{
+	return (struct http_server *)h;
+}
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t idle_ns(const struct conn *c)
+{
+	return (uint64_t)c->srv->h.o.idle_timeout_ms * 1000000u;
+}
+
+static struct timeval ns_tv(uint64_t ns)
+{
+	struct timeval tv = {
+		.tv_sec = ns / 1000000000u,
+		.tv_usec = (ns % 1000000000u) / 1000,
+	};
+
+	return tv;
+}
+
+static void conn_arm(struct conn *c, uint64_t ns)
+{
+	struct timeval tv = ns_tv(ns);
+
+	event_add(c->timer, &tv);
+}
+
+static void conn_free(struct conn *c)
+{
+	struct http_server *srv = c->srv;
+
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		srv->conns = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	if (c->closed)
+		event_free(c->closed);
+	event_free(c->timer);
+	evbuffer_remove_cb_entry(bufferevent_get_input(c->bev), c->in_cb);
+	evbuffer_remove_cb_entry(bufferevent_get_output(c->bev), c->out_cb);
+	bufferevent_decref(c->bev);
+	free(c);
+}
+
+/* Invariant 2. */
+static bool conn_dropped(struct conn *c)
+{
+	bufferevent_data_cb rd, wr;
+	bufferevent_event_cb ev;
+
+	bufferevent_getcb(c->bev, &rd, &wr, &ev, NULL);
+	return !rd && !wr && !ev;
+}
+
+/* evhttp is waiting for (more of) a request: reading, with no request of
+ * this connection in kvqd's hands. */
+static bool conn_reading(struct conn *c)
+{
+	bufferevent_data_cb rd;
+
+	bufferevent_getcb(c->bev, &rd, NULL, NULL, NULL);
+	return rd && (bufferevent_get_enabled(c->bev) & EV_READ) &&
+	       !c->req_open;
+}
+
+static void conn_in(struct evbuffer *b, const struct evbuffer_cb_info *info,
+		    void *arg)
+{
+	struct conn *c = arg;
+
+	if (info->n_added) {
+		c->n_in += info->n_added;
+		c->last_ns = mono_ns();
+	}
+}
+
+static void conn_out(struct evbuffer *b, const struct evbuffer_cb_info *info,
+		     void *arg)
+{
+	struct conn *c = arg;
+
+	if (info->n_added) {
+		/* an answer begins: its request was complete */
+		c->req_open = false;
+		c->n_in = evbuffer_get_length(bufferevent_get_input(c->bev));
+	}
+	if (info->n_added || info->n_deleted)
+		c->last_ns = mono_ns();
+}
+
+/*
+ * The 408, written straight to the socket: evhttp is reading and has
+ * nothing queued to write, and the connection is shut down right after,
+ * so nothing of evhttp's can follow it on the wire.
+ */
+static void conn_send_408(struct conn *c, evutil_socket_t fd)
+{
+	struct kvq_http *h = &c->srv->h;
+	struct kvq_oai_err e;
+	char head[160], *body;
+	json_t *j;
+	ssize_t n;
+	size_t bl;
+	int hl;
+
+	kvq_oai_fail(&e, 408, "timeout_error", "request_timeout", NULL,
+		     "the request was incomplete when the client fell silent "
+		     "for idle_timeout (%u ms); the connection is closed",
+		     h->o.idle_timeout_ms);
+	j = kvq_oai_error_json(&e);
+	body = j ? json_dumps(j, JSON_COMPACT) : NULL;
+	json_decref(j);
+	if (!body) {
+		kvq_warn("http: out of memory writing a 408; closing the "
+			 "connection without it");
+		return;
+	}
+	bl = strlen(body);
+	hl = snprintf(head, sizeof(head), "HTTP/1.1 408 Request Timeout\r\n"
+		      "Content-Type: application/json\r\n"
+		      "Content-Length: %zu\r\nConnection: close\r\n\r\n",
+		      bl + 1);
+	body[bl] = '\n';	/* replaces the NUL; length kept in bl + 1 */
+	n = send(fd, head, hl, MSG_NOSIGNAL | MSG_DONTWAIT);
+	if (n == hl)
+		n = send(fd, body, bl + 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+	free(body);
+	if (n < 0)
+		kvq_debug("http: 408 not delivered: %s", strerror(errno));
+	kvq_debug("http: 408 to a client silent mid-request (%llu bytes)",
+		  (unsigned long long)c->n_in);
+	kvq_http_count(h, 408);
+}
+
+/* The socket saw its peer's (or our own) shutdown: check once evhttp has
+ * handled the same wake-up, i.e. after the callbacks already active. */
+static void conn_on_closed(evutil_socket_t fd, short what, void *arg)
+{
+	struct conn *c = arg;
+
+	event_active(c->timer, EV_TIMEOUT, 1);
+}
+
+/* evhttp has set its timeouts: take over the read side. */
+static void conn_watch(struct conn *c)
+{
+	struct event_base *base = c->srv->h.base;
+	evutil_socket_t fd = bufferevent_getfd(c->bev);
+	struct timeval wr = ns_tv(idle_ns(c));
+
+	c->watched = true;
+	/* writing to a client that reads nothing still times out in evhttp */
+	bufferevent_set_timeouts(c->bev, NULL, &wr);
+	if (fd < 0 || !(event_base_get_features(base) & EV_FEATURE_EARLY_CLOSE))
+		return;
+	c->closed = event_new(base, fd, EV_CLOSED, conn_on_closed, c);
+	if (c->closed && event_add(c->closed, NULL)) {
+		event_free(c->closed);
+		c->closed = NULL;
+	}
+}
+
+static void conn_timer(evutil_socket_t unused, short what, void *arg)
+{
+	struct conn *c = arg;
+	uint64_t idle, quiet;
+	evutil_socket_t fd;
+
+	if (conn_dropped(c)) {
+		conn_free(c);
+		return;
+	}
+	if (!c->watched)
+		conn_watch(c);
+	idle = idle_ns(c);
+	quiet = mono_ns() - c->last_ns;
+	fd = bufferevent_getfd(c->bev);
+	if (c->closing || fd < 0 || !conn_reading(c)) {
+		conn_arm(c, idle);
+		return;
+	}
+	if (quiet < idle) {
+		conn_arm(c, idle - quiet);
+		return;
+	}
+	if (c->n_in && !evbuffer_get_length(bufferevent_get_output(c->bev)))
+		conn_send_408(c, fd);
+	else if (c->n_in)
+		kvq_debug("http: a client silent mid-request is closed without "
+			  "a 408 (evhttp has output queued)");
+	/* evhttp reads EOF and frees its side of the connection */
+	shutdown(fd, SHUT_RDWR);
+	c->closing = true;
+	if (c->closed)
+		event_add(c->closed, NULL);
+	conn_arm(c, idle);
+}
+
+/*
+ * evhttp_set_bevcb() callback: the bufferevent of a new connection, and
+ * the conn that watches it.  Without memory for the conn the connection is
+ * served unwatched (a stalled client is then dropped without a 408, as
+ * evhttp does); without a bufferevent, evhttp makes its own.
+ */
+static struct bufferevent *conn_new(struct event_base *base, void *arg)
+{
+	static const struct timeval now;
+	struct http_server *srv = arg;
+	struct bufferevent *bev;
+	struct conn *c;
+
+	bev = bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE);
+	c = calloc(1, sizeof(*c));
+	if (!bev || !c)
+		goto out_unwatched;
+	c->srv = srv;
+	c->bev = bev;
+	c->last_ns = mono_ns();
+	c->timer = evtimer_new(base, conn_timer, c);
+	c->in_cb = evbuffer_add_cb(bufferevent_get_input(bev), conn_in, c);
+	c->out_cb = evbuffer_add_cb(bufferevent_get_output(bev), conn_out, c);
+	if (!c->timer || !c->in_cb || !c->out_cb)
+		goto out_unwatched;
+	/* runs once evhttp has set the connection up (its timeouts too) */
+	if (event_add(c->timer, &now))
+		goto out_unwatched;
+	bufferevent_incref(bev);
+	c->next = srv->conns;
+	if (srv->conns)
+		srv->conns->prev = c;
+	srv->conns = c;
+	return bev;
+
+out_unwatched:
+	kvq_warn("http: out of memory watching a new connection; a client "
+		 "that stalls on it is dropped without a 408");
+	if (c) {
+		if (c->in_cb)
+			evbuffer_remove_cb_entry(bufferevent_get_input(bev),
+						 c->in_cb);
+		if (c->out_cb)
+			evbuffer_remove_cb_entry(bufferevent_get_output(bev),
+						 c->out_cb);
+		if (c->timer)
+			event_free(c->timer);
+		free(c);
+	}
+	return bev;
+}
+
+/* A complete request arrived on @req's connection (invariant 3).  The
+ * scan is linear in the open connections, a few pointer compares each. */
+static void conn_request(struct kvq_http *h, struct evhttp_request *req)
+{
+	struct evhttp_connection *ec = evhttp_request_get_connection(req);
+	struct bufferevent *bev;
+	struct conn *c;
+
+	bev = ec ? evhttp_connection_get_bufferevent(ec) : NULL;
+	for (c = srv_of(h)->conns; c && bev; c = c->next) {
+		if (c->bev != bev)
+			continue;
+		c->req_open = true;
+		c->n_in = evbuffer_get_length(bufferevent_get_input(bev));
+		return;
+	}
+}
+
 /* ------------------------------------------------------------- routing */
 
 enum {
@@ -398,6 +733,7 @@ static void on_request(struct evhttp_request *req, void *arg)
 	size_t i, n;
 	bool path_known = false;
 
+	conn_request(h, req);
 	n = evbuffer_get_length(evhttp_request_get_input_buffer(req));
 	if (n > h->o.max_body_bytes) {
 		kvq_oai_fail(&e, 413, "invalid_request_error", "body_too_large",
@@ -584,6 +920,7 @@ int kvq_http_create(struct event_base *base, struct kvq_sched *sched,
 		    char *err, size_t errlen)
 {
 	static const struct kvq_http_opts none;
+	struct http_server *srv;
 	struct kvq_http *h;
 	int ret = -ENOMEM;
 
@@ -594,9 +931,10 @@ int kvq_http_create(struct event_base *base, struct kvq_sched *sched,
 			 "support (evthread_use_pthreads() was not called)");
 		return -EINVAL;
 	}
-	h = calloc(1, sizeof(*h));
-	if (!h)
+	srv = calloc(1, sizeof(*srv));
+	if (!srv)
 		goto out_nomem;
+	h = &srv->h;
 	h->base = base;
 	h->created = (long long)time(NULL);
 	h->o.port = o->port ? o->port : DEF_PORT;
@@ -621,6 +959,7 @@ int kvq_http_create(struct event_base *base, struct kvq_sched *sched,
 	 * sends it without "Expect: 100-continue" still sees the 413 */
 	evhttp_set_flags(h->http, EVHTTP_SERVER_LINGERING_CLOSE);
 	evhttp_set_gencb(h->http, on_request, h);
+	evhttp_set_bevcb(h->http, conn_new, srv);
 	ret = kvq_complete_init(h);
 	if (ret)
 		goto out_http;
@@ -646,7 +985,7 @@ out_free:
 	free(h->host);
 	free(h->model_id);
 	free(h->api_key);
-	free(h);
+	free(srv);
 out_nomem:
 	if (ret == -ENOMEM)
 		snprintf(err, errlen, "http: out of memory");
@@ -655,14 +994,20 @@ out_nomem:
 
 void kvq_http_destroy(struct kvq_http *h)
 {
+	struct http_server *srv;
+
 	if (!h)
 		return;
+	srv = srv_of(h);
 	kvq_complete_fini(h);
 	evhttp_free(h->http);
+	/* evhttp has let go of every bufferevent (invariant 2) */
+	while (srv->conns)
+		conn_free(srv->conns);
 	if (h->chat_init)
 		kvq_chat_fini(&h->chat);
 	free(h->host);
 	free(h->model_id);
 	free(h->api_key);
-	free(h);
+	free(srv);
 }

@@ -153,6 +153,7 @@ after_bad() {
 # ---------------------------------------------------------------- daemon 1
 start main "$MODEL" --idle-timeout 2s --max-body-bytes 1M
 ok $? "kvqd starts and /health turns 200"
+MAIN_PID=${PIDS[-1]}
 [ "$n" = 1 ] && [ "$failed" = 0 ] || { echo "1..$n"; exit 1; }
 
 req GET /health
@@ -312,29 +313,105 @@ req GET /v1/completions
 ok $? "wrong method: 405 with an error body"
 after_bad "a wrong method"
 
-# half a request, then silence: closed at the idle timeout (2 s)
-t0=$(date +%s%N)
-"$PY" - "$PORT" <<'EOF' >"$DIR/stall.txt" 2>&1
-import socket, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-s.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt":')
-s.settimeout(15)
-data = b""
-try:
-    while True:
-        b = s.recv(4096)
-        if not b:
-            break
-        data += b
-except Exception as e:
-    print("error", e)
-print("closed", len(data))
+# half a request, then silence: 408 with the JSON error at the idle timeout
+# (2 s); the three clients run side by side
+curl -s -o "$DIR/m408a.txt" "http://127.0.0.1:$PORT/metrics"
+"$PY" - "$PORT" "$DIR" <<'EOF' >"$DIR/stall.txt" 2>&1
+import socket, sys, threading, time
+port, d = int(sys.argv[1]), sys.argv[2]
+cases = {
+    "body": b'POST /v1/completions HTTP/1.1\r\nHost: x\r\n'
+            b'Content-Length: 100\r\n\r\n{"pro',
+    "header": b'POST /v1/completions HTTP/1.1\r\nHost: x\r\n',
+    "idle": b"",
+}
+def client(name, out):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(cases[name])
+    s.settimeout(15)
+    t0, data = time.time(), b""
+    try:
+        while True:
+            b = s.recv(4096)
+            if not b:
+                break
+            data += b
+    except OSError as e:
+        data += b"<" + str(e).encode() + b">"
+    out[name] = (time.time() - t0, data)
+res = {}
+ths = [threading.Thread(target=client, args=(n, res)) for n in cases]
+for t in ths:
+    t.start()
+for t in ths:
+    t.join()
+for name, (el, data) in sorted(res.items()):
+    print(name, "%.2f" % el, repr(data[:400]))
+    open("%s/stall-%s" % (d, name), "wb").write(data)
+    open("%s/stall-%s.s" % (d, name), "w").write("%.3f" % el)
 EOF
-t1=$(date +%s%N)
-el=$(( (t1 - t0) / 1000000 ))
-grep -q '^closed' "$DIR/stall.txt" && [ "$el" -lt 8000 ]
-ok $? "a client that stalls mid-request is disconnected at the idle timeout (${el} ms)"
+sed 's/^/# /' "$DIR/stall.txt"
+# stall_408 NAME: the answer was a 408 with the JSON error, after 1.5..8 s
+stall_408() {
+	"$PY" - "$DIR/stall-$1" "$(cat "$DIR/stall-$1.s" 2>/dev/null)" <<'EOF'
+import json, sys
+data, el = open(sys.argv[1], "rb").read(), float(sys.argv[2])
+head, _, body = data.partition(b"\r\n\r\n")
+lines = head.decode().split("\r\n")
+assert lines[0] == "HTTP/1.1 408 Request Timeout", lines[0]
+h = {l.split(":", 1)[0].lower(): l.split(":", 1)[1].strip() for l in lines[1:]}
+assert h["content-type"] == "application/json", h
+assert h["connection"] == "close", h
+assert int(h["content-length"]) == len(body), (h, len(body))
+j = json.loads(body)
+assert set(j) == {"error"} and set(j["error"]) == {"message", "type", "param", "code"}, j
+assert j["error"]["type"] == "timeout_error" and j["error"]["code"] == "request_timeout", j
+assert j["error"]["message"] and j["error"]["param"] is None, j
+assert 1.5 <= el < 8, el
+EOF
+}
+stall_408 body
+ok $? "a client that stalls in the body gets 408 with the JSON error at the idle timeout"
+stall_408 header
+ok $? "a client that stalls between header lines gets 408 with the JSON error at the idle timeout"
+[ -f "$DIR/stall-idle" ] && [ ! -s "$DIR/stall-idle" ] &&
+	"$PY" -c 'import sys; sys.exit(0 if 1.5 <= float(sys.argv[1]) < 8 else 1)' "$(cat "$DIR/stall-idle.s")"
+ok $? "a connection that sends nothing is closed at the idle timeout without an answer"
+curl -s -o "$DIR/m408b.txt" "http://127.0.0.1:$PORT/metrics"
+c4xx() { sed -n 's/^kvqd_http_requests_total{code="4xx"} //p' "$1"; }
+[ "$(( $(c4xx "$DIR/m408b.txt") - $(c4xx "$DIR/m408a.txt") ))" = 2 ]
+ok $? "the two 408s are counted in kvqd_http_requests_total{code=\"4xx\"}"
 after_bad "a stalled client"
+
+# kvqd holds each connection's socket until evhttp has let go of it: the
+# sockets of clients that hang up mid-request are closed at once
+if [ -d "/proc/$MAIN_PID/fd" ]; then
+	"$PY" - "$PORT" "$MAIN_PID" <<'EOF'
+import os, socket, sys, time
+port, pid = int(sys.argv[1]), sys.argv[2]
+def sockets():
+    fd = "/proc/%s/fd" % pid
+    return sum(1 for f in os.listdir(fd)
+               if os.readlink(os.path.join(fd, f)).startswith("socket:"))
+base = sockets()
+cs = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+for c in cs:
+    c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n{")
+time.sleep(0.2)
+opened = sockets()
+for c in cs:
+    c.close()
+for _ in range(20):  # 1 s, well before the idle timeout (2 s)
+    if sockets() <= base:
+        break
+    time.sleep(0.05)
+print("sockets: %d before, %d with 20 clients, %d after" % (base, opened, sockets()))
+sys.exit(0 if opened >= base + 20 and sockets() <= base else 1)
+EOF
+	ok $? "sockets of clients that hang up mid-request are closed at once"
+else
+	skip "sockets of clients that hang up mid-request are closed" "no /proc"
+fi
 
 # ---------------------------------------------------------------- concurrency
 body_for() {
