@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "engine/backend.h"
+#include "engine/forward_gpu.h"
 #include "engine/kvcache.h"
 #include "engine/model.h"
 #include "engine/model_impl.h"
@@ -39,6 +40,8 @@ struct kvq_ctx {
 	struct kvq_attn_seq *aseq;
 	struct kvq_rope rope;
 	struct kvq_ctx_opts opts;	/* as resolved at creation */
+	struct kvq_ctx_gpu *gpu;	/* the step runs on the GPU */
+	int *slots;			/* per batch entry, for the GPU */
 };
 
 int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
@@ -127,10 +130,23 @@ int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
 	c->hb2 = malloc(B * hp->ffn_dim * sizeof(float));
 	c->pos = malloc(B * sizeof(*c->pos));
 	c->aseq = malloc(B * sizeof(*c->aseq));
+	c->slots = malloc(B * sizeof(*c->slots));
 	if (!c->seqs || !c->x || !c->xb || !c->q || !c->k || !c->v ||
-	    !c->att || !c->hb || !c->hb2 || !c->pos || !c->aseq) {
+	    !c->att || !c->hb || !c->hb2 || !c->pos || !c->aseq ||
+	    !c->slots) {
 		snprintf(err, errlen, "out of memory for activations");
 		ret = -ENOMEM;
+		goto out_free;
+	}
+	if (o->device == KVQ_CTX_GPU) {
+		/* The logits of a step are at most max_batch rows. */
+		ret = kvq_ctx_gpu_create(m, c->kv, c->max_batch, c->max_seqs,
+					 c->n_ctx, &c->gpu, err, errlen);
+		if (ret)
+			goto out_free;
+	} else if (o->device != KVQ_CTX_CPU) {
+		snprintf(err, errlen, "unknown device %d", o->device);
+		ret = -EINVAL;
 		goto out_free;
 	}
 	*out = c;
@@ -150,6 +166,7 @@ void kvq_ctx_destroy(struct kvq_ctx *c)
 	for (i = 0; c->seqs && i < c->max_seqs; i++)
 		if (c->seqs[i].used)
 			kvq_kv_seq_release(c->kv, &c->seqs[i].kv);
+	kvq_ctx_gpu_destroy(c->gpu);
 	kvq_kv_destroy(c->kv);
 	free(c->seqs);
 	free(c->x);
@@ -162,7 +179,26 @@ void kvq_ctx_destroy(struct kvq_ctx *c)
 	free(c->hb2);
 	free(c->pos);
 	free(c->aseq);
+	free(c->slots);
 	free(c);
+}
+
+int kvq_ctx_device(const struct kvq_ctx *c)
+{
+	return c->gpu ? KVQ_CTX_GPU : KVQ_CTX_CPU;
+}
+
+uint64_t kvq_ctx_device_bytes(const struct kvq_ctx *c)
+{
+	return c->gpu ? kvq_ctx_gpu_bytes(c->gpu) : 0;
+}
+
+void kvq_ctx_describe(const struct kvq_ctx *c, char *buf, size_t len)
+{
+	if (c->gpu)
+		kvq_ctx_gpu_describe(c->gpu, buf, len);
+	else
+		snprintf(buf, len, "cpu backend");
 }
 
 int kvq_seq_create(struct kvq_ctx *c)
@@ -210,6 +246,32 @@ int kvq_seq_truncate(struct kvq_ctx *c, int seq, int pos)
 	if (!s || pos < 0 || (uint32_t)pos > s->kv.n_tokens)
 		return -EINVAL;
 	kvq_kv_seq_truncate(c->kv, &s->kv, (uint32_t)pos);
+	return 0;
+}
+
+int kvq_seq_fill_synthetic(struct kvq_ctx *c, int seq, uint32_t n)
+{
+	struct kvq_ctx_seq *s = seq_get(c, seq);
+	uint32_t from;
+	int ret;
+
+	if (!s)
+		return -EINVAL;
+	if (!c->gpu)
+		return -ENOSYS;
+	from = s->kv.n_tokens;
+	if (from + n > c->n_ctx)
+		return -ENOSPC;
+	ret = kvq_kv_seq_reserve(c->kv, &s->kv, n);
+	if (ret)
+		return ret;
+	ret = kvq_ctx_gpu_fill(c->gpu, seq, s->kv.pages, s->kv.n_pages, from,
+			       from + n);
+	if (ret) {
+		kvq_kv_seq_truncate(c->kv, &s->kv, from);
+		return ret;
+	}
+	kvq_kv_seq_commit(&s->kv, n);
 	return 0;
 }
 
@@ -306,11 +368,24 @@ int kvq_step(struct kvq_ctx *c, const struct kvq_batch *b, float *logits)
 		a->row0 = row;
 		for (t = 0; t < a->n_new; t++)
 			c->pos[row + t] = a->pos0 + t;
-		ret = op->embed(be, m->tok_embd, b->tokens[i], a->n_new,
-				c->x + (size_t)row * hp->dim);
-		if (ret)
-			goto out_unreserve;
+		if (!c->gpu) {
+			ret = op->embed(be, m->tok_embd, b->tokens[i],
+					a->n_new, c->x + (size_t)row * hp->dim);
+			if (ret)
+				goto out_unreserve;
+		}
 		row += a->n_new;
+	}
+	if (c->gpu) {
+		for (i = 0; i < b->n; i++)
+			c->slots[i] = b->seq[i];
+		ret = kvq_ctx_gpu_step(c->gpu, b, c->slots, c->aseq, c->pos, T,
+				       logits);
+		if (ret) {
+			ret = -EIO;
+			goto out_unreserve;
+		}
+		goto commit;
 	}
 
 	for (l = 0; l < hp->n_layers; l++) {
@@ -361,6 +436,7 @@ int kvq_step(struct kvq_ctx *c, const struct kvq_batch *b, float *logits)
 		    hp->rms_eps);
 	op->matmul(be, m->output, c->xb, logits, n_out);
 
+commit:
 	for (i = 0; i < b->n; i++)
 		kvq_kv_seq_commit(&c->seqs[b->seq[i]].kv, c->aseq[i].n_new);
 	return 0;

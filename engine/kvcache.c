@@ -356,6 +356,10 @@ static void page_copy(struct kvq_kvcache *c, int32_t dst, int32_t src)
 {
 	uint32_t l;
 
+	if (c->copy_page) {
+		c->copy_page(c->copy_arg, dst, src);
+		return;
+	}
 	for (l = 0; l < c->o.n_layers; l++) {
 		struct kvq_kv_half *k = &c->layers[l].k, *v = &c->layers[l].v;
 

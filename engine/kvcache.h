@@ -101,6 +101,11 @@ struct kvq_kvcache {
 	int32_t *refcnt;	/* per page; 0 = free */
 	int32_t *free_list;	/* stack of free page ids */
 	uint32_t n_free;
+	/* Where the page bytes live elsewhere (a GPU backend keeps them in
+	 * device memory and the host arrays stay untouched, never faulted
+	 * in), a copy on write calls this instead of copying host bytes. */
+	void (*copy_page)(void *arg, int32_t dst, int32_t src);
+	void *copy_arg;
 };
 
 /* A sequence's block table and its f16 sink copies. */

@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "engine/backend.h"
+#include "engine/forward_gpu.h"
 #include "engine/gguf.h"
 #include "engine/kvcache.h"
 #include "engine/log.h"
@@ -366,6 +367,7 @@ void kvq_model_destroy(struct kvq_model *m)
 
 	if (!m)
 		return;
+	kvq_model_gpu_release(m);
 	kvq_pool_destroy(m->pool);
 	for (i = 0; i < m->n_owned; i++)
 		free(m->owned[i]);

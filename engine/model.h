@@ -83,6 +83,15 @@ struct kvq_ctx_opts {
 	const uint8_t *kv_types_v;
 	uint32_t kv_page_tokens;	/* 0: 16 (at most 64) */
 	uint32_t kv_sink_tokens;	/* first tokens kept in f16 */
+	int device;		/* enum kvq_ctx_device */
+};
+
+/* Where a context computes.  KVQ_CTX_GPU uploads the model's weights on
+ * first use and keeps the KV pages and activations in device memory; it
+ * fails (never falls back) when the build or the machine has no GPU. */
+enum kvq_ctx_device {
+	KVQ_CTX_CPU = 0,
+	KVQ_CTX_GPU = 1,
 };
 
 /* Serving defaults: K q8, V q4, 4 f16 sink tokens, 16-token pages. */
@@ -101,6 +110,13 @@ uint32_t kvq_ctx_n_ctx(const struct kvq_ctx *c);
 struct kvq_kvcache *kvq_ctx_kvcache(const struct kvq_ctx *c);
 uint32_t kvq_ctx_max_batch(const struct kvq_ctx *c);
 
+/* KVQ_CTX_CPU or KVQ_CTX_GPU. */
+int kvq_ctx_device(const struct kvq_ctx *c);
+/* Device bytes the context holds (0 on the CPU). */
+uint64_t kvq_ctx_device_bytes(const struct kvq_ctx *c);
+/* One line about how the context computes (backend, kernels, graphs). */
+void kvq_ctx_describe(const struct kvq_ctx *c, char *buf, size_t len);
+
 /* A new empty sequence: returns its id (>= 0) or -ENOSPC. */
 int kvq_seq_create(struct kvq_ctx *c);
 /* Frees the sequence's KV pages at once. */
@@ -109,6 +125,13 @@ void kvq_seq_free(struct kvq_ctx *c, int seq);
 int kvq_seq_len(const struct kvq_ctx *c, int seq);
 /* Drops tokens from position @pos on (pos <= len). */
 int kvq_seq_truncate(struct kvq_ctx *c, int seq, int pos);
+/*
+ * For benchmarks: appends @n tokens of pseudo-random keys and values to
+ * the sequence's cache in every layer without running the model (a long
+ * context in seconds instead of a prefill).  GPU contexts only; -ENOSYS
+ * on the CPU, -ENOSPC when the cache is full.
+ */
+int kvq_seq_fill_synthetic(struct kvq_ctx *c, int seq, uint32_t n);
 
 /*
  * One step: for each entry i, append n_tokens[i] tokens of sequence
@@ -118,7 +141,7 @@ int kvq_seq_truncate(struct kvq_ctx *c, int seq, int pos);
  * order.  Returns 0, -ENOSPC when the KV cache or a sequence's context is
  * full (nothing appended), -E2BIG when the batch has more tokens than
  * the context's max_batch (callers chunk long prompts), -EINVAL for a bad
- * token id or batch.
+ * token id or batch, -EIO when the GPU failed (logged; nothing appended).
  */
 struct kvq_batch {
 	int n;

@@ -16,6 +16,8 @@ struct kvq_layer {
 	struct kvq_weight *w_gate, *w_up, *w_down;
 };
 
+struct kvq_gpu_model;
+
 struct kvq_model {
 	struct kvq_gguf *g;
 	struct kvq_hparams hp;
@@ -32,6 +34,7 @@ struct kvq_model {
 	uint32_t n_owned;
 	uint64_t weight_bytes;
 	char desc[160];
+	struct kvq_gpu_model *gpu;	/* device copy of the weights, or NULL */
 };
 
 #endif /* KVQ_MODEL_IMPL_H */

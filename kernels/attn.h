@@ -120,7 +120,9 @@ static inline int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a,
  * One append launch: RoPE on each new key row, then K and V quantized
  * exactly as kvq_kv_quant_row() does and stored at their positions (and
  * the f16 sink copies for positions below n_sink of a quantized type, as
- * kvq_kv_write() does).  The pages must be reserved.
+ * kvq_kv_write() does).  The pages must be reserved.  Supported: page
+ * types f32, f16, q8, q4; head_dim a multiple of 32 (up to 512), or 4, 8
+ * or 16 (one scale group per head).
  */
 struct kvq_gpu_append_args {
 	const void *k;		/* [n_rows][n_kv_heads * head_dim], not rotated */

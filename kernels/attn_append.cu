@@ -46,7 +46,8 @@ struct aparams {
 
 __device__ __forceinline__ int rbytes(int t, int d)
 {
-	return t == KVQ_KV_F16 ? 2 * d : t == KVQ_KV_Q8 ? d : d / 2;
+	return t == KVQ_KV_F32 ? 4 * d : t == KVQ_KV_F16 ? 2 * d :
+	       t == KVQ_KV_Q8 ? d : d / 2;
 }
 
 __device__ __forceinline__ unsigned short f16_bits(float x)
@@ -65,6 +66,12 @@ __device__ void put_row(int type, const float x[4], int c, bool on,
 {
 	float amax = 0.0f;
 
+	if (type == KVQ_KV_F32) {
+		if (on)
+			*(float4 *)(data + 4 * c) = make_float4(x[0], x[1],
+								x[2], x[3]);
+		return;
+	}
 	if (type == KVQ_KV_F16) {
 		if (on) {
 			uint2 w;
@@ -78,7 +85,8 @@ __device__ void put_row(int type, const float x[4], int c, bool on,
 	if (on)
 		for (int i = 0; i < 4; i++)
 			amax = fmaxf(amax, fabsf(x[i]));
-	/* A group is group/4 consecutive lanes (8 for 32 channels). */
+	/* A group is group/4 consecutive lanes (8 for 32 channels, 2 for a
+	 * head of 8). */
 	for (int m = 1; m < group / 4; m <<= 1)
 		amax = fmaxf(amax, kvq_shfl_xor_f32(amax, m));
 	if (!on)
@@ -194,7 +202,7 @@ __global__ void __launch_bounds__(NWA * 32) append_kernel(aparams p)
 					x[i] = v;
 				}
 				put_row(type, x, c, on, p.group, data, scales);
-				if (on && sink && type != KVQ_KV_F16 && pos < p.n_sink) {
+				if (on && sink && type >= KVQ_KV_Q8 && pos < p.n_sink) {
 					uint16_t *s = sink + ((size_t)half * p.n_sink + pos) * kvd +
 						      (size_t)h * p.d + c;
 
@@ -215,15 +223,17 @@ extern "C" int kvq_gpu_attn_append(const struct kvq_gpu_append_args *a,
 	aparams p;
 	int ok_k, ok_v;
 
-	ok_k = a->k_type == KVQ_KV_F16 || a->k_type == KVQ_KV_Q8 ||
-	       a->k_type == KVQ_KV_Q4;
-	ok_v = a->v_type == KVQ_KV_F16 || a->v_type == KVQ_KV_Q8 ||
-	       a->v_type == KVQ_KV_Q4;
+	ok_k = a->k_type >= KVQ_KV_F32 && a->k_type <= KVQ_KV_Q4;
+	ok_v = a->v_type >= KVQ_KV_F32 && a->v_type <= KVQ_KV_Q4;
 	if (!a->n_kv_heads || !a->head_dim || !a->page_tokens ||
 	    a->rope_dim > a->head_dim || a->rope_dim % 2 ||
 	    a->n_sink > a->page_tokens || a->in_type < 0 || a->in_type > 1)
 		return -EINVAL;
-	if (!ok_k || !ok_v || a->head_dim % 32 || a->head_dim > MAX_D)
+	/* A scale group is 32 channels, or the whole head below 32 (then a
+	 * power-of-two number of 4-channel lanes). */
+	if (!ok_k || !ok_v || a->head_dim % 4 || a->head_dim > MAX_D ||
+	    (a->head_dim >= 32 ? a->head_dim % 32 != 0 :
+	     (a->head_dim & (a->head_dim - 1)) != 0))
 		return -EOPNOTSUPP;
 	if (!a->n_rows)
 		return 0;
@@ -249,7 +259,7 @@ extern "C" int kvq_gpu_attn_append(const struct kvq_gpu_append_args *a,
 	p.hk = (int)a->n_kv_heads;
 	p.d = (int)a->head_dim;
 	p.P = (int)a->page_tokens;
-	p.group = 32;
+	p.group = a->head_dim < 32 ? (int)a->head_dim : 32;
 	p.rope_dim = (int)a->rope_dim;
 	p.neox = a->rope_neox != 0;
 	p.base = a->rope_base;

@@ -15,6 +15,16 @@
  *   3. a closed connection sets req to NULL and cancels the live choices;
  *   4. the hreq is freed when n_live is 0 -- never earlier, because the
  *      scheduler may still call the sinks that point into it.
+ *
+ * Delivery pace: waking the loop thread costs a system call on the
+ * scheduler thread and a context switch that, on a machine whose cores all
+ * decode, comes out of the next engine step.  So the scheduler wakes the
+ * loop only when the loop is parked (struct evq); a loop that found events
+ * comes back by itself FLUSH_US later for what arrived meanwhile, and
+ * parks when it finds nothing.  A slow model thus gets every event at once
+ * and a fast one gets them in batches at most FLUSH_US late; a choice's
+ * first event and every final event wake the loop at once.  Each wake-up
+ * writes one HTTP chunk per stream with all its events.
  */
 #include "config.h"
 
@@ -37,12 +47,16 @@
 #include "engine/tokenizer.h"
 #include "proto/http_impl.h"
 
+/* How long a loop that delivered events waits before it looks again. */
+#define FLUSH_US 1000
+
 struct hchoice {
 	struct hreq *hr;
 	int index;
 	int prompt;			/* which prompt */
 	uint64_t id;			/* scheduler id */
 	bool live;			/* submitted, DONE not yet seen */
+	bool woke;			/* scheduler thread: first event sent */
 	bool echo_pending;
 	bool role_sent;
 	enum kvq_finish finish;
@@ -63,6 +77,9 @@ struct hreq {
 	struct event *watch;		/* peer close, while answering */
 	struct event *beat;		/* stream keep-alive timer */
 	bool wrote;			/* a chunk went out since the last beat */
+	struct evbuffer *out;		/* stream: events not yet handed to evhttp */
+	char *pre;			/* stream: each event's JSON up to "choices" */
+	size_t pre_len;
 	bool error_sent;		/* a stream's error event is out */
 	enum kvq_oai_kind kind;
 	char id[48];
@@ -77,6 +94,21 @@ struct hreq {
 	char **echo;			/* per prompt, when echo */
 	size_t *echo_len;
 };
+
+/*
+ * The pacing state of a server's event queue (h->qlock, h->qhead), hung
+ * off h->qev's callback argument: struct kvq_http is shared with http.c.
+ */
+struct evq {
+	struct kvq_http *h;
+	struct event *flush;		/* loop thread: look again FLUSH_US on */
+	bool parked;			/* under qlock: nobody looks unless woken */
+};
+
+static struct evq *evq_of(struct kvq_http *h)
+{
+	return event_get_callback_arg(h->qev);
+}
 
 /* A scheduler event, copied for the loop thread. */
 struct evitem {
@@ -105,8 +137,10 @@ static void sink_event(void *arg, const struct kvq_sched_event *ev)
 {
 	struct hchoice *c = arg;
 	struct kvq_http *h = c->hr->h;
+	struct evq *q = evq_of(h);
 	size_t tb = sizeof(struct kvq_sched_tok) * ev->n_tok;
 	struct evitem *it;
+	bool wake, urgent;
 
 	it = malloc(sizeof(*it) + tb + ev->len + 1);
 	if (!it) {
@@ -144,15 +178,21 @@ static void sink_event(void *arg, const struct kvq_sched_event *ev)
 	if (ev->errmsg)
 		snprintf(it->errmsg, sizeof(it->errmsg), "%s", ev->errmsg);
 queue:
+	/* a full-body answer needs the loop only for its end */
+	wake = c->hr->stream || ev->kind == KVQ_SCHED_EV_DONE;
+	urgent = ev->kind == KVQ_SCHED_EV_DONE || !c->woke;
+	c->woke = c->woke || wake;
 	pthread_mutex_lock(&h->qlock);
 	if (h->qtail)
 		h->qtail->next = it;
 	else
 		h->qhead = it;
 	h->qtail = it;
+	wake = wake && (q->parked || urgent);
+	if (wake)
+		q->parked = false;
 	pthread_mutex_unlock(&h->qlock);
-	/* a full-body answer needs waking only for its end */
-	if (c->hr->stream || ev->kind == KVQ_SCHED_EV_DONE)
+	if (wake)
 		event_active(h->qev, EV_READ, 1);
 }
 
@@ -179,6 +219,9 @@ static void hreq_free(struct hreq *hr)
 	free(hr->echo_len);
 	free(hr->prompt_tokens);
 	free(hr->ch);
+	if (hr->out)
+		evbuffer_free(hr->out);
+	free(hr->pre);
 	free(hr);
 }
 
@@ -440,27 +483,182 @@ static void usage_totals(struct hreq *hr, int *prompt, int *completion)
 		*completion += hr->ch[i].completion_tokens;
 }
 
+/* Queues one event with @j (reference stolen) for the next flush. */
 static void sse_send(struct hreq *hr, json_t *j)
 {
-	struct evbuffer *b;
 	char *s;
 
-	if (!hr->req) {
+	if (!hr->req || !hr->out) {
 		json_decref(j);
 		return;
 	}
 	s = json_dumps(j, JSON_COMPACT);
 	json_decref(j);
-	b = evbuffer_new();
-	if (!s || !b)
-		goto out;
-	evbuffer_add_printf(b, "data: %s\n\n", s);
-	evhttp_send_reply_chunk(hr->req, b);
-	hr->wrote = true;
-out:
-	if (b)
-		evbuffer_free(b);
+	if (s)
+		evbuffer_add_printf(hr->out, "data: %s\n\n", s);
+	else
+		kvq_warn("http: %s: out of memory; a stream event is lost",
+			 hr->id);
 	free(s);
+}
+
+/* Hands the queued events of @hr to evhttp as one chunk. */
+static void sse_flush(struct hreq *hr)
+{
+	if (!hr->req || !hr->out || !evbuffer_get_length(hr->out))
+		return;
+	evhttp_send_reply_chunk(hr->req, hr->out);
+	hr->wrote = true;
+}
+
+/*
+ * @s as the inside of a JSON string, as jansson writes kvq_json_text(@s):
+ * each byte that is not part of valid UTF-8 becomes U+FFFD; '"', '\\' and
+ * control characters are escaped.  @out has room for 6 * @len bytes.
+ * Returns the bytes written.
+ */
+static size_t json_escape(char *out, const char *s, size_t len)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	const unsigned char *p = (const unsigned char *)s;
+	size_t i = 0, o = 0;
+	int k;
+
+	while (i < len) {
+		unsigned char ch = p[i];
+
+		if (ch >= 0x20 && ch < 0x80 && ch != '"' && ch != '\\') {
+			out[o++] = ch;
+			i++;
+			continue;
+		}
+		if (ch >= 0x80) {
+			/* the sequence's length from its first byte, then
+			 * checked whole, as kvq_json_text() decides */
+			k = ch >= 0xf0 ? (ch <= 0xf4 ? 4 : 0) :
+			    ch >= 0xe0 ? 3 : ch >= 0xc2 ? 2 : 0;
+			if (k && ((size_t)k > len - i ||
+				  !kvq_utf8_valid(s + i, k)))
+				k = 0;
+			if (k > 0) {
+				memcpy(out + o, s + i, k);
+				o += k;
+				i += k;
+			} else {
+				memcpy(out + o, "\xef\xbf\xbd", 3);
+				o += 3;
+				i++;
+			}
+			continue;
+		}
+		out[o++] = '\\';
+		switch (ch) {
+		case '"': out[o++] = '"'; break;
+		case '\\': out[o++] = '\\'; break;
+		case '\b': out[o++] = 'b'; break;
+		case '\f': out[o++] = 'f'; break;
+		case '\n': out[o++] = 'n'; break;
+		case '\r': out[o++] = 'r'; break;
+		case '\t': out[o++] = 't'; break;
+		default:
+			memcpy(out + o, "u00", 3);
+			out[o + 3] = hex[ch >> 4];
+			out[o + 4] = hex[ch & 15];
+			o += 5;
+		}
+		i++;
+	}
+	return o;
+}
+
+/* Appends the string literal @lit at @o + *@n. */
+#define PUT(o, n, lit) do {						\
+		memcpy((o) + *(n), lit, sizeof(lit) - 1);		\
+		*(n) += sizeof(lit) - 1;				\
+	} while (0)
+
+/*
+ * The start of every event of a stream, up to the choices:
+ * 'data: {"id":...,"system_fingerprint":"kvqd","choices":[' (the same
+ * fields, in the same order, as envelope()).  Returns 0 or -ENOMEM.
+ */
+static int stream_prefix(struct hreq *hr)
+{
+	const char *model = hr->h->model_id;
+	size_t il = strlen(hr->id), ml = strlen(model), n = 0;
+	char *o;
+
+	o = malloc(6 * (il + ml) + 160);
+	if (!o)
+		return -ENOMEM;
+	PUT(o, &n, "data: {\"id\":\"");
+	n += json_escape(o + n, hr->id, il);
+	n += sprintf(o + n, "\",\"object\":\"%s\",\"created\":%lld,"
+		     "\"model\":\"", hr->kind == KVQ_OAI_CHAT ?
+		     "chat.completion.chunk" : "text_completion",
+		     hr->created);
+	n += json_escape(o + n, model, ml);
+	PUT(o, &n, "\",\"system_fingerprint\":\"kvqd\",\"choices\":[");
+	hr->pre = o;
+	hr->pre_len = n;
+	return 0;
+}
+
+/*
+ * stream_chunk() for a stream without logprobs, written straight into
+ * hr->out: the same JSON as envelope() and the choice built with jansson,
+ * without building it, because it runs once per token and stream.
+ */
+static void stream_chunk_plain(struct hreq *hr, struct hchoice *c,
+			       const char *text, size_t len,
+			       const char *finish)
+{
+	bool content = len || !finish;
+	struct evbuffer_iovec v;
+	size_t n;
+	char *o;
+
+	if (!hr->req || !hr->out)
+		return;
+	if (evbuffer_reserve_space(hr->out, hr->pre_len + 6 * len + 192, &v,
+				   1) < 1) {
+		kvq_warn("http: %s: out of memory; a stream event is lost",
+			 hr->id);
+		return;
+	}
+	o = v.iov_base;
+	memcpy(o, hr->pre, hr->pre_len);
+	n = hr->pre_len;
+	n += sprintf(o + n, "{\"index\":%d,", c->index);
+	if (hr->kind == KVQ_OAI_CHAT) {
+		PUT(o, &n, "\"delta\":{");
+		if (!c->role_sent) {
+			PUT(o, &n, "\"role\":\"assistant\"");
+			if (content)
+				PUT(o, &n, ",");
+			c->role_sent = true;
+		}
+		if (content) {
+			PUT(o, &n, "\"content\":\"");
+			n += json_escape(o + n, text, len);
+			PUT(o, &n, "\"");
+		}
+		PUT(o, &n, "},");
+	} else {
+		PUT(o, &n, "\"text\":\"");
+		n += json_escape(o + n, text, len);
+		PUT(o, &n, "\",");
+	}
+	PUT(o, &n, "\"logprobs\":null,\"finish_reason\":");
+	if (finish)
+		n += sprintf(o + n, "\"%s\"}]", finish);
+	else
+		PUT(o, &n, "null}]");
+	if (hr->include_usage)
+		PUT(o, &n, ",\"usage\":null");
+	PUT(o, &n, "}\n\n");
+	v.iov_len = n;
+	evbuffer_commit_space(hr->out, &v, 1);
 }
 
 /* One streamed chunk for choice @c with @text and logprobs @tok. */
@@ -469,9 +667,15 @@ static void stream_chunk(struct hreq *hr, struct hchoice *c, const char *text,
 			 const char *finish)
 {
 	const struct kvq_tokenizer *t = hr->h->tok;
-	json_t *env = envelope(hr, true), *choice, *lp = json_null();
+	json_t *env, *choice, *lp;
 
-	if (hr->logprobs >= 0 && (n_tok || finish)) {
+	if (hr->logprobs < 0) {
+		stream_chunk_plain(hr, c, text, len, finish);
+		return;
+	}
+	env = envelope(hr, true);
+	lp = json_null();
+	if (n_tok || finish) {
 		json_decref(lp);
 		if (hr->kind == KVQ_OAI_CHAT) {
 			lp = lp_chat_new();
@@ -519,7 +723,6 @@ static void stream_error(struct hreq *hr, int status, const char *type,
 
 static void stream_end(struct hreq *hr)
 {
-	struct evbuffer *b;
 	int p, c;
 
 	if (!hr->req)
@@ -532,12 +735,9 @@ static void stream_end(struct hreq *hr)
 		json_object_set_new(env, "usage", kvq_oai_usage_json(p, c, 0));
 		sse_send(hr, env);
 	}
-	b = evbuffer_new();
-	if (b) {
-		evbuffer_add_printf(b, "data: [DONE]\n\n");
-		evhttp_send_reply_chunk(hr->req, b);
-		evbuffer_free(b);
-	}
+	if (hr->out)
+		evbuffer_add(hr->out, "data: [DONE]\n\n", 14);
+	sse_flush(hr);
 	{
 		struct evhttp_request *req = hr->req;
 
@@ -713,21 +913,35 @@ out:
 	}
 }
 
-/* Loop thread: everything the scheduler sent since last time. */
+/*
+ * Loop thread: everything the scheduler sent since last time, then one
+ * chunk per stream.  Woken by the scheduler (h->qev) or by its own flush
+ * timer; finding nothing, it parks until the scheduler wakes it.
+ */
 static void on_events(evutil_socket_t fd, short what, void *arg)
 {
-	struct kvq_http *h = arg;
+	struct evq *q = arg;
+	struct kvq_http *h = q->h;
 	struct evitem *it, *next;
+	struct hreq *hr;
+	struct timeval tv = { 0, FLUSH_US };
 
 	pthread_mutex_lock(&h->qlock);
 	it = h->qhead;
 	h->qhead = h->qtail = NULL;
+	if (!it)
+		q->parked = true;
 	pthread_mutex_unlock(&h->qlock);
+	if (!it)
+		return;
 	for (; it; it = next) {
 		next = it->next;
 		apply(h, it);
 		free(it);
 	}
+	for (hr = h->live; hr; hr = hr->next)
+		sse_flush(hr);
+	evtimer_add(q->flush, &tv);
 }
 
 /* ------------------------------------------------------------- requests */
@@ -925,6 +1139,8 @@ static struct hreq *start(struct kvq_http *h, struct evhttp_request *req,
 	hr->prompt_tokens = calloc(n_prompts, sizeof(int));
 	if (!hr->ch || !hr->prompt_tokens)
 		goto nomem_free;
+	if (hr->stream && (!(hr->out = evbuffer_new()) || stream_prefix(hr)))
+		goto nomem_free;
 	if (r->echo) {
 		hr->echo = calloc(n_prompts, sizeof(char *));
 		hr->echo_len = calloc(n_prompts, sizeof(size_t));
@@ -1009,6 +1225,9 @@ nomem_free:
 	free(hr->echo_len);
 	free(hr->prompt_tokens);
 	free(hr->ch);
+	if (hr->out)
+		evbuffer_free(hr->out);
+	free(hr->pre);
 	free(hr);
 nomem:
 	kvq_oai_fail(e, 500, "server_error", NULL, NULL, "out of memory");
@@ -1092,23 +1311,44 @@ out:
 
 int kvq_complete_init(struct kvq_http *h)
 {
-	int ret = pthread_mutex_init(&h->qlock, NULL);
+	struct evq *q;
+	int ret;
 
-	if (ret)
-		return -ret;
-	h->qev = event_new(h->base, -1, 0, on_events, h);
-	if (!h->qev) {
-		pthread_mutex_destroy(&h->qlock);
+	q = calloc(1, sizeof(*q));
+	if (!q)
 		return -ENOMEM;
-	}
+	q->h = h;
+	q->parked = true;
+	ret = -pthread_mutex_init(&h->qlock, NULL);
+	if (ret)
+		goto out_free;
+	ret = -ENOMEM;
+	q->flush = evtimer_new(h->base, on_events, q);
+	if (!q->flush)
+		goto out_mutex;
+	h->qev = event_new(h->base, -1, 0, on_events, q);
+	if (!h->qev)
+		goto out_flush;
 	return 0;
+
+out_flush:
+	event_free(q->flush);
+out_mutex:
+	pthread_mutex_destroy(&h->qlock);
+out_free:
+	free(q);
+	return ret;
 }
 
 void kvq_complete_fini(struct kvq_http *h)
 {
+	struct evq *q = h->qev ? evq_of(h) : NULL;
 	struct hreq *hr, *next;
 	struct timespec ts = { 0, 5 * 1000 * 1000 };
 	int i, tries;
+
+	if (!q)
+		return;	/* kvq_complete_init() failed: nothing was made */
 
 	for (hr = h->live; hr; hr = next) {
 		next = hr->next;
@@ -1138,15 +1378,15 @@ void kvq_complete_fini(struct kvq_http *h)
 	}
 	/* the scheduler answers every cancel with a DONE; wait for them */
 	for (tries = 0; h->live && tries < 2000; tries++) {
-		on_events(-1, 0, h);
+		on_events(-1, 0, q);
 		if (h->live)
 			nanosleep(&ts, NULL);
 	}
 	if (h->live)
 		kvq_err("http: requests still live at shutdown; leaking them");
-	if (h->qev) {
-		event_free(h->qev);
-		h->qev = NULL;
-		pthread_mutex_destroy(&h->qlock);
-	}
+	event_free(q->flush);
+	event_free(h->qev);
+	h->qev = NULL;
+	pthread_mutex_destroy(&h->qlock);
+	free(q);
 }

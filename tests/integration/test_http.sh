@@ -187,6 +187,25 @@ ok $? "streamed completion: chunks in OpenAI's shape, usage chunk, data: [DONE]"
 [ "$(sse_text "$DIR/stream.txt")" = "$plain_text" ]
 ok $? "streamed text equals the plain text for the same seed"
 
+# stream events are written without jansson: quotes, backslashes, control
+# characters, DEL and invalid UTF-8 (each bad byte as U+FFFD) of an echoed
+# prompt of byte tokens come out as in the plain answer
+esc='"prompt":[1,37,95,4,13,34,130,258,229,133,198,172,3,261,436],"max_tokens":2,"temperature":0,"echo":true'
+req POST /v1/completions -d "{$esc}"
+cp "$DIR/body" "$DIR/esc.json"
+curl -sN -o "$DIR/esc.txt" "http://127.0.0.1:$PORT/v1/completions" -d "{$esc,\"stream\":true}"
+[ "$STATUS" = 200 ] && sse_check "$DIR/esc.txt" text_completion 0 &&
+	sse_text "$DIR/esc.txt" >"$DIR/esc.stream" &&
+	"$PY" - "$DIR/esc.json" "$DIR/esc.stream" <<'EOF'
+import json, sys
+plain = json.load(open(sys.argv[1]))["choices"][0]["text"]
+streamed = open(sys.argv[2], encoding="utf-8").read()
+assert plain == streamed, (plain, streamed)
+for ch in '"\\\x01\n\x1f\x7f\ufffd\x00':
+    assert ch in plain, (ch, plain)
+EOF
+ok $? "streamed JSON escapes like jansson (quotes, controls, invalid UTF-8)"
+
 curl -sN -o "$DIR/stream2.txt" "http://127.0.0.1:$PORT/v1/completions" \
 	-d '{"prompt":"Once upon a time","max_tokens":5,"stream":true}'
 sse_check "$DIR/stream2.txt" text_completion 0 && ! grep -q '"usage"' "$DIR/stream2.txt"

@@ -1,0 +1,204 @@
+/*
+ * gpu_decode.c - end-to-end decode tokens/s of kvqd's GPU forward pass,
+ * against the memory-bandwidth bound measured in the same run (JSON).
+ *
+ * For each model, KV setting, batch and context: a GPU context holds
+ * `batch` sequences, each filled with `ctx` tokens of synthetic KV (the
+ * kvq_seq_fill_synthetic() shortcut: a real prefill of 32K tokens would
+ * only add minutes to the run, and decode cost does not depend on the
+ * values), then `steps` decode steps through kvq_step() -- the same call
+ * the daemon makes, logits copied back to the host every step -- are
+ * timed.  The bound is (weight bytes a step reads + KV bytes of every
+ * sequence) / the streaming-read bandwidth of this GPU, measured here.
+ *
+ * Usage: gpu_decode --model F [--model F ...] [--batch 1,4,16]
+ *                   [--ctx 1024,32768] [--kv q4/q4,f16/f16] [--steps 64]
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "engine/forward_gpu.h"
+#include "engine/kvcache.h"
+#include "engine/log.h"
+#include "engine/model.h"
+#include "kernels/gpu.h"
+
+double kvq_bench_read_gbps(size_t bytes, int reps);
+
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int parse_list(const char *s, long *out, int cap)
+{
+	int n = 0;
+
+	while (*s && n < cap) {
+		char *e;
+
+		out[n++] = strtol(s, &e, 10);
+		s = *e == ',' ? e + 1 : e;
+		if (e == s && *s)
+			break;
+	}
+	return n;
+}
+
+static void usage(void)
+{
+	fprintf(stderr, "usage: gpu_decode --model F [--model F ...] [--batch 1,4,16] [--ctx 1024,32768] [--kv q4/q4,f16/f16] [--steps N]\n");
+	exit(2);
+}
+
+/* One run; prints its JSON object.  Returns 0 or -errno. */
+static int run(struct kvq_model *m, const char *mname, const char *kv,
+	       int batch, int ctx, int steps, double gbps, int *first)
+{
+	const struct kvq_hparams *hp = kvq_model_hparams(m);
+	struct kvq_ctx_opts o;
+	struct kvq_ctx *c = NULL;
+	char err[256], kt[8], vt[8], desc[256];
+	int seqs[64], ns[64], i, s, ret;
+	int32_t toks[64];
+	const int32_t *tp[64];
+	struct kvq_batch b = { 0 };
+	float *logits = NULL;
+	double t0, dt, kvb, wb, bound;
+	enum kvq_kv_type k, v;
+
+	if (sscanf(kv, "%7[^/]/%7s", kt, vt) != 2 ||
+	    kvq_kv_type_parse(kt, &k) || kvq_kv_type_parse(vt, &v)) {
+		fprintf(stderr, "gpu_decode: bad --kv %s\n", kv);
+		return -EINVAL;
+	}
+	kvq_ctx_opts_default(&o);
+	o.kv_type_k = k;
+	o.kv_type_v = v;
+	o.n_ctx = (uint32_t)(ctx + steps + 8);
+	o.kv_tokens = o.n_ctx * (uint32_t)batch;
+	o.max_seqs = (uint32_t)batch;
+	o.max_batch = 64;
+	o.device = KVQ_CTX_GPU;
+	ret = kvq_ctx_create(m, &o, &c, err, sizeof(err));
+	if (ret) {
+		fprintf(stderr, "gpu_decode: %s batch %d ctx %d: %s\n", kv, batch,
+			ctx, err);
+		return ret;
+	}
+	logits = malloc((size_t)batch * hp->n_vocab * sizeof(float));
+	for (i = 0; i < batch; i++) {
+		seqs[i] = kvq_seq_create(c);
+		ret = kvq_seq_fill_synthetic(c, seqs[i], (uint32_t)ctx);
+		if (ret)
+			goto out;
+		ns[i] = 1;
+		toks[i] = (int32_t)((i * 31 + 7) % hp->n_vocab);
+		tp[i] = &toks[i];
+	}
+	b.n = batch;
+	b.seq = seqs;
+	b.n_tokens = ns;
+	b.tokens = tp;
+	/* Warm-up: the first steps capture the CUDA graphs. */
+	for (s = 0; s < 4; s++) {
+		ret = kvq_step(c, &b, logits);
+		if (ret)
+			goto out;
+	}
+	t0 = now();
+	for (s = 0; s < steps; s++) {
+		ret = kvq_step(c, &b, logits);
+		if (ret)
+			goto out;
+	}
+	dt = now() - t0;
+	wb = (double)kvq_model_gpu_step_bytes(m);
+	kvb = (double)kvq_ctx_kv_bytes_per_token(c) * (ctx + 4 + steps / 2.0) *
+	      batch;
+	bound = gbps * 1e9 / (wb + kvb) * batch;
+	kvq_ctx_describe(c, desc, sizeof(desc));
+	printf("%s\n  {\"model\": \"%s\", \"kv\": \"%s\", \"batch\": %d, \"ctx\": %d, \"steps\": %d, "
+	       "\"step_us\": %.1f, \"tok_s\": %.1f, \"weight_bytes_per_step\": %.0f, "
+	       "\"kv_bytes_per_step\": %.0f, \"bound_tok_s\": %.1f, \"pct_of_bound\": %.1f, "
+	       "\"gpu\": \"%s\"}",
+	       *first ? "" : ",", mname, kv, batch, ctx, steps, dt / steps * 1e6,
+	       steps * batch / dt, wb, kvb, bound,
+	       100.0 * (steps * batch / dt) / bound, desc);
+	*first = 0;
+	fflush(stdout);
+out:
+	if (ret)
+		fprintf(stderr, "gpu_decode: %s batch %d ctx %d: error %d\n", kv,
+			batch, ctx, ret);
+	free(logits);
+	kvq_ctx_destroy(c);
+	return ret;
+}
+
+int main(int argc, char **argv)
+{
+	const char *models[8], *kvs = "q4/q4,q8/q4,f16/f16";
+	long batches[8] = { 1, 4, 16 }, ctxs[8] = { 1024, 32768 };
+	int n_models = 0, nb = 3, nc = 2, steps = 64, i, j, k, first = 1;
+	struct kvq_gpu_info gi;
+	char why[256], kvbuf[256];
+	double gbps;
+
+	for (i = 1; i < argc; i++) {
+		if (!strcmp(argv[i], "--model") && i + 1 < argc && n_models < 8)
+			models[n_models++] = argv[++i];
+		else if (!strcmp(argv[i], "--batch") && i + 1 < argc)
+			nb = parse_list(argv[++i], batches, 8);
+		else if (!strcmp(argv[i], "--ctx") && i + 1 < argc)
+			nc = parse_list(argv[++i], ctxs, 8);
+		else if (!strcmp(argv[i], "--kv") && i + 1 < argc)
+			kvs = argv[++i];
+		else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
+			steps = atoi(argv[++i]);
+		else
+			usage();
+	}
+	if (!n_models || steps <= 0)
+		usage();
+	if (kvq_gpu_probe(&gi, why, sizeof(why)) <= 0) {
+		fprintf(stderr, "gpu_decode: %s\n", why);
+		return 77;
+	}
+	kvq_log_set_level(KVQ_LOG_WARNING);
+	gbps = kvq_bench_read_gbps((size_t)4 << 30, 5);
+	printf("{\"device\": \"%s\", \"read_gbps\": %.1f,\n"
+	       " \"peers_published\": {\"note\": \"llama.cpp CUDA, flash attention, f16 KV, on this H200 for the 1B F16 shape; not run here\", "
+	       "\"batch1_short\": 514, \"batch1_1k\": 355, \"batch1_32k\": 92, \"batch4_32k_aggregate\": 218},\n"
+	       " \"results\": [", gi.name, gbps);
+	for (i = 0; i < n_models; i++) {
+		struct kvq_model_opts mo = { 0 };
+		struct kvq_model *m;
+		const char *name = strrchr(models[i], '/');
+		char err[256];
+
+		name = name ? name + 1 : models[i];
+		mo.n_threads = 2;
+		if (kvq_model_load(models[i], &mo, &m, err, sizeof(err))) {
+			fprintf(stderr, "gpu_decode: %s\n", err);
+			return 1;
+		}
+		snprintf(kvbuf, sizeof(kvbuf), "%s", kvs);
+		for (char *kv = strtok(kvbuf, ","); kv; kv = strtok(NULL, ","))
+			for (j = 0; j < nc; j++)
+				for (k = 0; k < nb; k++)
+					run(m, name, kv, (int)batches[k],
+					    (int)ctxs[j], steps, gbps, &first);
+		kvq_model_destroy(m);
+	}
+	printf("\n]}\n");
+	return 0;
+}

@@ -1,0 +1,510 @@
+/*
+ * forward_gpu.c - uploads a model to the GPU and runs kvq_step() there.
+ *
+ * Why this file exists: see forward_gpu.h.  Weight formats on the device:
+ * Q8_0 and Q4_0 stay 8- and 4-bit (the decode products dequantize them in
+ * registers and read about half / a quarter of the f16 bytes); F32 stays
+ * f32 (exact); every other type (F16, BF16, Q4_K, Q6_K) becomes f16 once
+ * at load.  Setting KVQ_GPU_WEIGHTS=f16 in the environment turns every
+ * type into f16 (the other choice the benchmarks measure).
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/backend.h"
+#include "engine/forward_gpu.h"
+#include "engine/gguf.h"
+#include "engine/kvcache.h"
+#include "engine/log.h"
+#include "engine/model.h"
+#include "engine/model_impl.h"
+#include "engine/quant.h"
+
+#if defined(KVQ_HAVE_CUDA) || defined(KVQ_HAVE_HIP)
+
+#include "kernels/attn.h"
+#include "kernels/gpu_fwd.h"
+
+struct kvq_ctx_gpu {
+	struct kvq_model *m;
+	struct kvq_kvcache *kv;
+	struct kvq_gpu_ctx *c;
+	uint32_t max_batch, max_seqs, bt_stride;
+	int32_t *tokens, *pos, *row_seq, *slot, *bt, *seq_len, *out_rows;
+	float *cs;
+};
+
+/* Device format a weight of GGUF @type takes. */
+static int gpu_wtype(uint32_t type)
+{
+	const char *e = getenv("KVQ_GPU_WEIGHTS");
+
+	if (e && !strcmp(e, "f16"))
+		return KVQ_GPU_W_F16;
+	if (type == KVQ_TYPE_F32)
+		return KVQ_GPU_W_F32;
+	if (type == KVQ_TYPE_Q8_0)
+		return KVQ_GPU_W_Q8;
+	if (type == KVQ_TYPE_Q4_0)
+		return KVQ_GPU_W_Q4;
+	return KVQ_GPU_W_F16;
+}
+
+/*
+ * Converts @w's rows into the device format @wt at row offset @r0 of the
+ * host buffers (@data: halves, int8 or nibbles; @scales: halves).
+ */
+static int convert(struct kvq_weight *w, int wt, uint32_t r0, uint8_t *data,
+		   uint16_t *scales, float *tmp)
+{
+	uint64_t rb = kvq_type_row_bytes(w->type, w->cols);
+	const uint8_t *src = kvq_weight_get(w);
+	uint32_t cols = w->cols, nb = cols / 32, r, b, i;
+	int ret = 0;
+
+	for (r = 0; r < w->rows && !ret; r++) {
+		const uint8_t *row = src + rb * r;
+		size_t o = (size_t)(r0 + r);
+
+		if (wt == KVQ_GPU_W_F32) {
+			ret = kvq_dequant_row(w->type, row,
+					      (float *)data + o * cols, cols);
+		} else if (wt == KVQ_GPU_W_F16) {
+			uint16_t *d = (uint16_t *)data + o * cols;
+
+			if (w->type == KVQ_TYPE_F16) {
+				memcpy(d, row, (size_t)cols * 2);
+				continue;
+			}
+			ret = kvq_dequant_row(w->type, row, tmp, cols);
+			for (i = 0; !ret && i < cols; i++)
+				d[i] = kvq_f32_to_f16(tmp[i]);
+		} else if (wt == KVQ_GPU_W_Q8) {
+			/* Q8_0 block: f16 d, 32 int8. */
+			for (b = 0; b < nb; b++) {
+				memcpy(&scales[o * nb + b], row + b * 34, 2);
+				memcpy(data + o * cols + b * 32, row + b * 34 + 2,
+				       32);
+			}
+		} else {
+			/* Q4_0 block: f16 d, 16 bytes of nibbles. */
+			for (b = 0; b < nb; b++) {
+				memcpy(&scales[o * nb + b], row + b * 18, 2);
+				memcpy(data + o * (cols / 2) + b * 16,
+				       row + b * 18 + 2, 16);
+			}
+		}
+	}
+	kvq_weight_put(w);
+	return ret;
+}
+
+/* Uploads the row-stack of @n weights (same cols) into one device matrix. */
+static int upload_stack(struct kvq_gpu_model *g, int layer, int slot,
+			struct kvq_weight **ws, int n, char *err,
+			size_t errlen)
+{
+	uint32_t rows = 0, cols = ws[0]->cols, r0 = 0;
+	int wt = gpu_wtype(ws[0]->type), i, ret = 0;
+	size_t db, sb;
+	uint8_t *data;
+	uint16_t *scales = NULL;
+	float *tmp;
+
+	for (i = 0; i < n; i++) {
+		rows += ws[i]->rows;
+		if (gpu_wtype(ws[i]->type) != wt)
+			wt = KVQ_GPU_W_F16;	/* a mix: the common format */
+		if (ws[i]->cols != cols) {
+			snprintf(err, errlen, "tensor %s: %u columns, expected %u",
+				 ws[i]->name, ws[i]->cols, cols);
+			return -EINVAL;
+		}
+	}
+	db = wt == KVQ_GPU_W_F32 ? (size_t)rows * cols * 4 :
+	     wt == KVQ_GPU_W_F16 ? (size_t)rows * cols * 2 :
+	     wt == KVQ_GPU_W_Q8 ? (size_t)rows * cols : (size_t)rows * cols / 2;
+	sb = wt == KVQ_GPU_W_F16 || wt == KVQ_GPU_W_F32 ? 0 : (size_t)rows * (cols / 32) * 2;
+	data = malloc(db);
+	tmp = malloc((size_t)cols * sizeof(float));
+	if (sb)
+		scales = malloc(sb);
+	if (!data || !tmp || (sb && !scales)) {
+		snprintf(err, errlen, "out of host memory converting %s",
+			 ws[0]->name);
+		ret = -ENOMEM;
+		goto out;
+	}
+	for (i = 0; i < n && !ret; i++) {
+		ret = convert(ws[i], wt, r0, data, scales, tmp);
+		if (ret)
+			snprintf(err, errlen, "tensor %s: cannot convert type %u for the GPU",
+				 ws[i]->name, ws[i]->type);
+		r0 += ws[i]->rows;
+	}
+	if (!ret)
+		ret = kvq_gpu_model_set_matrix(g, layer, slot, wt, rows, cols,
+					       data, scales, err, errlen);
+out:
+	free(data);
+	free(tmp);
+	free(scales);
+	return ret;
+}
+
+int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
+{
+	const struct kvq_hparams *hp = &m->hp;
+	struct kvq_gpu_model_desc d = { 0 };
+	struct kvq_gpu_model *g;
+	uint32_t qd = hp->n_heads * hp->head_dim;
+	uint32_t kvd = hp->n_kv_heads * hp->head_dim, l;
+	float *bias = NULL;
+	int ret;
+
+	if (m->gpu)
+		return 0;
+	d.n_layers = hp->n_layers;
+	d.dim = hp->dim;
+	d.n_heads = hp->n_heads;
+	d.n_kv_heads = hp->n_kv_heads;
+	d.head_dim = hp->head_dim;
+	d.ffn_dim = hp->ffn_dim;
+	d.n_vocab = hp->n_vocab;
+	d.rope_dim = hp->rope_dim;
+	d.rope_neox = hp->rope_neox;
+	d.rope_base = hp->rope_base;
+	d.rms_eps = hp->rms_eps;
+	ret = kvq_gpu_model_create(&d, &g, err, errlen);
+	if (ret)
+		return ret;
+	for (l = 0; l < hp->n_layers && !ret; l++) {
+		struct kvq_layer *L = &m->layers[l];
+		struct kvq_weight *qkv[3] = { L->wq, L->wk, L->wv };
+		struct kvq_weight *gu[2] = { L->w_gate, L->w_up };
+
+		ret = upload_stack(g, l, KVQ_GPU_M_QKV, qkv, 3, err, errlen);
+		if (!ret)
+			ret = upload_stack(g, l, KVQ_GPU_M_O, &L->wo, 1, err,
+					   errlen);
+		if (!ret)
+			ret = upload_stack(g, l, KVQ_GPU_M_GATEUP, gu, 2, err,
+					   errlen);
+		if (!ret)
+			ret = upload_stack(g, l, KVQ_GPU_M_DOWN, &L->w_down, 1,
+					   err, errlen);
+		if (!ret)
+			ret = kvq_gpu_model_set_vector(g, l, KVQ_GPU_V_ATTN_NORM,
+						       L->attn_norm, hp->dim,
+						       err, errlen);
+		if (!ret)
+			ret = kvq_gpu_model_set_vector(g, l, KVQ_GPU_V_FFN_NORM,
+						       L->ffn_norm, hp->dim,
+						       err, errlen);
+		if (!ret && L->bq) {
+			bias = malloc((size_t)(qd + 2 * kvd) * sizeof(float));
+			if (!bias) {
+				ret = -ENOMEM;
+				break;
+			}
+			memcpy(bias, L->bq, qd * sizeof(float));
+			memcpy(bias + qd, L->bk, kvd * sizeof(float));
+			memcpy(bias + qd + kvd, L->bv, kvd * sizeof(float));
+			ret = kvq_gpu_model_set_vector(g, l, KVQ_GPU_V_QKV_BIAS,
+						       bias, qd + 2 * kvd, err,
+						       errlen);
+			free(bias);
+		}
+	}
+	if (!ret)
+		ret = upload_stack(g, -1, KVQ_GPU_M_EMBED, &m->tok_embd, 1, err,
+				   errlen);
+	if (!ret) {
+		if (m->output == m->tok_embd)
+			kvq_gpu_model_tie_output(g);
+		else
+			ret = upload_stack(g, -1, KVQ_GPU_M_OUTPUT, &m->output,
+					   1, err, errlen);
+	}
+	if (!ret)
+		ret = kvq_gpu_model_set_vector(g, -1, KVQ_GPU_V_OUTPUT_NORM,
+					       m->output_norm, hp->dim, err,
+					       errlen);
+	if (!ret)
+		ret = kvq_gpu_model_ready(g, err, errlen);
+	if (ret) {
+		kvq_gpu_model_destroy(g);
+		return ret;
+	}
+	m->gpu = g;
+	kvq_info("gpu: weights uploaded, %.1f MiB on the device (%s)",
+		 kvq_gpu_model_bytes(g) / 1048576.0,
+		 getenv("KVQ_GPU_WEIGHTS") ? "all f16 (KVQ_GPU_WEIGHTS)" :
+		 "Q8_0/Q4_0 kept 8/4-bit, F32 as f32, other types as f16");
+	return 0;
+}
+
+void kvq_model_gpu_release(struct kvq_model *m)
+{
+	kvq_gpu_model_destroy(m->gpu);
+	m->gpu = NULL;
+}
+
+uint64_t kvq_model_gpu_step_bytes(const struct kvq_model *m)
+{
+	return m->gpu ? kvq_gpu_model_step_bytes(m->gpu) : 0;
+}
+
+static void gpu_copy_page(void *arg, int32_t dst, int32_t src)
+{
+	struct kvq_ctx_gpu *g = arg;
+
+	if (kvq_gpu_ctx_copy_page(g->c, dst, src))
+		kvq_err("gpu: copy of KV page %d failed", src);
+}
+
+int kvq_ctx_gpu_create(struct kvq_model *m, struct kvq_kvcache *kv,
+		       uint32_t max_batch, uint32_t max_seqs, uint32_t n_ctx,
+		       struct kvq_ctx_gpu **out, char *err, size_t errlen)
+{
+	const struct kvq_hparams *hp = &m->hp;
+	struct kvq_gpu_ctx_desc d = { 0 };
+	uint8_t tk[KVQ_KV_MAX_LAYERS], tv[KVQ_KV_MAX_LAYERS];
+	size_t kpb[KVQ_KV_MAX_LAYERS], vpb[KVQ_KV_MAX_LAYERS];
+	struct kvq_ctx_gpu *g;
+	uint32_t l;
+	int ret;
+
+	ret = kvq_model_gpu_upload(m, err, errlen);
+	if (ret)
+		return ret;
+	g = calloc(1, sizeof(*g));
+	if (!g)
+		return -ENOMEM;
+	g->m = m;
+	g->kv = kv;
+	g->max_batch = max_batch;
+	g->max_seqs = max_seqs;
+	g->bt_stride = (n_ctx + kv->o.page_tokens - 1) / kv->o.page_tokens + 1;
+	for (l = 0; l < hp->n_layers; l++) {
+		tk[l] = kv->layers[l].k.type;
+		tv[l] = kv->layers[l].v.type;
+		kpb[l] = kv->layers[l].k.page_bytes;
+		vpb[l] = kv->layers[l].v.page_bytes;
+	}
+	d.max_batch = max_batch;
+	d.max_seqs = max_seqs;
+	d.bt_stride = g->bt_stride;
+	d.n_pages = kv->o.n_pages;
+	d.page_tokens = kv->o.page_tokens;
+	d.n_sink = kv->o.n_sink;
+	d.max_ctx = n_ctx;
+	d.type_k = tk;
+	d.type_v = tv;
+	d.k_page_bytes = kpb;
+	d.v_page_bytes = vpb;
+	d.use_graphs = !getenv("KVQ_GPU_NO_GRAPHS");
+	g->tokens = malloc(max_batch * sizeof(int32_t));
+	g->pos = malloc(max_batch * sizeof(int32_t));
+	g->row_seq = malloc(max_batch * sizeof(int32_t));
+	g->out_rows = malloc(max_batch * sizeof(int32_t));
+	g->slot = malloc(max_seqs * sizeof(int32_t));
+	g->seq_len = malloc(max_seqs * sizeof(int32_t));
+	g->bt = calloc((size_t)max_seqs * g->bt_stride, sizeof(int32_t));
+	g->cs = malloc((size_t)max_batch * (hp->rope_dim / 2 + 1) * 2 *
+		       sizeof(float));
+	if (!g->tokens || !g->pos || !g->row_seq || !g->out_rows ||
+	    !g->slot || !g->seq_len || !g->bt || !g->cs) {
+		snprintf(err, errlen, "out of memory");
+		kvq_ctx_gpu_destroy(g);
+		return -ENOMEM;
+	}
+	ret = kvq_gpu_ctx_create(m->gpu, &d, &g->c, err, errlen);
+	if (ret) {
+		kvq_ctx_gpu_destroy(g);
+		return ret;
+	}
+	kv->copy_page = gpu_copy_page;
+	kv->copy_arg = g;
+	*out = g;
+	return 0;
+}
+
+void kvq_ctx_gpu_destroy(struct kvq_ctx_gpu *g)
+{
+	if (!g)
+		return;
+	if (g->kv && g->kv->copy_arg == g) {
+		g->kv->copy_page = NULL;
+		g->kv->copy_arg = NULL;
+	}
+	kvq_gpu_ctx_destroy(g->c);
+	free(g->tokens);
+	free(g->pos);
+	free(g->row_seq);
+	free(g->out_rows);
+	free(g->slot);
+	free(g->seq_len);
+	free(g->bt);
+	free(g->cs);
+	free(g);
+}
+
+uint64_t kvq_ctx_gpu_bytes(const struct kvq_ctx_gpu *g)
+{
+	return kvq_gpu_ctx_bytes(g->c);
+}
+
+int kvq_ctx_gpu_step(struct kvq_ctx_gpu *g, const struct kvq_batch *b,
+		     const int *slots, const struct kvq_attn_seq *aseq,
+		     const uint32_t *pos, uint32_t n_tok, float *logits)
+{
+	const struct kvq_hparams *hp = &g->m->hp;
+	struct kvq_gpu_step s = { 0 };
+	char err[256];
+	uint32_t t, row = 0, n_out = 0;
+	int i, ret;
+
+	for (i = 0; i < b->n; i++) {
+		const struct kvq_attn_seq *a = &aseq[i];
+
+		if (a->kv->n_pages > g->bt_stride)
+			return -EINVAL;
+		memcpy(g->bt + (size_t)i * g->bt_stride, a->kv->pages,
+		       a->kv->n_pages * sizeof(int32_t));
+		g->slot[i] = slots[i];
+		g->seq_len[i] = (int32_t)(a->pos0 + a->n_new);
+		for (t = 0; t < a->n_new; t++, row++) {
+			g->tokens[row] = b->tokens[i][t];
+			g->pos[row] = (int32_t)pos[row];
+			g->row_seq[row] = i;
+			if (b->all_logits || t == a->n_new - 1)
+				g->out_rows[n_out++] = (int32_t)row;
+		}
+	}
+	if (hp->rope_dim)
+		kvq_attn_ref_rope_table(pos, n_tok, hp->rope_dim,
+					hp->rope_base, g->cs);
+	s.n_tok = n_tok;
+	s.n_seqs = (uint32_t)b->n;
+	s.n_out = n_out;
+	s.tokens = g->tokens;
+	s.pos = g->pos;
+	s.row_seq = g->row_seq;
+	s.seq_slot = g->slot;
+	s.block_table = g->bt;
+	s.seq_len = g->seq_len;
+	s.out_rows = g->out_rows;
+	s.rope_cs = g->cs;
+	s.logits = logits;
+	ret = kvq_gpu_forward(g->c, &s, err, sizeof(err));
+	if (ret)
+		kvq_err("gpu: %s", err);
+	return ret;
+}
+
+int kvq_ctx_gpu_fill(struct kvq_ctx_gpu *g, int slot, const int32_t *pages,
+		     uint32_t n_pages, uint32_t from, uint32_t to)
+{
+	return kvq_gpu_ctx_fill_random(g->c, pages, n_pages, (uint32_t)slot,
+				       from, to, 12345u + (uint32_t)slot);
+}
+
+void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
+{
+	struct kvq_gpu_stats st;
+
+	kvq_gpu_ctx_stats(g->c, &st);
+	snprintf(buf, len,
+		 "%llu steps (%llu as CUDA graphs, %llu graphs), decode attention: %s",
+		 (unsigned long long)st.steps,
+		 (unsigned long long)st.graph_steps,
+		 (unsigned long long)st.graphs,
+		 st.decode_kernel ? "fused split-KV kernel" :
+		 "generic kernel (head_dim or page type outside the fused kernel)");
+}
+
+#else /* no GPU backend */
+
+static const char nogpu[] = "this kvqd was built without a GPU backend (configure --with-cuda or --with-hip)";
+
+int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
+{
+	(void)m;
+	snprintf(err, errlen, "%s", nogpu);
+	return -ENOSYS;
+}
+
+void kvq_model_gpu_release(struct kvq_model *m)
+{
+	(void)m;
+}
+
+int kvq_ctx_gpu_create(struct kvq_model *m, struct kvq_kvcache *kv,
+		       uint32_t max_batch, uint32_t max_seqs, uint32_t n_ctx,
+		       struct kvq_ctx_gpu **out, char *err, size_t errlen)
+{
+	(void)m;
+	(void)kv;
+	(void)max_batch;
+	(void)max_seqs;
+	(void)n_ctx;
+	*out = NULL;
+	snprintf(err, errlen, "%s", nogpu);
+	return -ENOSYS;
+}
+
+void kvq_ctx_gpu_destroy(struct kvq_ctx_gpu *g)
+{
+	(void)g;
+}
+
+uint64_t kvq_model_gpu_step_bytes(const struct kvq_model *m)
+{
+	(void)m;
+	return 0;
+}
+
+uint64_t kvq_ctx_gpu_bytes(const struct kvq_ctx_gpu *g)
+{
+	(void)g;
+	return 0;
+}
+
+int kvq_ctx_gpu_step(struct kvq_ctx_gpu *g, const struct kvq_batch *b,
+		     const int *slots, const struct kvq_attn_seq *aseq,
+		     const uint32_t *pos, uint32_t n_tok, float *logits)
+{
+	(void)g;
+	(void)b;
+	(void)slots;
+	(void)aseq;
+	(void)pos;
+	(void)n_tok;
+	(void)logits;
+	return -ENOSYS;
+}
+
+int kvq_ctx_gpu_fill(struct kvq_ctx_gpu *g, int slot, const int32_t *pages,
+		     uint32_t n_pages, uint32_t from, uint32_t to)
+{
+	(void)g;
+	(void)slot;
+	(void)pages;
+	(void)n_pages;
+	(void)from;
+	(void)to;
+	return -ENOSYS;
+}
+
+void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
+{
+	(void)g;
+	snprintf(buf, len, "%s", nogpu);
+}
+
+#endif

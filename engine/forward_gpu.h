@@ -1,0 +1,55 @@
+/*
+ * forward_gpu.h - the engine's side of the GPU forward pass: uploading a
+ * model's weights and running kvq_step() on the device.
+ *
+ * Why this file exists: forward.c keeps the host bookkeeping of a context
+ * (sequences, block tables, page reference counts) for both devices; this
+ * interface turns that bookkeeping into the plain arrays of
+ * kernels/gpu_fwd.h.  Nothing here needs CUDA headers; a build without a
+ * GPU backend gets -ENOSYS and a message saying so.
+ */
+#ifndef KVQ_FORWARD_GPU_H
+#define KVQ_FORWARD_GPU_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct kvq_model;
+struct kvq_kvcache;
+struct kvq_batch;
+struct kvq_attn_seq;
+struct kvq_ctx_gpu;
+
+/* Uploads @m's weights once (later calls return 0 at once). */
+int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen);
+void kvq_model_gpu_release(struct kvq_model *m);
+/* Device weight bytes one decode step reads (0 before the upload). */
+uint64_t kvq_model_gpu_step_bytes(const struct kvq_model *m);
+
+int kvq_ctx_gpu_create(struct kvq_model *m, struct kvq_kvcache *kv,
+		       uint32_t max_batch, uint32_t max_seqs, uint32_t n_ctx,
+		       struct kvq_ctx_gpu **out, char *err, size_t errlen);
+void kvq_ctx_gpu_destroy(struct kvq_ctx_gpu *g);
+/* Device bytes of the context (pages, sinks, activations). */
+uint64_t kvq_ctx_gpu_bytes(const struct kvq_ctx_gpu *g);
+
+/*
+ * Runs one step whose pages are reserved: entry i is sequence slot
+ * @slots[i] with @aseq[i] (positions and rows); @pos holds every row's
+ * position.  Logits as kvq_step() defines them.
+ */
+int kvq_ctx_gpu_step(struct kvq_ctx_gpu *g, const struct kvq_batch *b,
+		     const int *slots, const struct kvq_attn_seq *aseq,
+		     const uint32_t *pos, uint32_t n_tok, float *logits);
+
+/* For benchmarks: appends @n pseudo-random tokens to the sequence's
+ * cache on the device without running the model (pages reserved). */
+int kvq_ctx_gpu_fill(struct kvq_ctx_gpu *g, int slot, const int32_t *pages,
+		     uint32_t n_pages, uint32_t from, uint32_t to);
+
+/* One line about the GPU state: steps, graphs, decode kernel. */
+void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf,
+			  size_t len);
+
+#endif /* KVQ_FORWARD_GPU_H */

@@ -1,0 +1,1801 @@
+/*
+ * gpu_fwd.cu - the forward pass on the GPU: weights, activations and the
+ * paged KV cache in device memory, one stream, CUDA graphs for decode.
+ *
+ * Why this file exists: a decode step reads every weight once; on a GPU
+ * that is a few hundred microseconds, so the step must not pay host round
+ * trips or launch latency per operation.  Activations stay f32 (as on the
+ * CPU path, so greedy output matches it), weights are f16 or kept 8/4-bit
+ * (Q8/Q4, dequantized in registers), and the per-layer work is nine
+ * kernels: RMSNorm, the stacked QKV product, RoPE of the queries, the
+ * fused rotate-quantize-append of K and V (attn_append.cu), attention
+ * (attn_decode.cu's split-KV kernel, or the generic one below for other
+ * head sizes, f32 pages and prompts), the output projection with the
+ * residual add, RMSNorm, gate and up with SwiGLU, and the down projection
+ * with the residual add.
+ *
+ * Matrix products: up to 16 tokens a warp streams a weight row with 16-byte
+ * loads and dots it with every token (decode and small batches are bound by
+ * weight bytes); more tokens go through a shared-memory tiled product.
+ * Plain-C twins: the CPU engine (engine/backend_cpu.c) computes the same
+ * step; tests/gpu/test_gpu_fwd.c compares the two.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/gpu_compat.h"
+#include "kernels/attn.h"
+#include "kernels/gpu_fwd.h"
+#include "engine/kvcache.h"
+
+namespace {
+
+constexpr int MV_WARPS = 4;	/* rows (warps) per block of the small product */
+constexpr int MV_MAXT = 16;	/* tokens the small product takes */
+constexpr int GT = 64;		/* tiled product: rows and tokens per tile */
+constexpr int GK = 32;		/* and depth */
+constexpr int ATT_MAXD = 256;	/* split attention: head sizes 8..256 */
+constexpr int ATT_MAXG = 16;	/* query heads per KV head (8 at 256) */
+constexpr int ATT_SPLIT_TOK = 512;	/* positions per split, about */
+constexpr int ATT_MAX_BLOCKS = 4096;	/* split blocks of one launch, about */
+constexpr int MAX_GRAPHS = 48;
+
+__host__ __device__ inline uint32_t pad32(uint32_t n)
+{
+	return (n + 31) & ~31u;
+}
+
+struct dmat {
+	int type;		/* enum kvq_gpu_wtype */
+	uint32_t rows, cols, ld;	/* ld: elements a row (F16) */
+	void *d;
+	__half *s;
+	size_t bytes;
+};
+
+/* ------------------------------------------------------ device helpers */
+
+__device__ __forceinline__ float h2f(__half h)
+{
+	return __half2float(h);
+}
+
+/* Element (r, c) of a weight matrix. */
+__device__ __forceinline__ float wval(const dmat &m, uint32_t r, uint32_t c)
+{
+	if (m.type == KVQ_GPU_W_F16)
+		return h2f(((const __half *)m.d)[(size_t)r * m.ld + c]);
+	if (m.type == KVQ_GPU_W_F32)
+		return ((const float *)m.d)[(size_t)r * m.ld + c];
+	float d = h2f(m.s[(size_t)r * (m.cols / 32) + c / 32]);
+
+	if (m.type == KVQ_GPU_W_Q8)
+		return (float)((const int8_t *)m.d)[(size_t)r * m.cols + c] * d;
+	const uint8_t *b = (const uint8_t *)m.d + (size_t)r * (m.cols / 2) +
+			   (c / 32) * 16;
+	uint32_t j = c % 32;
+	int q = j < 16 ? (b[j] & 15) : (b[j - 16] >> 4);
+
+	return (float)(q - 8) * d;
+}
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+	for (int m = 16; m > 0; m >>= 1)
+		v += kvq_shfl_xor_f32(v, m);
+	return v;
+}
+
+__device__ __forceinline__ void unpack_h8(uint4 u, float f[8])
+{
+	const __half2 *h = reinterpret_cast<const __half2 *>(&u);
+
+	for (int i = 0; i < 4; i++) {
+		float2 v = __half22float2(h[i]);
+
+		f[2 * i] = v.x;
+		f[2 * i + 1] = v.y;
+	}
+}
+
+/* ------------------------------------------------------------- kernels */
+
+__global__ void embed_kernel(dmat e, const int32_t *tok, float *x,
+			     uint32_t xs)
+{
+	uint32_t t = blockIdx.x, r = (uint32_t)tok[t];
+
+	for (uint32_t c = threadIdx.x; c < e.cols; c += blockDim.x)
+		x[(size_t)t * xs + c] = wval(e, r, c);
+}
+
+/* y[i] = x[rows ? rows[i] : i] / rms * g, as the CPU engine (the sum of
+ * squares in double). */
+__global__ void rmsnorm_kernel(const float *x, uint32_t xs,
+			       const int32_t *rows, const float *g, float *y,
+			       uint32_t ys, uint32_t dim, float eps)
+{
+	__shared__ double part[32];
+	uint32_t i = blockIdx.x, r = rows ? (uint32_t)rows[i] : i;
+	const float *xr = x + (size_t)r * xs;
+	double ss = 0.0;
+
+	for (uint32_t c = threadIdx.x; c < dim; c += blockDim.x)
+		ss += (double)xr[c] * xr[c];
+	for (int m = 16; m > 0; m >>= 1)
+		ss += __shfl_xor_sync(0xffffffffu, ss, m);
+	if ((threadIdx.x & 31) == 0)
+		part[threadIdx.x >> 5] = ss;
+	__syncthreads();
+	if (threadIdx.x == 0) {
+		double t = 0.0;
+
+		for (uint32_t w = 0; w < blockDim.x / 32; w++)
+			t += part[w];
+		part[0] = t;
+	}
+	__syncthreads();
+	float s = (float)(1.0 / sqrt(part[0] / dim + eps));
+
+	for (uint32_t c = threadIdx.x; c < dim; c += blockDim.x)
+		y[(size_t)i * ys + c] = __fmul_rn(__fmul_rn(xr[c], s), g[c]);
+}
+
+enum { EPI_STORE = 0, EPI_ADD = 1, EPI_SWIGLU = 2 };
+
+struct mmp {
+	dmat w;
+	const float *x;
+	uint32_t xs;
+	float *y;
+	uint32_t ys;
+	uint32_t n;		/* tokens */
+	int epi;
+	const float *bias;	/* [rows] or NULL */
+	uint32_t out_rows;	/* rows written (half of w.rows for SWIGLU) */
+};
+
+__device__ __forceinline__ float silu_mul(float g, float u)
+{
+	return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+}
+
+/* Dot of weight row @r with tokens 0..n-1 (lane-partial sums in acc). */
+template <int WT, int NT>
+__device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, int lane,
+					float acc[NT])
+{
+	const float *x = p.x;
+	uint32_t xs = p.xs, cols = p.w.cols;
+
+	if (WT == KVQ_GPU_W_F32) {
+		const float *w = (const float *)p.w.d + (size_t)r * p.w.ld;
+
+#pragma unroll 4
+		for (uint32_t c = lane * 8; c < cols; c += 256) {
+			float4 u0 = __ldg((const float4 *)(w + c));
+			float4 u1 = __ldg((const float4 *)(w + c + 4));
+			float f[8] = { u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w };
+#pragma unroll
+			for (int t = 0; t < NT; t++) {
+				if (t < (int)p.n) {
+					const float4 *xp = (const float4 *)(x + (size_t)t * xs + c);
+					float4 a = xp[0], b = xp[1];
+
+					acc[t] += f[0] * a.x + f[1] * a.y + f[2] * a.z +
+						  f[3] * a.w + f[4] * b.x + f[5] * b.y +
+						  f[6] * b.z + f[7] * b.w;
+				}
+			}
+		}
+	} else if (WT == KVQ_GPU_W_F16) {
+		const __half *w = (const __half *)p.w.d + (size_t)r * p.w.ld;
+
+#pragma unroll 4
+		for (uint32_t c = lane * 8; c < cols; c += 256) {
+			uint4 u = __ldg((const uint4 *)(w + c));
+			float f[8];
+
+			unpack_h8(u, f);
+#pragma unroll
+			for (int t = 0; t < NT; t++) {
+				if (t < (int)p.n) {
+					const float4 *xp = (const float4 *)(x + (size_t)t * xs + c);
+					float4 a = xp[0], b = xp[1];
+
+					acc[t] += f[0] * a.x + f[1] * a.y + f[2] * a.z +
+						  f[3] * a.w + f[4] * b.x + f[5] * b.y +
+						  f[6] * b.z + f[7] * b.w;
+				}
+			}
+		}
+	} else if (WT == KVQ_GPU_W_Q8) {
+		const int8_t *w = (const int8_t *)p.w.d + (size_t)r * cols;
+		const __half *sc = p.w.s + (size_t)r * (cols / 32);
+
+#pragma unroll 4
+		for (uint32_t c = lane * 16; c < cols; c += 512) {
+			int4 u = __ldg((const int4 *)(w + c));
+			float d = h2f(sc[c / 32]);
+			const int8_t *q = reinterpret_cast<const int8_t *>(&u);
+			float f[16];
+
+			for (int i = 0; i < 16; i++)
+				f[i] = (float)q[i];
+#pragma unroll
+			for (int t = 0; t < NT; t++) {
+				if (t < (int)p.n) {
+					const float4 *xp = (const float4 *)(x + (size_t)t * xs + c);
+					float s = 0.0f;
+
+					for (int i = 0; i < 4; i++) {
+						float4 a = xp[i];
+
+						s += f[4 * i] * a.x + f[4 * i + 1] * a.y +
+						     f[4 * i + 2] * a.z + f[4 * i + 3] * a.w;
+					}
+					acc[t] += s * d;
+				}
+			}
+		}
+	} else {
+		const uint8_t *w = (const uint8_t *)p.w.d + (size_t)r * (cols / 2);
+		const __half *sc = p.w.s + (size_t)r * (cols / 32);
+
+#pragma unroll 2
+		for (uint32_t b = lane; b < cols / 32; b += 32) {
+			uint4 u = __ldg((const uint4 *)(w + (size_t)b * 16));
+			float d = h2f(sc[b]);
+			const uint8_t *q = reinterpret_cast<const uint8_t *>(&u);
+			float lo[16], hi[16];
+
+			for (int i = 0; i < 16; i++) {
+				lo[i] = (float)((q[i] & 15) - 8);
+				hi[i] = (float)((q[i] >> 4) - 8);
+			}
+#pragma unroll
+			for (int t = 0; t < NT; t++) {
+				if (t < (int)p.n) {
+					const float4 *xp = (const float4 *)(x + (size_t)t * xs + b * 32);
+					float s = 0.0f;
+
+					for (int i = 0; i < 4; i++) {
+						float4 a = xp[i], e = xp[i + 4];
+
+						s += lo[4 * i] * a.x + lo[4 * i + 1] * a.y +
+						     lo[4 * i + 2] * a.z + lo[4 * i + 3] * a.w;
+						s += hi[4 * i] * e.x + hi[4 * i + 1] * e.y +
+						     hi[4 * i + 2] * e.z + hi[4 * i + 3] * e.w;
+					}
+					acc[t] += s * d;
+				}
+			}
+		}
+	}
+#pragma unroll
+	for (int t = 0; t < NT; t++)
+		acc[t] = warp_sum(acc[t]);
+}
+
+template <int WT, int NT>
+__global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
+{
+	int lane = threadIdx.x & 31;
+	uint32_t r = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
+	float acc[NT], acc2[NT];
+
+	if (r >= p.out_rows)
+		return;
+#pragma unroll
+	for (int t = 0; t < NT; t++)
+		acc[t] = acc2[t] = 0.0f;
+	row_dot<WT, NT>(p, r, lane, acc);
+	if (p.epi == EPI_SWIGLU)
+		row_dot<WT, NT>(p, r + p.out_rows, lane, acc2);
+	if (lane)
+		return;
+#pragma unroll
+	for (int t = 0; t < NT; t++) {
+		if (t >= (int)p.n)
+			break;
+		float *y = p.y + (size_t)t * p.ys + r;
+		float v = acc[t] + (p.bias ? p.bias[r] : 0.0f);
+
+		if (p.epi == EPI_SWIGLU)
+			*y = silu_mul(acc[t], acc2[t]);
+		else if (p.epi == EPI_ADD)
+			*y += v;
+		else
+			*y = v;
+	}
+}
+
+/* Tiled product for many tokens: a 64x64 (rows x tokens) tile per block,
+ * each thread 4x4, weights dequantized into shared memory as f32. */
+template <int WT>
+__global__ void __launch_bounds__(256) gemm_kernel(mmp p)
+{
+	__shared__ float ws[GK][GT + 4];
+	__shared__ float xsm[GK][GT + 4];
+	int tid = threadIdx.x;
+	uint32_t r0 = blockIdx.x * GT, t0 = blockIdx.y * GT;
+	int tr = (tid % 16) * 4, tt = (tid / 16) * 4;
+	float acc[4][4] = {};
+	uint32_t kend = pad32(p.w.cols);
+
+	for (uint32_t k0 = 0; k0 < kend; k0 += GK) {
+		/* 64 rows x 32 depth: thread loads 8 values of one row. */
+		int lr = tid / 4, lc = (tid % 4) * 8;
+		uint32_t r = r0 + lr;
+
+		for (int i = 0; i < 8; i++) {
+			uint32_t c = k0 + lc + i;
+
+			ws[lc + i][lr] = (r < p.w.rows && c < p.w.cols) ?
+					 wval(p.w, r, c) : 0.0f;
+		}
+		uint32_t t = t0 + lr;
+
+		for (int i = 0; i < 8; i++) {
+			uint32_t c = k0 + lc + i;
+
+			xsm[lc + i][lr] = (t < p.n && c < p.w.cols) ?
+					  p.x[(size_t)t * p.xs + c] : 0.0f;
+		}
+		__syncthreads();
+#pragma unroll 8
+		for (int k = 0; k < GK; k++) {
+			float a[4], b[4];
+
+			for (int i = 0; i < 4; i++) {
+				a[i] = ws[k][tr + i];
+				b[i] = xsm[k][tt + i];
+			}
+			for (int i = 0; i < 4; i++)
+				for (int j = 0; j < 4; j++)
+					acc[i][j] += a[i] * b[j];
+		}
+		__syncthreads();
+	}
+	for (int j = 0; j < 4; j++) {
+		uint32_t t = t0 + tt + j;
+
+		if (t >= p.n)
+			break;
+		for (int i = 0; i < 4; i++) {
+			uint32_t r = r0 + tr + i;
+
+			if (r >= p.w.rows)
+				break;
+			float *y = p.y + (size_t)t * p.ys + r;
+			float v = acc[i][j] + (p.bias ? p.bias[r] : 0.0f);
+
+			if (p.epi == EPI_ADD)
+				*y += v;
+			else
+				*y = v;
+		}
+	}
+}
+
+__global__ void swiglu_kernel(const float *gu, uint32_t gs, float *h,
+			      uint32_t hs, uint32_t f)
+{
+	uint32_t t = blockIdx.y;
+
+	for (uint32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < f;
+	     c += gridDim.x * blockDim.x)
+		h[(size_t)t * hs + c] = silu_mul(gu[(size_t)t * gs + c],
+						 gu[(size_t)t * gs + f + c]);
+}
+
+/* Splits the stacked QKV rows: q rotated (as the CPU engine's RoPE, no
+ * contraction) into qb, k and v copied into kb and vb. */
+__global__ void rope_split_kernel(const float *qkv, uint32_t qkvs, float *qb,
+				  uint32_t qs, float *kb, float *vb,
+				  uint32_t nh, uint32_t nkv, uint32_t hd,
+				  uint32_t rope_dim, int neox, const float *cs)
+{
+	uint32_t t = blockIdx.x, qd = nh * hd, kvd = nkv * hd;
+	uint32_t half = rope_dim / 2;
+	const float *row = qkv + (size_t)t * qkvs;
+	const float *e = cs + (size_t)t * half * 2;
+
+	for (uint32_t i = threadIdx.x; i < qd; i += blockDim.x) {
+		uint32_t h = i / hd, c = i % hd;
+		const float *v = row + (size_t)h * hd;
+		float o = v[c];
+
+		if (c < rope_dim) {
+			uint32_t j = neox ? (c < half ? c : c - half) : c / 2;
+			bool first = neox ? c < half : !(c & 1);
+			uint32_t a = neox ? j : 2 * j, b = neox ? j + half : 2 * j + 1;
+			float co = e[2 * j], si = e[2 * j + 1];
+
+			o = first ? __fsub_rn(__fmul_rn(v[a], co), __fmul_rn(v[b], si)) :
+				    __fadd_rn(__fmul_rn(v[a], si), __fmul_rn(v[b], co));
+		}
+		qb[(size_t)t * qs + i] = o;
+	}
+	for (uint32_t i = threadIdx.x; i < kvd; i += blockDim.x) {
+		kb[(size_t)t * kvd + i] = row[qd + i];
+		vb[(size_t)t * kvd + i] = row[qd + kvd + i];
+	}
+}
+
+struct kvhalf {
+	const uint8_t *pages;
+	size_t page_bytes;
+	int type;
+};
+
+struct attp {
+	const float *q;
+	uint32_t qs;
+	float *out;
+	uint32_t os;
+	kvhalf k, v;
+	const int32_t *row_seq, *pos, *bt;
+	uint32_t bt_stride;
+	uint16_t *const *sink;	/* per batch entry, this layer's copies */
+	uint32_t n_sink;
+	uint32_t nh, nkv, P, G, group;
+	float scale;		/* softmax scale times log2(e) */
+	uint32_t n_splits;
+	float *ws;		/* partial results when n_splits > 1 */
+};
+
+/* Page base and row of position @t of batch entry @b's head @h. */
+__device__ __forceinline__ const uint8_t *kv_row(const attp &p, const kvhalf &k,
+						 uint32_t b, uint32_t t,
+						 uint32_t h, size_t *r)
+{
+	int32_t pg = p.bt[(size_t)b * p.bt_stride + t / p.P];
+
+	*r = (size_t)h * p.P + t % p.P;
+	return k.pages + (size_t)pg * k.page_bytes;
+}
+
+/* The f16 sink copy of position @t (a quantized half), or NULL. */
+__device__ __forceinline__ const __half *kv_sink(const attp &p, int type,
+						 int half, uint32_t b,
+						 uint32_t t, uint32_t h,
+						 uint32_t D)
+{
+	if (t >= p.n_sink || type < KVQ_KV_Q8 || !p.sink || !p.sink[b])
+		return nullptr;
+	return (const __half *)p.sink[b] +
+	       ((size_t)half * p.n_sink + t) * p.nkv * D + (size_t)h * D;
+}
+
+/* Channels c, c+1 of a row (c even), dequantized. */
+template <int D>
+__device__ __forceinline__ float2 kv_pair(const kvhalf &k, const uint8_t *base,
+					  size_t r, uint32_t c, uint32_t H,
+					  uint32_t P, uint32_t group)
+{
+	switch (k.type) {
+	case KVQ_KV_F32:
+		return *(const float2 *)((const float *)base + r * D + c);
+	case KVQ_KV_F16:
+		return __half22float2(*(const __half2 *)((const __half *)base +
+							 r * D + c));
+	case KVQ_KV_Q8: {
+		const __half *sc = (const __half *)(base + (size_t)H * P * D);
+		float d = h2f(sc[r * (D / group) + c / group]);
+		char2 q = *(const char2 *)(base + r * D + c);
+
+		return make_float2((float)q.x * d, (float)q.y * d);
+	}
+	default: {
+		const __half *sc = (const __half *)(base + (size_t)H * P * D / 2);
+		float d = h2f(sc[r * (D / group) + c / group]);
+		uint8_t q = base[r * (D / 2) + c / 2];
+
+		return make_float2((float)((q & 15) - 8) * d,
+				   (float)((q >> 4) - 8) * d);
+	}
+	}
+}
+
+/*
+ * Split-KV attention: block (split, KV head, row) covers one slice of the
+ * row's positions [0, pos] for the query heads of that KV head.  Lane j of
+ * a warp scores position t0 + j of a 32-position chunk; the chunk's
+ * probabilities then go lane to lane while each lane accumulates its
+ * channel pairs of V.  Online softmax in f32 (base 2); warps merge in
+ * shared memory, splits in attn_merge_kernel.
+ */
+template <int D, int MG>
+__global__ void __launch_bounds__(128) attn_split_kernel(attp p)
+{
+	constexpr int NP = (D / 2 + 31) / 32;	/* channel pairs per lane */
+	__shared__ float qsm[MG][D];
+	__shared__ float wm[4][MG], wl[4][MG];
+	__shared__ float wo[4][MG][D];
+	uint32_t split = blockIdx.x, kh = blockIdx.y, row = blockIdx.z;
+	uint32_t G = p.G, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+	uint32_t b = (uint32_t)p.row_seq[row];
+	uint32_t n = (uint32_t)p.pos[row] + 1;
+	uint32_t span = ((n + p.n_splits - 1) / p.n_splits + 31) & ~31u;
+	uint32_t a0 = split * span, a1 = min(n, a0 + span);
+	float m[MG], l[MG], acc[MG][NP][2];
+
+	for (uint32_t i = tid; i < G * D; i += 128)
+		qsm[i / D][i % D] = p.q[(size_t)row * p.qs +
+					 ((size_t)kh * G + i / D) * D + i % D] *
+				    p.scale;
+#pragma unroll
+	for (int g = 0; g < MG; g++) {
+		m[g] = -INFINITY;
+		l[g] = 0.0f;
+#pragma unroll
+		for (int i = 0; i < NP; i++)
+			acc[g][i][0] = acc[g][i][1] = 0.0f;
+	}
+	__syncthreads();
+	for (uint32_t c0 = a0 + 32 * w; c0 < a1; c0 += 128) {
+		uint32_t t = c0 + lane;
+		bool valid = t < a1;
+		float s[MG];
+
+#pragma unroll
+		for (int g = 0; g < MG; g++)
+			s[g] = 0.0f;
+		if (valid) {
+			const __half *sk = kv_sink(p, p.k.type, 0, b, t, kh, D);
+			size_t r;
+			const uint8_t *base = sk ? nullptr :
+					      kv_row(p, p.k, b, t, kh, &r);
+
+			for (uint32_t c = 0; c < D; c += 2) {
+				float2 k = sk ? __half22float2(*(const __half2 *)(sk + c)) :
+					   kv_pair<D>(p.k, base, r, c, p.nkv, p.P,
+						      p.group);
+#pragma unroll
+				for (int g = 0; g < MG; g++)
+					if (g < (int)G)
+						s[g] += qsm[g][c] * k.x +
+							qsm[g][c + 1] * k.y;
+			}
+		}
+#pragma unroll
+		for (int g = 0; g < MG; g++) {
+			if (g >= (int)G)
+				break;
+			float v = valid ? s[g] : -INFINITY, mc = v;
+
+			for (int o = 16; o > 0; o >>= 1)
+				mc = fmaxf(mc, kvq_shfl_xor_f32(mc, o));
+			float mn = fmaxf(m[g], mc);
+			float corr = exp2f(m[g] - mn);
+			float pr = valid ? exp2f(v - mn) : 0.0f;
+
+			l[g] = l[g] * corr + pr;
+			m[g] = mn;
+#pragma unroll
+			for (int i = 0; i < NP; i++) {
+				acc[g][i][0] *= corr;
+				acc[g][i][1] *= corr;
+			}
+			s[g] = pr;
+		}
+		uint32_t cnt = min(32u, a1 - c0);
+
+		for (uint32_t j = 0; j < cnt; j++) {
+			uint32_t tj = c0 + j;
+			const __half *sv = kv_sink(p, p.v.type, 1, b, tj, kh, D);
+			size_t r = 0;
+			const uint8_t *base = sv ? nullptr :
+					      kv_row(p, p.v, b, tj, kh, &r);
+			float pj[MG];
+
+#pragma unroll
+			for (int g = 0; g < MG; g++)
+				pj[g] = g < (int)G ?
+					__shfl_sync(0xffffffffu, s[g], j) : 0.0f;
+#pragma unroll
+			for (int i = 0; i < NP; i++) {
+				uint32_t pi = lane + 32 * i;
+
+				if (pi >= D / 2)
+					break;
+				float2 v = sv ? __half22float2(*(const __half2 *)(sv + 2 * pi)) :
+					   kv_pair<D>(p.v, base, r, 2 * pi, p.nkv,
+						      p.P, p.group);
+#pragma unroll
+				for (int g = 0; g < MG; g++) {
+					acc[g][i][0] += pj[g] * v.x;
+					acc[g][i][1] += pj[g] * v.y;
+				}
+			}
+		}
+	}
+#pragma unroll
+	for (int g = 0; g < MG; g++) {
+		if (g >= (int)G)
+			break;
+		float ls = warp_sum(l[g]);
+
+		if (lane == 0) {
+			wm[w][g] = m[g];
+			wl[w][g] = ls;
+		}
+#pragma unroll
+		for (int i = 0; i < NP; i++) {
+			uint32_t pi = lane + 32 * i;
+
+			if (pi < D / 2) {
+				wo[w][g][2 * pi] = acc[g][i][0];
+				wo[w][g][2 * pi + 1] = acc[g][i][1];
+			}
+		}
+	}
+	__syncthreads();
+	for (uint32_t i = tid; i < G * D; i += 128) {
+		uint32_t g = i / D, c = i % D;
+		float M = fmaxf(fmaxf(wm[0][g], wm[1][g]), fmaxf(wm[2][g], wm[3][g]));
+		float o = 0.0f, L = 0.0f;
+
+		if (M != -INFINITY) {
+			for (int x = 0; x < 4; x++) {
+				float e = exp2f(wm[x][g] - M);
+
+				o += e * wo[x][g][c];
+				L += e * wl[x][g];
+			}
+		}
+		if (p.n_splits == 1) {
+			p.out[(size_t)row * p.os + ((size_t)kh * G + g) * D + c] = o / L;
+		} else {
+			size_t u = ((size_t)row * p.nkv + kh) * p.n_splits + split;
+			float *ws = p.ws + u * G * (D + 2);
+
+			ws[g * (D + 2) + 2 + c] = o;
+			if (c == 0) {
+				ws[g * (D + 2)] = M;
+				ws[g * (D + 2) + 1] = L;
+			}
+		}
+	}
+}
+
+/* Merges the splits of attn_split_kernel: one block per (row, head). */
+__global__ void attn_merge_kernel(attp p, uint32_t D)
+{
+	uint32_t row = blockIdx.x, h = blockIdx.y, G = p.G;
+	uint32_t kh = h / G, g = h % G, S = p.n_splits;
+	const float *ws = p.ws + ((size_t)row * p.nkv + kh) * S * G * (D + 2) +
+			  g * (D + 2);
+	float M = -INFINITY, L = 0.0f;
+
+	for (uint32_t s = 0; s < S; s++)
+		M = fmaxf(M, ws[s * G * (D + 2)]);
+	for (uint32_t s = 0; s < S; s++) {
+		const float *e = ws + s * G * (D + 2);
+
+		if (e[0] != -INFINITY)
+			L += exp2f(e[0] - M) * e[1];
+	}
+	for (uint32_t c = threadIdx.x; c < D; c += blockDim.x) {
+		float o = 0.0f;
+
+		for (uint32_t s = 0; s < S; s++) {
+			const float *e = ws + s * G * (D + 2);
+
+			if (e[0] != -INFINITY)
+				o += exp2f(e[0] - M) * e[2 + c];
+		}
+		p.out[(size_t)row * p.os + (size_t)h * D + c] = o / L;
+	}
+}
+
+__global__ void copy_page_kernel(uint8_t *base, size_t pb, int32_t dst,
+				 int32_t src)
+{
+	const uint4 *s = (const uint4 *)(base + (size_t)src * pb);
+	uint4 *d = (uint4 *)(base + (size_t)dst * pb);
+
+	for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < pb / 16;
+	     i += (size_t)gridDim.x * blockDim.x)
+		d[i] = s[i];
+}
+
+__global__ void fill_kernel(float *x, size_t n, uint32_t seed)
+{
+	for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+	     i += (size_t)gridDim.x * blockDim.x) {
+		uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+
+		h ^= h >> 15;
+		h *= 2246822519u;
+		h ^= h >> 13;
+		x[i] = ((float)(h & 0xffff) / 32768.0f - 1.0f);
+	}
+}
+
+/* ------------------------------------------------------------ host side */
+
+int set_err(char *err, size_t errlen, int ret, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+
+int set_err(char *err, size_t errlen, int ret, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (err && errlen) {
+		va_start(ap, fmt);
+		vsnprintf(err, errlen, fmt, ap);
+		va_end(ap);
+	}
+	return ret;
+}
+
+/* cudaMalloc with a message naming what and how much when it fails. */
+int dalloc(void **p, size_t n, const char *what, char *err, size_t errlen)
+{
+	size_t fr = 0, tot = 0;
+
+	*p = nullptr;
+	if (!n)
+		n = 16;
+	if (cudaMalloc(p, n) == cudaSuccess)
+		return 0;
+	cudaGetLastError();
+	cudaMemGetInfo(&fr, &tot);
+	*p = nullptr;
+	return set_err(err, errlen, -ENOMEM,
+		       "cannot allocate %.1f MiB of device memory for %s (%.1f MiB free of %.1f MiB)",
+		       n / 1048576.0, what, fr / 1048576.0, tot / 1048576.0);
+}
+
+} /* namespace */
+
+struct kvq_gpu_model {
+	struct kvq_gpu_model_desc d;
+	dmat *m;		/* [n_layers][KVQ_GPU_M_NLAYER] */
+	dmat embed, output;
+	bool tied;
+	float **v;		/* [n_layers][KVQ_GPU_V_NLAYER] */
+	float *out_norm;
+	uint64_t bytes;
+};
+
+extern "C" int kvq_gpu_model_create(const struct kvq_gpu_model_desc *d,
+				    struct kvq_gpu_model **out, char *err,
+				    size_t errlen)
+{
+	struct kvq_gpu_model *g;
+
+	if (!d->n_layers || !d->dim || !d->n_heads || !d->n_kv_heads ||
+	    d->n_heads % d->n_kv_heads || !d->head_dim || !d->ffn_dim ||
+	    !d->n_vocab || d->rope_dim > d->head_dim || d->rope_dim % 2)
+		return set_err(err, errlen, -EINVAL, "GPU model: bad shape");
+	g = (struct kvq_gpu_model *)calloc(1, sizeof(*g));
+	if (!g)
+		return set_err(err, errlen, -ENOMEM, "out of memory");
+	g->d = *d;
+	g->m = (dmat *)calloc((size_t)d->n_layers * KVQ_GPU_M_NLAYER,
+			      sizeof(dmat));
+	g->v = (float **)calloc((size_t)d->n_layers * KVQ_GPU_V_NLAYER,
+				sizeof(float *));
+	if (!g->m || !g->v) {
+		kvq_gpu_model_destroy(g);
+		return set_err(err, errlen, -ENOMEM, "out of memory");
+	}
+	*out = g;
+	return 0;
+}
+
+static void dmat_free(dmat *m)
+{
+	cudaFree(m->d);
+	cudaFree(m->s);
+	memset(m, 0, sizeof(*m));
+}
+
+extern "C" void kvq_gpu_model_destroy(struct kvq_gpu_model *g)
+{
+	size_t i;
+
+	if (!g)
+		return;
+	for (i = 0; g->m && i < (size_t)g->d.n_layers * KVQ_GPU_M_NLAYER; i++)
+		dmat_free(&g->m[i]);
+	for (i = 0; g->v && i < (size_t)g->d.n_layers * KVQ_GPU_V_NLAYER; i++)
+		cudaFree(g->v[i]);
+	dmat_free(&g->embed);
+	if (!g->tied)
+		dmat_free(&g->output);
+	cudaFree(g->out_norm);
+	free(g->m);
+	free(g->v);
+	free(g);
+}
+
+extern "C" int kvq_gpu_model_set_matrix(struct kvq_gpu_model *g, int layer,
+					int slot, int wtype, uint32_t rows,
+					uint32_t cols, const void *data,
+					const uint16_t *scales, char *err,
+					size_t errlen)
+{
+	dmat *m, nm = {};
+	size_t db, sb = 0;
+	int ret;
+
+	if (layer >= 0 && (uint32_t)layer < g->d.n_layers &&
+	    slot >= 0 && slot < KVQ_GPU_M_NLAYER)
+		m = &g->m[(size_t)layer * KVQ_GPU_M_NLAYER + slot];
+	else if (layer < 0 && slot == KVQ_GPU_M_EMBED)
+		m = &g->embed;
+	else if (layer < 0 && slot == KVQ_GPU_M_OUTPUT)
+		m = &g->output;
+	else
+		return set_err(err, errlen, -EINVAL, "GPU model: bad slot");
+	bool flt = wtype == KVQ_GPU_W_F16 || wtype == KVQ_GPU_W_F32;
+	size_t es = wtype == KVQ_GPU_W_F32 ? 4 : 2;
+
+	if (!rows || !cols || (!flt && cols % 32) ||
+	    wtype < 0 || wtype > KVQ_GPU_W_F32 || (!flt && !scales))
+		return set_err(err, errlen, -EINVAL,
+			       "GPU model: bad matrix %u x %u of type %d",
+			       rows, cols, wtype);
+	nm.type = wtype;
+	nm.rows = rows;
+	nm.cols = cols;
+	if (flt) {
+		nm.ld = pad32(cols);
+		db = (size_t)rows * nm.ld * es;
+	} else {
+		nm.ld = cols;
+		db = wtype == KVQ_GPU_W_Q8 ? (size_t)rows * cols :
+		     (size_t)rows * cols / 2;
+		sb = (size_t)rows * (cols / 32) * 2;
+	}
+	ret = dalloc(&nm.d, db, "weights", err, errlen);
+	if (!ret && sb)
+		ret = dalloc((void **)&nm.s, sb, "weight scales", err, errlen);
+	if (ret) {
+		dmat_free(&nm);
+		return ret;
+	}
+	if (flt && nm.ld != cols) {
+		if (cudaMemset(nm.d, 0, db) != cudaSuccess ||
+		    cudaMemcpy2D(nm.d, (size_t)nm.ld * es, data, (size_t)cols * es,
+				 (size_t)cols * es, rows,
+				 cudaMemcpyHostToDevice) != cudaSuccess)
+			ret = -EIO;
+	} else if (cudaMemcpy(nm.d, data, db, cudaMemcpyHostToDevice) !=
+		   cudaSuccess) {
+		ret = -EIO;
+	}
+	if (!ret && sb && cudaMemcpy(nm.s, scales, sb,
+				     cudaMemcpyHostToDevice) != cudaSuccess)
+		ret = -EIO;
+	if (ret) {
+		dmat_free(&nm);
+		return set_err(err, errlen, ret, "GPU model: upload failed: %s",
+			       cudaGetErrorString(cudaGetLastError()));
+	}
+	if (m->d) {
+		g->bytes -= m->bytes;
+		dmat_free(m);
+	}
+	nm.bytes = db + sb;
+	g->bytes += nm.bytes;
+	*m = nm;
+	return 0;
+}
+
+extern "C" void kvq_gpu_model_tie_output(struct kvq_gpu_model *g)
+{
+	if (!g->tied)
+		dmat_free(&g->output);
+	g->output = g->embed;
+	g->tied = true;
+}
+
+extern "C" int kvq_gpu_model_set_vector(struct kvq_gpu_model *g, int layer,
+					int slot, const float *v, uint32_t n,
+					char *err, size_t errlen)
+{
+	float **dst, *p;
+	size_t nb = (size_t)pad32(n) * sizeof(float);
+	int ret;
+
+	if (layer >= 0 && (uint32_t)layer < g->d.n_layers && slot >= 0 &&
+	    slot < KVQ_GPU_V_NLAYER)
+		dst = &g->v[(size_t)layer * KVQ_GPU_V_NLAYER + slot];
+	else if (layer < 0 && slot == KVQ_GPU_V_OUTPUT_NORM)
+		dst = &g->out_norm;
+	else
+		return set_err(err, errlen, -EINVAL, "GPU model: bad vector slot");
+	ret = dalloc((void **)&p, nb, "norm weights", err, errlen);
+	if (ret)
+		return ret;
+	if (cudaMemset(p, 0, nb) != cudaSuccess ||
+	    cudaMemcpy(p, v, (size_t)n * sizeof(float),
+		       cudaMemcpyHostToDevice) != cudaSuccess) {
+		cudaFree(p);
+		return set_err(err, errlen, -EIO, "GPU model: upload failed");
+	}
+	cudaFree(*dst);
+	*dst = p;
+	g->bytes += nb;
+	return 0;
+}
+
+extern "C" uint64_t kvq_gpu_model_bytes(const struct kvq_gpu_model *g)
+{
+	return g->bytes;
+}
+
+extern "C" uint64_t kvq_gpu_model_step_bytes(const struct kvq_gpu_model *g)
+{
+	return g->tied ? g->bytes : g->bytes - g->embed.bytes;
+}
+
+extern "C" int kvq_gpu_model_ready(const struct kvq_gpu_model *g, char *err,
+				   size_t errlen)
+{
+	const struct kvq_gpu_model_desc *d = &g->d;
+	uint32_t qd = d->n_heads * d->head_dim, kvd = d->n_kv_heads * d->head_dim;
+	uint32_t l;
+
+	if (!g->embed.d || !g->output.d || !g->out_norm)
+		return set_err(err, errlen, -EINVAL,
+			       "GPU model: embedding, output or output norm missing");
+	for (l = 0; l < d->n_layers; l++) {
+		const dmat *m = &g->m[(size_t)l * KVQ_GPU_M_NLAYER];
+
+		if (!m[KVQ_GPU_M_QKV].d || !m[KVQ_GPU_M_O].d ||
+		    !m[KVQ_GPU_M_GATEUP].d || !m[KVQ_GPU_M_DOWN].d ||
+		    !g->v[(size_t)l * KVQ_GPU_V_NLAYER + KVQ_GPU_V_ATTN_NORM] ||
+		    !g->v[(size_t)l * KVQ_GPU_V_NLAYER + KVQ_GPU_V_FFN_NORM])
+			return set_err(err, errlen, -EINVAL,
+				       "GPU model: layer %u incomplete", l);
+		if (m[KVQ_GPU_M_QKV].rows != qd + 2 * kvd ||
+		    m[KVQ_GPU_M_QKV].cols != d->dim ||
+		    m[KVQ_GPU_M_O].rows != d->dim || m[KVQ_GPU_M_O].cols != qd ||
+		    m[KVQ_GPU_M_GATEUP].rows != 2 * d->ffn_dim ||
+		    m[KVQ_GPU_M_GATEUP].cols != d->dim ||
+		    m[KVQ_GPU_M_DOWN].rows != d->dim ||
+		    m[KVQ_GPU_M_DOWN].cols != d->ffn_dim)
+			return set_err(err, errlen, -EINVAL,
+				       "GPU model: layer %u has a matrix of the wrong shape", l);
+	}
+	if (g->embed.cols != d->dim || g->embed.rows != d->n_vocab ||
+	    g->output.cols != d->dim || g->output.rows != d->n_vocab)
+		return set_err(err, errlen, -EINVAL,
+			       "GPU model: embedding or output of the wrong shape");
+	return 0;
+}
+
+/* ---------------------------------------------------------------- ctx */
+
+namespace {
+
+struct graph_ent {
+	uint32_t n_tok, n_seqs, n_out, bucket;
+	cudaGraphExec_t exec;
+	uint64_t last;
+};
+
+/* Offsets (bytes) of the per-step arrays in the staging buffers. */
+struct stage_layout {
+	size_t tokens, pos, row_seq, seq_len, out_rows, sinkp;	/* part 1 */
+	size_t part1;
+	size_t cs, bt, total;
+};
+
+} /* namespace */
+
+struct kvq_gpu_ctx {
+	struct kvq_gpu_model *g;
+	struct kvq_gpu_ctx_desc d;
+	uint8_t *type_k, *type_v;
+	size_t *kpb, *vpb;
+	uint8_t **kpages, **vpages;	/* per layer */
+	uint16_t *sinks;	/* [slot][layer][k|v][n_sink][kvd] */
+	size_t sink_per_slot;	/* elements */
+	cudaStream_t st;
+	/* activations */
+	float *x, *xn, *qkv, *qb, *kb, *vb, *att, *gu, *h, *logits;
+	uint32_t xs, qkvs, qs, as, gus, hs;
+	void *ws;
+	size_t ws_bytes;
+	float *aws;		/* split attention partials */
+	bool fast_decode;	/* the split-KV kernel serves every layer */
+	stage_layout sl;
+	uint8_t *hstage, *dstage;
+	float *hlogits;
+	graph_ent graphs[MAX_GRAPHS];
+	uint32_t n_graphs;
+	uint64_t clock;
+	struct kvq_gpu_stats stats;
+	uint64_t bytes;
+	/* the previous decode key, seen once: captured when seen again */
+	uint32_t seen_key[4];
+};
+
+extern "C" void kvq_gpu_ctx_destroy(struct kvq_gpu_ctx *c)
+{
+	uint32_t l, i;
+
+	if (!c)
+		return;
+	if (c->st)
+		cudaStreamSynchronize(c->st);
+	for (i = 0; i < c->n_graphs; i++)
+		cudaGraphExecDestroy(c->graphs[i].exec);
+	for (l = 0; c->kpages && l < c->g->d.n_layers; l++) {
+		cudaFree(c->kpages[l]);
+		cudaFree(c->vpages[l]);
+	}
+	cudaFree(c->sinks);
+	cudaFree(c->x);
+	cudaFree(c->xn);
+	cudaFree(c->qkv);
+	cudaFree(c->qb);
+	cudaFree(c->kb);
+	cudaFree(c->vb);
+	cudaFree(c->att);
+	cudaFree(c->gu);
+	cudaFree(c->h);
+	cudaFree(c->logits);
+	cudaFree(c->ws);
+	cudaFree(c->aws);
+	cudaFree(c->dstage);
+	if (c->hstage)
+		cudaFreeHost(c->hstage);
+	if (c->hlogits)
+		cudaFreeHost(c->hlogits);
+	if (c->st)
+		cudaStreamDestroy(c->st);
+	free(c->kpages);
+	free(c->vpages);
+	free(c->type_k);
+	free(c->type_v);
+	free(c->kpb);
+	free(c->vpb);
+	free(c);
+}
+
+static size_t al256(size_t n)
+{
+	return (n + 255) & ~(size_t)255;
+}
+
+/* Decode-kernel arguments of layer @l for a batch of @batch at @max_len
+ * (pointers filled by the caller where it launches). */
+static void decode_args(const struct kvq_gpu_ctx *c, uint32_t l,
+			uint32_t batch, uint32_t max_len,
+			struct kvq_gpu_attn_args *a)
+{
+	const struct kvq_gpu_model_desc *d = &c->g->d;
+
+	memset(a, 0, sizeof(*a));
+	a->q_type = KVQ_GPU_F32;
+	a->out_type = KVQ_GPU_F32;
+	a->k_page_bytes = c->kpb[l];
+	a->v_page_bytes = c->vpb[l];
+	a->k_type = c->type_k[l];
+	a->v_type = c->type_v[l];
+	a->bt_stride = c->d.bt_stride;
+	a->max_len = max_len;
+	a->n_sink = c->d.n_sink;
+	a->batch = batch;
+	a->n_q_heads = d->n_heads;
+	a->n_kv_heads = d->n_kv_heads;
+	a->head_dim = d->head_dim;
+	a->page_tokens = c->d.page_tokens;
+	a->scale = 1.0f / sqrtf((float)d->head_dim);
+}
+
+static uint32_t len_bucket(uint32_t n, uint32_t max_ctx)
+{
+	uint32_t b = 256;
+
+	while (b < n)
+		b *= 2;
+	(void)max_ctx;
+	return b;
+}
+
+extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
+				  const struct kvq_gpu_ctx_desc *d,
+				  struct kvq_gpu_ctx **out, char *err,
+				  size_t errlen)
+{
+	const struct kvq_gpu_model_desc *md = &g->d;
+	uint32_t L = md->n_layers, qd = md->n_heads * md->head_dim;
+	uint32_t kvd = md->n_kv_heads * md->head_dim, B = d->max_batch, l;
+	uint32_t G = md->n_heads / md->n_kv_heads;
+	struct kvq_gpu_ctx *c;
+	stage_layout *sl;
+	int ret;
+
+	ret = kvq_gpu_model_ready(g, err, errlen);
+	if (ret)
+		return ret;
+	if (!B || !d->max_seqs || !d->bt_stride || !d->n_pages ||
+	    !d->page_tokens || d->n_sink > d->page_tokens)
+		return set_err(err, errlen, -EINVAL, "GPU context: bad sizes");
+	for (l = 0; l < L; l++) {
+		if (d->type_k[l] >= KVQ_KV_NTYPES || d->type_v[l] >= KVQ_KV_NTYPES)
+			return set_err(err, errlen, -EINVAL,
+				       "GPU context: bad KV type");
+		if ((d->type_k[l] >= KVQ_KV_Q8 || d->type_v[l] >= KVQ_KV_Q8) &&
+		    (md->head_dim >= 32 ? md->head_dim % 32 :
+		     (md->head_dim & (md->head_dim - 1)) || md->head_dim < 4))
+			return set_err(err, errlen, -EOPNOTSUPP,
+				       "the GPU KV append cannot quantize heads of %u channels",
+				       md->head_dim);
+	}
+	if ((md->head_dim & (md->head_dim - 1)) || md->head_dim < 8 ||
+	    md->head_dim > ATT_MAXD || G > (md->head_dim == 256 ? 8 : ATT_MAXG))
+		return set_err(err, errlen, -EOPNOTSUPP,
+			       "the GPU backend supports head_dim 8 to %d (a power of two) and up to %d query heads per KV head (model: %u, %u)",
+			       ATT_MAXD, ATT_MAXG, md->head_dim, G);
+	c = (struct kvq_gpu_ctx *)calloc(1, sizeof(*c));
+	if (!c)
+		return set_err(err, errlen, -ENOMEM, "out of memory");
+	c->g = g;
+	c->d = *d;
+	c->type_k = (uint8_t *)malloc(L);
+	c->type_v = (uint8_t *)malloc(L);
+	c->kpb = (size_t *)malloc(L * sizeof(size_t));
+	c->vpb = (size_t *)malloc(L * sizeof(size_t));
+	c->kpages = (uint8_t **)calloc(L, sizeof(uint8_t *));
+	c->vpages = (uint8_t **)calloc(L, sizeof(uint8_t *));
+	if (!c->type_k || !c->type_v || !c->kpb || !c->vpb || !c->kpages ||
+	    !c->vpages) {
+		ret = set_err(err, errlen, -ENOMEM, "out of memory");
+		goto fail;
+	}
+	memcpy(c->type_k, d->type_k, L);
+	memcpy(c->type_v, d->type_v, L);
+	memcpy(c->kpb, d->k_page_bytes, L * sizeof(size_t));
+	memcpy(c->vpb, d->v_page_bytes, L * sizeof(size_t));
+	c->d.type_k = c->type_k;
+	c->d.type_v = c->type_v;
+	c->d.k_page_bytes = c->kpb;
+	c->d.v_page_bytes = c->vpb;
+	if (cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking) !=
+	    cudaSuccess) {
+		ret = set_err(err, errlen, -EIO, "cannot create a CUDA stream");
+		goto fail;
+	}
+	for (l = 0; l < L; l++) {
+		ret = dalloc((void **)&c->kpages[l], c->kpb[l] * d->n_pages,
+			     "KV cache pages", err, errlen);
+		if (!ret)
+			ret = dalloc((void **)&c->vpages[l],
+				     c->vpb[l] * d->n_pages, "KV cache pages",
+				     err, errlen);
+		if (ret)
+			goto fail;
+		c->bytes += (c->kpb[l] + c->vpb[l]) * d->n_pages;
+	}
+	c->sink_per_slot = (size_t)L * 2 * d->n_sink * kvd;
+	if (d->n_sink) {
+		size_t nb = c->sink_per_slot * d->max_seqs * 2;
+
+		ret = dalloc((void **)&c->sinks, nb, "KV sink copies", err,
+			     errlen);
+		if (ret)
+			goto fail;
+		cudaMemset(c->sinks, 0, nb);
+		c->bytes += nb;
+	}
+	c->xs = pad32(md->dim);
+	c->qkvs = qd + 2 * kvd;
+	c->qs = pad32(qd);
+	c->as = pad32(qd);
+	c->gus = 2 * md->ffn_dim;
+	c->hs = pad32(md->ffn_dim);
+	{
+		struct {
+			float **p;
+			size_t n;
+		} bufs[] = {
+			{ &c->x, (size_t)B * c->xs }, { &c->xn, (size_t)B * c->xs },
+			{ &c->qkv, (size_t)B * c->qkvs }, { &c->qb, (size_t)B * c->qs },
+			{ &c->kb, (size_t)B * kvd }, { &c->vb, (size_t)B * kvd },
+			{ &c->att, (size_t)B * c->as }, { &c->gu, (size_t)B * c->gus },
+			{ &c->h, (size_t)B * c->hs },
+			{ &c->logits, (size_t)B * md->n_vocab },
+		};
+
+		for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) {
+			ret = dalloc((void **)bufs[i].p, bufs[i].n * 4,
+				     "activations", err, errlen);
+			if (ret)
+				goto fail;
+			/* Padding columns stay zero: products read them. */
+			cudaMemset(*bufs[i].p, 0, bufs[i].n * 4);
+			c->bytes += bufs[i].n * 4;
+		}
+	}
+	/* The split-KV decode kernel, where every layer's shape suits it. */
+	c->fast_decode = true;
+	for (l = 0; l < L; l++) {
+		struct kvq_gpu_attn_args a;
+
+		decode_args(c, l, 1, len_bucket(d->max_ctx, d->max_ctx), &a);
+		if (!kvq_gpu_attn_workspace_bytes(&a))
+			c->fast_decode = false;
+	}
+	if (c->fast_decode) {
+		uint32_t b;
+
+		for (l = 0; l < L; l++) {
+			for (b = 1; b <= d->max_seqs; b++) {
+				struct kvq_gpu_attn_args a;
+				size_t w;
+
+				decode_args(c, l, b, len_bucket(d->max_ctx,
+								d->max_ctx), &a);
+				w = kvq_gpu_attn_workspace_bytes(&a);
+				if (w > c->ws_bytes)
+					c->ws_bytes = w;
+			}
+		}
+		ret = dalloc(&c->ws, c->ws_bytes, "attention workspace", err,
+			     errlen);
+		if (ret)
+			goto fail;
+		cudaMemset(c->ws, 0, c->ws_bytes);
+		c->bytes += c->ws_bytes;
+	}
+	c->stats.decode_kernel = c->fast_decode;
+	{
+		size_t units = (size_t)B * md->n_kv_heads;
+		size_t nb;
+
+		if (units < ATT_MAX_BLOCKS)
+			units = ATT_MAX_BLOCKS;
+		nb = units * G * (md->head_dim + 2) * sizeof(float);
+		ret = dalloc((void **)&c->aws, nb, "attention partials", err,
+			     errlen);
+		if (ret)
+			goto fail;
+		c->bytes += nb;
+	}
+	sl = &c->sl;
+	sl->tokens = 0;
+	sl->pos = al256(sl->tokens + (size_t)B * 4);
+	sl->row_seq = al256(sl->pos + (size_t)B * 4);
+	sl->out_rows = al256(sl->row_seq + (size_t)B * 4);
+	sl->seq_len = al256(sl->out_rows + (size_t)B * 4);
+	sl->sinkp = al256(sl->seq_len + (size_t)d->max_seqs * 4);
+	sl->part1 = al256(sl->sinkp + (size_t)L * d->max_seqs * sizeof(void *));
+	sl->cs = sl->part1;
+	sl->bt = al256(sl->cs + (size_t)B * (md->rope_dim / 2 + 1) * 8);
+	sl->total = al256(sl->bt + (size_t)d->max_seqs * d->bt_stride * 4);
+	ret = dalloc((void **)&c->dstage, sl->total, "step arrays", err,
+		     errlen);
+	if (ret)
+		goto fail;
+	if (cudaMallocHost((void **)&c->hstage, sl->total) != cudaSuccess ||
+	    cudaMallocHost((void **)&c->hlogits,
+			   (size_t)B * md->n_vocab * 4) != cudaSuccess) {
+		c->hstage = nullptr;
+		ret = set_err(err, errlen, -ENOMEM,
+			      "cannot allocate pinned host memory for step arrays");
+		goto fail;
+	}
+	memset(c->hstage, 0, sl->total);
+	if (cudaDeviceSynchronize() != cudaSuccess) {
+		ret = set_err(err, errlen, -EIO, "GPU context: %s",
+			      cudaGetErrorString(cudaGetLastError()));
+		goto fail;
+	}
+	*out = c;
+	return 0;
+fail:
+	kvq_gpu_ctx_destroy(c);
+	return ret;
+}
+
+extern "C" uint64_t kvq_gpu_ctx_bytes(const struct kvq_gpu_ctx *c)
+{
+	return c->bytes;
+}
+
+extern "C" void kvq_gpu_ctx_stats(const struct kvq_gpu_ctx *c,
+				  struct kvq_gpu_stats *st)
+{
+	*st = c->stats;
+}
+
+extern "C" int kvq_gpu_ctx_copy_page(struct kvq_gpu_ctx *c, int32_t dst,
+				     int32_t src)
+{
+	uint32_t l;
+
+	for (l = 0; l < c->g->d.n_layers; l++) {
+		copy_page_kernel<<<32, 256, 0, c->st>>>(c->kpages[l], c->kpb[l],
+							dst, src);
+		copy_page_kernel<<<32, 256, 0, c->st>>>(c->vpages[l], c->vpb[l],
+							dst, src);
+	}
+	return cudaStreamSynchronize(c->st) == cudaSuccess ? 0 : -EIO;
+}
+
+extern "C" int kvq_gpu_ctx_clear_sinks(struct kvq_gpu_ctx *c, uint32_t slot)
+{
+	if (!c->sinks || slot >= c->d.max_seqs)
+		return 0;
+	return cudaMemsetAsync(c->sinks + c->sink_per_slot * slot, 0,
+			       c->sink_per_slot * 2, c->st) == cudaSuccess ?
+	       0 : -EIO;
+}
+
+/* Launches y = W x with the epilogue, small or tiled by token count. */
+static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
+	      uint32_t xs, float *y, uint32_t ys, uint32_t n, int epi,
+	      const float *bias)
+{
+	mmp p;
+
+	p.w = w;
+	p.x = x;
+	p.xs = xs;
+	p.y = y;
+	p.ys = ys;
+	p.n = n;
+	p.epi = epi;
+	p.bias = bias;
+	p.out_rows = epi == EPI_SWIGLU ? w.rows / 2 : w.rows;
+	if (n <= MV_MAXT) {
+		dim3 grid((p.out_rows + MV_WARPS - 1) / MV_WARPS);
+		int nt = n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16;
+
+#define MV_LAUNCH(WT) \
+		switch (nt) { \
+		case 1: mv_kernel<WT, 1><<<grid, MV_WARPS * 32, 0, c->st>>>(p); break; \
+		case 2: mv_kernel<WT, 2><<<grid, MV_WARPS * 32, 0, c->st>>>(p); break; \
+		case 4: mv_kernel<WT, 4><<<grid, MV_WARPS * 32, 0, c->st>>>(p); break; \
+		case 8: mv_kernel<WT, 8><<<grid, MV_WARPS * 32, 0, c->st>>>(p); break; \
+		default: mv_kernel<WT, 16><<<grid, MV_WARPS * 32, 0, c->st>>>(p); break; \
+		}
+		if (w.type == KVQ_GPU_W_F16)
+			MV_LAUNCH(KVQ_GPU_W_F16)
+		else if (w.type == KVQ_GPU_W_F32)
+			MV_LAUNCH(KVQ_GPU_W_F32)
+		else if (w.type == KVQ_GPU_W_Q8)
+			MV_LAUNCH(KVQ_GPU_W_Q8)
+		else
+			MV_LAUNCH(KVQ_GPU_W_Q4)
+#undef MV_LAUNCH
+		return 0;
+	}
+	if (epi == EPI_SWIGLU)
+		return -EINVAL;
+	dim3 grid((w.rows + GT - 1) / GT, (n + GT - 1) / GT);
+
+	if (w.type == KVQ_GPU_W_F16)
+		gemm_kernel<KVQ_GPU_W_F16><<<grid, 256, 0, c->st>>>(p);
+	else if (w.type == KVQ_GPU_W_F32)
+		gemm_kernel<KVQ_GPU_W_F32><<<grid, 256, 0, c->st>>>(p);
+	else if (w.type == KVQ_GPU_W_Q8)
+		gemm_kernel<KVQ_GPU_W_Q8><<<grid, 256, 0, c->st>>>(p);
+	else
+		gemm_kernel<KVQ_GPU_W_Q4><<<grid, 256, 0, c->st>>>(p);
+	return 0;
+}
+
+template <int D>
+static void attn_go(const attp &p, dim3 grid, uint32_t G, cudaStream_t st)
+{
+	if (G <= 4)
+		attn_split_kernel<D, 4><<<grid, 128, 0, st>>>(p);
+	else if (G <= 8 || D == 256)
+		attn_split_kernel<D, 8><<<grid, 128, 0, st>>>(p);
+	else
+		attn_split_kernel<D, (D == 256 ? 8 : 16)><<<grid, 128, 0, st>>>(p);
+}
+
+/* Split-KV attention of every row of the step over layer @l's pages. */
+static int attn_launch(struct kvq_gpu_ctx *c, uint32_t l, uint32_t T,
+		       uint32_t bucket, const int32_t *row_seq,
+		       const int32_t *pos, const int32_t *bt,
+		       uint16_t *const *lsink)
+{
+	const struct kvq_gpu_model_desc *md = &c->g->d;
+	uint32_t D = md->head_dim, G = md->n_heads / md->n_kv_heads;
+	uint32_t S = (bucket + ATT_SPLIT_TOK - 1) / ATT_SPLIT_TOK;
+	uint32_t cap = ATT_MAX_BLOCKS / (T * md->n_kv_heads);
+	attp p;
+
+	if (S > cap)
+		S = cap;
+	if (S > 64)
+		S = 64;
+	if (S < 1)
+		S = 1;
+	p.q = c->qb;
+	p.qs = c->qs;
+	p.out = c->att;
+	p.os = c->as;
+	p.k.pages = c->kpages[l];
+	p.k.page_bytes = c->kpb[l];
+	p.k.type = c->type_k[l];
+	p.v.pages = c->vpages[l];
+	p.v.page_bytes = c->vpb[l];
+	p.v.type = c->type_v[l];
+	p.row_seq = row_seq;
+	p.pos = pos;
+	p.bt = bt;
+	p.bt_stride = c->d.bt_stride;
+	p.sink = lsink;
+	p.n_sink = c->d.n_sink;
+	p.nh = md->n_heads;
+	p.nkv = md->n_kv_heads;
+	p.P = c->d.page_tokens;
+	p.G = G;
+	p.group = D < 32 ? D : 32;
+	p.scale = 1.4426950408889634f / sqrtf((float)D);
+	p.n_splits = S;
+	p.ws = c->aws;
+	dim3 grid(S, md->n_kv_heads, T);
+
+	switch (D) {
+	case 8: attn_go<8>(p, grid, G, c->st); break;
+	case 16: attn_go<16>(p, grid, G, c->st); break;
+	case 32: attn_go<32>(p, grid, G, c->st); break;
+	case 64: attn_go<64>(p, grid, G, c->st); break;
+	case 128: attn_go<128>(p, grid, G, c->st); break;
+	default: attn_go<256>(p, grid, G, c->st); break;
+	}
+	if (S > 1)
+		attn_merge_kernel<<<dim3(T, md->n_heads), D < 128 ? D : 128, 0,
+				    c->st>>>(p, D);
+	return 0;
+}
+
+/* Every kernel of one step, on c->st (captured into a graph or not). */
+static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
+		       uint32_t n_out, bool decode, uint32_t bucket)
+{
+	struct kvq_gpu_model *g = c->g;
+	const struct kvq_gpu_model_desc *md = &g->d;
+	uint32_t F = md->ffn_dim, l;
+	uint8_t *ds = c->dstage;
+	const int32_t *tok = (const int32_t *)(ds + c->sl.tokens);
+	const int32_t *pos = (const int32_t *)(ds + c->sl.pos);
+	const int32_t *row_seq = (const int32_t *)(ds + c->sl.row_seq);
+	const int32_t *seq_len = (const int32_t *)(ds + c->sl.seq_len);
+	const int32_t *out_rows = (const int32_t *)(ds + c->sl.out_rows);
+	uint16_t *const *sinkp = (uint16_t *const *)(ds + c->sl.sinkp);
+	const float *cs = (const float *)(ds + c->sl.cs);
+	const int32_t *bt = (const int32_t *)(ds + c->sl.bt);
+	int ret;
+
+	embed_kernel<<<T, 256, 0, c->st>>>(g->embed, tok, c->x, c->xs);
+	for (l = 0; l < md->n_layers; l++) {
+		const dmat *m = &g->m[(size_t)l * KVQ_GPU_M_NLAYER];
+		float *const *v = &g->v[(size_t)l * KVQ_GPU_V_NLAYER];
+		uint16_t *const *lsink = c->d.n_sink ?
+			sinkp + (size_t)l * c->d.max_seqs : nullptr;
+		struct kvq_gpu_append_args ap;
+
+		rmsnorm_kernel<<<T, 256, 0, c->st>>>(c->x, c->xs, nullptr,
+						     v[KVQ_GPU_V_ATTN_NORM],
+						     c->xn, c->xs, md->dim,
+						     md->rms_eps);
+		mm(c, m[KVQ_GPU_M_QKV], c->xn, c->xs, c->qkv, c->qkvs, T,
+		   EPI_STORE, v[KVQ_GPU_V_QKV_BIAS]);
+		rope_split_kernel<<<T, 256, 0, c->st>>>(c->qkv, c->qkvs, c->qb,
+							c->qs, c->kb, c->vb,
+							md->n_heads,
+							md->n_kv_heads,
+							md->head_dim,
+							md->rope_dim,
+							md->rope_neox, cs);
+		memset(&ap, 0, sizeof(ap));
+		ap.k = c->kb;
+		ap.v = c->vb;
+		ap.in_type = KVQ_GPU_F32;
+		ap.n_rows = T;
+		ap.row_seq = row_seq;
+		ap.row_pos = pos;
+		ap.k_pages = c->kpages[l];
+		ap.v_pages = c->vpages[l];
+		ap.k_page_bytes = c->kpb[l];
+		ap.v_page_bytes = c->vpb[l];
+		ap.k_type = c->type_k[l];
+		ap.v_type = c->type_v[l];
+		ap.block_table = bt;
+		ap.bt_stride = c->d.bt_stride;
+		ap.sink = lsink;
+		ap.n_sink = c->d.n_sink;
+		ap.n_kv_heads = md->n_kv_heads;
+		ap.head_dim = md->head_dim;
+		ap.page_tokens = c->d.page_tokens;
+		ap.rope_dim = md->rope_dim;
+		ap.rope_base = md->rope_base > 0.0f ? md->rope_base : 10000.0f;
+		ap.rope_neox = md->rope_neox;
+		ap.rope_cs = cs;
+		ret = kvq_gpu_attn_append(&ap, c->st);
+		if (ret)
+			return ret;
+		if (decode && c->fast_decode) {
+			struct kvq_gpu_attn_args a;
+
+			decode_args(c, l, n_seqs, bucket, &a);
+			a.q = c->qb;
+			a.out = c->att;
+			a.k_pages = c->kpages[l];
+			a.v_pages = c->vpages[l];
+			a.block_table = bt;
+			a.seq_lens = seq_len;
+			a.sink = lsink;
+			a.workspace = c->ws;
+			a.workspace_bytes = c->ws_bytes;
+			ret = kvq_gpu_attn_decode(&a, c->st);
+			if (ret)
+				return ret;
+		} else {
+			ret = attn_launch(c, l, T, bucket, row_seq, pos, bt,
+					  lsink);
+			if (ret)
+				return ret;
+		}
+		mm(c, m[KVQ_GPU_M_O], c->att, c->as, c->x, c->xs, T, EPI_ADD,
+		   nullptr);
+		rmsnorm_kernel<<<T, 256, 0, c->st>>>(c->x, c->xs, nullptr,
+						     v[KVQ_GPU_V_FFN_NORM],
+						     c->xn, c->xs, md->dim,
+						     md->rms_eps);
+		if (T <= MV_MAXT) {
+			mm(c, m[KVQ_GPU_M_GATEUP], c->xn, c->xs, c->h, c->hs, T,
+			   EPI_SWIGLU, nullptr);
+		} else {
+			mm(c, m[KVQ_GPU_M_GATEUP], c->xn, c->xs, c->gu, c->gus,
+			   T, EPI_STORE, nullptr);
+			swiglu_kernel<<<dim3((F + 255) / 256, T), 256, 0,
+					c->st>>>(c->gu, c->gus, c->h, c->hs, F);
+		}
+		mm(c, m[KVQ_GPU_M_DOWN], c->h, c->hs, c->x, c->xs, T, EPI_ADD,
+		   nullptr);
+	}
+	rmsnorm_kernel<<<n_out, 256, 0, c->st>>>(c->x, c->xs, out_rows,
+						 g->out_norm, c->xn, c->xs,
+						 md->dim, md->rms_eps);
+	mm(c, g->output, c->xn, c->xs, c->logits, md->n_vocab, n_out,
+	   EPI_STORE, nullptr);
+	return cudaGetLastError() == cudaSuccess ? 0 : -EIO;
+}
+
+static graph_ent *graph_find(struct kvq_gpu_ctx *c, uint32_t T, uint32_t ns,
+			     uint32_t no, uint32_t bucket)
+{
+	for (uint32_t i = 0; i < c->n_graphs; i++) {
+		graph_ent *e = &c->graphs[i];
+
+		if (e->n_tok == T && e->n_seqs == ns && e->n_out == no &&
+		    e->bucket == bucket)
+			return e;
+	}
+	return nullptr;
+}
+
+static int graph_capture(struct kvq_gpu_ctx *c, uint32_t T, uint32_t ns,
+			 uint32_t no, uint32_t bucket, graph_ent **out)
+{
+	cudaGraph_t graph;
+	cudaGraphExec_t exec;
+	graph_ent *e;
+	int ret;
+
+	if (cudaStreamBeginCapture(c->st, cudaStreamCaptureModeThreadLocal) !=
+	    cudaSuccess)
+		return -EIO;
+	ret = launch_step(c, T, ns, no, true, bucket);
+	if (cudaStreamEndCapture(c->st, &graph) != cudaSuccess || ret) {
+		cudaGetLastError();
+		return ret ? ret : -EIO;
+	}
+	if (cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) {
+		cudaGraphDestroy(graph);
+		cudaGetLastError();
+		return -EIO;
+	}
+	cudaGraphDestroy(graph);
+	if (c->n_graphs < MAX_GRAPHS) {
+		e = &c->graphs[c->n_graphs++];
+	} else {
+		e = &c->graphs[0];
+		for (uint32_t i = 1; i < MAX_GRAPHS; i++)
+			if (c->graphs[i].last < e->last)
+				e = &c->graphs[i];
+		cudaGraphExecDestroy(e->exec);
+	}
+	e->n_tok = T;
+	e->n_seqs = ns;
+	e->n_out = no;
+	e->bucket = bucket;
+	e->exec = exec;
+	c->stats.graphs++;
+	*out = e;
+	return 0;
+}
+
+extern "C" int kvq_gpu_forward(struct kvq_gpu_ctx *c,
+			       const struct kvq_gpu_step *s, char *err,
+			       size_t errlen)
+{
+	const struct kvq_gpu_model_desc *md = &c->g->d;
+	uint32_t T = s->n_tok, i, l, maxlen = 0, half = md->rope_dim / 2;
+	uint8_t *hs = c->hstage;
+	bool decode;
+	uint32_t bucket;
+	graph_ent *ge = nullptr;
+	cudaError_t e;
+	int ret = 0;
+
+	if (!T || T > c->d.max_batch || !s->n_seqs ||
+	    s->n_seqs > c->d.max_seqs || !s->n_out || s->n_out > T)
+		return set_err(err, errlen, -EINVAL, "GPU step: bad batch");
+	memcpy(hs + c->sl.tokens, s->tokens, T * 4);
+	memcpy(hs + c->sl.pos, s->pos, T * 4);
+	memcpy(hs + c->sl.row_seq, s->row_seq, T * 4);
+	memcpy(hs + c->sl.out_rows, s->out_rows, s->n_out * 4);
+	memcpy(hs + c->sl.seq_len, s->seq_len, s->n_seqs * 4);
+	for (i = 0; i < s->n_seqs; i++) {
+		if ((uint32_t)s->seq_len[i] > maxlen)
+			maxlen = (uint32_t)s->seq_len[i];
+		if ((uint32_t)s->seq_slot[i] >= c->d.max_seqs)
+			return set_err(err, errlen, -EINVAL,
+				       "GPU step: bad sequence slot");
+	}
+	if (c->sinks) {
+		uint16_t **sp = (uint16_t **)(hs + c->sl.sinkp);
+
+		for (l = 0; l < md->n_layers; l++)
+			for (i = 0; i < s->n_seqs; i++)
+				sp[(size_t)l * c->d.max_seqs + i] = c->sinks +
+					c->sink_per_slot * s->seq_slot[i] +
+					(size_t)l * 2 * c->d.n_sink *
+					md->n_kv_heads * md->head_dim;
+	}
+	memcpy(hs + c->sl.cs, s->rope_cs, (size_t)T * half * 8);
+	memcpy(hs + c->sl.bt, s->block_table,
+	       (size_t)s->n_seqs * c->d.bt_stride * 4);
+	if (cudaMemcpyAsync(c->dstage, hs, c->sl.part1, cudaMemcpyHostToDevice,
+			    c->st) != cudaSuccess ||
+	    (half && cudaMemcpyAsync(c->dstage + c->sl.cs, hs + c->sl.cs,
+				     (size_t)T * half * 8,
+				     cudaMemcpyHostToDevice, c->st) !=
+	     cudaSuccess) ||
+	    cudaMemcpyAsync(c->dstage + c->sl.bt, hs + c->sl.bt,
+			    (size_t)s->n_seqs * c->d.bt_stride * 4,
+			    cudaMemcpyHostToDevice, c->st) != cudaSuccess)
+		return set_err(err, errlen, -EIO, "GPU step: upload failed: %s",
+			       cudaGetErrorString(cudaGetLastError()));
+	decode = T == s->n_seqs;
+	bucket = len_bucket(maxlen, c->d.max_ctx);
+	if (decode && c->d.use_graphs) {
+		uint32_t key[4] = { T, s->n_seqs, s->n_out, bucket };
+
+		ge = graph_find(c, T, s->n_seqs, s->n_out, bucket);
+		if (!ge && !memcmp(key, c->seen_key, sizeof(key)))
+			ret = graph_capture(c, T, s->n_seqs, s->n_out, bucket,
+					    &ge);
+		memcpy(c->seen_key, key, sizeof(key));
+		if (ret)
+			return set_err(err, errlen, ret,
+				       "GPU step: graph capture failed");
+	}
+	if (ge) {
+		ge->last = ++c->clock;
+		if (cudaGraphLaunch(ge->exec, c->st) != cudaSuccess)
+			return set_err(err, errlen, -EIO,
+				       "GPU step: graph launch failed: %s",
+				       cudaGetErrorString(cudaGetLastError()));
+		c->stats.graph_steps++;
+	} else {
+		ret = launch_step(c, T, s->n_seqs, s->n_out, decode, bucket);
+		if (ret)
+			return set_err(err, errlen, ret,
+				       "GPU step: a kernel launch failed: %s",
+				       cudaGetErrorString(cudaGetLastError()));
+	}
+	c->stats.steps++;
+	if (cudaMemcpyAsync(c->hlogits, c->logits,
+			    (size_t)s->n_out * md->n_vocab * 4,
+			    cudaMemcpyDeviceToHost, c->st) != cudaSuccess)
+		return set_err(err, errlen, -EIO, "GPU step: download failed");
+	e = cudaStreamSynchronize(c->st);
+	if (e != cudaSuccess)
+		return set_err(err, errlen, -EIO, "GPU step failed: %s",
+			       cudaGetErrorString(e));
+	memcpy(s->logits, c->hlogits, (size_t)s->n_out * md->n_vocab * 4);
+	return 0;
+}
+
+extern "C" int kvq_gpu_ctx_fill_random(struct kvq_gpu_ctx *c,
+				       const int32_t *pages, uint32_t n_pages,
+				       uint32_t slot, uint32_t from,
+				       uint32_t to, uint32_t seed)
+{
+	const struct kvq_gpu_model_desc *md = &c->g->d;
+	uint32_t kvd = md->n_kv_heads * md->head_dim, chunk = 1024, l, t0, i;
+	float *buf = nullptr;
+	int32_t *dpos = nullptr, *dseq = nullptr, *dbt = nullptr, *hpos;
+	uint16_t **dsink = nullptr;
+	int ret = 0;
+
+	if (to <= from)
+		return 0;
+	if ((to + c->d.page_tokens - 1) / c->d.page_tokens > n_pages ||
+	    slot >= c->d.max_seqs)
+		return -EINVAL;
+	hpos = (int32_t *)malloc(chunk * 4);
+	if (!hpos || cudaMalloc(&buf, (size_t)chunk * kvd * 2 * 4) != cudaSuccess ||
+	    cudaMalloc(&dpos, chunk * 4) != cudaSuccess ||
+	    cudaMalloc(&dseq, chunk * 4) != cudaSuccess ||
+	    cudaMalloc(&dbt, (size_t)n_pages * 4) != cudaSuccess ||
+	    cudaMalloc(&dsink, 8) != cudaSuccess) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	cudaMemcpy(dbt, pages, (size_t)n_pages * 4, cudaMemcpyHostToDevice);
+	cudaMemset(dseq, 0, chunk * 4);	/* every row is of sequence 0 */
+	for (t0 = from; t0 < to && !ret; t0 += chunk) {
+		uint32_t n = to - t0 < chunk ? to - t0 : chunk;
+
+		for (i = 0; i < n; i++)
+			hpos[i] = (int32_t)(t0 + i);
+		cudaMemcpy(dpos, hpos, n * 4, cudaMemcpyHostToDevice);
+		for (l = 0; l < md->n_layers && !ret; l++) {
+			struct kvq_gpu_append_args ap;
+			uint16_t *sp = c->sinks ? c->sinks + c->sink_per_slot * slot +
+				       (size_t)l * 2 * c->d.n_sink * kvd : nullptr;
+
+			fill_kernel<<<256, 256, 0, c->st>>>(buf, (size_t)n * kvd * 2,
+							    seed + l * 7919 + t0);
+			cudaMemcpyAsync(dsink, &sp, 8, cudaMemcpyHostToDevice,
+					c->st);
+			memset(&ap, 0, sizeof(ap));
+			ap.k = buf;
+			ap.v = buf + (size_t)n * kvd;
+			ap.in_type = KVQ_GPU_F32;
+			ap.n_rows = n;
+			ap.row_seq = dseq;
+			ap.row_pos = dpos;
+			ap.k_pages = c->kpages[l];
+			ap.v_pages = c->vpages[l];
+			ap.k_page_bytes = c->kpb[l];
+			ap.v_page_bytes = c->vpb[l];
+			ap.k_type = c->type_k[l];
+			ap.v_type = c->type_v[l];
+			ap.block_table = dbt;
+			ap.bt_stride = n_pages;
+			ap.sink = sp ? dsink : nullptr;
+			ap.n_sink = sp ? c->d.n_sink : 0;
+			ap.n_kv_heads = md->n_kv_heads;
+			ap.head_dim = md->head_dim;
+			ap.page_tokens = c->d.page_tokens;
+			ap.rope_dim = 0;
+			ret = kvq_gpu_attn_append(&ap, c->st);
+			cudaStreamSynchronize(c->st);
+		}
+	}
+	if (!ret && cudaStreamSynchronize(c->st) != cudaSuccess)
+		ret = -EIO;
+out:
+	free(hpos);
+	cudaFree(buf);
+	cudaFree(dpos);
+	cudaFree(dseq);
+	cudaFree(dbt);
+	cudaFree(dsink);
+	return ret;
+}

@@ -1,0 +1,162 @@
+/*
+ * gpu_fwd.h - the plain-C face of the GPU forward pass (kernels/gpu_fwd.cu).
+ *
+ * Why this file exists: on a GPU host the whole step runs on the device:
+ * weights are uploaded once, activations and the paged KV cache stay in
+ * device memory, and a step costs one upload of its small index arrays,
+ * the kernels (replayed as a CUDA graph once a decode shape repeats) and
+ * one download of the logits.  The engine (engine/forward_gpu.c) keeps the
+ * page bookkeeping (block tables, reference counts) on the host and hands
+ * this file plain arrays; no CUDA type appears here.
+ *
+ * Weights arrive in one of three device formats:
+ *   F16  row-major halves, rows padded to a multiple of 32 elements
+ *   F32  the same in floats (f32 models stay exact)
+ *   Q8   int8 [rows][cols] and f16 scales [rows][cols/32] (GGUF Q8_0
+ *        blocks taken apart so that 16-byte loads stay aligned)
+ *   Q4   16 bytes a 32-block [rows][cols/32][16] (GGUF Q4_0's nibble
+ *        order: element j in the low nibble of byte j, j+16 in the high
+ *        one, value (q - 8) * d) and f16 scales [rows][cols/32]
+ * Every function returns 0 or -errno with a one-line reason in @err.
+ */
+#ifndef KVQ_GPU_FWD_H
+#define KVQ_GPU_FWD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum kvq_gpu_wtype {
+	KVQ_GPU_W_F16 = 0,
+	KVQ_GPU_W_Q8 = 1,
+	KVQ_GPU_W_Q4 = 2,
+	KVQ_GPU_W_F32 = 3,
+};
+
+/* Matrices of a layer (QKV stacks wq, wk, wv by rows; GATEUP stacks
+ * w_gate over w_up), and the model-wide ones (layer -1). */
+enum kvq_gpu_mslot {
+	KVQ_GPU_M_QKV = 0,
+	KVQ_GPU_M_O,
+	KVQ_GPU_M_GATEUP,
+	KVQ_GPU_M_DOWN,
+	KVQ_GPU_M_NLAYER,
+	KVQ_GPU_M_EMBED = 8,	/* layer -1 */
+	KVQ_GPU_M_OUTPUT,	/* layer -1 */
+};
+
+/* f32 vectors: norms of a layer, the stacked q/k/v bias, the output norm
+ * (layer -1). */
+enum kvq_gpu_vslot {
+	KVQ_GPU_V_ATTN_NORM = 0,
+	KVQ_GPU_V_FFN_NORM,
+	KVQ_GPU_V_QKV_BIAS,
+	KVQ_GPU_V_NLAYER,
+	KVQ_GPU_V_OUTPUT_NORM = 8,	/* layer -1 */
+};
+
+struct kvq_gpu_model_desc {
+	uint32_t n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim;
+	uint32_t n_vocab;
+	uint32_t rope_dim;
+	int rope_neox;
+	float rope_base;
+	float rms_eps;
+};
+
+struct kvq_gpu_model;
+
+int kvq_gpu_model_create(const struct kvq_gpu_model_desc *d,
+			 struct kvq_gpu_model **out, char *err, size_t errlen);
+void kvq_gpu_model_destroy(struct kvq_gpu_model *g);
+/*
+ * Uploads a matrix of @rows x @cols in @wtype: F16 (F32) @data holds
+ * rows*cols halves (floats), unpadded; Q8 @data rows*cols int8 and @scales rows*cols/32
+ * halves; Q4 @data rows*cols/2 bytes and @scales likewise.
+ */
+int kvq_gpu_model_set_matrix(struct kvq_gpu_model *g, int layer, int slot,
+			     int wtype, uint32_t rows, uint32_t cols,
+			     const void *data, const uint16_t *scales,
+			     char *err, size_t errlen);
+/* The output projection is the embedding table. */
+void kvq_gpu_model_tie_output(struct kvq_gpu_model *g);
+int kvq_gpu_model_set_vector(struct kvq_gpu_model *g, int layer, int slot,
+			     const float *v, uint32_t n, char *err,
+			     size_t errlen);
+/* Device bytes of the weights; and of those a decode step reads (all
+ * but the embedding table, of which it reads one row a token). */
+uint64_t kvq_gpu_model_bytes(const struct kvq_gpu_model *g);
+uint64_t kvq_gpu_model_step_bytes(const struct kvq_gpu_model *g);
+/* Checks that every slot the step needs was set. */
+int kvq_gpu_model_ready(const struct kvq_gpu_model *g, char *err,
+			size_t errlen);
+
+struct kvq_gpu_ctx_desc {
+	uint32_t max_batch;	/* tokens of one step */
+	uint32_t max_seqs;	/* sequence slots (sink copies) and batch entries */
+	uint32_t bt_stride;	/* block-table entries of one sequence */
+	uint32_t n_pages, page_tokens, n_sink;
+	uint32_t max_ctx;	/* longest sequence */
+	const uint8_t *type_k, *type_v;	/* per layer, enum kvq_kv_type */
+	const size_t *k_page_bytes, *v_page_bytes;	/* per layer */
+	int use_graphs;		/* replay decode steps as CUDA graphs */
+};
+
+struct kvq_gpu_ctx;
+
+int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
+		       const struct kvq_gpu_ctx_desc *d,
+		       struct kvq_gpu_ctx **out, char *err, size_t errlen);
+void kvq_gpu_ctx_destroy(struct kvq_gpu_ctx *c);
+/* Device bytes of the KV pages, sinks and activations. */
+uint64_t kvq_gpu_ctx_bytes(const struct kvq_gpu_ctx *c);
+/* Copies page @src to @dst in every layer (copy on write). */
+int kvq_gpu_ctx_copy_page(struct kvq_gpu_ctx *c, int32_t dst, int32_t src);
+/* Zeroes sequence slot @slot's sink copies (a new sequence). */
+int kvq_gpu_ctx_clear_sinks(struct kvq_gpu_ctx *c, uint32_t slot);
+
+/*
+ * One step.  Rows are the new tokens of every batch entry, entry by entry;
+ * row r belongs to entry row_seq[r] at position pos[r].  Entry b's pages
+ * are block_table[b * bt_stride ...] (reserved by the caller), its length
+ * after the step seq_len[b], and its sink copies live in slot seq_slot[b].
+ * @rope_cs holds n_tok * rope_dim/2 (cos, sin) pairs
+ * (kvq_attn_ref_rope_table()).  Logits of rows out_rows[0..n_out) land in
+ * @logits (host, n_out * n_vocab floats).
+ */
+struct kvq_gpu_step {
+	uint32_t n_tok, n_seqs, n_out;
+	const int32_t *tokens, *pos, *row_seq;
+	const int32_t *seq_slot, *block_table, *seq_len;
+	const int32_t *out_rows;
+	const float *rope_cs;
+	float *logits;
+};
+
+int kvq_gpu_forward(struct kvq_gpu_ctx *c, const struct kvq_gpu_step *s,
+		    char *err, size_t errlen);
+
+/* Counters: steps run, of which replayed graphs; graphs captured. */
+struct kvq_gpu_stats {
+	uint64_t steps, graph_steps, graphs;
+	int decode_kernel;	/* 1: the fused split-KV kernel serves decode */
+};
+void kvq_gpu_ctx_stats(const struct kvq_gpu_ctx *c, struct kvq_gpu_stats *st);
+
+/*
+ * For benchmarks: fills positions [from, to) of the sequence whose pages
+ * are @pages with pseudo-random keys and values (as if appended), in every
+ * layer, without running the model.
+ */
+int kvq_gpu_ctx_fill_random(struct kvq_gpu_ctx *c, const int32_t *pages,
+			    uint32_t n_pages, uint32_t slot, uint32_t from,
+			    uint32_t to, uint32_t seed);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVQ_GPU_FWD_H */

@@ -1,0 +1,324 @@
+/*
+ * test_gpu_fwd.c - the GPU forward pass against the CPU engine, its twin.
+ *
+ * For each model given on the command line and each KV setting (f32/f32,
+ * the default q8/q4, and f16/f16), one CPU and one GPU context run the same
+ * prompt and then greedy decoding for 120 tokens:
+ *   - the logits of every step agree: max|gpu - cpu| <= tol * max|cpu|
+ *     (tol 1e-4 with an f32 cache; 2e-2 with a quantized one, where a key
+ *     that differs in the last float bit may round to the neighbouring
+ *     4-bit level).  F32, F16, Q8_0 and Q4_0 weights reach the GPU
+ *     unchanged; other types (Q4_K, Q6_K, BF16) are converted to f16 once,
+ *     which rounds each weight by up to 2^-11: for those models the
+ *     tolerances are 1e-2 and 8e-2;
+ *   - the greedy token ids are equal.  Should they differ, the CPU's top
+ *     two logits at that step must lie within the logit tolerance of each
+ *     other (a tie broken by rounding), and the test reports where.
+ * Then a continuous-batching step: three sequences, one prefilling and two
+ * decoding, in one GPU step, each matching its own CPU run.  Logits buffers
+ * are poisoned with NaN before every GPU step.
+ *
+ * Without a GPU: "1..0 # SKIP no GPU" and exit status 77.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/kvcache.h"
+#include "engine/log.h"
+#include "engine/model.h"
+#include "engine/tokenizer.h"
+#include "kernels/gpu.h"
+#include "tap.h"
+
+#define N_GEN 120
+
+static const char prompt_text[] =
+	"Once upon a time, there was a little girl who lived in a village near the forest.";
+
+struct kvset {
+	const char *name;
+	uint8_t k, v;
+	float tol;
+};
+
+static const struct kvset kvsets[] = {
+	{ "f32/f32", KVQ_KV_F32, KVQ_KV_F32, 1e-4f },
+	{ "q8/q4", KVQ_KV_Q8, KVQ_KV_Q4, 2e-2f },
+	{ "f16/f16", KVQ_KV_F16, KVQ_KV_F16, 2e-3f },
+};
+
+static int argmax(const float *x, uint32_t n, float *margin)
+{
+	uint32_t i, b = 0, s = 1;
+
+	if (x[1] > x[0]) {
+		b = 1;
+		s = 0;
+	}
+	for (i = 2; i < n; i++) {
+		if (x[i] > x[b]) {
+			s = b;
+			b = i;
+		} else if (x[i] > x[s]) {
+			s = i;
+		}
+	}
+	*margin = x[b] - x[s];
+	return (int)b;
+}
+
+static float max_abs(const float *x, size_t n)
+{
+	float m = 0.0f;
+	size_t i;
+
+	for (i = 0; i < n; i++)
+		if (fabsf(x[i]) > m)
+			m = fabsf(x[i]);
+	return m;
+}
+
+/* max |a - b| (NaN in a counts as infinite) */
+static float max_diff(const float *a, const float *b, size_t n)
+{
+	float m = 0.0f;
+	size_t i;
+
+	for (i = 0; i < n; i++) {
+		float d = fabsf(a[i] - b[i]);
+
+		if (isnan(a[i]) || isnan(d))
+			return INFINITY;
+		if (d > m)
+			m = d;
+	}
+	return m;
+}
+
+static void poison(float *x, size_t n)
+{
+	size_t i;
+
+	for (i = 0; i < n; i++)
+		x[i] = NAN;
+}
+
+static int prompt_tokens(struct kvq_model *m, int32_t *tok, int cap)
+{
+	int n = kvq_tokenize(kvq_model_tokenizer(m), prompt_text,
+			     strlen(prompt_text), tok + 1, cap - 1);
+
+	tok[0] = 1;
+	return n < 0 ? 1 : n + 1;
+}
+
+static int one_step(struct kvq_ctx *c, int seq, const int32_t *tok, int n,
+		    float *logits)
+{
+	struct kvq_batch b = { 0 };
+
+	b.n = 1;
+	b.seq = &seq;
+	b.n_tokens = &n;
+	b.tokens = &tok;
+	return kvq_step(c, &b, logits);
+}
+
+/* The GPU holds this model's weights exactly as the file does. */
+static bool exact_weights(struct kvq_model *m)
+{
+	const char *d = kvq_model_desc(m);
+
+	return strstr(d, ", F32,") || strstr(d, ", F16,") ||
+	       strstr(d, ", Q8_0,") || strstr(d, ", Q4_0,");
+}
+
+static void greedy_case(struct kvq_model *m, const char *mname,
+			const struct kvset *ks0)
+{
+	struct kvset kss = *ks0, *ks = &kss;
+	const struct kvq_hparams *hp = kvq_model_hparams(m);
+	struct kvq_ctx_opts o;
+	struct kvq_ctx *cc = NULL, *gc = NULL;
+	char err[256];
+	int32_t tok[128];
+	float *lc, *lg, worst = 0.0f;
+	int n, i, sc, sg, diverged = -1, same = 0, ret;
+	bool tie = false;
+
+	if (!exact_weights(m))
+		ks->tol = ks->k >= KVQ_KV_Q8 ? 8e-2f : 1e-2f;
+	kvq_ctx_opts_default(&o);
+	o.kv_type_k = ks->k;
+	o.kv_type_v = ks->v;
+	o.n_ctx = 512 < hp->ctx_len ? 512 : hp->ctx_len;
+	o.max_seqs = 4;
+	lc = malloc(hp->n_vocab * sizeof(float));
+	lg = malloc(hp->n_vocab * sizeof(float));
+	ret = kvq_ctx_create(m, &o, &cc, err, sizeof(err));
+	if (!ret) {
+		o.device = KVQ_CTX_GPU;
+		ret = kvq_ctx_create(m, &o, &gc, err, sizeof(err));
+	}
+	if (ret) {
+		tap_ok(0, "%s %s: context: %s", mname, ks->name, err);
+		goto out;
+	}
+	n = prompt_tokens(m, tok, 128);
+	sc = kvq_seq_create(cc);
+	sg = kvq_seq_create(gc);
+	for (i = 0; i <= N_GEN; i++) {
+		float mc, mg, scale, d;
+		int ac, ag;
+
+		poison(lg, hp->n_vocab);
+		if (one_step(cc, sc, tok, n, lc) || one_step(gc, sg, tok, n, lg)) {
+			tap_ok(0, "%s %s: step %d failed", mname, ks->name, i);
+			goto out;
+		}
+		scale = max_abs(lc, hp->n_vocab);
+		d = max_diff(lg, lc, hp->n_vocab) / (scale > 0 ? scale : 1);
+		if (d > worst)
+			worst = d;
+		ac = argmax(lc, hp->n_vocab, &mc);
+		ag = argmax(lg, hp->n_vocab, &mg);
+		if (ac != ag) {
+			/* Only a near tie may be broken differently. */
+			tie = mc <= 2.0f * ks->tol * scale;
+			tap_diag("%s %s: token %d differs (cpu %d, gpu %d), cpu top-2 margin %g (%s)",
+				 mname, ks->name, i, ac, ag, mc,
+				 tie ? "a near tie" : "NOT a tie");
+			diverged = i;
+			break;
+		}
+		same++;
+		tok[0] = ac;
+		n = 1;
+	}
+	tap_ok(worst <= ks->tol, "%s %s: logits of %d steps within %g of the CPU's (worst %.3g)",
+	   mname, ks->name, same + (diverged >= 0), ks->tol, worst);
+	tap_ok(same == N_GEN + 1 || (diverged >= 0 && tie),
+	       "%s %s: greedy ids equal the CPU's for %d tokens%s", mname,
+	       ks->name, same, diverged >= 0 ? ", then a near tie broke the other way" : "");
+out:
+	kvq_ctx_destroy(cc);
+	kvq_ctx_destroy(gc);
+	free(lc);
+	free(lg);
+}
+
+/* Three sequences in one GPU step (a prompt and two decodes) against each
+ * run on its own on the CPU. */
+static void batch_case(struct kvq_model *m, const char *mname)
+{
+	const struct kvq_hparams *hp = kvq_model_hparams(m);
+	uint32_t V = hp->n_vocab;
+	struct kvq_ctx_opts o;
+	struct kvq_ctx *cc = NULL, *gc = NULL;
+	char err[256];
+	int32_t pa[64], pb[64], pc[64];
+	int na, nb, nc, sa, sb, s3, ca, cb, c3, i;
+	float *lc = malloc(3 * V * sizeof(float));
+	float *lg = malloc(3 * V * sizeof(float));
+	float worst = 0.0f;
+
+	kvq_ctx_opts_default(&o);
+	o.n_ctx = 256 < hp->ctx_len ? 256 : hp->ctx_len;
+	o.max_seqs = 4;
+	if (kvq_ctx_create(m, &o, &cc, err, sizeof(err)) ||
+	    (o.device = KVQ_CTX_GPU,
+	     kvq_ctx_create(m, &o, &gc, err, sizeof(err)))) {
+		tap_ok(0, "%s batch: context: %s", mname, err);
+		goto out;
+	}
+	nb = prompt_tokens(m, pb, 64);
+	for (i = 0; i < 64; i++) {
+		pa[i] = (int32_t)((i * 7 + 3) % V);
+		pc[i] = (int32_t)((i * 13 + 5) % V);
+	}
+	na = 9;
+	nc = 40;
+	sa = kvq_seq_create(gc);
+	sb = kvq_seq_create(gc);
+	s3 = kvq_seq_create(gc);
+	ca = kvq_seq_create(cc);
+	cb = kvq_seq_create(cc);
+	c3 = kvq_seq_create(cc);
+	/* a and b get their prompts first; c comes in while they decode. */
+	if (one_step(gc, sa, pa, na, lg) || one_step(gc, sb, pb, nb, lg) ||
+	    one_step(cc, ca, pa, na, lc) || one_step(cc, cb, pb, nb, lc)) {
+		tap_ok(0, "%s batch: prompts failed", mname);
+		goto out;
+	}
+	{
+		int seqs[3] = { sa, s3, sb };
+		int ns[3] = { 1, nc, 1 };
+		int32_t ta = 17 % V, tb = 23 % V;
+		const int32_t *toks[3] = { &ta, pc, &tb };
+		struct kvq_batch b = { 3, seqs, ns, toks, false };
+		float *ref[3] = { lc, lc + V, lc + 2 * V };
+
+		poison(lg, 3 * V);
+		if (kvq_step(gc, &b, lg) || one_step(cc, ca, &ta, 1, ref[0]) ||
+		    one_step(cc, c3, pc, nc, ref[1]) ||
+		    one_step(cc, cb, &tb, 1, ref[2])) {
+			tap_ok(0, "%s batch: mixed step failed", mname);
+			goto out;
+		}
+		for (i = 0; i < 3; i++) {
+			float s = max_abs(ref[i], V);
+			float d = max_diff(lg + (size_t)i * V, ref[i], V) /
+				  (s > 0 ? s : 1);
+
+			if (d > worst)
+				worst = d;
+		}
+	}
+	tap_ok(worst <= (exact_weights(m) ? 2e-2f : 8e-2f), "%s: one GPU step of a prompt and two decodes matches three CPU runs (worst %.3g)",
+	   mname, worst);
+out:
+	kvq_ctx_destroy(cc);
+	kvq_ctx_destroy(gc);
+	free(lc);
+	free(lg);
+}
+
+int main(int argc, char **argv)
+{
+	struct kvq_gpu_info gi;
+	char why[256];
+	int i;
+
+	if (kvq_gpu_probe(&gi, why, sizeof(why)) <= 0) {
+		printf("1..0 # SKIP no GPU (%s)\n", why);
+		return 77;
+	}
+	kvq_log_set_level(KVQ_LOG_WARNING);
+	printf("# device: %s, %.1f GiB\n", gi.name, gi.total_mem / 1073741824.0);
+	for (i = 1; i < argc; i++) {
+		struct kvq_model_opts mo = { 0 };
+		struct kvq_model *m;
+		const char *name = strrchr(argv[i], '/');
+		char err[256];
+		size_t k;
+
+		name = name ? name + 1 : argv[i];
+		mo.n_threads = 2;
+		if (kvq_model_load(argv[i], &mo, &m, err, sizeof(err))) {
+			tap_ok(0, "%s: %s", name, err);
+			continue;
+		}
+		for (k = 0; k < sizeof(kvsets) / sizeof(kvsets[0]); k++)
+			greedy_case(m, name, &kvsets[k]);
+		batch_case(m, name);
+		kvq_model_destroy(m);
+	}
+	return tap_done();
+}
