@@ -416,6 +416,17 @@ static void print_status(json_t *r)
 			       nget(cal, "err_q4"), nget(cal, "ratio"));
 		}
 	}
+	if (json_object_get(r, "kv_smooth")) {
+		json_t *sm = json_object_get(r, "kv_smooth");
+
+		printf("kv smoothing: %s%s (kv_smooth = %s) in %.2f s; predicted error keys %.4g -> %.4g, values %.4g -> %.4g\n",
+		       sget(sm, "state"),
+		       json_is_true(json_object_get(sm, "rotated")) ?
+		       ", key pairs rotated" : "", sget(sm, "mode"),
+		       nget(sm, "seconds"), nget(sm, "k_err_before"),
+		       nget(sm, "k_err_after"), nget(sm, "v_err_before"),
+		       nget(sm, "v_err_after"));
+	}
 	if (json_object_get(r, "http"))
 		printf("http:         %lld requests, %lld in flight (%lld streaming)\n",
 		       iget(json_object_get(r, "http"), "requests_total"),

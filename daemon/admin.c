@@ -29,6 +29,7 @@
 #include "engine/fisher.h"
 #include "engine/gguf.h"
 #include "engine/log.h"
+#include "engine/kvsmooth.h"
 #include "engine/model.h"
 #include "proto/http.h"
 
@@ -104,6 +105,7 @@ static json_t *cmd_status(const struct kvq_admin_view *v, int *code,
 {
 	json_t *o = json_object(), *m, *r, *kv, *rl;
 	struct kvq_sched_stats st;
+	struct kvq_kv_smooth_report sr;
 	const struct kvq_hparams *hp;
 	int bad = 0;
 
@@ -136,6 +138,22 @@ static json_t *cmd_status(const struct kvq_admin_view *v, int *code,
 				(json_int_t)kvq_model_weight_bytes(v->model)));
 			bad |= set(m, "n_tensors", json_integer((json_int_t)
 				kvq_model_gguf(v->model)->n_tensors));
+		}
+	}
+	if (v->model && kvq_kv_smooth_last(v->model, &sr)) {
+		json_t *sm = json_object();
+
+		bad |= set(o, "kv_smooth", sm);
+		if (sm) {
+			bad |= set(sm, "mode", jstr(kvq_kv_smooth_mode_name(sr.mode)));
+			bad |= set(sm, "state", jstr(sr.state));
+			bad |= set(sm, "rotated", json_boolean(sr.rotated));
+			bad |= set(sm, "k_err_before", json_real(sr.k_err_before));
+			bad |= set(sm, "k_err_after", json_real(sr.k_err_after));
+			bad |= set(sm, "v_err_before", json_real(sr.v_err_before));
+			bad |= set(sm, "v_err_after", json_real(sr.v_err_after));
+			bad |= set(sm, "seconds", json_real(sr.seconds));
+			bad |= set(sm, "why", jstr(sr.why));
 		}
 	}
 

@@ -23,6 +23,7 @@
 
 #include "daemon/conf.h"
 #include "engine/kvcache.h"
+#include "engine/kvsmooth.h"
 #include "engine/log.h"
 
 #define MS_PER_S 1000u
@@ -41,6 +42,13 @@ static const struct kvq_config_choice devices[] = {
 	{ "auto", KVQ_DEVICE_AUTO },
 	{ "cpu", KVQ_DEVICE_CPU },
 	{ "cuda", KVQ_DEVICE_CUDA },
+	{ NULL, 0 },
+};
+
+static const struct kvq_config_choice kv_smooth_modes[] = {
+	{ "auto", KVQ_KV_SMOOTH_AUTO },
+	{ "on", KVQ_KV_SMOOTH_ON },
+	{ "off", KVQ_KV_SMOOTH_OFF },
 	{ NULL, 0 },
 };
 
@@ -106,6 +114,9 @@ static const struct kvq_config_key keys[] = {
 	  "16", 1, 1024, NULL, "tokens per KV page (a power of two)" },
 	{ "kv_sink_tokens", KVQ_CT_UINT, OFF(kv_sink_tokens), false, false,
 	  "0", 0, 65536, NULL, "first tokens of a sequence kept in f16" },
+	{ "kv_smooth", KVQ_CT_ENUM, OFF(kv_smooth), false, false, "auto", 0, 0,
+	  kv_smooth_modes,
+	  "reshape keys/values for a quantized KV cache, folded into the weights at load: auto, on or off" },
 };
 
 #define N_KEYS (sizeof(keys) / sizeof(keys[0]))

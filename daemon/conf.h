@@ -88,6 +88,7 @@ struct kvq_config {
 	char *kv_type_v;		/* a type or a per-layer list */
 	uint32_t kv_page_tokens;
 	uint32_t kv_sink_tokens;
+	int kv_smooth;			/* enum kvq_kv_smooth_mode */
 	int device;			/* enum kvq_device */
 
 	struct kvq_config_origin origin[KVQ_CONFIG_MAX_KEYS];

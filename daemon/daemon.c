@@ -52,6 +52,7 @@
 #include "engine/fisher.h"
 #include "engine/kvcache.h"
 #include "engine/kvcalib.h"
+#include "engine/kvsmooth.h"
 #include "engine/log.h"
 #include "engine/model.h"
 #include "kernels/gpu.h"
@@ -404,6 +405,12 @@ static void *loader_main(void *arg)
 	if (!d->load_ret)
 		d->load_ret = kvq_fisher_load(d->model, d->load_fim, &d->fisher,
 					      d->load_err, sizeof(d->load_err));
+	/* Smoothing before calibration, which measures the result (kv_* keys
+	 * are not live: reload never changes them under this thread). */
+	if (!d->load_ret)
+		d->load_ret = kvq_kv_smooth_load(d->model, d->conf.kv_smooth,
+			d->conf.kv_type_k, d->conf.kv_type_v, d->load_err,
+			sizeof(d->load_err));
 	if (!d->load_ret && d->load_calibrate)
 		d->load_ret = calibrate_keys(d);
 	event_active(d->ev_loaded, EV_READ, 0);

@@ -22,6 +22,7 @@
 #include "engine/log.h"
 #include "engine/kvcache.h"
 #include "engine/kvcalib.h"
+#include "engine/kvsmooth.h"
 #include "engine/model.h"
 #include "engine/perplexity.h"
 #include "engine/quant.h"
@@ -45,6 +46,8 @@ struct oneshot {
 	const char *fim;
 	int kv_sink_tokens;
 	int kv_page_tokens;
+	int kv_smooth;		/* enum kvq_kv_smooth_mode */
+	struct kvq_kv_smooth_report smooth;
 	int max_tokens;
 	int threads;
 	int n_ctx;
@@ -66,6 +69,7 @@ enum {
 	OPT_THREADS, OPT_CTX, OPT_MODEL, OPT_VERBOSE, OPT_DEVICE,
 	OPT_PERPLEXITY, OPT_KL_AGAINST, OPT_KV_TYPE_K, OPT_KV_TYPE_V,
 	OPT_KV_SINK, OPT_KV_PAGE, OPT_RANKS, OPT_JSON, OPT_FIM, OPT_DOT,
+	OPT_KV_SMOOTH,
 };
 
 static const struct option oneshot_opts[] = {
@@ -98,6 +102,7 @@ static const struct option oneshot_opts[] = {
 	{ "json", no_argument, NULL, OPT_JSON },
 	{ "fim", required_argument, NULL, OPT_FIM },
 	{ "dot", required_argument, NULL, OPT_DOT },
+	{ "kv-smooth", required_argument, NULL, OPT_KV_SMOOTH },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -155,6 +160,7 @@ static int parse_args(struct oneshot *o, int argc, char **argv)
 	o->kv_type_v = "q4";
 	o->kv_sink_tokens = 4;
 	o->kv_page_tokens = 16;
+	o->kv_smooth = KVQ_KV_SMOOTH_AUTO;
 	o->device = "auto";
 	optind = 1;
 	while ((c = getopt_long(argc, argv, "", oneshot_opts, NULL)) != -1) {
@@ -186,6 +192,17 @@ static int parse_args(struct oneshot *o, int argc, char **argv)
 				return -EINVAL;
 			}
 			kvq_quant_set_dot_mode(mode);
+			break;
+		}
+		case OPT_KV_SMOOTH: {
+			enum kvq_kv_smooth_mode mode;
+
+			if (kvq_kv_smooth_mode_parse(optarg, &mode)) {
+				fprintf(stderr, "kvqd: --kv-smooth: expected auto, on or off, got \"%s\"\n",
+					optarg);
+				return -EINVAL;
+			}
+			o->kv_smooth = (int)mode;
 			break;
 		}
 		case OPT_KV_SINK:
@@ -649,11 +666,33 @@ static char *read_file(const char *path, size_t *len)
 	return buf;
 }
 
+/*
+ * The reference of --kl-against: the model as the file has it.  When
+ * smoothing changed @m's weights, a second, unsmoothed copy is loaded
+ * (mapped: cheap) so that the baseline is the unsmoothed model; else @m.
+ */
+static int ref_model(struct kvq_model *m, struct oneshot *o,
+		     struct kvq_model **out)
+{
+	struct kvq_model_opts mo = { .n_threads = o->threads };
+	char err[512];
+
+	*out = m;
+	if (!o->smooth.keys && !o->smooth.values)
+		return 0;
+	if (kvq_model_load(o->model, &mo, out, err, sizeof(err))) {
+		fprintf(stderr, "kvqd: reference model: %s\n", err);
+		return -EINVAL;
+	}
+	return 0;
+}
+
 static int do_perplexity(struct kvq_model *m, struct oneshot *o)
 {
 	static uint8_t rk[KVQ_KV_MAX_LAYERS], rv[KVQ_KV_MAX_LAYERS];
+	struct kvq_model *rm = m;
 	struct kvq_ctx_opts co, ro;
-	struct kvq_ppl_result res;
+	struct kvq_ppl_result res, sres;
 	int32_t *ids = NULL;
 	size_t len = 0;
 	char *text, err[512];
@@ -667,8 +706,9 @@ static int do_perplexity(struct kvq_model *m, struct oneshot *o)
 		return 1;
 	}
 	if (ctx_opts(m, o, NULL, NULL, kv_k, kv_v, &co) ||
-	    (o->kl_against && ctx_opts(m, o, o->kl_against, o->kl_against,
-				       rk, rv, &ro)))
+	    (o->kl_against && (ref_model(m, o, &rm) ||
+			       ctx_opts(rm, o, o->kl_against, o->kl_against,
+					rk, rv, &ro))))
 		goto out;
 	ids = malloc((len + 16) * sizeof(*ids));
 	if (!ids)
@@ -679,26 +719,45 @@ static int do_perplexity(struct kvq_model *m, struct oneshot *o)
 		goto out;
 	}
 	window = o->n_ctx ? (uint32_t)o->n_ctx : kvq_model_hparams(m)->ctx_len;
-	if (kvq_perplexity(m, &co, o->kl_against ? &ro : NULL, ids, (uint32_t)n,
-			   window, &res, ppl_progress, NULL, err, sizeof(err))) {
+	if (kvq_perplexity_ref(m, &co, rm, o->kl_against ? &ro : NULL, ids,
+			       (uint32_t)n, window, &res, ppl_progress, NULL,
+			       err, sizeof(err))) {
+		fprintf(stderr, "kvqd: %s: %s\n", o->perplexity, err);
+		goto out;
+	}
+	/* What the fold alone costs: the smoothed model with the reference
+	 * cache against the unsmoothed one (about 0: the fold is exact). */
+	if (rm != m && kvq_perplexity_ref(m, &ro, rm, &ro, ids, (uint32_t)n,
+					  window, &sres, NULL, NULL, err,
+					  sizeof(err))) {
 		fprintf(stderr, "kvqd: %s: %s\n", o->perplexity, err);
 		goto out;
 	}
 	printf("{\"file\": \"%s\", \"tokens\": %d, \"scored\": %llu, \"window\": %u, "
 	       "\"kv_type_k\": \"%s\", \"kv_type_v\": \"%s\", "
-	       "\"kv_bytes_per_token\": %llu, \"ppl\": %.6f",
+	       "\"kv_bytes_per_token\": %llu, \"kv_smooth\": \"%s\", "
+	       "\"smoothed\": \"%s\", \"ppl\": %.6f",
 	       o->perplexity, n, (unsigned long long)res.n_scored, window,
 	       o->kv_type_k, o->kv_type_v,
-	       (unsigned long long)res.kv_bytes_per_token, res.ppl);
+	       (unsigned long long)res.kv_bytes_per_token,
+	       kvq_kv_smooth_mode_name(o->kv_smooth), o->smooth.state, res.ppl);
 	if (o->kl_against)
-		printf(", \"ref\": \"%s\", \"ref_ppl\": %.6f, \"delta_ppl_pct\": %.4f, "
+		printf(", \"ref\": \"%s\", \"ref_model\": \"%s\", \"ref_ppl\": %.6f, "
+		       "\"delta_ppl_pct\": %.4f, "
 		       "\"kl_mean\": %.6g, \"kl_max\": %.6g, \"max_logit_err\": %.6g",
-		       o->kl_against, res.ref_ppl,
+		       o->kl_against, rm == m ? "same" : "unsmoothed",
+		       res.ref_ppl,
 		       100.0 * (res.ppl - res.ref_ppl) / res.ref_ppl,
 		       res.kl_mean, res.kl_max, res.max_logit_err);
+	if (rm != m)
+		printf(", \"smoothed_ref_ppl\": %.6f, \"smoothed_ref_kl_mean\": %.6g, "
+		       "\"smoothed_ref_max_logit_err\": %.6g",
+		       sres.ppl, sres.kl_mean, sres.max_logit_err);
 	printf(", \"seconds\": %.3f}\n", res.seconds);
 	ret = 0;
 out:
+	if (rm != m)
+		kvq_model_destroy(rm);
 	free(ids);
 	free(text);
 	return ret;
@@ -847,6 +906,15 @@ int kvq_oneshot_main(int argc, char **argv)
 	}
 	kvq_info("model: %s (%s)", o.model, kvq_model_desc(m));
 	kvq_info("device: cpu (%s dot products)", kvq_quant_simd_name());
+	/* Smoothing first: kv_type_k = auto calibrates the smoothed model. */
+	if (!o.ranks && !o.tokenize &&
+	    kvq_kv_smooth_load(m, o.kv_smooth, o.kv_type_k, o.kv_type_v, err,
+			       sizeof(err))) {
+		fprintf(stderr, "kvqd: %s\n", err);
+		kvq_model_destroy(m);
+		return 1;
+	}
+	kvq_kv_smooth_last(m, &o.smooth);
 	if (o.ranks)
 		ret = do_ranks(m, &o);
 	else if (o.tokenize)

@@ -24,6 +24,12 @@ static const char *const calib_prompts[] = {
 };
 #define N_PROMPTS (sizeof(calib_prompts) / sizeof(calib_prompts[0]))
 
+const char *const *kvq_kv_calib_prompts(size_t *n)
+{
+	*n = N_PROMPTS;
+	return calib_prompts;
+}
+
 void kvq_kv_calib_opts_default(struct kvq_kv_calib_opts *o)
 {
 	o->kl_q4 = 0.005;

@@ -28,6 +28,7 @@
 #define KVQ_KVCALIB_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "engine/model.h"
@@ -55,6 +56,10 @@ struct kvq_kv_calib_opts {
 };
 
 void kvq_kv_calib_opts_default(struct kvq_kv_calib_opts *o);
+
+/* The calibration prompts (ordinary English; kvsmooth.c measures on them
+ * too): @n of them, static strings. */
+const char *const *kvq_kv_calib_prompts(size_t *n);
 
 /*
  * kvq_kv_calibrate_keys() - runs the method above on @m with @base's

@@ -82,6 +82,17 @@ int kvq_perplexity(struct kvq_model *m, const struct kvq_ctx_opts *opts,
 		   kvq_ppl_progress_fn progress, void *arg, char *err,
 		   size_t errlen)
 {
+	return kvq_perplexity_ref(m, opts, NULL, ref_opts, ids, n, window,
+				  res, progress, arg, err, errlen);
+}
+
+int kvq_perplexity_ref(struct kvq_model *m, const struct kvq_ctx_opts *opts,
+		       struct kvq_model *ref_m,
+		       const struct kvq_ctx_opts *ref_opts, const int32_t *ids,
+		       uint32_t n, uint32_t window, struct kvq_ppl_result *res,
+		       kvq_ppl_progress_fn progress, void *arg, char *err,
+		       size_t errlen)
+{
 	uint32_t nv = kvq_model_hparams(m)->n_vocab;
 	int32_t bos = kvq_tokenizer_bos(kvq_model_tokenizer(m));
 	struct kvq_ctx_opts o = *opts, ro;
@@ -108,10 +119,18 @@ int kvq_perplexity(struct kvq_model *m, const struct kvq_ctx_opts *opts,
 		return ret;
 	res->kv_bytes_per_token = kvq_ctx_kv_bytes_per_token(ctx);
 	if (ref_opts) {
+		if (!ref_m)
+			ref_m = m;
+		if (kvq_model_hparams(ref_m)->n_vocab != nv) {
+			snprintf(err, errlen, "the reference model has %u tokens, the model %u",
+				 kvq_model_hparams(ref_m)->n_vocab, nv);
+			ret = -EINVAL;
+			goto out;
+		}
 		ro = *ref_opts;
 		ro.n_ctx = window;
 		ro.max_seqs = 1;
-		ret = kvq_ctx_create(m, &ro, &rctx, err, errlen);
+		ret = kvq_ctx_create(ref_m, &ro, &rctx, err, errlen);
 		if (ret)
 			goto out;
 	}

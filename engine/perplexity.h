@@ -41,4 +41,16 @@ int kvq_perplexity(struct kvq_model *m, const struct kvq_ctx_opts *opts,
 		   kvq_ppl_progress_fn progress, void *arg, char *err,
 		   size_t errlen);
 
+/*
+ * kvq_perplexity_ref() - the same, with the reference run on another
+ * model, @ref_m (NULL: @m), which must have the same vocabulary: the
+ * unsmoothed model as the baseline of a smoothed one (kvsmooth.h).
+ */
+int kvq_perplexity_ref(struct kvq_model *m, const struct kvq_ctx_opts *opts,
+		       struct kvq_model *ref_m,
+		       const struct kvq_ctx_opts *ref_opts, const int32_t *ids,
+		       uint32_t n, uint32_t window, struct kvq_ppl_result *res,
+		       kvq_ppl_progress_fn progress, void *arg, char *err,
+		       size_t errlen);
+
 #endif /* KVQ_PERPLEXITY_H */

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "daemon/sched.h"
+#include "engine/kvsmooth.h"
 #include "proto/http.h"
 #include "proto/metrics.h"
 
@@ -133,6 +134,31 @@ char *kvq_metrics_render(const struct kvq_sched_stats *st,
 		     "Time the key calibration took at start-up.");
 		fprintf(f, "kvqd_kv_calibration_seconds %.6f\n",
 			st->kv_calib_seconds);
+	}
+	{
+		struct kvq_kv_smooth_report sr;
+
+		if (kvq_kv_smooth_last(NULL, &sr)) {
+			head(f, "kvqd_kv_smoothing_info", "gauge",
+			     "Key/value smoothing folded into the weights at load (1 for the state in use).");
+			fprintf(f, "kvqd_kv_smoothing_info{mode=\"%s\",state=\"%s\",rotated=\"%s\"} 1\n",
+				kvq_kv_smooth_mode_name(sr.mode), sr.state,
+				sr.rotated ? "yes" : "no");
+			head(f, "kvqd_kv_smoothing_error", "gauge",
+			     "Predicted relative error of the quantized KV cache on the calibration prompts, before and after smoothing.");
+			fprintf(f, "kvqd_kv_smoothing_error{half=\"k\",when=\"before\"} %.6g\n",
+				sr.k_err_before);
+			fprintf(f, "kvqd_kv_smoothing_error{half=\"k\",when=\"after\"} %.6g\n",
+				sr.k_err_after);
+			fprintf(f, "kvqd_kv_smoothing_error{half=\"v\",when=\"before\"} %.6g\n",
+				sr.v_err_before);
+			fprintf(f, "kvqd_kv_smoothing_error{half=\"v\",when=\"after\"} %.6g\n",
+				sr.v_err_after);
+			head(f, "kvqd_kv_smoothing_seconds", "gauge",
+			     "Time the smoothing took at start-up.");
+			fprintf(f, "kvqd_kv_smoothing_seconds %.6f\n",
+				sr.seconds);
+		}
 	}
 	head(f, "kvqd_backend_info", "gauge",
 	     "Where forward passes and attention run (1 for the one in use).");

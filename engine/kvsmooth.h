@@ -1,0 +1,156 @@
+/*
+ * kvsmooth.h - reshaping keys and values for the quantized KV cache,
+ * folded into the attention weights at load.
+ *
+ * Why this file exists: a q8/q4 KV group shares one scale (amax/127,
+ * amax/7) across up to 32 channels of one head of one token.  Keys are
+ * lopsided: RoPE's slow pairs carry a large, nearly constant vector whose
+ * small component across it is what q . k reads (a learned position
+ * bias), so the step the big channel sets swamps what matters.  With a
+ * small head (stories260K: head_dim 8, the group is the whole head) there
+ * is nowhere for that to average out.  This file reshapes what the cache
+ * stores without touching the page format or the kernels that read it.
+ *
+ * Transforms (exact in real arithmetic: every q . k and every attention
+ * output is unchanged).  For KV head h:
+ *   keys:   per rotated channel pair (c, c') -- (2i, 2i+1), or (i, i +
+ *           rope_dim/2) for neox -- a rotation by phi in the pair's plane
+ *           and a scale 2^-e, k <- 2^-e R(phi) k, with q <- 2^e R(phi) q
+ *           for every query head that shares h (GQA).  Plane rotations
+ *           commute with RoPE's, and (R q) . (R k) = q . k.  Channels
+ *           beyond rope_dim have a scale only.  Folded as: rows of Wk (and
+ *           bk) rotated and scaled by 2^-e, rows of Wq (and bq) rotated and
+ *           scaled by 2^e.
+ *   values: per channel a scale 2^-e: rows of Wv (and bv) scaled by 2^-e,
+ *           column qh*head_dim + c of Wo by 2^e for each query head qh of
+ *           h's group.
+ * Scales are powers of two, so a fold with scales only is exact in
+ * floating point too (rounding commutes with scaling by 2^e while nothing
+ * overflows or goes subnormal; values that do not scale exactly are
+ * counted and logged): an f32 or f16 cache then computes the same logits.
+ * A rotation rounds each rotated weight once, to its type; and an f16
+ * cache, which rounds each channel relative to its own size, then gives
+ * the small channel of a lopsided pair the big one's rounding (stories260K:
+ * the largest logit difference to the unsmoothed f16 cache is 0.06, f16
+ * against f32 cache 0.014).  Only f16 layers and the f16 sink tokens see
+ * that; pairs are rotated only in layers whose cache is q8/q4.
+ *
+ * Choosing them.  The calibration prompts of kvcalib.c are prefilled with
+ * an f32 cache, recording each layer's rotated keys, its values and the
+ * second moments of what reads them: the queries sharing the head (sum of
+ * q q^T) for keys, Wo's columns (sum of Wo^T Wo over the group) for
+ * values.  The cost of a head is then the error the cache's own type (q8
+ * or q4, per layer) would make, as it would be read:
+ *   sum over tokens of d^T W d,  d = x - dequant(quant(x))
+ * in the original basis, relative to sum x^T W x (its square root is the
+ * "predicted error" reported).  Coordinate descent over the pairs
+ * (exponents -4..4, eight phases 0..7pi/16) from the identity minimises
+ * it; the first positions (the f16 sink tokens) are left out.  Heads of
+ * more than 16 channels use W's 2x2 pair blocks only (cross terms between
+ * pairs of different frequencies average out).
+ *
+ * Weight types.  Row scaling by 2^e is exact for every supported type:
+ * float types element by element, Q8_0/Q4_0/Q4_K/Q6_K through their f16
+ * block scales (d, and dmin for Q4_K), codes untouched.  Rotations mix two
+ * rows and Wo's column scaling cuts across blocks: both would need
+ * requantizing, so for quantized weights key pairs get scales only and
+ * values are left alone; both refusals are logged.  Smoothed matrices
+ * become owned copies of the same type and size (the GGUF mapping is
+ * read-only); the model frees them.
+ */
+#ifndef KVQ_KVSMOOTH_H
+#define KVQ_KVSMOOTH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "engine/kvcache.h"
+#include "engine/model.h"
+
+enum kvq_kv_smooth_mode {
+	KVQ_KV_SMOOTH_OFF = 0,
+	KVQ_KV_SMOOTH_ON = 1,	/* every quantized half it can fold */
+	KVQ_KV_SMOOTH_AUTO = 2,	/* small heads, where it helps enough */
+};
+
+/* "off", "on", "auto"; "?" for anything else. */
+const char *kvq_kv_smooth_mode_name(int mode);
+/* Parses a mode name: 0, or -EINVAL (*out unchanged). */
+int kvq_kv_smooth_mode_parse(const char *s, enum kvq_kv_smooth_mode *out);
+
+struct kvq_kv_smooth_opts {
+	enum kvq_kv_smooth_mode mode;
+	/* The cache's types per layer (enum kvq_kv_type): layers whose K
+	 * (V) is q8 or q4 are shaped for that type, the others left alone. */
+	uint8_t type_k[KVQ_KV_MAX_LAYERS];
+	uint8_t type_v[KVQ_KV_MAX_LAYERS];
+	bool rotate;		/* rotate key pairs too; default true */
+	uint32_t n_skip;	/* leading positions left out; default 4 */
+	/* auto: a half is folded when its predicted error falls by at least
+	 * this fraction; default 0.2 */
+	double min_gain;
+};
+
+/* mode auto, K q8 and V q4 in every layer (the serving defaults),
+ * rotations on. */
+void kvq_kv_smooth_opts_default(struct kvq_kv_smooth_opts *o);
+
+struct kvq_kv_smooth_report {
+	enum kvq_kv_smooth_mode mode;
+	bool keys;		/* folded into the weights */
+	bool values;
+	bool rotated;		/* some key pair was rotated */
+	/* Predicted relative error (see above) before and after, over the
+	 * layers with a quantized type; 0 when not measured. */
+	double k_err_before, k_err_after;
+	double v_err_before, v_err_after;
+	uint32_t n_tokens;	/* calibration tokens in the statistics */
+	uint32_t n_inexact;	/* scaled weight values rounded */
+	double seconds;
+	char state[16];		/* "off", "keys", "values", "keys+values" */
+	char why[256];		/* what decided it, one line */
+};
+
+/*
+ * kvq_kv_smooth_apply() - measures @m on the calibration prompts and, as
+ * @o says, folds key and/or value shaping into its weights (see above).
+ * @o may be NULL (defaults).  Logs one line with the decision and the
+ * time it took.  @rep may be NULL.  Returns 0 (also when nothing was
+ * folded: the report says why), -EALREADY when @m's attention weights are
+ * no longer the file's, -ENOMEM, or -EINVAL when the model cannot run.
+ * On failure no weight is changed.  Not safe while @m runs steps.
+ */
+int kvq_kv_smooth_apply(struct kvq_model *m, const struct kvq_kv_smooth_opts *o,
+			struct kvq_kv_smooth_report *rep);
+
+/*
+ * kvq_kv_smooth_error() - the predicted relative error of @m's keys in
+ * @type_k and values in @type_v (q8 or q4) as it stands, measured the way
+ * kvq_kv_smooth_apply() measures it, without changing anything: after a
+ * fold it equals the report's *_after.  Returns 0 or -errno.
+ */
+int kvq_kv_smooth_error(struct kvq_model *m, enum kvq_kv_type type_k,
+			enum kvq_kv_type type_v, double *k_err, double *v_err);
+
+/*
+ * kvq_kv_smooth_load() - the load-time step as kvqd runs it: @mode
+ * (enum kvq_kv_smooth_mode) with the KV cache settings @kv_type_k ("q8",
+ * a per-layer list, or "auto", taken as q4: calibration may choose it)
+ * and @kv_type_v.  Call it after kvq_model_load() and before kv_type_k =
+ * auto calibration, which then measures the shaped model.  Returns 0 or
+ * -errno with a message in @err.
+ */
+int kvq_kv_smooth_load(struct kvq_model *m, int mode, const char *kv_type_k,
+		       const char *kv_type_v, char *err, size_t errlen);
+
+/*
+ * kvq_kv_smooth_last() - the report of the last kvq_kv_smooth_apply() in
+ * this process, for status pages (kvqd holds one model).  With @m not
+ * NULL, only if it was about @m.  Returns true and fills @out, or false
+ * when there is none.
+ */
+bool kvq_kv_smooth_last(const struct kvq_model *m,
+			struct kvq_kv_smooth_report *out);
+
+#endif /* KVQ_KVSMOOTH_H */
