@@ -415,8 +415,10 @@ static int measure(struct kvq_model *m, uint32_t n_skip, struct acts *a)
 out:
 	for (i = 0; i < np; i++)
 		free(ids[i]);
-	if (ret)
+	if (ret) {
 		acts_free(a);
+		memset(a, 0, sizeof(*a));
+	}
 	return ret;
 }
 
@@ -1288,9 +1290,15 @@ int kvq_kv_smooth_apply(struct kvq_model *m, const struct kvq_kv_smooth_opts *o,
 	if (refused[0])
 		kvq_notice("KV smoothing: %s", refused);
 	ret = measure(m, o->n_skip, &a);
+	if (ret == -EINVAL && o->mode == KVQ_KV_SMOOTH_AUTO) {
+		kvq_warn("KV smoothing: the calibration prompts do not run on this model; weights left as they are");
+		snprintf(r.why, sizeof(r.why),
+			 "the calibration prompts do not run on this model");
+		goto done;
+	}
 	if (ret) {
-		kvq_warn("KV smoothing: cannot measure the model (%s); weights left as they are",
-			 strerror(-ret));
+		kvq_err("KV smoothing: cannot measure the model: %s",
+			strerror(-ret));
 		return ret;
 	}
 	r.n_tokens = a.n_tok;

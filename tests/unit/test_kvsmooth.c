@@ -259,7 +259,7 @@ static int to_q8_0(struct kvq_model *m, void **bufs, int *n_bufs)
 static void fold_case(const char *name, const struct kvq_kv_smooth_opts *o,
 		      void (*setup)(struct kvq_model *, struct biases *,
 				    void **, int *),
-		      bool exact, double tol, bool want_rotated,
+		      bool exact, double tol, int want_rotated,
 		      int want_values)
 {
 	struct kvq_model *a = load(), *b = load();
@@ -314,7 +314,7 @@ static void fold_case(const char *name, const struct kvq_kv_smooth_opts *o,
 		tap_ok(d32 <= tol * mx && d16 <= 8 * f16_noise,
 		       "%s: f32 cache logits within %.0e of the largest (%.3g) after the fold: max diff %.3g; f16 cache %.3g (f16 against f32 cache %.3g)",
 		       name, tol, mx, d32, d16, f16_noise);
-	tap_ok(rep.rotated == want_rotated &&
+	tap_ok((want_rotated < 0 || rep.rotated == want_rotated) &&
 	       (want_values < 0 || rep.values == want_values) &&
 	       (want_values != 0 || strstr(rep.why, "values refused")),
 	       "%s: rotated %d (want %d), values %d (want %d): %s", name,
@@ -408,12 +408,12 @@ static void setup_q8_0(struct kvq_model *m, struct biases *bs, void **bufs,
 /* ---------------------------------------------------- error reduction */
 
 /*
- * On stories260K with q4 keys: the fold lowers the predicted key error
- * by a quarter at least, a fresh measurement of the folded model agrees
- * with the prediction, and the logits with a q4 key cache move closer to
- * the f32 reference (KL).
+ * With q4 keys: the fold lowers the predicted key error (on stories260K
+ * by a quarter at least), a fresh measurement of the folded model agrees
+ * with the prediction, and (@check_kl, stories260K) the logits with a q4
+ * key cache move closer to the f32 reference (KL).
  */
-static void key_error_reduced(void)
+static void key_error_reduced(bool check_kl)
 {
 	struct kvq_model *a = load(), *b = load();
 	struct kvq_kv_smooth_opts o;
@@ -442,15 +442,15 @@ static void key_error_reduced(void)
 	tap_ok(fabs(ka - rep.k_err_before) <= 1e-9 * ka,
 	       "kvq_kv_smooth_error_before_equals_the_report (%.6g, %.6g)",
 	       ka, rep.k_err_before);
-	tap_ok(kb <= 0.75 * ka,
-	       "kvq_kv_smooth_apply_q4_key_error_falls_by_a_quarter (%.4g -> %.4g)",
-	       ka, kb);
+	tap_ok(kb <= (check_kl ? 0.75 : 0.98) * ka,
+	       "kvq_kv_smooth_apply_q4_key_error_falls_by_%s (%.4g -> %.4g)",
+	       check_kl ? "a_quarter" : "2%", ka, kb);
 	tap_ok(fabs(kb - rep.k_err_after) <= 0.02 * rep.k_err_after,
 	       "kvq_kv_smooth_error_after_the_fold_matches_the_prediction (%.5g measured, %.5g predicted)",
 	       kb, rep.k_err_after);
 	kl_a = mean_kl(ref, qa, nv);
 	kl_b = mean_kl(ref, qb, nv);
-	tap_ok(kl_b < 0.8 * kl_a,
+	tap_ok(!check_kl || kl_b < 0.8 * kl_a,
 	       "kvq_kv_smooth_apply_q4_keys_closer_to_f32: KL %.4g -> %.4g",
 	       kl_a, kl_b);
 	tap_ok(kvq_kv_smooth_apply(b, &o, NULL) == -EALREADY,
@@ -504,31 +504,77 @@ out:
 	kvq_model_destroy(m2);
 }
 
-int main(void)
+/*
+ * Another model (argv[1]: tests/integration/test_kvsmooth.py generates
+ * qwen2 models with a key bias): the fold with scales only is exact; with
+ * rotations (float weights) within rounding, without them (quantized
+ * weights: refused) exact again; the key error falls.
+ */
+static int other_model(void)
 {
-	static char path[512];
-	struct kvq_model *m;
 	struct kvq_kv_smooth_opts o;
+	struct kvq_model *m = load();
+	bool quant;
+
+	if (!m) {
+		tap_ok(0, "%s loads", model_path);
+		return tap_done();
+	}
+	quant = m->layers[0].wq->type != KVQ_TYPE_F32 &&
+		m->layers[0].wq->type != KVQ_TYPE_F16 &&
+		m->layers[0].wq->type != KVQ_TYPE_BF16;
+	tap_diag("%s: %s", model_path, kvq_model_desc(m));
+	kvq_model_destroy(m);
+	opts(&o, KVQ_KV_Q4, KVQ_KV_Q4, false);
+	fold_case("scales only", &o, NULL, true, 0, 0, quant ? 0 : -1);
+	opts(&o, KVQ_KV_Q4, KVQ_KV_Q4, true);
+	fold_case(quant ? "rotations refused (quantized Wq/Wk)" :
+		  "rotations", &o, NULL, quant, 1e-5, quant ? 0 : -1,
+		  quant ? 0 : -1);
+	key_error_reduced(false);
+	return tap_done();
+}
+
+static int tokenize_text(void)
+{
+	struct kvq_model *m = load();
 	int k;
 
-	kvq_log_set_level(KVQ_LOG_WARNING);
-	model_path = tap_testdata("stories260K.gguf", path, sizeof(path));
-	if (!model_path)
-		return tap_skip_all("stories260K.gguf missing (KVQ_TESTDATA)");
-	mode_parse_names();
-	m = load();
 	if (!m)
-		return tap_skip_all("stories260K.gguf does not load");
+		return -1;
 	ids[n_ids++] = kvq_tokenizer_bos(kvq_model_tokenizer(m));
 	k = kvq_tokenize(kvq_model_tokenizer(m), text, strlen(text),
 			 ids + n_ids, 255);
 	kvq_model_destroy(m);
-	if (k <= 0 || k > 255) {
-		tap_ok(0, "tokenize the test text");
+	if (k <= 0 || k > 255)
+		return -1;
+	n_ids += k;
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	static char path[512];
+	struct kvq_kv_smooth_opts o;
+
+	kvq_log_set_level(KVQ_LOG_WARNING);
+	if (argc > 1) {
+		model_path = argv[1];
+		if (tokenize_text()) {
+			tap_ok(0, "%s: load and tokenize the test text",
+			       model_path);
+			return tap_done();
+		}
+		return other_model();
+	}
+	model_path = tap_testdata("stories260K.gguf", path, sizeof(path));
+	if (!model_path)
+		return tap_skip_all("stories260K.gguf missing (KVQ_TESTDATA)");
+	mode_parse_names();
+	if (tokenize_text()) {
+		tap_ok(0, "load stories260K and tokenize the test text");
 		return tap_done();
 	}
-	n_ids += k;
-
 	opts(&o, KVQ_KV_Q4, KVQ_KV_Q4, false);
 	fold_case("stories260K, scales only", &o, NULL, true, 0, false, -1);
 	fold_case("stories260K, lopsided values, scales only", &o,
@@ -550,7 +596,7 @@ int main(void)
 		  setup_partial, false, 1e-5, true, -1);
 	fold_case("Q8_0 attention weights (scales only, values refused)", &o,
 		  setup_q8_0, true, 0, false, 0);
-	key_error_reduced();
+	key_error_reduced(true);
 	auto_and_off();
 	return tap_done();
 }
