@@ -86,6 +86,7 @@ struct daemon {
 	struct kvq_admin_view view;
 	char last_reload[512];
 	char device[160];
+	int ctx_device;		/* enum kvq_ctx_device of the scheduler */
 	char status[512];		/* STATUS= while serving */
 
 	pthread_t loader;
@@ -310,16 +311,16 @@ static int choose_device(struct daemon *d)
 		kvq_notice("no GPU (%s): running on the CPU", why);
 		return 0;
 	}
-	/* A GPU is present; the forward pass runs on the host until the
-	 * engine's GPU backend is selected here. */
-	if (d->conf.device == KVQ_DEVICE_CUDA) {
-		kvq_err("device = cuda: GPU %s found, but this engine has no GPU backend yet",
-			gi.name);
-		return -ENOTSUP;
-	}
-	snprintf(d->device, sizeof(d->device), "cpu");
-	kvq_notice("GPU %s found, but the engine has no GPU backend yet: running on the CPU",
-		   gi.name);
+	/* A GPU is present: the whole forward pass runs there. */
+	d->ctx_device = KVQ_CTX_GPU;
+	snprintf(d->device, sizeof(d->device), "%s: %s, %.1f GiB",
+		 kvq_gpu_backend_name(), gi.name,
+		 gi.total_mem / 1073741824.0);
+	kvq_notice("device: %s GPU %s (compute %d.%d, %d SMs), %.1f GiB, %.1f GiB free; the forward pass and the KV cache run there%s",
+		   kvq_gpu_backend_name(), gi.name, gi.cc_major, gi.cc_minor,
+		   gi.n_sms, gi.total_mem / 1073741824.0,
+		   gi.free_mem / 1073741824.0,
+		   d->conf.device == KVQ_DEVICE_CUDA ? " (as configured)" : "");
 	return 0;
 }
 
@@ -438,6 +439,7 @@ static int start_serving(struct daemon *d)
 	int ret;
 
 	sched_opts(&d->conf, &so);
+	so.device = d->ctx_device;
 	if (d->calib_types[0]) {
 		so.kv_type_k = d->calib_types;
 		so.kv_calib = &d->calib;

@@ -39,6 +39,7 @@ struct oneshot {
 	const char *dump_logits;
 	const char *prompt_ids;
 	const char *device;
+	int ctx_device;		/* enum kvq_ctx_device, from --device */
 	const char *perplexity;
 	const char *kl_against;
 	const char *kv_type_k;
@@ -296,6 +297,7 @@ static int ctx_opts(struct kvq_model *m, const struct oneshot *o,
 	int r;
 
 	memset(co, 0, sizeof(*co));
+	co->device = o->ctx_device;
 	co->n_ctx = (uint32_t)o->n_ctx;
 	co->kv_page_tokens = (uint32_t)o->kv_page_tokens;
 	co->kv_sink_tokens = (uint32_t)o->kv_sink_tokens;
@@ -879,7 +881,7 @@ int kvq_oneshot_main(int argc, char **argv)
 	struct kvq_model_opts mo = { 0 };
 	struct kvq_model *m = NULL;
 	struct oneshot o = { 0 };
-	char err[512];
+	char err[512], dev[384];
 	int ret;
 
 	if (parse_args(&o, argc, argv))
@@ -892,9 +894,32 @@ int kvq_oneshot_main(int argc, char **argv)
 			KVQ_BUNDLED_MODEL);
 		return 2;
 	}
-	if (strcmp(o.device, "auto") && strcmp(o.device, "cpu")) {
-		fprintf(stderr, "kvqd: --device %s: this build runs models on the CPU only (GPU backend: %s)\n",
-			o.device, kvq_gpu_backend_name());
+	if (!strcmp(o.device, "cuda") || !strcmp(o.device, "auto")) {
+		struct kvq_gpu_info gi;
+		char why[256] = "";
+
+		if (kvq_gpu_probe(&gi, why, sizeof(why)) > 0) {
+			o.ctx_device = KVQ_CTX_GPU;
+			snprintf(dev, sizeof(dev),
+				 "%s GPU %s, %.1f GiB (%.1f GiB free)",
+				 kvq_gpu_backend_name(), gi.name,
+				 gi.total_mem / 1073741824.0,
+				 gi.free_mem / 1073741824.0);
+		} else if (!strcmp(o.device, "cuda")) {
+			fprintf(stderr, "kvqd: --device cuda: no usable GPU: %s\n",
+				why);
+			return 2;
+		} else {
+			snprintf(dev, sizeof(dev),
+				 "cpu (%s dot products; no GPU: %s)",
+				 kvq_quant_simd_name(), why);
+		}
+	} else if (!strcmp(o.device, "cpu")) {
+		snprintf(dev, sizeof(dev), "cpu (%s dot products)",
+			 kvq_quant_simd_name());
+	} else {
+		fprintf(stderr, "kvqd: --device %s: expected auto, cpu or cuda\n",
+			o.device);
 		return 2;
 	}
 	mo.n_threads = o.threads;
@@ -905,7 +930,7 @@ int kvq_oneshot_main(int argc, char **argv)
 		return 1;
 	}
 	kvq_info("model: %s (%s)", o.model, kvq_model_desc(m));
-	kvq_info("device: cpu (%s dot products)", kvq_quant_simd_name());
+	kvq_info("device: %s", dev);
 	/* Smoothing first: kv_type_k = auto calibrates the smoothed model. */
 	if (!o.ranks && !o.tokenize &&
 	    kvq_kv_smooth_load(m, o.kv_smooth, o.kv_type_k, o.kv_type_v, err,

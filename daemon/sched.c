@@ -36,6 +36,7 @@
 #include "engine/model.h"
 #include "engine/quant.h"
 #include "engine/tokenizer.h"
+#include "kernels/gpu.h"
 
 const double kvq_sched_buckets[KVQ_SCHED_N_BUCKETS] = {
 	0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
@@ -1071,6 +1072,7 @@ int kvq_sched_create(struct kvq_model *m, const struct kvq_sched_opts *o,
 	co.kv_tokens = s->o.kv_tokens;
 	co.max_batch = s->o.prefill_chunk + s->o.max_running;
 	co.max_seqs = s->o.max_running;
+	co.device = s->o.device;
 	ret = kv_setup(s, &co, err, errlen);
 	if (ret)
 		goto out_free;
@@ -1080,8 +1082,12 @@ int kvq_sched_create(struct kvq_model *m, const struct kvq_sched_opts *o,
 	s->kv_token_bytes = kvq_ctx_kv_bytes_per_token(s->ctx);
 	s->st.kv_bytes_per_token = s->kv_token_bytes;
 	s->st.kv_bytes_capacity = (uint64_t)s->o.kv_tokens * s->kv_token_bytes;
-	snprintf(s->st.backend, sizeof(s->st.backend), "cpu (%s)",
-		 kvq_quant_simd_name());
+	if (kvq_ctx_device(s->ctx) == KVQ_CTX_GPU)
+		snprintf(s->st.backend, sizeof(s->st.backend), "%s",
+			 kvq_gpu_backend_name());
+	else
+		snprintf(s->st.backend, sizeof(s->st.backend), "cpu (%s)",
+			 kvq_quant_simd_name());
 
 	ret = -ENOMEM;
 	s->run = calloc(s->o.max_running, sizeof(*s->run));

@@ -61,6 +61,7 @@ struct kvq_sched_opts {
 	/* When kv_type_k is a per-layer list that calibration chose (the
 	 * daemon calibrates while loading), its report, for the stats. */
 	const struct kvq_kv_calib_report *kv_calib;
+	int device;			/* enum kvq_ctx_device: where steps run */
 };
 
 /* ------------------------------------------------------------- requests */

@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(NWA * 32) append_kernel(aparams p)
 	uint16_t *sink = p.sink ? p.sink[seq] : nullptr;
 	size_t kvd = (size_t)p.hk * p.d;
 
-	for (int h = w; h < p.hk; h += NWA) {
+	for (int h = blockIdx.y * NWA + w; h < p.hk; h += NWA * gridDim.y) {
 		for (int half = 0; half < 2; half++) {
 			int type = half ? p.vt : p.kt;
 			const void *src = half ? p.v : p.k;
@@ -264,6 +264,9 @@ extern "C" int kvq_gpu_attn_append(const struct kvq_gpu_append_args *a,
 	p.neox = a->rope_neox != 0;
 	p.base = a->rope_base;
 	p.cs = a->rope_cs;
-	append_kernel<<<a->n_rows, NWA * 32, 0, (cudaStream_t)stream>>>(p);
+	/* One warp per KV head of a row: a decode step is a few rows. */
+	dim3 grid(a->n_rows, (a->n_kv_heads + NWA - 1) / NWA);
+
+	append_kernel<<<grid, NWA * 32, 0, (cudaStream_t)stream>>>(p);
 	return cudaGetLastError() == cudaSuccess ? 0 : -EIO;
 }

@@ -38,6 +38,24 @@
 #define cudaFuncSetAttribute hipFuncSetAttribute
 #define cudaFuncAttributeMaxDynamicSharedMemorySize \
 	hipFuncAttributeMaxDynamicSharedMemorySize
+#define cudaMemcpy2D hipMemcpy2D
+#define cudaMemcpyAsync hipMemcpyAsync
+#define cudaMemsetAsync hipMemsetAsync
+#define cudaMallocHost(p, n) hipHostMalloc((p), (n), 0)
+#define cudaFreeHost hipHostFree
+#define cudaStreamCreateWithFlags hipStreamCreateWithFlags
+#define cudaStreamNonBlocking hipStreamNonBlocking
+#define cudaStreamSynchronize hipStreamSynchronize
+#define cudaStreamDestroy hipStreamDestroy
+#define cudaGraph_t hipGraph_t
+#define cudaGraphExec_t hipGraphExec_t
+#define cudaStreamBeginCapture hipStreamBeginCapture
+#define cudaStreamEndCapture hipStreamEndCapture
+#define cudaStreamCaptureModeThreadLocal hipStreamCaptureModeThreadLocal
+#define cudaGraphInstantiate hipGraphInstantiateWithFlags
+#define cudaGraphLaunch hipGraphLaunch
+#define cudaGraphDestroy hipGraphDestroy
+#define cudaGraphExecDestroy hipGraphExecDestroy
 #define cudaOccupancyMaxActiveBlocksPerMultiprocessor \
 	hipOccupancyMaxActiveBlocksPerMultiprocessor
 #include <hip/hip_fp16.h>
@@ -75,6 +93,30 @@ static __device__ __forceinline__ float kvq_shfl_xor_f32(float v, int m)
 #else
 	return __shfl_xor_sync(0xffffffffu, v, m, KVQ_LANES);
 #endif
+}
+
+static __device__ __forceinline__ double kvq_shfl_xor_f64(double v, int m)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	return __shfl_xor(v, m, KVQ_LANES);
+#else
+	return __shfl_xor_sync(0xffffffffu, v, m, KVQ_LANES);
+#endif
+}
+
+static __device__ __forceinline__ float kvq_shfl_f32(float v, int src)
+{
+	return __uint_as_float(kvq_shfl_u32(__float_as_uint(v), src));
+}
+
+static __device__ __forceinline__ const void *kvq_shfl_ptr(const void *p,
+							    int src)
+{
+	unsigned long long u = (unsigned long long)p;
+	unsigned lo = kvq_shfl_u32((unsigned)u, src);
+	unsigned hi = kvq_shfl_u32((unsigned)(u >> 32), src);
+
+	return (const void *)(((unsigned long long)hi << 32) | lo);
 }
 
 static __device__ __forceinline__ bool kvq_any(bool p)

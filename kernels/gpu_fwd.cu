@@ -40,8 +40,9 @@ constexpr int GT = 64;		/* tiled product: rows and tokens per tile */
 constexpr int GK = 32;		/* and depth */
 constexpr int ATT_MAXD = 256;	/* split attention: head sizes 8..256 */
 constexpr int ATT_MAXG = 16;	/* query heads per KV head (8 at 256) */
-constexpr int ATT_SPLIT_TOK = 512;	/* positions per split, about */
-constexpr int ATT_MAX_BLOCKS = 4096;	/* split blocks of one launch, about */
+constexpr int ATT_SPLIT_TOK = 128;	/* positions per split, about */
+constexpr int ATT_MAX_SPLITS = 256;
+constexpr int ATT_MAX_BLOCKS = 8192;	/* split blocks of one launch, about */
 constexpr int MAX_GRAPHS = 48;
 
 __host__ __device__ inline uint32_t pad32(uint32_t n)
@@ -121,13 +122,14 @@ __global__ void rmsnorm_kernel(const float *x, uint32_t xs,
 {
 	__shared__ double part[32];
 	uint32_t i = blockIdx.x, r = rows ? (uint32_t)rows[i] : i;
+	/* 1024 threads: a decode step's norm is one row, so latency. */
 	const float *xr = x + (size_t)r * xs;
 	double ss = 0.0;
 
 	for (uint32_t c = threadIdx.x; c < dim; c += blockDim.x)
 		ss += (double)xr[c] * xr[c];
 	for (int m = 16; m > 0; m >>= 1)
-		ss += __shfl_xor_sync(0xffffffffu, ss, m);
+		ss += kvq_shfl_xor_f64(ss, m);
 	if ((threadIdx.x & 31) == 0)
 		part[threadIdx.x >> 5] = ss;
 	__syncthreads();
@@ -472,34 +474,150 @@ __device__ __forceinline__ const __half *kv_sink(const attp &p, int type,
 	       ((size_t)half * p.n_sink + t) * p.nkv * D + (size_t)h * D;
 }
 
-/* Channels c, c+1 of a row (c even), dequantized. */
-template <int D>
-__device__ __forceinline__ float2 kv_pair(const kvhalf &k, const uint8_t *base,
-					  size_t r, uint32_t c, uint32_t H,
-					  uint32_t P, uint32_t group)
+/* Channels c, c+1 of a row (c even) of a page of type T, dequantized. */
+template <int D, int T>
+__device__ __forceinline__ float2 kv_pair(const uint8_t *base, size_t r,
+					  uint32_t c, uint32_t HP,
+					  uint32_t group)
 {
-	switch (k.type) {
-	case KVQ_KV_F32:
+	if (T == KVQ_KV_F32)
 		return *(const float2 *)((const float *)base + r * D + c);
-	case KVQ_KV_F16:
+	if (T == KVQ_KV_F16)
 		return __half22float2(*(const __half2 *)((const __half *)base +
 							 r * D + c));
-	case KVQ_KV_Q8: {
-		const __half *sc = (const __half *)(base + (size_t)H * P * D);
+	if (T == KVQ_KV_Q8) {
+		const __half *sc = (const __half *)(base + (size_t)HP * D);
 		float d = h2f(sc[r * (D / group) + c / group]);
 		char2 q = *(const char2 *)(base + r * D + c);
 
 		return make_float2((float)q.x * d, (float)q.y * d);
 	}
-	default: {
-		const __half *sc = (const __half *)(base + (size_t)H * P * D / 2);
-		float d = h2f(sc[r * (D / group) + c / group]);
-		uint8_t q = base[r * (D / 2) + c / 2];
+	const __half *sc = (const __half *)(base + (size_t)HP * D / 2);
+	float d = h2f(sc[r * (D / group) + c / group]);
+	uint8_t q = base[r * (D / 2) + c / 2];
 
-		return make_float2((float)((q & 15) - 8) * d,
-				   (float)((q >> 4) - 8) * d);
+	return make_float2((float)((q & 15) - 8) * d,
+			   (float)((q >> 4) - 8) * d);
+}
+
+/*
+ * Scores of this lane's position (row @r of page @base, or the f16 sink
+ * copy @sk) against the query heads in qsm, read a 32-bit word at a time.
+ */
+template <int D, int MG, int T>
+__device__ __forceinline__ void k_score(const uint8_t *base, size_t r,
+					const __half *sk, uint32_t HP,
+					uint32_t group, const float (*qsm)[D],
+					uint32_t G, float s[MG])
+{
+	if (sk || T == KVQ_KV_F16) {
+		const __half2 *row = sk ? (const __half2 *)sk :
+				     (const __half2 *)((const __half *)base + r * D);
+
+		for (uint32_t c = 0; c < D; c += 2) {
+			float2 k = __half22float2(row[c / 2]);
+#pragma unroll
+			for (int g = 0; g < MG; g++)
+				if (g < (int)G)
+					s[g] += qsm[g][c] * k.x + qsm[g][c + 1] * k.y;
+		}
+		return;
 	}
+	if (T == KVQ_KV_F32) {
+		const float *row = (const float *)base + r * D;
+
+		for (uint32_t c = 0; c < D; c++) {
+			float k = row[c];
+#pragma unroll
+			for (int g = 0; g < MG; g++)
+				if (g < (int)G)
+					s[g] += qsm[g][c] * k;
+		}
+		return;
 	}
+	const __half *sc = (const __half *)(base + (size_t)HP *
+					    (T == KVQ_KV_Q8 ? D : D / 2)) +
+			   r * (D / group);
+	if (T == KVQ_KV_Q8) {
+		const uint32_t *row = (const uint32_t *)(base + r * D);
+
+		for (uint32_t w = 0; w < D / 4; w++) {
+			uint32_t u = row[w];
+			float d = h2f(sc[4 * w / group]);
+			float k0 = (float)(int8_t)(u & 255) * d;
+			float k1 = (float)(int8_t)((u >> 8) & 255) * d;
+			float k2 = (float)(int8_t)((u >> 16) & 255) * d;
+			float k3 = (float)(int8_t)(u >> 24) * d;
+#pragma unroll
+			for (int g = 0; g < MG; g++)
+				if (g < (int)G)
+					s[g] += qsm[g][4 * w] * k0 +
+						qsm[g][4 * w + 1] * k1 +
+						qsm[g][4 * w + 2] * k2 +
+						qsm[g][4 * w + 3] * k3;
+		}
+		return;
+	}
+	const uint32_t *row = (const uint32_t *)(base + r * (D / 2));
+
+	for (uint32_t w = 0; w < D / 8; w++) {
+		uint32_t u = row[w];
+		float d = h2f(sc[8 * w / group]);
+		float k[8];
+
+		for (int i = 0; i < 8; i++)
+			k[i] = (float)((int)((u >> (4 * i)) & 15) - 8) * d;
+#pragma unroll
+		for (int g = 0; g < MG; g++)
+			if (g < (int)G) {
+				float a = 0.0f;
+
+				for (int i = 0; i < 8; i++)
+					a += qsm[g][8 * w + i] * k[i];
+				s[g] += a;
+			}
+	}
+}
+
+/*
+ * Adds the chunk's @cnt positions, p[g] (lane j holds position j's) times
+ * V, into this lane's channel pairs.  Each lane located its own position's
+ * row beforehand (@vb, @vr, or the sink copy @vs); here they pass lane to
+ * lane, so the loads of consecutive positions do not wait on each other.
+ */
+template <int D, int MG, int T, int NP>
+__device__ __forceinline__ void v_accum(const uint8_t *vb, uint32_t vr,
+					const __half *vs, uint32_t HP,
+					uint32_t group, uint32_t lane,
+					const float s[MG], uint32_t cnt,
+					uint32_t G, float acc[MG][NP][2])
+{
+#pragma unroll 8
+	for (uint32_t j = 0; j < cnt; j++) {
+		const uint8_t *base = (const uint8_t *)kvq_shfl_ptr(vb, j);
+		const __half *sv = (const __half *)kvq_shfl_ptr(vs, j);
+		uint32_t r = kvq_shfl_u32(vr, j);
+		float pj[MG];
+
+#pragma unroll
+		for (int g = 0; g < MG; g++)
+			pj[g] = kvq_shfl_f32(s[g], j);
+#pragma unroll
+		for (int i = 0; i < NP; i++) {
+			uint32_t pi = lane + 32 * i;
+
+			if (pi >= D / 2)
+				break;
+			float2 v = sv ? __half22float2(*(const __half2 *)(sv + 2 * pi)) :
+				   kv_pair<D, T>(base, r, 2 * pi, HP, group);
+#pragma unroll
+			for (int g = 0; g < MG; g++) {
+				acc[g][i][0] += pj[g] * v.x;
+				acc[g][i][1] += pj[g] * v.y;
+			}
+		}
+	}
+	(void)G;
 }
 
 /*
@@ -523,6 +641,7 @@ __global__ void __launch_bounds__(128) attn_split_kernel(attp p)
 	uint32_t n = (uint32_t)p.pos[row] + 1;
 	uint32_t span = ((n + p.n_splits - 1) / p.n_splits + 31) & ~31u;
 	uint32_t a0 = split * span, a1 = min(n, a0 + span);
+	uint32_t HP = p.nkv * p.P;
 	float m[MG], l[MG], acc[MG][NP][2];
 
 	for (uint32_t i = tid; i < G * D; i += 128)
@@ -546,21 +665,28 @@ __global__ void __launch_bounds__(128) attn_split_kernel(attp p)
 #pragma unroll
 		for (int g = 0; g < MG; g++)
 			s[g] = 0.0f;
-		if (valid) {
-			const __half *sk = kv_sink(p, p.k.type, 0, b, t, kh, D);
-			size_t r;
-			const uint8_t *base = sk ? nullptr :
-					      kv_row(p, p.k, b, t, kh, &r);
+		const uint8_t *kb = nullptr, *vb = nullptr;
+		const __half *sk = nullptr, *vs = nullptr;
+		size_t kr = 0, vr = 0;
 
-			for (uint32_t c = 0; c < D; c += 2) {
-				float2 k = sk ? __half22float2(*(const __half2 *)(sk + c)) :
-					   kv_pair<D>(p.k, base, r, c, p.nkv, p.P,
-						      p.group);
-#pragma unroll
-				for (int g = 0; g < MG; g++)
-					if (g < (int)G)
-						s[g] += qsm[g][c] * k.x +
-							qsm[g][c + 1] * k.y;
+		if (valid) {
+			sk = kv_sink(p, p.k.type, 0, b, t, kh, D);
+			vs = kv_sink(p, p.v.type, 1, b, t, kh, D);
+			kb = kv_row(p, p.k, b, t, kh, &kr);
+			vb = kv_row(p, p.v, b, t, kh, &vr);
+			switch (p.k.type) {
+			case KVQ_KV_F32:
+				k_score<D, MG, KVQ_KV_F32>(kb, kr, sk, HP, p.group, qsm, G, s);
+				break;
+			case KVQ_KV_F16:
+				k_score<D, MG, KVQ_KV_F16>(kb, kr, sk, HP, p.group, qsm, G, s);
+				break;
+			case KVQ_KV_Q8:
+				k_score<D, MG, KVQ_KV_Q8>(kb, kr, sk, HP, p.group, qsm, G, s);
+				break;
+			default:
+				k_score<D, MG, KVQ_KV_Q4>(kb, kr, sk, HP, p.group, qsm, G, s);
+				break;
 			}
 		}
 #pragma unroll
@@ -586,33 +712,19 @@ __global__ void __launch_bounds__(128) attn_split_kernel(attp p)
 		}
 		uint32_t cnt = min(32u, a1 - c0);
 
-		for (uint32_t j = 0; j < cnt; j++) {
-			uint32_t tj = c0 + j;
-			const __half *sv = kv_sink(p, p.v.type, 1, b, tj, kh, D);
-			size_t r = 0;
-			const uint8_t *base = sv ? nullptr :
-					      kv_row(p, p.v, b, tj, kh, &r);
-			float pj[MG];
-
-#pragma unroll
-			for (int g = 0; g < MG; g++)
-				pj[g] = g < (int)G ?
-					__shfl_sync(0xffffffffu, s[g], j) : 0.0f;
-#pragma unroll
-			for (int i = 0; i < NP; i++) {
-				uint32_t pi = lane + 32 * i;
-
-				if (pi >= D / 2)
-					break;
-				float2 v = sv ? __half22float2(*(const __half2 *)(sv + 2 * pi)) :
-					   kv_pair<D>(p.v, base, r, 2 * pi, p.nkv,
-						      p.P, p.group);
-#pragma unroll
-				for (int g = 0; g < MG; g++) {
-					acc[g][i][0] += pj[g] * v.x;
-					acc[g][i][1] += pj[g] * v.y;
-				}
-			}
+		switch (p.v.type) {
+		case KVQ_KV_F32:
+			v_accum<D, MG, KVQ_KV_F32, NP>(vb, (uint32_t)vr, vs, HP, p.group, lane, s, cnt, G, acc);
+			break;
+		case KVQ_KV_F16:
+			v_accum<D, MG, KVQ_KV_F16, NP>(vb, (uint32_t)vr, vs, HP, p.group, lane, s, cnt, G, acc);
+			break;
+		case KVQ_KV_Q8:
+			v_accum<D, MG, KVQ_KV_Q8, NP>(vb, (uint32_t)vr, vs, HP, p.group, lane, s, cnt, G, acc);
+			break;
+		default:
+			v_accum<D, MG, KVQ_KV_Q4, NP>(vb, (uint32_t)vr, vs, HP, p.group, lane, s, cnt, G, acc);
+			break;
 		}
 	}
 #pragma unroll
@@ -664,34 +776,67 @@ __global__ void __launch_bounds__(128) attn_split_kernel(attp p)
 	}
 }
 
-/* Merges the splits of attn_split_kernel: one block per (row, head). */
-__global__ void attn_merge_kernel(attp p, uint32_t D)
+/*
+ * Merges the splits of attn_split_kernel: one block of 256 threads per
+ * (row, head).  The split weights 2^(m_s - M) are computed once into shared
+ * memory; each channel's sum over splits is cut into 256 / D strided parts
+ * so the loads of many splits are in flight at once.
+ */
+__global__ void __launch_bounds__(256) attn_merge_kernel(attp p, uint32_t D)
 {
-	uint32_t row = blockIdx.x, h = blockIdx.y, G = p.G;
-	uint32_t kh = h / G, g = h % G, S = p.n_splits;
-	const float *ws = p.ws + ((size_t)row * p.nkv + kh) * S * G * (D + 2) +
-			  g * (D + 2);
+	__shared__ float e[ATT_MAX_SPLITS];
+	__shared__ float red[256];
+	uint32_t row = blockIdx.x, h = blockIdx.y, G = p.G, tid = threadIdx.x;
+	uint32_t kh = h / G, g = h % G, S = p.n_splits, st = G * (D + 2);
+	const float *ws = p.ws + ((size_t)row * p.nkv + kh) * S * st + g * (D + 2);
 	float M = -INFINITY, L = 0.0f;
 
-	for (uint32_t s = 0; s < S; s++)
-		M = fmaxf(M, ws[s * G * (D + 2)]);
-	for (uint32_t s = 0; s < S; s++) {
-		const float *e = ws + s * G * (D + 2);
-
-		if (e[0] != -INFINITY)
-			L += exp2f(e[0] - M) * e[1];
+	for (uint32_t s = tid; s < S; s += 256)
+		M = fmaxf(M, ws[(size_t)s * st]);
+	red[tid] = M;
+	__syncthreads();
+	for (uint32_t o = 128; o > 0; o >>= 1) {
+		if (tid < o)
+			red[tid] = fmaxf(red[tid], red[tid + o]);
+		__syncthreads();
 	}
-	for (uint32_t c = threadIdx.x; c < D; c += blockDim.x) {
-		float o = 0.0f;
+	M = red[0];
+	__syncthreads();
+	for (uint32_t s = tid; s < S; s += 256) {
+		float m = ws[(size_t)s * st];
+		float w = m == -INFINITY ? 0.0f : exp2f(m - M);
 
-		for (uint32_t s = 0; s < S; s++) {
-			const float *e = ws + s * G * (D + 2);
-
-			if (e[0] != -INFINITY)
-				o += exp2f(e[0] - M) * e[2 + c];
-		}
-		p.out[(size_t)row * p.os + (size_t)h * D + c] = o / L;
+		e[s] = w;
+		L += w * ws[(size_t)s * st + 1];
 	}
+	red[tid] = L;
+	__syncthreads();
+	for (uint32_t o = 128; o > 0; o >>= 1) {
+		if (tid < o)
+			red[tid] += red[tid + o];
+		__syncthreads();
+	}
+	L = red[0];
+	__syncthreads();
+	uint32_t parts = 256 / D ? 256 / D : 1;
+	uint32_t c = tid % D, part = tid / D;
+	float o = 0.0f;
+
+	if (part < parts && c < D) {
+#pragma unroll 8
+		for (uint32_t s = part; s < S; s += parts)
+			o += e[s] * ws[(size_t)s * st + 2 + c];
+	}
+	red[tid] = o;
+	__syncthreads();
+	if (tid < D) {
+		float sum = 0.0f;
+
+		for (uint32_t q = 0; q < parts; q++)
+			sum += red[q * D + tid];
+		p.out[(size_t)row * p.os + (size_t)h * D + tid] = sum / L;
+	}
+	/* D = 256 takes one part; its channels beyond 256 threads: none. */
 }
 
 __global__ void copy_page_kernel(uint8_t *base, size_t pb, int32_t dst,
@@ -979,6 +1124,13 @@ extern "C" int kvq_gpu_model_ready(const struct kvq_gpu_model *g, char *err,
 
 namespace {
 
+enum { PROF_EMBED, PROF_NORM, PROF_QKV, PROF_ROPE, PROF_APPEND, PROF_ATTN,
+       PROF_O, PROF_GATEUP, PROF_DOWN, PROF_OUTPUT, PROF_N };
+const char *const prof_names[PROF_N] = {
+	"embed", "rmsnorm", "qkv", "rope", "append", "attention", "wo",
+	"gate_up", "down", "output",
+};
+
 struct graph_ent {
 	uint32_t n_tok, n_seqs, n_out, bucket;
 	cudaGraphExec_t exec;
@@ -1020,7 +1172,22 @@ struct kvq_gpu_ctx {
 	uint64_t bytes;
 	/* the previous decode key, seen once: captured when seen again */
 	uint32_t seen_key[4];
+	/* KVQ_GPU_PROFILE: events between the kernels of a step (no graphs) */
+	bool prof;
+	cudaEvent_t pev[512];
+	int pcat[512];
+	int npev;
+	double pms[PROF_N];
+	uint64_t psteps;
 };
+
+static void mark(struct kvq_gpu_ctx *c, int cat)
+{
+	if (!c->prof || c->npev >= 512)
+		return;
+	cudaEventRecord(c->pev[c->npev], c->st);
+	c->pcat[c->npev++] = cat;
+}
 
 extern "C" void kvq_gpu_ctx_destroy(struct kvq_gpu_ctx *c)
 {
@@ -1030,6 +1197,27 @@ extern "C" void kvq_gpu_ctx_destroy(struct kvq_gpu_ctx *c)
 		return;
 	if (c->st)
 		cudaStreamSynchronize(c->st);
+	if (c->prof) {
+		const char *pf = getenv("KVQ_GPU_PROFILE");
+		FILE *f = pf && *pf == '/' ? fopen(pf, "a") : nullptr;
+		double tot = 0.0;
+
+		if (!f)
+			f = stderr;
+		for (i = 0; i < PROF_N; i++)
+			tot += c->pms[i];
+		fprintf(f, "kvqd gpu profile over %llu steps, us per step:",
+			(unsigned long long)c->psteps);
+		for (i = 0; i < PROF_N; i++)
+			fprintf(f, " %s %.1f", prof_names[i],
+				c->psteps ? c->pms[i] * 1e3 / c->psteps : 0.0);
+		fprintf(f, " total %.1f\n",
+			c->psteps ? tot * 1e3 / c->psteps : 0.0);
+		if (f != stderr)
+			fclose(f);
+		for (i = 0; i < 512; i++)
+			cudaEventDestroy(c->pev[i]);
+	}
 	for (i = 0; i < c->n_graphs; i++)
 		cudaGraphExecDestroy(c->graphs[i].exec);
 	for (l = 0; c->kpages && l < c->g->d.n_layers; l++) {
@@ -1290,6 +1478,12 @@ extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 		goto fail;
 	}
 	memset(c->hstage, 0, sl->total);
+	if (getenv("KVQ_GPU_PROFILE")) {
+		c->prof = true;
+		c->d.use_graphs = 0;
+		for (l = 0; l < 512; l++)
+			cudaEventCreate(&c->pev[l]);
+	}
 	if (cudaDeviceSynchronize() != cudaSuccess) {
 		ret = set_err(err, errlen, -EIO, "GPU context: %s",
 			      cudaGetErrorString(cudaGetLastError()));
@@ -1415,8 +1609,8 @@ static int attn_launch(struct kvq_gpu_ctx *c, uint32_t l, uint32_t T,
 
 	if (S > cap)
 		S = cap;
-	if (S > 64)
-		S = 64;
+	if (S > ATT_MAX_SPLITS)
+		S = ATT_MAX_SPLITS;
 	if (S < 1)
 		S = 1;
 	p.q = c->qb;
@@ -1454,8 +1648,7 @@ static int attn_launch(struct kvq_gpu_ctx *c, uint32_t l, uint32_t T,
 	default: attn_go<256>(p, grid, G, c->st); break;
 	}
 	if (S > 1)
-		attn_merge_kernel<<<dim3(T, md->n_heads), D < 128 ? D : 128, 0,
-				    c->st>>>(p, D);
+		attn_merge_kernel<<<dim3(T, md->n_heads), 256, 0, c->st>>>(p, D);
 	return 0;
 }
 
@@ -1477,7 +1670,9 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 	const int32_t *bt = (const int32_t *)(ds + c->sl.bt);
 	int ret;
 
+	mark(c, -1);
 	embed_kernel<<<T, 256, 0, c->st>>>(g->embed, tok, c->x, c->xs);
+	mark(c, PROF_EMBED);
 	for (l = 0; l < md->n_layers; l++) {
 		const dmat *m = &g->m[(size_t)l * KVQ_GPU_M_NLAYER];
 		float *const *v = &g->v[(size_t)l * KVQ_GPU_V_NLAYER];
@@ -1485,12 +1680,14 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 			sinkp + (size_t)l * c->d.max_seqs : nullptr;
 		struct kvq_gpu_append_args ap;
 
-		rmsnorm_kernel<<<T, 256, 0, c->st>>>(c->x, c->xs, nullptr,
+		rmsnorm_kernel<<<T, 1024, 0, c->st>>>(c->x, c->xs, nullptr,
 						     v[KVQ_GPU_V_ATTN_NORM],
 						     c->xn, c->xs, md->dim,
 						     md->rms_eps);
+		mark(c, PROF_NORM);
 		mm(c, m[KVQ_GPU_M_QKV], c->xn, c->xs, c->qkv, c->qkvs, T,
 		   EPI_STORE, v[KVQ_GPU_V_QKV_BIAS]);
+		mark(c, PROF_QKV);
 		rope_split_kernel<<<T, 256, 0, c->st>>>(c->qkv, c->qkvs, c->qb,
 							c->qs, c->kb, c->vb,
 							md->n_heads,
@@ -1498,6 +1695,7 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 							md->head_dim,
 							md->rope_dim,
 							md->rope_neox, cs);
+		mark(c, PROF_ROPE);
 		memset(&ap, 0, sizeof(ap));
 		ap.k = c->kb;
 		ap.v = c->vb;
@@ -1525,6 +1723,7 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		ret = kvq_gpu_attn_append(&ap, c->st);
 		if (ret)
 			return ret;
+		mark(c, PROF_APPEND);
 		if (decode && c->fast_decode) {
 			struct kvq_gpu_attn_args a;
 
@@ -1547,12 +1746,15 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 			if (ret)
 				return ret;
 		}
+		mark(c, PROF_ATTN);
 		mm(c, m[KVQ_GPU_M_O], c->att, c->as, c->x, c->xs, T, EPI_ADD,
 		   nullptr);
-		rmsnorm_kernel<<<T, 256, 0, c->st>>>(c->x, c->xs, nullptr,
+		mark(c, PROF_O);
+		rmsnorm_kernel<<<T, 1024, 0, c->st>>>(c->x, c->xs, nullptr,
 						     v[KVQ_GPU_V_FFN_NORM],
 						     c->xn, c->xs, md->dim,
 						     md->rms_eps);
+		mark(c, PROF_NORM);
 		if (T <= MV_MAXT) {
 			mm(c, m[KVQ_GPU_M_GATEUP], c->xn, c->xs, c->h, c->hs, T,
 			   EPI_SWIGLU, nullptr);
@@ -1562,14 +1764,17 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 			swiglu_kernel<<<dim3((F + 255) / 256, T), 256, 0,
 					c->st>>>(c->gu, c->gus, c->h, c->hs, F);
 		}
+		mark(c, PROF_GATEUP);
 		mm(c, m[KVQ_GPU_M_DOWN], c->h, c->hs, c->x, c->xs, T, EPI_ADD,
 		   nullptr);
+		mark(c, PROF_DOWN);
 	}
-	rmsnorm_kernel<<<n_out, 256, 0, c->st>>>(c->x, c->xs, out_rows,
+	rmsnorm_kernel<<<n_out, 1024, 0, c->st>>>(c->x, c->xs, out_rows,
 						 g->out_norm, c->xn, c->xs,
 						 md->dim, md->rms_eps);
 	mm(c, g->output, c->xn, c->xs, c->logits, md->n_vocab, n_out,
 	   EPI_STORE, nullptr);
+	mark(c, PROF_OUTPUT);
 	return cudaGetLastError() == cudaSuccess ? 0 : -EIO;
 }
 
@@ -1717,6 +1922,16 @@ extern "C" int kvq_gpu_forward(struct kvq_gpu_ctx *c,
 		return set_err(err, errlen, -EIO, "GPU step failed: %s",
 			       cudaGetErrorString(e));
 	memcpy(s->logits, c->hlogits, (size_t)s->n_out * md->n_vocab * 4);
+	if (c->prof) {
+		for (int e = 1; e < c->npev; e++) {
+			float ms = 0.0f;
+
+			cudaEventElapsedTime(&ms, c->pev[e - 1], c->pev[e]);
+			c->pms[c->pcat[e]] += ms;
+		}
+		c->npev = 0;
+		c->psteps++;
+	}
 	return 0;
 }
 
