@@ -2,11 +2,13 @@
  * forward_gpu.c - uploads a model to the GPU and runs kvq_step() there.
  *
  * Why this file exists: see forward_gpu.h.  Weight formats on the device:
- * Q8_0 and Q4_0 stay 8- and 4-bit (the decode products dequantize them in
- * registers and read about half / a quarter of the f16 bytes); F32 stays
- * f32 (exact); every other type (F16, BF16, Q4_K, Q6_K) becomes f16 once
- * at load.  Setting KVQ_GPU_WEIGHTS=f16 in the environment turns every
- * type into f16 (the other choice the benchmarks measure).
+ * F32 stays f32 (exact); every other type becomes f16 once at load.  The
+ * 8- and 4-bit kernels that read Q8_0 and Q4_0 as they are (half and a
+ * quarter of the f16 bytes) exist and are tested, but measured on the
+ * H200 they lose at batch 4 and 16 (their dot products cost more issue
+ * slots than the bytes they save) and tie at batch 1, where the step is
+ * bound by kernel latency rather than weight bytes; KVQ_GPU_WEIGHTS=native
+ * selects them, KVQ_GPU_WEIGHTS=f16 turns f32 into f16 too.
  */
 #include "config.h"
 
@@ -47,9 +49,9 @@ static int gpu_wtype(uint32_t type)
 		return KVQ_GPU_W_F16;
 	if (type == KVQ_TYPE_F32)
 		return KVQ_GPU_W_F32;
-	if (type == KVQ_TYPE_Q8_0)
+	if (e && !strcmp(e, "native") && type == KVQ_TYPE_Q8_0)
 		return KVQ_GPU_W_Q8;
-	if (type == KVQ_TYPE_Q4_0)
+	if (e && !strcmp(e, "native") && type == KVQ_TYPE_Q4_0)
 		return KVQ_GPU_W_Q4;
 	return KVQ_GPU_W_F16;
 }
@@ -243,8 +245,10 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 	m->gpu = g;
 	kvq_info("gpu: weights uploaded, %.1f MiB on the device (%s)",
 		 kvq_gpu_model_bytes(g) / 1048576.0,
-		 getenv("KVQ_GPU_WEIGHTS") ? "all f16 (KVQ_GPU_WEIGHTS)" :
-		 "Q8_0/Q4_0 kept 8/4-bit, F32 as f32, other types as f16");
+		 getenv("KVQ_GPU_WEIGHTS") && !strcmp(getenv("KVQ_GPU_WEIGHTS"), "native") ?
+		 "Q8_0/Q4_0 kept 8/4-bit (KVQ_GPU_WEIGHTS=native), F32 as f32, other types as f16" :
+		 getenv("KVQ_GPU_WEIGHTS") && !strcmp(getenv("KVQ_GPU_WEIGHTS"), "f16") ?
+		 "all as f16 (KVQ_GPU_WEIGHTS=f16)" : "F32 as f32, other types as f16");
 	return 0;
 }
 
