@@ -1049,7 +1049,7 @@ static void fold_values(struct fold *f, struct kvq_layer *L, uint8_t *bv,
  * the handles switched over.  Returns 0 or -ENOMEM (nothing changed).
  */
 static int fold(struct kvq_model *m, const struct shape *sk,
-		const struct shape *sv, uint32_t *inexact)
+		const struct shape *sv, uint32_t *inexact, uint64_t *bytes)
 {
 	const struct kvq_hparams *hp = &m->hp;
 	uint32_t nl = hp->n_layers, nkv = hp->n_kv_heads, hd = hp->head_dim;
@@ -1097,6 +1097,7 @@ static int fold(struct kvq_model *m, const struct shape *sk,
 	for (i = 0; i < f.n; i++) {
 		f.cp[i].w->host = f.cp[i].buf;
 		m->owned[m->n_owned++] = (float *)f.cp[i].buf;
+		*bytes += f.cp[i].w->nbytes;
 	}
 	f.n = 0;
 	*inexact = f.inexact;
@@ -1321,7 +1322,7 @@ int kvq_kv_smooth_apply(struct kvq_model *m, const struct kvq_kv_smooth_opts *o,
 	}
 	if (want_k || want_v) {
 		ret = fold(m, want_k ? pl.sk : NULL, want_v ? pl.sv : NULL,
-			   &r.n_inexact);
+			   &r.n_inexact, &r.owned_bytes);
 		if (ret)
 			goto out;
 	}
@@ -1345,10 +1346,10 @@ done:
 	if (r.n_inexact)
 		kvq_notice("KV smoothing: %u scaled weight values were rounded (they left the type's normal range)",
 			 r.n_inexact);
-	kvq_notice("KV smoothing (kv_smooth = %s): %s%s; %s; %u tokens, %.3f s",
+	kvq_notice("KV smoothing (kv_smooth = %s): %s%s; %s; %u tokens, %.1f MiB of smoothed copies, %.3f s",
 		   kvq_kv_smooth_mode_name(o->mode), r.state,
 		   r.rotated ? ", key pairs rotated" : "", r.why, r.n_tokens,
-		   r.seconds);
+		   r.owned_bytes / 1048576.0, r.seconds);
 	set_last(m, &r);
 	if (rep)
 		*rep = r;

@@ -49,6 +49,19 @@
  * more than 16 channels use W's 2x2 pair blocks only (cross terms between
  * pairs of different frequencies average out).
  *
+ * What it cannot do.  When every pair of a head turns at its own
+ * frequency, the exact folds that commute with RoPE are per pair a scale
+ * and a rotation (k -> z k, q -> q / conj(z) for a complex z) and nothing
+ * more.  A pair whose key is large and is read by a large query sets its
+ * group's step, and the error it then makes in q . k is about
+ * |q| |k| / (7 sqrt 2) a step (q4) whatever z is: the fold moves it by
+ * sqrt 2 at most.  stories260K's slowest pairs are like that (a key of
+ * about 19 along one axis read by a query of about 12 along the other: a
+ * learned position bias), so q4 keys stay far from f16 (+116% perplexity
+ * unsmoothed, +86% smoothed) while q8 keys reach it (+0.29% -> -0.07%).
+ * Closing that gap needs the cache format (finer key groups), not the
+ * weights.
+ *
  * Weight types.  Row scaling by 2^e is exact for every supported type:
  * float types element by element, Q8_0/Q4_0/Q4_K/Q6_K through their f16
  * block scales (d, and dmin for Q4_K), codes untouched.  Rotations mix two
@@ -107,6 +120,7 @@ struct kvq_kv_smooth_report {
 	double v_err_before, v_err_after;
 	uint32_t n_tokens;	/* calibration tokens in the statistics */
 	uint32_t n_inexact;	/* scaled weight values rounded */
+	uint64_t owned_bytes;	/* memory of the smoothed copies */
 	double seconds;
 	char state[16];		/* "off", "keys", "values", "keys+values" */
 	char why[256];		/* what decided it, one line */
