@@ -444,6 +444,11 @@ int kvq_sched_submit(struct kvq_sched *s, const struct kvq_sched_req *q,
 		return -ESHUTDOWN;
 	}
 	r->id = ++s->next_id;
+	/* once the lock drops, @r may run, finish and be freed at once */
+	if (id)
+		*id = r->id;
+	if (r_max)
+		*r_max = max_tokens;
 	r->state = KVQ_SCHED_QUEUED;
 	if (s->qtail)
 		s->qtail->next = r;
@@ -455,10 +460,6 @@ int kvq_sched_submit(struct kvq_sched *s, const struct kvq_sched_req *q,
 	s->st.tokens_prompt_total += r->n_prompt;
 	pthread_cond_signal(&s->wake);
 	pthread_mutex_unlock(&s->lock);
-	if (id)
-		*id = r->id;
-	if (r_max)
-		*r_max = max_tokens;
 	return 0;
 }
 
