@@ -860,6 +860,9 @@ static void apply(struct kvq_http *h, struct evitem *it)
 	if (hr->stream) {
 		const char *fin = NULL;
 
+		/* after its error event a stream only gets "data: [DONE]" */
+		if (hr->error_sent)
+			goto out;
 		if (echo && (echo_len || it->kind == KVQ_SCHED_EV_PROMPT))
 			stream_chunk(hr, c, echo, echo_len,
 				     it->kind == KVQ_SCHED_EV_PROMPT ? tok :
@@ -872,10 +875,12 @@ static void apply(struct kvq_http *h, struct evitem *it)
 			struct kvq_oai_err e;
 
 			if (choice_failed(c, &e)) {
-				if (!hr->error_sent)
-					stream_error(hr, e.status, e.type,
-						     e.code, e.msg);
+				stream_error(hr, e.status, e.type, e.code,
+					     e.msg);
 				hr->error_sent = true;
+				hr->include_usage = false;
+				/* the other choices' text has nowhere to go */
+				cancel_live(hr);
 				goto out;
 			}
 			fin = kvq_finish_name(c->finish);

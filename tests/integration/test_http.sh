@@ -512,7 +512,7 @@ req POST /v1/completions -d '{"prompt":"Once","max_tokens":1900,"ignore_eos":tru
 [ "$STATUS" = 504 ] && js "$ERR_SHAPE" && js 'j["error"]["code"] == "request_timeout"'
 ok $? "a request over the request timeout: 504 timeout_error"
 curl -sN -o "$DIR/to.txt" "http://127.0.0.1:$PORT/v1/completions" \
-	-d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true,"stream":true,"n":16}'
+	-d '{"prompt":"Once","max_tokens":1900,"ignore_eos":true,"stream":true,"n":16,"stream_options":{"include_usage":true}}'
 "$PY" - "$DIR/to.txt" <<'EOF'
 import json, sys
 ev = [l[6:] for l in open(sys.argv[1]).read().split("\n\n")
@@ -520,6 +520,7 @@ ev = [l[6:] for l in open(sys.argv[1]).read().split("\n\n")
 assert ev[-1] == "[DONE]"
 err = json.loads(ev[-2])
 assert err["error"]["code"] == "request_timeout", err
+assert sum('"error"' in e for e in ev) == 1, "more than one error event"
 assert all("choices" in json.loads(e) for e in ev[:-2])
 EOF
 ok $? "a stream over the request timeout ends with an error event and [DONE]"
