@@ -150,8 +150,12 @@ __global__ void __launch_bounds__(NWA * 32) append_kernel(aparams p)
 	uint16_t *sink = p.sink ? p.sink[seq] : nullptr;
 	size_t kvd = (size_t)p.hk * p.d;
 
-	for (int h = blockIdx.y * NWA + w; h < p.hk; h += NWA * gridDim.y) {
-		for (int half = 0; half < 2; half++) {
+	/* One warp per (KV head, K or V) of the row. */
+	for (int hh = blockIdx.y * NWA + w; hh < 2 * p.hk;
+	     hh += NWA * gridDim.y) {
+		int h = hh >> 1;
+		{
+			int half = hh & 1;
 			int type = half ? p.vt : p.kt;
 			const void *src = half ? p.v : p.k;
 			uint8_t *pg = (half ? p.vp : p.kp) +
@@ -264,8 +268,9 @@ extern "C" int kvq_gpu_attn_append(const struct kvq_gpu_append_args *a,
 	p.neox = a->rope_neox != 0;
 	p.base = a->rope_base;
 	p.cs = a->rope_cs;
-	/* One warp per KV head of a row: a decode step is a few rows. */
-	dim3 grid(a->n_rows, (a->n_kv_heads + NWA - 1) / NWA);
+	/* One warp per KV head and half of a row: a decode step is a few
+	 * rows, so the launch is latency. */
+	dim3 grid(a->n_rows, (2 * a->n_kv_heads + NWA - 1) / NWA);
 
 	append_kernel<<<grid, NWA * 32, 0, (cudaStream_t)stream>>>(p);
 	return cudaGetLastError() == cudaSuccess ? 0 : -EIO;

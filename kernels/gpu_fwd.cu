@@ -41,7 +41,7 @@ constexpr int GK = 32;		/* and depth */
 constexpr int ATT_MAXD = 256;	/* split attention: head sizes 8..256 */
 constexpr int ATT_MAXG = 16;	/* query heads per KV head (8 at 256) */
 constexpr int ATT_SPLIT_TOK = 128;	/* positions per split, about */
-constexpr int ATT_MAX_SPLITS = 256;
+constexpr int ATT_MAX_SPLITS = 128;
 constexpr int ATT_MAX_BLOCKS = 8192;	/* split blocks of one launch, about */
 constexpr int MAX_GRAPHS = 48;
 
@@ -166,10 +166,11 @@ __device__ __forceinline__ float silu_mul(float g, float u)
 	return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
 }
 
-/* Dot of weight row @r with tokens 0..n-1 (lane-partial sums in acc). */
+/* Dot of weight row @r with tokens 0..n-1: lane @li of @nl lanes sharing
+ * the row takes every nl-th 16-byte load; acc ends as the warp's sum. */
 template <int WT, int NT>
-__device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, int lane,
-					float acc[NT])
+__device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
+					uint32_t nl, float acc[NT])
 {
 	const float *x = p.x;
 	uint32_t xs = p.xs, cols = p.w.cols;
@@ -178,7 +179,7 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, int lane,
 		const float *w = (const float *)p.w.d + (size_t)r * p.w.ld;
 
 #pragma unroll 4
-		for (uint32_t c = lane * 8; c < cols; c += 256) {
+		for (uint32_t c = li * 8; c < cols; c += nl * 8) {
 			float4 u0 = __ldg((const float4 *)(w + c));
 			float4 u1 = __ldg((const float4 *)(w + c + 4));
 			float f[8] = { u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w };
@@ -198,7 +199,7 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, int lane,
 		const __half *w = (const __half *)p.w.d + (size_t)r * p.w.ld;
 
 #pragma unroll 4
-		for (uint32_t c = lane * 8; c < cols; c += 256) {
+		for (uint32_t c = li * 8; c < cols; c += nl * 8) {
 			uint4 u = __ldg((const uint4 *)(w + c));
 			float f[8];
 
@@ -220,7 +221,7 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, int lane,
 		const __half *sc = p.w.s + (size_t)r * (cols / 32);
 
 #pragma unroll 4
-		for (uint32_t c = lane * 16; c < cols; c += 512) {
+		for (uint32_t c = li * 16; c < cols; c += nl * 16) {
 			int4 u = __ldg((const int4 *)(w + c));
 			float d = h2f(sc[c / 32]);
 			const int8_t *q = reinterpret_cast<const int8_t *>(&u);
@@ -249,7 +250,7 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, int lane,
 		const __half *sc = p.w.s + (size_t)r * (cols / 32);
 
 #pragma unroll 2
-		for (uint32_t b = lane; b < cols / 32; b += 32) {
+		for (uint32_t b = li; b < cols / 32; b += nl) {
 			uint4 u = __ldg((const uint4 *)(w + (size_t)b * 16));
 			float d = h2f(sc[b]);
 			const uint8_t *q = reinterpret_cast<const uint8_t *>(&u);
@@ -283,11 +284,18 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, int lane,
 		acc[t] = warp_sum(acc[t]);
 }
 
-template <int WT, int NT>
+/*
+ * KS = 1: a warp per row, MV_WARPS rows a block.  KS = MV_WARPS: the
+ * block's warps share one long row (the down projection), so that more
+ * loads of it are in flight at once; partial sums meet in shared memory.
+ */
+template <int WT, int NT, int KS>
 __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 {
-	int lane = threadIdx.x & 31;
-	uint32_t r = blockIdx.x * MV_WARPS + (threadIdx.x >> 5);
+	__shared__ float red[2][MV_WARPS][NT];
+	uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+	uint32_t r = KS == 1 ? blockIdx.x * MV_WARPS + w : blockIdx.x;
+	uint32_t li = KS == 1 ? lane : w * 32 + lane;
 	float acc[NT], acc2[NT];
 
 	if (r >= p.out_rows)
@@ -295,9 +303,29 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 #pragma unroll
 	for (int t = 0; t < NT; t++)
 		acc[t] = acc2[t] = 0.0f;
-	row_dot<WT, NT>(p, r, lane, acc);
+	row_dot<WT, NT>(p, r, li, 32 * KS, acc);
 	if (p.epi == EPI_SWIGLU)
-		row_dot<WT, NT>(p, r + p.out_rows, lane, acc2);
+		row_dot<WT, NT>(p, r + p.out_rows, li, 32 * KS, acc2);
+	if (KS > 1) {
+		if (lane == 0) {
+#pragma unroll
+			for (int t = 0; t < NT; t++) {
+				red[0][w][t] = acc[t];
+				red[1][w][t] = acc2[t];
+			}
+		}
+		__syncthreads();
+		if (w)
+			return;
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			acc[t] = acc2[t] = 0.0f;
+			for (int x = 0; x < KS; x++) {
+				acc[t] += red[0][x][t];
+				acc2[t] += red[1][x][t];
+			}
+		}
+	}
 	if (lane)
 		return;
 #pragma unroll
@@ -396,7 +424,9 @@ __global__ void swiglu_kernel(const float *gu, uint32_t gs, float *h,
 }
 
 /* Splits the stacked QKV rows: q rotated (as the CPU engine's RoPE, no
- * contraction) into qb, k and v copied into kb and vb. */
+ * contraction) into qb, k and v copied into kb and vb.  One element a
+ * thread over a (row, slice) grid: a decode step is one row, so the kernel
+ * is latency, not work. */
 __global__ void rope_split_kernel(const float *qkv, uint32_t qkvs, float *qb,
 				  uint32_t qs, float *kb, float *vb,
 				  uint32_t nh, uint32_t nkv, uint32_t hd,
@@ -404,10 +434,11 @@ __global__ void rope_split_kernel(const float *qkv, uint32_t qkvs, float *qb,
 {
 	uint32_t t = blockIdx.x, qd = nh * hd, kvd = nkv * hd;
 	uint32_t half = rope_dim / 2;
+	uint32_t i = blockIdx.y * blockDim.x + threadIdx.x;
 	const float *row = qkv + (size_t)t * qkvs;
 	const float *e = cs + (size_t)t * half * 2;
 
-	for (uint32_t i = threadIdx.x; i < qd; i += blockDim.x) {
+	if (i < qd) {
 		uint32_t h = i / hd, c = i % hd;
 		const float *v = row + (size_t)h * hd;
 		float o = v[c];
@@ -422,10 +453,10 @@ __global__ void rope_split_kernel(const float *qkv, uint32_t qkvs, float *qb,
 				    __fadd_rn(__fmul_rn(v[a], si), __fmul_rn(v[b], co));
 		}
 		qb[(size_t)t * qs + i] = o;
-	}
-	for (uint32_t i = threadIdx.x; i < kvd; i += blockDim.x) {
-		kb[(size_t)t * kvd + i] = row[qd + i];
-		vb[(size_t)t * kvd + i] = row[qd + kvd + i];
+	} else if (i < qd + kvd) {
+		kb[(size_t)t * kvd + (i - qd)] = row[i];
+	} else if (i < qd + 2 * kvd) {
+		vb[(size_t)t * kvd + (i - qd - kvd)] = row[i];
 	}
 }
 
@@ -1547,16 +1578,25 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	p.bias = bias;
 	p.out_rows = epi == EPI_SWIGLU ? w.rows / 2 : w.rows;
 	if (n <= MV_MAXT) {
-		dim3 grid((p.out_rows + MV_WARPS - 1) / MV_WARPS);
+		bool split = w.cols >= 4096;
+		dim3 grid(split ? p.out_rows :
+			  (p.out_rows + MV_WARPS - 1) / MV_WARPS);
 		int nt = n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16;
 
+#define MV_GO(WT, NT) \
+		do { \
+			if (split) \
+				mv_kernel<WT, NT, MV_WARPS><<<grid, MV_WARPS * 32, 0, c->st>>>(p); \
+			else \
+				mv_kernel<WT, NT, 1><<<grid, MV_WARPS * 32, 0, c->st>>>(p); \
+		} while (0)
 #define MV_LAUNCH(WT) \
 		switch (nt) { \
-		case 1: mv_kernel<WT, 1><<<grid, MV_WARPS * 32, 0, c->st>>>(p); break; \
-		case 2: mv_kernel<WT, 2><<<grid, MV_WARPS * 32, 0, c->st>>>(p); break; \
-		case 4: mv_kernel<WT, 4><<<grid, MV_WARPS * 32, 0, c->st>>>(p); break; \
-		case 8: mv_kernel<WT, 8><<<grid, MV_WARPS * 32, 0, c->st>>>(p); break; \
-		default: mv_kernel<WT, 16><<<grid, MV_WARPS * 32, 0, c->st>>>(p); break; \
+		case 1: MV_GO(WT, 1); break; \
+		case 2: MV_GO(WT, 2); break; \
+		case 4: MV_GO(WT, 4); break; \
+		case 8: MV_GO(WT, 8); break; \
+		default: MV_GO(WT, 16); break; \
 		}
 		if (w.type == KVQ_GPU_W_F16)
 			MV_LAUNCH(KVQ_GPU_W_F16)
@@ -1567,6 +1607,7 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 		else
 			MV_LAUNCH(KVQ_GPU_W_Q4)
 #undef MV_LAUNCH
+#undef MV_GO
 		return 0;
 	}
 	if (epi == EPI_SWIGLU)
@@ -1688,7 +1729,8 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		mm(c, m[KVQ_GPU_M_QKV], c->xn, c->xs, c->qkv, c->qkvs, T,
 		   EPI_STORE, v[KVQ_GPU_V_QKV_BIAS]);
 		mark(c, PROF_QKV);
-		rope_split_kernel<<<T, 256, 0, c->st>>>(c->qkv, c->qkvs, c->qb,
+		rope_split_kernel<<<dim3(T, (c->qkvs + 255) / 256), 256, 0,
+				    c->st>>>(c->qkv, c->qkvs, c->qb,
 							c->qs, c->kb, c->vb,
 							md->n_heads,
 							md->n_kv_heads,
