@@ -49,7 +49,9 @@ Definitions, per concurrency N (all streams are released together):
                         aggregate_decode_tps / the mean of the one-shot
                         decode_tps measured just before and just after it):
                         paired, so that a CPU whose speed drifts (other
-                        jobs, clocks) weighs on both sides alike
+                        jobs, clocks) weighs on both sides alike; pairs
+                        whose two one-shot runs differ by more than 10%
+                        are left out (serving_overhead_pairs_steady)
   serving_overhead_medians_pct  the same from the medians of both sides
   scheduler_overhead_pct  the paired figure from server_decode_tps: what
                         serving costs the decode steps themselves
@@ -80,6 +82,10 @@ BUNDLED = os.path.join(SRCDIR, "models", "kvq-austen-5m.gguf")
 PROMPT = ("It is a truth universally acknowledged, that a single man in "
           "possession of a good fortune, must be in want of a wife.")
 HOST = "127.0.0.1"
+# One-shot runs just before and after a stream run that differ by more than
+# this fraction saw the CPU change speed: that pair is left out (unless all
+# are).
+STEADY = 0.10
 
 
 def log(msg):
@@ -594,6 +600,14 @@ def bench_model(a, model):
                 one.append(run_streams(d, 1, a.prompt, max_tokens))
             if time.time() - t > a.run_budget:
                 break
+        if one:
+            # one more, so that every stream run has a one-shot run after it
+            log("  one-shot run %d" % (len(shots) + 1))
+            j = oneshot(a.kvqd, model, a.prompt, max_tokens, a.threads)
+            shots.append({"decode_tps": j["decode_tps"],
+                          "decode_tokens": j.get("decode_tokens"),
+                          "prompt_tps": j.get("prompt_tps"),
+                          "loadavg_1m": round(os.getloadavg()[0], 2)})
 
         log("  /health for %g s" % a.health_seconds)
         doc["health"] = health(d.port, a.health_seconds, a.health_conns)
@@ -634,15 +648,20 @@ def bench_model(a, model):
     base = levels.get("1", {}).get("median")
     if base and base.get("aggregate_decode_tps"):
         ov_med = 100.0 * (1 - base["aggregate_decode_tps"] / bs["decode_tps"])
-        ratios, sratios = [], []
+        ratios, sratios, steady = [], [], []
         for i, r in enumerate(one):
             near = [x["decode_tps"] for x in shots[i:i + 2]]
             ref = sum(near) / len(near)
-            if r.get("aggregate_decode_tps"):
-                ratios.append(r["aggregate_decode_tps"] / ref)
+            if not r.get("aggregate_decode_tps"):
+                continue
+            # a pair whose one-shot runs disagree saw the CPU change speed
+            steady.append(max(near) - min(near) <= STEADY * ref)
+            ratios.append(r["aggregate_decode_tps"] / ref)
             if r.get("server_decode_tps"):
                 sratios.append(r["server_decode_tps"] / ref)
-        ov = 100.0 * (1 - median(ratios))
+        keep = [x for x, k in zip(ratios, steady) if k] or ratios
+        skeep = [x for x, k in zip(sratios, steady) if k] or sratios
+        ov = 100.0 * (1 - median(keep))
         ov_e2e = 100.0 * (1 - base["aggregate_tps"] / bs["decode_tps"])
         ov_best = 100.0 * (1 - levels["1"]["best_aggregate_decode_tps"] /
                            doc["oneshot"]["best_decode_tps"])
@@ -650,10 +669,11 @@ def bench_model(a, model):
         doc["serving_overhead_ok"] = ov <= 5.0
         doc["serving_overhead_runs_pct"] = [round(100.0 * (1 - x), 2)
                                             for x in ratios]
+        doc["serving_overhead_pairs_steady"] = steady
         doc["serving_overhead_medians_pct"] = round(ov_med, 2)
         if sratios:
             doc["scheduler_overhead_pct"] = round(
-                100.0 * (1 - median(sratios)), 2)
+                100.0 * (1 - median(skeep)), 2)
         doc["serving_overhead_e2e_pct"] = round(ov_e2e, 2)
         doc["serving_overhead_best_vs_best_pct"] = round(ov_best, 2)
     curve = []
