@@ -56,7 +56,7 @@ struct hchoice {
 	int prompt;			/* which prompt */
 	uint64_t id;			/* scheduler id */
 	bool live;			/* submitted, DONE not yet seen */
-	bool woke;			/* scheduler thread: first event sent */
+	bool woke;			/* first event sent (scheduler) */
 	bool echo_pending;
 	bool role_sent;
 	enum kvq_finish finish;
@@ -77,8 +77,8 @@ struct hreq {
 	struct event *watch;		/* peer close, while answering */
 	struct event *beat;		/* stream keep-alive timer */
 	bool wrote;			/* a chunk went out since the last beat */
-	struct evbuffer *out;		/* stream: events not yet handed to evhttp */
-	char *pre;			/* stream: each event's JSON up to "choices" */
+	struct evbuffer *out;		/* stream: events not yet sent */
+	char *pre;			/* stream: event JSON to "choices" */
 	size_t pre_len;
 	bool error_sent;		/* a stream's error event is out */
 	enum kvq_oai_kind kind;
@@ -101,8 +101,8 @@ struct hreq {
  */
 struct evq {
 	struct kvq_http *h;
-	struct event *flush;		/* loop thread: look again FLUSH_US on */
-	bool parked;			/* under qlock: nobody looks unless woken */
+	struct event *flush;		/* look again FLUSH_US later */
+	bool parked;			/* qlock: loop waits for a wake */
 };
 
 static struct evq *evq_of(struct kvq_http *h)
@@ -1353,7 +1353,7 @@ void kvq_complete_fini(struct kvq_http *h)
 	int i, tries;
 
 	if (!q)
-		return;	/* kvq_complete_init() failed: nothing was made */
+		return;	/* kvq_complete_init() failed */
 
 	for (hr = h->live; hr; hr = next) {
 		next = hr->next;
