@@ -179,7 +179,7 @@ static json_t *cmd_status(const struct kvq_admin_view *v, int *code,
 			st.tokens_generated_total));
 		bad |= set(r, "steps", json_integer((json_int_t)
 						     st.steps_total));
-		bad |= set(kv, "tier", json_string("host"));
+		bad |= set(kv, "tier", json_string(st.on_gpu ? "hbm" : "host"));
 		bad |= set(kv, "n_ctx", json_integer(so->n_ctx));
 		bad |= set(kv, "tokens", json_integer(so->kv_tokens));
 		bad |= set(kv, "bytes_used", json_integer((json_int_t)
@@ -237,7 +237,7 @@ static json_t *cmd_status(const struct kvq_admin_view *v, int *code,
 }
 
 static int tiers_weights(const struct kvq_admin_view *v, json_t *list,
-			 uint64_t *bytes)
+			 const char *tier, uint64_t *bytes)
 {
 	const struct kvq_gguf *g = kvq_model_gguf(v->model);
 	uint32_t n_layers = kvq_model_hparams(v->model)->n_layers;
@@ -252,7 +252,7 @@ static int tiers_weights(const struct kvq_admin_view *v, json_t *list,
 			return -ENOMEM;
 		bad |= set(o, "name", json_string(t->name));
 		bad |= set(o, "kind", json_string("weight"));
-		bad |= set(o, "tier", json_string("host"));
+		bad |= set(o, "tier", json_string(tier));
 		bad |= set(o, "bytes", json_integer((json_int_t)t->nbytes));
 		bad |= set(o, "type", json_string(kvq_type_name(t->type)));
 		bad |= set(o, "layer", json_integer(tensor_layer(t->name)));
@@ -293,7 +293,7 @@ static int tiers_kv(const struct kvq_admin_view *v, json_t *list,
 	kvq_sched_stats(v->sched, &st);
 	per_tok = so->kv_tokens ? (double)st.kv_bytes_capacity /
 				  (double)so->kv_tokens : 0.0;
-	bad |= set(kv, "tier", json_string("host"));
+	bad |= set(kv, "tier", json_string(st.on_gpu ? "hbm" : "host"));
 	bad |= set(kv, "bytes_used", json_integer((json_int_t)
 						   st.kv_bytes_used));
 	bad |= set(kv, "bytes_capacity", json_integer((json_int_t)
@@ -318,7 +318,7 @@ static int tiers_kv(const struct kvq_admin_view *v, json_t *list,
 			 (unsigned long long)info[i].id);
 		bad |= set(o, "name", json_string(name));
 		bad |= set(o, "kind", json_string("kv"));
-		bad |= set(o, "tier", json_string("host"));
+		bad |= set(o, "tier", json_string(st.on_gpu ? "hbm" : "host"));
 		bad |= set(o, "bytes", json_integer((json_int_t)
 						     (per_tok * toks)));
 		bad |= set(o, "type", json_string("kv"));
@@ -337,7 +337,9 @@ static json_t *cmd_tiers(const struct kvq_admin_view *v, int *code,
 			 char *err, size_t errlen)
 {
 	json_t *o, *tiers, *host, *objs, *kv;
+	struct kvq_sched_stats st;
 	uint64_t wbytes = 0;
+	const char *tier;
 	int bad = 0;
 
 	if (!v->model || !v->sched) {
@@ -345,6 +347,10 @@ static json_t *cmd_tiers(const struct kvq_admin_view *v, int *code,
 		snprintf(err, errlen, "the model is still loading");
 		return NULL;
 	}
+	/* On a GPU the weights and the KV pages the steps use are in device
+	 * memory (the model file stays mapped on the host as their source). */
+	kvq_sched_stats(v->sched, &st);
+	tier = st.on_gpu ? "hbm" : "host";
 	o = json_object();
 	tiers = json_array();
 	host = json_object();
@@ -368,9 +374,9 @@ static json_t *cmd_tiers(const struct kvq_admin_view *v, int *code,
 	}
 	bad |= set(o, "tiers", tiers);
 	tiers = NULL;
-	bad |= tiers_weights(v, objs, &wbytes);
+	bad |= tiers_weights(v, objs, tier, &wbytes);
 	bad |= tiers_kv(v, objs, kv);
-	bad |= set(host, "name", json_string("host"));
+	bad |= set(host, "name", json_string(tier));
 	bad |= set(host, "weight_bytes", json_integer((json_int_t)wbytes));
 	bad |= set(host, "kv_bytes", json_integer(
 		json_integer_value(json_object_get(kv, "bytes_used"))));

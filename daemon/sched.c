@@ -1083,7 +1083,9 @@ int kvq_sched_create(struct kvq_model *m, const struct kvq_sched_opts *o,
 	s->kv_token_bytes = kvq_ctx_kv_bytes_per_token(s->ctx);
 	s->st.kv_bytes_per_token = s->kv_token_bytes;
 	s->st.kv_bytes_capacity = (uint64_t)s->o.kv_tokens * s->kv_token_bytes;
-	if (kvq_ctx_device(s->ctx) == KVQ_CTX_GPU)
+	s->st.on_gpu = kvq_ctx_device(s->ctx) == KVQ_CTX_GPU;
+	s->st.device_bytes = kvq_ctx_device_bytes(s->ctx);
+	if (s->st.on_gpu)
 		snprintf(s->st.backend, sizeof(s->st.backend), "%s",
 			 kvq_gpu_backend_name());
 	else

@@ -249,6 +249,8 @@ struct kvq_sched_stats {
 	double kv_calib_kl_q4;
 	double kv_calib_seconds;
 	char backend[64];		/* "cpu (avx2+fma)": where steps run */
+	bool on_gpu;			/* weights and KV pages in device memory */
+	uint64_t device_bytes;		/* of the context: KV pages, activations */
 	struct kvq_sched_hist ttft;
 	struct kvq_sched_hist itl;	/* inter-token latency */
 	bool draining;

@@ -263,6 +263,11 @@ uint64_t kvq_model_gpu_step_bytes(const struct kvq_model *m)
 	return m->gpu ? kvq_gpu_model_step_bytes(m->gpu) : 0;
 }
 
+uint64_t kvq_model_gpu_bytes(const struct kvq_model *m)
+{
+	return m->gpu ? kvq_gpu_model_bytes(m->gpu) : 0;
+}
+
 static void gpu_copy_page(void *arg, int32_t dst, int32_t src)
 {
 	struct kvq_ctx_gpu *g = arg;
@@ -468,6 +473,12 @@ void kvq_ctx_gpu_destroy(struct kvq_ctx_gpu *g)
 }
 
 uint64_t kvq_model_gpu_step_bytes(const struct kvq_model *m)
+{
+	(void)m;
+	return 0;
+}
+
+uint64_t kvq_model_gpu_bytes(const struct kvq_model *m)
 {
 	(void)m;
 	return 0;

@@ -24,6 +24,8 @@ struct kvq_ctx_gpu;
 /* Uploads @m's weights once (later calls return 0 at once). */
 int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen);
 void kvq_model_gpu_release(struct kvq_model *m);
+/* Device bytes of the weights (0 before the upload or without a GPU). */
+uint64_t kvq_model_gpu_bytes(const struct kvq_model *m);
 /* Device weight bytes one decode step reads (0 before the upload). */
 uint64_t kvq_model_gpu_step_bytes(const struct kvq_model *m);
 

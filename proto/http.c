@@ -27,6 +27,7 @@
 #include <event2/thread.h>
 
 #include "daemon/sched.h"
+#include "engine/forward_gpu.h"
 #include "engine/gguf.h"
 #include "engine/log.h"
 #include "engine/model.h"
@@ -303,10 +304,17 @@ static void on_metrics(struct kvq_http *h, struct evhttp_request *req)
 
 	if (h->sched) {
 		kvq_sched_stats(h->sched, &st);
-		tb.host = st.kv_bytes_used;
+		/* On a GPU the KV pages and the weights the steps read are in
+		 * device memory; the model file stays mapped on the host. */
+		if (st.on_gpu)
+			tb.hbm = st.kv_bytes_used;
+		else
+			tb.host = st.kv_bytes_used;
 	}
-	if (h->model)
+	if (h->model) {
 		tb.host += kvq_model_weight_bytes(h->model);
+		tb.hbm += kvq_model_gpu_bytes(h->model);
+	}
 	hs.requests_total++;
 	hs.by_status[2]++;	/* this answer */
 	s = kvq_metrics_render(h->sched ? &st : NULL, &hs, &tb, h->ready,
