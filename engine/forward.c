@@ -249,6 +249,22 @@ int kvq_seq_truncate(struct kvq_ctx *c, int seq, int pos)
 	return 0;
 }
 
+int kvq_seq_fork(struct kvq_ctx *c, int dst, int src, uint32_t n)
+{
+	struct kvq_ctx_seq *d = seq_get(c, dst), *s = seq_get(c, src);
+	int ret;
+
+	if (!d || !s || d == s || d->kv.n_tokens || d->kv.n_pages ||
+	    n > s->kv.n_tokens)
+		return -EINVAL;
+	ret = kvq_kv_seq_fork(c->kv, &d->kv, &s->kv, n);
+	if (!ret && c->gpu)
+		ret = kvq_ctx_gpu_copy_sinks(c->gpu, dst, src);
+	if (ret)
+		kvq_kv_seq_release(c->kv, &d->kv);
+	return ret;
+}
+
 int kvq_seq_fill_synthetic(struct kvq_ctx *c, int seq, uint32_t n)
 {
 	struct kvq_ctx_seq *s = seq_get(c, seq);

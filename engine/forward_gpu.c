@@ -416,6 +416,11 @@ int kvq_ctx_gpu_step(struct kvq_ctx_gpu *g, const struct kvq_batch *b,
 	return ret;
 }
 
+int kvq_ctx_gpu_copy_sinks(struct kvq_ctx_gpu *g, int dst, int src)
+{
+	return kvq_gpu_ctx_copy_sinks(g->c, (uint32_t)dst, (uint32_t)src);
+}
+
 int kvq_ctx_gpu_fill(struct kvq_ctx_gpu *g, int slot, const int32_t *pages,
 		     uint32_t n_pages, uint32_t from, uint32_t to)
 {
@@ -501,6 +506,14 @@ int kvq_ctx_gpu_step(struct kvq_ctx_gpu *g, const struct kvq_batch *b,
 	(void)pos;
 	(void)n_tok;
 	(void)logits;
+	return -ENOSYS;
+}
+
+int kvq_ctx_gpu_copy_sinks(struct kvq_ctx_gpu *g, int dst, int src)
+{
+	(void)g;
+	(void)dst;
+	(void)src;
 	return -ENOSYS;
 }
 

@@ -45,6 +45,9 @@ int kvq_ctx_gpu_step(struct kvq_ctx_gpu *g, const struct kvq_batch *b,
 		     const int *slots, const struct kvq_attn_seq *aseq,
 		     const uint32_t *pos, uint32_t n_tok, float *logits);
 
+/* Copies sequence slot @src's f16 sink copies to slot @dst (a fork). */
+int kvq_ctx_gpu_copy_sinks(struct kvq_ctx_gpu *g, int dst, int src);
+
 /* For benchmarks: appends @n pseudo-random tokens to the sequence's
  * cache on the device without running the model (pages reserved). */
 int kvq_ctx_gpu_fill(struct kvq_ctx_gpu *g, int slot, const int32_t *pages,

@@ -126,6 +126,14 @@ int kvq_seq_len(const struct kvq_ctx *c, int seq);
 /* Drops tokens from position @pos on (pos <= len). */
 int kvq_seq_truncate(struct kvq_ctx *c, int seq, int pos);
 /*
+ * kvq_seq_fork() - makes the empty sequence @dst share the first @n tokens
+ * of @src's KV cache (a common prompt prefix): whole pages are shared and
+ * reference counted, a partial last page is copied when either side writes
+ * into it.  Returns 0, -EINVAL (bad ids, @dst not empty, @n beyond @src),
+ * -ENOMEM, or -EIO when the GPU copy failed (@dst left empty).
+ */
+int kvq_seq_fork(struct kvq_ctx *c, int dst, int src, uint32_t n);
+/*
  * For benchmarks: appends @n tokens of pseudo-random keys and values to
  * the sequence's cache in every layer without running the model (a long
  * context in seconds instead of a prefill).  GPU contexts only; -ENOSYS

@@ -23,6 +23,7 @@
 #define cudaMemcpy hipMemcpy
 #define cudaMemcpyHostToDevice hipMemcpyHostToDevice
 #define cudaMemcpyDeviceToHost hipMemcpyDeviceToHost
+#define cudaMemcpyDeviceToDevice hipMemcpyDeviceToDevice
 #define cudaMemset hipMemset
 #define cudaDeviceSynchronize hipDeviceSynchronize
 #define cudaEvent_t hipEvent_t

@@ -1552,6 +1552,21 @@ extern "C" int kvq_gpu_ctx_copy_page(struct kvq_gpu_ctx *c, int32_t dst,
 	return cudaStreamSynchronize(c->st) == cudaSuccess ? 0 : -EIO;
 }
 
+extern "C" int kvq_gpu_ctx_copy_sinks(struct kvq_gpu_ctx *c, uint32_t dst,
+				      uint32_t src)
+{
+	if (!c->sinks || dst == src)
+		return 0;
+	if (dst >= c->d.max_seqs || src >= c->d.max_seqs)
+		return -EINVAL;
+	if (cudaMemcpyAsync(c->sinks + c->sink_per_slot * dst,
+			    c->sinks + c->sink_per_slot * src,
+			    c->sink_per_slot * 2, cudaMemcpyDeviceToDevice,
+			    c->st) != cudaSuccess)
+		return -EIO;
+	return cudaStreamSynchronize(c->st) == cudaSuccess ? 0 : -EIO;
+}
+
 extern "C" int kvq_gpu_ctx_clear_sinks(struct kvq_gpu_ctx *c, uint32_t slot)
 {
 	if (!c->sinks || slot >= c->d.max_seqs)

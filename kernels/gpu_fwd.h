@@ -115,6 +115,8 @@ void kvq_gpu_ctx_destroy(struct kvq_gpu_ctx *c);
 uint64_t kvq_gpu_ctx_bytes(const struct kvq_gpu_ctx *c);
 /* Copies page @src to @dst in every layer (copy on write). */
 int kvq_gpu_ctx_copy_page(struct kvq_gpu_ctx *c, int32_t dst, int32_t src);
+/* Copies slot @src's sink copies to slot @dst (a fork); waits for it. */
+int kvq_gpu_ctx_copy_sinks(struct kvq_gpu_ctx *c, uint32_t dst, uint32_t src);
 /* Zeroes sequence slot @slot's sink copies (a new sequence). */
 int kvq_gpu_ctx_clear_sinks(struct kvq_gpu_ctx *c, uint32_t slot);
 

@@ -293,6 +293,65 @@ out:
 	free(lg);
 }
 
+/* A prefix shared on the GPU (kvq_seq_fork: pages shared, the partial page
+ * copied on write, the sink copies copied) against the CPU computing each
+ * sequence alone. */
+static void fork_case(struct kvq_model *m, const char *mname)
+{
+	const struct kvq_hparams *hp = kvq_model_hparams(m);
+	uint32_t V = hp->n_vocab, i;
+	struct kvq_ctx_opts o;
+	struct kvq_ctx *cc = NULL, *gc = NULL;
+	int32_t ta[41], tb[41];
+	float *lg = malloc(V * sizeof(float)), *lc = malloc(V * sizeof(float));
+	float tol = exact_weights(m) ? 2e-2f : 8e-2f, worst = 0.0f, s;
+	char err[256];
+	int a, b, c1, c2, ret = 0;
+
+	kvq_ctx_opts_default(&o);
+	o.n_ctx = 128;
+	o.max_seqs = 4;
+	if (kvq_ctx_create(m, &o, &cc, err, sizeof(err)) ||
+	    (o.device = KVQ_CTX_GPU,
+	     kvq_ctx_create(m, &o, &gc, err, sizeof(err)))) {
+		tap_ok(0, "%s fork: context: %s", mname, err);
+		goto out;
+	}
+	for (i = 0; i < 41; i++) {
+		ta[i] = (int32_t)((i * 37 + 11) % V);
+		tb[i] = i < 13 ? ta[i] : (int32_t)((i * 53 + 7) % V);
+	}
+	a = kvq_seq_create(gc);
+	b = kvq_seq_create(gc);
+	c1 = kvq_seq_create(cc);
+	c2 = kvq_seq_create(cc);
+	ret |= one_step(gc, a, ta, 40, lg);
+	ret |= kvq_seq_fork(gc, b, a, 13);
+	ret |= one_step(gc, b, tb + 13, 27, lg);
+	poison(lg, V);
+	ret |= one_step(gc, b, tb + 40, 1, lg);
+	ret |= one_step(cc, c1, tb, 40, lc);
+	ret |= one_step(cc, c1, tb + 40, 1, lc);
+	s = max_abs(lc, V);
+	worst = max_diff(lg, lc, V) / (s > 0 ? s : 1);
+	poison(lg, V);
+	ret |= one_step(gc, a, ta + 40, 1, lg);
+	ret |= one_step(cc, c2, ta, 40, lc);
+	ret |= one_step(cc, c2, ta + 40, 1, lc);
+	s = max_abs(lc, V);
+	s = max_diff(lg, lc, V) / (s > 0 ? s : 1);
+	if (s > worst)
+		worst = s;
+	tap_ok(!ret && worst <= tol,
+	       "%s: a prefix forked on the GPU gives both sequences the CPU's logits (worst %.3g)",
+	       mname, worst);
+out:
+	kvq_ctx_destroy(cc);
+	kvq_ctx_destroy(gc);
+	free(lg);
+	free(lc);
+}
+
 int main(int argc, char **argv)
 {
 	struct kvq_gpu_info gi;
@@ -336,6 +395,7 @@ int main(int argc, char **argv)
 			for (k = 0; k < sizeof(kvsets) / sizeof(kvsets[0]); k++)
 				greedy_case(m, name, &kvsets[k]);
 			batch_case(m, name);
+			fork_case(m, name);
 			kvq_model_destroy(m);
 		}
 	}
