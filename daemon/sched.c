@@ -100,6 +100,8 @@ struct kvq_sched {
 	bool draining;
 	bool kv_full;			/* no admission until a request ends */
 	uint64_t next_id;
+	void (*step_cb)(void *arg);	/* kvq_sched_set_step_cb() */
+	void *step_arg;
 
 	struct sreq *qhead, *qtail;	/* waiting, FIFO */
 	uint32_t n_queued;
@@ -461,6 +463,15 @@ int kvq_sched_submit(struct kvq_sched *s, const struct kvq_sched_req *q,
 	pthread_cond_signal(&s->wake);
 	pthread_mutex_unlock(&s->lock);
 	return 0;
+}
+
+void kvq_sched_set_step_cb(struct kvq_sched *s, void (*fn)(void *arg),
+			   void *arg)
+{
+	pthread_mutex_lock(&s->lock);
+	s->step_cb = fn;
+	s->step_arg = arg;
+	pthread_mutex_unlock(&s->lock);
 }
 
 void kvq_sched_cancel(struct kvq_sched *s, uint64_t id)
@@ -863,6 +874,9 @@ static void do_step(struct kvq_sched *s)
 	}
 
 	pthread_mutex_lock(&s->lock);
+	/* under the lock, for kvq_sched_set_step_cb()'s promise */
+	if (s->step_cb)
+		s->step_cb(s->step_arg);
 	s->st.steps_total++;
 	for (r = dead; r; r = r->next)
 		for (k = 0; k < s->n_run; k++)

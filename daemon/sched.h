@@ -9,8 +9,9 @@
  * with its own sampler, detokenizes, applies stop strings and delivers the
  * results to each request's sink.  Requests join and leave between steps.
  *
- * Threads: kvq_sched_submit(), kvq_sched_cancel(), the getters and
- * kvq_sched_drain() may be called from any thread.  Sinks are called on the
+ * Threads: kvq_sched_submit(), kvq_sched_cancel(), the getters,
+ * kvq_sched_set_step_cb() and kvq_sched_drain() may be called from any
+ * thread.  Sinks are called on the
  * scheduler thread and must not block; they copy what they need.
  *
  * Request states (struct kvq_sched_req_info.state):
@@ -188,6 +189,17 @@ struct kvq_model *kvq_sched_model(const struct kvq_sched *s);
  * their max_tokens.
  */
 void kvq_sched_set_limits(struct kvq_sched *s, const struct kvq_sched_opts *o);
+
+/*
+ * kvq_sched_set_step_cb() - have @fn(@arg) called on the scheduler thread
+ * after each engine step, once the step's events have been passed to the
+ * sinks (its final events excepted: they may come later), so that sinks
+ * may hold events and pass them on in one go.  @fn must not call back into
+ * the scheduler.  NULL removes it; once this returns, the previous @fn is
+ * not running and will not be called again.
+ */
+void kvq_sched_set_step_cb(struct kvq_sched *s, void (*fn)(void *arg),
+			   void *arg);
 
 /* ------------------------------------------------------------- requests */
 

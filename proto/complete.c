@@ -18,13 +18,15 @@
  *
  * Delivery pace: waking the loop thread costs a system call on the
  * scheduler thread and a context switch that, on a machine whose cores all
- * decode, comes out of the next engine step.  So the scheduler wakes the
- * loop only when the loop is parked (struct evq); a loop that found events
- * comes back by itself FLUSH_US later for what arrived meanwhile, and
- * parks when it finds nothing.  A slow model thus gets every event at once
- * and a fast one gets them in batches at most FLUSH_US late; a choice's
- * first event and every final event wake the loop at once.  Each wake-up
- * writes one HTTP chunk per stream with all its events.
+ * decode, comes out of the engine steps.  So stream events are not passed
+ * on one by one: after each step the scheduler calls on_step(), which
+ * wakes the loop once for all the events queued so far, or, when the last
+ * wake-up was less than FLUSH_NS ago, leaves them for a later step's
+ * flush (struct evq).  A step of 16 streams thus wakes the loop once, not
+ * up to 16 times, a slow model gets every event at the end of its step,
+ * and a fast one gets them in batches at most about FLUSH_NS late.  A
+ * choice's first event is passed on at the end of its step, a final event
+ * at once.  Each wake-up writes one HTTP chunk per stream.
  */
 #include "config.h"
 
@@ -47,8 +49,8 @@
 #include "engine/tokenizer.h"
 #include "proto/http_impl.h"
 
-/* How long a loop that delivered events waits before it looks again. */
-#define FLUSH_US 1000
+/* Least time between two wake-ups of the loop for stream events. */
+#define FLUSH_NS 1000000u
 
 struct hchoice {
 	struct hreq *hr;
@@ -56,7 +58,7 @@ struct hchoice {
 	int prompt;			/* which prompt */
 	uint64_t id;			/* scheduler id */
 	bool live;			/* submitted, DONE not yet seen */
-	bool woke;			/* first event sent (scheduler) */
+	bool first_sent;		/* scheduler thread: an event queued */
 	bool echo_pending;
 	bool role_sent;
 	enum kvq_finish finish;
@@ -98,12 +100,24 @@ struct hreq {
 /*
  * The pacing state of a server's event queue (h->qlock, h->qhead), hung
  * off h->qev's callback argument: struct kvq_http is shared with http.c.
+ * All fields under h->qlock.
  */
 struct evq {
 	struct kvq_http *h;
-	struct event *flush;		/* look again FLUSH_US later */
-	bool parked;			/* qlock: loop waits for a wake */
+	struct kvq_sched *sched;	/* loop thread: on_step() set on it */
+	uint32_t n_held;		/* queued events that want the loop */
+	bool urgent;			/* one of them is a choice's first */
+	bool woken;			/* qev made active, queue not yet taken */
+	uint64_t last_wake_ns;
 };
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 static struct evq *evq_of(struct kvq_http *h)
 {
@@ -140,7 +154,7 @@ static void sink_event(void *arg, const struct kvq_sched_event *ev)
 	struct evq *q = evq_of(h);
 	size_t tb = sizeof(struct kvq_sched_tok) * ev->n_tok;
 	struct evitem *it;
-	bool wake, urgent;
+	bool held, first, wake;
 
 	it = malloc(sizeof(*it) + tb + ev->len + 1);
 	if (!it) {
@@ -179,18 +193,49 @@ static void sink_event(void *arg, const struct kvq_sched_event *ev)
 		snprintf(it->errmsg, sizeof(it->errmsg), "%s", ev->errmsg);
 queue:
 	/* a full-body answer needs the loop only for its end */
-	wake = c->hr->stream || ev->kind == KVQ_SCHED_EV_DONE;
-	urgent = ev->kind == KVQ_SCHED_EV_DONE || !c->woke;
-	c->woke = c->woke || wake;
+	held = c->hr->stream && ev->kind != KVQ_SCHED_EV_DONE;
+	first = held && !c->first_sent;
+	c->first_sent = c->first_sent || held;
 	pthread_mutex_lock(&h->qlock);
 	if (h->qtail)
 		h->qtail->next = it;
 	else
 		h->qhead = it;
 	h->qtail = it;
-	wake = wake && (q->parked || urgent);
+	q->n_held += held;
+	q->urgent = q->urgent || first;
+	/* a final event may come outside a step: it goes at once */
+	wake = ev->kind == KVQ_SCHED_EV_DONE && !q->woken;
+	if (wake) {
+		q->woken = true;
+		q->last_wake_ns = mono_ns();
+	}
+	pthread_mutex_unlock(&h->qlock);
 	if (wake)
-		q->parked = false;
+		event_active(h->qev, EV_READ, 1);
+}
+
+/*
+ * Scheduler thread, after each step (kvq_sched_set_step_cb()): wakes the
+ * loop for the stream events queued, unless it was woken less than
+ * FLUSH_NS ago and none of them is a choice's first.
+ */
+static void on_step(void *arg)
+{
+	struct evq *q = arg;
+	struct kvq_http *h = q->h;
+	uint64_t now;
+	bool wake = false;
+
+	pthread_mutex_lock(&h->qlock);
+	if (q->n_held && !q->woken) {
+		now = mono_ns();
+		if (q->urgent || now - q->last_wake_ns >= FLUSH_NS) {
+			q->woken = true;
+			q->last_wake_ns = now;
+			wake = true;
+		}
+	}
 	pthread_mutex_unlock(&h->qlock);
 	if (wake)
 		event_active(h->qev, EV_READ, 1);
@@ -920,8 +965,7 @@ out:
 
 /*
  * Loop thread: everything the scheduler sent since last time, then one
- * chunk per stream.  Woken by the scheduler (h->qev) or by its own flush
- * timer; finding nothing, it parks until the scheduler wakes it.
+ * chunk per stream.
  */
 static void on_events(evutil_socket_t fd, short what, void *arg)
 {
@@ -929,13 +973,13 @@ static void on_events(evutil_socket_t fd, short what, void *arg)
 	struct kvq_http *h = q->h;
 	struct evitem *it, *next;
 	struct hreq *hr;
-	struct timeval tv = { 0, FLUSH_US };
 
 	pthread_mutex_lock(&h->qlock);
 	it = h->qhead;
 	h->qhead = h->qtail = NULL;
-	if (!it)
-		q->parked = true;
+	q->n_held = 0;
+	q->urgent = false;
+	q->woken = false;
 	pthread_mutex_unlock(&h->qlock);
 	if (!it)
 		return;
@@ -946,7 +990,6 @@ static void on_events(evutil_socket_t fd, short what, void *arg)
 	}
 	for (hr = h->live; hr; hr = hr->next)
 		sse_flush(hr);
-	evtimer_add(q->flush, &tv);
 }
 
 /* ------------------------------------------------------------- requests */
@@ -1125,9 +1168,15 @@ static struct hreq *start(struct kvq_http *h, struct evhttp_request *req,
 	int n_prompts = r->kind == KVQ_OAI_CHAT ? 1 : r->n_prompts;
 	const char *const *stop = (const char *const *)r->stop;
 	struct kvq_sched_sink sink = { .event = sink_event };
+	struct evq *eq = evq_of(h);
 	struct hreq *hr;
 	int i, p, k, ret = 0;
 
+	if (eq->sched != h->sched) {
+		/* stream events wait for the end of their step */
+		kvq_sched_set_step_cb(h->sched, on_step, eq);
+		eq->sched = h->sched;
+	}
 	hr = calloc(1, sizeof(*hr));
 	if (!hr)
 		goto nomem;
@@ -1323,21 +1372,16 @@ int kvq_complete_init(struct kvq_http *h)
 	if (!q)
 		return -ENOMEM;
 	q->h = h;
-	q->parked = true;
 	ret = -pthread_mutex_init(&h->qlock, NULL);
 	if (ret)
 		goto out_free;
-	ret = -ENOMEM;
-	q->flush = evtimer_new(h->base, on_events, q);
-	if (!q->flush)
-		goto out_mutex;
 	h->qev = event_new(h->base, -1, 0, on_events, q);
-	if (!h->qev)
-		goto out_flush;
+	if (!h->qev) {
+		ret = -ENOMEM;
+		goto out_mutex;
+	}
 	return 0;
 
-out_flush:
-	event_free(q->flush);
 out_mutex:
 	pthread_mutex_destroy(&h->qlock);
 out_free:
@@ -1389,7 +1433,8 @@ void kvq_complete_fini(struct kvq_http *h)
 	}
 	if (h->live)
 		kvq_err("http: requests still live at shutdown; leaking them");
-	event_free(q->flush);
+	if (q->sched)
+		kvq_sched_set_step_cb(q->sched, NULL, NULL);
 	event_free(h->qev);
 	h->qev = NULL;
 	pthread_mutex_destroy(&h->qlock);
