@@ -397,8 +397,14 @@ static void print_status(json_t *r)
 		       iget(q, "running"), iget(q, "max_running"),
 		       iget(q, "waiting"), iget(q, "max_queued"),
 		       iget(q, "total"), iget(q, "rejected"));
-		printf("tokens:       %lld prompt, %lld generated\n",
-		       iget(q, "prompt_tokens"), iget(q, "generated_tokens"));
+		printf("tokens:       %lld prompt (%lld shared from the prefix cache), %lld generated\n",
+		       iget(q, "prompt_tokens"), iget(kv, "prompt_tokens_cached"),
+		       iget(q, "generated_tokens"));
+		if (json_is_true(json_object_get(kv, "prefix_cache")))
+			printf("prefix cache: %lld finished sequences kept\n",
+			       iget(kv, "prefix_cache_sequences"));
+		else
+			printf("prefix cache: off\n");
 		human_bytes(nget(kv, "bytes_used"), used, sizeof(used));
 		human_bytes(nget(kv, "bytes_capacity"), cap, sizeof(cap));
 		printf("kv cache:     %s of %s in use (%s, %lld tokens, n_ctx %lld)\n",

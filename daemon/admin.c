@@ -191,6 +191,11 @@ static json_t *cmd_status(const struct kvq_admin_view *v, int *code,
 		bad |= set(kv, "type_k", jstr(st.kv_type_k));
 		bad |= set(kv, "type_v", jstr(st.kv_type_v));
 		bad |= set(kv, "attention", jstr(st.backend));
+		bad |= set(kv, "prefix_cache", json_boolean(so->prefix_cache));
+		bad |= set(kv, "prefix_cache_sequences",
+			   json_integer(st.cached_seqs));
+		bad |= set(kv, "prompt_tokens_cached", json_integer(
+			(json_int_t)st.prompt_tokens_cached));
 		if (st.kv_calibrated) {
 			json_t *cal = json_object();
 

@@ -89,6 +89,7 @@ struct kvq_config {
 	uint32_t kv_page_tokens;
 	uint32_t kv_sink_tokens;
 	int kv_smooth;			/* enum kvq_kv_smooth_mode */
+	int prefix_cache;		/* 1: share prompt prefixes' KV */
 	int device;			/* enum kvq_device */
 
 	struct kvq_config_origin origin[KVQ_CONFIG_MAX_KEYS];

@@ -355,6 +355,7 @@ static void sched_opts(const struct kvq_config *c, struct kvq_sched_opts *o)
 	o->kv_type_v = c->kv_type_v;
 	o->kv_page_tokens = c->kv_page_tokens;
 	o->kv_sink_tokens = c->kv_sink_tokens;
+	o->prefix_cache = c->prefix_cache != 0;
 }
 
 /* ------------------------------------------------------------ loading */

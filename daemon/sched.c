@@ -53,6 +53,7 @@ struct sreq {
 	int n_prompt;
 	int n_toks;
 	int n_fed;			/* tokens in the KV sequence */
+	int n_cached;			/* of those, shared from the prefix cache */
 	int max_tokens;
 	int seq;			/* -1 when none */
 
@@ -109,6 +110,19 @@ struct kvq_sched {
 	uint32_t n_run;
 
 	struct kvq_sched_stats st;
+
+	/*
+	 * Prefix cache (scheduler thread only): finished sequences whose KV
+	 * is kept, with their tokens, least recently used first to go.
+	 */
+	struct pcent {
+		int seq;
+		int32_t *toks;
+		int n;
+		uint64_t used;
+	} *pc;
+	uint32_t n_pc, pc_cap;
+	uint64_t pc_clock;
 
 	/* scheduler-thread scratch */
 	float *logits;
@@ -275,7 +289,7 @@ static void deliver_done(struct kvq_sched *s, struct sreq *r)
 
 	ev.usage.prompt_tokens = r->n_prompt;
 	ev.usage.completion_tokens = r->n_toks - r->n_prompt;
-	ev.usage.cached_tokens = 0;
+	ev.usage.cached_tokens = r->n_cached;
 	r->sink.event(r->sink.arg, &ev);
 }
 
@@ -308,6 +322,86 @@ static void seq_drop(struct kvq_sched *s, struct sreq *r)
 	r->n_fed = 0;
 }
 
+/* ------------------------------------------------------- prefix cache */
+
+/* Drops the least recently used cached sequence; false when none. */
+static bool pc_evict(struct kvq_sched *s)
+{
+	uint32_t i, lru = 0;
+
+	if (!s->n_pc)
+		return false;
+	for (i = 1; i < s->n_pc; i++)
+		if (s->pc[i].used < s->pc[lru].used)
+			lru = i;
+	kvq_seq_free(s->ctx, s->pc[lru].seq);
+	free(s->pc[lru].toks);
+	s->pc[lru] = s->pc[--s->n_pc];
+	s->st.cached_seqs = s->n_pc;
+	return true;
+}
+
+/*
+ * Keeps @r's sequence (the tokens it fed) for later prompts instead of
+ * freeing it, when it holds at least one prefill chunk.  Scheduler thread.
+ */
+static void pc_keep(struct kvq_sched *s, struct sreq *r)
+{
+	struct pcent *e;
+	int32_t *t;
+
+	if (!s->pc_cap || r->seq < 0 || r->n_fed < (int)s->o.prefill_chunk)
+		return;
+	t = malloc((size_t)r->n_fed * sizeof(*t));
+	if (!t)
+		return;
+	memcpy(t, r->toks, (size_t)r->n_fed * sizeof(*t));
+	if (s->n_pc == s->pc_cap)
+		pc_evict(s);
+	e = &s->pc[s->n_pc++];
+	e->seq = r->seq;
+	e->toks = t;
+	e->n = r->n_fed;
+	e->used = ++s->pc_clock;
+	s->st.cached_seqs = s->n_pc;
+	r->seq = -1;
+}
+
+/*
+ * Lets @r (just given the empty sequence r->seq) share the longest prefix
+ * of its prompt found in the cache, cut to whole prefill chunks -- so the
+ * rest is fed in the same chunks as without the cache and gives the same
+ * tokens -- and leaving the prompt's last token to compute.
+ */
+static void pc_share(struct kvq_sched *s, struct sreq *r)
+{
+	int chunk = (int)s->o.prefill_chunk, best = 0, l, lim;
+	struct pcent *be = NULL;
+	uint32_t i;
+
+	if (!s->n_pc || r->prompt_logprobs || r->n_prompt <= chunk)
+		return;
+	lim = r->n_prompt - 1;
+	for (i = 0; i < s->n_pc; i++) {
+		struct pcent *e = &s->pc[i];
+		int n = e->n < lim ? e->n : lim;
+
+		for (l = 0; l < n && e->toks[l] == r->toks[l]; l++)
+			;
+		l -= l % chunk;
+		if (l > best) {
+			best = l;
+			be = e;
+		}
+	}
+	if (!be || kvq_seq_fork(s->ctx, r->seq, be->seq, (uint32_t)best))
+		return;
+	be->used = ++s->pc_clock;
+	r->n_fed = best;
+	r->n_cached = best;
+	s->st.prompt_tokens_cached += (uint64_t)best;
+}
+
 /*
  * End @r: release what is left of its text (unless cancelled), free its KV
  * sequence and tell the sink.  The request must already be out of the queue
@@ -318,6 +412,10 @@ static void finish(struct kvq_sched *s, struct sreq *r, enum kvq_finish f)
 	char buf[64];
 	int n;
 
+	/* A cancelled (client gone), timed-out or failed request frees its
+	 * KV at once; one that ended normally may serve later prompts. */
+	if (f == KVQ_FINISH_STOP || f == KVQ_FINISH_LENGTH)
+		pc_keep(s, r);
 	seq_drop(s, r);
 	r->finish = f;
 	if (f == KVQ_FINISH_CANCELLED || f == KVQ_FINISH_ERROR) {
@@ -585,6 +683,8 @@ static void admit(struct kvq_sched *s)
 
 	while (s->qhead && s->n_run < s->o.max_running && !s->kv_full) {
 		seq = kvq_seq_create(s->ctx);
+		if (seq < 0 && pc_evict(s))
+			seq = kvq_seq_create(s->ctx);
 		if (seq < 0)
 			break;
 		r = s->qhead;
@@ -595,6 +695,8 @@ static void admit(struct kvq_sched *s)
 		s->n_queued--;
 		r->seq = seq;
 		r->n_fed = 0;
+		r->n_cached = 0;
+		pc_share(s, r);
 		r->state = KVQ_SCHED_PREFILL;
 		s->run[s->n_run++] = r;
 	}
@@ -830,6 +932,13 @@ static void do_step(struct kvq_sched *s)
 	b.tokens = s->b_tok;
 	b.all_logits = all;
 	ret = kvq_step(s->ctx, &b, s->logits);
+	if (ret == -ENOSPC && pc_evict(s)) {
+		/* Cached sequences give their pages back first. */
+		pthread_mutex_lock(&s->lock);
+		s->st.kv_bytes_used = kvq_ctx_kv_bytes_used(s->ctx);
+		pthread_mutex_unlock(&s->lock);
+		return;
+	}
 	if (ret == -ENOSPC) {
 		pthread_mutex_lock(&s->lock);
 		if (preempt_one(s)) {
@@ -1086,7 +1195,9 @@ int kvq_sched_create(struct kvq_model *m, const struct kvq_sched_opts *o,
 	co.n_ctx = s->o.n_ctx;
 	co.kv_tokens = s->o.kv_tokens;
 	co.max_batch = s->o.prefill_chunk + s->o.max_running;
-	co.max_seqs = s->o.max_running;
+	/* Cached sequences need slots of their own. */
+	s->pc_cap = s->o.prefix_cache ? s->o.max_running : 0;
+	co.max_seqs = s->o.max_running + s->pc_cap;
 	co.device = s->o.device;
 	ret = kv_setup(s, &co, err, errlen);
 	if (ret)
@@ -1112,8 +1223,9 @@ int kvq_sched_create(struct kvq_model *m, const struct kvq_sched_opts *o,
 	s->b_seq = calloc(s->o.max_running, sizeof(*s->b_seq));
 	s->b_n = calloc(s->o.max_running, sizeof(*s->b_n));
 	s->b_tok = calloc(s->o.max_running, sizeof(*s->b_tok));
+	s->pc = calloc(s->pc_cap ? s->pc_cap : 1, sizeof(*s->pc));
 	if (!s->run || !s->b_req || !s->b_seq || !s->b_n || !s->b_tok ||
-	    ensure_logits(s, s->o.max_running)) {
+	    !s->pc || ensure_logits(s, s->o.max_running)) {
 		snprintf(err, errlen, "scheduler: out of memory");
 		goto out_ctx;
 	}
@@ -1135,6 +1247,7 @@ out_sync:
 	pthread_cond_destroy(&s->wake);
 	pthread_mutex_destroy(&s->lock);
 out_ctx:
+	free(s->pc);
 	free(s->run);
 	free(s->b_req);
 	free(s->b_seq);
@@ -1160,6 +1273,9 @@ void kvq_sched_destroy(struct kvq_sched *s)
 	pthread_cond_destroy(&s->idle);
 	pthread_cond_destroy(&s->wake);
 	pthread_mutex_destroy(&s->lock);
+	while (s->n_pc)
+		pc_evict(s);
+	free(s->pc);
 	free(s->run);
 	free(s->b_req);
 	free(s->b_seq);

@@ -63,6 +63,7 @@ struct kvq_sched_opts {
 	 * daemon calibrates while loading), its report, for the stats. */
 	const struct kvq_kv_calib_report *kv_calib;
 	int device;			/* enum kvq_ctx_device: where steps run */
+	bool prefix_cache;		/* share finished requests' prompt KV */
 };
 
 /* ------------------------------------------------------------- requests */
@@ -262,6 +263,8 @@ struct kvq_sched_stats {
 	double kv_calib_seconds;
 	char backend[64];		/* "cpu (avx2+fma)": where steps run */
 	bool on_gpu;			/* weights and KV pages in device memory */
+	uint64_t prompt_tokens_cached;	/* prompt tokens served from the prefix cache */
+	uint32_t cached_seqs;		/* finished sequences kept for sharing */
 	uint64_t device_bytes;		/* of the context: KV pages, activations */
 	struct kvq_sched_hist ttft;
 	struct kvq_sched_hist itl;	/* inter-token latency */

@@ -63,6 +63,7 @@ struct hchoice {
 	bool role_sent;
 	enum kvq_finish finish;
 	int completion_tokens;
+	int cached_tokens;		/* of its prompt, from the prefix cache */
 	int err;
 	char errmsg[128];
 	char *text;			/* non-streaming: the whole text */
@@ -516,14 +517,26 @@ static json_t *envelope(struct hreq *hr, bool chunk)
 			 "system_fingerprint", "kvqd");
 }
 
-static void usage_totals(struct hreq *hr, int *prompt, int *completion)
+/* Prompt tokens count once per prompt, and so do their cached tokens (the
+ * most any of the prompt's choices shared). */
+static void usage_totals(struct hreq *hr, int *prompt, int *completion,
+			 int *cached)
 {
-	int i;
+	int i, j;
 
 	*prompt = 0;
 	*completion = 0;
-	for (i = 0; i < hr->n_prompts; i++)
+	*cached = 0;
+	for (i = 0; i < hr->n_prompts; i++) {
+		int most = 0;
+
 		*prompt += hr->prompt_tokens[i];
+		for (j = 0; j < hr->n_ch; j++)
+			if (hr->ch[j].prompt == i &&
+			    hr->ch[j].cached_tokens > most)
+				most = hr->ch[j].cached_tokens;
+		*cached += most;
+	}
 	for (i = 0; i < hr->n_ch; i++)
 		*completion += hr->ch[i].completion_tokens;
 }
@@ -768,16 +781,16 @@ static void stream_error(struct hreq *hr, int status, const char *type,
 
 static void stream_end(struct hreq *hr)
 {
-	int p, c;
+	int p, c, k;
 
 	if (!hr->req)
 		return;
 	if (hr->include_usage) {
 		json_t *env = envelope(hr, true);
 
-		usage_totals(hr, &p, &c);
+		usage_totals(hr, &p, &c, &k);
 		json_object_set_new(env, "choices", json_array());
-		json_object_set_new(env, "usage", kvq_oai_usage_json(p, c, 0));
+		json_object_set_new(env, "usage", kvq_oai_usage_json(p, c, k));
 		sse_send(hr, env);
 	}
 	if (hr->out)
@@ -818,7 +831,7 @@ static void reply_full(struct hreq *hr)
 	struct kvq_oai_err e;
 	struct evhttp_request *req = hr->req;
 	json_t *env, *choices;
-	int i, p, c;
+	int i, p, c, k;
 
 	for (i = 0; i < hr->n_ch; i++)
 		if (choice_failed(&hr->ch[i], &e)) {
@@ -848,8 +861,8 @@ static void reply_full(struct hreq *hr)
 				"finish_reason", fin));
 	}
 	json_object_set_new(env, "choices", choices);
-	usage_totals(hr, &p, &c);
-	json_object_set_new(env, "usage", kvq_oai_usage_json(p, c, 0));
+	usage_totals(hr, &p, &c, &k);
+	json_object_set_new(env, "usage", kvq_oai_usage_json(p, c, k));
 	hreq_detach(hr);
 	kvq_http_reply_json(hr->h, req, 200, env);
 }
@@ -896,6 +909,7 @@ static void apply(struct kvq_http *h, struct evitem *it)
 		hr->n_live--;
 		c->finish = it->finish;
 		c->completion_tokens = it->usage.completion_tokens;
+		c->cached_tokens = it->usage.cached_tokens;
 		c->err = it->err;
 		snprintf(c->errmsg, sizeof(c->errmsg), "%s", it->errmsg);
 	}

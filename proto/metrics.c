@@ -95,6 +95,12 @@ char *kvq_metrics_render(const struct kvq_sched_stats *st,
 	    "Prompt tokens of accepted requests.", st->tokens_prompt_total);
 	one(f, "kvqd_tokens_generated_total", "counter",
 	    "Tokens generated.", st->tokens_generated_total);
+	one(f, "kvqd_prompt_tokens_cached_total", "counter",
+	    "Prompt tokens shared from the prefix cache instead of computed.",
+	    st->prompt_tokens_cached);
+	one(f, "kvqd_prefix_cache_sequences", "gauge",
+	    "Finished sequences whose KV the prefix cache keeps.",
+	    st->cached_seqs);
 	one(f, "kvqd_engine_steps_total", "counter",
 	    "Forward passes run by the scheduler.", st->steps_total);
 	hist(f, "kvqd_ttft_seconds",
