@@ -17,11 +17,16 @@ command -v node >/dev/null || { echo "1..0 # SKIP node is not installed"; exit 0
 command -v curl >/dev/null || { echo "1..0 # SKIP curl is not installed"; exit 0; }
 
 DIR=$(mktemp -d)
-PIDS=()
+# start runs in a command substitution, a subshell: the daemons' pids go
+# to files, which the cleanup reads.
 cleanup() {
-	local p
-	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-	for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+	local f p
+	for f in "$DIR"/*.pid; do
+		[ -f "$f" ] || continue
+		p=$(cat "$f")
+		kill "$p" 2>/dev/null
+		while kill -0 "$p" 2>/dev/null; do sleep 0.05; done
+	done
 	rm -rf "$DIR"
 }
 trap cleanup EXIT
@@ -38,7 +43,7 @@ start() {
 	"$KVQD" --model "$model" --listen "127.0.0.1:$port" \
 		--admin-socket "$DIR/$name/admin.sock" --state-dir "$DIR/$name" \
 		>"$DIR/$name.log" 2>&1 &
-	PIDS+=($!)
+	echo $! >"$DIR/$name.pid"
 	for i in $(seq 1 200); do
 		if curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health" | grep -q 200; then
 			echo "$port"
