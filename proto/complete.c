@@ -18,15 +18,16 @@
  *
  * Delivery pace: waking the loop thread costs a system call on the
  * scheduler thread and a context switch that, on a machine whose cores all
- * decode, comes out of the engine steps.  So stream events are not passed
- * on one by one: after each step the scheduler calls on_step(), which
- * wakes the loop once for all the events queued so far, or, when the last
- * wake-up was less than FLUSH_NS ago, leaves them for a later step's
- * flush (struct evq).  A step of 16 streams thus wakes the loop once, not
- * up to 16 times, a slow model gets every event at the end of its step,
- * and a fast one gets them in batches at most about FLUSH_NS late.  A
- * choice's first event is passed on at the end of its step, a final event
- * at once.  Each wake-up writes one HTTP chunk per stream.
+ * decode, comes out of the engine steps -- unless it happens while the
+ * scheduler samples a step's sequences one by one, when the engine's
+ * workers idle.  So a step's first stream event wakes the loop only when
+ * the last wake-up is FLUSH_NS old or more (or for a choice's first event,
+ * or a final one); then the loop keeps up with the step's other events
+ * while they are sampled, and after the step (on_step()) takes what is
+ * left.  Events held back wait for a later step (struct evq).  A slow
+ * model, or many streams, thus get every event within its step, and a
+ * fast model with few streams gets its events in batches at most about
+ * FLUSH_NS late.  Each wake-up writes one HTTP chunk per stream.
  */
 #include "config.h"
 
@@ -107,8 +108,8 @@ struct evq {
 	struct kvq_http *h;
 	struct kvq_sched *sched;	/* loop thread: on_step() set on it */
 	uint32_t n_held;		/* queued events that want the loop */
-	bool urgent;			/* one of them is a choice's first */
 	bool woken;			/* qev made active, queue not yet taken */
+	bool step_woke;			/* woken during the current step */
 	uint64_t last_wake_ns;
 };
 
@@ -155,6 +156,7 @@ static void sink_event(void *arg, const struct kvq_sched_event *ev)
 	struct evq *q = evq_of(h);
 	size_t tb = sizeof(struct kvq_sched_tok) * ev->n_tok;
 	struct evitem *it;
+	uint64_t now;
 	bool held, first, wake;
 
 	it = malloc(sizeof(*it) + tb + ev->len + 1);
@@ -204,12 +206,18 @@ queue:
 		h->qhead = it;
 	h->qtail = it;
 	q->n_held += held;
-	q->urgent = q->urgent || first;
-	/* a final event may come outside a step: it goes at once */
-	wake = ev->kind == KVQ_SCHED_EV_DONE && !q->woken;
-	if (wake) {
-		q->woken = true;
-		q->last_wake_ns = mono_ns();
+	wake = false;
+	if (!q->woken && (held || ev->kind == KVQ_SCHED_EV_DONE)) {
+		now = mono_ns();
+		/* a final event may come outside a step: it goes at once;
+		 * once a step has woken the loop, the loop keeps up with it */
+		wake = !held || first || q->step_woke ||
+		       now - q->last_wake_ns >= FLUSH_NS;
+		if (wake) {
+			q->woken = true;
+			q->step_woke = q->step_woke || held;
+			q->last_wake_ns = now;
+		}
 	}
 	pthread_mutex_unlock(&h->qlock);
 	if (wake)
@@ -218,8 +226,9 @@ queue:
 
 /*
  * Scheduler thread, after each step (kvq_sched_set_step_cb()): wakes the
- * loop for the stream events queued, unless it was woken less than
- * FLUSH_NS ago and none of them is a choice's first.
+ * loop for the stream events it has not taken yet when the loop was woken
+ * during this step (the rest of the step's events), or when it was last
+ * woken FLUSH_NS ago or more (events held back by earlier steps).
  */
 static void on_step(void *arg)
 {
@@ -231,12 +240,13 @@ static void on_step(void *arg)
 	pthread_mutex_lock(&h->qlock);
 	if (q->n_held && !q->woken) {
 		now = mono_ns();
-		if (q->urgent || now - q->last_wake_ns >= FLUSH_NS) {
+		if (q->step_woke || now - q->last_wake_ns >= FLUSH_NS) {
 			q->woken = true;
 			q->last_wake_ns = now;
 			wake = true;
 		}
 	}
+	q->step_woke = false;
 	pthread_mutex_unlock(&h->qlock);
 	if (wake)
 		event_active(h->qev, EV_READ, 1);
@@ -992,7 +1002,6 @@ static void on_events(evutil_socket_t fd, short what, void *arg)
 	it = h->qhead;
 	h->qhead = h->qtail = NULL;
 	q->n_held = 0;
-	q->urgent = false;
 	q->woken = false;
 	pthread_mutex_unlock(&h->qlock);
 	if (!it)
