@@ -11,10 +11,16 @@
  *
  * Protocol:
  *  - The caller publishes fn and ctx, sets @remaining to the number of
- *    workers, and bumps @gen.  Workers remember the last @gen they served
- *    and treat any other value as "new work" (or "stop" when @stop is set).
- *  - Each worker runs its own part and decrements @remaining; the caller
- *    runs part 0 and waits for @remaining to reach 0.
+ *    parts and @next to 0, and bumps @gen.  Workers remember the last @gen
+ *    they served and treat any other value as "new work" (or "stop" when
+ *    @stop is set).
+ *  - Parts are claimed, not assigned: every thread, the caller first,
+ *    takes the next part from @next until none is left, runs it and
+ *    decrements @remaining; the caller then waits for @remaining to reach
+ *    0.  A worker the kernel has descheduled (another process wants the
+ *    CPU) thus delays nobody: the caller runs its part instead of waiting
+ *    a time slice for it.  Which thread runs a part changes nothing in its
+ *    result.
  *  - A waiter that stops spinning announces itself (@sleepers for workers,
  *    @caller_sleeping for the caller) under @lock and re-checks its counter
  *    before waiting.  The other side changes the counter, then reads the
@@ -23,10 +29,11 @@
  *    the other's write and no wake-up is lost.
  *
  * Invariants:
- *  1. At most one run is in flight (@run_lock), so @fn, @ctx and
- *     @remaining are only written while every worker is idle.
- *  2. A worker reads @fn and @ctx only after seeing the @gen that
- *     published them, and never after decrementing @remaining.
+ *  1. At most one run is in flight (@run_lock); @fn, @ctx, @remaining and
+ *     @next are written only once every part of the previous run is done.
+ *  2. A thread reads @fn and @ctx only after claiming a part below @n: the
+ *     claim reads the reset of @next that follows their writes.  A worker
+ *     late for a run finds @next at @n or beyond and claims nothing.
  */
 #include "config.h"
 
@@ -81,6 +88,7 @@ struct kvq_pool {
 
 	_Alignas(64) atomic_int remaining;
 	atomic_bool caller_sleeping;
+	_Alignas(64) atomic_int next;	/* the next part to claim */
 };
 
 static uint64_t now_ns(void)
@@ -127,6 +135,26 @@ static unsigned int wait_for_work(struct kvq_pool *p, unsigned int seen)
 	return atomic_load(&p->gen);
 }
 
+/* Claims and runs parts of the current run until none is left. */
+static void run_parts(struct kvq_pool *p)
+{
+	int part;
+
+	for (;;) {
+		part = atomic_fetch_add_explicit(&p->next, 1,
+						 memory_order_acq_rel);
+		if (part >= p->n)
+			return;
+		p->fn(p->ctx, part, p->n);
+		if (atomic_fetch_sub(&p->remaining, 1) == 1 &&
+		    atomic_load(&p->caller_sleeping)) {
+			pthread_mutex_lock(&p->lock);
+			pthread_cond_signal(&p->done_cond);
+			pthread_mutex_unlock(&p->lock);
+		}
+	}
+}
+
 static void *worker_main(void *arg)
 {
 	struct kvq_worker *w = arg;
@@ -137,13 +165,7 @@ static void *worker_main(void *arg)
 		seen = wait_for_work(p, seen);
 		if (atomic_load(&p->stop))
 			break;
-		p->fn(p->ctx, w->part, p->n);
-		if (atomic_fetch_sub(&p->remaining, 1) == 1 &&
-		    atomic_load(&p->caller_sleeping)) {
-			pthread_mutex_lock(&p->lock);
-			pthread_cond_signal(&p->done_cond);
-			pthread_mutex_unlock(&p->lock);
-		}
+		run_parts(p);
 	}
 	return NULL;
 }
@@ -191,9 +213,10 @@ void kvq_pool_run(struct kvq_pool *p, kvq_pool_fn fn, void *ctx)
 	pthread_mutex_lock(&p->run_lock);
 	p->fn = fn;
 	p->ctx = ctx;
-	atomic_store(&p->remaining, p->n - 1);
+	atomic_store(&p->remaining, p->n);
+	atomic_store_explicit(&p->next, 0, memory_order_release);
 	bump_gen(p);
-	fn(ctx, 0, p->n);
+	run_parts(p);
 	wait_done(p);
 	pthread_mutex_unlock(&p->run_lock);
 }
@@ -284,6 +307,7 @@ struct kvq_pool *kvq_pool_create(int n_threads)
 	atomic_init(&p->sleepers, 0);
 	atomic_init(&p->remaining, 0);
 	atomic_init(&p->caller_sleeping, false);
+	atomic_init(&p->next, n_threads);
 	if (start_workers(p))
 		goto out_destroy_done_cond;
 	return p;

@@ -29,8 +29,9 @@ void kvq_pool_destroy(struct kvq_pool *p);
 /* Number of parts each run is split into, caller included (NULL: 1). */
 int kvq_pool_size(const struct kvq_pool *p);
 /*
- * Splits the work into pool-size parts: fn(ctx, part, n_parts), part 0 on
- * the calling thread, each other part on its own worker, and returns once
+ * Splits the work into pool-size parts: fn(ctx, part, n_parts), each part
+ * run once, by whichever thread claims it first (the caller included: a
+ * worker the system has descheduled is not waited for), and returns once
  * every part has returned; what the parts wrote is then visible to the
  * caller.  Runs from several threads take turns; @fn must not call
  * kvq_pool_run() on the same pool.  A NULL pool runs fn(ctx, 0, 1) here.
