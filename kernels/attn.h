@@ -169,6 +169,44 @@ static inline int kvq_gpu_attn_append(const struct kvq_gpu_append_args *a,
 }
 #endif
 
+/*
+ * Split-KV attention (kernels/attn_split.cu) of n_rows query rows: row r
+ * belongs to batch entry row_seq[r] and attends causally over its
+ * positions [0, row_pos[r]].  Serves every page type and head sizes 8 to
+ * 256 (a power of two) with up to 16 query heads per KV head (8 at 256):
+ * prompts, and decode where kvq_gpu_attn_decode() does not apply.  q and
+ * out are f32, q already rotated; sink and block table as for decode.
+ */
+struct kvq_gpu_split_args {
+	const float *q;		/* [n_rows][q_stride] */
+	uint32_t q_stride;
+	float *out;		/* [n_rows][out_stride] */
+	uint32_t out_stride;
+	const void *k_pages, *v_pages;
+	size_t k_page_bytes, v_page_bytes;
+	int k_type, v_type;	/* enum kvq_kv_type */
+	const int32_t *row_seq, *row_pos;	/* [n_rows], device */
+	const int32_t *block_table;
+	uint32_t bt_stride;
+	uint16_t *const *sink;	/* per batch entry, this layer's copies */
+	uint32_t n_sink;
+	uint32_t n_rows, n_q_heads, n_kv_heads, head_dim, page_tokens;
+	uint32_t max_len;	/* host bound on row_pos + 1 (split plan) */
+	float *workspace;	/* kvq_gpu_attn_split_workspace_bytes() */
+	size_t workspace_bytes;
+};
+
+/* Device scratch for up to @max_rows rows; 0 for a shape the kernel does
+ * not serve. */
+#ifdef KVQ_ATTN_GPU
+size_t kvq_gpu_attn_split_workspace_bytes(uint32_t max_rows,
+					  uint32_t n_q_heads,
+					  uint32_t n_kv_heads,
+					  uint32_t head_dim);
+/* Launches it on @stream: 0, -EINVAL, -EOPNOTSUPP, -ENOSPC, -EIO. */
+int kvq_gpu_attn_split(const struct kvq_gpu_split_args *a, void *stream);
+#endif
+
 /* ------------------------------------------------ plain-C reference twins */
 
 /*

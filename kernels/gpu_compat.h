@@ -96,6 +96,14 @@ static __device__ __forceinline__ float kvq_shfl_xor_f32(float v, int m)
 #endif
 }
 
+/* Sum over the 32 lanes of a group, in every lane. */
+static __device__ __forceinline__ float kvq_warp_sum(float v)
+{
+	for (int m = 16; m > 0; m >>= 1)
+		v += kvq_shfl_xor_f32(v, m);
+	return v;
+}
+
 static __device__ __forceinline__ double kvq_shfl_xor_f64(double v, int m)
 {
 #if defined(__HIPCC__) || defined(KVQ_HIP)

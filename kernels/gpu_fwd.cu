@@ -5,14 +5,14 @@
  * Why this file exists: a decode step reads every weight once; on a GPU
  * that is a few hundred microseconds, so the step must not pay host round
  * trips or launch latency per operation.  Activations stay f32 (as on the
- * CPU path, so greedy output matches it), weights are f16 or kept 8/4-bit
- * (Q8/Q4, dequantized in registers), and the per-layer work is nine
- * kernels: RMSNorm, the stacked QKV product, RoPE of the queries, the
- * fused rotate-quantize-append of K and V (attn_append.cu), attention
- * (attn_decode.cu's split-KV kernel, or the generic one below for other
- * head sizes, f32 pages and prompts), the output projection with the
- * residual add, RMSNorm, gate and up with SwiGLU, and the down projection
- * with the residual add.
+ * CPU path, so greedy output matches it), weights (placed by
+ * gpu_model.cu) are f32, f16 or kept 8/4-bit (Q8/Q4, dequantized in
+ * registers), and the per-layer work is nine kernels: RMSNorm, the stacked
+ * QKV product, RoPE of the queries, the fused rotate-quantize-append of K
+ * and V (attn_append.cu), attention (attn_decode.cu for head_dim 128
+ * decode, attn_split.cu for other head sizes, f32 pages and prompts), the
+ * output projection with the residual add, RMSNorm, gate and up with
+ * SwiGLU, and the down projection with the residual add.
  *
  * Matrix products: up to 16 tokens a warp streams a weight row with 16-byte
  * loads and dots it with every token (decode and small batches are bound by
@@ -30,6 +30,7 @@
 #include "kernels/gpu_compat.h"
 #include "kernels/attn.h"
 #include "kernels/gpu_fwd.h"
+#include "kernels/gpu_fwd_impl.h"
 #include "engine/kvcache.h"
 
 namespace {
@@ -38,25 +39,7 @@ constexpr int MV_WARPS = 4;	/* rows (warps) per block of the small product */
 constexpr int MV_MAXT = 16;	/* tokens the small product takes */
 constexpr int GT = 64;		/* tiled product: rows and tokens per tile */
 constexpr int GK = 32;		/* and depth */
-constexpr int ATT_MAXD = 256;	/* split attention: head sizes 8..256 */
-constexpr int ATT_MAXG = 16;	/* query heads per KV head (8 at 256) */
-constexpr int ATT_SPLIT_TOK = 128;	/* positions per split, about */
-constexpr int ATT_MAX_SPLITS = 128;
-constexpr int ATT_MAX_BLOCKS = 8192;	/* split blocks of one launch, about */
 constexpr int MAX_GRAPHS = 48;
-
-__host__ __device__ inline uint32_t pad32(uint32_t n)
-{
-	return (n + 31) & ~31u;
-}
-
-struct dmat {
-	int type;		/* enum kvq_gpu_wtype */
-	uint32_t rows, cols, ld;	/* ld: elements a row (F16) */
-	void *d;
-	__half *s;
-	size_t bytes;
-};
 
 /* ------------------------------------------------------ device helpers */
 
@@ -82,13 +65,6 @@ __device__ __forceinline__ float wval(const dmat &m, uint32_t r, uint32_t c)
 	int q = j < 16 ? (b[j] & 15) : (b[j - 16] >> 4);
 
 	return (float)(q - 8) * d;
-}
-
-__device__ __forceinline__ float warp_sum(float v)
-{
-	for (int m = 16; m > 0; m >>= 1)
-		v += kvq_shfl_xor_f32(v, m);
-	return v;
 }
 
 __device__ __forceinline__ void unpack_h8(uint4 u, float f[8])
@@ -168,6 +144,24 @@ __device__ __forceinline__ float silu_mul(float g, float u)
 
 /* Dot of weight row @r with tokens 0..n-1: lane @li of @nl lanes sharing
  * the row takes every nl-th 16-byte load; acc ends as the warp's sum. */
+/* acc[t] += eight weights f dotted with x[t][0..8), for t < n. */
+template <int NT>
+__device__ __forceinline__ void dot8(const float f[8], const float *x,
+				     uint32_t xs, uint32_t n, float acc[NT])
+{
+#pragma unroll
+	for (int t = 0; t < NT; t++) {
+		if (t < (int)n) {
+			const float4 *xp = (const float4 *)(x + (size_t)t * xs);
+			float4 a = xp[0], b = xp[1];
+
+			acc[t] += f[0] * a.x + f[1] * a.y + f[2] * a.z +
+				  f[3] * a.w + f[4] * b.x + f[5] * b.y +
+				  f[6] * b.z + f[7] * b.w;
+		}
+	}
+}
+
 template <int WT, int NT>
 __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 					uint32_t nl, float acc[NT])
@@ -183,17 +177,8 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 			float4 u0 = __ldg((const float4 *)(w + c));
 			float4 u1 = __ldg((const float4 *)(w + c + 4));
 			float f[8] = { u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w };
-#pragma unroll
-			for (int t = 0; t < NT; t++) {
-				if (t < (int)p.n) {
-					const float4 *xp = (const float4 *)(x + (size_t)t * xs + c);
-					float4 a = xp[0], b = xp[1];
 
-					acc[t] += f[0] * a.x + f[1] * a.y + f[2] * a.z +
-						  f[3] * a.w + f[4] * b.x + f[5] * b.y +
-						  f[6] * b.z + f[7] * b.w;
-				}
-			}
+			dot8<NT>(f, x + c, xs, p.n, acc);
 		}
 	} else if (WT == KVQ_GPU_W_F16) {
 		const __half *w = (const __half *)p.w.d + (size_t)r * p.w.ld;
@@ -204,17 +189,7 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 			float f[8];
 
 			unpack_h8(u, f);
-#pragma unroll
-			for (int t = 0; t < NT; t++) {
-				if (t < (int)p.n) {
-					const float4 *xp = (const float4 *)(x + (size_t)t * xs + c);
-					float4 a = xp[0], b = xp[1];
-
-					acc[t] += f[0] * a.x + f[1] * a.y + f[2] * a.z +
-						  f[3] * a.w + f[4] * b.x + f[5] * b.y +
-						  f[6] * b.z + f[7] * b.w;
-				}
-			}
+			dot8<NT>(f, x + c, xs, p.n, acc);
 		}
 	} else if (WT == KVQ_GPU_W_Q8) {
 		const int8_t *w = (const int8_t *)p.w.d + (size_t)r * cols;
@@ -281,7 +256,7 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 	}
 #pragma unroll
 	for (int t = 0; t < NT; t++)
-		acc[t] = warp_sum(acc[t]);
+		acc[t] = kvq_warp_sum(acc[t]);
 }
 
 /*
@@ -460,416 +435,6 @@ __global__ void rope_split_kernel(const float *qkv, uint32_t qkvs, float *qb,
 	}
 }
 
-struct kvhalf {
-	const uint8_t *pages;
-	size_t page_bytes;
-	int type;
-};
-
-struct attp {
-	const float *q;
-	uint32_t qs;
-	float *out;
-	uint32_t os;
-	kvhalf k, v;
-	const int32_t *row_seq, *pos, *bt;
-	uint32_t bt_stride;
-	uint16_t *const *sink;	/* per batch entry, this layer's copies */
-	uint32_t n_sink;
-	uint32_t nh, nkv, P, G, group;
-	float scale;		/* softmax scale times log2(e) */
-	uint32_t n_splits;
-	float *ws;		/* partial results when n_splits > 1 */
-};
-
-/* Page base and row of position @t of batch entry @b's head @h. */
-__device__ __forceinline__ const uint8_t *kv_row(const attp &p, const kvhalf &k,
-						 uint32_t b, uint32_t t,
-						 uint32_t h, size_t *r)
-{
-	int32_t pg = p.bt[(size_t)b * p.bt_stride + t / p.P];
-
-	*r = (size_t)h * p.P + t % p.P;
-	return k.pages + (size_t)pg * k.page_bytes;
-}
-
-/* The f16 sink copy of position @t (a quantized half), or NULL. */
-__device__ __forceinline__ const __half *kv_sink(const attp &p, int type,
-						 int half, uint32_t b,
-						 uint32_t t, uint32_t h,
-						 uint32_t D)
-{
-	if (t >= p.n_sink || type < KVQ_KV_Q8 || !p.sink || !p.sink[b])
-		return nullptr;
-	return (const __half *)p.sink[b] +
-	       ((size_t)half * p.n_sink + t) * p.nkv * D + (size_t)h * D;
-}
-
-/* Channels c, c+1 of a row (c even) of a page of type T, dequantized. */
-template <int D, int T>
-__device__ __forceinline__ float2 kv_pair(const uint8_t *base, size_t r,
-					  uint32_t c, uint32_t HP,
-					  uint32_t group)
-{
-	if (T == KVQ_KV_F32)
-		return *(const float2 *)((const float *)base + r * D + c);
-	if (T == KVQ_KV_F16)
-		return __half22float2(*(const __half2 *)((const __half *)base +
-							 r * D + c));
-	if (T == KVQ_KV_Q8) {
-		const __half *sc = (const __half *)(base + (size_t)HP * D);
-		float d = h2f(sc[r * (D / group) + c / group]);
-		char2 q = *(const char2 *)(base + r * D + c);
-
-		return make_float2((float)q.x * d, (float)q.y * d);
-	}
-	const __half *sc = (const __half *)(base + (size_t)HP * D / 2);
-	float d = h2f(sc[r * (D / group) + c / group]);
-	uint8_t q = base[r * (D / 2) + c / 2];
-
-	return make_float2((float)((q & 15) - 8) * d,
-			   (float)((q >> 4) - 8) * d);
-}
-
-/*
- * Scores of this lane's position (row @r of page @base, or the f16 sink
- * copy @sk) against the query heads in qsm, read a 32-bit word at a time.
- */
-template <int D, int MG, int T>
-__device__ __forceinline__ void k_score(const uint8_t *base, size_t r,
-					const __half *sk, uint32_t HP,
-					uint32_t group, const float (*qsm)[D],
-					uint32_t G, float s[MG])
-{
-	if (sk || T == KVQ_KV_F16) {
-		const __half2 *row = sk ? (const __half2 *)sk :
-				     (const __half2 *)((const __half *)base + r * D);
-
-		for (uint32_t c = 0; c < D; c += 2) {
-			float2 k = __half22float2(row[c / 2]);
-#pragma unroll
-			for (int g = 0; g < MG; g++)
-				if (g < (int)G)
-					s[g] += qsm[g][c] * k.x + qsm[g][c + 1] * k.y;
-		}
-		return;
-	}
-	if (T == KVQ_KV_F32) {
-		const float *row = (const float *)base + r * D;
-
-		for (uint32_t c = 0; c < D; c++) {
-			float k = row[c];
-#pragma unroll
-			for (int g = 0; g < MG; g++)
-				if (g < (int)G)
-					s[g] += qsm[g][c] * k;
-		}
-		return;
-	}
-	const __half *sc = (const __half *)(base + (size_t)HP *
-					    (T == KVQ_KV_Q8 ? D : D / 2)) +
-			   r * (D / group);
-	if (T == KVQ_KV_Q8) {
-		const uint32_t *row = (const uint32_t *)(base + r * D);
-
-		for (uint32_t w = 0; w < D / 4; w++) {
-			uint32_t u = row[w];
-			float d = h2f(sc[4 * w / group]);
-			float k0 = (float)(int8_t)(u & 255) * d;
-			float k1 = (float)(int8_t)((u >> 8) & 255) * d;
-			float k2 = (float)(int8_t)((u >> 16) & 255) * d;
-			float k3 = (float)(int8_t)(u >> 24) * d;
-#pragma unroll
-			for (int g = 0; g < MG; g++)
-				if (g < (int)G)
-					s[g] += qsm[g][4 * w] * k0 +
-						qsm[g][4 * w + 1] * k1 +
-						qsm[g][4 * w + 2] * k2 +
-						qsm[g][4 * w + 3] * k3;
-		}
-		return;
-	}
-	const uint32_t *row = (const uint32_t *)(base + r * (D / 2));
-
-	for (uint32_t w = 0; w < D / 8; w++) {
-		uint32_t u = row[w];
-		float d = h2f(sc[8 * w / group]);
-		float k[8];
-
-		for (int i = 0; i < 8; i++)
-			k[i] = (float)((int)((u >> (4 * i)) & 15) - 8) * d;
-#pragma unroll
-		for (int g = 0; g < MG; g++)
-			if (g < (int)G) {
-				float a = 0.0f;
-
-				for (int i = 0; i < 8; i++)
-					a += qsm[g][8 * w + i] * k[i];
-				s[g] += a;
-			}
-	}
-}
-
-/*
- * Adds the chunk's @cnt positions, p[g] (lane j holds position j's) times
- * V, into this lane's channel pairs.  Each lane located its own position's
- * row beforehand (@vb, @vr, or the sink copy @vs); here they pass lane to
- * lane, so the loads of consecutive positions do not wait on each other.
- */
-template <int D, int MG, int T, int NP>
-__device__ __forceinline__ void v_accum(const uint8_t *vb, uint32_t vr,
-					const __half *vs, uint32_t HP,
-					uint32_t group, uint32_t lane,
-					const float s[MG], uint32_t cnt,
-					uint32_t G, float acc[MG][NP][2])
-{
-#pragma unroll 8
-	for (uint32_t j = 0; j < cnt; j++) {
-		const uint8_t *base = (const uint8_t *)kvq_shfl_ptr(vb, j);
-		const __half *sv = (const __half *)kvq_shfl_ptr(vs, j);
-		uint32_t r = kvq_shfl_u32(vr, j);
-		float pj[MG];
-
-#pragma unroll
-		for (int g = 0; g < MG; g++)
-			pj[g] = kvq_shfl_f32(s[g], j);
-#pragma unroll
-		for (int i = 0; i < NP; i++) {
-			uint32_t pi = lane + 32 * i;
-
-			if (pi >= D / 2)
-				break;
-			float2 v = sv ? __half22float2(*(const __half2 *)(sv + 2 * pi)) :
-				   kv_pair<D, T>(base, r, 2 * pi, HP, group);
-#pragma unroll
-			for (int g = 0; g < MG; g++) {
-				acc[g][i][0] += pj[g] * v.x;
-				acc[g][i][1] += pj[g] * v.y;
-			}
-		}
-	}
-	(void)G;
-}
-
-/*
- * Split-KV attention: block (split, KV head, row) covers one slice of the
- * row's positions [0, pos] for the query heads of that KV head.  Lane j of
- * a warp scores position t0 + j of a 32-position chunk; the chunk's
- * probabilities then go lane to lane while each lane accumulates its
- * channel pairs of V.  Online softmax in f32 (base 2); warps merge in
- * shared memory, splits in attn_merge_kernel.
- */
-template <int D, int MG>
-__global__ void __launch_bounds__(128) attn_split_kernel(attp p)
-{
-	constexpr int NP = (D / 2 + 31) / 32;	/* channel pairs per lane */
-	__shared__ float qsm[MG][D];
-	__shared__ float wm[4][MG], wl[4][MG];
-	__shared__ float wo[4][MG][D];
-	uint32_t split = blockIdx.x, kh = blockIdx.y, row = blockIdx.z;
-	uint32_t G = p.G, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
-	uint32_t b = (uint32_t)p.row_seq[row];
-	uint32_t n = (uint32_t)p.pos[row] + 1;
-	uint32_t span = ((n + p.n_splits - 1) / p.n_splits + 31) & ~31u;
-	uint32_t a0 = split * span, a1 = min(n, a0 + span);
-	uint32_t HP = p.nkv * p.P;
-	float m[MG], l[MG], acc[MG][NP][2];
-
-	for (uint32_t i = tid; i < G * D; i += 128)
-		qsm[i / D][i % D] = p.q[(size_t)row * p.qs +
-					 ((size_t)kh * G + i / D) * D + i % D] *
-				    p.scale;
-#pragma unroll
-	for (int g = 0; g < MG; g++) {
-		m[g] = -INFINITY;
-		l[g] = 0.0f;
-#pragma unroll
-		for (int i = 0; i < NP; i++)
-			acc[g][i][0] = acc[g][i][1] = 0.0f;
-	}
-	__syncthreads();
-	for (uint32_t c0 = a0 + 32 * w; c0 < a1; c0 += 128) {
-		uint32_t t = c0 + lane;
-		bool valid = t < a1;
-		float s[MG];
-
-#pragma unroll
-		for (int g = 0; g < MG; g++)
-			s[g] = 0.0f;
-		const uint8_t *kb = nullptr, *vb = nullptr;
-		const __half *sk = nullptr, *vs = nullptr;
-		size_t kr = 0, vr = 0;
-
-		if (valid) {
-			sk = kv_sink(p, p.k.type, 0, b, t, kh, D);
-			vs = kv_sink(p, p.v.type, 1, b, t, kh, D);
-			kb = kv_row(p, p.k, b, t, kh, &kr);
-			vb = kv_row(p, p.v, b, t, kh, &vr);
-			switch (p.k.type) {
-			case KVQ_KV_F32:
-				k_score<D, MG, KVQ_KV_F32>(kb, kr, sk, HP, p.group, qsm, G, s);
-				break;
-			case KVQ_KV_F16:
-				k_score<D, MG, KVQ_KV_F16>(kb, kr, sk, HP, p.group, qsm, G, s);
-				break;
-			case KVQ_KV_Q8:
-				k_score<D, MG, KVQ_KV_Q8>(kb, kr, sk, HP, p.group, qsm, G, s);
-				break;
-			default:
-				k_score<D, MG, KVQ_KV_Q4>(kb, kr, sk, HP, p.group, qsm, G, s);
-				break;
-			}
-		}
-#pragma unroll
-		for (int g = 0; g < MG; g++) {
-			if (g >= (int)G)
-				break;
-			float v = valid ? s[g] : -INFINITY, mc = v;
-
-			for (int o = 16; o > 0; o >>= 1)
-				mc = fmaxf(mc, kvq_shfl_xor_f32(mc, o));
-			float mn = fmaxf(m[g], mc);
-			float corr = exp2f(m[g] - mn);
-			float pr = valid ? exp2f(v - mn) : 0.0f;
-
-			l[g] = l[g] * corr + pr;
-			m[g] = mn;
-#pragma unroll
-			for (int i = 0; i < NP; i++) {
-				acc[g][i][0] *= corr;
-				acc[g][i][1] *= corr;
-			}
-			s[g] = pr;
-		}
-		uint32_t cnt = min(32u, a1 - c0);
-
-		switch (p.v.type) {
-		case KVQ_KV_F32:
-			v_accum<D, MG, KVQ_KV_F32, NP>(vb, (uint32_t)vr, vs, HP, p.group, lane, s, cnt, G, acc);
-			break;
-		case KVQ_KV_F16:
-			v_accum<D, MG, KVQ_KV_F16, NP>(vb, (uint32_t)vr, vs, HP, p.group, lane, s, cnt, G, acc);
-			break;
-		case KVQ_KV_Q8:
-			v_accum<D, MG, KVQ_KV_Q8, NP>(vb, (uint32_t)vr, vs, HP, p.group, lane, s, cnt, G, acc);
-			break;
-		default:
-			v_accum<D, MG, KVQ_KV_Q4, NP>(vb, (uint32_t)vr, vs, HP, p.group, lane, s, cnt, G, acc);
-			break;
-		}
-	}
-#pragma unroll
-	for (int g = 0; g < MG; g++) {
-		if (g >= (int)G)
-			break;
-		float ls = warp_sum(l[g]);
-
-		if (lane == 0) {
-			wm[w][g] = m[g];
-			wl[w][g] = ls;
-		}
-#pragma unroll
-		for (int i = 0; i < NP; i++) {
-			uint32_t pi = lane + 32 * i;
-
-			if (pi < D / 2) {
-				wo[w][g][2 * pi] = acc[g][i][0];
-				wo[w][g][2 * pi + 1] = acc[g][i][1];
-			}
-		}
-	}
-	__syncthreads();
-	for (uint32_t i = tid; i < G * D; i += 128) {
-		uint32_t g = i / D, c = i % D;
-		float M = fmaxf(fmaxf(wm[0][g], wm[1][g]), fmaxf(wm[2][g], wm[3][g]));
-		float o = 0.0f, L = 0.0f;
-
-		if (M != -INFINITY) {
-			for (int x = 0; x < 4; x++) {
-				float e = exp2f(wm[x][g] - M);
-
-				o += e * wo[x][g][c];
-				L += e * wl[x][g];
-			}
-		}
-		if (p.n_splits == 1) {
-			p.out[(size_t)row * p.os + ((size_t)kh * G + g) * D + c] = o / L;
-		} else {
-			size_t u = ((size_t)row * p.nkv + kh) * p.n_splits + split;
-			float *ws = p.ws + u * G * (D + 2);
-
-			ws[g * (D + 2) + 2 + c] = o;
-			if (c == 0) {
-				ws[g * (D + 2)] = M;
-				ws[g * (D + 2) + 1] = L;
-			}
-		}
-	}
-}
-
-/*
- * Merges the splits of attn_split_kernel: one block of 256 threads per
- * (row, head).  The split weights 2^(m_s - M) are computed once into shared
- * memory; each channel's sum over splits is cut into 256 / D strided parts
- * so the loads of many splits are in flight at once.
- */
-__global__ void __launch_bounds__(256) attn_merge_kernel(attp p, uint32_t D)
-{
-	__shared__ float e[ATT_MAX_SPLITS];
-	__shared__ float red[256];
-	uint32_t row = blockIdx.x, h = blockIdx.y, G = p.G, tid = threadIdx.x;
-	uint32_t kh = h / G, g = h % G, S = p.n_splits, st = G * (D + 2);
-	const float *ws = p.ws + ((size_t)row * p.nkv + kh) * S * st + g * (D + 2);
-	float M = -INFINITY, L = 0.0f;
-
-	for (uint32_t s = tid; s < S; s += 256)
-		M = fmaxf(M, ws[(size_t)s * st]);
-	red[tid] = M;
-	__syncthreads();
-	for (uint32_t o = 128; o > 0; o >>= 1) {
-		if (tid < o)
-			red[tid] = fmaxf(red[tid], red[tid + o]);
-		__syncthreads();
-	}
-	M = red[0];
-	__syncthreads();
-	for (uint32_t s = tid; s < S; s += 256) {
-		float m = ws[(size_t)s * st];
-		float w = m == -INFINITY ? 0.0f : exp2f(m - M);
-
-		e[s] = w;
-		L += w * ws[(size_t)s * st + 1];
-	}
-	red[tid] = L;
-	__syncthreads();
-	for (uint32_t o = 128; o > 0; o >>= 1) {
-		if (tid < o)
-			red[tid] += red[tid + o];
-		__syncthreads();
-	}
-	L = red[0];
-	__syncthreads();
-	uint32_t parts = 256 / D ? 256 / D : 1;
-	uint32_t c = tid % D, part = tid / D;
-	float o = 0.0f;
-
-	if (part < parts && c < D) {
-#pragma unroll 8
-		for (uint32_t s = part; s < S; s += parts)
-			o += e[s] * ws[(size_t)s * st + 2 + c];
-	}
-	red[tid] = o;
-	__syncthreads();
-	if (tid < D) {
-		float sum = 0.0f;
-
-		for (uint32_t q = 0; q < parts; q++)
-			sum += red[q * D + tid];
-		p.out[(size_t)row * p.os + (size_t)h * D + tid] = sum / L;
-	}
-	/* D = 256 takes one part; its channels beyond 256 threads: none. */
-}
-
 __global__ void copy_page_kernel(uint8_t *base, size_t pb, int32_t dst,
 				 int32_t src)
 {
@@ -894,262 +459,7 @@ __global__ void fill_kernel(float *x, size_t n, uint32_t seed)
 	}
 }
 
-/* ------------------------------------------------------------ host side */
-
-int set_err(char *err, size_t errlen, int ret, const char *fmt, ...)
-	__attribute__((format(printf, 4, 5)));
-
-int set_err(char *err, size_t errlen, int ret, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (err && errlen) {
-		va_start(ap, fmt);
-		vsnprintf(err, errlen, fmt, ap);
-		va_end(ap);
-	}
-	return ret;
-}
-
-/* cudaMalloc with a message naming what and how much when it fails. */
-int dalloc(void **p, size_t n, const char *what, char *err, size_t errlen)
-{
-	size_t fr = 0, tot = 0;
-
-	*p = nullptr;
-	if (!n)
-		n = 16;
-	if (cudaMalloc(p, n) == cudaSuccess)
-		return 0;
-	cudaGetLastError();
-	cudaMemGetInfo(&fr, &tot);
-	*p = nullptr;
-	return set_err(err, errlen, -ENOMEM,
-		       "cannot allocate %.1f MiB of device memory for %s (%.1f MiB free of %.1f MiB)",
-		       n / 1048576.0, what, fr / 1048576.0, tot / 1048576.0);
-}
-
 } /* namespace */
-
-struct kvq_gpu_model {
-	struct kvq_gpu_model_desc d;
-	dmat *m;		/* [n_layers][KVQ_GPU_M_NLAYER] */
-	dmat embed, output;
-	bool tied;
-	float **v;		/* [n_layers][KVQ_GPU_V_NLAYER] */
-	float *out_norm;
-	uint64_t bytes;
-};
-
-extern "C" int kvq_gpu_model_create(const struct kvq_gpu_model_desc *d,
-				    struct kvq_gpu_model **out, char *err,
-				    size_t errlen)
-{
-	struct kvq_gpu_model *g;
-
-	if (!d->n_layers || !d->dim || !d->n_heads || !d->n_kv_heads ||
-	    d->n_heads % d->n_kv_heads || !d->head_dim || !d->ffn_dim ||
-	    !d->n_vocab || d->rope_dim > d->head_dim || d->rope_dim % 2)
-		return set_err(err, errlen, -EINVAL, "GPU model: bad shape");
-	g = (struct kvq_gpu_model *)calloc(1, sizeof(*g));
-	if (!g)
-		return set_err(err, errlen, -ENOMEM, "out of memory");
-	g->d = *d;
-	g->m = (dmat *)calloc((size_t)d->n_layers * KVQ_GPU_M_NLAYER,
-			      sizeof(dmat));
-	g->v = (float **)calloc((size_t)d->n_layers * KVQ_GPU_V_NLAYER,
-				sizeof(float *));
-	if (!g->m || !g->v) {
-		kvq_gpu_model_destroy(g);
-		return set_err(err, errlen, -ENOMEM, "out of memory");
-	}
-	*out = g;
-	return 0;
-}
-
-static void dmat_free(dmat *m)
-{
-	cudaFree(m->d);
-	cudaFree(m->s);
-	memset(m, 0, sizeof(*m));
-}
-
-extern "C" void kvq_gpu_model_destroy(struct kvq_gpu_model *g)
-{
-	size_t i;
-
-	if (!g)
-		return;
-	for (i = 0; g->m && i < (size_t)g->d.n_layers * KVQ_GPU_M_NLAYER; i++)
-		dmat_free(&g->m[i]);
-	for (i = 0; g->v && i < (size_t)g->d.n_layers * KVQ_GPU_V_NLAYER; i++)
-		cudaFree(g->v[i]);
-	dmat_free(&g->embed);
-	if (!g->tied)
-		dmat_free(&g->output);
-	cudaFree(g->out_norm);
-	free(g->m);
-	free(g->v);
-	free(g);
-}
-
-extern "C" int kvq_gpu_model_set_matrix(struct kvq_gpu_model *g, int layer,
-					int slot, int wtype, uint32_t rows,
-					uint32_t cols, const void *data,
-					const uint16_t *scales, char *err,
-					size_t errlen)
-{
-	dmat *m, nm = {};
-	size_t db, sb = 0;
-	int ret;
-
-	if (layer >= 0 && (uint32_t)layer < g->d.n_layers &&
-	    slot >= 0 && slot < KVQ_GPU_M_NLAYER)
-		m = &g->m[(size_t)layer * KVQ_GPU_M_NLAYER + slot];
-	else if (layer < 0 && slot == KVQ_GPU_M_EMBED)
-		m = &g->embed;
-	else if (layer < 0 && slot == KVQ_GPU_M_OUTPUT)
-		m = &g->output;
-	else
-		return set_err(err, errlen, -EINVAL, "GPU model: bad slot");
-	bool flt = wtype == KVQ_GPU_W_F16 || wtype == KVQ_GPU_W_F32;
-	size_t es = wtype == KVQ_GPU_W_F32 ? 4 : 2;
-
-	if (!rows || !cols || (!flt && cols % 32) ||
-	    wtype < 0 || wtype > KVQ_GPU_W_F32 || (!flt && !scales))
-		return set_err(err, errlen, -EINVAL,
-			       "GPU model: bad matrix %u x %u of type %d",
-			       rows, cols, wtype);
-	nm.type = wtype;
-	nm.rows = rows;
-	nm.cols = cols;
-	if (flt) {
-		nm.ld = pad32(cols);
-		db = (size_t)rows * nm.ld * es;
-	} else {
-		nm.ld = cols;
-		db = wtype == KVQ_GPU_W_Q8 ? (size_t)rows * cols :
-		     (size_t)rows * cols / 2;
-		sb = (size_t)rows * (cols / 32) * 2;
-	}
-	ret = dalloc(&nm.d, db, "weights", err, errlen);
-	if (!ret && sb)
-		ret = dalloc((void **)&nm.s, sb, "weight scales", err, errlen);
-	if (ret) {
-		dmat_free(&nm);
-		return ret;
-	}
-	if (flt && nm.ld != cols) {
-		if (cudaMemset(nm.d, 0, db) != cudaSuccess ||
-		    cudaMemcpy2D(nm.d, (size_t)nm.ld * es, data, (size_t)cols * es,
-				 (size_t)cols * es, rows,
-				 cudaMemcpyHostToDevice) != cudaSuccess)
-			ret = -EIO;
-	} else if (cudaMemcpy(nm.d, data, db, cudaMemcpyHostToDevice) !=
-		   cudaSuccess) {
-		ret = -EIO;
-	}
-	if (!ret && sb && cudaMemcpy(nm.s, scales, sb,
-				     cudaMemcpyHostToDevice) != cudaSuccess)
-		ret = -EIO;
-	if (ret) {
-		dmat_free(&nm);
-		return set_err(err, errlen, ret, "GPU model: upload failed: %s",
-			       cudaGetErrorString(cudaGetLastError()));
-	}
-	if (m->d) {
-		g->bytes -= m->bytes;
-		dmat_free(m);
-	}
-	nm.bytes = db + sb;
-	g->bytes += nm.bytes;
-	*m = nm;
-	return 0;
-}
-
-extern "C" void kvq_gpu_model_tie_output(struct kvq_gpu_model *g)
-{
-	if (!g->tied)
-		dmat_free(&g->output);
-	g->output = g->embed;
-	g->tied = true;
-}
-
-extern "C" int kvq_gpu_model_set_vector(struct kvq_gpu_model *g, int layer,
-					int slot, const float *v, uint32_t n,
-					char *err, size_t errlen)
-{
-	float **dst, *p;
-	size_t nb = (size_t)pad32(n) * sizeof(float);
-	int ret;
-
-	if (layer >= 0 && (uint32_t)layer < g->d.n_layers && slot >= 0 &&
-	    slot < KVQ_GPU_V_NLAYER)
-		dst = &g->v[(size_t)layer * KVQ_GPU_V_NLAYER + slot];
-	else if (layer < 0 && slot == KVQ_GPU_V_OUTPUT_NORM)
-		dst = &g->out_norm;
-	else
-		return set_err(err, errlen, -EINVAL, "GPU model: bad vector slot");
-	ret = dalloc((void **)&p, nb, "norm weights", err, errlen);
-	if (ret)
-		return ret;
-	if (cudaMemset(p, 0, nb) != cudaSuccess ||
-	    cudaMemcpy(p, v, (size_t)n * sizeof(float),
-		       cudaMemcpyHostToDevice) != cudaSuccess) {
-		cudaFree(p);
-		return set_err(err, errlen, -EIO, "GPU model: upload failed");
-	}
-	cudaFree(*dst);
-	*dst = p;
-	g->bytes += nb;
-	return 0;
-}
-
-extern "C" uint64_t kvq_gpu_model_bytes(const struct kvq_gpu_model *g)
-{
-	return g->bytes;
-}
-
-extern "C" uint64_t kvq_gpu_model_step_bytes(const struct kvq_gpu_model *g)
-{
-	return g->tied ? g->bytes : g->bytes - g->embed.bytes;
-}
-
-extern "C" int kvq_gpu_model_ready(const struct kvq_gpu_model *g, char *err,
-				   size_t errlen)
-{
-	const struct kvq_gpu_model_desc *d = &g->d;
-	uint32_t qd = d->n_heads * d->head_dim, kvd = d->n_kv_heads * d->head_dim;
-	uint32_t l;
-
-	if (!g->embed.d || !g->output.d || !g->out_norm)
-		return set_err(err, errlen, -EINVAL,
-			       "GPU model: embedding, output or output norm missing");
-	for (l = 0; l < d->n_layers; l++) {
-		const dmat *m = &g->m[(size_t)l * KVQ_GPU_M_NLAYER];
-
-		if (!m[KVQ_GPU_M_QKV].d || !m[KVQ_GPU_M_O].d ||
-		    !m[KVQ_GPU_M_GATEUP].d || !m[KVQ_GPU_M_DOWN].d ||
-		    !g->v[(size_t)l * KVQ_GPU_V_NLAYER + KVQ_GPU_V_ATTN_NORM] ||
-		    !g->v[(size_t)l * KVQ_GPU_V_NLAYER + KVQ_GPU_V_FFN_NORM])
-			return set_err(err, errlen, -EINVAL,
-				       "GPU model: layer %u incomplete", l);
-		if (m[KVQ_GPU_M_QKV].rows != qd + 2 * kvd ||
-		    m[KVQ_GPU_M_QKV].cols != d->dim ||
-		    m[KVQ_GPU_M_O].rows != d->dim || m[KVQ_GPU_M_O].cols != qd ||
-		    m[KVQ_GPU_M_GATEUP].rows != 2 * d->ffn_dim ||
-		    m[KVQ_GPU_M_GATEUP].cols != d->dim ||
-		    m[KVQ_GPU_M_DOWN].rows != d->dim ||
-		    m[KVQ_GPU_M_DOWN].cols != d->ffn_dim)
-			return set_err(err, errlen, -EINVAL,
-				       "GPU model: layer %u has a matrix of the wrong shape", l);
-	}
-	if (g->embed.cols != d->dim || g->embed.rows != d->n_vocab ||
-	    g->output.cols != d->dim || g->output.rows != d->n_vocab)
-		return set_err(err, errlen, -EINVAL,
-			       "GPU model: embedding or output of the wrong shape");
-	return 0;
-}
 
 /* ---------------------------------------------------------------- ctx */
 
@@ -1192,6 +502,7 @@ struct kvq_gpu_ctx {
 	void *ws;
 	size_t ws_bytes;
 	float *aws;		/* split attention partials */
+	size_t aws_bytes;
 	bool fast_decode;	/* the split-KV kernel serves every layer */
 	stage_layout sl;
 	uint8_t *hstage, *dstage;
@@ -1355,11 +666,11 @@ extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 				       "the GPU KV append cannot quantize heads of %u channels",
 				       md->head_dim);
 	}
-	if ((md->head_dim & (md->head_dim - 1)) || md->head_dim < 8 ||
-	    md->head_dim > ATT_MAXD || G > (md->head_dim == 256 ? 8 : ATT_MAXG))
+	if (!kvq_gpu_attn_split_workspace_bytes(1, md->n_heads, md->n_kv_heads,
+						md->head_dim))
 		return set_err(err, errlen, -EOPNOTSUPP,
-			       "the GPU backend supports head_dim 8 to %d (a power of two) and up to %d query heads per KV head (model: %u, %u)",
-			       ATT_MAXD, ATT_MAXG, md->head_dim, G);
+			       "the GPU backend supports head_dim 8 to 256 (a power of two) and up to 16 query heads per KV head, 8 at 256 (model: %u, %u)",
+			       md->head_dim, G);
 	c = (struct kvq_gpu_ctx *)calloc(1, sizeof(*c));
 	if (!c)
 		return set_err(err, errlen, -ENOMEM, "out of memory");
@@ -1472,19 +783,14 @@ extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 		c->bytes += c->ws_bytes;
 	}
 	c->stats.decode_kernel = c->fast_decode;
-	{
-		size_t units = (size_t)B * md->n_kv_heads;
-		size_t nb;
-
-		if (units < ATT_MAX_BLOCKS)
-			units = ATT_MAX_BLOCKS;
-		nb = units * G * (md->head_dim + 2) * sizeof(float);
-		ret = dalloc((void **)&c->aws, nb, "attention partials", err,
-			     errlen);
-		if (ret)
-			goto fail;
-		c->bytes += nb;
-	}
+	c->aws_bytes = kvq_gpu_attn_split_workspace_bytes(B, md->n_heads,
+							  md->n_kv_heads,
+							  md->head_dim);
+	ret = dalloc((void **)&c->aws, c->aws_bytes, "attention partials", err,
+		     errlen);
+	if (ret)
+		goto fail;
+	c->bytes += c->aws_bytes;
 	sl = &c->sl;
 	sl->tokens = 0;
 	sl->pos = al256(sl->tokens + (size_t)B * 4);
@@ -1640,74 +946,6 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	return 0;
 }
 
-template <int D>
-static void attn_go(const attp &p, dim3 grid, uint32_t G, cudaStream_t st)
-{
-	if (G <= 4)
-		attn_split_kernel<D, 4><<<grid, 128, 0, st>>>(p);
-	else if (G <= 8 || D == 256)
-		attn_split_kernel<D, 8><<<grid, 128, 0, st>>>(p);
-	else
-		attn_split_kernel<D, (D == 256 ? 8 : 16)><<<grid, 128, 0, st>>>(p);
-}
-
-/* Split-KV attention of every row of the step over layer @l's pages. */
-static int attn_launch(struct kvq_gpu_ctx *c, uint32_t l, uint32_t T,
-		       uint32_t bucket, const int32_t *row_seq,
-		       const int32_t *pos, const int32_t *bt,
-		       uint16_t *const *lsink)
-{
-	const struct kvq_gpu_model_desc *md = &c->g->d;
-	uint32_t D = md->head_dim, G = md->n_heads / md->n_kv_heads;
-	uint32_t S = (bucket + ATT_SPLIT_TOK - 1) / ATT_SPLIT_TOK;
-	uint32_t cap = ATT_MAX_BLOCKS / (T * md->n_kv_heads);
-	attp p;
-
-	if (S > cap)
-		S = cap;
-	if (S > ATT_MAX_SPLITS)
-		S = ATT_MAX_SPLITS;
-	if (S < 1)
-		S = 1;
-	p.q = c->qb;
-	p.qs = c->qs;
-	p.out = c->att;
-	p.os = c->as;
-	p.k.pages = c->kpages[l];
-	p.k.page_bytes = c->kpb[l];
-	p.k.type = c->type_k[l];
-	p.v.pages = c->vpages[l];
-	p.v.page_bytes = c->vpb[l];
-	p.v.type = c->type_v[l];
-	p.row_seq = row_seq;
-	p.pos = pos;
-	p.bt = bt;
-	p.bt_stride = c->d.bt_stride;
-	p.sink = lsink;
-	p.n_sink = c->d.n_sink;
-	p.nh = md->n_heads;
-	p.nkv = md->n_kv_heads;
-	p.P = c->d.page_tokens;
-	p.G = G;
-	p.group = D < 32 ? D : 32;
-	p.scale = 1.4426950408889634f / sqrtf((float)D);
-	p.n_splits = S;
-	p.ws = c->aws;
-	dim3 grid(S, md->n_kv_heads, T);
-
-	switch (D) {
-	case 8: attn_go<8>(p, grid, G, c->st); break;
-	case 16: attn_go<16>(p, grid, G, c->st); break;
-	case 32: attn_go<32>(p, grid, G, c->st); break;
-	case 64: attn_go<64>(p, grid, G, c->st); break;
-	case 128: attn_go<128>(p, grid, G, c->st); break;
-	default: attn_go<256>(p, grid, G, c->st); break;
-	}
-	if (S > 1)
-		attn_merge_kernel<<<dim3(T, md->n_heads), 256, 0, c->st>>>(p, D);
-	return 0;
-}
-
 /* Every kernel of one step, on c->st (captured into a graph or not). */
 static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		       uint32_t n_out, bool decode, uint32_t bucket)
@@ -1798,8 +1036,34 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 			if (ret)
 				return ret;
 		} else {
-			ret = attn_launch(c, l, T, bucket, row_seq, pos, bt,
-					  lsink);
+			struct kvq_gpu_split_args sa;
+
+			memset(&sa, 0, sizeof(sa));
+			sa.q = c->qb;
+			sa.q_stride = c->qs;
+			sa.out = c->att;
+			sa.out_stride = c->as;
+			sa.k_pages = c->kpages[l];
+			sa.v_pages = c->vpages[l];
+			sa.k_page_bytes = c->kpb[l];
+			sa.v_page_bytes = c->vpb[l];
+			sa.k_type = c->type_k[l];
+			sa.v_type = c->type_v[l];
+			sa.row_seq = row_seq;
+			sa.row_pos = pos;
+			sa.block_table = bt;
+			sa.bt_stride = c->d.bt_stride;
+			sa.sink = lsink;
+			sa.n_sink = c->d.n_sink;
+			sa.n_rows = T;
+			sa.n_q_heads = md->n_heads;
+			sa.n_kv_heads = md->n_kv_heads;
+			sa.head_dim = md->head_dim;
+			sa.page_tokens = c->d.page_tokens;
+			sa.max_len = bucket;
+			sa.workspace = c->aws;
+			sa.workspace_bytes = c->aws_bytes;
+			ret = kvq_gpu_attn_split(&sa, c->st);
 			if (ret)
 				return ret;
 		}

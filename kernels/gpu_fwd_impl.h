@@ -1,0 +1,79 @@
+/*
+ * gpu_fwd_impl.h - what kernels/gpu_fwd.cu (the step) and
+ * kernels/gpu_model.cu (the weights) share: a device weight matrix, the
+ * model, and two host helpers.  Compiled by nvcc or hipcc only; the rest
+ * of kvqd sees kernels/gpu_fwd.h.
+ */
+#ifndef KVQ_GPU_FWD_IMPL_H
+#define KVQ_GPU_FWD_IMPL_H
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "kernels/gpu_compat.h"
+#include "kernels/gpu_fwd.h"
+
+/* Rows of f16/f32 matrices and activations are padded to this. */
+static __host__ __device__ inline uint32_t pad32(uint32_t n)
+{
+	return (n + 31) & ~31u;
+}
+
+/* A weight matrix in device memory (formats: kernels/gpu_fwd.h). */
+struct dmat {
+	int type;		/* enum kvq_gpu_wtype */
+	uint32_t rows, cols, ld;	/* ld: elements a row (F16) */
+	void *d;
+	__half *s;
+	size_t bytes;
+};
+
+struct kvq_gpu_model {
+	struct kvq_gpu_model_desc d;
+	dmat *m;		/* [n_layers][KVQ_GPU_M_NLAYER] */
+	dmat embed, output;
+	bool tied;
+	float **v;		/* [n_layers][KVQ_GPU_V_NLAYER] */
+	float *out_norm;
+	uint64_t bytes;
+};
+
+static inline int set_err(char *err, size_t errlen, int ret,
+			  const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+
+static inline int set_err(char *err, size_t errlen, int ret,
+			  const char *fmt, ...)
+{
+	va_list ap;
+
+	if (err && errlen) {
+		va_start(ap, fmt);
+		vsnprintf(err, errlen, fmt, ap);
+		va_end(ap);
+	}
+	return ret;
+}
+
+/* cudaMalloc with a message naming what and how much when it fails. */
+static inline int dalloc(void **p, size_t n, const char *what, char *err,
+			 size_t errlen)
+{
+	size_t fr = 0, tot = 0;
+
+	*p = nullptr;
+	if (!n)
+		n = 16;
+	if (cudaMalloc(p, n) == cudaSuccess)
+		return 0;
+	cudaGetLastError();
+	cudaMemGetInfo(&fr, &tot);
+	*p = nullptr;
+	return set_err(err, errlen, -ENOMEM,
+		       "cannot allocate %.1f MiB of device memory for %s (%.1f MiB free of %.1f MiB)",
+		       n / 1048576.0, what, fr / 1048576.0, tot / 1048576.0);
+}
+
+#endif /* KVQ_GPU_FWD_IMPL_H */
