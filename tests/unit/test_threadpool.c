@@ -207,6 +207,42 @@ static void nop(void *ctx, int i, int n)
 {
 }
 
+struct who {
+	pthread_t caller;
+	atomic_int on_caller;	/* parts other than 0 the caller ran */
+};
+
+static void who_part(void *ctx, int i, int n)
+{
+	struct who *w = ctx;
+
+	if (i && pthread_equal(pthread_self(), w->caller))
+		atomic_fetch_add(&w->on_caller, 1);
+}
+
+/*
+ * Parts are claimed, not assigned: with the workers asleep (a pause longer
+ * than their spin), a worker needs a wake-up before it can take its part,
+ * and the caller, done with part 0, takes the next one itself instead of
+ * waiting -- as it does for a worker the system has descheduled.  With
+ * parts bound to threads the caller never runs part 1.
+ */
+static void test_caller_takes_late_parts(void)
+{
+	struct kvq_pool *p = kvq_pool_create(2);
+	struct who w = { .caller = pthread_self() };
+	int i;
+
+	for (i = 0; i < 20; i++) {
+		usleep(2000);
+		kvq_pool_run(p, who_part, &w);
+	}
+	tap_ok(atomic_load(&w.on_caller) > 0,
+	       "pool_run_caller_takes_a_sleeping_workers_part (%d of 20 runs)",
+	       atomic_load(&w.on_caller));
+	kvq_pool_destroy(p);
+}
+
 static double now_s(void)
 {
 	struct timespec ts;
@@ -239,6 +275,7 @@ int main(void)
 	test_null_pool();
 	test_create_destroy();
 	test_two_callers();
+	test_caller_takes_late_parts();
 	report_latency();
 	return tap_done();
 }
