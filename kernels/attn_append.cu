@@ -150,6 +150,7 @@ __global__ void __launch_bounds__(NWA * 32) append_kernel(aparams p)
 	uint16_t *sink = p.sink ? p.sink[seq] : nullptr;
 	size_t kvd = (size_t)p.hk * p.d;
 
+	kvq_pdl_trigger();	/* attention may start: it waits for this */
 	/* One warp per (KV head, K or V) of the row. */
 	for (int hh = blockIdx.y * NWA + w; hh < 2 * p.hk;
 	     hh += NWA * gridDim.y) {

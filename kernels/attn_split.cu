@@ -7,17 +7,20 @@
  * tensor-core products but only for head_dim 128; models with other head
  * sizes (64 in most 1B models, 32 in the bundled one, 8 in stories260K)
  * and prompts (several rows of one sequence, each causal) need a kernel
- * that takes any shape.  This one works on CUDA cores: lane j of a warp
- * scores position t0 + j of a 32-position chunk against every query head
- * of its KV head, the chunk's probabilities pass lane to lane while each
- * lane accumulates its channel pairs of V, and the online softmax runs in
- * f32 (base 2).  Blocks take slices of a row's positions (splits); a
- * second kernel merges the slices.  The plain-C twin is kvq_kv_attend().
+ * that takes any shape.  This one works on CUDA cores: a position's head
+ * row is read by D/8 lanes, eight channels (one load) each, every query
+ * head of the KV head is scored against it (GQA: each page is read once
+ * per block), partial scores meet by a butterfly, and the online softmax
+ * runs in f32 (base 2).  Blocks take slices of a row's positions
+ * (splits); a second kernel merges the slices.  The plain-C twin is
+ * kvq_kv_attend().
  */
 #include <errno.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "kernels/gpu_compat.h"
 #include "kernels/attn.h"
@@ -27,7 +30,7 @@ namespace {
 
 constexpr int ATT_MAXD = 256;	/* head sizes 8..256, powers of two */
 constexpr int ATT_MAXG = 16;	/* query heads per KV head (8 at 256) */
-constexpr int ATT_SPLIT_TOK = 128;	/* positions per split, about */
+constexpr int ATT_HC = 8;	/* query heads one block serves, at most */
 constexpr int ATT_MAX_SPLITS = 128;
 constexpr int ATT_MAX_BLOCKS = 8192;	/* split blocks of one launch, about */
 
@@ -48,331 +51,411 @@ struct attp {
 	uint16_t *const *sink;	/* per batch entry, this layer's copies */
 	uint32_t n_sink;
 	uint32_t nh, nkv, P, G, group;
+	uint32_t n_hc;		/* blocks of ATT_HC query heads per KV head */
+	int pshift;		/* log2(P) when P is a power of two, else -1 */
+	int pdl;		/* launched as a programmatic dependent */
 	float scale;		/* softmax scale times log2(e) */
 	uint32_t n_splits;
 	float *ws;		/* partial results when n_splits > 1 */
 };
 
-/* Page base and row of position @t of batch entry @b's head @h. */
-__device__ __forceinline__ const uint8_t *kv_row(const attp &p, const kvhalf &k,
-						 uint32_t b, uint32_t t,
-						 uint32_t h, size_t *r)
-{
-	int32_t pg = p.bt[(size_t)b * p.bt_stride + t / p.P];
-
-	*r = (size_t)h * p.P + t % p.P;
-	return k.pages + (size_t)pg * k.page_bytes;
-}
-
-/* The f16 sink copy of position @t (a quantized half), or NULL. */
-__device__ __forceinline__ const __half *kv_sink(const attp &p, int type,
-						 int half, uint32_t b,
-						 uint32_t t, uint32_t h,
-						 uint32_t D)
-{
-	if (t >= p.n_sink || type < KVQ_KV_Q8 || !p.sink || !p.sink[b])
-		return nullptr;
-	return (const __half *)p.sink[b] +
-	       ((size_t)half * p.n_sink + t) * p.nkv * D + (size_t)h * D;
-}
-
-/* Channels c, c+1 of a row (c even) of a page of type T, dequantized. */
-template <int D, int T>
-__device__ __forceinline__ float2 kv_pair(const uint8_t *base, size_t r,
-					  uint32_t c, uint32_t HP,
-					  uint32_t group)
-{
-	if (T == KVQ_KV_F32)
-		return *(const float2 *)((const float *)base + r * D + c);
-	if (T == KVQ_KV_F16)
-		return __half22float2(*(const __half2 *)((const __half *)base +
-							 r * D + c));
-	if (T == KVQ_KV_Q8) {
-		const __half *sc = (const __half *)(base + (size_t)HP * D);
-		float d = __half2float(sc[r * (D / group) + c / group]);
-		char2 q = *(const char2 *)(base + r * D + c);
-
-		return make_float2((float)q.x * d, (float)q.y * d);
-	}
-	const __half *sc = (const __half *)(base + (size_t)HP * D / 2);
-	float d = __half2float(sc[r * (D / group) + c / group]);
-	uint8_t q = base[r * (D / 2) + c / 2];
-
-	return make_float2((float)((q & 15) - 8) * d,
-			   (float)((q >> 4) - 8) * d);
-}
-
 /*
- * Scores of this lane's position (row @r of page @base, or the f16 sink
- * copy @sk) against the query heads in qsm, read a 32-bit word at a time.
+ * Eight channels of one row as loaded: up to 32 bytes (f32 uses all of
+ * them, f16 the first 16, q8 8, q4 4) and the row's scale for them.
  */
-template <int D, int MG, int T>
-__device__ __forceinline__ void k_score(const uint8_t *base, size_t r,
-					const __half *sk, uint32_t HP,
-					uint32_t group, const float (*qsm)[D],
-					uint32_t G, float s[MG])
-{
-	if (sk || T == KVQ_KV_F16) {
-		const __half2 *row = sk ? (const __half2 *)sk :
-				     (const __half2 *)((const __half *)base + r * D);
+struct raw8 {
+	uint4 a, b;
+	unsigned short s;
+	bool sink;		/* the f16 sink copy, whatever the page type */
+};
 
-		for (uint32_t c = 0; c < D; c += 2) {
-			float2 k = __half22float2(row[c / 2]);
+/* Loads channels c0..c0+7 of row @r of the page at @base (type @T); a
+ * scale group is 32 channels, or the head when it is smaller. */
+template <int D>
+__device__ __forceinline__ void load8(int T, const uint8_t *base, uint32_t r,
+				      uint32_t c0, uint32_t HP, raw8 *x)
+{
+	constexpr uint32_t GR = D < 32 ? D : 32, NG = D / GR;
+
+	x->sink = false;
+	if (T == KVQ_KV_F32) {
+		const uint4 *p = (const uint4 *)((const float *)base +
+						 (size_t)r * D + c0);
+
+		x->a = p[0];
+		x->b = p[1];
+	} else if (T == KVQ_KV_F16) {
+		x->a = *(const uint4 *)((const __half *)base + (size_t)r * D + c0);
+	} else if (T == KVQ_KV_Q8) {
+		uint2 u = *(const uint2 *)(base + (size_t)r * D + c0);
+
+		x->a.x = u.x;
+		x->a.y = u.y;
+		x->s = ((const unsigned short *)(base + (size_t)HP * D))
+			[(size_t)r * NG + c0 / GR];
+	} else {
+		x->a.x = *(const uint32_t *)(base + (size_t)r * (D / 2) + c0 / 2);
+		x->s = ((const unsigned short *)(base + (size_t)HP * D / 2))
+			[(size_t)r * NG + c0 / GR];
+	}
+}
+
+/* The loaded channels as floats (codes, not yet scaled, for q8 and q4);
+ * returns the scale that multiplies them. */
+__device__ __forceinline__ float cvt8(int T, const raw8 &x, float f[8])
+{
+	if (x.sink || T == KVQ_KV_F16) {
+		const __half2 *h = reinterpret_cast<const __half2 *>(&x.a);
+
 #pragma unroll
-			for (int g = 0; g < MG; g++)
-				if (g < (int)G)
-					s[g] += qsm[g][c] * k.x + qsm[g][c + 1] * k.y;
+		for (int i = 0; i < 4; i++) {
+			float2 v = __half22float2(h[i]);
+
+			f[2 * i] = v.x;
+			f[2 * i + 1] = v.y;
 		}
-		return;
+		return 1.0f;
 	}
 	if (T == KVQ_KV_F32) {
-		const float *row = (const float *)base + r * D;
-
-		for (uint32_t c = 0; c < D; c++) {
-			float k = row[c];
-#pragma unroll
-			for (int g = 0; g < MG; g++)
-				if (g < (int)G)
-					s[g] += qsm[g][c] * k;
-		}
-		return;
+		f[0] = __uint_as_float(x.a.x);
+		f[1] = __uint_as_float(x.a.y);
+		f[2] = __uint_as_float(x.a.z);
+		f[3] = __uint_as_float(x.a.w);
+		f[4] = __uint_as_float(x.b.x);
+		f[5] = __uint_as_float(x.b.y);
+		f[6] = __uint_as_float(x.b.z);
+		f[7] = __uint_as_float(x.b.w);
+		return 1.0f;
 	}
-	const __half *sc = (const __half *)(base + (size_t)HP *
-					    (T == KVQ_KV_Q8 ? D : D / 2)) +
-			   r * (D / group);
+	float d = __half2float(__ushort_as_half(x.s));
+
+	/* Codes enter the mantissa of 2^23 (exact), the bias comes off in
+	 * one exact subtraction: no integer-to-float conversions. */
 	if (T == KVQ_KV_Q8) {
-		const uint32_t *row = (const uint32_t *)(base + r * D);
+#pragma unroll
+		for (int i = 0; i < 4; i++) {
+			f[i] = __uint_as_float(0x4b000000u |
+					       (((x.a.x >> (8 * i)) & 255u) ^ 128u)) -
+			       8388736.0f;
+			f[4 + i] = __uint_as_float(0x4b000000u |
+						   (((x.a.y >> (8 * i)) & 255u) ^ 128u)) -
+				   8388736.0f;
+		}
+		return d;
+	}
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+		f[i] = __uint_as_float(0x4b000000u | ((x.a.x >> (4 * i)) & 15u)) -
+		       8388616.0f;
+	return d;
+}
 
-		for (uint32_t w = 0; w < D / 4; w++) {
-			uint32_t u = row[w];
-			float d = __half2float(sc[4 * w / group]);
-			float k0 = (float)(int8_t)(u & 255) * d;
-			float k1 = (float)(int8_t)((u >> 8) & 255) * d;
-			float k2 = (float)(int8_t)((u >> 16) & 255) * d;
-			float k3 = (float)(int8_t)(u >> 24) * d;
+/* Bytes one lane loads per position for a page type (-1: any, 32). */
+constexpr __host__ __device__ int lane_bytes(int t)
+{
+	return t == KVQ_KV_Q4 ? 4 : t == KVQ_KV_Q8 ? 8 : t == KVQ_KV_F16 ? 16 : 32;
+}
+
+/* Steps of a chunk: about 64 bytes of K and V loads in flight per lane. */
+template <int KT, int VT> constexpr __host__ __device__ int steps()
+{
+	return 64 / (lane_bytes(KT) + lane_bytes(VT)) < 2 ? 2 :
+	       64 / (lane_bytes(KT) + lane_bytes(VT)) > 6 ? 6 :
+	       64 / (lane_bytes(KT) + lane_bytes(VT));
+}
+
+/* Row and scale bytes of one head row of a page type. */
+__device__ __forceinline__ uint32_t row_bytes(int t, uint32_t D)
+{
+	return t == KVQ_KV_F32 ? 4 * D : t == KVQ_KV_F16 ? 2 * D :
+	       t == KVQ_KV_Q8 ? D : D / 2;
+}
+
+/* Asks L2 for [p, p + n), the 16-byte-aligned part of it. */
+__device__ __forceinline__ void l2_range(const uint8_t *p, size_t n)
+{
+	uintptr_t a = ((uintptr_t)p + 15) & ~(uintptr_t)15;
+	uintptr_t e = ((uintptr_t)p + n) & ~(uintptr_t)15;
+
+	if (e > a)
+		kvq_prefetch_l2((const void *)a, (unsigned)(e - a));
+}
+
+/* One KV head's rows (and scales) of page @pg of a pool, into L2. */
+__device__ __forceinline__ void l2_page(const kvhalf &k, size_t pg,
+					uint32_t kh, uint32_t P, uint32_t HP,
+					uint32_t D, uint32_t group)
+{
+	const uint8_t *base = k.pages + pg * k.page_bytes;
+	uint32_t rb = row_bytes(k.type, D);
+
+	l2_range(base + (size_t)kh * P * rb, (size_t)P * rb);
+	if (k.type >= KVQ_KV_Q8) {
+		uint32_t sb = D / group * 2;
+
+		l2_range(base + (size_t)HP * rb + (size_t)kh * P * sb,
+			 (size_t)P * sb);
+	}
+}
+
+/*
+ * One chunk of a warp: U steps of PP positions from t0 (below a1), each
+ * position's row read by L lanes (this lane: channels c0..c0+7, position
+ * gi of a step).  SINK: the positions are sink tokens, read from the f16
+ * copies of the quantized halves.
+ */
+template <int D, int MG, int U, bool SINK>
+__device__ __forceinline__ void chunk(const attp &p, int kt, int vt,
+				      uint32_t t0, uint32_t a1, uint32_t gi,
+				      uint32_t c0, uint32_t kh,
+				      const int32_t *bt, const __half *sinkb,
+				      const float (&qf)[MG][8], float (&m)[MG],
+				      float (&l)[MG], float (&acc)[MG][8])
+{
+	constexpr int L = D / 8, PP = 32 / L;
+	uint32_t HP = p.nkv * p.P;
+	bool ksq = kt >= KVQ_KV_Q8, vsq = vt >= KVQ_KV_Q8;
+	raw8 rk[U], rv[U];
+
+#pragma unroll
+	for (int u = 0; u < U; u++) {
+		uint32_t t = t0 + u * PP + gi;
+
+		rk[u].a = rv[u].a = make_uint4(0, 0, 0, 0);
+		rk[u].b = rv[u].b = make_uint4(0, 0, 0, 0);
+		rk[u].s = rv[u].s = 0;
+		rk[u].sink = rv[u].sink = false;
+		if (t >= a1)
+			continue;
+		uint32_t pi = p.pshift >= 0 ? t >> p.pshift : t / p.P;
+		size_t pg = (size_t)bt[pi];
+		const uint8_t *kb = p.k.pages + pg * p.k.page_bytes;
+		const uint8_t *vb = p.v.pages + pg * p.v.page_bytes;
+		uint32_t r = kh * p.P + (t - pi * p.P);
+
+		if (SINK && ksq) {
+			rk[u].a = *(const uint4 *)(sinkb +
+				((size_t)t * p.nkv + kh) * D + c0);
+			rk[u].sink = true;
+		} else {
+			load8<D>(kt, kb, r, c0, HP, &rk[u]);
+		}
+		if (SINK && vsq) {
+			rv[u].a = *(const uint4 *)(sinkb +
+				((size_t)(p.n_sink + t) * p.nkv + kh) * D + c0);
+			rv[u].sink = true;
+		} else {
+			load8<D>(vt, vb, r, c0, HP, &rv[u]);
+		}
+	}
+	/* Scores of the chunk's positions (summed over each one's L
+	 * lanes), all independent; then one rescale per chunk. */
+	float s[U][MG];
+
+#pragma unroll
+	for (int u = 0; u < U; u++) {
+		float kf[8], d = cvt8(SINK && ksq ? (int)KVQ_KV_F16 : kt, rk[u], kf);
+		bool ok = t0 + u * PP + gi < a1;
+
+#pragma unroll
+		for (int g = 0; g < MG; g++) {
+			float x = 0.0f;
+
+#pragma unroll
+			for (int j = 0; j < 8; j++)
+				x = fmaf(qf[g][j], kf[j], x);
+			s[u][g] = ok ? x * d : -INFINITY;
+		}
+	}
+#pragma unroll
+	for (int o = 1; o < L; o <<= 1)
+#pragma unroll
+		for (int u = 0; u < U; u++)
 #pragma unroll
 			for (int g = 0; g < MG; g++)
-				if (g < (int)G)
-					s[g] += qsm[g][4 * w] * k0 +
-						qsm[g][4 * w + 1] * k1 +
-						qsm[g][4 * w + 2] * k2 +
-						qsm[g][4 * w + 3] * k3;
-		}
-		return;
-	}
-	const uint32_t *row = (const uint32_t *)(base + r * (D / 2));
-
-	for (uint32_t w = 0; w < D / 8; w++) {
-		uint32_t u = row[w];
-		float d = __half2float(sc[8 * w / group]);
-		float k[8];
-
-		for (int i = 0; i < 8; i++)
-			k[i] = (float)((int)((u >> (4 * i)) & 15) - 8) * d;
+				s[u][g] += kvq_shfl_xor_f32(s[u][g], o);
 #pragma unroll
-		for (int g = 0; g < MG; g++)
-			if (g < (int)G) {
-				float a = 0.0f;
+	for (int g = 0; g < MG; g++) {
+		float mx = s[0][g];
 
-				for (int i = 0; i < 8; i++)
-					a += qsm[g][8 * w + i] * k[i];
-				s[g] += a;
-			}
+#pragma unroll
+		for (int u = 1; u < U; u++)
+			mx = fmaxf(mx, s[u][g]);
+		float mn = fmaxf(m[g], mx);
+		float corr = mn == -INFINITY ? 1.0f : exp2f(m[g] - mn);
+
+		m[g] = mn;
+		l[g] *= corr;
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+			acc[g][j] *= corr;
+#pragma unroll
+		for (int u = 0; u < U; u++) {
+			float pr = mn == -INFINITY ? 0.0f : exp2f(s[u][g] - mn);
+
+			l[g] += pr;
+			s[u][g] = pr;
+		}
+	}
+#pragma unroll
+	for (int u = 0; u < U; u++) {
+		float vf[8], d = cvt8(SINK && vsq ? (int)KVQ_KV_F16 : vt, rv[u], vf);
+
+#pragma unroll
+		for (int g = 0; g < MG; g++) {
+			float pd = s[u][g] * d;
+
+#pragma unroll
+			for (int j = 0; j < 8; j++)
+				acc[g][j] = fmaf(pd, vf[j], acc[g][j]);
+		}
 	}
 }
 
 /*
- * Adds the chunk's @cnt positions, p[g] (lane j holds position j's) times
- * V, into this lane's channel pairs.  Each lane located its own position's
- * row beforehand (@vb, @vr, or the sink copy @vs); here they pass lane to
- * lane, so the loads of consecutive positions do not wait on each other.
+ * Split-KV attention: block (split, KV head and head block, row) covers
+ * one slice of the row's positions [0, pos] for up to MG query heads of
+ * that KV head.  A position's head row is read by L = D/8 lanes, eight
+ * channels each (one 4-, 8-, 16- or 32-byte load), so a warp takes 32/L
+ * positions at a time and U such steps per chunk, every load of a chunk
+ * issued before the first is used.  Each lane keeps its query channels in
+ * registers; partial scores meet by a butterfly over the L lanes, and
+ * each group of L lanes runs its own online softmax (f32, base 2) over
+ * its positions, adding p * V into its eight channels.  Groups and warps
+ * merge at the end, splits in attn_merge_kernel.
  */
-template <int D, int MG, int T, int NP>
-__device__ __forceinline__ void v_accum(const uint8_t *vb, uint32_t vr,
-					const __half *vs, uint32_t HP,
-					uint32_t group, uint32_t lane,
-					const float s[MG], uint32_t cnt,
-					uint32_t G, float acc[MG][NP][2])
+template <int D, int MG, int KT, int VT>
+__global__ void __launch_bounds__(128, KT < 0 ? 1 : MG <= 4 ? 3 : 2)
+attn_split_kernel(attp p)
 {
-#pragma unroll 8
-	for (uint32_t j = 0; j < cnt; j++) {
-		const uint8_t *base = (const uint8_t *)kvq_shfl_ptr(vb, j);
-		const __half *sv = (const __half *)kvq_shfl_ptr(vs, j);
-		uint32_t r = kvq_shfl_u32(vr, j);
-		float pj[MG];
-
-#pragma unroll
-		for (int g = 0; g < MG; g++)
-			pj[g] = kvq_shfl_f32(s[g], j);
-#pragma unroll
-		for (int i = 0; i < NP; i++) {
-			uint32_t pi = lane + 32 * i;
-
-			if (pi >= D / 2)
-				break;
-			float2 v = sv ? __half22float2(*(const __half2 *)(sv + 2 * pi)) :
-				   kv_pair<D, T>(base, r, 2 * pi, HP, group);
-#pragma unroll
-			for (int g = 0; g < MG; g++) {
-				acc[g][i][0] += pj[g] * v.x;
-				acc[g][i][1] += pj[g] * v.y;
-			}
-		}
-	}
-	(void)G;
-}
-
-/*
- * Split-KV attention: block (split, KV head, row) covers one slice of the
- * row's positions [0, pos] for the query heads of that KV head.  Lane j of
- * a warp scores position t0 + j of a 32-position chunk; the chunk's
- * probabilities then go lane to lane while each lane accumulates its
- * channel pairs of V.  Online softmax in f32 (base 2); warps merge in
- * shared memory, splits in attn_merge_kernel.
- */
-template <int D, int MG>
-__global__ void __launch_bounds__(128) attn_split_kernel(attp p)
-{
-	constexpr int NP = (D / 2 + 31) / 32;	/* channel pairs per lane */
-	__shared__ float qsm[MG][D];
+	constexpr int L = D / 8;		/* lanes per position */
+	constexpr int PP = 32 / L;		/* positions per step */
+	constexpr int U = steps<KT, VT>();	/* steps per chunk */
+	constexpr int CH = U * PP;		/* positions per chunk */
+	const int kt = KT >= 0 ? KT : p.k.type, vt = VT >= 0 ? VT : p.v.type;
 	__shared__ float wm[4][MG], wl[4][MG];
 	__shared__ float wo[4][MG][D];
-	uint32_t split = blockIdx.x, kh = blockIdx.y, row = blockIdx.z;
-	uint32_t G = p.G, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+	uint32_t split = blockIdx.x, row = blockIdx.z;
+	uint32_t kh = blockIdx.y / p.n_hc, hc = blockIdx.y % p.n_hc;
+	uint32_t tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+	uint32_t gi = lane / L, ci = lane % L, c0 = 8 * ci;
+	uint32_t Gc = min((uint32_t)MG, p.G - hc * MG);
 	uint32_t b = (uint32_t)p.row_seq[row];
 	uint32_t n = (uint32_t)p.pos[row] + 1;
-	uint32_t span = ((n + p.n_splits - 1) / p.n_splits + 31) & ~31u;
+	uint32_t span = ((n + p.n_splits - 1) / p.n_splits + 15) & ~15u;
 	uint32_t a0 = split * span, a1 = min(n, a0 + span);
-	uint32_t HP = p.nkv * p.P;
-	float m[MG], l[MG], acc[MG][NP][2];
+	uint32_t HP = p.nkv * p.P, h0 = kh * p.G + hc * MG;
+	const int32_t *bt = p.bt + (size_t)b * p.bt_stride;
+	const __half *sinkb = p.sink && p.sink[b] ?
+			      (const __half *)p.sink[b] : nullptr;
+	bool ksq = kt >= KVQ_KV_Q8, vsq = vt >= KVQ_KV_Q8;
+	float qf[MG][8], m[MG], l[MG], acc[MG][8];
 
-	for (uint32_t i = tid; i < G * D; i += 128)
-		qsm[i / D][i % D] = p.q[(size_t)row * p.qs +
-					 ((size_t)kh * G + i / D) * D + i % D] *
-				    p.scale;
+	kvq_pdl_trigger();	/* the merge or the next product may start */
+	/* The block's pages stream into L2 while the append before ends
+	 * (the block table is the step's, copied before any kernel; the
+	 * new token's row, written by the append, is read after the wait). */
+	if (a1 > a0) {
+		uint32_t pg1 = (a1 - 1) / p.P + 1;
+
+		for (uint32_t i = a0 / p.P + tid; i < pg1; i += 128) {
+			size_t pg = (size_t)bt[i];
+
+			l2_page(p.k, pg, kh, p.P, HP, D, p.group);
+			l2_page(p.v, pg, kh, p.P, HP, D, p.group);
+		}
+	}
+	kvq_pdl_wait();
 #pragma unroll
 	for (int g = 0; g < MG; g++) {
 		m[g] = -INFINITY;
 		l[g] = 0.0f;
 #pragma unroll
-		for (int i = 0; i < NP; i++)
-			acc[g][i][0] = acc[g][i][1] = 0.0f;
-	}
-	__syncthreads();
-	for (uint32_t c0 = a0 + 32 * w; c0 < a1; c0 += 128) {
-		uint32_t t = c0 + lane;
-		bool valid = t < a1;
-		float s[MG];
-
-#pragma unroll
-		for (int g = 0; g < MG; g++)
-			s[g] = 0.0f;
-		const uint8_t *kb = nullptr, *vb = nullptr;
-		const __half *sk = nullptr, *vs = nullptr;
-		size_t kr = 0, vr = 0;
-
-		if (valid) {
-			sk = kv_sink(p, p.k.type, 0, b, t, kh, D);
-			vs = kv_sink(p, p.v.type, 1, b, t, kh, D);
-			kb = kv_row(p, p.k, b, t, kh, &kr);
-			vb = kv_row(p, p.v, b, t, kh, &vr);
-			switch (p.k.type) {
-			case KVQ_KV_F32:
-				k_score<D, MG, KVQ_KV_F32>(kb, kr, sk, HP, p.group, qsm, G, s);
-				break;
-			case KVQ_KV_F16:
-				k_score<D, MG, KVQ_KV_F16>(kb, kr, sk, HP, p.group, qsm, G, s);
-				break;
-			case KVQ_KV_Q8:
-				k_score<D, MG, KVQ_KV_Q8>(kb, kr, sk, HP, p.group, qsm, G, s);
-				break;
-			default:
-				k_score<D, MG, KVQ_KV_Q4>(kb, kr, sk, HP, p.group, qsm, G, s);
-				break;
-			}
+		for (int j = 0; j < 8; j++) {
+			acc[g][j] = 0.0f;
+			qf[g][j] = 0.0f;
 		}
-#pragma unroll
-		for (int g = 0; g < MG; g++) {
-			if (g >= (int)G)
-				break;
-			float v = valid ? s[g] : -INFINITY, mc = v;
+		if (g < (int)Gc) {
+			const float4 *qp = (const float4 *)(p.q + (size_t)row * p.qs +
+							    (size_t)(h0 + g) * D + c0);
+			float4 x = qp[0], y = qp[1];
 
-			for (int o = 16; o > 0; o >>= 1)
-				mc = fmaxf(mc, kvq_shfl_xor_f32(mc, o));
-			float mn = fmaxf(m[g], mc);
-			float corr = exp2f(m[g] - mn);
-			float pr = valid ? exp2f(v - mn) : 0.0f;
-
-			l[g] = l[g] * corr + pr;
-			m[g] = mn;
-#pragma unroll
-			for (int i = 0; i < NP; i++) {
-				acc[g][i][0] *= corr;
-				acc[g][i][1] *= corr;
-			}
-			s[g] = pr;
-		}
-		uint32_t cnt = min(32u, a1 - c0);
-
-		switch (p.v.type) {
-		case KVQ_KV_F32:
-			v_accum<D, MG, KVQ_KV_F32, NP>(vb, (uint32_t)vr, vs, HP, p.group, lane, s, cnt, G, acc);
-			break;
-		case KVQ_KV_F16:
-			v_accum<D, MG, KVQ_KV_F16, NP>(vb, (uint32_t)vr, vs, HP, p.group, lane, s, cnt, G, acc);
-			break;
-		case KVQ_KV_Q8:
-			v_accum<D, MG, KVQ_KV_Q8, NP>(vb, (uint32_t)vr, vs, HP, p.group, lane, s, cnt, G, acc);
-			break;
-		default:
-			v_accum<D, MG, KVQ_KV_Q4, NP>(vb, (uint32_t)vr, vs, HP, p.group, lane, s, cnt, G, acc);
-			break;
+			qf[g][0] = x.x * p.scale;
+			qf[g][1] = x.y * p.scale;
+			qf[g][2] = x.z * p.scale;
+			qf[g][3] = x.w * p.scale;
+			qf[g][4] = y.x * p.scale;
+			qf[g][5] = y.y * p.scale;
+			qf[g][6] = y.z * p.scale;
+			qf[g][7] = y.w * p.scale;
 		}
 	}
+	/* Sink tokens of quantized halves first (split 0, the first
+	 * chunk), then the pages. */
+	uint32_t ns = sinkb && (ksq || vsq) ? min(p.n_sink, a1) : 0;
+
+	for (uint32_t t0 = a0 + w * CH; t0 < ns; t0 += 4 * CH)
+		chunk<D, MG, U, true>(p, kt, vt, t0, ns, gi, c0, kh, bt, sinkb,
+				      qf, m, l, acc);
+	for (uint32_t t0 = max(a0, ns) + w * CH; t0 < a1; t0 += 4 * CH)
+		chunk<D, MG, U, false>(p, kt, vt, t0, a1, gi, c0, kh, bt,
+				       sinkb, qf, m, l, acc);
+	/* The warp's position groups merge into lanes 0..L-1. */
 #pragma unroll
 	for (int g = 0; g < MG; g++) {
-		if (g >= (int)G)
-			break;
-		float ls = kvq_warp_sum(l[g]);
+		float M = m[g];
 
-		if (lane == 0) {
-			wm[w][g] = m[g];
-			wl[w][g] = ls;
-		}
 #pragma unroll
-		for (int i = 0; i < NP; i++) {
-			uint32_t pi = lane + 32 * i;
+		for (int o = L; o < 32; o <<= 1)
+			M = fmaxf(M, kvq_shfl_xor_f32(M, o));
+		float e = M == -INFINITY ? 0.0f : exp2f(m[g] - M);
 
-			if (pi < D / 2) {
-				wo[w][g][2 * pi] = acc[g][i][0];
-				wo[w][g][2 * pi + 1] = acc[g][i][1];
+		l[g] *= e;
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+			acc[g][j] *= e;
+#pragma unroll
+		for (int o = L; o < 32; o <<= 1) {
+			l[g] += kvq_shfl_xor_f32(l[g], o);
+#pragma unroll
+			for (int j = 0; j < 8; j++)
+				acc[g][j] += kvq_shfl_xor_f32(acc[g][j], o);
+		}
+		if (lane < (uint32_t)L) {
+			if (lane == 0) {
+				wm[w][g] = M;
+				wl[w][g] = l[g];
 			}
+#pragma unroll
+			for (int j = 0; j < 8; j++)
+				wo[w][g][c0 + j] = acc[g][j];
 		}
 	}
 	__syncthreads();
-	for (uint32_t i = tid; i < G * D; i += 128) {
+	for (uint32_t i = tid; i < Gc * D; i += 128) {
 		uint32_t g = i / D, c = i % D;
 		float M = fmaxf(fmaxf(wm[0][g], wm[1][g]), fmaxf(wm[2][g], wm[3][g]));
-		float o = 0.0f, L = 0.0f;
+		float o = 0.0f, Ls = 0.0f;
 
 		if (M != -INFINITY) {
 			for (int x = 0; x < 4; x++) {
 				float e = exp2f(wm[x][g] - M);
 
 				o += e * wo[x][g][c];
-				L += e * wl[x][g];
+				Ls += e * wl[x][g];
 			}
 		}
 		if (p.n_splits == 1) {
-			p.out[(size_t)row * p.os + ((size_t)kh * G + g) * D + c] = o / L;
+			p.out[(size_t)row * p.os + (size_t)(h0 + g) * D + c] = o / Ls;
 		} else {
 			size_t u = ((size_t)row * p.nkv + kh) * p.n_splits + split;
-			float *ws = p.ws + u * G * (D + 2);
+			float *ws = p.ws + u * p.G * (D + 2) +
+				    (size_t)(hc * MG + g) * (D + 2);
 
-			ws[g * (D + 2) + 2 + c] = o;
+			ws[2 + c] = o;
 			if (c == 0) {
-				ws[g * (D + 2)] = M;
-				ws[g * (D + 2) + 1] = L;
+				ws[0] = M;
+				ws[1] = Ls;
 			}
 		}
 	}
@@ -392,6 +475,8 @@ __global__ void __launch_bounds__(256) attn_merge_kernel(attp p, uint32_t D)
 	uint32_t kh = h / G, g = h % G, S = p.n_splits, st = G * (D + 2);
 	const float *ws = p.ws + ((size_t)row * p.nkv + kh) * S * st + g * (D + 2);
 	float M = -INFINITY, L = 0.0f;
+
+	kvq_pdl_trigger();
 
 	for (uint32_t s = tid; s < S; s += 256)
 		M = fmaxf(M, ws[(size_t)s * st]);
@@ -441,27 +526,114 @@ __global__ void __launch_bounds__(256) attn_merge_kernel(attp p, uint32_t D)
 	/* D = 256 takes one part; its channels beyond 256 threads: none. */
 }
 
+/* Launches @k as a programmatic dependent of the kernel before it (the
+ * append): its prologue, which waits, overlaps that kernel's end. */
+void launch_pdl(void (*k)(attp), dim3 grid, const attp &p, cudaStream_t st)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	k<<<grid, 128, 0, st>>>(p);
+#else
+	cudaLaunchConfig_t cfg;
+	cudaLaunchAttribute at[1];
+
+	memset(&cfg, 0, sizeof(cfg));
+	cfg.gridDim = grid;
+	cfg.blockDim = dim3(128);
+	cfg.stream = st;
+	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+	at[0].val.programmaticStreamSerializationAllowed = 1;
+	cfg.attrs = at;
+	cfg.numAttrs = p.pdl ? 1 : 0;
+	cudaLaunchKernelEx(&cfg, k, p);
+#endif
+}
+
+template <int D, int MG>
+void attn_any(const attp &p, dim3 grid, cudaStream_t st)
+{
+	launch_pdl(attn_split_kernel<D, MG, -1, -1>, grid, p, st);
+}
+
+/* The common shapes (head_dim 64 and 128, 3 to 8 query heads per KV
+ * head, f16 and quantized pages) get kernels built for their page types;
+ * the rest take the page types at run time. */
+template <int D, int MG>
+void attn_typed(const attp &p, dim3 grid, cudaStream_t st)
+{
+#define ATT_KV(KT, VT) \
+	if (p.k.type == KT && p.v.type == VT) { \
+		launch_pdl(attn_split_kernel<D, MG, KT, VT>, grid, p, st); \
+		return; \
+	}
+	ATT_KV(KVQ_KV_Q4, KVQ_KV_Q4)
+	ATT_KV(KVQ_KV_Q8, KVQ_KV_Q4)
+	ATT_KV(KVQ_KV_Q8, KVQ_KV_Q8)
+	ATT_KV(KVQ_KV_F16, KVQ_KV_F16)
+	ATT_KV(KVQ_KV_Q4, KVQ_KV_Q8)
+	ATT_KV(KVQ_KV_F16, KVQ_KV_Q4)
+	ATT_KV(KVQ_KV_F16, KVQ_KV_Q8)
+	ATT_KV(KVQ_KV_Q4, KVQ_KV_F16)
+	ATT_KV(KVQ_KV_Q8, KVQ_KV_F16)
+#undef ATT_KV
+	attn_any<D, MG>(p, grid, st);
+}
+
+/* Head sizes without kernels built per page type. */
+template <int D, bool TYPED> struct attn_pick {
+	template <int MG> static void go(const attp &p, dim3 grid, cudaStream_t st)
+	{
+		attn_any<D, MG>(p, grid, st);
+	}
+};
+
+template <int D> struct attn_pick<D, true> {
+	template <int MG> static void go(const attp &p, dim3 grid, cudaStream_t st)
+	{
+		attn_typed<D, MG>(p, grid, st);
+	}
+};
+
 template <int D>
 void attn_go(const attp &p, dim3 grid, uint32_t G, cudaStream_t st)
 {
-	if (G <= 4)
-		attn_split_kernel<D, 4><<<grid, 128, 0, st>>>(p);
-	else if (G <= 8 || D == 256)
-		attn_split_kernel<D, 8><<<grid, 128, 0, st>>>(p);
+	typedef attn_pick<D, D == 64 || D == 128> pick;
+
+	if (G == 1)
+		attn_any<D, 1>(p, grid, st);
+	else if (G == 2)
+		attn_any<D, 2>(p, grid, st);
+	else if (G <= 4)
+		pick::template go<4>(p, grid, st);
 	else
-		attn_split_kernel<D, (D == 256 ? 8 : 16)><<<grid, 128, 0, st>>>(p);
+		pick::template go<ATT_HC>(p, grid, st);
 }
 
-/* Splits for @n_rows rows of @n_kv_heads heads up to @max_len positions. */
-uint32_t n_splits(uint32_t n_rows, uint32_t n_kv_heads, uint32_t max_len)
+/*
+ * Splits for @n_rows rows of @n_units KV heads (times head blocks) up to
+ * @max_len positions: about three blocks a multiprocessor in all (one
+ * wave at the typed kernels' occupancy), at least 64 positions a split.
+ */
+uint32_t n_splits(uint32_t n_rows, uint32_t n_units, uint32_t max_len)
 {
-	uint32_t s = (max_len + ATT_SPLIT_TOK - 1) / ATT_SPLIT_TOK;
-	uint32_t cap = ATT_MAX_BLOCKS / (n_rows * n_kv_heads);
+	static int sms;
+	uint32_t s, by_len = (max_len + 63) / 64;
 
-	if (s > cap)
-		s = cap;
+	if (!sms) {
+		int dev = 0, n = 0;
+
+		cudaGetDevice(&dev);
+		if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount,
+					   dev) != cudaSuccess || n <= 0)
+			n = 132;
+		sms = n;
+	}
+	s = (uint32_t)(3 * sms) / (n_rows * n_units);
+	if (s > by_len)
+		s = by_len;
 	if (s > ATT_MAX_SPLITS)
 		s = ATT_MAX_SPLITS;
+	if (s > ATT_MAX_BLOCKS / (n_rows * n_units))
+		s = ATT_MAX_BLOCKS / (n_rows * n_units);
 	return s < 1 ? 1 : s;
 }
 
@@ -507,7 +679,8 @@ extern "C" int kvq_gpu_attn_split(const struct kvq_gpu_split_args *a,
 	    a->k_type > KVQ_KV_Q4 || a->v_type < KVQ_KV_F32 ||
 	    a->v_type > KVQ_KV_Q4)
 		return -EOPNOTSUPP;
-	S = n_splits(a->n_rows, a->n_kv_heads, a->max_len);
+	S = n_splits(a->n_rows, a->n_kv_heads * (G <= 4 ? 1 :
+			(G + ATT_HC - 1) / ATT_HC), a->max_len);
 	if (S > 1 && a->workspace_bytes <
 	    (size_t)a->n_rows * a->n_kv_heads * S * G * (D + 2) * sizeof(float))
 		return -ENOSPC;
@@ -533,9 +706,13 @@ extern "C" int kvq_gpu_attn_split(const struct kvq_gpu_split_args *a,
 	p.G = G;
 	p.group = D < 32 ? D : 32;
 	p.scale = 1.4426950408889634f / sqrtf((float)D);
+	p.pdl = !getenv("KVQ_GPU_NO_PDL");
+	p.pshift = (a->page_tokens & (a->page_tokens - 1)) ? -1 :
+		   __builtin_ctz(a->page_tokens);
+	p.n_hc = G <= 4 ? 1 : (G + ATT_HC - 1) / ATT_HC;
 	p.n_splits = S;
 	p.ws = a->workspace;
-	dim3 grid(S, a->n_kv_heads, a->n_rows);
+	dim3 grid(S, a->n_kv_heads * p.n_hc, a->n_rows);
 
 	switch (D) {
 	case 8: attn_go<8>(p, grid, G, st); break;

@@ -36,6 +36,7 @@
 #define cudaGetLastError hipGetLastError
 #define cudaDeviceGetAttribute hipDeviceGetAttribute
 #define cudaDevAttrMultiProcessorCount hipDeviceAttributeMultiprocessorCount
+#define cudaDevAttrComputeCapabilityMajor hipDeviceAttributeComputeCapabilityMajor
 #define cudaFuncSetAttribute hipFuncSetAttribute
 #define cudaFuncAttributeMaxDynamicSharedMemorySize \
 	hipFuncAttributeMaxDynamicSharedMemorySize
@@ -389,6 +390,45 @@ static __device__ __forceinline__ void kvq_mma_f16_16816_c(float d[4],
 	    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]),
 	      "r"(b[0]), "r"(b[1]),
 	      "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+/*
+ * Programmatic dependent launch (sm_90): a kernel launched with the
+ * programmatic-serialization attribute may start while the kernel before
+ * it finishes.  kvq_pdl_trigger() lets the next kernel start (its blocks
+ * still wait); kvq_pdl_wait() blocks until every kernel before has
+ * finished and its writes are visible, and must come before any read of
+ * their results or write to their inputs.  Without the attribute, on
+ * older GPUs and on HIP, both do nothing.
+ */
+static __device__ __forceinline__ void kvq_pdl_wait(void)
+{
+#if !(defined(__HIPCC__) || defined(KVQ_HIP)) && defined(__CUDA_ARCH__) && \
+	__CUDA_ARCH__ >= 900
+	asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+static __device__ __forceinline__ void kvq_pdl_trigger(void)
+{
+#if !(defined(__HIPCC__) || defined(KVQ_HIP)) && defined(__CUDA_ARCH__) && \
+	__CUDA_ARCH__ >= 900
+	asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+/* Starts bringing @n bytes at @p (16-byte aligned, n a multiple of 16)
+ * into L2 (sm_90 bulk prefetch; nothing elsewhere). */
+static __device__ __forceinline__ void kvq_prefetch_l2(const void *p,
+						       unsigned n)
+{
+#if !(defined(__HIPCC__) || defined(KVQ_HIP)) && defined(__CUDA_ARCH__) && \
+	__CUDA_ARCH__ >= 900
+	asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
+		     :: "l"(p), "r"(n) : "memory");
+#else
+	(void)p;
+	(void)n;
 #endif
 }
 #endif /* __CUDACC__ || __HIPCC__ */

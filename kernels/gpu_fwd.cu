@@ -17,6 +17,9 @@
  * Matrix products: up to 16 tokens a warp streams a weight row with 16-byte
  * loads and dots it with every token (decode and small batches are bound by
  * weight bytes); more tokens go through a shared-memory tiled product.
+ * Kernels are launched as programmatic dependents (sm_90): each lets the
+ * next one launch at its start and waits for the one before only when it
+ * needs its results, so launch latency hides behind the kernel before.
  * Plain-C twins: the CPU engine (engine/backend_cpu.c) computes the same
  * step; tests/gpu/test_gpu_fwd.c compares the two.
  */
@@ -40,6 +43,8 @@ constexpr int MV_MAXT = 16;	/* tokens the small product takes */
 constexpr int GT = 64;		/* tiled product: rows and tokens per tile */
 constexpr int GK = 32;		/* and depth */
 constexpr int MAX_GRAPHS = 48;
+
+bool g_pdl;		/* programmatic dependent launches (launch()) */
 
 /* ------------------------------------------------------ device helpers */
 
@@ -84,7 +89,11 @@ __device__ __forceinline__ void unpack_h8(uint4 u, float f[8])
 __global__ void embed_kernel(dmat e, const int32_t *tok, float *x,
 			     uint32_t xs)
 {
-	uint32_t t = blockIdx.x, r = (uint32_t)tok[t];
+	uint32_t t = blockIdx.x, r;
+
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
+	r = (uint32_t)tok[t];
 
 	for (uint32_t c = threadIdx.x; c < e.cols; c += blockDim.x)
 		x[(size_t)t * xs + c] = wval(e, r, c);
@@ -97,10 +106,15 @@ __global__ void rmsnorm_kernel(const float *x, uint32_t xs,
 			       uint32_t ys, uint32_t dim, float eps)
 {
 	__shared__ double part[32];
-	uint32_t i = blockIdx.x, r = rows ? (uint32_t)rows[i] : i;
-	/* 1024 threads: a decode step's norm is one row, so latency. */
-	const float *xr = x + (size_t)r * xs;
+	uint32_t i = blockIdx.x, r;
+	const float *xr;
 	double ss = 0.0;
+
+	/* 1024 threads: a decode step's norm is one row, so latency. */
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
+	r = rows ? (uint32_t)rows[i] : i;
+	xr = x + (size_t)r * xs;
 
 	for (uint32_t c = threadIdx.x; c < dim; c += blockDim.x)
 		ss += (double)xr[c] * xr[c];
@@ -263,6 +277,9 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
  * KS = 1: a warp per row, MV_WARPS rows a block.  KS = MV_WARPS: the
  * block's warps share one long row (the down projection), so that more
  * loads of it are in flight at once; partial sums meet in shared memory.
+ *
+ * Launched as a programmatic dependent: the launch and the block start-up
+ * overlap the kernel before.
  */
 template <int WT, int NT, int KS>
 __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
@@ -271,9 +288,12 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 	uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5;
 	uint32_t r = KS == 1 ? blockIdx.x * MV_WARPS + w : blockIdx.x;
 	uint32_t li = KS == 1 ? lane : w * 32 + lane;
+	bool live = r < p.out_rows;
 	float acc[NT], acc2[NT];
 
-	if (r >= p.out_rows)
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
+	if (!live)
 		return;
 #pragma unroll
 	for (int t = 0; t < NT; t++)
@@ -331,6 +351,9 @@ __global__ void __launch_bounds__(256) gemm_kernel(mmp p)
 	int tr = (tid % 16) * 4, tt = (tid / 16) * 4;
 	float acc[4][4] = {};
 	uint32_t kend = pad32(p.w.cols);
+
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
 
 	for (uint32_t k0 = 0; k0 < kend; k0 += GK) {
 		/* 64 rows x 32 depth: thread loads 8 values of one row. */
@@ -392,6 +415,8 @@ __global__ void swiglu_kernel(const float *gu, uint32_t gs, float *h,
 {
 	uint32_t t = blockIdx.y;
 
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
 	for (uint32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < f;
 	     c += gridDim.x * blockDim.x)
 		h[(size_t)t * hs + c] = silu_mul(gu[(size_t)t * gs + c],
@@ -412,6 +437,9 @@ __global__ void rope_split_kernel(const float *qkv, uint32_t qkvs, float *qb,
 	uint32_t i = blockIdx.y * blockDim.x + threadIdx.x;
 	const float *row = qkv + (size_t)t * qkvs;
 	const float *e = cs + (size_t)t * half * 2;
+
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
 
 	if (i < qd) {
 		uint32_t h = i / hd, c = i % hd;
@@ -815,6 +843,14 @@ extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 		goto fail;
 	}
 	memset(c->hstage, 0, sl->total);
+	{
+		int dev = 0, major = 0;
+
+		cudaGetDevice(&dev);
+		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+				       dev);
+		g_pdl = major >= 9 && !getenv("KVQ_GPU_NO_PDL");
+	}
 	if (getenv("KVQ_GPU_PROFILE")) {
 		c->prof = true;
 		c->d.use_graphs = 0;
@@ -882,13 +918,54 @@ extern "C" int kvq_gpu_ctx_clear_sinks(struct kvq_gpu_ctx *c, uint32_t slot)
 	       0 : -EIO;
 }
 
-/* Launches y = W x with the epilogue, small or tiled by token count. */
+/*
+ * Launches @k on @st as a programmatic dependent of the kernel before it
+ * (kvq_pdl_wait() in @k orders it) when g_pdl is set: compute capability
+ * 9.0 and up, CUDA, KVQ_GPU_NO_PDL unset.
+ */
+template <typename... KA, typename... A>
+static void launch(void (*k)(KA...), dim3 grid, dim3 block, size_t smem,
+		   cudaStream_t st, A... args)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	k<<<grid, block, smem, st>>>(args...);
+#else
+	cudaLaunchConfig_t cfg;
+	cudaLaunchAttribute at[1];
+
+	memset(&cfg, 0, sizeof(cfg));
+	cfg.gridDim = grid;
+	cfg.blockDim = block;
+	cfg.dynamicSmemBytes = smem;
+	cfg.stream = st;
+	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+	at[0].val.programmaticStreamSerializationAllowed = 1;
+	cfg.attrs = at;
+	cfg.numAttrs = g_pdl ? 1 : 0;
+	cudaLaunchKernelEx(&cfg, k, args...);
+#endif
+}
+
+/*
+ * Launches y = W x with the epilogue, small or tiled by token count.
+ * @norm: x is RMSNorm'ed with these weights first (into c->xn); @xrows:
+ * token t is row xrows[t] of x (device), or NULL.
+ */
 static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	      uint32_t xs, float *y, uint32_t ys, uint32_t n, int epi,
-	      const float *bias)
+	      const float *bias, const float *norm = nullptr,
+	      const int32_t *xrows = nullptr)
 {
 	mmp p;
 
+	if (norm) {
+		launch(rmsnorm_kernel, dim3(n), dim3(1024), 0, c->st, x, xs,
+		       xrows, norm, c->xn, c->xs, w.cols, c->g->d.rms_eps);
+		mark(c, PROF_NORM);
+		x = c->xn;
+		xs = c->xs;
+	}
+	memset(&p, 0, sizeof(p));
 	p.w = w;
 	p.x = x;
 	p.xs = xs;
@@ -907,9 +984,11 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 #define MV_GO(WT, NT) \
 		do { \
 			if (split) \
-				mv_kernel<WT, NT, MV_WARPS><<<grid, MV_WARPS * 32, 0, c->st>>>(p); \
+				launch(mv_kernel<WT, NT, MV_WARPS>, grid, \
+				       dim3(MV_WARPS * 32), 0, c->st, p); \
 			else \
-				mv_kernel<WT, NT, 1><<<grid, MV_WARPS * 32, 0, c->st>>>(p); \
+				launch(mv_kernel<WT, NT, 1>, grid, \
+				       dim3(MV_WARPS * 32), 0, c->st, p); \
 		} while (0)
 #define MV_LAUNCH(WT) \
 		switch (nt) { \
@@ -936,13 +1015,13 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	dim3 grid((w.rows + GT - 1) / GT, (n + GT - 1) / GT);
 
 	if (w.type == KVQ_GPU_W_F16)
-		gemm_kernel<KVQ_GPU_W_F16><<<grid, 256, 0, c->st>>>(p);
+		launch(gemm_kernel<KVQ_GPU_W_F16>, grid, dim3(256), 0, c->st, p);
 	else if (w.type == KVQ_GPU_W_F32)
-		gemm_kernel<KVQ_GPU_W_F32><<<grid, 256, 0, c->st>>>(p);
+		launch(gemm_kernel<KVQ_GPU_W_F32>, grid, dim3(256), 0, c->st, p);
 	else if (w.type == KVQ_GPU_W_Q8)
-		gemm_kernel<KVQ_GPU_W_Q8><<<grid, 256, 0, c->st>>>(p);
+		launch(gemm_kernel<KVQ_GPU_W_Q8>, grid, dim3(256), 0, c->st, p);
 	else
-		gemm_kernel<KVQ_GPU_W_Q4><<<grid, 256, 0, c->st>>>(p);
+		launch(gemm_kernel<KVQ_GPU_W_Q4>, grid, dim3(256), 0, c->st, p);
 	return 0;
 }
 
@@ -965,7 +1044,8 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 	int ret;
 
 	mark(c, -1);
-	embed_kernel<<<T, 256, 0, c->st>>>(g->embed, tok, c->x, c->xs);
+	launch(embed_kernel, dim3(T), dim3(256), 0, c->st, g->embed, tok,
+	       c->x, c->xs);
 	mark(c, PROF_EMBED);
 	for (l = 0; l < md->n_layers; l++) {
 		const dmat *m = &g->m[(size_t)l * KVQ_GPU_M_NLAYER];
@@ -974,22 +1054,14 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 			sinkp + (size_t)l * c->d.max_seqs : nullptr;
 		struct kvq_gpu_append_args ap;
 
-		rmsnorm_kernel<<<T, 1024, 0, c->st>>>(c->x, c->xs, nullptr,
-						     v[KVQ_GPU_V_ATTN_NORM],
-						     c->xn, c->xs, md->dim,
-						     md->rms_eps);
-		mark(c, PROF_NORM);
-		mm(c, m[KVQ_GPU_M_QKV], c->xn, c->xs, c->qkv, c->qkvs, T,
-		   EPI_STORE, v[KVQ_GPU_V_QKV_BIAS]);
+		mm(c, m[KVQ_GPU_M_QKV], c->x, c->xs, c->qkv, c->qkvs, T,
+		   EPI_STORE, v[KVQ_GPU_V_QKV_BIAS], v[KVQ_GPU_V_ATTN_NORM]);
 		mark(c, PROF_QKV);
-		rope_split_kernel<<<dim3(T, (c->qkvs + 255) / 256), 256, 0,
-				    c->st>>>(c->qkv, c->qkvs, c->qb,
-							c->qs, c->kb, c->vb,
-							md->n_heads,
-							md->n_kv_heads,
-							md->head_dim,
-							md->rope_dim,
-							md->rope_neox, cs);
+		launch(rope_split_kernel, dim3(T, (c->qkvs + 255) / 256),
+		       dim3(256), 0, c->st, (const float *)c->qkv, c->qkvs,
+		       c->qb, c->qs, c->kb, c->vb, md->n_heads,
+		       md->n_kv_heads, md->head_dim, md->rope_dim,
+		       md->rope_neox, cs);
 		mark(c, PROF_ROPE);
 		memset(&ap, 0, sizeof(ap));
 		ap.k = c->kb;
@@ -1071,30 +1143,23 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		mm(c, m[KVQ_GPU_M_O], c->att, c->as, c->x, c->xs, T, EPI_ADD,
 		   nullptr);
 		mark(c, PROF_O);
-		rmsnorm_kernel<<<T, 1024, 0, c->st>>>(c->x, c->xs, nullptr,
-						     v[KVQ_GPU_V_FFN_NORM],
-						     c->xn, c->xs, md->dim,
-						     md->rms_eps);
-		mark(c, PROF_NORM);
 		if (T <= MV_MAXT) {
-			mm(c, m[KVQ_GPU_M_GATEUP], c->xn, c->xs, c->h, c->hs, T,
-			   EPI_SWIGLU, nullptr);
+			mm(c, m[KVQ_GPU_M_GATEUP], c->x, c->xs, c->h, c->hs, T,
+			   EPI_SWIGLU, nullptr, v[KVQ_GPU_V_FFN_NORM]);
 		} else {
-			mm(c, m[KVQ_GPU_M_GATEUP], c->xn, c->xs, c->gu, c->gus,
-			   T, EPI_STORE, nullptr);
-			swiglu_kernel<<<dim3((F + 255) / 256, T), 256, 0,
-					c->st>>>(c->gu, c->gus, c->h, c->hs, F);
+			mm(c, m[KVQ_GPU_M_GATEUP], c->x, c->xs, c->gu, c->gus,
+			   T, EPI_STORE, nullptr, v[KVQ_GPU_V_FFN_NORM]);
+			launch(swiglu_kernel, dim3((F + 255) / 256, T), dim3(256),
+			       0, c->st, (const float *)c->gu, c->gus, c->h,
+			       c->hs, F);
 		}
 		mark(c, PROF_GATEUP);
 		mm(c, m[KVQ_GPU_M_DOWN], c->h, c->hs, c->x, c->xs, T, EPI_ADD,
 		   nullptr);
 		mark(c, PROF_DOWN);
 	}
-	rmsnorm_kernel<<<n_out, 1024, 0, c->st>>>(c->x, c->xs, out_rows,
-						 g->out_norm, c->xn, c->xs,
-						 md->dim, md->rms_eps);
-	mm(c, g->output, c->xn, c->xs, c->logits, md->n_vocab, n_out,
-	   EPI_STORE, nullptr);
+	mm(c, g->output, c->x, c->xs, c->logits, md->n_vocab, n_out,
+	   EPI_STORE, nullptr, g->out_norm, out_rows);
 	mark(c, PROF_OUTPUT);
 	return cudaGetLastError() == cudaSuccess ? 0 : -EIO;
 }

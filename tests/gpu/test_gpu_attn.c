@@ -37,6 +37,10 @@
 
 #define HD 128
 
+/* Head size of the caches build() and dev_put() make (HD but for the
+ * split-KV cases). */
+static uint32_t g_hd = HD;
+
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 
 static uint32_t rnd(void)
@@ -78,7 +82,7 @@ static struct kvq_kvcache *build(int kt, int vt, uint32_t hk, uint32_t P,
 	struct kvq_kv_opts o;
 	struct kvq_kvcache *c;
 	uint32_t b, pos, maxl = 0, pages = 1, i;
-	size_t kvd = (size_t)hk * HD;
+	size_t kvd = (size_t)hk * g_hd;
 	float *k = malloc(kvd * sizeof(float)), *v = malloc(kvd * sizeof(float));
 
 	for (b = 0; b < batch; b++) {
@@ -89,7 +93,7 @@ static struct kvq_kvcache *build(int kt, int vt, uint32_t hk, uint32_t P,
 	memset(&o, 0, sizeof(o));
 	o.n_layers = 1;
 	o.n_kv_heads = hk;
-	o.head_dim = HD;
+	o.head_dim = g_hd;
 	o.page_tokens = P;
 	o.n_pages = pages;
 	o.n_sink = n_sink;
@@ -161,7 +165,7 @@ static int dev_put(struct dev *d, const struct kvq_kvcache *c,
 	const struct kvq_kv_layer *L = &c->layers[0];
 	size_t kb = L->k.page_bytes * c->o.n_pages;
 	size_t vb = L->v.page_bytes * c->o.n_pages;
-	size_t sinkn = (size_t)2 * c->o.n_sink * c->o.n_kv_heads * HD;
+	size_t sinkn = (size_t)2 * c->o.n_sink * c->o.n_kv_heads * g_hd;
 	int32_t *bt, *ln;
 	void *ptrs[8] = { 0 };
 	uint32_t b, i, w = 1;
@@ -348,6 +352,162 @@ out_host:
 	free(o16);
 	free(o16b);
 	return 0;
+}
+
+/* ---------------------------------------------------------- split-KV */
+
+struct scase {
+	const char *name;
+	int kt, vt;
+	uint32_t hd, hq, hk, P, n_sink, batch;
+	uint32_t lens[4];
+	uint32_t rows;		/* query rows per sequence, the last ones */
+};
+
+/*
+ * kvq_gpu_attn_split() against kvq_kv_attend(): each sequence gets
+ * @rows query rows at its last positions (a prompt's causal rows; 1 is
+ * decode), f32 queries and output.  The kernel's arithmetic is f32
+ * throughout (codes times scales, as the host), so the bound is f32
+ * rounding of sums over up to 32K positions: 2e-5 * max|V| + 1e-6.
+ */
+static void run_split(const struct scase *tc)
+{
+	struct kvq_kv_seq s[4];
+	struct kvq_kvcache *c;
+	struct kvq_gpu_split_args a;
+	struct dev d;
+	uint32_t D = tc->hd, gqa = tc->hq / tc->hk, b, h, r, n_rows = 0;
+	uint32_t maxl = 0, qs = tc->hq * D + 8;
+	int32_t rseq[64], rpos[64];
+	size_t nq, i, bad = 0, nan = 0, wsb;
+	float *q = NULL, *ref = NULL, *got = NULL, *gotb = NULL;
+	void *dq = NULL, *dout = NULL, *ws = NULL, *dseq = NULL, *dpos = NULL;
+	double maxerr = 0.0;
+	char why[256] = "";
+	int ret, same = 1;
+
+	g_hd = D;
+	for (b = 0; b < tc->batch; b++) {
+		if (tc->lens[b] > maxl)
+			maxl = tc->lens[b];
+		for (r = 0; r < tc->rows && r < tc->lens[b]; r++) {
+			rseq[n_rows] = (int32_t)b;
+			rpos[n_rows] = (int32_t)(tc->lens[b] - tc->rows + r);
+			if (tc->lens[b] < tc->rows)
+				rpos[n_rows] = (int32_t)r;
+			n_rows++;
+		}
+	}
+	nq = (size_t)n_rows * qs;
+	c = build(tc->kt, tc->vt, tc->hk, tc->P, tc->n_sink, tc->batch,
+		  tc->lens, 1.0f, s);
+	q = malloc(nq * 4);
+	ref = calloc(nq, 4);
+	got = malloc(nq * 4);
+	gotb = malloc(nq * 4);
+	if (!c || !q || !ref || !got || !gotb) {
+		tap_ok(0, "split %s: host set-up", tc->name);
+		goto out_host;
+	}
+	for (i = 0; i < nq; i++)
+		q[i] = frand();
+	if (dev_put(&d, c, s, tc->batch, tc->lens)) {
+		tap_ok(0, "split %s: device set-up", tc->name);
+		goto out_dev;
+	}
+	memset(&a, 0, sizeof(a));
+	a.q_stride = qs;
+	a.out_stride = qs;
+	a.k_pages = d.kp;
+	a.v_pages = d.vp;
+	a.k_page_bytes = c->layers[0].k.page_bytes;
+	a.v_page_bytes = c->layers[0].v.page_bytes;
+	a.k_type = tc->kt;
+	a.v_type = tc->vt;
+	a.block_table = d.bt;
+	a.bt_stride = d.bt_stride;
+	a.sink = tc->n_sink ? (uint16_t *const *)d.sinkv : NULL;
+	a.n_sink = c->o.n_sink;
+	a.n_rows = n_rows;
+	a.n_q_heads = tc->hq;
+	a.n_kv_heads = tc->hk;
+	a.head_dim = D;
+	a.page_tokens = tc->P;
+	a.max_len = maxl;
+	wsb = kvq_gpu_attn_split_workspace_bytes(n_rows, tc->hq, tc->hk, D);
+	dq = kvq_test_gpu_alloc(nq * 4);
+	dout = kvq_test_gpu_alloc(nq * 4);
+	ws = kvq_test_gpu_alloc(wsb);
+	dseq = kvq_test_gpu_alloc(n_rows * 4);
+	dpos = kvq_test_gpu_alloc(n_rows * 4);
+	if (!wsb || !dq || !dout || !ws || !dseq || !dpos ||
+	    kvq_test_gpu_put(dq, q, nq * 4) ||
+	    kvq_test_gpu_put(dseq, rseq, n_rows * 4) ||
+	    kvq_test_gpu_put(dpos, rpos, n_rows * 4)) {
+		tap_ok(0, "split %s: device buffers", tc->name);
+		goto out_dev;
+	}
+	a.q = dq;
+	a.out = dout;
+	a.row_seq = dseq;
+	a.row_pos = dpos;
+	a.workspace = ws;
+	a.workspace_bytes = wsb;
+	for (int run = 0; run < 2; run++) {
+		kvq_test_gpu_fill(dout, 0xff, nq * 4);	/* NaN */
+		ret = kvq_gpu_attn_split(&a, NULL);
+		if (ret || kvq_test_gpu_sync(why, sizeof(why))) {
+			tap_ok(0, "split %s: launch (%d %s)", tc->name, ret, why);
+			goto out_dev;
+		}
+		kvq_test_gpu_get(run ? gotb : got, dout, nq * 4);
+	}
+	for (r = 0; r < n_rows; r++)
+		for (h = 0; h < tc->hk; h++) {
+			size_t off = (size_t)r * qs + (size_t)h * gqa * D;
+
+			kvq_kv_attend(c, &s[rseq[r]], 0, h, q + off, D, gqa,
+				      1.0f / sqrtf((float)D),
+				      (uint32_t)rpos[r] + 1, ref + off, D);
+		}
+	for (r = 0; r < n_rows; r++)
+		for (i = 0; i < (size_t)tc->hq * D; i++) {
+			size_t k = (size_t)r * qs + i;
+			double e = fabs((double)got[k] - ref[k]);
+
+			if (isnan(got[k]))
+				nan++;
+			else if (e > 2e-5 + 1e-6)
+				bad++;
+			if (e > maxerr)
+				maxerr = e;
+			if (memcmp(&got[k], &gotb[k], 4))
+				same = 0;
+		}
+	tap_ok(!bad && !nan, "kvq_gpu_attn_split_%s_%s_%s_d%u_g%u (%u rows, "
+	       "max err %.2e, %zu over tolerance, %zu unwritten)", tc->name,
+	       tn(tc->kt), tn(tc->vt), D, gqa, n_rows, maxerr, bad, nan);
+	tap_ok(same, "kvq_gpu_attn_split_%s_%s_%s_d%u_g%u_repeatable",
+	       tc->name, tn(tc->kt), tn(tc->vt), D, gqa);
+out_dev:
+	kvq_test_gpu_free(dq);
+	kvq_test_gpu_free(dout);
+	kvq_test_gpu_free(ws);
+	kvq_test_gpu_free(dseq);
+	kvq_test_gpu_free(dpos);
+	dev_free(&d);
+out_host:
+	if (c) {
+		for (b = 0; b < tc->batch; b++)
+			kvq_kv_seq_release(c, &s[b]);
+		kvq_kv_destroy(c);
+	}
+	free(q);
+	free(ref);
+	free(got);
+	free(gotb);
+	g_hd = HD;
 }
 
 /* ------------------------------------------------------------- append */
@@ -585,6 +745,51 @@ int main(void)
 		};
 		for (j = 0; j < (int)(sizeof(cases) / sizeof(cases[0])); j++)
 			run_decode(&cases[j]);
+	}
+
+	/* Split-KV: every page type pair at head sizes 8 to 256, GQA 1 to
+	 * 16 (the typed kernels at 64 and 128 with 3-8 heads, the generic
+	 * one elsewhere), decode rows and prompt rows, sinks, a page size
+	 * that is not a power of two. */
+	{
+		static const int all[4] = { KVQ_KV_F32, KVQ_KV_F16, KVQ_KV_Q8,
+					    KVQ_KV_Q4 };
+		static const uint32_t dims[6] = { 8, 16, 32, 64, 128, 256 };
+
+		for (i = 0; i < 4; i++)
+			for (j = 0; j < 4; j++) {
+				struct scase tc = { "pairs", all[i], all[j], 64,
+						    32, 8, 16, 4, 3,
+						    { 1, 300, 17 }, 1 };
+				run_split(&tc);
+			}
+		for (i = 0; i < 6; i++) {
+			uint32_t D = dims[i];
+			struct scase cases[] = {
+				{ "decode_gqa4", KVQ_KV_Q4, KVQ_KV_Q4, D, 32, 8,
+				  16, 4, 3, { 5000, 33, 1 }, 1 },
+				{ "decode_gqa1", KVQ_KV_Q8, KVQ_KV_Q4, D, 4, 4,
+				  16, 4, 2, { 700, 16 }, 1 },
+				{ "decode_gqa2", KVQ_KV_F16, KVQ_KV_Q8, D, 8, 4,
+				  16, 0, 2, { 129, 64 }, 1 },
+				{ "prompt_gqa8", KVQ_KV_Q8, KVQ_KV_Q8, D, 32, 4,
+				  16, 4, 2, { 40, 9 }, 12 },
+				{ "decode_gqa16", KVQ_KV_Q4, KVQ_KV_Q8, D, 64, 4,
+				  16, 4, 1, { 1000 }, 1 },
+				{ "page20_gqa6", KVQ_KV_Q4, KVQ_KV_Q4, D, 24, 4,
+				  20, 4, 2, { 333, 41 }, 3 },
+			};
+			for (j = 0; j < (int)(sizeof(cases) / sizeof(cases[0])); j++) {
+				if (D == 256 && cases[j].hq / cases[j].hk > 8)
+					continue;
+				run_split(&cases[j]);
+			}
+		}
+		{
+			struct scase tc = { "long", KVQ_KV_Q4, KVQ_KV_Q4, 64, 32,
+					    8, 16, 4, 2, { 32768, 8190 }, 1 };
+			run_split(&tc);
+		}
 	}
 
 	for (i = 0; i < 3; i++)
