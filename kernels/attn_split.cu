@@ -160,7 +160,7 @@ constexpr __host__ __device__ int lane_bytes(int t)
 template <int KT, int VT> constexpr __host__ __device__ int steps()
 {
 	return 64 / (lane_bytes(KT) + lane_bytes(VT)) < 2 ? 2 :
-	       64 / (lane_bytes(KT) + lane_bytes(VT)) > 6 ? 6 :
+	       64 / (lane_bytes(KT) + lane_bytes(VT)) > 4 ? 4 :
 	       64 / (lane_bytes(KT) + lane_bytes(VT));
 }
 
@@ -325,7 +325,7 @@ __device__ __forceinline__ void chunk(const attp &p, int kt, int vt,
  * merge at the end, splits in attn_merge_kernel.
  */
 template <int D, int MG, int KT, int VT>
-__global__ void __launch_bounds__(128, KT < 0 ? 1 : MG <= 4 ? 3 : 2)
+__global__ void __launch_bounds__(128, KT < 0 ? 1 : MG <= 4 ? 4 : 2)
 attn_split_kernel(attp p)
 {
 	constexpr int L = D / 8;		/* lanes per position */
@@ -610,7 +610,7 @@ void attn_go(const attp &p, dim3 grid, uint32_t G, cudaStream_t st)
 
 /*
  * Splits for @n_rows rows of @n_units KV heads (times head blocks) up to
- * @max_len positions: about three blocks a multiprocessor in all (one
+ * @max_len positions: about four blocks a multiprocessor in all (one
  * wave at the typed kernels' occupancy), at least 64 positions a split.
  */
 uint32_t n_splits(uint32_t n_rows, uint32_t n_units, uint32_t max_len)
@@ -627,7 +627,7 @@ uint32_t n_splits(uint32_t n_rows, uint32_t n_units, uint32_t max_len)
 			n = 132;
 		sms = n;
 	}
-	s = (uint32_t)(3 * sms) / (n_rows * n_units);
+	s = (uint32_t)(4 * sms) / (n_rows * n_units);
 	if (s > by_len)
 		s = by_len;
 	if (s > ATT_MAX_SPLITS)
