@@ -7,12 +7,14 @@
  * trips or launch latency per operation.  Activations stay f32 (as on the
  * CPU path, so greedy output matches it), weights (placed by
  * gpu_model.cu) are f32, f16 or kept 8/4-bit (Q8/Q4, dequantized in
- * registers), and the per-layer work is nine kernels: RMSNorm, the stacked
- * QKV product, RoPE of the queries, the fused rotate-quantize-append of K
- * and V (attn_append.cu), attention (attn_decode.cu for head_dim 128
- * decode, attn_split.cu for other head sizes, f32 pages and prompts), the
- * output projection with the residual add, RMSNorm, gate and up with
- * SwiGLU, and the down projection with the residual add.
+ * registers), and the per-layer work is eight or nine kernels: RMSNorm,
+ * the stacked QKV product (which rotates the queries itself for
+ * adjacent-pair RoPE up to 16 tokens; else a RoPE kernel follows), the
+ * fused rotate-quantize-append of K and V (attn_append.cu), attention
+ * (attn_decode.cu for head_dim 128 decode, attn_split.cu for other head
+ * sizes, f32 pages and prompts), the output projection with the residual
+ * add, RMSNorm, gate and up with SwiGLU, and the down projection with the
+ * residual add.
  *
  * Matrix products: up to 16 tokens a warp streams a weight row with 16-byte
  * loads and dots it with every token (decode and small batches are bound by
@@ -137,7 +139,15 @@ __global__ void rmsnorm_kernel(const float *x, uint32_t xs,
 		y[(size_t)i * ys + c] = __fmul_rn(__fmul_rn(xr[c], s), g[c]);
 }
 
-enum { EPI_STORE = 0, EPI_ADD = 1, EPI_SWIGLU = 2 };
+enum { EPI_STORE = 0, EPI_ADD = 1, EPI_SWIGLU = 2, EPI_QKV = 3 };
+
+/* EPI_QKV: the stacked QKV rows go out as rope_split_kernel writes them
+ * (adjacent-pair RoPE of the queries with the step's table). */
+struct qkv_out {
+	float *qb, *kb, *vb;
+	const float *cs;
+	uint32_t qs, qd, kvd, hd, rope_dim;
+};
 
 struct mmp {
 	dmat w;
@@ -149,6 +159,7 @@ struct mmp {
 	int epi;
 	const float *bias;	/* [rows] or NULL */
 	uint32_t out_rows;	/* rows written (half of w.rows for SWIGLU) */
+	qkv_out q;		/* EPI_QKV */
 };
 
 __device__ __forceinline__ float silu_mul(float g, float u)
@@ -293,12 +304,13 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 
 	kvq_pdl_trigger();
 	kvq_pdl_wait();
-	if (!live)
+	if (!live && (KS > 1 || p.epi != EPI_QKV))
 		return;
 #pragma unroll
 	for (int t = 0; t < NT; t++)
 		acc[t] = acc2[t] = 0.0f;
-	row_dot<WT, NT>(p, r, li, 32 * KS, acc);
+	if (live)
+		row_dot<WT, NT>(p, r, li, 32 * KS, acc);
 	if (p.epi == EPI_SWIGLU)
 		row_dot<WT, NT>(p, r + p.out_rows, li, 32 * KS, acc2);
 	if (KS > 1) {
@@ -320,6 +332,44 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 				acc2[t] += red[1][x][t];
 			}
 		}
+	}
+	if (KS == 1 && p.epi == EPI_QKV) {
+		/* Rows r and r ^ 1 (warps w and w ^ 1) are a RoPE pair. */
+		if (lane == 0) {
+#pragma unroll
+			for (int t = 0; t < NT; t++)
+				red[0][w][t] = live ? acc[t] + (p.bias ? p.bias[r] : 0.0f) :
+					       0.0f;
+		}
+		__syncthreads();
+		if (!live || lane)
+			return;
+		const qkv_out &q = p.q;
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			if (t >= (int)p.n)
+				break;
+			float v = red[0][w][t];
+
+			if (r < q.qd) {
+				uint32_t c = r % q.hd;
+
+				if (c < q.rope_dim) {
+					const float *e = q.cs + (size_t)t * q.rope_dim;
+					float co = e[c & ~1u], si = e[c | 1u];
+					float a = red[0][w & ~1u][t], b = red[0][w | 1u][t];
+
+					v = (c & 1) ? __fadd_rn(__fmul_rn(a, si), __fmul_rn(b, co)) :
+						      __fsub_rn(__fmul_rn(a, co), __fmul_rn(b, si));
+				}
+				q.qb[(size_t)t * q.qs + r] = v;
+			} else if (r < q.qd + q.kvd) {
+				q.kb[(size_t)t * q.kvd + (r - q.qd)] = v;
+			} else {
+				q.vb[(size_t)t * q.kvd + (r - q.qd - q.kvd)] = v;
+			}
+		}
+		return;
 	}
 	if (lane)
 		return;
@@ -954,7 +1004,7 @@ static void launch(void (*k)(KA...), dim3 grid, dim3 block, size_t smem,
 static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	      uint32_t xs, float *y, uint32_t ys, uint32_t n, int epi,
 	      const float *bias, const float *norm = nullptr,
-	      const int32_t *xrows = nullptr)
+	      const int32_t *xrows = nullptr, const qkv_out *qo = nullptr)
 {
 	mmp p;
 
@@ -975,8 +1025,13 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	p.epi = epi;
 	p.bias = bias;
 	p.out_rows = epi == EPI_SWIGLU ? w.rows / 2 : w.rows;
+	if (qo)
+		p.q = *qo;
 	if (n <= MV_MAXT) {
-		bool split = w.cols >= 4096;
+		/* A block a row for long rows, and at one token for rows of
+		 * 2048 and up (more loads in flight; measured +1% at 1B). */
+		bool split = (w.cols >= 4096 || (n == 1 && w.cols >= 2048)) &&
+			     epi != EPI_QKV;
 		dim3 grid(split ? p.out_rows :
 			  (p.out_rows + MV_WARPS - 1) / MV_WARPS);
 		int nt = n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16;
@@ -1010,7 +1065,7 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 #undef MV_GO
 		return 0;
 	}
-	if (epi == EPI_SWIGLU)
+	if (epi == EPI_SWIGLU || epi == EPI_QKV)
 		return -EINVAL;
 	dim3 grid((w.rows + GT - 1) / GT, (n + GT - 1) / GT);
 
@@ -1054,14 +1109,33 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 			sinkp + (size_t)l * c->d.max_seqs : nullptr;
 		struct kvq_gpu_append_args ap;
 
-		mm(c, m[KVQ_GPU_M_QKV], c->x, c->xs, c->qkv, c->qkvs, T,
-		   EPI_STORE, v[KVQ_GPU_V_QKV_BIAS], v[KVQ_GPU_V_ATTN_NORM]);
-		mark(c, PROF_QKV);
-		launch(rope_split_kernel, dim3(T, (c->qkvs + 255) / 256),
-		       dim3(256), 0, c->st, (const float *)c->qkv, c->qkvs,
-		       c->qb, c->qs, c->kb, c->vb, md->n_heads,
-		       md->n_kv_heads, md->head_dim, md->rope_dim,
-		       md->rope_neox, cs);
+		if (T <= MV_MAXT && !md->rope_neox) {
+			/* The product writes q (rotated), k and v itself. */
+			qkv_out qo;
+
+			qo.qb = c->qb;
+			qo.kb = c->kb;
+			qo.vb = c->vb;
+			qo.cs = cs;
+			qo.qs = c->qs;
+			qo.qd = md->n_heads * md->head_dim;
+			qo.kvd = md->n_kv_heads * md->head_dim;
+			qo.hd = md->head_dim;
+			qo.rope_dim = md->rope_dim;
+			mm(c, m[KVQ_GPU_M_QKV], c->x, c->xs, c->qkv, c->qkvs, T,
+			   EPI_QKV, v[KVQ_GPU_V_QKV_BIAS], v[KVQ_GPU_V_ATTN_NORM],
+			   nullptr, &qo);
+			mark(c, PROF_QKV);
+		} else {
+			mm(c, m[KVQ_GPU_M_QKV], c->x, c->xs, c->qkv, c->qkvs, T,
+			   EPI_STORE, v[KVQ_GPU_V_QKV_BIAS], v[KVQ_GPU_V_ATTN_NORM]);
+			mark(c, PROF_QKV);
+			launch(rope_split_kernel, dim3(T, (c->qkvs + 255) / 256),
+			       dim3(256), 0, c->st, (const float *)c->qkv, c->qkvs,
+			       c->qb, c->qs, c->kb, c->vb, md->n_heads,
+			       md->n_kv_heads, md->head_dim, md->rope_dim,
+			       md->rope_neox, cs);
+		}
 		mark(c, PROF_ROPE);
 		memset(&ap, 0, sizeof(ap));
 		ap.k = c->kb;
