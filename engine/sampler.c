@@ -22,6 +22,14 @@
  * renormalisation.  So min-p is applied first as a plain threshold, which
  * usually leaves a handful of tokens, and top-p is then measured with the
  * normaliser from before min-p, which is what running it first would use.
+ *
+ * The draw.  One uniform number u in [0, 1) picks the token: the tokens left
+ * are walked in rank order and the first whose running weight exceeds u
+ * times their total is taken.  Rank order, not the order the candidates
+ * happen to be in, so that the token for a given u is a property of the
+ * logits and settings alone; kernels/sample.cu computes the same function
+ * on the GPU and kvq_sampler_sample_u() is its reference.  Unranked lists
+ * find that point with the same radix selection as top-p.
  */
 #include "config.h"
 
@@ -269,6 +277,36 @@ static float full_logprob(const float *logits, int32_t n, int32_t tok)
 	return (float)((double)(clean_logit(logits[tok]) - lmax) - log(sum));
 }
 
+int kvq_softmax(const float *logits, int32_t n, float temperature,
+		float *out)
+{
+	float lmax, inv_t;
+	double z = 0.0;
+	int32_t i, n_max = 0;
+
+	if (n <= 0 || !(temperature > 0.0f) || isinf(temperature))
+		return -EINVAL;
+	inv_t = 1.0f / temperature;
+	if (isinf(inv_t))
+		return -EINVAL;
+	lmax = clean_logit(logits[kvq_argmax(logits, n)]);
+	if (!isfinite(lmax)) {
+		for (i = 0; i < n; i++)
+			n_max += clean_logit(logits[i]) == lmax;
+		for (i = 0; i < n; i++)
+			out[i] = clean_logit(logits[i]) == lmax ?
+				 1.0f / (float)n_max : 0.0f;
+		return 0;
+	}
+	for (i = 0; i < n; i++) {
+		out[i] = expf((clean_logit(logits[i]) - lmax) * inv_t);
+		z += out[i];
+	}
+	for (i = 0; i < n; i++)
+		out[i] = (float)((double)out[i] / z);
+	return 0;
+}
+
 /* ------------------------------------------------------------ sampling */
 
 /*
@@ -319,14 +357,23 @@ static inline unsigned int weight_digit(float w, int level)
 	return (u >> (20 - 10 * level)) & (TOP_P_DIGITS - 1);
 }
 
+/* Whether a running weight @acc has reached @target: top-p asks for a
+ * prefix that reaches its share (>=), the draw for one that passes u * total
+ * (>, strict). */
+static inline bool reached(double acc, double target, bool strict)
+{
+	return strict ? acc > target : acc >= target;
+}
+
 /*
- * Finds the digit of c->w[lo..hi) holding the top-p boundary: the highest
- * digit whose mass, added to *@above and to that of all higher digits,
- * reaches @target (or the lowest digit present).  Adds the mass of the
- * higher digits to *@above.
+ * Finds the digit of c->w[lo..hi) holding the boundary: the highest digit
+ * whose mass, added to *@above and to that of all higher digits, reaches
+ * @target (or the lowest digit present).  Adds the mass of the higher
+ * digits to *@above.
  */
 static unsigned int boundary_digit(const struct cand *c, size_t lo, size_t hi,
-				   int level, double target, double *above)
+				   int level, double target, bool strict,
+				   double *above)
 {
 	double mass[TOP_P_DIGITS] = { 0 };
 	size_t count[TOP_P_DIGITS] = { 0 };
@@ -341,7 +388,7 @@ static unsigned int boundary_digit(const struct cand *c, size_t lo, size_t hi,
 	for (d = TOP_P_DIGITS; d-- > 0;) {
 		if (!count[d])
 			continue;
-		if (*above + mass[d] >= target)
+		if (reached(*above + mass[d], target, strict))
 			return d;
 		*above += mass[d];
 		last = d;
@@ -351,15 +398,17 @@ static unsigned int boundary_digit(const struct cand *c, size_t lo, size_t hi,
 }
 
 /*
- * Keeps the shortest ranked prefix whose weight reaches @target, or all
- * candidates when their total falls short.  Unsorted lists are narrowed
+ * Keeps the shortest ranked prefix whose weight reaches @target (strict:
+ * exceeds it) and returns true; its lowest-ranked candidate is then the
+ * last.  Keeps all candidates and returns false when their total falls
+ * short (for the draw: only by rounding).  Unsorted lists are narrowed
  * digit by digit (a radix selection): candidates above the boundary digit
  * are in whatever their order, those below it are out, and only those that
  * share it go on; once few are left they are ranked and walked.  No step
  * sorts more than TOP_P_SORT_MAX candidates unless their weights are equal.
  */
-static void apply_top_p(struct cand *c, const float *logits, float lmax,
-			float inv_t, double target)
+static bool ranked_prefix(struct cand *c, const float *logits, float lmax,
+			  float inv_t, double target, bool strict)
 {
 	size_t in = 0, hi = c->n, i, lt, gt;
 	double above = 0.0;
@@ -368,14 +417,14 @@ static void apply_top_p(struct cand *c, const float *logits, float lmax,
 
 	for (i = 0; i < c->n; i++)
 		above += c->w[i];
-	if (above < target)
-		return;
+	if (!reached(above, target, strict))
+		return false;
 	above = 0.0;
 
 	for (level = 0; level < 3 && !c->sorted; level++) {
 		if (hi - in <= TOP_P_SORT_MAX)
 			break;
-		bd = boundary_digit(c, in, hi, level, target, &above);
+		bd = boundary_digit(c, in, hi, level, target, strict, &above);
 		/* three-way partition of [in, hi): > bd, == bd, < bd */
 		lt = in;
 		gt = hi;
@@ -403,32 +452,36 @@ static void apply_top_p(struct cand *c, const float *logits, float lmax,
 	}
 	for (i = in; i < hi; i++) {
 		above += c->w[i];
-		if (above >= target) {
+		if (reached(above, target, strict)) {
 			c->n = i + 1;
-			return;
+			return true;
 		}
 	}
 	c->n = hi;
+	return false;
 }
 
-/* Draws one candidate in proportion to its weight. */
-static int32_t draw(struct kvq_sampler *s, const struct cand *c)
+/*
+ * Draws one candidate with the uniform number @u: the first in rank order
+ * whose running weight exceeds u times the total.  Should rounding leave
+ * that point unreached, the lowest-ranked candidate of positive weight.
+ * (Zero weights add nothing, so the first to pass is never one of them.)
+ */
+static int32_t draw(struct cand *c, const float *logits, float lmax,
+		    float inv_t, double u)
 {
-	double total = 0.0, acc = 0.0, r;
-	size_t i, last = 0;
+	double total = 0.0;
+	uint64_t last = 0;
+	size_t i;
 
 	for (i = 0; i < c->n; i++)
 		total += c->w[i];
-	r = rng_uniform(s->rng) * total;
-	for (i = 0; i < c->n; i++) {
-		if (c->w[i] <= 0.0f)
-			continue;
-		acc += c->w[i];
-		last = i;
-		if (r < acc)
-			break;
-	}
-	return key_id(c->keys[last]);
+	if (ranked_prefix(c, logits, lmax, inv_t, u * total, true))
+		return key_id(c->keys[c->n - 1]);
+	for (i = 0; i < c->n; i++)
+		if (c->w[i] > 0.0f && c->keys[i] > last)
+			last = c->keys[i];
+	return last ? key_id(last) : key_id(c->keys[0]);
 }
 
 /* Top-k on the logits, then weights at the temperature; sorted list. */
@@ -480,7 +533,10 @@ static double weigh_all(struct cand *c, const float *logits, int32_t n,
 	return z;
 }
 
-static int32_t sample_filtered(struct kvq_sampler *s, const float *logits)
+/* The filtered draw; @u NULL: the next number of @s's random state, drawn
+ * only once a draw is needed. */
+static int32_t sample_filtered(struct kvq_sampler *s, const float *logits,
+			       const double *u)
 {
 	const struct kvq_sampler_params *p = &s->p;
 	struct cand c = { .keys = s->keys, .w = s->probs };
@@ -500,8 +556,9 @@ static int32_t sample_filtered(struct kvq_sampler *s, const float *logits)
 	if (!isfinite(lmax))
 		return kvq_argmax(logits, n);
 	if (p->top_p < 1.0f)
-		apply_top_p(&c, logits, lmax, inv_t, (double)p->top_p * z);
-	return draw(s, &c);
+		ranked_prefix(&c, logits, lmax, inv_t, (double)p->top_p * z,
+			      false);
+	return draw(&c, logits, lmax, inv_t, u ? *u : rng_uniform(s->rng));
 }
 
 /*
@@ -522,10 +579,18 @@ int32_t kvq_sampler_sample(struct kvq_sampler *s, const float *logits,
 	if (is_greedy(&s->p))
 		tok = kvq_argmax(logits, s->n_vocab);
 	else
-		tok = sample_filtered(s, logits);
+		tok = sample_filtered(s, logits, NULL);
 	if (logprob)
 		*logprob = full_logprob(logits, s->n_vocab, tok);
 	return tok;
+}
+
+int32_t kvq_sampler_sample_u(struct kvq_sampler *s, const float *logits,
+			     double u)
+{
+	if (is_greedy(&s->p))
+		return kvq_argmax(logits, s->n_vocab);
+	return sample_filtered(s, logits, &u);
 }
 
 /* ------------------------------------------------------------ stop strings */

@@ -61,11 +61,35 @@ void kvq_sampler_fini(struct kvq_sampler *s);
  * at the temperature, top-p (the smallest set of most likely tokens whose
  * probability reaches top_p, at least one), then min-p (drop tokens below
  * min_p times the most likely one's probability); one token is then drawn
- * from what is left, in proportion to its probability.  Each call advances
- * the random state by at most one draw, so a seed gives the same tokens for
- * the same logits whatever thread runs it.  NaN logits count as -inf. */
+ * from what is left, in proportion to its probability: with u uniform in
+ * [0, 1), the first token in rank order (higher logit first, lower id first
+ * among equal logits) whose running weight exceeds u times the total weight
+ * left.  Each call advances the random state by at most one draw, so a seed
+ * gives the same tokens for the same logits whatever thread runs it.  NaN
+ * logits count as -inf, -0 as +0. */
 int32_t kvq_sampler_sample(struct kvq_sampler *s, const float *logits,
 			   float *logprob);
+
+/*
+ * The same choice with @u (in [0, 1)) in place of the next random number;
+ * @s's random state is left unchanged.  The plain-C twin of the GPU
+ * sampler kvq_gpu_sample() (kernels/sample.h).
+ */
+int32_t kvq_sampler_sample_u(struct kvq_sampler *s, const float *logits,
+			     double u);
+
+/*
+ * kvq_softmax() - probabilities of @n logits at @temperature into @out:
+ * exp((l - max) / T) in f32 (1/T rounded to f32 first, as the sampler's
+ * weights), normalised by their sum in double.  NaN logits count as -inf.
+ * A row without a finite maximum shares probability 1 equally among the
+ * logits equal to its maximum (every logit when all are -inf).  Returns 0,
+ * or -EINVAL for n <= 0 or a temperature that is not positive and finite
+ * with a finite reciprocal; @out is then unchanged.  The plain-C twin of
+ * kvq_gpu_softmax().
+ */
+int kvq_softmax(const float *logits, int32_t n, float temperature,
+		float *out);
 
 /* argmax with lowest index on ties; NaN counts as -inf.  -1 when n <= 0. */
 int32_t kvq_argmax(const float *x, int32_t n);

@@ -443,6 +443,107 @@ static void test_odd_logits(void)
 	kvq_sampler_fini(&s);
 }
 
+/* The draw walks rank order: u picks the token whose share it falls in. */
+static void test_sample_u_rank_order(void)
+{
+	/* probabilities 0.1, 0.5, 0.4: rank order is 1, 2, 0 */
+	float x[3] = { logf(0.1f), logf(0.5f), logf(0.4f) };
+	struct kvq_sampler_params p = params(1.0f, 0, 1.0f, 0.0f, 4);
+	struct kvq_sampler s;
+	uint64_t before[4];
+	bool ok;
+
+	kvq_sampler_init(&s, &p, 3);
+	memcpy(before, s.rng, sizeof(before));
+	ok = kvq_sampler_sample_u(&s, x, 0.0) == 1 &&
+	     kvq_sampler_sample_u(&s, x, 0.49) == 1 &&
+	     kvq_sampler_sample_u(&s, x, 0.51) == 2 &&
+	     kvq_sampler_sample_u(&s, x, 0.89) == 2 &&
+	     kvq_sampler_sample_u(&s, x, 0.91) == 0 &&
+	     kvq_sampler_sample_u(&s, x, 1.0 - 0x1p-53) == 0;
+	tap_ok(ok, "sample_u_walks_rank_order");
+	tap_ok(!memcmp(before, s.rng, sizeof(before)),
+	       "sample_u_leaves_random_state");
+	kvq_sampler_fini(&s);
+}
+
+/*
+ * The same on 5000 random logits, unsorted candidates (no top-k) with and
+ * without top-p, and with top-k: u at the middle of a token's share in
+ * rank order must give that token.
+ */
+static void test_sample_u_big(void)
+{
+	enum { V = 5000, PICKS = 40 };
+	static const struct { int k; float p; } set[3] = {
+		{ 0, 1.0f }, { 0, 0.9f }, { 400, 1.0f },
+	};
+	int *order = malloc(sizeof(*order) * V);
+	double *cum = malloc(sizeof(*cum) * (V + 1));
+	float x[V];
+	int i, j, n_keep, bad = 0;
+
+	random_logits(x, V, 3.0f);
+	for (i = 0; i < V; i++)
+		order[i] = i;
+	cmp_logits = x;
+	qsort(order, V, sizeof(*order), cmp_rank);
+	for (j = 0; j < 3; j++) {
+		struct kvq_sampler_params p = params(1.0f, set[j].k, set[j].p,
+						     0.0f, 1);
+		struct kvq_sampler s;
+		double z = 0.0;
+
+		cum[0] = 0.0;
+		n_keep = set[j].k ? set[j].k : V;
+		for (i = 0; i < n_keep; i++)
+			z += exp((double)x[order[i]] - x[order[0]]);
+		for (i = 0; i < n_keep; i++) {
+			cum[i + 1] = cum[i] + exp((double)x[order[i]] -
+						  x[order[0]]);
+			if (cum[i] >= set[j].p * z) {
+				n_keep = i;
+				break;
+			}
+		}
+		kvq_sampler_init(&s, &p, V);
+		for (i = 0; i < PICKS; i++) {
+			int r = (int)(test_uniform() * n_keep);
+			double u = (cum[r] + cum[r + 1]) / 2 / cum[n_keep];
+
+			bad += kvq_sampler_sample_u(&s, x, u) != order[r];
+		}
+		kvq_sampler_fini(&s);
+	}
+	tap_ok(!bad, "sample_u_5000_middle_of_share_gives_token (%d wrong)",
+	       bad);
+	free(cum);
+	free(order);
+}
+
+static void test_softmax(void)
+{
+	float x[4] = { 1.0f, 2.0f, NAN, -INFINITY }, p[4], q[3];
+	float inf[3] = { INFINITY, 0.0f, INFINITY };
+	float none[3] = { NAN, -INFINITY, -INFINITY };
+	double z = exp(-0.5) + 1.0;
+
+	tap_ok(kvq_softmax(x, 4, 2.0f, p) == 0 &&
+	       fabs(p[0] - exp(-0.5) / z) < 1e-7 &&
+	       fabs(p[1] - 1.0 / z) < 1e-7 && p[2] == 0.0f && p[3] == 0.0f,
+	       "softmax_temperature_2_nan_and_inf_zero");
+	tap_ok(kvq_softmax(inf, 3, 1.0f, q) == 0 && q[0] == 0.5f &&
+	       q[1] == 0.0f && q[2] == 0.5f, "softmax_plus_inf_share");
+	tap_ok(kvq_softmax(none, 3, 1.0f, q) == 0 && q[0] == 1.0f / 3 &&
+	       q[2] == 1.0f / 3, "softmax_no_finite_uniform");
+	p[0] = 7.0f;
+	tap_ok(kvq_softmax(x, 4, 0.0f, p) == -EINVAL &&
+	       kvq_softmax(x, 4, NAN, p) == -EINVAL &&
+	       kvq_softmax(x, 0, 1.0f, p) == -EINVAL &&
+	       kvq_softmax(x, 4, 1e-45f, p) == -EINVAL && p[0] == 7.0f,
+	       "softmax_bad_arguments_einval_unchanged");
+}
+
 static void test_bad_params(void)
 {
 	struct kvq_sampler_params p;
@@ -531,6 +632,9 @@ int main(void)
 	test_defaults_big();
 	test_logprob();
 	test_odd_logits();
+	test_sample_u_rank_order();
+	test_sample_u_big();
+	test_softmax();
 	test_bad_params();
 	test_stop();
 	return tap_done();
