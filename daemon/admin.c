@@ -191,6 +191,8 @@ static json_t *cmd_status(const struct kvq_admin_view *v, int *code,
 		bad |= set(kv, "type_k", jstr(st.kv_type_k));
 		bad |= set(kv, "type_v", jstr(st.kv_type_v));
 		bad |= set(kv, "attention", jstr(st.backend));
+		if (st.gpu_fallback[0])
+			bad |= set(kv, "gpu_fallback", jstr(st.gpu_fallback));
 		bad |= set(kv, "prefix_cache", json_boolean(so->prefix_cache));
 		bad |= set(kv, "prefix_cache_sequences",
 			   json_integer(st.cached_seqs));

@@ -932,6 +932,13 @@ static void do_step(struct kvq_sched *s)
 	b.tokens = s->b_tok;
 	b.all_logits = all;
 	ret = kvq_step(s->ctx, &b, s->logits);
+	if (!ret && s->st.on_gpu && !s->st.gpu_fallback[0] &&
+	    kvq_ctx_fallback(s->ctx)) {
+		pthread_mutex_lock(&s->lock);
+		snprintf(s->st.gpu_fallback, sizeof(s->st.gpu_fallback), "%s",
+			 kvq_ctx_fallback(s->ctx));
+		pthread_mutex_unlock(&s->lock);
+	}
 	if (ret == -ENOSPC && pc_evict(s)) {
 		/* Cached sequences give their pages back first. */
 		pthread_mutex_lock(&s->lock);

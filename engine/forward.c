@@ -193,6 +193,11 @@ uint64_t kvq_ctx_device_bytes(const struct kvq_ctx *c)
 	return c->gpu ? kvq_ctx_gpu_bytes(c->gpu) : 0;
 }
 
+const char *kvq_ctx_fallback(const struct kvq_ctx *c)
+{
+	return c->gpu ? kvq_ctx_gpu_fallback(c->gpu) : NULL;
+}
+
 void kvq_ctx_describe(const struct kvq_ctx *c, char *buf, size_t len)
 {
 	if (c->gpu)

@@ -38,6 +38,8 @@ struct kvq_ctx_gpu {
 	uint32_t max_batch, max_seqs, bt_stride;
 	int32_t *tokens, *pos, *row_seq, *slot, *bt, *seq_len, *out_rows;
 	float *cs;
+	uint64_t graph_failures;	/* seen (and logged) so far */
+	char fallback[160];		/* kvq_ctx_gpu_fallback() */
 };
 
 /* Device format a weight of GGUF @type takes. */
@@ -411,8 +413,20 @@ int kvq_ctx_gpu_step(struct kvq_ctx_gpu *g, const struct kvq_batch *b,
 	s.rope_cs = g->cs;
 	s.logits = logits;
 	ret = kvq_gpu_forward(g->c, &s, err, sizeof(err));
-	if (ret)
+	if (ret) {
 		kvq_err("gpu: %s", err);
+	} else {
+		struct kvq_gpu_stats st;
+
+		kvq_gpu_ctx_stats(g->c, &st);
+		if (st.graph_failures > g->graph_failures) {
+			g->graph_failures = st.graph_failures;
+			snprintf(g->fallback, sizeof(g->fallback),
+				 "CUDA graphs off (%s): decode launches kernel by kernel",
+				 st.graph_error);
+			kvq_warn("gpu: %s", g->fallback);
+		}
+	}
 	return ret;
 }
 
@@ -434,12 +448,19 @@ void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
 
 	kvq_gpu_ctx_stats(g->c, &st);
 	snprintf(buf, len,
-		 "%llu steps (%llu as CUDA graphs, %llu graphs), decode attention: %s",
+		 "%llu steps (%llu as CUDA graphs, %llu graphs%s%s), decode attention: %s",
 		 (unsigned long long)st.steps,
 		 (unsigned long long)st.graph_steps,
 		 (unsigned long long)st.graphs,
+		 st.graph_failures ? "; graphs off after a failure: " : "",
+		 st.graph_failures ? st.graph_error : "",
 		 st.decode_kernel ? "fused split-KV kernel" :
 		 "generic kernel (head_dim or page type outside the fused kernel)");
+}
+
+const char *kvq_ctx_gpu_fallback(const struct kvq_ctx_gpu *g)
+{
+	return g->fallback[0] ? g->fallback : NULL;
 }
 
 #else /* no GPU backend */
@@ -533,6 +554,12 @@ void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
 {
 	(void)g;
 	snprintf(buf, len, "%s", nogpu);
+}
+
+const char *kvq_ctx_gpu_fallback(const struct kvq_ctx_gpu *g)
+{
+	(void)g;
+	return NULL;
 }
 
 #endif

@@ -57,4 +57,8 @@ int kvq_ctx_gpu_fill(struct kvq_ctx_gpu *g, int slot, const int32_t *pages,
 void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf,
 			  size_t len);
 
+/* What the GPU context stopped doing after a failure ("CUDA graphs off:
+ * ..."), or NULL. */
+const char *kvq_ctx_gpu_fallback(const struct kvq_ctx_gpu *g);
+
 #endif /* KVQ_FORWARD_GPU_H */

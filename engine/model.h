@@ -116,6 +116,9 @@ int kvq_ctx_device(const struct kvq_ctx *c);
 uint64_t kvq_ctx_device_bytes(const struct kvq_ctx *c);
 /* One line about how the context computes (backend, kernels, graphs). */
 void kvq_ctx_describe(const struct kvq_ctx *c, char *buf, size_t len);
+/* What the device stopped doing after a failure, or NULL (see
+ * kvq_ctx_gpu_fallback()). */
+const char *kvq_ctx_fallback(const struct kvq_ctx *c);
 
 /* A new empty sequence: returns its id (>= 0) or -ENOSPC. */
 int kvq_seq_create(struct kvq_ctx *c);

@@ -582,6 +582,7 @@ struct kvq_gpu_ctx {
 	float *aws;		/* split attention partials */
 	size_t aws_bytes;
 	bool fast_decode;	/* the split-KV kernel serves every layer */
+	bool fault_graph;	/* KVQ_GPU_FAULT=graph: instantiation fails */
 	stage_layout sl;
 	uint8_t *hstage, *dstage;
 	float *hlogits;
@@ -773,10 +774,22 @@ extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 	c->d.type_v = c->type_v;
 	c->d.k_page_bytes = c->kpb;
 	c->d.v_page_bytes = c->vpb;
-	if (cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking) !=
-	    cudaSuccess) {
-		ret = set_err(err, errlen, -EIO, "cannot create a CUDA stream");
-		goto fail;
+	{
+		cudaError_t e = cudaStreamCreateWithFlags(&c->st,
+							  cudaStreamNonBlocking);
+		size_t fr = 0, tot = 0;
+
+		if (e != cudaSuccess) {
+			c->st = nullptr;
+			cudaGetLastError();
+			cudaMemGetInfo(&fr, &tot);
+			ret = set_err(err, errlen,
+				      e == cudaErrorMemoryAllocation ? -ENOMEM : -EIO,
+				      "cannot create a CUDA stream: %s (device memory: %.1f MiB free of %.1f MiB)",
+				      cudaGetErrorString(e), fr / 1048576.0,
+				      tot / 1048576.0);
+			goto fail;
+		}
 	}
 	for (l = 0; l < L; l++) {
 		ret = dalloc((void **)&c->kpages[l], c->kpb[l] * d->n_pages,
@@ -901,6 +914,8 @@ extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 				       dev);
 		g_pdl = major >= 9 && !getenv("KVQ_GPU_NO_PDL");
 	}
+	c->fault_graph = getenv("KVQ_GPU_FAULT") &&
+			 !strcmp(getenv("KVQ_GPU_FAULT"), "graph");
 	if (getenv("KVQ_GPU_PROFILE")) {
 		c->prof = true;
 		c->d.use_graphs = 0;
@@ -1259,18 +1274,35 @@ static int graph_capture(struct kvq_gpu_ctx *c, uint32_t T, uint32_t ns,
 	graph_ent *e;
 	int ret;
 
-	if (cudaStreamBeginCapture(c->st, cudaStreamCaptureModeThreadLocal) !=
-	    cudaSuccess)
-		return -EIO;
-	ret = launch_step(c, T, ns, no, true, bucket);
-	if (cudaStreamEndCapture(c->st, &graph) != cudaSuccess || ret) {
+	cudaError_t ce;
+
+	if ((ce = cudaStreamBeginCapture(c->st, cudaStreamCaptureModeThreadLocal)) !=
+	    cudaSuccess) {
 		cudaGetLastError();
+		snprintf(c->stats.graph_error, sizeof(c->stats.graph_error),
+			 "capture: %s", cudaGetErrorString(ce));
+		return -EIO;
+	}
+	ret = launch_step(c, T, ns, no, true, bucket);
+	ce = cudaStreamEndCapture(c->st, &graph);
+	if (ce != cudaSuccess || ret) {
+		cudaGetLastError();
+		if (ce == cudaSuccess)
+			cudaGraphDestroy(graph);
+		snprintf(c->stats.graph_error, sizeof(c->stats.graph_error),
+			 "capture: %s", ret ? "a launch failed" :
+			 cudaGetErrorString(ce));
 		return ret ? ret : -EIO;
 	}
-	if (cudaGraphInstantiate(&exec, graph, 0) != cudaSuccess) {
+	ce = c->fault_graph ? cudaErrorMemoryAllocation :
+	     cudaGraphInstantiate(&exec, graph, 0);
+	if (ce != cudaSuccess) {
 		cudaGraphDestroy(graph);
 		cudaGetLastError();
-		return -EIO;
+		snprintf(c->stats.graph_error, sizeof(c->stats.graph_error),
+			 "instantiate: %s%s", cudaGetErrorString(ce),
+			 c->fault_graph ? " (injected: KVQ_GPU_FAULT=graph)" : "");
+		return ce == cudaErrorMemoryAllocation ? -ENOMEM : -EIO;
 	}
 	cudaGraphDestroy(graph);
 	if (c->n_graphs < MAX_GRAPHS) {
@@ -1350,13 +1382,19 @@ extern "C" int kvq_gpu_forward(struct kvq_gpu_ctx *c,
 		uint32_t key[4] = { T, s->n_seqs, s->n_out, bucket };
 
 		ge = graph_find(c, T, s->n_seqs, s->n_out, bucket);
-		if (!ge && !memcmp(key, c->seen_key, sizeof(key)))
+		if (!ge && !memcmp(key, c->seen_key, sizeof(key)) &&
+		    !c->stats.graph_failures)
 			ret = graph_capture(c, T, s->n_seqs, s->n_out, bucket,
 					    &ge);
 		memcpy(c->seen_key, key, sizeof(key));
-		if (ret)
-			return set_err(err, errlen, ret,
-				       "GPU step: graph capture failed");
+		if (ret) {
+			/* No graph (device memory, most likely): this step and
+			 * the next launch kernel by kernel; the engine logs it
+			 * and kvqctl shows it. */
+			c->stats.graph_failures++;
+			ge = nullptr;
+			ret = 0;
+		}
 	}
 	if (ge) {
 		ge->last = ++c->clock;

@@ -145,6 +145,11 @@ int kvq_gpu_forward(struct kvq_gpu_ctx *c, const struct kvq_gpu_step *s,
 struct kvq_gpu_stats {
 	uint64_t steps, graph_steps, graphs;
 	int decode_kernel;	/* 1: the fused split-KV kernel serves decode */
+	/* CUDA graphs that could not be made (e.g. device memory full when
+	 * one is instantiated): decode then launches kernel by kernel and
+	 * captures no more.  graph_error: the last reason. */
+	uint64_t graph_failures;
+	char graph_error[96];
 };
 void kvq_gpu_ctx_stats(const struct kvq_gpu_ctx *c, struct kvq_gpu_stats *st);
 

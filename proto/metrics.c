@@ -170,6 +170,9 @@ char *kvq_metrics_render(const struct kvq_sched_stats *st,
 	     "Where forward passes and attention run (1 for the one in use).");
 	fprintf(f, "kvqd_backend_info{device=\"%s\"} 1\n",
 		st->backend[0] ? st->backend : "none");
+	head(f, "kvqd_gpu_fallback", "gauge",
+	     "1 when the GPU stopped using CUDA graphs after a failure (kvqctl status says why).");
+	fprintf(f, "kvqd_gpu_fallback %d\n", st->gpu_fallback[0] ? 1 : 0);
 	head(f, "kvqd_tier_bytes", "gauge",
 	     "Bytes of weights and KV cache resident in each memory tier.");
 	fprintf(f, "kvqd_tier_bytes{tier=\"hbm\"} %llu\n",

@@ -36,7 +36,9 @@
 #include "engine/log.h"
 #include "engine/model.h"
 #include "engine/tokenizer.h"
+#include "kernels/attn.h"
 #include "kernels/gpu.h"
+#include "tests/gpu/gpu_test_util.h"
 #include "tap.h"
 
 #define N_GEN 120
@@ -352,6 +354,118 @@ out:
 	free(lc);
 }
 
+#ifdef KVQ_ATTN_GPU
+/*
+ * Decode while no CUDA graph can be made: first with instantiation made
+ * to fail (KVQ_GPU_FAULT=graph), then with the device's memory really
+ * full (another allocation holds all of it) when the step shapes repeat.
+ * Every step must still succeed with the CPU's logits (kernel by kernel
+ * when no graph could be made), the context must say why
+ * (kvq_ctx_fallback()) when graphs were given up, a new context made while
+ * the memory is held must either be refused with a message about memory
+ * or work, and steps must go on once the memory is back.
+ */
+static void no_graph_case(struct kvq_model *m, const char *mname, int real)
+{
+	const struct kvq_hparams *hp = kvq_model_hparams(m);
+	uint32_t V = hp->n_vocab;
+	struct kvq_ctx_opts o;
+	struct kvq_ctx *cc = NULL, *gc = NULL, *gx = NULL;
+	float *lg = malloc(V * sizeof(float)), *lc = malloc(V * sizeof(float));
+	float tol = exact_weights(m) ? 1e-4f : 8e-2f, worst = 0.0f, d, sc;
+	void *fill[4096];
+	size_t n_fill = 0, chunk, held = 0;
+	const char *fb;
+	char err[256], desc[512];
+	int32_t tok[128];
+	int n, i, a, c, ret = 0, refused = 0;
+
+	kvq_ctx_opts_default(&o);
+	o.kv_type_k = KVQ_KV_F32;
+	o.kv_type_v = KVQ_KV_F32;
+	o.n_ctx = 256 < hp->ctx_len ? 256 : hp->ctx_len;
+	o.max_seqs = 2;
+	if (!real)
+		setenv("KVQ_GPU_FAULT", "graph", 1);
+	if (kvq_ctx_create(m, &o, &cc, err, sizeof(err)) ||
+	    (o.device = KVQ_CTX_GPU,
+	     kvq_ctx_create(m, &o, &gc, err, sizeof(err)))) {
+		unsetenv("KVQ_GPU_FAULT");
+		tap_ok(0, "%s no graph: context: %s", mname, err);
+		goto out;
+	}
+	unsetenv("KVQ_GPU_FAULT");
+	n = prompt_tokens(m, tok, 64);
+	a = kvq_seq_create(gc);
+	c = kvq_seq_create(cc);
+	for (i = 0; i < 10 && !ret; i++) {
+		if (real && i == 2) {
+			/* Take every byte the device will give. */
+			for (chunk = (size_t)1 << 30; chunk >= 4096 &&
+			     n_fill < 4096; ) {
+				void *q = kvq_test_gpu_alloc(chunk);
+
+				if (q) {
+					fill[n_fill++] = q;
+					held += chunk;
+				} else {
+					chunk /= 2;
+				}
+			}
+			o.device = KVQ_CTX_GPU;
+			if (kvq_ctx_create(m, &o, &gx, err, sizeof(err))) {
+				refused = strstr(err, "memory") ? 1 : -1;
+			} else {
+				/* Its buffers fitted what was left. */
+				int x = kvq_seq_create(gx);
+
+				refused = one_step(gx, x, tok, n, lg) ? -1 : 0;
+				snprintf(err, sizeof(err), "created, and it ran a step");
+			}
+			tap_diag("%s: holding %.1f GiB of device memory; a new context: %s",
+				 mname, held / 1073741824.0, err);
+		}
+		poison(lg, V);
+		ret |= one_step(gc, a, tok, n, lg);
+		ret |= one_step(cc, c, tok, n, lc);
+		sc = max_abs(lc, V);
+		d = max_diff(lg, lc, V) / (sc > 0 ? sc : 1);
+		if (d > worst)
+			worst = d;
+		tok[0] = argmax(lc, V, &sc);
+		n = 1;
+		if (real && i == 7) {
+			while (n_fill)
+				kvq_test_gpu_free(fill[--n_fill]);
+		}
+	}
+	fb = kvq_ctx_fallback(gc);
+	kvq_ctx_describe(gc, desc, sizeof(desc));
+	tap_diag("%s: %s", mname, desc);
+	if (real) {
+		tap_ok(!ret && worst <= tol && refused >= 0 &&
+		       (!fb || strstr(desc, "graphs off")),
+		       "%s: decode with the device memory held: every step runs with the CPU's logits (worst %.3g), a new context %s, graphs: %s",
+		       mname, worst, refused > 0 ? "is refused naming memory" :
+		       refused == 0 ? "still fitted and ran" : "FAILED without a clear message",
+		       fb ? fb : "made (instantiation needed no more memory)");
+	} else {
+		tap_ok(!ret && worst <= tol && fb && strstr(fb, "graphs off") &&
+		       strstr(desc, "graphs off"),
+		       "%s: decode with CUDA graphs failing: every step runs with the CPU's logits (worst %.3g) and the context says so (%s)",
+		       mname, worst, fb ? fb : "nothing");
+	}
+out:
+	while (n_fill)
+		kvq_test_gpu_free(fill[--n_fill]);
+	kvq_ctx_destroy(gx);
+	kvq_ctx_destroy(cc);
+	kvq_ctx_destroy(gc);
+	free(lg);
+	free(lc);
+}
+#endif /* KVQ_ATTN_GPU */
+
 int main(int argc, char **argv)
 {
 	struct kvq_gpu_info gi;
@@ -396,6 +510,12 @@ int main(int argc, char **argv)
 				greedy_case(m, name, &kvsets[k]);
 			batch_case(m, name);
 			fork_case(m, name);
+#ifdef KVQ_ATTN_GPU
+			if (i == 1 && !pass) {
+				no_graph_case(m, name, 0);
+				no_graph_case(m, name, 1);
+			}
+#endif
 			kvq_model_destroy(m);
 		}
 	}
