@@ -294,7 +294,7 @@ extern "C" int kvq_gpu_attn_append(const struct kvq_gpu_append_args *a,
 		at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
 		at[0].val.programmaticStreamSerializationAllowed = 1;
 		cfg.attrs = at;
-		cfg.numAttrs = a->n_rows == 1 && !getenv("KVQ_GPU_NO_PDL");
+		cfg.numAttrs = a->n_rows == 1 && kvq_pdl_allowed();
 		cudaLaunchKernelEx(&cfg, append_kernel, p);
 	}
 #endif

@@ -730,7 +730,7 @@ extern "C" int kvq_gpu_attn_split(const struct kvq_gpu_split_args *a,
 	p.G = G;
 	p.group = D < 32 ? D : 32;
 	p.scale = 1.4426950408889634f / sqrtf((float)D);
-	p.pdl = !getenv("KVQ_GPU_NO_PDL");
+	p.pdl = kvq_pdl_allowed();
 	p.pshift = (a->page_tokens & (a->page_tokens - 1)) ? -1 :
 		   __builtin_ctz(a->page_tokens);
 	p.n_hc = G <= 4 ? 1 : (G + ATT_HC - 1) / ATT_HC;

@@ -7,6 +7,8 @@
 #ifndef KVQ_GPU_COMPAT_H
 #define KVQ_GPU_COMPAT_H
 
+#include <stdlib.h>
+
 #if defined(__HIPCC__) || defined(KVQ_HIP)
 #include <hip/hip_runtime.h>
 #define cudaError_t hipError_t
@@ -393,6 +395,33 @@ static __device__ __forceinline__ void kvq_mma_f16_16816_c(float d[4],
 	      "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 #endif
 }
+/*
+ * Whether kernels may be launched as programmatic dependents (below):
+ * CUDA, compute capability 9.0 and up, KVQ_GPU_NO_PDL unset.  Asked once
+ * per file that uses it.
+ */
+static inline bool kvq_pdl_allowed(void)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	return false;
+#else
+	static int ok = -1;
+
+	if (ok < 0) {
+		int dev = 0, major = 0;
+
+		if (cudaGetDevice(&dev) != cudaSuccess ||
+		    cudaDeviceGetAttribute(&major,
+					   cudaDevAttrComputeCapabilityMajor,
+					   dev) != cudaSuccess)
+			major = 0;
+		cudaGetLastError();
+		ok = major >= 9 && !getenv("KVQ_GPU_NO_PDL");
+	}
+	return ok > 0;
+#endif
+}
+
 /*
  * Programmatic dependent launch (sm_90): a kernel launched with the
  * programmatic-serialization attribute may start while the kernel before

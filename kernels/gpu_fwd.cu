@@ -906,14 +906,7 @@ extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 		goto fail;
 	}
 	memset(c->hstage, 0, sl->total);
-	{
-		int dev = 0, major = 0;
-
-		cudaGetDevice(&dev);
-		cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
-				       dev);
-		g_pdl = major >= 9 && !getenv("KVQ_GPU_NO_PDL");
-	}
+	g_pdl = kvq_pdl_allowed();
 	c->fault_graph = getenv("KVQ_GPU_FAULT") &&
 			 !strcmp(getenv("KVQ_GPU_FAULT"), "graph");
 	if (getenv("KVQ_GPU_PROFILE")) {
