@@ -17,8 +17,6 @@
 #include <errno.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include "kernels/gpu_compat.h"
 #include "kernels/attn.h"
@@ -276,27 +274,11 @@ extern "C" int kvq_gpu_attn_append(const struct kvq_gpu_append_args *a,
 	 * rows, so the launch is latency. */
 	dim3 grid(a->n_rows, (2 * a->n_kv_heads + NWA - 1) / NWA);
 
-#if defined(__HIPCC__) || defined(KVQ_HIP)
-	append_kernel<<<grid, NWA * 32, 0, (cudaStream_t)stream>>>(p);
-#else
-	{
-		/* A programmatic dependent of the kernel before (sm_90): it
-		 * launches while that one ends and waits for its k and v.
-		 * One row only: measured on the H200 (1B shape), +1-2% at
-		 * one sequence, -4% at four. */
-		cudaLaunchConfig_t cfg;
-		cudaLaunchAttribute at[1];
-
-		memset(&cfg, 0, sizeof(cfg));
-		cfg.gridDim = grid;
-		cfg.blockDim = dim3(NWA * 32);
-		cfg.stream = (cudaStream_t)stream;
-		at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-		at[0].val.programmaticStreamSerializationAllowed = 1;
-		cfg.attrs = at;
-		cfg.numAttrs = a->n_rows == 1 && kvq_pdl_allowed();
-		cudaLaunchKernelEx(&cfg, append_kernel, p);
-	}
-#endif
+	/* A programmatic dependent of the kernel before (sm_90): it launches
+	 * while that one ends and waits for its k and v.  One row only:
+	 * measured on the H200 (1B shape), +1-2% at one sequence, -4% at
+	 * four. */
+	kvq_launch(a->n_rows == 1 && kvq_pdl_allowed(), append_kernel, grid,
+		   dim3(NWA * 32), 0, (cudaStream_t)stream, p);
 	return cudaGetLastError() == cudaSuccess ? 0 : -EIO;
 }

@@ -19,8 +19,6 @@
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include "kernels/gpu_compat.h"
 #include "kernels/attn.h"
@@ -527,55 +525,13 @@ __global__ void __launch_bounds__(256) attn_merge_kernel(attp p, uint32_t D)
 	/* D = 256 takes one part; its channels beyond 256 threads: none. */
 }
 
-/* Launches @k as a programmatic dependent of the kernel before it (the
- * append): its prologue, which waits, overlaps that kernel's end. */
-void launch_pdl(void (*k)(attp), dim3 grid, const attp &p, cudaStream_t st)
-{
-#if defined(__HIPCC__) || defined(KVQ_HIP)
-	k<<<grid, 128, 0, st>>>(p);
-#else
-	cudaLaunchConfig_t cfg;
-	cudaLaunchAttribute at[1];
-
-	memset(&cfg, 0, sizeof(cfg));
-	cfg.gridDim = grid;
-	cfg.blockDim = dim3(128);
-	cfg.stream = st;
-	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-	at[0].val.programmaticStreamSerializationAllowed = 1;
-	cfg.attrs = at;
-	cfg.numAttrs = p.pdl ? 1 : 0;
-	cudaLaunchKernelEx(&cfg, k, p);
-#endif
-}
-
-/* attn_merge_kernel, a programmatic dependent of the split kernel for one
- * row (measured on the H200, 1B shape: +1-2% at one sequence, -4% at
- * four). */
-void launch_merge(dim3 grid, const attp &p, uint32_t D, cudaStream_t st)
-{
-#if defined(__HIPCC__) || defined(KVQ_HIP)
-	attn_merge_kernel<<<grid, 256, 0, st>>>(p, D);
-#else
-	cudaLaunchConfig_t cfg;
-	cudaLaunchAttribute at[1];
-
-	memset(&cfg, 0, sizeof(cfg));
-	cfg.gridDim = grid;
-	cfg.blockDim = dim3(256);
-	cfg.stream = st;
-	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-	at[0].val.programmaticStreamSerializationAllowed = 1;
-	cfg.attrs = at;
-	cfg.numAttrs = p.pdl && grid.x == 1 ? 1 : 0;
-	cudaLaunchKernelEx(&cfg, attn_merge_kernel, p, D);
-#endif
-}
-
 template <int D, int MG>
 void attn_any(const attp &p, dim3 grid, cudaStream_t st)
 {
-	launch_pdl(attn_split_kernel<D, MG, -1, -1>, grid, p, st);
+	/* A dependent of the append: its prologue overlaps that
+	 * kernel's end. */
+	kvq_launch(p.pdl, attn_split_kernel<D, MG, -1, -1>, grid, dim3(128), 0,
+		   st, p);
 }
 
 /* The common shapes (head_dim 64 and 128, 3 to 8 query heads per KV
@@ -586,7 +542,8 @@ void attn_typed(const attp &p, dim3 grid, cudaStream_t st)
 {
 #define ATT_KV(KT, VT) \
 	if (p.k.type == KT && p.v.type == VT) { \
-		launch_pdl(attn_split_kernel<D, MG, KT, VT>, grid, p, st); \
+		kvq_launch(p.pdl, attn_split_kernel<D, MG, KT, VT>, grid, \
+			   dim3(128), 0, st, p); \
 		return; \
 	}
 	ATT_KV(KVQ_KV_Q4, KVQ_KV_Q4)
@@ -747,6 +704,9 @@ extern "C" int kvq_gpu_attn_split(const struct kvq_gpu_split_args *a,
 	default: attn_go<256>(p, grid, G, st); break;
 	}
 	if (S > 1)
-		launch_merge(dim3(a->n_rows, a->n_q_heads), p, D, st);
+		/* A dependent of the split kernel for one row (measured on
+		 * the H200, 1B shape: +1-2% at one sequence, -4% at four). */
+		kvq_launch(p.pdl && a->n_rows == 1, attn_merge_kernel,
+			   dim3(a->n_rows, a->n_q_heads), dim3(256), 0, st, p, D);
 	return cudaGetLastError() == cudaSuccess ? 0 : -EIO;
 }

@@ -423,6 +423,35 @@ static inline bool kvq_pdl_allowed(void)
 }
 
 /*
+ * Launches @k on @st, as a programmatic dependent of the kernel before it
+ * when @pdl (the kernel then orders itself with kvq_pdl_wait(), below);
+ * a plain launch on HIP.  Errors are left for cudaGetLastError().
+ */
+template <typename... KA, typename... A>
+static inline void kvq_launch(bool pdl, void (*k)(KA...), dim3 grid,
+			      dim3 block, size_t smem, cudaStream_t st,
+			      A... args)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	(void)pdl;
+	k<<<grid, block, smem, st>>>(args...);
+#else
+	cudaLaunchConfig_t cfg = {};
+	cudaLaunchAttribute at[1] = {};
+
+	cfg.gridDim = grid;
+	cfg.blockDim = block;
+	cfg.dynamicSmemBytes = smem;
+	cfg.stream = st;
+	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+	at[0].val.programmaticStreamSerializationAllowed = 1;
+	cfg.attrs = at;
+	cfg.numAttrs = pdl ? 1 : 0;
+	cudaLaunchKernelEx(&cfg, k, args...);
+#endif
+}
+
+/*
  * Programmatic dependent launch (sm_90): a kernel launched with the
  * programmatic-serialization attribute may start while the kernel before
  * it finishes.  kvq_pdl_trigger() lets the next kernel start (its blocks
@@ -431,18 +460,24 @@ static inline bool kvq_pdl_allowed(void)
  * their results or write to their inputs.  Without the attribute, on
  * older GPUs and on HIP, both do nothing.
  */
-static __device__ __forceinline__ void kvq_pdl_wait(void)
-{
+/* Device code compiled by nvcc for sm_90 and up. */
 #if !(defined(__HIPCC__) || defined(KVQ_HIP)) && defined(__CUDA_ARCH__) && \
 	__CUDA_ARCH__ >= 900
+#define KVQ_SM90_CODE 1
+#else
+#define KVQ_SM90_CODE 0
+#endif
+
+static __device__ __forceinline__ void kvq_pdl_wait(void)
+{
+#if KVQ_SM90_CODE
 	asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
 
 static __device__ __forceinline__ void kvq_pdl_trigger(void)
 {
-#if !(defined(__HIPCC__) || defined(KVQ_HIP)) && defined(__CUDA_ARCH__) && \
-	__CUDA_ARCH__ >= 900
+#if KVQ_SM90_CODE
 	asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
 }
@@ -452,8 +487,7 @@ static __device__ __forceinline__ void kvq_pdl_trigger(void)
 static __device__ __forceinline__ void kvq_prefetch_l2(const void *p,
 						       unsigned n)
 {
-#if !(defined(__HIPCC__) || defined(KVQ_HIP)) && defined(__CUDA_ARCH__) && \
-	__CUDA_ARCH__ >= 900
+#if KVQ_SM90_CODE
 	asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
 		     :: "l"(p), "r"(n) : "memory");
 #else

@@ -976,32 +976,12 @@ extern "C" int kvq_gpu_ctx_clear_sinks(struct kvq_gpu_ctx *c, uint32_t slot)
 	       0 : -EIO;
 }
 
-/*
- * Launches @k on @st as a programmatic dependent of the kernel before it
- * (kvq_pdl_wait() in @k orders it) when g_pdl is set: compute capability
- * 9.0 and up, CUDA, KVQ_GPU_NO_PDL unset.
- */
+/* Launches @k on @st, a programmatic dependent when g_pdl is set. */
 template <typename... KA, typename... A>
 static void launch(void (*k)(KA...), dim3 grid, dim3 block, size_t smem,
 		   cudaStream_t st, A... args)
 {
-#if defined(__HIPCC__) || defined(KVQ_HIP)
-	k<<<grid, block, smem, st>>>(args...);
-#else
-	cudaLaunchConfig_t cfg;
-	cudaLaunchAttribute at[1];
-
-	memset(&cfg, 0, sizeof(cfg));
-	cfg.gridDim = grid;
-	cfg.blockDim = block;
-	cfg.dynamicSmemBytes = smem;
-	cfg.stream = st;
-	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-	at[0].val.programmaticStreamSerializationAllowed = 1;
-	cfg.attrs = at;
-	cfg.numAttrs = g_pdl ? 1 : 0;
-	cudaLaunchKernelEx(&cfg, k, args...);
-#endif
+	kvq_launch(g_pdl, k, grid, block, smem, st, args...);
 }
 
 /*
