@@ -427,10 +427,12 @@ static void print_status(json_t *r)
 	if (json_object_get(r, "kv_smooth")) {
 		json_t *sm = json_object_get(r, "kv_smooth");
 
-		printf("kv smoothing: %s%s (kv_smooth = %s) in %.2f s; predicted error keys %.4g -> %.4g, values %.4g -> %.4g\n",
+		printf("kv smoothing: %s%s%s (kv_smooth = %s) in %.2f s; predicted error keys %.4g -> %.4g, values %.4g -> %.4g\n",
 		       sget(sm, "state"),
 		       json_is_true(json_object_get(sm, "rotated")) ?
-		       ", key pairs rotated" : "", sget(sm, "mode"),
+		       ", key pairs rotated" : "",
+		       json_is_true(json_object_get(sm, "centred")) ?
+		       ", keys centred" : "", sget(sm, "mode"),
 		       nget(sm, "seconds"), nget(sm, "k_err_before"),
 		       nget(sm, "k_err_after"), nget(sm, "v_err_before"),
 		       nget(sm, "v_err_after"));

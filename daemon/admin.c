@@ -148,6 +148,7 @@ static json_t *cmd_status(const struct kvq_admin_view *v, int *code,
 			bad |= set(sm, "mode", jstr(kvq_kv_smooth_mode_name(sr.mode)));
 			bad |= set(sm, "state", jstr(sr.state));
 			bad |= set(sm, "rotated", json_boolean(sr.rotated));
+			bad |= set(sm, "centred", json_boolean(sr.centred));
 			bad |= set(sm, "k_err_before", json_real(sr.k_err_before));
 			bad |= set(sm, "k_err_after", json_real(sr.k_err_after));
 			bad |= set(sm, "v_err_before", json_real(sr.v_err_before));

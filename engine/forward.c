@@ -85,6 +85,10 @@ int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
 	ko.head_dim = hp->head_dim;
 	ko.page_tokens = o->kv_page_tokens ? o->kv_page_tokens : 16;
 	ko.n_sink = o->kv_sink_tokens;
+	ko.k_center = m->kv_center;
+	ko.rope_dim = hp->rope_dim;
+	ko.rope_base = hp->rope_base;
+	ko.rope_neox = hp->rope_neox;
 	if (ko.page_tokens > 64 || ko.n_sink > ko.page_tokens) {
 		snprintf(err, errlen,
 			 "kv_page_tokens must be 1..64 and kv_sink_tokens at most kv_page_tokens (got %u and %u)",

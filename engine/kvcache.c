@@ -244,17 +244,34 @@ int kvq_kv_create(const struct kvq_kv_opts *o, struct kvq_kvcache **out)
 		ret = -EINVAL;
 		goto out_free;
 	}
+	if (o->k_center && (!o->rope_dim || o->rope_dim % 2 ||
+			    o->rope_dim > o->head_dim)) {
+		ret = -EINVAL;
+		goto out_free;
+	}
+	c->o.k_center = NULL;
 	c->layers = calloc(o->n_layers, sizeof(*c->layers));
 	c->refcnt = calloc(o->n_pages, sizeof(*c->refcnt));
 	c->free_list = malloc(o->n_pages * sizeof(*c->free_list));
 	if (!c->layers || !c->refcnt || !c->free_list)
 		goto out_free;
+	if (o->k_center) {
+		size_t n = (size_t)o->n_layers * o->n_kv_heads * o->head_dim;
+
+		c->centers = malloc(n * sizeof(float));
+		if (!c->centers)
+			goto out_free;
+		memcpy(c->centers, o->k_center, n * sizeof(float));
+	}
 	for (l = 0; l < o->n_layers; l++) {
 		ret = half_init(c, &c->layers[l].k, o->type_k[l]);
 		if (!ret)
 			ret = half_init(c, &c->layers[l].v, o->type_v[l]);
 		if (ret)
 			goto out_free;
+		if (c->centers && is_quant(c->layers[l].k.type))
+			c->layers[l].center = c->centers +
+				(size_t)l * o->n_kv_heads * o->head_dim;
 	}
 	/* Lowest ids are handed out first. */
 	for (i = 0; i < o->n_pages; i++)
@@ -279,6 +296,7 @@ void kvq_kv_destroy(struct kvq_kvcache *c)
 		free(c->layers[l].v.mem);
 	}
 	free(c->layers);
+	free(c->centers);
 	free(c->refcnt);
 	free(c->free_list);
 	free(c);
@@ -496,31 +514,100 @@ static inline uint16_t *sink_row(const struct kvq_kvcache *c,
 	return s->sink + (((size_t)layer * 2 + v) * c->o.n_sink + pos) * kvd;
 }
 
+void kvq_kv_rope_cs(uint32_t pos, uint32_t i, uint32_t rope_dim, float base,
+		    float *cs, float *sn)
+{
+	double th = pos * pow(base, -2.0 * i / rope_dim);
+
+	*cs = (float)cos(th);
+	*sn = (float)sin(th);
+}
+
+/* Channels of rotated pair @i. */
+static inline void pair_of(const struct kvq_kvcache *c, uint32_t i,
+			   uint32_t *a, uint32_t *b)
+{
+	*a = c->o.rope_neox ? i : 2 * i;
+	*b = c->o.rope_neox ? i + c->o.rope_dim / 2 : 2 * i + 1;
+}
+
+/* cs[2i], cs[2i+1]: cos, sin of pair i at @pos. */
+static void center_cs(const struct kvq_kvcache *c, uint32_t pos, float *cs)
+{
+	uint32_t i;
+
+	for (i = 0; i < c->o.rope_dim / 2; i++)
+		kvq_kv_rope_cs(pos, i, c->o.rope_dim, c->o.rope_base,
+			       &cs[2 * i], &cs[2 * i + 1]);
+}
+
+/* y = R_p x for one head's centre @x, with @cs from center_cs(). */
+static void center_head(const struct kvq_kvcache *c, const float *x,
+			const float *cs, float *y)
+{
+	uint32_t i, a, b;
+
+	memcpy(y, x, c->o.head_dim * sizeof(float));
+	for (i = 0; i < c->o.rope_dim / 2; i++) {
+		pair_of(c, i, &a, &b);
+		y[a] = x[a] * cs[2 * i] - x[b] * cs[2 * i + 1];
+		y[b] = x[a] * cs[2 * i + 1] + x[b] * cs[2 * i];
+	}
+}
+
+bool kvq_kv_center_at(const struct kvq_kvcache *c, uint32_t layer,
+		      uint32_t pos, float *out)
+{
+	const float *ctr = c->layers[layer].center;
+	uint32_t d = c->o.head_dim, h;
+	float cs[KVQ_KV_MAX_HEAD_DIM];
+
+	if (!ctr)
+		return false;
+	center_cs(c, pos, cs);
+	for (h = 0; h < c->o.n_kv_heads; h++)
+		center_head(c, ctr + (size_t)h * d, cs, out + (size_t)h * d);
+	return true;
+}
+
+/* Stores one half of token @pos; @ctr: subtract R_pos ctr[h] from each
+ * head first (key centring), or NULL. */
 static void write_half(struct kvq_kvcache *c, struct kvq_kv_half *hf,
 		       struct kvq_kv_seq *s, uint32_t layer, bool is_v,
-		       uint32_t pos, const float *x)
+		       uint32_t pos, const float *x, const float *ctr)
 {
 	uint32_t pt = c->o.page_tokens, d = c->o.head_dim, h, i;
 	int32_t page = s->pages[pos / pt];
+	bool sink = is_quant(hf->type) && pos < c->o.n_sink && s->sink;
+	uint16_t *dst = sink ? sink_row(c, s, layer, is_v, pos) : NULL;
+	float cs[KVQ_KV_MAX_HEAD_DIM], row[KVQ_KV_MAX_HEAD_DIM];
 
-	for (h = 0; h < c->o.n_kv_heads; h++)
-		kvq_kv_quant_row(hf->type, x + (size_t)h * d, d, c->group,
+	if (ctr)
+		center_cs(c, pos, cs);
+	for (h = 0; h < c->o.n_kv_heads; h++) {
+		const float *xh = x + (size_t)h * d;
+
+		if (ctr) {
+			center_head(c, ctr + (size_t)h * d, cs, row);
+			for (i = 0; i < d; i++)
+				row[i] = xh[i] - row[i];
+			xh = row;
+		}
+		kvq_kv_quant_row(hf->type, xh, d, c->group,
 				 row_data(c, hf, page, pos % pt, h),
 				 hf->n_groups ? row_scales(c, hf, page,
 							   pos % pt, h) : NULL);
-	if (is_quant(hf->type) && pos < c->o.n_sink && s->sink) {
-		uint16_t *dst = sink_row(c, s, layer, is_v, pos);
-
-		for (i = 0; i < c->o.n_kv_heads * d; i++)
-			dst[i] = kvq_f32_to_f16(x[i]);
+		for (i = 0; sink && i < d; i++)
+			dst[(size_t)h * d + i] = kvq_f32_to_f16(xh[i]);
 	}
 }
 
 void kvq_kv_write(struct kvq_kvcache *c, struct kvq_kv_seq *s, uint32_t layer,
 		  uint32_t pos, const float *k, const float *v)
 {
-	write_half(c, &c->layers[layer].k, s, layer, false, pos, k);
-	write_half(c, &c->layers[layer].v, s, layer, true, pos, v);
+	write_half(c, &c->layers[layer].k, s, layer, false, pos, k,
+		   c->layers[layer].center);
+	write_half(c, &c->layers[layer].v, s, layer, true, pos, v, NULL);
 }
 
 /*
@@ -615,6 +702,16 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 					sc[i][t] = kvq_dot_f32(q + i * q_stride,
 							       kr, d) * scale;
 			}
+		}
+		for (t = t0; L->center && t < t1; t++) {
+			float cs[KVQ_KV_MAX_HEAD_DIM];
+
+			/* The centre this position's key gave up. */
+			center_cs(c, pos + t - t0, cs);
+			center_head(c, L->center + (size_t)kvh * d, cs, tmp);
+			for (i = 0; i < n_q; i++)
+				sc[i][t] += kvq_dot_f32(q + i * q_stride, tmp,
+							d) * scale;
 		}
 		for (i = 0; i < n_q; i++) {
 			float mx = m[i], a;

@@ -36,6 +36,22 @@
  * Sink tokens: the first n_sink positions of a sequence are also kept in
  * f16 beside the sequence (not in the shared page), and layers whose K or
  * V is quantized read those positions from there.
+ *
+ * Key centring.  A model's keys may carry a large vector that is nearly
+ * the same for every token before RoPE (a learned position bias: the slow
+ * pairs of stories260K's heads hold 13-19 against a spread of 3-4).  In a
+ * q4/q8 group it sets the one scale and swamps what varies.  With a centre
+ * c per layer and KV head (pre-RoPE, calibrated: kvsmooth.c), a layer whose
+ * K is q8/q4 stores k - R_p c instead of the rotated key k of position p
+ * (R_p: RoPE's rotation at p; the sink copies too), and attention adds
+ * q . R_p c back into every score, so each score is q . k as before up to
+ * rounding.  R_p c rotates each pair (a, b) of c, (2i, 2i+1) or (i, i +
+ * rope_dim/2) for neox, by the angle p th_i, th_i = base^(-2i / rope_dim):
+ *   (c_a cos - c_b sin, c_a sin + c_b cos)
+ * with cos and sin as the CPU RoPE computes them (double, rounded to
+ * float: kvq_kv_rope_cs()); channels past rope_dim are c as it is.
+ * Nothing changes in the page format: kvq_kv_read() returns what is stored
+ * (the centred key).
  */
 #ifndef KVQ_KVCACHE_H
 #define KVQ_KVCACHE_H
@@ -79,6 +95,13 @@ struct kvq_kv_opts {
 	uint32_t n_sink;	/* f16 sink tokens (<= page_tokens) */
 	uint8_t type_k[KVQ_KV_MAX_LAYERS];	/* enum kvq_kv_type */
 	uint8_t type_v[KVQ_KV_MAX_LAYERS];
+	/* Key centres [layer][kv head][head_dim] (copied), or NULL; used by
+	 * layers whose K is q8/q4.  With them, RoPE's rope_dim, base and
+	 * layout (neox: pairs (i, i + rope_dim/2), else (2i, 2i+1)). */
+	const float *k_center;
+	uint32_t rope_dim;
+	float rope_base;
+	bool rope_neox;
 };
 
 struct kvq_kv_half {
@@ -91,6 +114,7 @@ struct kvq_kv_half {
 
 struct kvq_kv_layer {
 	struct kvq_kv_half k, v;
+	const float *center;	/* [kv head][head_dim], NULL: not centred */
 };
 
 struct kvq_kvcache {
@@ -98,6 +122,7 @@ struct kvq_kvcache {
 	uint32_t group;		/* channels per scale group */
 	bool simd;		/* AVX2 row paths (false: the scalar twin) */
 	struct kvq_kv_layer *layers;
+	float *centers;		/* owned copy of o.k_center, or NULL */
 	int32_t *refcnt;	/* per page; 0 = free */
 	int32_t *free_list;	/* stack of free page ids */
 	uint32_t n_free;
@@ -175,6 +200,22 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 		   uint32_t layer, uint32_t kvh, const float *q,
 		   size_t q_stride, uint32_t n_q, float scale, uint32_t n_ctx,
 		   float *out, size_t out_stride);
+
+/*
+ * kvq_kv_rope_cs() - cos and sin of RoPE's angle for rotated pair @i at
+ * position @pos, exactly as the CPU backend's RoPE computes them: in double,
+ * pos * base^(-2i / rope_dim), each rounded to float.
+ */
+void kvq_kv_rope_cs(uint32_t pos, uint32_t i, uint32_t rope_dim, float base,
+		    float *cs, float *sn);
+
+/*
+ * kvq_kv_center_at() - R_pos c for every KV head of centred @layer (H*D
+ * floats into @out): what kvq_kv_write() subtracts from the key of @pos.
+ * false (nothing written) when the layer is not centred.
+ */
+bool kvq_kv_center_at(const struct kvq_kvcache *c, uint32_t layer,
+		      uint32_t pos, float *out);
 
 /* Quantize / dequantize one head row of D values (exposed for tests and
  * for the GPU reference twins).  @data gets row_bytes, @scales n_groups

@@ -77,6 +77,7 @@ void kvq_kv_smooth_opts_default(struct kvq_kv_smooth_opts *o)
 {
 	memset(o, 0, sizeof(*o));
 	o->mode = KVQ_KV_SMOOTH_AUTO;
+	o->center = true;
 	memset(o->type_k, KVQ_KV_Q8, sizeof(o->type_k));
 	memset(o->type_v, KVQ_KV_Q4, sizeof(o->type_v));
 	o->rotate = true;
@@ -147,6 +148,7 @@ struct acts {
 	uint32_t nl, nkv, hd, kvd, n_tok, cap;
 	size_t wsz;		/* doubles of W per head: 2 hd */
 	float *k, *v;		/* [layer][token][kvd] */
+	uint32_t *pos;		/* [token]: its position in its prompt */
 	double *wk, *wv;	/* [layer][kv head][wsz] */
 };
 
@@ -154,6 +156,7 @@ static void acts_free(struct acts *a)
 {
 	free(a->k);
 	free(a->v);
+	free(a->pos);
 	free(a->wk);
 	free(a->wv);
 }
@@ -232,6 +235,7 @@ static void record(struct acts *a, uint32_t l, const struct scratch *s,
 		size_t row = (size_t)l * a->cap + a->n_tok + t - n_skip;
 		const float *q = s->q + (size_t)t * hp->n_heads * hd;
 
+		a->pos[a->n_tok + t - n_skip] = t;
 		memcpy(a->k + row * a->kvd, s->k + (size_t)t * a->kvd,
 		       a->kvd * sizeof(float));
 		memcpy(a->v + row * a->kvd, s->v + (size_t)t * a->kvd,
@@ -400,9 +404,10 @@ static int measure(struct kvq_model *m, uint32_t n_skip, struct acts *a)
 	a->cap = total;
 	a->k = malloc((size_t)a->nl * total * a->kvd * sizeof(float));
 	a->v = malloc((size_t)a->nl * total * a->kvd * sizeof(float));
+	a->pos = malloc(total * sizeof(uint32_t));
 	a->wk = calloc((size_t)a->nl * a->nkv * a->wsz, sizeof(double));
 	a->wv = calloc((size_t)a->nl * a->nkv * a->wsz, sizeof(double));
-	if (!a->k || !a->v || !a->wk || !a->wv)
+	if (!a->k || !a->v || !a->pos || !a->wk || !a->wv)
 		goto out;
 	for (i = 0; i < np; i++) {
 		if (nid[i] <= n_skip)
@@ -420,6 +425,87 @@ out:
 		memset(a, 0, sizeof(*a));
 	}
 	return ret;
+}
+
+/* ---------------------------------------------------------- centring */
+
+/*
+ * Rotates each RoPE pair of one head row @x by position @p's angle (@inv:
+ * by minus it), in place, with the cos/sin of the cache
+ * (kvq_kv_rope_cs()).
+ */
+static void rope_row(const struct kvq_hparams *hp, float *x, uint32_t p,
+		     bool inv)
+{
+	uint32_t i, a, b;
+	float cs, sn;
+
+	for (i = 0; i < hp->rope_dim / 2; i++) {
+		float xa, xb;
+
+		a = hp->rope_neox ? i : 2 * i;
+		b = rope_partner(hp, a);
+		kvq_kv_rope_cs(p, i, hp->rope_dim, hp->rope_base, &cs, &sn);
+		if (inv)
+			sn = -sn;
+		xa = x[a];
+		xb = x[b];
+		x[a] = xa * cs - xb * sn;
+		x[b] = xa * sn + xb * cs;
+	}
+}
+
+/* @ctr [layer][kvd] = the mean pre-RoPE key of every head over @a's
+ * tokens: the centre kvcache.h describes. */
+static void key_centres(const struct acts *a, float *ctr)
+{
+	uint32_t l, t, h, c;
+	double *sum = calloc(a->kvd, sizeof(double));
+	float row[KVQ_KV_MAX_HEAD_DIM];
+
+	if (!sum) {
+		memset(ctr, 0, (size_t)a->nl * a->kvd * sizeof(float));
+		return;
+	}
+	for (l = 0; l < a->nl; l++) {
+		memset(sum, 0, a->kvd * sizeof(double));
+		for (t = 0; t < a->n_tok; t++) {
+			const float *k = a->k + ((size_t)l * a->cap + t) *
+					 a->kvd;
+
+			for (h = 0; h < a->nkv; h++) {
+				memcpy(row, k + h * a->hd,
+				       a->hd * sizeof(float));
+				rope_row(a->hp, row, a->pos[t], true);
+				for (c = 0; c < a->hd; c++)
+					sum[h * a->hd + c] += row[c];
+			}
+		}
+		for (c = 0; c < a->kvd; c++)
+			ctr[(size_t)l * a->kvd + c] =
+				a->n_tok ? (float)(sum[c] / a->n_tok) : 0.0f;
+	}
+	free(sum);
+}
+
+/* @a's keys as the cache stores them with centres @ctr: k - R_p c. */
+static void centre_keys(struct acts *a, const float *ctr)
+{
+	uint32_t l, t, h, c;
+	float row[KVQ_KV_MAX_HEAD_DIM];
+
+	for (l = 0; l < a->nl; l++)
+		for (t = 0; t < a->n_tok; t++) {
+			float *k = a->k + ((size_t)l * a->cap + t) * a->kvd;
+
+			for (h = 0; h < a->nkv; h++) {
+				memcpy(row, ctr + (size_t)l * a->kvd +
+				       h * a->hd, a->hd * sizeof(float));
+				rope_row(a->hp, row, a->pos[t], false);
+				for (c = 0; c < a->hd; c++)
+					k[h * a->hd + c] -= row[c];
+			}
+		}
 }
 
 /* ---------------------------------------------------------- searching */
@@ -772,19 +858,28 @@ static void plan_worker(void *arg, int i, int n)
 		plan_head(pl, j);
 }
 
-/* Relative errors of both halves from pl->cost; @after picks the column. */
-static void plan_errors(const struct plan *pl, bool after, double *k_err,
-			double *v_err)
+/*
+ * Relative errors of both halves: @pl's costs (@after picks the column)
+ * over the norms of @ref (another plan over the same tokens, or @pl).
+ */
+static void plan_errors_of(const struct plan *pl, const struct plan *ref,
+			   bool after, double *k_err, double *v_err)
 {
 	double num[2] = { 0, 0 }, den[2] = { 0, 0 };
 	uint32_t j, total = 2 * pl->a->nl * pl->a->nkv;
 
 	for (j = 0; j < total; j++) {
 		num[j % 2] += pl->cost[3 * j + (after ? 1 : 0)];
-		den[j % 2] += pl->cost[3 * j + 2];
+		den[j % 2] += ref->cost[3 * j + 2];
 	}
 	*k_err = den[0] > 0 ? sqrt(num[0] / den[0]) : 0;
 	*v_err = den[1] > 0 ? sqrt(num[1] / den[1]) : 0;
+}
+
+static void plan_errors(const struct plan *pl, bool after, double *k_err,
+			double *v_err)
+{
+	plan_errors_of(pl, pl, after, k_err, v_err);
 }
 
 /* ----------------------------------------------------------- folding */
@@ -1018,6 +1113,36 @@ static void fold_keys(struct fold *f, struct kvq_layer *L, uint8_t *bq,
 	}
 }
 
+/* Centres @ctr ([layer][kvd]) moved the way fold_keys() moves the keys. */
+static void shape_centres(const struct kvq_hparams *hp, const struct shape *sk,
+			  float *ctr)
+{
+	uint32_t hd = hp->head_dim, l, h, c;
+
+	for (l = 0; l < hp->n_layers; l++)
+		for (h = 0; h < hp->n_kv_heads; h++) {
+			const struct shape *s = &sk[l * hp->n_kv_heads + h];
+			float *x = ctr + ((size_t)l * hp->n_kv_heads + h) * hd;
+
+			for (c = 0; c < hd; c++) {
+				uint32_t p = rope_partner(hp, c);
+				double a = x[c], b = x[p];
+
+				if (p < c)
+					continue;
+				if (p != c && s->ph[c]) {
+					x[c] = (float)(cos_ph[s->ph[c]] * a -
+						       sin_ph[s->ph[c]] * b);
+					x[p] = (float)(sin_ph[s->ph[c]] * a +
+						       cos_ph[s->ph[c]] * b);
+				}
+				x[c] = ldexpf(x[c], -s->e[c]);
+				if (p != c)
+					x[p] = ldexpf(x[p], -s->e[c]);
+			}
+		}
+}
+
 /* Values of layer @l into Wv (and bv) and Wo's columns. */
 static void fold_values(struct fold *f, struct kvq_layer *L, uint8_t *bv,
 			uint8_t *bo, const struct shape *sv,
@@ -1118,6 +1243,8 @@ static bool already_folded(const struct kvq_model *m)
 {
 	uint32_t l, i, j;
 
+	if (m->kv_center)
+		return true;
 	for (l = 0; l < m->hp.n_layers; l++) {
 		const struct kvq_layer *L = &m->layers[l];
 		const void *w[] = { L->wq->host, L->wk->host, L->wv->host,
@@ -1216,6 +1343,47 @@ static void plan_free(struct plan *pl)
 	free(pl->cost);
 }
 
+/*
+ * Searches the keys again centred (kvcache.h) and keeps whichever of the
+ * two plans predicts the smaller key error: @pl's key shapes and
+ * @r->k_err_after become the centred search's when it wins, with
+ * @r->centred set and the centres (before folding) in *@ctr.  @a's keys
+ * are left centred.  Returns 0 or -ENOMEM.
+ */
+static int try_centres(struct kvq_model *m, struct plan *pl, struct acts *a,
+		       float **ctr, struct kvq_kv_smooth_report *r)
+{
+	static const uint8_t none[KVQ_KV_MAX_LAYERS];	/* values: skip */
+	struct plan pc = { .type_k = pl->type_k, .type_v = none,
+			   .rot_ok = pl->rot_ok, .v_ok = pl->v_ok,
+			   .search = true };
+	struct shape *t;
+	double k_err, v_err;
+	int ret;
+
+	*ctr = malloc((size_t)a->nl * a->kvd * sizeof(float));
+	if (!*ctr)
+		return -ENOMEM;
+	key_centres(a, *ctr);
+	centre_keys(a, *ctr);
+	ret = plan_run(m, &pc, a);
+	if (!ret) {
+		/* Errors relative to the keys themselves, not to what
+		 * is left of them once centred. */
+		plan_errors_of(&pc, pl, true, &k_err, &v_err);
+		r->k_err_centred = k_err;
+		if (k_err < r->k_err_after) {
+			t = pl->sk;
+			pl->sk = pc.sk;
+			pc.sk = t;
+			r->k_err_after = k_err;
+			r->centred = true;
+		}
+	}
+	plan_free(&pc);
+	return ret;
+}
+
 int kvq_kv_smooth_error(struct kvq_model *m, enum kvq_kv_type type_k,
 			enum kvq_kv_type type_v, double *k_err, double *v_err)
 {
@@ -1238,8 +1406,21 @@ int kvq_kv_smooth_error(struct kvq_model *m, enum kvq_kv_type type_k,
 	if (ret)
 		return ret;
 	ret = plan_run(m, &pl, &a);
-	if (!ret)
+	if (!ret && m->kv_center) {
+		/* The error of the centred keys the cache stores, relative
+		 * to the keys (as the search reports it). */
+		struct plan pc = pl;
+
+		pc.sk = pc.sv = NULL;
+		pc.cost = NULL;
+		centre_keys(&a, m->kv_center);
+		ret = plan_run(m, &pc, &a);
+		if (!ret)
+			plan_errors_of(&pc, &pl, false, k_err, v_err);
+		plan_free(&pc);
+	} else if (!ret) {
 		plan_errors(&pl, false, k_err, v_err);
+	}
 	plan_free(&pl);
 	acts_free(&a);
 	return ret;
@@ -1257,6 +1438,7 @@ int kvq_kv_smooth_apply(struct kvq_model *m, const struct kvq_kv_smooth_opts *o,
 			   .search = true };
 	char refused[384] = "";
 	struct acts a = { 0 };
+	float *ctr = NULL;
 	double t0 = now_s(), gain;
 	bool want_k, want_v, has_k, has_v;
 	size_t nh, i;
@@ -1308,6 +1490,11 @@ int kvq_kv_smooth_apply(struct kvq_model *m, const struct kvq_kv_smooth_opts *o,
 		goto out;
 	plan_errors(&pl, false, &r.k_err_before, &r.v_err_before);
 	plan_errors(&pl, true, &r.k_err_after, &r.v_err_after);
+	if (has_k && o->center) {
+		ret = try_centres(m, &pl, &a, &ctr, &r);
+		if (ret)
+			goto out;
+	}
 	gain = o->mode == KVQ_KV_SMOOTH_AUTO ? o->min_gain : ON_MIN_GAIN;
 	want_k = r.k_err_before > 0 &&
 		 r.k_err_after <= (1 - gain) * r.k_err_before;
@@ -1326,13 +1513,20 @@ int kvq_kv_smooth_apply(struct kvq_model *m, const struct kvq_kv_smooth_opts *o,
 		if (ret)
 			goto out;
 	}
+	r.centred &= want_k;
+	if (r.centred) {
+		shape_centres(hp, pl.sk, ctr);
+		m->kv_center = ctr;
+		ctr = NULL;
+	}
 	r.keys = want_k;
 	r.values = want_v;
 	if (!want_k)
 		r.rotated = false;
 	snprintf(r.why, sizeof(r.why),
-		 "%spredicted error keys %.4g -> %.4g%s, values %.4g -> %.4g%s",
+		 "%spredicted error keys %.4g -> %.4g%s%s, values %.4g -> %.4g%s",
 		 refused, r.k_err_before, r.k_err_after,
+		 r.centred ? " centred" : "",
 		 !has_k ? " (not quantized)" : want_k ? "" :
 		 " (gain too small)",
 		 r.v_err_before, r.v_err_after,
@@ -1346,15 +1540,17 @@ done:
 	if (r.n_inexact)
 		kvq_notice("KV smoothing: %u scaled weight values were rounded (they left the type's normal range)",
 			 r.n_inexact);
-	kvq_notice("KV smoothing (kv_smooth = %s): %s%s; %s; %u tokens, %.1f MiB of smoothed copies, %.3f s",
+	kvq_notice("KV smoothing (kv_smooth = %s): %s%s%s; %s; %u tokens, %.1f MiB of smoothed copies, %.3f s",
 		   kvq_kv_smooth_mode_name(o->mode), r.state,
-		   r.rotated ? ", key pairs rotated" : "", r.why, r.n_tokens,
+		   r.rotated ? ", key pairs rotated" : "",
+		   r.centred ? ", keys centred" : "", r.why, r.n_tokens,
 		   r.owned_bytes / 1048576.0, r.seconds);
 	set_last(m, &r);
 	if (rep)
 		*rep = r;
 	ret = 0;
 out:
+	free(ctr);
 	plan_free(&pl);
 	acts_free(&a);
 	return ret;
@@ -1387,6 +1583,7 @@ int kvq_kv_smooth_load(struct kvq_model *m, int mode, const char *kv_type_k,
 
 	kvq_kv_smooth_opts_default(&o);
 	o.mode = (enum kvq_kv_smooth_mode)mode;
+	o.center = !getenv("KVQ_KV_NO_CENTER");
 	/* A setting that does not parse leaves its half alone: whoever
 	 * creates the cache refuses it, with the message that fits. */
 	if (spec_types(kv_type_k, nl, o.type_k, e, sizeof(e)))

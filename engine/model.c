@@ -372,6 +372,7 @@ void kvq_model_destroy(struct kvq_model *m)
 	for (i = 0; i < m->n_owned; i++)
 		free(m->owned[i]);
 	free(m->owned);
+	free(m->kv_center);
 	free(m->layers);
 	free(m->weights);
 	kvq_tokenizer_destroy(m->tok);

@@ -147,9 +147,10 @@ char *kvq_metrics_render(const struct kvq_sched_stats *st,
 		if (kvq_kv_smooth_last(NULL, &sr)) {
 			head(f, "kvqd_kv_smoothing_info", "gauge",
 			     "Key/value smoothing folded into the weights at load (1 for the state in use).");
-			fprintf(f, "kvqd_kv_smoothing_info{mode=\"%s\",state=\"%s\",rotated=\"%s\"} 1\n",
+			fprintf(f, "kvqd_kv_smoothing_info{mode=\"%s\",state=\"%s\",rotated=\"%s\",centred=\"%s\"} 1\n",
 				kvq_kv_smooth_mode_name(sr.mode), sr.state,
-				sr.rotated ? "yes" : "no");
+				sr.rotated ? "yes" : "no",
+				sr.centred ? "yes" : "no");
 			head(f, "kvqd_kv_smoothing_error", "gauge",
 			     "Predicted relative error of the quantized KV cache on the calibration prompts, before and after smoothing.");
 			fprintf(f, "kvqd_kv_smoothing_error{half=\"k\",when=\"before\"} %.6g\n",

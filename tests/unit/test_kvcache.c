@@ -338,7 +338,146 @@ static void sink_tokens_kept_f16(void)
 	kvq_kv_destroy(c);
 }
 
-/* --------------------------------------------------- pool accounting */
+/* ---------------------------------------------------- key centring */
+
+/* R_p x for one head, by the formula of kvcache.h, written out here. */
+static void rot_head(const float *x, float *y, uint32_t d, uint32_t rd,
+		     bool neox, float base, uint32_t p)
+{
+	uint32_t i;
+
+	memcpy(y, x, d * sizeof(float));
+	for (i = 0; i < rd / 2; i++) {
+		uint32_t a = neox ? i : 2 * i, b = neox ? i + rd / 2 : 2 * i + 1;
+		double th = p * pow(base, -2.0 * i / rd);
+		float cs = (float)cos(th), sn = (float)sin(th);
+
+		y[a] = x[a] * cs - x[b] * sn;
+		y[b] = x[a] * sn + x[b] * cs;
+	}
+}
+
+/*
+ * A q4 layer with large centres: keys near R_p c are stored as k - R_p c
+ * (read back within the q4 step of what is left, far below the centre's),
+ * attention over them equals the reference over the uncentred keys, and
+ * an f16 layer of the same cache is not centred.
+ */
+static void centred_keys(uint32_t d, uint32_t rd, bool neox)
+{
+	struct kvq_kv_opts o = { .n_layers = 2, .n_kv_heads = 2,
+				 .head_dim = d, .page_tokens = 16,
+				 .n_pages = 16, .n_sink = 4, .rope_dim = rd,
+				 .rope_base = 10000.0f, .rope_neox = neox };
+	uint32_t kvd = 2 * d, n = 75, t, i, h, j;
+	float *ctr = malloc(sizeof(float) * 2 * kvd);
+	float *keys = malloc(sizeof(float) * n * kvd), *v = malloc(sizeof(float) * kvd);
+	float pre[KVQ_KV_MAX_HEAD_DIM], r[KVQ_KV_MAX_HEAD_DIM];
+	float q[2 * KVQ_KV_MAX_HEAD_DIM], out[2 * KVQ_KV_MAX_HEAD_DIM];
+	float at[2 * KVQ_KV_MAX_HEAD_DIM];
+	double rd_err = 0, ct_err = 0, att_err = 0, big = 0;
+	struct kvq_kvcache *c;
+	struct kvq_kv_seq s;
+
+	o.type_k[0] = KVQ_KV_Q4;
+	o.type_v[0] = KVQ_KV_Q8;
+	o.type_k[1] = o.type_v[1] = KVQ_KV_F16;
+	for (i = 0; i < 2 * kvd; i++)
+		ctr[i] = 10.0f * frand();
+	o.k_center = ctr;
+	if (kvq_kv_create(&o, &c)) {
+		tap_ok(0, "kvq_kv_create_centred");
+		goto out;
+	}
+	ctr[0] += 100.0f;	/* the cache holds its own copy */
+	kvq_kv_seq_init(&s);
+	kvq_kv_seq_reserve(c, &s, n);
+	for (t = 0; t < n; t++) {
+		for (h = 0; h < 2; h++) {
+			for (i = 0; i < d; i++)
+				pre[i] = ctr[h * d + i] - 100.0f * (h + i == 0) +
+					 0.5f * frand();
+			rot_head(pre, keys + t * kvd + h * d, d, rd, neox,
+				 10000.0f, t);
+		}
+		for (i = 0; i < kvd; i++)
+			v[i] = frand();
+		kvq_kv_write(c, &s, 0, t, keys + t * kvd, v);
+		kvq_kv_write(c, &s, 1, t, keys + t * kvd, v);
+	}
+	ctr[0] -= 100.0f;
+	kvq_kv_seq_commit(&s, n);
+	for (t = 0; t < n; t++) {
+		float want[2 * KVQ_KV_MAX_HEAD_DIM];
+
+		kvq_kv_center_at(c, 0, t, at);
+		for (h = 0; h < 2; h++) {
+			rot_head(ctr + h * d, want + h * d, d, rd, neox,
+				 10000.0f, t);
+			kvq_kv_read(c, &s, 0, t, h, false, r);
+			for (i = 0; i < d; i++) {
+				double e = fabs(r[i] + want[h * d + i] -
+						keys[t * kvd + h * d + i]);
+
+				rd_err = e > rd_err ? e : rd_err;
+				e = fabs(at[h * d + i] - want[h * d + i]);
+				ct_err = e > ct_err ? e : ct_err;
+				big = fabs(want[h * d + i]) > big ?
+				      fabs(want[h * d + i]) : big;
+			}
+		}
+	}
+	tap_ok(c->layers[0].center && !c->layers[1].center &&
+	       !kvq_kv_center_at(c, 1, 3, at),
+	       "key_centring_only_in_quantized_layers_hd%u", d);
+	/* q4 of what is left: |k - R_p c| < 1.3, a step of at most 0.19. */
+	tap_ok(rd_err < 0.1 && ct_err < 1e-5 && big > 5,
+	       "centred_q4_key_reads_back_k_minus_R_p_c_hd%u_rd%u%s (err %.3g, centre %.3g, R_p c %.2g)",
+	       d, rd, neox ? "_neox" : "", rd_err, big, ct_err);
+	for (i = 0; i < 2 * d; i++) {
+		q[i] = frand();
+		out[i] = NAN;
+	}
+	kvq_kv_attend(c, &s, 0, 1, q, d, 2, 0.25f, n, out, d);
+	for (j = 0; j < 2; j++) {
+		double w[128], mx = -1e300, sum = 0;
+
+		for (t = 0; t < n; t++) {
+			double sc = 0;
+
+			rot_head(ctr + d, at, d, rd, neox, 10000.0f, t);
+			kvq_kv_read(c, &s, 0, t, 1, false, r);
+			for (i = 0; i < d; i++)
+				sc += (double)q[j * d + i] * (r[i] + at[i]);
+			w[t] = sc * 0.25;
+			mx = w[t] > mx ? w[t] : mx;
+		}
+		for (t = 0; t < n; t++)
+			sum += (w[t] = exp(w[t] - mx));
+		for (i = 0; i < d; i++) {
+			double acc = 0, e;
+
+			for (t = 0; t < n; t++) {
+				kvq_kv_read(c, &s, 0, t, 1, true, r);
+				acc += w[t] * r[i];
+			}
+			e = fabs(out[j * d + i] - acc / sum);
+			att_err = !(e <= att_err) ? (isnan(e) ? INFINITY : e) :
+				  att_err;
+		}
+	}
+	tap_ok(att_err < 2e-5,
+	       "centred_attention_matches_reference_hd%u_rd%u%s (max diff %.2g)",
+	       d, rd, neox ? "_neox" : "", att_err);
+	kvq_kv_seq_release(c, &s);
+	kvq_kv_destroy(c);
+out:
+	free(ctr);
+	free(keys);
+	free(v);
+}
+
+/* ---------------------------------------------------- pool accounting */
 
 static void pool_accounting(void)
 {
@@ -491,6 +630,9 @@ int main(void)
 	round_trip_bounds();
 	attend_every_format();
 	sink_tokens_kept_f16();
+	centred_keys(8, 8, false);
+	centred_keys(64, 64, false);
+	centred_keys(64, 32, true);
 	pool_accounting();
 	shared_prefix_attention();
 	bad_options_refused();
