@@ -39,6 +39,7 @@ struct kvq_ctx_gpu {
 	int32_t *tokens, *pos, *row_seq, *slot, *bt, *seq_len, *out_rows;
 	float *cs;
 	uint64_t graph_failures;	/* seen (and logged) so far */
+	uint64_t blas_failures;		/* likewise */
 	char fallback[160];		/* kvq_ctx_gpu_fallback() */
 };
 
@@ -278,6 +279,31 @@ static void gpu_copy_page(void *arg, int32_t dst, int32_t src)
 		kvq_err("gpu: copy of KV page %d failed", src);
 }
 
+/* Logs "@what off (@why): @then" when @n failures are more than @seen,
+ * and keeps it for kvq_ctx_gpu_fallback(). */
+static void note_failures(struct kvq_ctx_gpu *g, uint64_t n, uint64_t *seen,
+			  const char *what, const char *why, const char *then)
+{
+	if (n <= *seen)
+		return;
+	*seen = n;
+	snprintf(g->fallback, sizeof(g->fallback), "%s off (%s): %s", what, why,
+		 then);
+	kvq_warn("gpu: %s", g->fallback);
+}
+
+/* What the device gave up after a failure, said once a failure. */
+static void note_fallback(struct kvq_ctx_gpu *g)
+{
+	struct kvq_gpu_stats st;
+
+	kvq_gpu_ctx_stats(g->c, &st);
+	note_failures(g, st.blas_failures, &g->blas_failures, "cuBLAS",
+		      st.blas_error, "f16 prompt products use the tiled kernel");
+	note_failures(g, st.graph_failures, &g->graph_failures, "CUDA graphs",
+		      st.graph_error, "decode launches kernel by kernel");
+}
+
 int kvq_ctx_gpu_create(struct kvq_model *m, struct kvq_kvcache *kv,
 		       uint32_t max_batch, uint32_t max_seqs, uint32_t n_ctx,
 		       struct kvq_ctx_gpu **out, char *err, size_t errlen)
@@ -341,6 +367,7 @@ int kvq_ctx_gpu_create(struct kvq_model *m, struct kvq_kvcache *kv,
 	}
 	kv->copy_page = gpu_copy_page;
 	kv->copy_arg = g;
+	note_fallback(g);
 	*out = g;
 	return 0;
 }
@@ -413,20 +440,9 @@ int kvq_ctx_gpu_step(struct kvq_ctx_gpu *g, const struct kvq_batch *b,
 	s.rope_cs = g->cs;
 	s.logits = logits;
 	ret = kvq_gpu_forward(g->c, &s, err, sizeof(err));
-	if (ret) {
+	if (ret)
 		kvq_err("gpu: %s", err);
-	} else {
-		struct kvq_gpu_stats st;
-
-		kvq_gpu_ctx_stats(g->c, &st);
-		if (st.graph_failures > g->graph_failures) {
-			g->graph_failures = st.graph_failures;
-			snprintf(g->fallback, sizeof(g->fallback),
-				 "CUDA graphs off (%s): decode launches kernel by kernel",
-				 st.graph_error);
-			kvq_warn("gpu: %s", g->fallback);
-		}
-	}
+	note_fallback(g);
 	return ret;
 }
 
@@ -448,14 +464,15 @@ void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
 
 	kvq_gpu_ctx_stats(g->c, &st);
 	snprintf(buf, len,
-		 "%llu steps (%llu as CUDA graphs, %llu graphs%s%s), decode attention: %s",
+		 "%llu steps (%llu as CUDA graphs, %llu graphs%s%s), decode attention: %s, f16 prompt products: %s",
 		 (unsigned long long)st.steps,
 		 (unsigned long long)st.graph_steps,
 		 (unsigned long long)st.graphs,
 		 st.graph_failures ? "; graphs off after a failure: " : "",
 		 st.graph_failures ? st.graph_error : "",
 		 st.decode_kernel ? "fused split-KV kernel" :
-		 "generic kernel (head_dim or page type outside the fused kernel)");
+		 "generic kernel (head_dim or page type outside the fused kernel)",
+		 st.prompt_blas ? "cuBLAS on tensor cores" : "tiled kernel");
 }
 
 const char *kvq_ctx_gpu_fallback(const struct kvq_ctx_gpu *g)

@@ -66,11 +66,16 @@
 #include <hip/hip_fp16.h>
 #define KVQ_WARP_SIZE 64
 #define KVQ_GPU_BACKEND "hip"
+/* No BLAS library is assumed on HIP hosts: f16 prompt products keep the
+ * tiled kernel (kernels/gpu_blas.h). */
+#define KVQ_GPU_BLAS 0
 #else
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #define KVQ_WARP_SIZE 32
 #define KVQ_GPU_BACKEND "cuda"
+/* cuBLAS runs f16 prompt products on tensor cores (kernels/gpu_blas.cu). */
+#define KVQ_GPU_BLAS 1
 #endif
 
 /*

@@ -18,7 +18,9 @@
  *
  * Matrix products: up to 16 tokens a warp streams a weight row with 16-byte
  * loads and dots it with every token (decode and small batches are bound by
- * weight bytes); more tokens go through a shared-memory tiled product.
+ * weight bytes); more tokens go through cuBLAS on tensor cores for f16
+ * weights (gpu_blas.cu) and through a shared-memory tiled product for the
+ * other formats, on HIP, and with KVQ_GPU_NO_CUBLAS set.
  * Kernels are launched as programmatic dependents (sm_90): each lets the
  * next one launch at its start and waits for the one before only when it
  * needs its results, so launch latency hides behind the kernel before.
@@ -36,6 +38,7 @@
 #include "kernels/attn.h"
 #include "kernels/gpu_fwd.h"
 #include "kernels/gpu_fwd_impl.h"
+#include "kernels/gpu_blas.h"
 #include "engine/kvcache.h"
 
 namespace {
@@ -582,6 +585,10 @@ struct kvq_gpu_ctx {
 	float *aws;		/* split attention partials */
 	size_t aws_bytes;
 	bool fast_decode;	/* the split-KV kernel serves every layer */
+	/* f16 products of more than MV_MAXT tokens, when stats.prompt_blas
+	 * is set (it is cleared when cuBLAS fails: the tiled kernel) */
+	struct kvq_gpu_blas *blas;
+	const char *mm_fail;	/* why a product of this step failed, or NULL */
 	bool fault_graph;	/* KVQ_GPU_FAULT=graph: instantiation fails */
 	stage_layout sl;
 	uint8_t *hstage, *dstage;
@@ -641,6 +648,7 @@ extern "C" void kvq_gpu_ctx_destroy(struct kvq_gpu_ctx *c)
 	}
 	for (i = 0; i < c->n_graphs; i++)
 		cudaGraphExecDestroy(c->graphs[i].exec);
+	kvq_gpu_blas_destroy(c->blas);
 	for (l = 0; c->kpages && l < c->g->d.n_layers; l++) {
 		cudaFree(c->kpages[l]);
 		cudaFree(c->vpages[l]);
@@ -713,6 +721,52 @@ static uint32_t len_bucket(uint32_t n, uint32_t max_ctx)
 		b *= 2;
 	(void)max_ctx;
 	return b;
+}
+
+/*
+ * cuBLAS for the products of more than MV_MAXT tokens with f16 weights,
+ * where a step can have them: unless KVQ_GPU_NO_CUBLAS is set (the tiled
+ * kernel then serves, to compare the two) or the build has no BLAS (HIP).
+ * Should cuBLAS not start, the tiled kernel serves and the stats say why
+ * (the engine logs it, kvqctl status shows it); KVQ_GPU_FAULT=cublas makes
+ * that happen, for tests.  Device memory that cannot be had fails the
+ * context, as for every other buffer.
+ */
+static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
+{
+	const struct kvq_gpu_model *g = c->g;
+	size_t i, nm = (size_t)g->d.n_layers * KVQ_GPU_M_NLAYER, bytes = 0;
+	const char *fault = getenv("KVQ_GPU_FAULT");
+	uint32_t max_ld = 0;
+	char why[256];
+	int ret;
+
+	for (i = 0; i <= nm; i++) {
+		const dmat *m = i < nm ? &g->m[i] : &g->output;
+
+		if (m->type == KVQ_GPU_W_F16 && m->ld > max_ld)
+			max_ld = m->ld;
+	}
+	if (!KVQ_GPU_BLAS || !max_ld || c->d.max_batch <= MV_MAXT ||
+	    getenv("KVQ_GPU_NO_CUBLAS"))
+		return 0;
+	if (fault && !strcmp(fault, "cublas"))
+		ret = set_err(why, sizeof(why), -EIO,
+			      "cublasCreate: injected (KVQ_GPU_FAULT=cublas)");
+	else
+		ret = kvq_gpu_blas_create(c->st, c->d.max_batch, max_ld,
+					  &c->blas, &bytes, why, sizeof(why));
+	if (ret == -ENOMEM)
+		return set_err(err, errlen, ret, "%s", why);
+	if (ret) {
+		snprintf(c->stats.blas_error, sizeof(c->stats.blas_error),
+			 "%s", why);
+		c->stats.blas_failures++;
+		return 0;
+	}
+	c->stats.prompt_blas = 1;
+	c->bytes += bytes;
+	return 0;
 }
 
 extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
@@ -882,6 +936,9 @@ extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 	if (ret)
 		goto fail;
 	c->bytes += c->aws_bytes;
+	ret = blas_setup(c, err, errlen);
+	if (ret)
+		goto fail;
 	sl = &c->sl;
 	sl->tokens = 0;
 	sl->pos = al256(sl->tokens + (size_t)B * 4);
@@ -1055,6 +1112,25 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	}
 	if (epi == EPI_SWIGLU || epi == EPI_QKV)
 		return -EINVAL;
+	/*
+	 * f16 weights go to tensor cores.  Q8/Q4 stay in the tiled kernel:
+	 * cuBLAS has no such block formats, and an f16 copy would take the
+	 * memory they save; F32 stays to stay exact.  A product cuBLAS
+	 * refuses fails the step (y may be half updated) and the tiled kernel
+	 * takes the products from then on; the stats say why.
+	 */
+	if (w.type == KVQ_GPU_W_F16 && c->stats.prompt_blas) {
+		struct kvq_gpu_blas_mm a = { &w, x, xs, y, ys, n,
+					     epi == EPI_ADD, bias };
+
+		if (!kvq_gpu_blas_mm(c->blas, &a, c->stats.blas_error,
+				     sizeof(c->stats.blas_error)))
+			return 0;
+		c->stats.prompt_blas = 0;
+		c->stats.blas_failures++;
+		c->mm_fail = c->stats.blas_error;
+		return -EIO;
+	}
 	dim3 grid((w.rows + GT - 1) / GT, (n + GT - 1) / GT);
 
 	if (w.type == KVQ_GPU_W_F16)
@@ -1086,6 +1162,7 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 	const int32_t *bt = (const int32_t *)(ds + c->sl.bt);
 	int ret;
 
+	c->mm_fail = nullptr;
 	mark(c, -1);
 	launch(embed_kernel, dim3(T), dim3(256), 0, c->st, g->embed, tok,
 	       c->x, c->xs);
@@ -1223,6 +1300,8 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 	mm(c, g->output, c->x, c->xs, c->logits, md->n_vocab, n_out,
 	   EPI_STORE, nullptr, g->out_norm, out_rows);
 	mark(c, PROF_OUTPUT);
+	if (c->mm_fail)
+		return -EIO;
 	return cudaGetLastError() == cudaSuccess ? 0 : -EIO;
 }
 
@@ -1381,6 +1460,7 @@ extern "C" int kvq_gpu_forward(struct kvq_gpu_ctx *c,
 		if (ret)
 			return set_err(err, errlen, ret,
 				       "GPU step: a kernel launch failed: %s",
+				       c->mm_fail ? c->mm_fail :
 				       cudaGetErrorString(cudaGetLastError()));
 	}
 	c->stats.steps++;

@@ -17,8 +17,11 @@
  *     two logits at that step must lie within the logit tolerance of each
  *     other (a tie broken by rounding), and the test reports where.
  * Then a continuous-batching step: three sequences, one prefilling and two
- * decoding, in one GPU step, each matching its own CPU run.  Logits buffers
- * are poisoned with NaN before every GPU step.
+ * decoding, in one GPU step, each matching its own CPU run; and a prompt
+ * whose products (more than 16 tokens) go through cuBLAS where the weights
+ * are f16, against the CPU and against the tiled kernel (KVQ_GPU_NO_CUBLAS),
+ * every row's logits.  Logits buffers are poisoned with NaN before every
+ * GPU step.
  *
  * Without a GPU: "1..0 # SKIP no GPU" and exit status 77.
  */
@@ -123,8 +126,10 @@ static int prompt_tokens(struct kvq_model *m, int32_t *tok, int cap)
 	return n < 0 ? 1 : n + 1;
 }
 
-static int one_step(struct kvq_ctx *c, int seq, const int32_t *tok, int n,
-		    float *logits)
+/* One step of @n tokens of sequence @seq; with @all, the logits of every
+ * row, else of the last. */
+static int seq_step(struct kvq_ctx *c, int seq, const int32_t *tok, int n,
+		    bool all, float *logits)
 {
 	struct kvq_batch b = { 0 };
 
@@ -132,7 +137,14 @@ static int one_step(struct kvq_ctx *c, int seq, const int32_t *tok, int n,
 	b.seq = &seq;
 	b.n_tokens = &n;
 	b.tokens = &tok;
+	b.all_logits = all;
 	return kvq_step(c, &b, logits);
+}
+
+static int one_step(struct kvq_ctx *c, int seq, const int32_t *tok, int n,
+		    float *logits)
+{
+	return seq_step(c, seq, tok, n, false, logits);
 }
 
 /* The GPU holds this model's weights exactly as the file does. */
@@ -354,6 +366,160 @@ out:
 	free(lc);
 }
 
+/* Options of a context with an f32 cache (products are what is compared),
+ * 256 positions and two sequences. */
+static void f32_cache_opts(struct kvq_ctx_opts *o,
+			   const struct kvq_hparams *hp)
+{
+	kvq_ctx_opts_default(o);
+	o->kv_type_k = KVQ_KV_F32;
+	o->kv_type_v = KVQ_KV_F32;
+	o->n_ctx = 256 < hp->ctx_len ? 256 : hp->ctx_len;
+	o->max_seqs = 2;
+}
+
+/* The GPU holds this model's matrices as f16: every type but F32, unless
+ * the 8/4-bit kernels keep Q8_0 and Q4_0. */
+static bool f16_on_gpu(struct kvq_model *m)
+{
+	const char *d = kvq_model_desc(m), *e = getenv("KVQ_GPU_WEIGHTS");
+	bool native = e && !strcmp(e, "native");
+
+	return !strstr(d, ", F32,") &&
+	       !(native && (strstr(d, ", Q8_0,") || strstr(d, ", Q4_0,")));
+}
+
+/* max over rows of max|a - b| / max|ref| in that row */
+static float rows_diff(const float *a, const float *b, const float *ref,
+		       int rows, uint32_t V)
+{
+	float worst = 0.0f;
+	int r;
+
+	for (r = 0; r < rows; r++) {
+		size_t o = (size_t)r * V;
+		float s = max_abs(ref + o, V);
+		float d = max_diff(a + o, b + o, V) / (s > 0 ? s : 1);
+
+		if (d > worst)
+			worst = d;
+	}
+	return worst;
+}
+
+#define BLAS_A 100	/* prompt tokens, then */
+#define BLAS_B 37	/* more of the same sequence */
+
+/*
+ * The products of a prompt (more than 16 tokens): through cuBLAS where the
+ * GPU holds f16 weights in a CUDA build, through the tiled kernel with
+ * KVQ_GPU_NO_CUBLAS set, and through the tiled kernel again when cuBLAS is
+ * made to fail at creation (KVQ_GPU_FAULT=cublas), which the context must
+ * say.  Every row's logits against the CPU's, with an f32 cache: within
+ * 1e-4 where the weights reach the GPU unchanged (1e-2 where they become
+ * f16); cuBLAS against the tiled kernel (the same f16 weights) within
+ * 1e-4 always: rounding the activations to f16 would cost 2^-11 per
+ * element, the split into two halves about 2^-22.
+ */
+static void blas_case(struct kvq_model *m, const char *mname)
+{
+	static const struct {
+		const char *name, *env, *val;
+	} runs[] = {
+		{ "default", NULL, NULL },
+		{ "KVQ_GPU_NO_CUBLAS=1", "KVQ_GPU_NO_CUBLAS", "1" },
+		{ "KVQ_GPU_FAULT=cublas", "KVQ_GPU_FAULT", "cublas" },
+	};
+	const struct kvq_hparams *hp = kvq_model_hparams(m);
+	uint32_t V = hp->n_vocab, i;
+	size_t nl = (size_t)(BLAS_A + BLAS_B) * V;
+	float *lc = malloc(nl * sizeof(float)), *lg = malloc(nl * sizeof(float));
+	float *l0 = malloc(nl * sizeof(float));
+	float tol = exact_weights(m) ? 1e-4f : 1e-2f;
+	bool blas = false;
+	struct kvq_ctx_opts o;
+	struct kvq_ctx *cc = NULL;
+	int32_t tok[BLAS_A + BLAS_B];
+	char err[256], desc[512];
+	int r, sq;
+
+#ifdef KVQ_HAVE_CUDA
+	blas = true;		/* HIP builds have no cuBLAS */
+#endif
+	blas = blas && f16_on_gpu(m);
+	f32_cache_opts(&o, hp);
+	for (i = 0; i < BLAS_A + BLAS_B; i++)
+		tok[i] = (int32_t)((i * 29 + 5) % V);
+	poison(l0, nl);	/* a first run that fails fails the others */
+	if (o.n_ctx < BLAS_A + BLAS_B ||
+	    kvq_ctx_create(m, &o, &cc, err, sizeof(err))) {
+		tap_ok(0, "%s prompt products: CPU context: %s", mname,
+		       o.n_ctx < BLAS_A + BLAS_B ? "context too short" : err);
+		goto out;
+	}
+	sq = kvq_seq_create(cc);
+	if (seq_step(cc, sq, tok, BLAS_A, true, lc) ||
+	    seq_step(cc, sq, tok + BLAS_A, BLAS_B, true,
+		     lc + (size_t)BLAS_A * V)) {
+		tap_ok(0, "%s prompt products: CPU steps failed", mname);
+		goto out;
+	}
+	for (r = 0; r < 3; r++) {
+		struct kvq_ctx *gc = NULL;
+		const char *fb;
+		float worst, vs0 = 0.0f;
+		bool said, ok;
+		int ret;
+
+		if (runs[r].env)
+			setenv(runs[r].env, runs[r].val, 1);
+		o.device = KVQ_CTX_GPU;
+		ret = kvq_ctx_create(m, &o, &gc, err, sizeof(err));
+		if (runs[r].env)
+			unsetenv(runs[r].env);
+		if (ret) {
+			tap_ok(0, "%s prompt products (%s): context: %s", mname,
+			       runs[r].name, err);
+			continue;
+		}
+		sq = kvq_seq_create(gc);
+		poison(lg, nl);
+		ret = seq_step(gc, sq, tok, BLAS_A, true, lg) ||
+		      seq_step(gc, sq, tok + BLAS_A, BLAS_B, true,
+			       lg + (size_t)BLAS_A * V);
+		worst = rows_diff(lg, lc, lc, BLAS_A + BLAS_B, V);
+		fb = kvq_ctx_fallback(gc);
+		kvq_ctx_describe(gc, desc, sizeof(desc));
+		tap_diag("%s (%s): %s%s%s", mname, runs[r].name, desc,
+			 fb ? "; fallback: " : "", fb ? fb : "");
+		if (r == 0) {
+			memcpy(l0, lg, nl * sizeof(float));
+			said = !fb && strstr(desc, blas ? "cuBLAS on tensor cores" :
+					     "prompt products: tiled kernel");
+		} else {
+			vs0 = rows_diff(lg, l0, lc, BLAS_A + BLAS_B, V);
+			said = strstr(desc, "prompt products: tiled kernel") &&
+			       (r == 1 || !blas ? !fb :
+				fb && strstr(fb, "cuBLAS off"));
+		}
+		ok = !ret && worst <= tol && said && vs0 <= 1e-4f;
+		tap_ok(ok, "%s: a prompt of %d + %d tokens, %s: %s, every row's logits within %g of the CPU's (worst %.3g)%s",
+		       mname, BLAS_A, BLAS_B, runs[r].name,
+		       r == 0 && blas ? "cuBLAS" : "tiled kernel", tol, worst,
+		       r == 0 ? "" : vs0 <= 1e-4f ? ", and within 1e-4 of the first run's" :
+		       ", NOT within 1e-4 of the first run's");
+		if (!said)
+			tap_diag("%s (%s): the context does not say what it should (cuBLAS expected: %s)",
+				 mname, runs[r].name, blas ? "yes" : "no");
+		kvq_ctx_destroy(gc);
+	}
+out:
+	kvq_ctx_destroy(cc);
+	free(lc);
+	free(lg);
+	free(l0);
+}
+
 #ifdef KVQ_ATTN_GPU
 /*
  * Decode while no CUDA graph can be made: first with instantiation made
@@ -380,11 +546,7 @@ static void no_graph_case(struct kvq_model *m, const char *mname, int real)
 	int32_t tok[128];
 	int n, i, a, c, ret = 0, refused = 0;
 
-	kvq_ctx_opts_default(&o);
-	o.kv_type_k = KVQ_KV_F32;
-	o.kv_type_v = KVQ_KV_F32;
-	o.n_ctx = 256 < hp->ctx_len ? 256 : hp->ctx_len;
-	o.max_seqs = 2;
+	f32_cache_opts(&o, hp);
 	if (!real)
 		setenv("KVQ_GPU_FAULT", "graph", 1);
 	if (kvq_ctx_create(m, &o, &cc, err, sizeof(err)) ||
@@ -510,6 +672,7 @@ int main(int argc, char **argv)
 				greedy_case(m, name, &kvsets[k]);
 			batch_case(m, name);
 			fork_case(m, name);
+			blas_case(m, name);
 #ifdef KVQ_ATTN_GPU
 			if (i == 1 && !pass) {
 				no_graph_case(m, name, 0);

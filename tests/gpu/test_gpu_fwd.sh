@@ -2,7 +2,8 @@
 # test_gpu_fwd.sh - runs tests/gpu/test_gpu_fwd under automake's TAP driver
 # over the bundled model, stories260K and small random models that take the
 # other paths (head_dim 128 for the fused decode kernel, Q8_0 and Q4_0
-# weights kept 8/4-bit, Q4_K converted to f16, qwen2's biases and neox RoPE).
+# weights kept 8/4-bit, Q4_K converted to f16, qwen2's biases and neox RoPE,
+# F16 weights with rows of 200 columns: cuBLAS over padded rows).
 #
 # Without a GPU the program prints "1..0 # SKIP no GPU" and exits 77, which
 # becomes 0 here (the TAP driver reports the plan as SKIP).
@@ -28,6 +29,10 @@ python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
 	--layers 2 --heads 4 --kv-heads 1 --ffn 1024 --ctx 1024 --seed 8 &&
 python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
 	--out "$tmp/llama-q4k.gguf" --arch llama --type Q4_K --dim 256 \
-	--layers 2 --heads 4 --kv-heads 4 --ffn 768 --ctx 1024 --seed 9 ||
+	--layers 2 --heads 4 --kv-heads 4 --ffn 768 --ctx 1024 --seed 9 &&
+python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
+	--out "$tmp/llama-f16.gguf" --arch llama --type F16 --dim 256 \
+	--layers 2 --heads 4 --kv-heads 2 --ffn 200 --ctx 1024 --seed 10 ||
 	exit 1
-"$prog" "$@" "$tmp/llama-q8.gguf" "$tmp/qwen2-q4.gguf" "$tmp/llama-q4k.gguf"
+"$prog" "$@" "$tmp/llama-q8.gguf" "$tmp/qwen2-q4.gguf" "$tmp/llama-q4k.gguf" \
+	"$tmp/llama-f16.gguf"
