@@ -312,6 +312,7 @@ int kvq_ctx_gpu_create(struct kvq_model *m, struct kvq_kvcache *kv,
 	struct kvq_gpu_ctx_desc d = { 0 };
 	uint8_t tk[KVQ_KV_MAX_LAYERS], tv[KVQ_KV_MAX_LAYERS];
 	size_t kpb[KVQ_KV_MAX_LAYERS], vpb[KVQ_KV_MAX_LAYERS];
+	const float *ctr[KVQ_KV_MAX_LAYERS];
 	struct kvq_ctx_gpu *g;
 	uint32_t l;
 	int ret;
@@ -332,6 +333,18 @@ int kvq_ctx_gpu_create(struct kvq_model *m, struct kvq_kvcache *kv,
 		tv[l] = kv->layers[l].v.type;
 		kpb[l] = kv->layers[l].k.page_bytes;
 		vpb[l] = kv->layers[l].v.page_bytes;
+		ctr[l] = kv->layers[l].center;
+		if (ctr[l])
+			d.k_center = ctr;
+	}
+	/* The device turns the centres with the model's RoPE. */
+	if (d.k_center && (kv->o.rope_dim != hp->rope_dim ||
+			   kv->o.rope_base != hp->rope_base ||
+			   kv->o.rope_neox != hp->rope_neox)) {
+		snprintf(err, errlen,
+			 "the KV cache's key centres use another RoPE than the model");
+		kvq_ctx_gpu_destroy(g);
+		return -EINVAL;
 	}
 	d.max_batch = max_batch;
 	d.max_seqs = max_seqs;

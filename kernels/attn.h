@@ -152,6 +152,15 @@ struct kvq_gpu_append_args {
 	 * may differ in the last float bit in rare cases).
 	 */
 	const float *rope_cs;
+	/*
+	 * Key centring (engine/kvcache.h), or NULL: this layer's centres,
+	 * [n_kv_heads][head_dim] f32 on the device, pre-RoPE.  R_pos c,
+	 * rotated with the key's own cos and sin (rope_cs, or the kernel's
+	 * angles), is subtracted from each rotated key before it is
+	 * quantized and before its f16 sink copy, as kvq_kv_write() does
+	 * for a layer whose kvq_kv_layer.center is set.
+	 */
+	const float *k_center;
 };
 
 /* kvq_gpu_attn_append() - launch the append on @stream.  Returns 0 once
@@ -174,7 +183,8 @@ static inline int kvq_gpu_attn_append(const struct kvq_gpu_append_args *a,
  * belongs to batch entry row_seq[r] and attends causally over its
  * positions [0, row_pos[r]].  Serves every page type and head sizes 8 to
  * 256 (a power of two) with up to 16 query heads per KV head (8 at 256):
- * prompts, and decode where kvq_gpu_attn_decode() does not apply.  q and
+ * prompts, and decode where kvq_gpu_attn_decode() does not apply (also
+ * every layer with centred keys: that kernel has no centring).  q and
  * out are f32, q already rotated; sink and block table as for decode.
  */
 struct kvq_gpu_split_args {
@@ -194,6 +204,20 @@ struct kvq_gpu_split_args {
 	uint32_t max_len;	/* host bound on row_pos + 1 (split plan) */
 	float *workspace;	/* kvq_gpu_attn_split_workspace_bytes() */
 	size_t workspace_bytes;
+	/*
+	 * Key centring (engine/kvcache.h), or NULL: the centres the append
+	 * took off this layer's keys ([n_kv_heads][head_dim] f32, device).
+	 * Each score then gets scale * (q . R_p c) back, with RoPE's
+	 * rope_dim (even, <= head_dim; 0: no channel rotated), rope_base and
+	 * layout, cos and sin of position p computed on the device in double
+	 * as kvq_kv_rope_cs() does.  Centred layers take kernels of their
+	 * own that read the page types at run time (slower than the typed
+	 * ones at head_dim 64 and 128).
+	 */
+	const float *k_center;
+	uint32_t rope_dim;
+	float rope_base;
+	int rope_neox;
 };
 
 /* Device scratch for up to @max_rows rows; 0 for a shape the kernel does

@@ -8,7 +8,8 @@
  * written equal those of the CPU path (kvq_kv_write() after the engine's
  * RoPE): the same float operations in the same order, no contraction into
  * fused multiply-adds, IEEE division, roundf, and the f16 conversions
- * rounding to nearest even.
+ * rounding to nearest even.  Key centring (engine/kvcache.h) takes R_pos c
+ * off each rotated key in the same way.
  *
  * A warp serves one KV head of one row at a time; lane L owns channels
  * 4L..4L+3 of each 128-channel slice, so a 32-channel scale group is 8
@@ -42,6 +43,7 @@ struct aparams {
 	int rope_dim, neox;
 	float base;
 	const float *cs;
+	const float *ctr;	/* key centres [hk][d], or NULL */
 };
 
 __device__ __forceinline__ int rbytes(int t, int d)
@@ -138,6 +140,17 @@ __device__ __forceinline__ float2 rope_cs(const aparams &p, int row, int pos,
 	return make_float2((float)cos(th), (float)sin(th));
 }
 
+/*
+ * Element of pair (x0, x1) rotated by (cos, sin) @e, the first or the
+ * second: each product rounded on its own and never fused, as the CPU's
+ * RoPE (and its centring, kvcache.c) computes it.
+ */
+__device__ __forceinline__ float rot(float x0, float x1, float2 e, bool first)
+{
+	return first ? __fsub_rn(__fmul_rn(x0, e.x), __fmul_rn(x1, e.y)) :
+		       __fadd_rn(__fmul_rn(x0, e.y), __fmul_rn(x1, e.x));
+}
+
 __global__ void __launch_bounds__(NWA * 32) append_kernel(aparams p)
 {
 	__shared__ float buf[NWA][MAX_D];
@@ -168,6 +181,8 @@ __global__ void __launch_bounds__(NWA * 32) append_kernel(aparams p)
 			uint16_t *scales = (uint16_t *)(pg + (size_t)p.hk * p.P * rb) +
 					   r * (p.d / p.group);
 			size_t in = (size_t)row * kvd + (size_t)h * p.d;
+			const float *ctr = p.ctr ? p.ctr + (size_t)h * p.d :
+					       nullptr;
 
 			for (int c = lane; c < p.d; c += 32)
 				buf[w][c] = p.in_f16 ?
@@ -199,11 +214,17 @@ __global__ void __launch_bounds__(NWA * 32) append_kernel(aparams p)
 							b = a + 1;
 						}
 						float2 e = rope_cs(p, row, pos, j);
-						float x0 = buf[w][a], x1 = buf[w][b];
 
-						v = first ?
-						    __fsub_rn(__fmul_rn(x0, e.x), __fmul_rn(x1, e.y)) :
-						    __fadd_rn(__fmul_rn(x0, e.y), __fmul_rn(x1, e.x));
+						v = rot(buf[w][a], buf[w][b], e,
+							first);
+						/* Key centring: k - R_pos c,
+						 * c turned by the key's angle. */
+						if (ctr)
+							v = __fsub_rn(v,
+								rot(ctr[a], ctr[b],
+								    e, first));
+					} else if (on && ctr && !half) {
+						v = __fsub_rn(v, ctr[ch]);
 					}
 					x[i] = v;
 				}
@@ -270,6 +291,7 @@ extern "C" int kvq_gpu_attn_append(const struct kvq_gpu_append_args *a,
 	p.neox = a->rope_neox != 0;
 	p.base = a->rope_base;
 	p.cs = a->rope_cs;
+	p.ctr = a->k_center;
 	/* One warp per KV head and half of a row: a decode step is a few
 	 * rows, so the launch is latency. */
 	dim3 grid(a->n_rows, (2 * a->n_kv_heads + NWA - 1) / NWA);

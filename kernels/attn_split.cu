@@ -14,6 +14,15 @@
  * runs in f32 (base 2).  Blocks take slices of a row's positions
  * (splits); a second kernel merges the slices.  The plain-C twin is
  * kvq_kv_attend().
+ *
+ * Key centring (engine/kvcache.h): where the pages hold k - R_p c, each
+ * score gets q . R_p c back.  Per query head and rotated pair i (channels
+ * a, b) that is A_i cos(p th_i) + B_i sin(p th_i) with A_i = q_a c_a +
+ * q_b c_b and B_i = q_b c_a - q_a c_b, plus q_j c_j over the channels RoPE
+ * leaves alone; A, B and that sum are made once per block, the cos and sin
+ * of each position in double (the CPU's angles).  Kernels of their own
+ * (page types read at run time) have it, so that the others keep their
+ * registers.
  */
 #include <errno.h>
 #include <math.h>
@@ -31,6 +40,7 @@ constexpr int ATT_MAXG = 16;	/* query heads per KV head (8 at 256) */
 constexpr int ATT_HC = 8;	/* query heads one block serves, at most */
 constexpr int ATT_MAX_SPLITS = 128;
 constexpr int ATT_MAX_BLOCKS = 8192;	/* split blocks of one launch, about */
+constexpr int ATT_CTR = -2;	/* page types "any, keys centred" */
 
 struct kvhalf {
 	const uint8_t *pages;
@@ -55,7 +65,60 @@ struct attp {
 	float scale;		/* softmax scale times log2(e) */
 	uint32_t n_splits;
 	float *ws;		/* partial results when n_splits > 1 */
+	const float *ctr;	/* key centres [nkv][D], or NULL */
+	uint32_t rope_dim;
+	int neox;
+	float base;
 };
+
+/*
+ * A block's key-centring terms in shared memory: ab[g * (D + 1) + 2i] is
+ * A_i and + 2i + 1 B_i of query head g (q scaled as the block's scores),
+ * ab[g * (D + 1) + D] the unrotated channels' sum; fr[i] pair i's angle
+ * per position.
+ */
+struct ctrs {
+	const float *ab;
+	const double *fr;
+	uint32_t half;		/* rotated pairs */
+};
+
+/*
+ * Adds this lane's share of q . R_t c to @s (every query head) for
+ * position @t: pairs ci, ci + L, ... (at most four, as D/2 = 4L), and on
+ * lane 0 of the position the unrotated channels' sum.  The butterfly
+ * over the position's L lanes completes it.
+ */
+template <int D, int MG>
+__device__ __forceinline__ void center_score(const ctrs &cz, uint32_t t,
+					     uint32_t ci, float (&s)[MG])
+{
+	constexpr uint32_t L = D / 8;
+
+	/* Rolled: four inlined double sincos cost registers the scores
+	 * need. */
+#pragma unroll 1
+	for (uint32_t k = 0; k < 4; k++) {
+		uint32_t i = ci + k * L;
+		double sn, cn;
+
+		if (i >= cz.half)
+			break;
+		/* kvq_kv_rope_cs(): the angle in double, cos and sin each
+		 * rounded to float. */
+		sincos((double)t * cz.fr[i], &sn, &cn);
+		float c = (float)cn, sf = (float)sn;
+
+#pragma unroll
+		for (int g = 0; g < MG; g++)
+			s[g] += cz.ab[g * (D + 1) + 2 * i] * c +
+				cz.ab[g * (D + 1) + 2 * i + 1] * sf;
+	}
+	if (ci == 0)
+#pragma unroll
+		for (int g = 0; g < MG; g++)
+			s[g] += cz.ab[g * (D + 1) + D];
+}
 
 /*
  * Eight channels of one row as loaded: up to 32 bytes (f32 uses all of
@@ -200,13 +263,14 @@ __device__ __forceinline__ void l2_page(const kvhalf &k, size_t pg,
  * One chunk of a warp: U steps of PP positions from t0 (below a1), each
  * position's row read by L lanes (this lane: channels c0..c0+7, position
  * gi of a step).  SINK: the positions are sink tokens, read from the f16
- * copies of the quantized halves.
+ * copies of the quantized halves.  CT: the keys are centred (@cz).
  */
-template <int D, int MG, int U, bool SINK>
+template <int D, int MG, int U, bool SINK, bool CT>
 __device__ __forceinline__ void chunk(const attp &p, int kt, int vt,
 				      uint32_t t0, uint32_t a1, uint32_t gi,
 				      uint32_t c0, uint32_t kh,
 				      const int32_t *bt, const __half *sinkb,
+				      const ctrs &cz,
 				      const float (&qf)[MG][8], float (&m)[MG],
 				      float (&l)[MG], float (&acc)[MG][8])
 {
@@ -264,6 +328,8 @@ __device__ __forceinline__ void chunk(const attp &p, int kt, int vt,
 				x = fmaf(qf[g][j], kf[j], x);
 			s[u][g] = ok ? x * d : -INFINITY;
 		}
+		if (CT && ok)
+			center_score<D, MG>(cz, t0 + u * PP + gi, c0 / 8, s[u]);
 	}
 #pragma unroll
 	for (int o = 1; o < L; o <<= 1)
@@ -311,6 +377,48 @@ __device__ __forceinline__ void chunk(const attp &p, int kt, int vt,
 }
 
 /*
+ * The key-centring terms of query heads h0..h0+Gc-1 (KV head @kh) of @row
+ * into @sh (shared, 8-byte aligned, at least D + MG * (D + 1) floats), as
+ * struct ctrs describes; the block's threads all call it (it ends with a
+ * barrier).
+ */
+template <int D, int MG>
+__device__ ctrs center_terms(const attp &p, uint32_t row, uint32_t kh,
+			     uint32_t h0, uint32_t Gc, float *sh)
+{
+	double *fr = (double *)sh;
+	float *ab = sh + D;	/* after D/2 doubles */
+	const float *cc = p.ctr + (size_t)kh * D;
+	const float *q = p.q + (size_t)row * p.qs + (size_t)h0 * D;
+	uint32_t half = p.rope_dim / 2, tid = threadIdx.x, x;
+
+	for (x = tid; x < half; x += blockDim.x)
+		fr[x] = pow((double)p.base, -2.0 * x / p.rope_dim);
+	for (x = tid; x < MG * half; x += blockDim.x) {
+		uint32_t g = x / half, i = x % half;
+		uint32_t a = p.neox ? i : 2 * i;
+		uint32_t b = p.neox ? i + half : 2 * i + 1;
+		float qa = 0.0f, qb = 0.0f;
+
+		if (g < Gc) {
+			qa = q[(size_t)g * D + a] * p.scale;
+			qb = q[(size_t)g * D + b] * p.scale;
+		}
+		ab[g * (D + 1) + 2 * i] = qa * cc[a] + qb * cc[b];
+		ab[g * (D + 1) + 2 * i + 1] = qb * cc[a] - qa * cc[b];
+	}
+	for (x = tid; x < MG; x += blockDim.x) {
+		float k = 0.0f;
+
+		for (uint32_t j = p.rope_dim; x < Gc && j < D; j++)
+			k += q[(size_t)x * D + j] * p.scale * cc[j];
+		ab[x * (D + 1) + D] = k;
+	}
+	__syncthreads();
+	return ctrs{ ab, fr, half };
+}
+
+/*
  * Split-KV attention: block (split, KV head and head block, row) covers
  * one slice of the row's positions [0, pos] for up to MG query heads of
  * that KV head.  A position's head row is read by L = D/8 lanes, eight
@@ -330,9 +438,11 @@ attn_split_kernel(attp p)
 	constexpr int PP = 32 / L;		/* positions per step */
 	constexpr int U = steps<KT, VT>();	/* steps per chunk */
 	constexpr int CH = U * PP;		/* positions per chunk */
+	constexpr bool CT = KT == ATT_CTR;	/* centred keys */
 	const int kt = KT >= 0 ? KT : p.k.type, vt = VT >= 0 ? VT : p.v.type;
 	__shared__ float wm[4][MG], wl[4][MG];
-	__shared__ float wo[4][MG][D];
+	/* Also the key-centring terms (struct ctrs) until the end. */
+	__shared__ __align__(8) float wo[4][MG][D];
 	uint32_t split = blockIdx.x, row = blockIdx.z;
 	uint32_t kh = blockIdx.y / p.n_hc, hc = blockIdx.y % p.n_hc;
 	uint32_t tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
@@ -348,6 +458,7 @@ attn_split_kernel(attp p)
 			      (const __half *)p.sink[b] : nullptr;
 	bool ksq = kt >= KVQ_KV_Q8, vsq = vt >= KVQ_KV_Q8;
 	float qf[MG][8], m[MG], l[MG], acc[MG][8];
+	ctrs cz = { nullptr, nullptr, 0 };
 
 	kvq_pdl_trigger();	/* the merge or the next product may start */
 	/* The block's pages stream into L2 while the append before ends
@@ -388,16 +499,21 @@ attn_split_kernel(attp p)
 			qf[g][7] = y.w * p.scale;
 		}
 	}
+	if (CT)
+		cz = center_terms<D, MG>(p, row, kh, h0, Gc, &wo[0][0][0]);
 	/* Sink tokens of quantized halves first (split 0, the first
 	 * chunk), then the pages. */
 	uint32_t ns = sinkb && (ksq || vsq) ? min(p.n_sink, a1) : 0;
 
 	for (uint32_t t0 = a0 + w * CH; t0 < ns; t0 += 4 * CH)
-		chunk<D, MG, U, true>(p, kt, vt, t0, ns, gi, c0, kh, bt, sinkb,
-				      qf, m, l, acc);
+		chunk<D, MG, U, true, CT>(p, kt, vt, t0, ns, gi, c0, kh, bt,
+					  sinkb, cz, qf, m, l, acc);
 	for (uint32_t t0 = max(a0, ns) + w * CH; t0 < a1; t0 += 4 * CH)
-		chunk<D, MG, U, false>(p, kt, vt, t0, a1, gi, c0, kh, bt,
-				       sinkb, qf, m, l, acc);
+		chunk<D, MG, U, false, CT>(p, kt, vt, t0, a1, gi, c0, kh, bt,
+					   sinkb, cz, qf, m, l, acc);
+	/* wo held the centring terms: every warp is done with them. */
+	if (CT)
+		__syncthreads();
 	/* The warp's position groups merge into lanes 0..L-1. */
 #pragma unroll
 	for (int g = 0; g < MG; g++) {
@@ -525,13 +641,15 @@ __global__ void __launch_bounds__(256) attn_merge_kernel(attp p, uint32_t D)
 	/* D = 256 takes one part; its channels beyond 256 threads: none. */
 }
 
-template <int D, int MG>
+/* The kernel for any page types (ANY -1), or for centred keys of any
+ * page types (ATT_CTR). */
+template <int D, int MG, int ANY = -1>
 void attn_any(const attp &p, dim3 grid, cudaStream_t st)
 {
 	/* A dependent of the append: its prologue overlaps that
 	 * kernel's end. */
-	kvq_launch(p.pdl, attn_split_kernel<D, MG, -1, -1>, grid, dim3(128), 0,
-		   st, p);
+	kvq_launch(p.pdl, attn_split_kernel<D, MG, ANY, ANY>, grid, dim3(128),
+		   0, st, p);
 }
 
 /* The common shapes (head_dim 64 and 128, 3 to 8 query heads per KV
@@ -579,7 +697,16 @@ void attn_go(const attp &p, dim3 grid, uint32_t G, cudaStream_t st)
 {
 	typedef attn_pick<D, D == 64 || D == 128> pick;
 
-	if (G == 1)
+	if (p.ctr) {
+		if (G == 1)
+			attn_any<D, 1, ATT_CTR>(p, grid, st);
+		else if (G == 2)
+			attn_any<D, 2, ATT_CTR>(p, grid, st);
+		else if (G <= 4)
+			attn_any<D, 4, ATT_CTR>(p, grid, st);
+		else
+			attn_any<D, ATT_HC, ATT_CTR>(p, grid, st);
+	} else if (G == 1)
 		attn_any<D, 1>(p, grid, st);
 	else if (G == 2)
 		attn_any<D, 2>(p, grid, st);
@@ -660,6 +787,9 @@ extern "C" int kvq_gpu_attn_split(const struct kvq_gpu_split_args *a,
 	    a->k_type > KVQ_KV_Q4 || a->v_type < KVQ_KV_F32 ||
 	    a->v_type > KVQ_KV_Q4)
 		return -EOPNOTSUPP;
+	if (a->k_center && (a->rope_dim % 2 || a->rope_dim > D ||
+			    (a->rope_dim && !(a->rope_base > 0.0f))))
+		return -EINVAL;
 	S = n_splits(a->n_rows, a->n_kv_heads * (G <= 4 ? 1 :
 			(G + ATT_HC - 1) / ATT_HC), a->max_len);
 	if (S > 1 && a->workspace_bytes <
@@ -693,6 +823,10 @@ extern "C" int kvq_gpu_attn_split(const struct kvq_gpu_split_args *a,
 	p.n_hc = G <= 4 ? 1 : (G + ATT_HC - 1) / ATT_HC;
 	p.n_splits = S;
 	p.ws = a->workspace;
+	p.ctr = a->k_center;
+	p.rope_dim = a->rope_dim;
+	p.neox = a->rope_neox != 0;
+	p.base = a->rope_base;
 	dim3 grid(S, a->n_kv_heads * p.n_hc, a->n_rows);
 
 	switch (D) {

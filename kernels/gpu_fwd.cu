@@ -574,6 +574,8 @@ struct kvq_gpu_ctx {
 	uint8_t *type_k, *type_v;
 	size_t *kpb, *vpb;
 	uint8_t **kpages, **vpages;	/* per layer */
+	float *ctr;		/* key centres on the device, or NULL */
+	const float **kctr;	/* per layer: into ctr, or NULL (not centred) */
 	uint16_t *sinks;	/* [slot][layer][k|v][n_sink][kvd] */
 	size_t sink_per_slot;	/* elements */
 	cudaStream_t st;
@@ -675,6 +677,8 @@ extern "C" void kvq_gpu_ctx_destroy(struct kvq_gpu_ctx *c)
 		cudaStreamDestroy(c->st);
 	free(c->kpages);
 	free(c->vpages);
+	cudaFree(c->ctr);
+	free(c->kctr);
 	free(c->type_k);
 	free(c->type_v);
 	free(c->kpb);
@@ -769,6 +773,36 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 	return 0;
 }
 
+/* Device copies of the key centres of the layers that have them
+ * (kvq_gpu_ctx_desc.k_center), made here: a step never allocates. */
+static int upload_centers(struct kvq_gpu_ctx *c, const float *const *ctr,
+			  char *err, size_t errlen)
+{
+	const struct kvq_gpu_model_desc *md = &c->g->d;
+	size_t kvd = (size_t)md->n_kv_heads * md->head_dim;
+	uint32_t L = md->n_layers, l;
+	int ret;
+
+	c->kctr = (const float **)calloc(L, sizeof(*c->kctr));
+	if (!c->kctr)
+		return set_err(err, errlen, -ENOMEM, "out of memory");
+	ret = dalloc((void **)&c->ctr, L * kvd * 4, "key centres", err, errlen);
+	if (ret)
+		return ret;
+	c->bytes += L * kvd * 4;
+	for (l = 0; l < L; l++) {
+		if (!ctr[l])
+			continue;
+		if (cudaMemcpy(c->ctr + l * kvd, ctr[l], kvd * 4,
+			       cudaMemcpyHostToDevice) != cudaSuccess)
+			return set_err(err, errlen, -EIO,
+				       "cannot copy the key centres to the device: %s",
+				       cudaGetErrorString(cudaGetLastError()));
+		c->kctr[l] = c->ctr + l * kvd;
+	}
+	return 0;
+}
+
 extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 				  const struct kvq_gpu_ctx_desc *d,
 				  struct kvq_gpu_ctx **out, char *err,
@@ -828,6 +862,7 @@ extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 	c->d.type_v = c->type_v;
 	c->d.k_page_bytes = c->kpb;
 	c->d.v_page_bytes = c->vpb;
+	c->d.k_center = nullptr;	/* the caller's; c->kctr from here on */
 	{
 		cudaError_t e = cudaStreamCreateWithFlags(&c->st,
 							  cudaStreamNonBlocking);
@@ -855,6 +890,11 @@ extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 		if (ret)
 			goto fail;
 		c->bytes += (c->kpb[l] + c->vpb[l]) * d->n_pages;
+	}
+	if (d->k_center) {
+		ret = upload_centers(c, d->k_center, err, errlen);
+		if (ret)
+			goto fail;
 	}
 	c->sink_per_slot = (size_t)L * 2 * d->n_sink * kvd;
 	if (d->n_sink) {
@@ -1172,6 +1212,7 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		float *const *v = &g->v[(size_t)l * KVQ_GPU_V_NLAYER];
 		uint16_t *const *lsink = c->d.n_sink ?
 			sinkp + (size_t)l * c->d.max_seqs : nullptr;
+		const float *lctr = c->kctr ? c->kctr[l] : nullptr;
 		struct kvq_gpu_append_args ap;
 
 		if (T <= MV_MAXT && !md->rope_neox) {
@@ -1226,11 +1267,13 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		ap.rope_base = md->rope_base > 0.0f ? md->rope_base : 10000.0f;
 		ap.rope_neox = md->rope_neox;
 		ap.rope_cs = cs;
+		ap.k_center = lctr;
 		ret = kvq_gpu_attn_append(&ap, c->st);
 		if (ret)
 			return ret;
 		mark(c, PROF_APPEND);
-		if (decode && c->fast_decode) {
+		/* The fused decode kernel has no key centring. */
+		if (decode && c->fast_decode && !lctr) {
 			struct kvq_gpu_attn_args a;
 
 			decode_args(c, l, n_seqs, bucket, &a);
@@ -1274,6 +1317,10 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 			sa.max_len = bucket;
 			sa.workspace = c->aws;
 			sa.workspace_bytes = c->aws_bytes;
+			sa.k_center = lctr;
+			sa.rope_dim = md->rope_dim;
+			sa.rope_base = md->rope_base;
+			sa.rope_neox = md->rope_neox;
 			ret = kvq_gpu_attn_split(&sa, c->st);
 			if (ret)
 				return ret;

@@ -41,6 +41,13 @@
  * split-KV cases). */
 static uint32_t g_hd = HD;
 
+/* Key centring of the caches build() makes: centres [kv head][g_hd] and
+ * the RoPE they turn with, or g_ctr NULL (see struct centring). */
+static const float *g_ctr;
+static uint32_t g_rope_dim;
+static int g_neox;
+static float g_base;
+
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 
 static uint32_t rnd(void)
@@ -99,6 +106,10 @@ static struct kvq_kvcache *build(int kt, int vt, uint32_t hk, uint32_t P,
 	o.n_sink = n_sink;
 	o.type_k[0] = (uint8_t)kt;
 	o.type_v[0] = (uint8_t)vt;
+	o.k_center = g_ctr;
+	o.rope_dim = g_rope_dim;
+	o.rope_base = g_base;
+	o.rope_neox = g_neox;
 	if (!k || !v || kvq_kv_create(&o, &c)) {
 		free(k);
 		free(v);
@@ -354,6 +365,89 @@ out_host:
 	return 0;
 }
 
+/* ---------------------------------------------------------- centring */
+
+/*
+ * Key centring of a case (engine/kvcache.h): centres uniform in [-cmag,
+ * cmag), ten times the keys' spread or more, so that a correction left
+ * out moves scores (and stored bytes) far beyond any tolerance; RoPE over
+ * rope_dim channels (0: all of them) with base (0: 10000), neox or
+ * adjacent pairs.  cmag 0: not centred.
+ */
+struct centring {
+	float cmag;
+	uint32_t rope_dim;
+	int neox;
+	float base;
+};
+
+#define NO_CENTRING { 0.0f, 0, 0, 0.0f }
+
+/*
+ * Random centres of @ce for @hk KV heads of g_hd channels, also set as
+ * the centring of the caches build() makes until centring_off().  NULL
+ * when @ce is not centred; *@fail set when out of memory.
+ */
+static float *centring_on(const struct centring *ce, uint32_t hk, int *fail)
+{
+	size_t n = (size_t)hk * g_hd, i;
+	float *c;
+
+	*fail = 0;
+	if (!ce->cmag)
+		return NULL;
+	c = malloc(n * sizeof(float));
+	if (!c) {
+		*fail = 1;
+		return NULL;
+	}
+	for (i = 0; i < n; i++)
+		c[i] = ce->cmag * frand();
+	g_ctr = c;
+	g_rope_dim = ce->rope_dim ? ce->rope_dim : g_hd;
+	g_neox = ce->neox;
+	g_base = ce->base ? ce->base : 10000.0f;
+	return c;
+}
+
+static void centring_off(float *c)
+{
+	free(c);
+	g_ctr = NULL;
+	g_rope_dim = 0;
+	g_neox = 0;
+	g_base = 0.0f;
+}
+
+/* The case's centring in words for the test names into @buf ("" when
+ * not centred). */
+static void centring_desc(const struct centring *ce, char *buf, size_t len)
+{
+	if (!ce->cmag)
+		snprintf(buf, len, "%s", "");
+	else
+		snprintf(buf, len, " centred x%g rope %u/%u %s base %g",
+			 ce->cmag, ce->rope_dim ? ce->rope_dim : g_hd, g_hd,
+			 ce->neox ? "neox" : "adjacent",
+			 ce->base ? ce->base : 10000.0f);
+}
+
+/*
+ * Device copy of layer 0's centres of host cache @c, the way the engine
+ * hands them over (kvq_kv_layer.center: set only where K is q8/q4).
+ * Returns 0 with *@out NULL when the layer is not centred, -1 on failure.
+ */
+static int centring_dev(const struct kvq_kvcache *c, void **out)
+{
+	size_t n = (size_t)c->o.n_kv_heads * c->o.head_dim * sizeof(float);
+
+	*out = NULL;
+	if (!c->layers[0].center)
+		return 0;
+	*out = kvq_test_gpu_alloc(n);
+	return *out && !kvq_test_gpu_put(*out, c->layers[0].center, n) ? 0 : -1;
+}
+
 /* ---------------------------------------------------------- split-KV */
 
 struct scase {
@@ -362,6 +456,7 @@ struct scase {
 	uint32_t hd, hq, hk, P, n_sink, batch;
 	uint32_t lens[4];
 	uint32_t rows;		/* query rows per sequence, the last ones */
+	struct centring ce;
 };
 
 /*
@@ -370,6 +465,12 @@ struct scase {
  * decode), f32 queries and output.  The kernel's arithmetic is f32
  * throughout (codes times scales, as the host), so the bound is f32
  * rounding of sums over up to 32K positions: 2e-5 * max|V| + 1e-6.
+ * With centred keys each score also carries q . R_p c, summed in another
+ * order than the host's (pairs' A cos + B sin against q . (R_p c) with
+ * R_p c rounded per channel): a score may differ by a few units in the
+ * last place of S = scale * sum |q_j c_j|, and the output by twice that
+ * times max|V|, so the bound grows by 2e-6 * S (S is printed; a missing
+ * correction errs by O(S)).
  */
 static void run_split(const struct scase *tc)
 {
@@ -380,14 +481,18 @@ static void run_split(const struct scase *tc)
 	uint32_t D = tc->hd, gqa = tc->hq / tc->hk, b, h, r, n_rows = 0;
 	uint32_t maxl = 0, qs = tc->hq * D + 8;
 	int32_t rseq[64], rpos[64];
-	size_t nq, i, bad = 0, nan = 0, wsb;
-	float *q = NULL, *ref = NULL, *got = NULL, *gotb = NULL;
+	size_t nq, i, j, bad = 0, nan = 0, wsb;
+	float *q = NULL, *ref = NULL, *got = NULL, *gotb = NULL, *ctr;
 	void *dq = NULL, *dout = NULL, *ws = NULL, *dseq = NULL, *dpos = NULL;
-	double maxerr = 0.0;
-	char why[256] = "";
-	int ret, same = 1;
+	void *dctr = NULL;
+	double maxerr = 0.0, smax = 0.0, tol = 2e-5 + 1e-6;
+	float scale = 1.0f / sqrtf((float)D);
+	char why[256] = "", cd[96];
+	int ret, same = 1, fail;
 
 	g_hd = D;
+	centring_desc(&tc->ce, cd, sizeof(cd));
+	ctr = centring_on(&tc->ce, tc->hk, &fail);
 	for (b = 0; b < tc->batch; b++) {
 		if (tc->lens[b] > maxl)
 			maxl = tc->lens[b];
@@ -400,20 +505,34 @@ static void run_split(const struct scase *tc)
 		}
 	}
 	nq = (size_t)n_rows * qs;
-	c = build(tc->kt, tc->vt, tc->hk, tc->P, tc->n_sink, tc->batch,
-		  tc->lens, 1.0f, s);
+	c = fail ? NULL : build(tc->kt, tc->vt, tc->hk, tc->P, tc->n_sink,
+				tc->batch, tc->lens, 1.0f, s);
 	q = malloc(nq * 4);
 	ref = calloc(nq, 4);
 	got = malloc(nq * 4);
 	gotb = malloc(nq * 4);
 	if (!c || !q || !ref || !got || !gotb) {
-		tap_ok(0, "split %s: host set-up", tc->name);
+		tap_ok(0, "split %s%s: host set-up", tc->name, cd);
 		goto out_host;
 	}
 	for (i = 0; i < nq; i++)
 		q[i] = frand();
-	if (dev_put(&d, c, s, tc->batch, tc->lens)) {
-		tap_ok(0, "split %s: device set-up", tc->name);
+	/* The largest centring term a score carries, for the bound. */
+	for (r = 0; c->layers[0].center && r < n_rows; r++)
+		for (h = 0; h < tc->hq; h++) {
+			const float *qh = q + (size_t)r * qs + (size_t)h * D;
+			const float *ch = c->layers[0].center +
+					  (size_t)(h / gqa) * D;
+			double sum = 0.0;
+
+			for (j = 0; j < D; j++)
+				sum += fabs((double)qh[j] * ch[j]);
+			if (sum * scale > smax)
+				smax = sum * scale;
+		}
+	tol += 2e-6 * smax;
+	if (dev_put(&d, c, s, tc->batch, tc->lens) || centring_dev(c, &dctr)) {
+		tap_ok(0, "split %s%s: device set-up", tc->name, cd);
 		goto out_dev;
 	}
 	memset(&a, 0, sizeof(a));
@@ -435,6 +554,10 @@ static void run_split(const struct scase *tc)
 	a.head_dim = D;
 	a.page_tokens = tc->P;
 	a.max_len = maxl;
+	a.k_center = dctr;
+	a.rope_dim = c->o.rope_dim;
+	a.rope_base = c->o.rope_base;
+	a.rope_neox = c->o.rope_neox;
 	wsb = kvq_gpu_attn_split_workspace_bytes(n_rows, tc->hq, tc->hk, D);
 	dq = kvq_test_gpu_alloc(nq * 4);
 	dout = kvq_test_gpu_alloc(nq * 4);
@@ -445,7 +568,7 @@ static void run_split(const struct scase *tc)
 	    kvq_test_gpu_put(dq, q, nq * 4) ||
 	    kvq_test_gpu_put(dseq, rseq, n_rows * 4) ||
 	    kvq_test_gpu_put(dpos, rpos, n_rows * 4)) {
-		tap_ok(0, "split %s: device buffers", tc->name);
+		tap_ok(0, "split %s%s: device buffers", tc->name, cd);
 		goto out_dev;
 	}
 	a.q = dq;
@@ -458,7 +581,8 @@ static void run_split(const struct scase *tc)
 		kvq_test_gpu_fill(dout, 0xff, nq * 4);	/* NaN */
 		ret = kvq_gpu_attn_split(&a, NULL);
 		if (ret || kvq_test_gpu_sync(why, sizeof(why))) {
-			tap_ok(0, "split %s: launch (%d %s)", tc->name, ret, why);
+			tap_ok(0, "split %s%s: launch (%d %s)", tc->name, cd,
+			       ret, why);
 			goto out_dev;
 		}
 		kvq_test_gpu_get(run ? gotb : got, dout, nq * 4);
@@ -468,8 +592,8 @@ static void run_split(const struct scase *tc)
 			size_t off = (size_t)r * qs + (size_t)h * gqa * D;
 
 			kvq_kv_attend(c, &s[rseq[r]], 0, h, q + off, D, gqa,
-				      1.0f / sqrtf((float)D),
-				      (uint32_t)rpos[r] + 1, ref + off, D);
+				      scale, (uint32_t)rpos[r] + 1, ref + off,
+				      D);
 		}
 	for (r = 0; r < n_rows; r++)
 		for (i = 0; i < (size_t)tc->hq * D; i++) {
@@ -478,16 +602,18 @@ static void run_split(const struct scase *tc)
 
 			if (isnan(got[k]))
 				nan++;
-			else if (e > 2e-5 + 1e-6)
+			else if (e > tol)
 				bad++;
 			if (e > maxerr)
 				maxerr = e;
 			if (memcmp(&got[k], &gotb[k], 4))
 				same = 0;
 		}
-	tap_ok(!bad && !nan, "kvq_gpu_attn_split_%s_%s_%s_d%u_g%u (%u rows, "
-	       "max err %.2e, %zu over tolerance, %zu unwritten)", tc->name,
-	       tn(tc->kt), tn(tc->vt), D, gqa, n_rows, maxerr, bad, nan);
+	tap_ok(!bad && !nan, "kvq_gpu_attn_split_%s_%s_%s_d%u_g%u (P %u, sinks "
+	       "%u, %u rows, max len %u%s; max err %.2e, bound %.2e, S %.3g, "
+	       "%zu over, %zu unwritten)", tc->name, tn(tc->kt), tn(tc->vt),
+	       D, gqa, tc->P, tc->n_sink, n_rows, maxl, cd, maxerr, tol, smax,
+	       bad, nan);
 	tap_ok(same, "kvq_gpu_attn_split_%s_%s_%s_d%u_g%u_repeatable",
 	       tc->name, tn(tc->kt), tn(tc->vt), D, gqa);
 out_dev:
@@ -496,6 +622,7 @@ out_dev:
 	kvq_test_gpu_free(ws);
 	kvq_test_gpu_free(dseq);
 	kvq_test_gpu_free(dpos);
+	kvq_test_gpu_free(dctr);
 	dev_free(&d);
 out_host:
 	if (c) {
@@ -507,6 +634,7 @@ out_host:
 	free(ref);
 	free(got);
 	free(gotb);
+	centring_off(ctr);
 	g_hd = HD;
 }
 
@@ -517,36 +645,60 @@ struct acase {
 	int kt, vt;
 	uint32_t rope_dim;
 	int neox, table, in_f16;
+	uint32_t hd;		/* 0: HD */
+	struct centring ce;	/* its rope_dim, neox and base: the case's */
 };
 
+/*
+ * kvq_gpu_attn_append() of two new rows for each of four sequences (one
+ * empty, one in a sink, one at a page end, one long) against the engine's
+ * rotation and kvq_kv_write() of the same rows: the K and V pools and the
+ * sink copies must be equal byte for byte.  With centring the host cache
+ * and the kernel take R_pos c off each rotated key (centres ten times the
+ * keys: a missing or wrong correction changes nearly every byte).
+ */
 static void run_append(const struct acase *tc)
 {
 	enum { B = 4, NEW = 2 };
 	const uint32_t hk = 8, P = 16, n_sink = 4;
+	const uint32_t D = tc->hd ? tc->hd : HD;
 	uint32_t lens[B] = { 0, 3, 15, 40 }, b, j, r, nrows = B * NEW;
 	struct kvq_kv_seq s[B];
-	struct kvq_kvcache *c;
+	struct kvq_kvcache *c = NULL;
 	struct kvq_gpu_append_args a;
 	struct dev d;
-	size_t kvd = (size_t)hk * HD, kb, vb, sinkn, i, diff = 0;
+	struct centring ce = tc->ce;
+	size_t kvd = (size_t)hk * D, kb, vb, sinkn, i, diff = 0;
 	float *kr = malloc(nrows * kvd * 4), *vr = malloc(nrows * kvd * 4);
-	float *cs = malloc((size_t)nrows * HD * 4), *tmp = malloc(kvd * 4);
+	float *cs = malloc((size_t)nrows * D * 4), *tmp = malloc(kvd * 4);
+	float *ctr;
 	uint16_t *k16 = malloc(nrows * kvd * 2), *v16 = malloc(nrows * kvd * 2);
 	int32_t rseq[B * NEW], rpos[B * NEW];
 	uint32_t upos[B * NEW];
 	void *dk = NULL, *dv = NULL, *dseq = NULL, *dpos = NULL, *dcs = NULL;
+	void *dctr = NULL;
 	uint8_t *back = NULL;
-	char why[256] = "";
-	int ret;
+	char why[256] = "", cd[96];
+	int ret, fail;
 
-	c = build(tc->kt, tc->vt, hk, P, n_sink, B, lens, 1.0f, s);
+	g_hd = D;
+	ce.rope_dim = tc->rope_dim;
+	ce.neox = tc->neox;
+	ce.base = 10000.0f;
+	centring_desc(&ce, cd, sizeof(cd));
+	ctr = centring_on(&ce, hk, &fail);
+	if (!fail)
+		c = build(tc->kt, tc->vt, hk, P, n_sink, B, lens, 1.0f, s);
 	if (!c || !kr || !vr || !cs || !tmp || !k16 || !v16) {
-		tap_ok(0, "append %s: host set-up", tc->name);
+		tap_ok(0, "append %s%s: host set-up", tc->name, cd);
 		goto out_host;
 	}
+	if (ctr && !c->layers[0].center)
+		snprintf(cd, sizeof(cd), " centres given, %s keys stay as they are",
+			 tn(tc->kt));
 	for (b = 0; b < B; b++)
 		if (kvq_kv_seq_reserve(c, &s[b], NEW)) {
-			tap_ok(0, "append %s: reserve", tc->name);
+			tap_ok(0, "append %s%s: reserve", tc->name, cd);
 			goto out_host;
 		}
 	for (r = 0; r < nrows; r++) {
@@ -573,8 +725,8 @@ static void run_append(const struct acase *tc)
 	kvq_attn_ref_rope_table(upos, nrows, tc->rope_dim ? tc->rope_dim : 2,
 				10000.0f, cs);
 	/* The device gets the cache as it is before the append. */
-	if (dev_put(&d, c, s, B, lens)) {
-		tap_ok(0, "append %s: device set-up", tc->name);
+	if (dev_put(&d, c, s, B, lens) || centring_dev(c, &dctr)) {
+		tap_ok(0, "append %s%s: device set-up", tc->name, cd);
 		goto out_dev;
 	}
 	kb = c->layers[0].k.page_bytes * c->o.n_pages;
@@ -584,7 +736,7 @@ static void run_append(const struct acase *tc)
 	dv = kvq_test_gpu_alloc(nrows * kvd * 4);
 	dseq = kvq_test_gpu_alloc(sizeof(rseq));
 	dpos = kvq_test_gpu_alloc(sizeof(rpos));
-	dcs = kvq_test_gpu_alloc((size_t)nrows * HD * 4);
+	dcs = kvq_test_gpu_alloc((size_t)nrows * D * 4);
 	back = malloc(kb > vb ? kb : vb);
 	if (!dk || !dv || !dseq || !dpos || !dcs || !back ||
 	    kvq_test_gpu_put(dk, tc->in_f16 ? (void *)k16 : (void *)kr,
@@ -594,7 +746,7 @@ static void run_append(const struct acase *tc)
 	    kvq_test_gpu_put(dseq, rseq, sizeof(rseq)) ||
 	    kvq_test_gpu_put(dpos, rpos, sizeof(rpos)) ||
 	    kvq_test_gpu_put(dcs, cs, (size_t)nrows * (tc->rope_dim / 2) * 8)) {
-		tap_ok(0, "append %s: device buffers", tc->name);
+		tap_ok(0, "append %s%s: device buffers", tc->name, cd);
 		goto out_dev;
 	}
 	memset(&a, 0, sizeof(a));
@@ -615,21 +767,24 @@ static void run_append(const struct acase *tc)
 	a.sink = (uint16_t *const *)d.sinkv;
 	a.n_sink = n_sink;
 	a.n_kv_heads = hk;
-	a.head_dim = HD;
+	a.head_dim = D;
 	a.page_tokens = P;
 	a.rope_dim = tc->rope_dim;
 	a.rope_base = 10000.0f;
 	a.rope_neox = tc->neox;
 	a.rope_cs = tc->table ? dcs : NULL;
+	a.k_center = dctr;
 	ret = kvq_gpu_attn_append(&a, NULL);
 	if (ret || kvq_test_gpu_sync(why, sizeof(why))) {
-		tap_ok(0, "append %s: launch (%d %s)", tc->name, ret, why);
+		tap_ok(0, "append %s%s: launch (%d %s)", tc->name, cd, ret,
+		       why);
 		goto out_dev;
 	}
-	/* The twin: the engine's rotation, then kvq_kv_write(). */
+	/* The twin: the engine's rotation, then kvq_kv_write() (which
+	 * centres the key where the layer is centred). */
 	for (r = 0; r < nrows; r++) {
 		memcpy(tmp, kr + r * kvd, kvd * 4);
-		kvq_attn_ref_rope(tmp, hk, HD, tc->rope_dim, tc->neox,
+		kvq_attn_ref_rope(tmp, hk, D, tc->rope_dim, tc->neox,
 				  cs + (size_t)r * (tc->rope_dim / 2) * 2);
 		kvq_kv_write(c, &s[rseq[r]], 0, upos[r], tmp, vr + r * kvd);
 	}
@@ -644,14 +799,18 @@ static void run_append(const struct acase *tc)
 		for (j = 0; j < sinkn * 2; j++)
 			diff += back[j] != ((uint8_t *)s[b].sink)[j];
 	}
-	tap_ok(diff == 0, "kvq_gpu_attn_append_%s_%s_%s_bytes_equal (%zu bytes differ)",
-	       tc->name, tn(tc->kt), tn(tc->vt), diff);
+	tap_ok(diff == 0, "kvq_gpu_attn_append_%s%s_%s_%s_d%u_bytes_equal (rope "
+	       "%u %s, %s angles, %s input%s; %zu bytes differ)", tc->name,
+	       ctr ? "_centred" : "", tn(tc->kt), tn(tc->vt), D, tc->rope_dim,
+	       tc->neox ? "neox" : "adjacent", tc->table ? "host" : "device",
+	       tc->in_f16 ? "f16" : "f32", cd, diff);
 out_dev:
 	kvq_test_gpu_free(dk);
 	kvq_test_gpu_free(dv);
 	kvq_test_gpu_free(dseq);
 	kvq_test_gpu_free(dpos);
 	kvq_test_gpu_free(dcs);
+	kvq_test_gpu_free(dctr);
 	dev_free(&d);
 out_host:
 	if (c) {
@@ -666,6 +825,8 @@ out_host:
 	free(tmp);
 	free(k16);
 	free(v16);
+	centring_off(ctr);
+	g_hd = HD;
 }
 
 static void args_rejected(void)
@@ -693,6 +854,28 @@ static void args_rejected(void)
 	       "kvq_gpu_attn_decode_heads_not_multiple_rejected");
 }
 
+/* Centring parameters the split kernel cannot follow (checked before any
+ * pointer is used: the centres here are a host address). */
+static void split_center_args_rejected(void)
+{
+	float ctr[64] = { 0 };
+	struct kvq_gpu_split_args a = {
+		.n_rows = 1, .n_q_heads = 8, .n_kv_heads = 4, .head_dim = 64,
+		.page_tokens = 16, .k_type = KVQ_KV_Q4, .v_type = KVQ_KV_Q4,
+		.k_center = ctr, .rope_dim = 63, .rope_base = 10000.0f,
+	};
+
+	tap_ok(kvq_gpu_attn_split(&a, NULL) == -EINVAL,
+	       "kvq_gpu_attn_split_center_odd_rope_dim_rejected");
+	a.rope_dim = 128;
+	tap_ok(kvq_gpu_attn_split(&a, NULL) == -EINVAL,
+	       "kvq_gpu_attn_split_center_rope_dim_over_head_dim_rejected");
+	a.rope_dim = 64;
+	a.rope_base = 0.0f;
+	tap_ok(kvq_gpu_attn_split(&a, NULL) == -EINVAL,
+	       "kvq_gpu_attn_split_center_without_rope_base_rejected");
+}
+
 int main(void)
 {
 	static const int types[3] = { KVQ_KV_F16, KVQ_KV_Q8, KVQ_KV_Q4 };
@@ -701,13 +884,14 @@ int main(void)
 		{ KVQ_KV_Q8, KVQ_KV_Q8 }, { KVQ_KV_F16, KVQ_KV_F16 },
 	};
 	char why[256] = "";
-	int i, j;
+	int i, j, k;
 
 	if (kvq_test_gpu_count(why, sizeof(why)) <= 0) {
 		printf("1..0 # SKIP no GPU (%s)\n", why);
 		return 77;
 	}
 	args_rejected();
+	split_center_args_rejected();
 
 	/* Every pair: ragged batch, tokens below and across page ends,
 	 * sinks, Llama-3-8B-like heads. */
@@ -760,24 +944,25 @@ int main(void)
 			for (j = 0; j < 4; j++) {
 				struct scase tc = { "pairs", all[i], all[j], 64,
 						    32, 8, 16, 4, 3,
-						    { 1, 300, 17 }, 1 };
+						    { 1, 300, 17 }, 1,
+						    NO_CENTRING };
 				run_split(&tc);
 			}
 		for (i = 0; i < 6; i++) {
 			uint32_t D = dims[i];
 			struct scase cases[] = {
 				{ "decode_gqa4", KVQ_KV_Q4, KVQ_KV_Q4, D, 32, 8,
-				  16, 4, 3, { 5000, 33, 1 }, 1 },
+				  16, 4, 3, { 5000, 33, 1 }, 1, NO_CENTRING },
 				{ "decode_gqa1", KVQ_KV_Q8, KVQ_KV_Q4, D, 4, 4,
-				  16, 4, 2, { 700, 16 }, 1 },
+				  16, 4, 2, { 700, 16 }, 1, NO_CENTRING },
 				{ "decode_gqa2", KVQ_KV_F16, KVQ_KV_Q8, D, 8, 4,
-				  16, 0, 2, { 129, 64 }, 1 },
+				  16, 0, 2, { 129, 64 }, 1, NO_CENTRING },
 				{ "prompt_gqa8", KVQ_KV_Q8, KVQ_KV_Q8, D, 32, 4,
-				  16, 4, 2, { 40, 9 }, 12 },
+				  16, 4, 2, { 40, 9 }, 12, NO_CENTRING },
 				{ "decode_gqa16", KVQ_KV_Q4, KVQ_KV_Q8, D, 64, 4,
-				  16, 4, 1, { 1000 }, 1 },
+				  16, 4, 1, { 1000 }, 1, NO_CENTRING },
 				{ "page20_gqa6", KVQ_KV_Q4, KVQ_KV_Q4, D, 24, 4,
-				  20, 4, 2, { 333, 41 }, 3 },
+				  20, 4, 2, { 333, 41 }, 3, NO_CENTRING },
 			};
 			for (j = 0; j < (int)(sizeof(cases) / sizeof(cases[0])); j++) {
 				if (D == 256 && cases[j].hq / cases[j].hk > 8)
@@ -787,29 +972,123 @@ int main(void)
 		}
 		{
 			struct scase tc = { "long", KVQ_KV_Q4, KVQ_KV_Q4, 64, 32,
-					    8, 16, 4, 2, { 32768, 8190 }, 1 };
+					    8, 16, 4, 2, { 32768, 8190 }, 1,
+					    NO_CENTRING };
 			run_split(&tc);
+		}
+	}
+
+	/*
+	 * Split-KV over centred keys: every score gets q . R_p c back.  The
+	 * quantized K pairs at head sizes 8, 32 and 64 (at 64 with 4 and 8
+	 * query heads a KV head: shapes of the typed kernels, which must
+	 * hand centred layers to the generic one), decode and prompt rows,
+	 * sinks, pages of 16 and 20 tokens, both pair layouts and two RoPE
+	 * bases; then contexts of 32K (angles up to 32767 rad), RoPE over
+	 * part of the head, GQA 1 and 16, no sinks, f16 V, head sizes 16,
+	 * 128 and 256.
+	 */
+	{
+		static const int cpairs[3][2] = {
+			{ KVQ_KV_Q4, KVQ_KV_Q4 }, { KVQ_KV_Q8, KVQ_KV_Q4 },
+			{ KVQ_KV_Q8, KVQ_KV_Q8 },
+		};
+		static const uint32_t cdims[3] = { 8, 32, 64 };
+		const int Q4 = KVQ_KV_Q4, Q8 = KVQ_KV_Q8, F16 = KVQ_KV_F16;
+
+		for (i = 0; i < 3; i++)
+			for (j = 0; j < 3; j++) {
+				int kt = cpairs[i][0], vt = cpairs[i][1];
+				uint32_t D = cdims[j];
+				struct scase cases[] = {
+					{ "ctr_decode_gqa4", kt, vt, D, 16, 4, 16,
+					  4, 3, { 700, 33, 1 }, 1,
+					  { 10.0f, 0, 0, 0.0f } },
+					{ "ctr_prompt_gqa2_page20", kt, vt, D, 8,
+					  4, 20, 4, 2, { 45, 9 }, 12,
+					  { 10.0f, 0, 1, 0.0f } },
+					{ "ctr_decode_gqa8_page20", kt, vt, D, 32,
+					  4, 20, 3, 2, { 1000, 21 }, 1,
+					  { 10.0f, 0, 1, 500000.0f } },
+				};
+				for (k = 0; k < (int)(sizeof(cases) / sizeof(cases[0])); k++)
+					run_split(&cases[k]);
+			}
+		{
+			struct scase cases[] = {
+				{ "ctr_long", Q4, Q4, 64, 32, 4, 16, 4, 2,
+				  { 32768, 20000 }, 1, { 10.0f, 0, 1, 500000.0f } },
+				{ "ctr_long_d8", Q8, Q4, 8, 8, 4, 16, 4, 1,
+				  { 32768 }, 3, { 10.0f, 0, 0, 0.0f } },
+				{ "ctr_long_d32", Q4, Q4, 32, 8, 4, 20, 4, 1,
+				  { 32000 }, 2, { 10.0f, 0, 1, 0.0f } },
+				{ "ctr_partial_rope_neox", Q8, Q8, 64, 16, 4, 16, 4,
+				  2, { 300, 50 }, 5, { 10.0f, 32, 1, 0.0f } },
+				{ "ctr_partial_rope_adjacent", Q4, Q4, 32, 8, 2, 20,
+				  4, 2, { 90, 7 }, 4, { 10.0f, 16, 0, 0.0f } },
+				{ "ctr_partial_rope_d8", Q8, Q4, 8, 8, 4, 16, 4, 1,
+				  { 200 }, 2, { 10.0f, 4, 1, 0.0f } },
+				{ "ctr_gqa1", Q4, Q8, 32, 4, 4, 16, 4, 2, { 500, 3 },
+				  1, { 10.0f, 0, 0, 0.0f } },
+				{ "ctr_gqa16", Q4, Q4, 64, 64, 4, 16, 4, 1, { 1000 },
+				  2, { 10.0f, 0, 1, 0.0f } },
+				{ "ctr_no_sinks", Q8, Q4, 32, 8, 4, 16, 0, 2,
+				  { 129, 64 }, 1, { 10.0f, 0, 0, 0.0f } },
+				{ "ctr_v_f16", Q4, F16, 64, 16, 4, 16, 4, 2,
+				  { 300, 17 }, 1, { 10.0f, 0, 0, 0.0f } },
+				{ "ctr_d16", Q8, Q4, 16, 12, 2, 16, 4, 2, { 400, 5 },
+				  3, { 10.0f, 0, 1, 0.0f } },
+				{ "ctr_d128_gqa4", Q4, Q4, 128, 32, 8, 16, 4, 2,
+				  { 2000, 40 }, 1, { 10.0f, 0, 1, 0.0f } },
+				{ "ctr_d256_gqa8", Q4, Q8, 256, 16, 2, 16, 4, 1,
+				  { 500 }, 2, { 10.0f, 0, 0, 0.0f } },
+			};
+			for (i = 0; i < (int)(sizeof(cases) / sizeof(cases[0])); i++)
+				run_split(&cases[i]);
 		}
 	}
 
 	for (i = 0; i < 3; i++)
 		for (j = 0; j < 3; j++) {
 			struct acase tc = { "adjacent_table", types[i], types[j],
-					    HD, 0, 1, 0 };
+					    HD, 0, 1, 0, 0, NO_CENTRING };
 			run_append(&tc);
 		}
-	for (i = 0; i < 4; i++) {
-		int kt = main_pairs[i][0], vt = main_pairs[i][1];
-		struct acase cases[] = {
-			{ "neox_table", kt, vt, HD, 1, 1, 0 },
-			{ "neox_partial64", kt, vt, 64, 1, 1, 0 },
-			{ "adjacent_partial32_f16_in", kt, vt, 32, 0, 1, 1 },
-			{ "adjacent_device_angles", kt, vt, HD, 0, 0, 0 },
-			{ "neox_device_angles", kt, vt, HD, 1, 0, 0 },
-		};
-		for (j = 0; j < (int)(sizeof(cases) / sizeof(cases[0])); j++)
-			run_append(&cases[j]);
-	}
+	/* Each case twice: as it is, and with centred keys, where R_pos c
+	 * comes off each rotated key and its sink copy as kvq_kv_write()
+	 * does (f16 keys stay as they are, as in the engine). */
+	for (k = 0; k < 2; k++)
+		for (i = 0; i < 4; i++) {
+			int kt = main_pairs[i][0], vt = main_pairs[i][1];
+			struct acase cases[] = {
+				{ "neox_table", kt, vt, HD, 1, 1, 0, 0,
+				  NO_CENTRING },
+				{ "neox_partial64", kt, vt, 64, 1, 1, 0, 0,
+				  NO_CENTRING },
+				{ "adjacent_partial32_f16_in", kt, vt, 32, 0, 1,
+				  1, 0, NO_CENTRING },
+				{ "adjacent_device_angles", kt, vt, HD, 0, 0, 0,
+				  0, NO_CENTRING },
+				{ "neox_device_angles", kt, vt, HD, 1, 0, 0, 0,
+				  NO_CENTRING },
+				{ "neox_table", kt, vt, 64, 1, 1, 0, 64,
+				  NO_CENTRING },
+				{ "adjacent_table", kt, vt, 32, 0, 1, 0, 32,
+				  NO_CENTRING },
+				{ "neox_partial16_device_angles", kt, vt, 16, 1,
+				  0, 0, 32, NO_CENTRING },
+				{ "adjacent_table", kt, vt, 8, 0, 1, 0, 8,
+				  NO_CENTRING },
+				{ "neox_device_angles", kt, vt, 8, 1, 0, 0, 8,
+				  NO_CENTRING },
+				{ "adjacent_partial4_f16_in", kt, vt, 4, 0, 1, 1,
+				  8, NO_CENTRING },
+			};
+			for (j = 0; j < (int)(sizeof(cases) / sizeof(cases[0])); j++) {
+				cases[j].ce.cmag = k ? 20.0f : 0.0f;
+				run_append(&cases[j]);
+			}
+		}
 	return tap_done();
 }
 #else /* !KVQ_ATTN_GPU */

@@ -23,6 +23,9 @@
  * every row's logits.  Logits buffers are poisoned with NaN before every
  * GPU step.
  *
+ * Key centring: the greedy and batch cases again with random key centres
+ * on the model (center_case()).
+ *
  * Without a GPU: "1..0 # SKIP no GPU" and exit status 77.
  */
 #include "config.h"
@@ -38,6 +41,7 @@
 #include "engine/kvcache.h"
 #include "engine/log.h"
 #include "engine/model.h"
+#include "engine/model_impl.h"
 #include "engine/tokenizer.h"
 #include "kernels/attn.h"
 #include "kernels/gpu.h"
@@ -520,6 +524,47 @@ out:
 	free(l0);
 }
 
+/*
+ * Key centring (engine/kvcache.h): with centres on the model
+ * (m->kv_center, where kvsmooth.c puts them; random ones in [-1, 1) unless
+ * the model has its own, so that a score missing q . R_p c moves by about
+ * a key's size), the CPU and GPU contexts centre their q8/q4 and q8/q8
+ * caches alike and the logits agree as without centring: greedy_case()'s
+ * prompt and 120 decode steps (head_dim 128 layers leave the fused decode
+ * kernel for the split one) and batch_case()'s step of a prompt and two
+ * decodes.  The model keeps the centres (it frees them).
+ */
+static void center_case(struct kvq_model *m, const char *mname)
+{
+	static const struct kvset sets[] = {
+		{ "q8/q4 centred", KVQ_KV_Q8, KVQ_KV_Q4, 2e-2f },
+		{ "q8/q8 centred", KVQ_KV_Q8, KVQ_KV_Q8, 2e-2f },
+	};
+	const struct kvq_hparams *hp = kvq_model_hparams(m);
+	size_t n = (size_t)hp->n_layers * hp->n_kv_heads * hp->head_dim, i;
+	uint64_t x = 0x2545f4914f6cdd1dull;
+	char name[340];
+
+	snprintf(name, sizeof(name), "%s (%s key centres)", mname,
+		 m->kv_center ? "its" : "random");
+	if (!m->kv_center) {
+		m->kv_center = malloc(n * sizeof(float));
+		if (!m->kv_center) {
+			tap_ok(0, "%s: out of memory", name);
+			return;
+		}
+		for (i = 0; i < n; i++) {
+			x ^= x << 13;
+			x ^= x >> 7;
+			x ^= x << 17;
+			m->kv_center[i] = (float)(x >> 40) / 8388608.0f - 1.0f;
+		}
+	}
+	for (i = 0; i < sizeof(sets) / sizeof(sets[0]); i++)
+		greedy_case(m, name, &sets[i]);
+	batch_case(m, name);
+}
+
 #ifdef KVQ_ATTN_GPU
 /*
  * Decode while no CUDA graph can be made: first with instantiation made
@@ -672,6 +717,8 @@ int main(int argc, char **argv)
 				greedy_case(m, name, &kvsets[k]);
 			batch_case(m, name);
 			fork_case(m, name);
+			if (!pass)
+				center_case(m, name);
 			blas_case(m, name);
 #ifdef KVQ_ATTN_GPU
 			if (i == 1 && !pass) {
