@@ -86,6 +86,7 @@ int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
 	ko.page_tokens = o->kv_page_tokens ? o->kv_page_tokens : 16;
 	ko.n_sink = o->kv_sink_tokens;
 	ko.k_center = m->kv_center;
+	ko.max_pos = c->n_ctx;
 	ko.rope_dim = hp->rope_dim;
 	ko.rope_base = hp->rope_base;
 	ko.rope_neox = hp->rope_neox;

@@ -219,6 +219,9 @@ static int half_init(struct kvq_kvcache *c, struct kvq_kv_half *hf,
 	return hf->mem ? 0 : -ENOMEM;
 }
 
+static void center_cs_calc(const struct kvq_kvcache *c, uint32_t pos,
+			   float *cs);
+
 int kvq_kv_create(const struct kvq_kv_opts *o, struct kvq_kvcache **out)
 {
 	struct kvq_kvcache *c;
@@ -262,6 +265,16 @@ int kvq_kv_create(const struct kvq_kv_opts *o, struct kvq_kvcache **out)
 		if (!c->centers)
 			goto out_free;
 		memcpy(c->centers, o->k_center, n * sizeof(float));
+		/* Attention wants R_p c at every position of every step:
+		 * the angles once, here, rather than a sincos each time. */
+		if (o->max_pos && (uint64_t)o->max_pos * o->rope_dim <=
+				  (64u << 20)) {
+			c->center_cs = malloc((size_t)o->max_pos *
+					      o->rope_dim * sizeof(float));
+			for (i = 0; c->center_cs && i < o->max_pos; i++)
+				center_cs_calc(c, i, c->center_cs +
+					       (size_t)i * o->rope_dim);
+		}
 	}
 	for (l = 0; l < o->n_layers; l++) {
 		ret = half_init(c, &c->layers[l].k, o->type_k[l]);
@@ -297,6 +310,7 @@ void kvq_kv_destroy(struct kvq_kvcache *c)
 	}
 	free(c->layers);
 	free(c->centers);
+	free(c->center_cs);
 	free(c->refcnt);
 	free(c->free_list);
 	free(c);
@@ -532,13 +546,24 @@ static inline void pair_of(const struct kvq_kvcache *c, uint32_t i,
 }
 
 /* cs[2i], cs[2i+1]: cos, sin of pair i at @pos. */
-static void center_cs(const struct kvq_kvcache *c, uint32_t pos, float *cs)
+static void center_cs_calc(const struct kvq_kvcache *c, uint32_t pos,
+			   float *cs)
 {
 	uint32_t i;
 
 	for (i = 0; i < c->o.rope_dim / 2; i++)
 		kvq_kv_rope_cs(pos, i, c->o.rope_dim, c->o.rope_base,
 			       &cs[2 * i], &cs[2 * i + 1]);
+}
+
+/* The same, from the table where it has @pos; @buf otherwise. */
+static const float *center_cs(const struct kvq_kvcache *c, uint32_t pos,
+			      float *buf)
+{
+	if (c->center_cs && pos < c->o.max_pos)
+		return c->center_cs + (size_t)pos * c->o.rope_dim;
+	center_cs_calc(c, pos, buf);
+	return buf;
 }
 
 /* y = R_p x for one head's centre @x, with @cs from center_cs(). */
@@ -549,22 +574,30 @@ static void center_head(const struct kvq_kvcache *c, const float *x,
 
 	memcpy(y, x, c->o.head_dim * sizeof(float));
 	for (i = 0; i < c->o.rope_dim / 2; i++) {
+		/* Each product rounded on its own, never fused into a
+		 * multiply-add: the GPU append computes the same bits. */
+		volatile float p0, p1, p2, p3;
+
 		pair_of(c, i, &a, &b);
-		y[a] = x[a] * cs[2 * i] - x[b] * cs[2 * i + 1];
-		y[b] = x[a] * cs[2 * i + 1] + x[b] * cs[2 * i];
+		p0 = x[a] * cs[2 * i];
+		p1 = x[b] * cs[2 * i + 1];
+		p2 = x[a] * cs[2 * i + 1];
+		p3 = x[b] * cs[2 * i];
+		y[a] = p0 - p1;
+		y[b] = p2 + p3;
 	}
 }
 
 bool kvq_kv_center_at(const struct kvq_kvcache *c, uint32_t layer,
 		      uint32_t pos, float *out)
 {
-	const float *ctr = c->layers[layer].center;
+	const float *ctr = c->layers[layer].center, *cs;
 	uint32_t d = c->o.head_dim, h;
-	float cs[KVQ_KV_MAX_HEAD_DIM];
+	float buf[KVQ_KV_MAX_HEAD_DIM];
 
 	if (!ctr)
 		return false;
-	center_cs(c, pos, cs);
+	cs = center_cs(c, pos, buf);
 	for (h = 0; h < c->o.n_kv_heads; h++)
 		center_head(c, ctr + (size_t)h * d, cs, out + (size_t)h * d);
 	return true;
@@ -580,10 +613,9 @@ static void write_half(struct kvq_kvcache *c, struct kvq_kv_half *hf,
 	int32_t page = s->pages[pos / pt];
 	bool sink = is_quant(hf->type) && pos < c->o.n_sink && s->sink;
 	uint16_t *dst = sink ? sink_row(c, s, layer, is_v, pos) : NULL;
-	float cs[KVQ_KV_MAX_HEAD_DIM], row[KVQ_KV_MAX_HEAD_DIM];
+	float buf[KVQ_KV_MAX_HEAD_DIM], row[KVQ_KV_MAX_HEAD_DIM];
+	const float *cs = ctr ? center_cs(c, pos, buf) : NULL;
 
-	if (ctr)
-		center_cs(c, pos, cs);
 	for (h = 0; h < c->o.n_kv_heads; h++) {
 		const float *xh = x + (size_t)h * d;
 
@@ -659,6 +691,40 @@ void kvq_kv_read(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 
 
 
+#define CENTER_TERMS 2048	/* floats of center_terms() on the stack */
+
+/*
+ * q . R_p c for each query as sum_j a[j] cs[j] + a[rd] over center_cs()'s
+ * cos/sin list: per pair (ca, cb) a = qa ca + qb cb next to cos, qb ca -
+ * qa cb next to sin, and a[rd] = q . c over the channels RoPE leaves.
+ * Returns @buf when n_q queries fit it (a[] of rope_dim + 1 each), else
+ * memory the caller frees; NULL without memory.
+ */
+static float *center_terms(const struct kvq_kvcache *c, const float *ctr,
+			   const float *q, size_t q_stride, uint32_t n_q,
+			   float *buf, uint32_t *rd)
+{
+	uint32_t r = c->o.rope_dim, d = c->o.head_dim, i, j, a, b;
+	size_t n = (size_t)n_q * (r + 1);
+	float *ab = n <= CENTER_TERMS ? buf : malloc(n * sizeof(float));
+
+	*rd = r;
+	for (i = 0; ab && i < n_q; i++) {
+		const float *qi = q + i * q_stride;
+		float *t = ab + (size_t)i * (r + 1), rest = 0.0f;
+
+		for (j = 0; j < r / 2; j++) {
+			pair_of(c, j, &a, &b);
+			t[2 * j] = qi[a] * ctr[a] + qi[b] * ctr[b];
+			t[2 * j + 1] = qi[b] * ctr[a] - qi[a] * ctr[b];
+		}
+		for (j = r; j < d; j++)	/* both layouts rotate [0, r) */
+			rest += qi[j] * ctr[j];
+		t[r] = rest;
+	}
+	return ab;
+}
+
 void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 		   uint32_t layer, uint32_t kvh, const float *q,
 		   size_t q_stride, uint32_t n_q, float scale, uint32_t n_ctx,
@@ -669,11 +735,16 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 	float m[KVQ_KV_MAX_GQA], l[KVQ_KV_MAX_GQA];
 	float sc[KVQ_KV_MAX_GQA][KVQ_KV_SC_STRIDE];
 	float tmp[KVQ_KV_MAX_HEAD_DIM];
-	uint32_t pos = 0, i, t, j;
+	float ab_buf[CENTER_TERMS];
+	const float *ab = NULL;
+	uint32_t pos = 0, i, t, j, rd = 0;
 	bool fast;
 
 	/* Options are checked at creation (page_tokens <= 64, head_dim <=
 	 * KVQ_KV_MAX_HEAD_DIM) and by the caller (n_q <= KVQ_KV_MAX_GQA). */
+	if (L->center)
+		ab = center_terms(c, L->center + (size_t)kvh * d, q, q_stride,
+				  n_q, ab_buf, &rd);
 	for (i = 0; i < n_q; i++) {
 		m[i] = -INFINITY;
 		l[i] = 0.0f;
@@ -703,12 +774,26 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 							       kr, d) * scale;
 			}
 		}
-		for (t = t0; L->center && t < t1; t++) {
-			float cs[KVQ_KV_MAX_HEAD_DIM];
+		for (t = t0; ab && t < t1; t++) {
+			float buf[KVQ_KV_MAX_HEAD_DIM];
+			const float *cs = center_cs(c, pos + t - t0, buf);
 
 			/* The centre this position's key gave up. */
-			center_cs(c, pos + t - t0, cs);
-			center_head(c, L->center + (size_t)kvh * d, cs, tmp);
+			for (i = 0; i < n_q; i++) {
+				const float *a = ab + (size_t)i * (rd + 1);
+				float sum = a[rd];
+
+				for (j = 0; j < rd; j++)
+					sum += a[j] * cs[j];
+				sc[i][t] += sum * scale;
+			}
+		}
+		for (t = t0; L->center && !ab && t < t1; t++) {
+			float buf[KVQ_KV_MAX_HEAD_DIM];
+
+			/* The same without memory for the terms. */
+			center_head(c, L->center + (size_t)kvh * d,
+				    center_cs(c, pos + t - t0, buf), tmp);
 			for (i = 0; i < n_q; i++)
 				sc[i][t] += kvq_dot_f32(q + i * q_stride, tmp,
 							d) * scale;
@@ -757,6 +842,8 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 		}
 		pos += t1 - t0;
 	}
+	if (ab && ab != ab_buf)
+		free((void *)ab);
 	for (i = 0; i < n_q; i++) {
 		float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f, *o;
 

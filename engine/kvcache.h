@@ -99,6 +99,8 @@ struct kvq_kv_opts {
 	 * layers whose K is q8/q4.  With them, RoPE's rope_dim, base and
 	 * layout (neox: pairs (i, i + rope_dim/2), else (2i, 2i+1)). */
 	const float *k_center;
+	uint32_t max_pos;	/* positions a sequence reaches (0: unknown):
+				 * with centres, their cos/sin are tabled */
 	uint32_t rope_dim;
 	float rope_base;
 	bool rope_neox;
@@ -123,6 +125,7 @@ struct kvq_kvcache {
 	bool simd;		/* AVX2 row paths (false: the scalar twin) */
 	struct kvq_kv_layer *layers;
 	float *centers;		/* owned copy of o.k_center, or NULL */
+	float *center_cs;	/* [max_pos][rope_dim]: kvq_kv_rope_cs() */
 	int32_t *refcnt;	/* per page; 0 = free */
 	int32_t *free_list;	/* stack of free page ids */
 	uint32_t n_free;
