@@ -477,7 +477,7 @@ void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
 
 	kvq_gpu_ctx_stats(g->c, &st);
 	snprintf(buf, len,
-		 "%llu steps (%llu as CUDA graphs, %llu graphs%s%s), decode attention: %s, f16 prompt products: %s",
+		 "%llu steps (%llu as CUDA graphs, %llu graphs%s%s), decode attention: %s, f16 products of more than %u tokens: %s",
 		 (unsigned long long)st.steps,
 		 (unsigned long long)st.graph_steps,
 		 (unsigned long long)st.graphs,
@@ -485,6 +485,7 @@ void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
 		 st.graph_failures ? st.graph_error : "",
 		 st.decode_kernel ? "fused split-KV kernel" :
 		 "generic kernel (head_dim or page type outside the fused kernel)",
+		 st.prompt_blas ? st.blas_above : 16,
 		 st.prompt_blas ? "cuBLAS on tensor cores" : "tiled kernel");
 }
 

@@ -2,9 +2,10 @@
  * gpu_blas.h - the matrix products of prompts with f16 weights on tensor
  * cores (cuBLAS), for kernels/gpu_fwd.cu.
  *
- * Why this file exists: past 16 tokens a product is bound by arithmetic,
- * not by weight bytes, and the tiled kernel of gpu_fwd.cu does it on the
- * CUDA cores in f32.  Tensor cores multiply f16 operands; activations stay
+ * Why this file exists: past a few tokens a product is bound by
+ * arithmetic, not by weight bytes, and the kernels of gpu_fwd.cu do it on
+ * the CUDA cores in f32 (gpu_fwd.cu's mv_max: more than 4 tokens come
+ * here, decode batches included).  Tensor cores multiply f16 operands; activations stay
  * f32 by being split into two halves (gpu_blas.cu says how and what it
  * costs in precision).  CUDA only (KVQ_GPU_BLAS, kernels/gpu_compat.h): in
  * a HIP build the functions below are stubs and the tiled kernel serves.

@@ -45,6 +45,7 @@ namespace {
 
 constexpr int MV_WARPS = 4;	/* rows (warps) per block of the small product */
 constexpr int MV_MAXT = 16;	/* tokens the small product takes */
+constexpr int MV_MAXBLAS = 4;	/* ... when cuBLAS serves f16 weights */
 constexpr int GT = 64;		/* tiled product: rows and tokens per tile */
 constexpr int GK = 32;		/* and depth */
 constexpr int MAX_GRAPHS = 48;
@@ -587,9 +588,14 @@ struct kvq_gpu_ctx {
 	float *aws;		/* split attention partials */
 	size_t aws_bytes;
 	bool fast_decode;	/* the split-KV kernel serves every layer */
-	/* f16 products of more than MV_MAXT tokens, when stats.prompt_blas
+	/* f16 products of more than mv_max tokens, when stats.prompt_blas
 	 * is set (it is cleared when cuBLAS fails: the tiled kernel) */
 	struct kvq_gpu_blas *blas;
+	/* Largest token count the small product takes while cuBLAS serves;
+	 * more go to tensor cores.  H200, 1B F16, q4/q4, 1K, tokens/s (small
+	 * product -> cuBLAS): batch 4 1997 -> 1719, 8 2367 -> 3286, 16 2130
+	 * -> 5867.  KVQ_GPU_MV_MAX (1-16) sets it. */
+	uint32_t mv_max;
 	const char *mm_fail;	/* why a product of this step failed, or NULL */
 	bool fault_graph;	/* KVQ_GPU_FAULT=graph: instantiation fails */
 	stage_layout sl;
@@ -728,7 +734,7 @@ static uint32_t len_bucket(uint32_t n, uint32_t max_ctx)
 }
 
 /*
- * cuBLAS for the products of more than MV_MAXT tokens with f16 weights,
+ * cuBLAS for the products of more than mv_max tokens with f16 weights,
  * where a step can have them: unless KVQ_GPU_NO_CUBLAS is set (the tiled
  * kernel then serves, to compare the two) or the build has no BLAS (HIP).
  * Should cuBLAS not start, the tiled kernel serves and the stats say why
@@ -751,7 +757,12 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 		if (m->type == KVQ_GPU_W_F16 && m->ld > max_ld)
 			max_ld = m->ld;
 	}
-	if (!KVQ_GPU_BLAS || !max_ld || c->d.max_batch <= MV_MAXT ||
+	const char *mv = getenv("KVQ_GPU_MV_MAX");
+
+	c->mv_max = MV_MAXBLAS;
+	if (mv && atoi(mv) >= 1 && atoi(mv) <= MV_MAXT)
+		c->mv_max = (uint32_t)atoi(mv);
+	if (!KVQ_GPU_BLAS || !max_ld || c->d.max_batch <= c->mv_max ||
 	    getenv("KVQ_GPU_NO_CUBLAS"))
 		return 0;
 	if (fault && !strcmp(fault, "cublas"))
@@ -769,6 +780,7 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 		return 0;
 	}
 	c->stats.prompt_blas = 1;
+	c->stats.blas_above = c->mv_max;
 	c->bytes += bytes;
 	return 0;
 }
@@ -1112,7 +1124,8 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	p.out_rows = epi == EPI_SWIGLU ? w.rows / 2 : w.rows;
 	if (qo)
 		p.q = *qo;
-	if (n <= MV_MAXT) {
+	if (n <= MV_MAXT && !(n > c->mv_max && w.type == KVQ_GPU_W_F16 &&
+			      c->stats.prompt_blas)) {
 		/* A block a row for long rows, and at one token for rows of
 		 * 2048 and up (more loads in flight; measured +1% at 1B). */
 		bool split = (w.cols >= 4096 || (n == 1 && w.cols >= 2048)) &&
@@ -1184,6 +1197,12 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	return 0;
 }
 
+/* @T tokens go through the small product (its epilogues included). */
+static bool small_product(const struct kvq_gpu_ctx *c, uint32_t T)
+{
+	return T <= MV_MAXT && (T <= c->mv_max || !c->stats.prompt_blas);
+}
+
 /* Every kernel of one step, on c->st (captured into a graph or not). */
 static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		       uint32_t n_out, bool decode, uint32_t bucket)
@@ -1215,7 +1234,7 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		const float *lctr = c->kctr ? c->kctr[l] : nullptr;
 		struct kvq_gpu_append_args ap;
 
-		if (T <= MV_MAXT && !md->rope_neox) {
+		if (small_product(c, T) && !md->rope_neox) {
 			/* The product writes q (rotated), k and v itself. */
 			qkv_out qo;
 
@@ -1329,7 +1348,7 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		mm(c, m[KVQ_GPU_M_O], c->att, c->as, c->x, c->xs, T, EPI_ADD,
 		   nullptr);
 		mark(c, PROF_O);
-		if (T <= MV_MAXT) {
+		if (small_product(c, T)) {
 			mm(c, m[KVQ_GPU_M_GATEUP], c->x, c->xs, c->h, c->hs, T,
 			   EPI_SWIGLU, nullptr, v[KVQ_GPU_V_FFN_NORM]);
 		} else {

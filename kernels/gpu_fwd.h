@@ -154,11 +154,12 @@ struct kvq_gpu_stats {
 	 * captures no more.  graph_error: the last reason. */
 	uint64_t graph_failures;
 	char graph_error[96];
-	/* Products of more than 16 tokens with f16 weights: 1 while cuBLAS
+	/* Products of more than 4 tokens with f16 weights: 1 while cuBLAS
 	 * runs them on tensor cores, 0 when the tiled kernel does (HIP,
 	 * KVQ_GPU_NO_CUBLAS, no f16 weights, or cuBLAS failed: counted in
 	 * blas_failures, the last reason in blas_error). */
 	int prompt_blas;
+	uint32_t blas_above;	/* products of more tokens than this */
 	uint64_t blas_failures;
 	char blas_error[96];
 };

@@ -311,6 +311,82 @@ out:
 	free(lg);
 }
 
+/*
+ * Decode of 8 sequences at once, 6 steps: past 4 rows the f16 products go
+ * to cuBLAS, the second step of a shape is captured as a CUDA graph and the
+ * rest replay it.  Every row of every step against its sequence run alone
+ * on the CPU.
+ */
+static void decode8_case(struct kvq_model *m, const char *mname)
+{
+	const struct kvq_hparams *hp = kvq_model_hparams(m);
+	uint32_t V = hp->n_vocab;
+	struct kvq_ctx_opts o;
+	struct kvq_ctx *cc = NULL, *gc = NULL;
+	float *lc = malloc(V * sizeof(float)), *lg = malloc(8 * V * sizeof(float));
+	float tol = exact_weights(m) ? 2e-2f : 8e-2f, worst = 0.0f;
+	int gs[8], cs[8], ns[8], i, k, step;
+	int32_t pr[8][12], tk[8];
+	const int32_t *tp[8];
+	char err[256], desc[512];
+	unsigned long long n_steps = 0, n_graph = 0;
+
+	kvq_ctx_opts_default(&o);
+	o.n_ctx = 64;
+	o.max_seqs = 8;
+	if (!lc || !lg || kvq_ctx_create(m, &o, &cc, err, sizeof(err)) ||
+	    (o.device = KVQ_CTX_GPU,
+	     kvq_ctx_create(m, &o, &gc, err, sizeof(err)))) {
+		tap_ok(0, "%s decode x8: context: %s", mname, err);
+		goto out;
+	}
+	for (i = 0; i < 8; i++) {
+		for (k = 0; k < 12; k++)
+			pr[i][k] = (int32_t)((i * 101 + k * 29 + 1) % V);
+		gs[i] = kvq_seq_create(gc);
+		cs[i] = kvq_seq_create(cc);
+		if (one_step(gc, gs[i], pr[i], 5 + i, lg) ||
+		    one_step(cc, cs[i], pr[i], 5 + i, lc)) {
+			tap_ok(0, "%s decode x8: prompts failed", mname);
+			goto out;
+		}
+		ns[i] = 1;
+		tp[i] = &tk[i];
+	}
+	for (step = 0; step < 6; step++) {
+		struct kvq_batch b = { 8, gs, ns, tp, false };
+
+		for (i = 0; i < 8; i++)
+			tk[i] = (int32_t)((step * 53 + i * 7 + 3) % V);
+		poison(lg, 8 * (size_t)V);
+		if (kvq_step(gc, &b, lg)) {
+			tap_ok(0, "%s decode x8: step %d failed", mname, step);
+			goto out;
+		}
+		for (i = 0; i < 8; i++) {
+			float s, d;
+
+			if (one_step(cc, cs[i], &tk[i], 1, lc)) {
+				tap_ok(0, "%s decode x8: CPU step failed", mname);
+				goto out;
+			}
+			s = max_abs(lc, V);
+			d = max_diff(lg + (size_t)i * V, lc, V) / (s > 0 ? s : 1);
+			worst = d > worst ? d : worst;
+		}
+	}
+	kvq_ctx_describe(gc, desc, sizeof(desc));
+	sscanf(desc, "%llu steps (%llu as CUDA graphs", &n_steps, &n_graph);
+	tap_ok(worst <= tol && n_graph >= 4,
+	       "%s: 6 decode steps of 8 sequences, %llu as CUDA graphs, match the CPU (worst %.3g, bound %.3g): %s",
+	       mname, n_graph, worst, tol, desc);
+out:
+	kvq_ctx_destroy(cc);
+	kvq_ctx_destroy(gc);
+	free(lc);
+	free(lg);
+}
+
 /* A prefix shared on the GPU (kvq_seq_fork: pages shared, the partial page
  * copied on write, the sink copies copied) against the CPU computing each
  * sequence alone. */
@@ -499,10 +575,10 @@ static void blas_case(struct kvq_model *m, const char *mname)
 		if (r == 0) {
 			memcpy(l0, lg, nl * sizeof(float));
 			said = !fb && strstr(desc, blas ? "cuBLAS on tensor cores" :
-					     "prompt products: tiled kernel");
+					     "tokens: tiled kernel");
 		} else {
 			vs0 = rows_diff(lg, l0, lc, BLAS_A + BLAS_B, V);
-			said = strstr(desc, "prompt products: tiled kernel") &&
+			said = strstr(desc, "tokens: tiled kernel") &&
 			       (r == 1 || !blas ? !fb :
 				fb && strstr(fb, "cuBLAS off"));
 		}
@@ -716,6 +792,7 @@ int main(int argc, char **argv)
 			for (k = 0; k < sizeof(kvsets) / sizeof(kvsets[0]); k++)
 				greedy_case(m, name, &kvsets[k]);
 			batch_case(m, name);
+			decode8_case(m, name);
 			fork_case(m, name);
 			if (!pass)
 				center_case(m, name);
