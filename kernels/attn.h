@@ -229,6 +229,31 @@ size_t kvq_gpu_attn_split_workspace_bytes(uint32_t max_rows,
 					  uint32_t head_dim);
 /* Launches it on @stream: 0, -EINVAL, -EOPNOTSUPP, -ENOSPC, -EIO. */
 int kvq_gpu_attn_split(const struct kvq_gpu_split_args *a, void *stream);
+
+/*
+ * Prompt attention on tensor cores (kernels/attn_prefill.cu), the same
+ * arguments and results as kvq_gpu_attn_split(): every row attends
+ * causally over [0, row_pos[r]] of its sequence, each K/V tile read once
+ * for up to 64 rows x query heads of a KV head.  Serves head_dim 64 and
+ * 128, 1 to 8 query heads per KV head, f16, q8 and q4 pages in any pair,
+ * sinks, any page size, rows of several sequences (best where each
+ * sequence's rows are consecutive entries at consecutive positions).
+ * The workspace (kvq_gpu_attn_split_workspace_bytes()) lets short prompts
+ * split their positions over more blocks; any size, also none, works.
+ * Matches kvq_kv_attend() to within f32 rounding (attn_prefill.cu says
+ * why).
+ *
+ * kvq_gpu_attn_prefill_refusal() - why kvq_gpu_attn_prefill() answers
+ * -EOPNOTSUPP for @a (a constant string: a shape, a page type, centred
+ * keys, the device or the backend), or NULL when it serves @a.
+ *
+ * kvq_gpu_attn_prefill() - launches on @stream.  Returns 0 once queued;
+ * -EINVAL for inconsistent arguments, -EOPNOTSUPP where the refusal above
+ * says why (nothing is launched: call kvq_gpu_attn_split() instead),
+ * -EIO when a launch fails.
+ */
+const char *kvq_gpu_attn_prefill_refusal(const struct kvq_gpu_split_args *a);
+int kvq_gpu_attn_prefill(const struct kvq_gpu_split_args *a, void *stream);
 #endif
 
 /* ------------------------------------------------ plain-C reference twins */
