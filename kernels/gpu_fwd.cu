@@ -11,8 +11,9 @@
  * the stacked QKV product (which rotates the queries itself for
  * adjacent-pair RoPE up to 16 tokens; else a RoPE kernel follows), the
  * fused rotate-quantize-append of K and V (attn_append.cu), attention
- * (attn_decode.cu for head_dim 128 decode, attn_split.cu for other head
- * sizes, f32 pages and prompts), the output projection with the residual
+ * (attn_decode.cu for head_dim 128 decode, attn_prefill.cu for steps of
+ * 16 prompt rows and more at head_dim 64 and 128, attn_split.cu for the
+ * rest), the output projection with the residual
  * add, RMSNorm, gate and up with SwiGLU, and the down projection with the
  * residual add.
  *
@@ -1340,7 +1341,12 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 			sa.rope_dim = md->rope_dim;
 			sa.rope_base = md->rope_base;
 			sa.rope_neox = md->rope_neox;
-			ret = kvq_gpu_attn_split(&sa, c->st);
+			/* Prompt rows on tensor cores where the shape allows
+			 * (attn_prefill.cu), else the split kernel. */
+			ret = decode || T < 16 ? -EOPNOTSUPP :
+			      kvq_gpu_attn_prefill(&sa, c->st);
+			if (ret == -EOPNOTSUPP)
+				ret = kvq_gpu_attn_split(&sa, c->st);
 			if (ret)
 				return ret;
 		}
