@@ -597,6 +597,13 @@ struct kvq_gpu_ctx {
 	 * product -> cuBLAS): batch 4 1997 -> 1719, 8 2367 -> 3286, 16 2130
 	 * -> 5867.  KVQ_GPU_MV_MAX (1-16) sets it. */
 	uint32_t mv_max;
+	/* This step's attention goes to attn_prefill.cu: 16 rows or more,
+	 * none of them a sequence's only row.  A decode row there costs
+	 * more than in the split kernel (H200, 1B, q4/q4, every decode step
+	 * through it: batch 1 at 32K 679 -> 416 tok/s, at 1K 1000 -> 885),
+	 * so a step that mixes a prompt chunk with decode rows stays with
+	 * the split kernel. */
+	bool tc_prompt;
 	const char *mm_fail;	/* why a product of this step failed, or NULL */
 	bool fault_graph;	/* KVQ_GPU_FAULT=graph: instantiation fails */
 	stage_layout sl;
@@ -1198,6 +1205,24 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	return 0;
 }
 
+/* Some sequence of @s has a single row in the step (a decode row). */
+static bool one_row_seq(const struct kvq_gpu_step *s)
+{
+	uint32_t i, run = 1;
+
+	/* A sequence's rows are consecutive (kvq_gpu_forward's contract). */
+	for (i = 1; i <= s->n_tok; i++) {
+		if (i < s->n_tok && s->row_seq[i] == s->row_seq[i - 1]) {
+			run++;
+			continue;
+		}
+		if (run == 1)
+			return true;
+		run = 1;
+	}
+	return false;
+}
+
 /* @T tokens go through the small product (its epilogues included). */
 static bool small_product(const struct kvq_gpu_ctx *c, uint32_t T)
 {
@@ -1343,7 +1368,7 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 			sa.rope_neox = md->rope_neox;
 			/* Prompt rows on tensor cores where the shape allows
 			 * (attn_prefill.cu), else the split kernel. */
-			ret = decode || T < 16 ? -EOPNOTSUPP :
+			ret = !c->tc_prompt ? -EOPNOTSUPP :
 			      kvq_gpu_attn_prefill(&sa, c->st);
 			if (ret == -EOPNOTSUPP)
 				ret = kvq_gpu_attn_split(&sa, c->st);
@@ -1502,6 +1527,7 @@ extern "C" int kvq_gpu_forward(struct kvq_gpu_ctx *c,
 			       cudaGetErrorString(cudaGetLastError()));
 	decode = T == s->n_seqs;
 	bucket = len_bucket(maxlen, c->d.max_ctx);
+	c->tc_prompt = !decode && T >= 16 && !one_row_seq(s);
 	if (decode && c->d.use_graphs) {
 		uint32_t key[4] = { T, s->n_seqs, s->n_out, bucket };
 
