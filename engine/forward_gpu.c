@@ -474,10 +474,14 @@ int kvq_ctx_gpu_fill(struct kvq_ctx_gpu *g, int slot, const int32_t *pages,
 void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
 {
 	struct kvq_gpu_stats st;
+	bool centred = false;
+	uint32_t l;
 
 	kvq_gpu_ctx_stats(g->c, &st);
+	for (l = 0; l < g->kv->o.n_layers; l++)
+		centred |= g->kv->layers[l].center != NULL;
 	snprintf(buf, len,
-		 "%llu steps (%llu as CUDA graphs, %llu graphs%s%s), decode attention: %s, f16 products of more than %u tokens: %s",
+		 "%llu steps (%llu as CUDA graphs, %llu graphs%s%s), decode attention: %s%s, f16 products of more than %u tokens: %s",
 		 (unsigned long long)st.steps,
 		 (unsigned long long)st.graph_steps,
 		 (unsigned long long)st.graphs,
@@ -485,6 +489,8 @@ void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
 		 st.graph_failures ? st.graph_error : "",
 		 st.decode_kernel ? "fused split-KV kernel" :
 		 "generic kernel (head_dim or page type outside the fused kernel)",
+		 st.decode_kernel && centred ?
+		 " (centred layers: generic kernel)" : "",
 		 st.prompt_blas ? st.blas_above : 16,
 		 st.prompt_blas ? "cuBLAS on tensor cores" : "tiled kernel");
 }
