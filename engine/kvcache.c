@@ -691,25 +691,21 @@ void kvq_kv_read(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 
 
 
-#define CENTER_TERMS 2048	/* floats of center_terms() on the stack */
+#define CENTER_TERMS 2048	/* floats of query terms on the stack */
 
 /*
- * q . R_p c for each query as sum_j a[j] cs[j] + a[rd] over center_cs()'s
- * cos/sin list: per pair (ca, cb) a = qa ca + qb cb next to cos, qb ca -
- * qa cb next to sin, and a[rd] = q . c over the channels RoPE leaves.
- * Returns @buf when n_q queries fit it (a[] of rope_dim + 1 each), else
- * memory the caller frees; NULL without memory.
+ * q . R_p c for @n_q queries as sum_j a[j] cs[j] + a[rd] over
+ * center_cs()'s cos/sin list: per pair (ca, cb) a = qa ca + qb cb next to
+ * cos, qb ca - qa cb next to sin, and a[rd] = q . c over the channels
+ * RoPE leaves.  @ab gets n_q * (rope_dim + 1) floats.
  */
-static float *center_terms(const struct kvq_kvcache *c, const float *ctr,
-			   const float *q, size_t q_stride, uint32_t n_q,
-			   float *buf, uint32_t *rd)
+static void center_terms(const struct kvq_kvcache *c, const float *ctr,
+			 const float *q, size_t q_stride, uint32_t n_q,
+			 float *ab)
 {
 	uint32_t r = c->o.rope_dim, d = c->o.head_dim, i, j, a, b;
-	size_t n = (size_t)n_q * (r + 1);
-	float *ab = n <= CENTER_TERMS ? buf : malloc(n * sizeof(float));
 
-	*rd = r;
-	for (i = 0; ab && i < n_q; i++) {
+	for (i = 0; i < n_q; i++) {
 		const float *qi = q + i * q_stride;
 		float *t = ab + (size_t)i * (r + 1), rest = 0.0f;
 
@@ -722,7 +718,41 @@ static float *center_terms(const struct kvq_kvcache *c, const float *ctr,
 			rest += qi[j] * ctr[j];
 		t[r] = rest;
 	}
-	return ab;
+}
+
+/*
+ * Adds the centre each key of a page gave up, scale * q . R_p c, to the
+ * scores sc[i][t0..t1) (@pos0: the position of slot t0).  @ab holds every query's terms when @ready, else room
+ * for CENTER_TERMS floats: then they are made here, as many queries at a
+ * time as fit (rope_dim <= 1024, so at least one).
+ */
+static void add_center(const struct kvq_kvcache *c, const float *ctr,
+		       const float *q, size_t q_stride, uint32_t n_q,
+		       float scale, uint32_t pos0, uint32_t t0, uint32_t t1,
+		       float (*sc)[KVQ_KV_SC_STRIDE], float *ab, bool ready)
+{
+	uint32_t rd = c->o.rope_dim, qc = CENTER_TERMS / (rd + 1), i0, i, j, t;
+	float buf[KVQ_KV_MAX_HEAD_DIM];
+
+	for (i0 = 0; i0 < n_q; i0 += qc) {
+		uint32_t n = n_q - i0 < qc ? n_q - i0 : qc;
+
+		if (!ready)
+			center_terms(c, ctr, q + i0 * q_stride, q_stride, n,
+				     ab);
+		for (t = t0; t < t1; t++) {
+			const float *cs = center_cs(c, pos0 + t - t0, buf);
+
+			for (i = 0; i < n; i++) {
+				const float *a = ab + (size_t)i * (rd + 1);
+				float sum = a[rd];
+
+				for (j = 0; j < rd; j++)
+					sum += a[j] * cs[j];
+				sc[i0 + i][t] += sum * scale;
+			}
+		}
+	}
 }
 
 void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
@@ -735,16 +765,17 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 	float m[KVQ_KV_MAX_GQA], l[KVQ_KV_MAX_GQA];
 	float sc[KVQ_KV_MAX_GQA][KVQ_KV_SC_STRIDE];
 	float tmp[KVQ_KV_MAX_HEAD_DIM];
-	float ab_buf[CENTER_TERMS];
-	const float *ab = NULL;
-	uint32_t pos = 0, i, t, j, rd = 0;
+	float ab[CENTER_TERMS];
+	const float *ctr = L->center ? L->center + (size_t)kvh * d : NULL;
+	/* Every query's centre terms made once, where they fit. */
+	bool ready = ctr && (size_t)n_q * (c->o.rope_dim + 1) <= CENTER_TERMS;
+	uint32_t pos = 0, i, t, j;
 	bool fast;
 
 	/* Options are checked at creation (page_tokens <= 64, head_dim <=
 	 * KVQ_KV_MAX_HEAD_DIM) and by the caller (n_q <= KVQ_KV_MAX_GQA). */
-	if (L->center)
-		ab = center_terms(c, L->center + (size_t)kvh * d, q, q_stride,
-				  n_q, ab_buf, &rd);
+	if (ready)
+		center_terms(c, ctr, q, q_stride, n_q, ab);
 	for (i = 0; i < n_q; i++) {
 		m[i] = -INFINITY;
 		l[i] = 0.0f;
@@ -774,30 +805,9 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 							       kr, d) * scale;
 			}
 		}
-		for (t = t0; ab && t < t1; t++) {
-			float buf[KVQ_KV_MAX_HEAD_DIM];
-			const float *cs = center_cs(c, pos + t - t0, buf);
-
-			/* The centre this position's key gave up. */
-			for (i = 0; i < n_q; i++) {
-				const float *a = ab + (size_t)i * (rd + 1);
-				float sum = a[rd];
-
-				for (j = 0; j < rd; j++)
-					sum += a[j] * cs[j];
-				sc[i][t] += sum * scale;
-			}
-		}
-		for (t = t0; L->center && !ab && t < t1; t++) {
-			float buf[KVQ_KV_MAX_HEAD_DIM];
-
-			/* The same without memory for the terms. */
-			center_head(c, L->center + (size_t)kvh * d,
-				    center_cs(c, pos + t - t0, buf), tmp);
-			for (i = 0; i < n_q; i++)
-				sc[i][t] += kvq_dot_f32(q + i * q_stride, tmp,
-							d) * scale;
-		}
+		if (ctr)
+			add_center(c, ctr, q, q_stride, n_q, scale, pos, t0, t1,
+				   sc, ab, ready);
 		for (i = 0; i < n_q; i++) {
 			float mx = m[i], a;
 
@@ -842,8 +852,6 @@ void kvq_kv_attend(const struct kvq_kvcache *c, const struct kvq_kv_seq *s,
 		}
 		pos += t1 - t0;
 	}
-	if (ab && ab != ab_buf)
-		free((void *)ab);
 	for (i = 0; i < n_q; i++) {
 		float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f, *o;
 

@@ -1101,6 +1101,12 @@ static void launch(void (*k)(KA...), dim3 grid, dim3 block, size_t smem,
 	kvq_launch(g_pdl, k, grid, block, smem, st, args...);
 }
 
+/* @T tokens go through the small product (its epilogues included). */
+static bool small_product(const struct kvq_gpu_ctx *c, uint32_t T)
+{
+	return T <= MV_MAXT && (T <= c->mv_max || !c->stats.prompt_blas);
+}
+
 /*
  * Launches y = W x with the epilogue, small or tiled by token count.
  * @norm: x is RMSNorm'ed with these weights first (into c->xn); @xrows:
@@ -1132,8 +1138,10 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	p.out_rows = epi == EPI_SWIGLU ? w.rows / 2 : w.rows;
 	if (qo)
 		p.q = *qo;
-	if (n <= MV_MAXT && !(n > c->mv_max && w.type == KVQ_GPU_W_F16 &&
-			      c->stats.prompt_blas)) {
+	/* Only f16 weights go to cuBLAS: the others keep the small
+	 * product up to MV_MAXT tokens. */
+	if (small_product(c, n) ||
+	    (n <= MV_MAXT && w.type != KVQ_GPU_W_F16)) {
 		/* A block a row for long rows, and at one token for rows of
 		 * 2048 and up (more loads in flight; measured +1% at 1B). */
 		bool split = (w.cols >= 4096 || (n == 1 && w.cols >= 2048)) &&
@@ -1221,12 +1229,6 @@ static bool one_row_seq(const struct kvq_gpu_step *s)
 		run = 1;
 	}
 	return false;
-}
-
-/* @T tokens go through the small product (its epilogues included). */
-static bool small_product(const struct kvq_gpu_ctx *c, uint32_t T)
-{
-	return T <= MV_MAXT && (T <= c->mv_max || !c->stats.prompt_blas);
 }
 
 /* Every kernel of one step, on c->st (captured into a graph or not). */
