@@ -570,6 +570,26 @@ static void bad_options_refused(void)
 	o.head_dim = 64;
 	o.type_k[0] = 9;
 	tap_ok(kvq_kv_create(&o, &c) == -EINVAL, "kvq_kv_create_unknown_type_refused");
+	{
+		float ctr[64] = { 0 };
+		uint32_t rds[] = { 0, 7, 66 };	/* none, odd, past head_dim */
+		size_t i;
+		bool all = true;
+
+		o.type_k[0] = KVQ_KV_Q4;
+		o.k_center = ctr;
+		for (i = 0; i < sizeof(rds) / sizeof(rds[0]); i++) {
+			o.rope_dim = rds[i];
+			all &= kvq_kv_create(&o, &c) == -EINVAL;
+		}
+		o.rope_dim = 64;
+		if (kvq_kv_create(&o, &c) == 0)
+			kvq_kv_destroy(c);
+		else
+			all = false;
+		tap_ok(all, "kvq_kv_create_centres_need_a_valid_rope_dim");
+		o.k_center = NULL;
+	}
 	tap_ok(kvq_kv_type_parse("q4", &t) == 0 && t == KVQ_KV_Q4 &&
 	       kvq_kv_type_parse("q5", &t) == -EINVAL,
 	       "kvq_kv_type_parse_names");
