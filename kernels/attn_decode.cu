@@ -69,7 +69,6 @@
 
 namespace {
 
-constexpr int HD = 128;		/* head_dim served */
 constexpr int TT = 16;		/* tokens per tile */
 constexpr int NW = 4;		/* warps per block */
 constexpr int NCOL = 8;		/* query-head columns of one pass */
@@ -78,36 +77,47 @@ constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LAZY = 8.0f;	/* log2 headroom before a rescale */
 
 /*
- * Per page type: row bytes, scale bytes of a row, and the padded shared-
- * memory offset of a tile's row r, as K (rk) and as V (rv).
+ * Per page type and head size (64 or 128): row bytes, scale bytes of a
+ * row, and the padded shared-memory offset of a tile's row r, as K (rk)
+ * and as V (rv).  The paddings make every fragment read of tile_scores()
+ * and tile_values() conflict-free, and a row's offset grows by the same
+ * amount over the rows one copy step of the warp covers (512 / RB rows).
  */
-template <int T> struct fmt;
-template <> struct fmt<KVQ_KV_F16> {
-	static constexpr int RB = 256, SB = 0;
-	static constexpr __host__ __device__ int rk(int r) { return r * 320; }
-	static constexpr __host__ __device__ int rv(int r)
-	{
-		return r * 256 + ((r >> 1) & 1) * 16 + ((r >> 2) & 1) * 64 +
-		       (r >> 3) * 96;
-	}
-};
-template <> struct fmt<KVQ_KV_Q8> {
-	static constexpr int RB = 128, SB = 8;
-	static constexpr __host__ __device__ int rk(int r) { return r * 160; }
-	static constexpr __host__ __device__ int rv(int r)
-	{
-		return r * 128 + (r >> 1) * 32;
-	}
-};
-template <> struct fmt<KVQ_KV_Q4> {
-	static constexpr int RB = 64, SB = 8;
+template <int T, int HD> struct fmt;
+template <int HD> struct fmt<KVQ_KV_F16, HD> {
+	static constexpr int RB = 2 * HD, SB = 0;
 	static constexpr __host__ __device__ int rk(int r)
 	{
-		return r * 64 + (r >> 1) * 16;
+		return r * (RB + 64);
 	}
 	static constexpr __host__ __device__ int rv(int r)
 	{
-		return r * 64 + (r >> 1) * 16;
+		return HD == 128 ? r * 256 + ((r >> 1) & 1) * 16 +
+				   ((r >> 2) & 1) * 64 + (r >> 3) * 96 :
+				   r * 128 + (r >> 1) * 32;
+	}
+};
+template <int HD> struct fmt<KVQ_KV_Q8, HD> {
+	static constexpr int RB = HD, SB = HD / 16;
+	static constexpr __host__ __device__ int rk(int r)
+	{
+		return r * (RB + 32);
+	}
+	static constexpr __host__ __device__ int rv(int r)
+	{
+		return r * RB + (r >> 1) * 32;
+	}
+};
+template <int HD> struct fmt<KVQ_KV_Q4, HD> {
+	static constexpr int RB = HD / 2, SB = HD / 16;
+	static constexpr __host__ __device__ int rk(int r)
+	{
+		return HD == 128 ? r * 64 + (r >> 1) * 16 :
+				   r * 32 + (r >> 2) * 16;
+	}
+	static constexpr __host__ __device__ int rv(int r)
+	{
+		return rk(r);
 	}
 };
 
@@ -117,12 +127,14 @@ constexpr int up16(int x)
 }
 
 /* One warp's stage: K rows, K scales, V rows, V scales of one tile. */
-template <int KT, int VT> struct stage {
+template <int KT, int VT, int HD> struct stage {
 	static constexpr int K_OFF = 0;
-	static constexpr int KS_OFF = up16(fmt<KT>::rk(TT - 1) + fmt<KT>::RB);
-	static constexpr int V_OFF = KS_OFF + TT * fmt<KT>::SB;
-	static constexpr int VS_OFF = V_OFF + up16(fmt<VT>::rv(TT - 1) + fmt<VT>::RB);
-	static constexpr int BYTES = VS_OFF + TT * fmt<VT>::SB;
+	static constexpr int KS_OFF = up16(fmt<KT, HD>::rk(TT - 1) +
+					   fmt<KT, HD>::RB);
+	static constexpr int V_OFF = KS_OFF + TT * fmt<KT, HD>::SB;
+	static constexpr int VS_OFF = V_OFF + up16(fmt<VT, HD>::rv(TT - 1) +
+						   fmt<VT, HD>::RB);
+	static constexpr int BYTES = VS_OFF + TT * fmt<VT, HD>::SB;
 	static constexpr int N = BYTES <= 2700 ? 4 : BYTES <= 4100 ? 3 : 2;
 	static constexpr int SINK_OFF = NW * N * BYTES;	/* [NW][512] */
 	static constexpr int PID_OFF = SINK_OFF + 2048;	/* [NW][64] */
@@ -213,23 +225,28 @@ __device__ __forceinline__ float load_q(const kparams &p, size_t i)
 }
 
 /* Per-warp online-softmax state; lane 4g+t owns query columns 2t, 2t+1. */
-struct wstate {
-	float o[8][4];		/* O^T fragments of the 8 m-tiles */
+template <int HD> struct wstate {
+	float o[HD / 16][4];	/* O^T fragments of the m-tiles */
 	float m[2], l[2];
 	float th[2];		/* m + LAZY: a score above it raises m */
 };
 
-/* Queue the copies of sink position @p into @buf: its K row (lanes
- * 0-15) then its V row (lanes 16-31), 256 bytes each. */
+/* Queue the copies of sink position @p into @buf: its K row (the first
+ * HD / 8 lanes) at 0 and its V row (the next HD / 8) at 256, f16. */
+template <int HD>
 __device__ __forceinline__ void sink_copy(int p, const uint16_t *sk,
 					  const uint16_t *sv, int ks, int vs,
 					  uint8_t *buf)
 {
-	int lane = threadIdx.x & 31, c = lane & 15;
-	const uint16_t *src = lane < 16 ? sk + (size_t)p * ks + 8 * c :
-				      sv + (size_t)p * vs + 8 * c;
+	constexpr int RL = HD / 8;	/* lanes a row */
+	int lane = threadIdx.x & 31, c = lane % RL;
 
-	kvq_cp_async16(buf + 16 * lane, src);
+	if (lane < 2 * RL) {
+		const uint16_t *src = lane < RL ? sk + (size_t)p * ks + 8 * c :
+					      sv + (size_t)p * vs + 8 * c;
+
+		kvq_cp_async16(buf + (lane < RL ? 0 : 256) + 16 * c, src);
+	}
 }
 
 /*
@@ -240,8 +257,8 @@ __device__ __forceinline__ void sink_copy(int p, const uint16_t *sk,
  * are already queued.  Scores use the query fragments @qf, so they equal
  * the tile pass's to f32 rounding.
  */
-template <int KT, int VT>
-__device__ void sink_pass(wstate &st, const unsigned qf[8][2], bool hilo,
+template <int KT, int VT, int HD>
+__device__ void sink_pass(wstate<HD> &st, const unsigned qf[][2], bool hilo,
 			  int ns, int w, const uint16_t *sk,
 			  const uint16_t *sv, int ks, int vs, uint8_t *buf)
 {
@@ -250,22 +267,26 @@ __device__ void sink_pass(wstate &st, const unsigned qf[8][2], bool hilo,
 
 	for (int p = w; p < ns; p += NW) {
 		if (p != w) {
-			sink_copy(p, sk, sv, ks, vs, buf);
+			sink_copy<HD>(p, sk, sv, ks, vs, buf);
 			kvq_cp_async_commit();
 		}
 		kvq_cp_async_wait<0>();
 		kvq_syncwarp();
 		{
+			constexpr int NG = HD / 32, CPL = HD / 8;
 			const uint8_t *kr = buf;
-			const uint4 *vr = (const uint4 *)(buf + 256 + 32 * g);
+			const uint4 *vr = (const uint4 *)(buf + 256 + 2 * CPL * g);
 			float acc = 0.0f, sc[2], pr[2], al[2];
 
 			/* Column g's partial score over channels 32G+8t+i,
 			 * one sum per group. */
-			float ag[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
+			float ag[NG];
 
 #pragma unroll
-			for (int G = 0; G < 4; G++) {
+			for (int G = 0; G < NG; G++)
+				ag[G] = 0.0f;
+#pragma unroll
+			for (int G = 0; G < NG; G++) {
 				uint4 k8 = *(const uint4 *)(kr + 2 * (32 * G + 8 * t));
 				unsigned kw[4] = { k8.x, k8.y, k8.z, k8.w };
 
@@ -288,7 +309,8 @@ __device__ void sink_pass(wstate &st, const unsigned qf[8][2], bool hilo,
 						       h_hi(q1) * h_hi(kw[r + 2]);
 				}
 			}
-			acc = (ag[0] + ag[1]) + (ag[2] + ag[3]);
+			acc = NG == 4 ? (ag[0] + ag[1]) + (ag[2] + ag[3]) :
+					ag[0] + ag[1];
 			acc += kvq_shfl_xor_f32(acc, 1);
 			acc += kvq_shfl_xor_f32(acc, 2);
 			if (hilo)
@@ -307,33 +329,32 @@ __device__ void sink_pass(wstate &st, const unsigned qf[8][2], bool hilo,
 				st.l[e] = st.l[e] * al[e] +
 					  (g == 0 ? pr[e] : 0.0f);
 			}
-			/* The lane's 16 channels, in the order of vch(). */
-			unsigned vu[8];
+			/* The lane's CPL channels, in the order of vch(). */
+			unsigned vu[CPL / 2];
 
 			if (VT == KVQ_KV_Q4) {
 				const uint8_t *vrow = buf + 256 + 8 * g;
 
 #pragma unroll
-				for (int G = 0; G < 4; G++) {
+				for (int G = 0; G < NG; G++) {
 					uint2 x = *(const uint2 *)(vrow + 64 * G);
 
 					vu[2 * G] = x.x;
 					vu[2 * G + 1] = x.y;
 				}
 			} else {
-				uint4 v0 = vr[0], v1 = vr[1];
+#pragma unroll
+				for (int u = 0; u < CPL / 8; u++) {
+					uint4 v0 = vr[u];
 
-				vu[0] = v0.x;
-				vu[1] = v0.y;
-				vu[2] = v0.z;
-				vu[3] = v0.w;
-				vu[4] = v1.x;
-				vu[5] = v1.y;
-				vu[6] = v1.z;
-				vu[7] = v1.w;
+					vu[4 * u] = v0.x;
+					vu[4 * u + 1] = v0.y;
+					vu[4 * u + 2] = v0.z;
+					vu[4 * u + 3] = v0.w;
+				}
 			}
 #pragma unroll
-			for (int i = 0; i < 8; i++) {
+			for (int i = 0; i < HD / 16; i++) {
 				/* Offsets of rows g, g+8 among the 16. */
 				int c = VT == KVQ_KV_Q4 ? 4 * (i >> 1) + 2 * (i & 1) :
 					8 * (i >> 2) + (i & 3);
@@ -361,9 +382,9 @@ __device__ void sink_pass(wstate &st, const unsigned qf[8][2], bool hilo,
  * is the lane's byte on page 0 plus page * page bytes: one wide multiply-
  * add per pool.
  */
-template <int KT, int VT> struct copy_shape {
-	static constexpr int NKS = fmt<KT>::SB ? TT * fmt<KT>::SB / 16 : 0;
-	static constexpr int NVS = fmt<VT>::SB ? TT * fmt<VT>::SB / 16 : 0;
+template <int KT, int VT, int HD> struct copy_shape {
+	static constexpr int NKS = TT * fmt<KT, HD>::SB / 16;
+	static constexpr int NVS = TT * fmt<VT, HD>::SB / 16;
 	static constexpr int NS = NKS + NVS;	/* lanes copying scales */
 };
 
@@ -378,14 +399,15 @@ struct lanes {
  * (the same for all of them when a page holds at most NW tiles; the part
  * that changes is added per tile, see issue_tile()).
  */
-template <int KT, int VT>
+template <int KT, int VT, int HD>
 __device__ __forceinline__ void lanes_init(const kparams &p, int h,
 					   unsigned sub0, lanes &L)
 {
-	typedef stage<KT, VT> S;
-	typedef fmt<KT> FK;
-	typedef fmt<VT> FV;
-	typedef copy_shape<KT, VT> C;
+	typedef stage<KT, VT, HD> S;
+	typedef fmt<KT, HD> FK;
+	typedef fmt<VT, HD> FV;
+	typedef copy_shape<KT, VT, HD> C;
+	constexpr int CPL = HD / 8;	/* q8/f16 value channels a lane */
 	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 	int ck = FK::RB / 16, cv = FV::RB / 16;	/* chunks per row */
 	size_t hp = (size_t)h * p.P;
@@ -407,7 +429,8 @@ __device__ __forceinline__ void lanes_init(const kparams &p, int h,
 	}
 	/* q4 rows are read with ldmatrix: lane l gives row l & 7 of
 	 * matrix l >> 3, the 16 bytes of group (l >> 4) of token
-	 * (l & 7) + 8 * ((l >> 3) & 1); two more groups are 32 bytes on. */
+	 * (l & 7) + 8 * ((l >> 3) & 1); at head_dim 128 two more groups
+	 * are 32 bytes on. */
 	int mrow = (lane & 7) + 8 * ((lane >> 3) & 1), mgrp = lane >> 4;
 
 	if (KT == KVQ_KV_Q4)
@@ -416,13 +439,14 @@ __device__ __forceinline__ void lanes_init(const kparams &p, int h,
 		L.rk = S::K_OFF + FK::rk(g) + 8 * t;
 	else
 		L.rk = S::K_OFF + FK::rk(g) + 16 * t;
-	L.rks = S::KS_OFF + 8 * g;
+	L.rks = S::KS_OFF + FK::SB * g;
 	if (VT == KVQ_KV_Q4) {
 		L.rv = S::V_OFF + FV::rv(mrow) + 16 * mgrp;
-		L.rvs = S::VS_OFF + 16 * t;
+		L.rvs = S::VS_OFF + 2 * FV::SB * t;
 	} else {
-		L.rv = S::V_OFF + FV::rv(2 * t) + (VT == KVQ_KV_Q8 ? 16 : 32) * g;
-		L.rvs = S::VS_OFF + 16 * t + 2 * (g >> 1);
+		L.rv = S::V_OFF + FV::rv(2 * t) +
+		       (VT == KVQ_KV_Q8 ? CPL : 2 * CPL) * g;
+		L.rvs = S::VS_OFF + 2 * FV::SB * t + 2 * (g / (32 / CPL));
 	}
 }
 
@@ -431,14 +455,14 @@ __device__ __forceinline__ void lanes_init(const kparams &p, int h,
  * zeros (nothing is read).  VAR: pages of more than NW tiles, where the
  * tile's row block is NW * @sub beyond the warp's sub0.
  */
-template <int KT, int VT, bool VAR>
+template <int KT, int VT, int HD, bool VAR>
 __device__ __forceinline__ void issue_tile(const kparams &p, const lanes &L,
 					   uint8_t *st, unsigned page,
 					   unsigned sub, unsigned n)
 {
-	typedef fmt<KT> FK;
-	typedef fmt<VT> FV;
-	typedef copy_shape<KT, VT> C;
+	typedef fmt<KT, HD> FK;
+	typedef fmt<VT, HD> FV;
+	typedef copy_shape<KT, VT, HD> C;
 	int lane = threadIdx.x & 31;
 	const uint8_t *ks = p.kp + ((size_t)page * p.kpb + L.ck);
 	const uint8_t *vs = p.vp + ((size_t)page * p.vpb + L.cv);
@@ -449,7 +473,7 @@ __device__ __forceinline__ void issue_tile(const kparams &p, const lanes &L,
 	if (VAR) {
 		ks += sub * (NW * TT * FK::RB);
 		vs += sub * (NW * TT * FV::RB);
-		ss += sub * (NW * TT * 8);
+		ss += sub * (NW * TT * (lane < C::NKS ? FK::SB : FV::SB));
 	}
 #pragma unroll
 	for (int j = 0; j < FK::RB / 32; j++)
@@ -472,20 +496,21 @@ __device__ __forceinline__ void issue_tile(const kparams &p, const lanes &L,
  * holds each group's bias times the column's query to start from, as
  * the accumulator fragment (columns 2t, 2t+1 of rows g and g+8).
  */
-template <int KT, int VT>
+template <int KT, int VT, int HD>
 __device__ __forceinline__ void tile_scores(const uint8_t *st,
 					    const lanes &L,
-					    const unsigned qf[8][2],
-					    const float kc[4][4], float s[4])
+					    const unsigned qf[][2],
+					    const float kc[][4], float s[4])
 {
-	typedef fmt<KT> FK;
+	typedef fmt<KT, HD> FK;
+	constexpr int NG = HD / 32;
 	const uint8_t *kr = st + L.rk;
 	constexpr int R8 = FK::rk(8) - FK::rk(0);	/* row g -> g+8 */
 
 	s[0] = s[1] = s[2] = s[3] = 0.0f;
 	if (KT == KVQ_KV_F16) {
 #pragma unroll
-		for (int G = 0; G < 4; G++) {
+		for (int G = 0; G < NG; G++) {
 			uint4 r0 = *(const uint4 *)(kr + 64 * G);
 			uint4 r1 = *(const uint4 *)(kr + 64 * G + R8);
 			unsigned a[4];
@@ -503,20 +528,41 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 		}
 		return;
 	}
-	uint2 sr0 = *(const uint2 *)(st + L.rks);
-	uint2 sr1 = *(const uint2 *)(st + L.rks + 64);
-	float sg0[4] = { h_lo(sr0.x), h_hi(sr0.x), h_lo(sr0.y), h_hi(sr0.y) };
-	float sg1[4] = { h_lo(sr1.x), h_hi(sr1.x), h_lo(sr1.y), h_hi(sr1.y) };
-	unsigned kx[8];		/* q4: group G's words of rows g, g+8 */
+	/* Rows g and g+8's group scales. */
+	float sg0[NG], sg1[NG];
+
+	if (NG == 4) {
+		uint2 sr0 = *(const uint2 *)(st + L.rks);
+		uint2 sr1 = *(const uint2 *)(st + L.rks + 8 * FK::SB);
+
+		sg0[0] = h_lo(sr0.x);
+		sg0[1] = h_hi(sr0.x);
+		sg0[NG - 2] = h_lo(sr0.y);
+		sg0[NG - 1] = h_hi(sr0.y);
+		sg1[0] = h_lo(sr1.x);
+		sg1[1] = h_hi(sr1.x);
+		sg1[NG - 2] = h_lo(sr1.y);
+		sg1[NG - 1] = h_hi(sr1.y);
+	} else {
+		unsigned sr0 = *(const unsigned *)(st + L.rks);
+		unsigned sr1 = *(const unsigned *)(st + L.rks + 8 * FK::SB);
+
+		sg0[0] = h_lo(sr0);
+		sg0[1] = h_hi(sr0);
+		sg1[0] = h_lo(sr1);
+		sg1[1] = h_hi(sr1);
+	}
+	unsigned kx[2 * NG];	/* q4: group G's words of rows g, g+8 */
 	const unsigned e1024 = 0x64646464u;	/* q8: bytes b -> 1024 + b */
 
 	if (KT == KVQ_KV_Q4) {
 		kvq_ldsm4(kx, st + L.rk);
-		kvq_ldsm4(kx + 4, st + L.rk + 32);
+		if (NG == 4)
+			kvq_ldsm4(kx + 4 * (NG / 4), st + L.rk + 32);
 	}
 
 #pragma unroll
-	for (int G = 0; G < 4; G++) {
+	for (int G = 0; G < NG; G++) {
 		unsigned e0[4], e1[4], a[4];
 		float c[4];
 
@@ -609,33 +655,46 @@ __device__ __forceinline__ void v_pair(const unsigned *ra, const unsigned *rb,
  * word [A.b, A.b', B.b, B.b'] of tokens A=2t, B=2t+1 (+8), bytes
  * b=2g, b'=2g+1 of the group's 16 bytes: channels 4g..4g+3.
  */
-template <int KT, int VT>
+template <int KT, int VT, int HD>
 __device__ __forceinline__ void tile_values_q4(const uint8_t *st,
 					       const lanes &L,
 					       const unsigned pb[2], int vm,
-					       float o[8][4])
+					       float o[][4])
 {
-	typedef stage<KT, VT> S;
+	typedef stage<KT, VT, HD> S;
+	constexpr int NG = HD / 32, SB = fmt<VT, HD>::SB;
 	const uint8_t *vb = KT == KVQ_KV_Q4 ?
 			    st + L.rk + (S::V_OFF - S::K_OFF) : st + L.rv;
 	const __half2 b_lo = u2h(0xe408e408u);	/* -1032 */
 	const __half2 b_hi = u2h(0xd480d480u);	/* -72 */
-	unsigned x[8], sp[4], sq[4];
+	unsigned x[2 * NG], sp[NG], sq[NG];
 
 	kvq_ldsm4_t(x, vb);
-	kvq_ldsm4_t(x + 4, vb + 32);
+	if (NG == 4)
+		kvq_ldsm4_t(x + 4 * (NG / 4), vb + 32);
 
-	uint4 sa = *(const uint4 *)(st + L.rvs);	/* tokens 2t, 2t+1 */
-	uint4 sb = *(const uint4 *)(st + L.rvs + 64);	/* 2t+8, 2t+9 */
+	/* Group G's scales of tokens (2t, 2t+1) and (2t+8, 2t+9). */
+	if (NG == 4) {
+		uint4 sa = *(const uint4 *)(st + L.rvs);
+		uint4 sb = *(const uint4 *)(st + L.rvs + 8 * SB);
 
-	sp[0] = __byte_perm(sa.x, sa.z, 0x5410);
-	sp[1] = __byte_perm(sa.x, sa.z, 0x7632);
-	sp[2] = __byte_perm(sa.y, sa.w, 0x5410);
-	sp[3] = __byte_perm(sa.y, sa.w, 0x7632);
-	sq[0] = __byte_perm(sb.x, sb.z, 0x5410);
-	sq[1] = __byte_perm(sb.x, sb.z, 0x7632);
-	sq[2] = __byte_perm(sb.y, sb.w, 0x5410);
-	sq[3] = __byte_perm(sb.y, sb.w, 0x7632);
+		sp[0] = __byte_perm(sa.x, sa.z, 0x5410);
+		sp[1] = __byte_perm(sa.x, sa.z, 0x7632);
+		sp[NG - 2] = __byte_perm(sa.y, sa.w, 0x5410);
+		sp[NG - 1] = __byte_perm(sa.y, sa.w, 0x7632);
+		sq[0] = __byte_perm(sb.x, sb.z, 0x5410);
+		sq[1] = __byte_perm(sb.x, sb.z, 0x7632);
+		sq[NG - 2] = __byte_perm(sb.y, sb.w, 0x5410);
+		sq[NG - 1] = __byte_perm(sb.y, sb.w, 0x7632);
+	} else {
+		uint2 sa = *(const uint2 *)(st + L.rvs);
+		uint2 sb = *(const uint2 *)(st + L.rvs + 8 * SB);
+
+		sp[0] = __byte_perm(sa.x, sa.y, 0x5410);
+		sp[1] = __byte_perm(sa.x, sa.y, 0x7632);
+		sq[0] = __byte_perm(sb.x, sb.y, 0x5410);
+		sq[1] = __byte_perm(sb.x, sb.y, 0x7632);
+	}
 	if (vm != 15) {
 		unsigned ma = ((vm & 1) ? 0xffffu : 0u) |
 			      ((vm & 2) ? 0xffff0000u : 0u);
@@ -643,13 +702,13 @@ __device__ __forceinline__ void tile_values_q4(const uint8_t *st,
 			      ((vm & 8) ? 0xffff0000u : 0u);
 
 #pragma unroll
-		for (int G = 0; G < 4; G++) {
+		for (int G = 0; G < NG; G++) {
 			sp[G] &= ma;
 			sq[G] &= mb;
 		}
 	}
 #pragma unroll
-	for (int G = 0; G < 4; G++) {
+	for (int G = 0; G < NG; G++) {
 		unsigned b[2] = { h2u(__hmul2(u2h(pb[0]), u2h(sp[G]))),
 				  h2u(__hmul2(u2h(pb[1]), u2h(sq[G]))) };
 		unsigned xl = x[2 * G], xh = x[2 * G + 1];
@@ -675,14 +734,14 @@ __device__ __forceinline__ void tile_values_q4(const uint8_t *st,
 /*
  * Channel of row g (up = 0) or g+8 (up = 1) of the values' m-tile i:
  * group-pure for q4 (see tile_values_q4()), else lane g's channels are
- * 16g..16g+15.
+ * CPL g .. CPL g + CPL - 1 (CPL = head_dim / 8).
  */
-template <int VT>
+template <int VT, int HD>
 __device__ __forceinline__ int vch(int i, int up, int g)
 {
 	if (VT == KVQ_KV_Q4)
 		return 32 * (i >> 1) + 4 * g + 2 * (i & 1) + up;
-	return 16 * g + 8 * (i >> 2) + (i & 3) + 4 * up;
+	return (HD / 8) * g + 8 * (i >> 2) + (i & 3) + 4 * up;
 }
 
 /*
@@ -690,28 +749,28 @@ __device__ __forceinline__ int vch(int i, int up, int g)
  * when the lane's token i (2t, 2t+1, 2t+8, 2t+9) is valid (the others
  * contribute zero even when their bytes are not numbers).
  */
-template <int KT, int VT>
+template <int KT, int VT, int HD>
 __device__ __forceinline__ void tile_values(const uint8_t *st,
 					    const lanes &L,
 					    const unsigned pb[2], int vm,
-					    float o[8][4])
+					    float o[][4])
 {
-	typedef fmt<VT> FV;
+	typedef fmt<VT, HD> FV;
 
 	if (VT == KVQ_KV_Q4) {
-		tile_values_q4<KT, VT>(st, L, pb, vm, o);
+		tile_values_q4<KT, VT, HD>(st, L, pb, vm, o);
 		return;
 	}
 	const uint8_t *vr = st + L.rv;
 	const int dt[4] = { 0, FV::rv(1) - FV::rv(0), FV::rv(8) - FV::rv(0),
 			    FV::rv(9) - FV::rv(0) };
-	unsigned w[4][8], sc[2] = { 0u, 0u };
+	unsigned w[4][HD / 16], sc[2] = { 0u, 0u };
 
 #pragma unroll
 	for (int i = 0; i < 4; i++) {
 		bool ok = (vm >> i) & 1;
 
-		if (VT == KVQ_KV_Q4) {
+		if (VT == KVQ_KV_Q8 && HD == 64) {
 			uint2 x = *(const uint2 *)(vr + dt[i]);
 
 			w[i][0] = x.x;
@@ -725,7 +784,7 @@ __device__ __forceinline__ void tile_values(const uint8_t *st,
 			w[i][3] = x.w;
 		} else {
 #pragma unroll
-			for (int c = 0; c < 2; c++) {
+			for (int c = 0; c < HD / 64; c++) {
 				uint4 x = *(const uint4 *)(vr + dt[i] + 16 * c);
 
 				w[i][4 * c] = ok ? x.x : 0u;
@@ -735,14 +794,14 @@ __device__ __forceinline__ void tile_values(const uint8_t *st,
 			}
 		}
 		if (VT != KVQ_KV_F16) {
-			const int so[4] = { 0, 8, 64, 72 };
+			const int so[4] = { 0, FV::SB, 8 * FV::SB, 9 * FV::SB };
 			unsigned s = *(const unsigned short *)(st + L.rvs + so[i]);
 
 			sc[i >> 1] |= (ok ? s : 0u) << (16 * (i & 1));
 		}
 	}
 #pragma unroll
-	for (int q = 0; q < 2; q++) {
+	for (int q = 0; q < HD / 64; q++) {
 		unsigned h0[4][2], h1[4][2];
 
 		v_pair<VT>(w[0], w[1], q, sc[0], h0);
@@ -769,16 +828,16 @@ __device__ __forceinline__ void put_out(const kparams &p, size_t i, float v)
  * One tile from stage @st: scores, online softmax, values.  Tokens
  * [lo, hi) of the tile are valid.
  */
-template <int KT, int VT, bool FULL>
+template <int KT, int VT, int HD, bool FULL>
 __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
-				     const unsigned qf[8][2],
-				     const float kc[4][4], bool hilo, int lo,
-				     int hi, wstate &ws)
+				     const unsigned qf[][2],
+				     const float kc[][4], bool hilo, int lo,
+				     int hi, wstate<HD> &ws)
 {
 	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 	float s4[4];
 
-	tile_scores<KT, VT>(st, L, qf, kc, s4);
+	tile_scores<KT, VT, HD>(st, L, qf, kc, s4);
 	if (hilo)
 #pragma unroll
 		for (int i = 0; i < 4; i++)
@@ -813,7 +872,7 @@ __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 		ws.l[0] *= a0;
 		ws.l[1] *= a1;
 #pragma unroll
-		for (int i = 0; i < 8; i++) {
+		for (int i = 0; i < HD / 16; i++) {
 			ws.o[i][0] *= a0;
 			ws.o[i][1] *= a1;
 			ws.o[i][2] *= a0;
@@ -855,17 +914,18 @@ __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 			vm |= (tk >= lo && tk < hi) << i;
 		}
 	}
-	tile_values<KT, VT>(st, L, pb, vm, ws.o);
+	tile_values<KT, VT, HD>(st, L, pb, vm, ws.o);
 }
 
 /*
  * One block: sequence blockIdx.z, KV head blockIdx.y / n_chunks (query
  * heads of pass blockIdx.y % n_chunks), tiles [split * tps, + tps).
  */
-template <int KT, int VT>
+template <int KT, int VT, int HD>
 __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 {
-	typedef stage<KT, VT> S;
+	typedef stage<KT, VT, HD> S;
+	constexpr int NG = HD / 32;
 	constexpr int N = S::N;
 	extern __shared__ __align__(16) uint8_t smem[];
 	__shared__ int last;
@@ -929,7 +989,7 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 	uint8_t *ring = smem + w * N * S::BYTES;
 	lanes L;
 
-	lanes_init<KT, VT>(p, h, (unsigned)(t0 & ((1 << p.tshift) - 1) &
+	lanes_init<KT, VT, HD>(p, h, (unsigned)(t0 & ((1 << p.tshift) - 1) &
 					    (NW - 1)), L);
 	pids[lane] = pid0;
 	pids[32 + lane] = pid1;
@@ -942,10 +1002,11 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 		unsigned n = ok ? 16u : 0u;
 
 		if (p.vmask)
-			issue_tile<KT, VT, true>(p, L, st, pg,
-						 (unsigned)((t0 / NW + k) & p.vmask), n);
+			issue_tile<KT, VT, HD, true>(p, L, st, pg,
+						     (unsigned)((t0 / NW + k) &
+								p.vmask), n);
 		else
-			issue_tile<KT, VT, false>(p, L, st, pg, 0, n);
+			issue_tile<KT, VT, HD, false>(p, L, st, pg, 0, n);
 	};
 	/* Page ids of batch b (tiles 32b..32b+31) into the ring; called
 	 * once batch b-2, whose entries they take, has been issued. */
@@ -983,7 +1044,7 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 			     (size_t)h * p.P * HD;
 			vs = HD;
 		}
-		sink_copy(w, sk, sv, ks, vs, sbuf);
+		sink_copy<HD>(w, sk, sv, ks, vs, sbuf);
 	}
 #pragma unroll
 	for (int s = 0; s < N - 1; s++) {
@@ -993,8 +1054,8 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 
 	/* The query as B fragments: column g is head g (or, with at most 4
 	 * heads, head g&3's high (g<4) or low (g>=4) f16 part). */
-	unsigned qf[8][2];
-	float kc[4][4];
+	unsigned qf[2 * NG][2];
+	float kc[NG][4];
 	{
 		int hd = hilo ? (g & 3) : g;
 		bool lo_part = hilo && g >= 4;
@@ -1002,7 +1063,7 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 		size_t qo = ((size_t)b * p.hq + hq0 + (ok ? hd : 0)) * HD;
 
 #pragma unroll
-		for (int G = 0; G < 4; G++) {
+		for (int G = 0; G < NG; G++) {
 			float v[8], sum = 0.0f;
 
 #pragma unroll
@@ -1060,9 +1121,9 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 		}
 	}
 
-	wstate ws;
+	wstate<HD> ws;
 #pragma unroll
-	for (int i = 0; i < 8; i++)
+	for (int i = 0; i < HD / 16; i++)
 #pragma unroll
 		for (int e = 0; e < 4; e++)
 			ws.o[i][e] = 0.0f;
@@ -1071,7 +1132,7 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 	ws.l[0] = ws.l[1] = 0.0f;
 
 	if (sinks)
-		sink_pass<KT, VT>(ws, qf, hilo, skip, w, sk, sv, ks, vs, sbuf);
+		sink_pass<KT, VT, HD>(ws, qf, hilo, skip, w, sk, sv, ks, vs, sbuf);
 
 	/*
 	 * Tiles k of this warp: [0, k_lo) hold sink positions, [k_hi, n_my)
@@ -1106,14 +1167,15 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 		const uint8_t *st = ring + (k % N) * S::BYTES;
 
 		if (k >= k_lo && k < k_hi) {
-			tile<KT, VT, true>(st, L, qf, kc, hilo, 0, TT, ws);
+			tile<KT, VT, HD, true>(st, L, qf, kc, hilo, 0, TT,
+					       ws);
 		} else {
 			int tok0 = (t0 + k * NW) * TT;
 			int lo = max(0, skip - tok0), hi = min(TT, len - tok0);
 
 			if (lo < hi)
-				tile<KT, VT, false>(st, L, qf, kc, hilo, lo, hi,
-						    ws);
+				tile<KT, VT, HD, false>(st, L, qf, kc, hilo,
+							lo, hi, ws);
 		}
 		kvq_syncwarp();
 	};
@@ -1134,8 +1196,9 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 				kvq_cp_async_commit();
 				kvq_cp_async_wait<N - 1>();
 				kvq_syncwarp();
-				tile<KT, VT, true>(ring + s * S::BYTES, L, qf, kc,
-						   hilo, 0, TT, ws);
+				tile<KT, VT, HD, true>(ring + s * S::BYTES, L,
+						       qf, kc, hilo, 0, TT,
+						       ws);
 				kvq_syncwarp();
 			}
 			/* A batch boundary 32b among this run's issues:
@@ -1155,7 +1218,7 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 	}
 	if (hilo)
 #pragma unroll
-		for (int i = 0; i < 8; i++)
+		for (int i = 0; i < HD / 16; i++)
 #pragma unroll
 			for (int e = 0; e < 4; e++)
 				ws.o[i][e] += kvq_shfl_xor_f32(ws.o[i][e], 2);
@@ -1172,9 +1235,9 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 			float *o = sO + (size_t)(w * NCOL + hd) * HD;
 
 #pragma unroll
-			for (int i = 0; i < 8; i++) {
-				o[vch<VT>(i, 0, g)] = ws.o[i][e];
-				o[vch<VT>(i, 1, g)] = ws.o[i][2 + e];
+			for (int i = 0; i < HD / 16; i++) {
+				o[vch<VT, HD>(i, 0, g)] = ws.o[i][e];
+				o[vch<VT, HD>(i, 1, g)] = ws.o[i][2 + e];
 			}
 			if (g == 0) {
 				sM[w * NCOL + hd] = ws.m[e];
@@ -1346,21 +1409,26 @@ int tix(int t)
 	return t == KVQ_KV_F16 ? 0 : t == KVQ_KV_Q8 ? 1 : t == KVQ_KV_Q4 ? 2 : -1;
 }
 
-template <int KT, int VT> kinfo make_info()
+template <int KT, int VT, int HD> kinfo make_info()
 {
-	kinfo k = { decode_kernel<KT, VT>, stage<KT, VT>::DYN, 0 };
+	kinfo k = { decode_kernel<KT, VT, HD>, stage<KT, VT, HD>::DYN, 0 };
 
 	return k;
 }
 
-kinfo kinfos[3][3] = {
-	{ make_info<KVQ_KV_F16, KVQ_KV_F16>(), make_info<KVQ_KV_F16, KVQ_KV_Q8>(),
-	  make_info<KVQ_KV_F16, KVQ_KV_Q4>() },
-	{ make_info<KVQ_KV_Q8, KVQ_KV_F16>(), make_info<KVQ_KV_Q8, KVQ_KV_Q8>(),
-	  make_info<KVQ_KV_Q8, KVQ_KV_Q4>() },
-	{ make_info<KVQ_KV_Q4, KVQ_KV_F16>(), make_info<KVQ_KV_Q4, KVQ_KV_Q8>(),
-	  make_info<KVQ_KV_Q4, KVQ_KV_Q4>() },
-};
+#define KVQ_DECODE_KINFOS(HD)                                                 \
+	{ { make_info<KVQ_KV_F16, KVQ_KV_F16, HD>(),                          \
+	    make_info<KVQ_KV_F16, KVQ_KV_Q8, HD>(),                           \
+	    make_info<KVQ_KV_F16, KVQ_KV_Q4, HD>() },                         \
+	  { make_info<KVQ_KV_Q8, KVQ_KV_F16, HD>(),                           \
+	    make_info<KVQ_KV_Q8, KVQ_KV_Q8, HD>(),                            \
+	    make_info<KVQ_KV_Q8, KVQ_KV_Q4, HD>() },                          \
+	  { make_info<KVQ_KV_Q4, KVQ_KV_F16, HD>(),                           \
+	    make_info<KVQ_KV_Q4, KVQ_KV_Q8, HD>(),                            \
+	    make_info<KVQ_KV_Q4, KVQ_KV_Q4, HD>() } }
+
+/* [head_dim 64, 128][K type][V type] */
+kinfo kinfos[2][3][3] = { KVQ_DECODE_KINFOS(64), KVQ_DECODE_KINFOS(128) };
 int n_sms;
 
 /* Shared-memory limit and occupancy of one kernel, once.  -EIO on error. */
@@ -1414,16 +1482,16 @@ int check(const struct kvq_gpu_attn_args *a, kinfo **k)
 		return ki < 0 && a->k_type != KVQ_KV_F32 ? -EINVAL :
 		       vi < 0 && a->v_type != KVQ_KV_F32 ? -EINVAL :
 		       -EOPNOTSUPP;
-	if (a->head_dim != HD || a->page_tokens % TT ||
+	if ((a->head_dim != 64 && a->head_dim != 128) || a->page_tokens % TT ||
 	    (a->page_tokens / TT) & (a->page_tokens / TT - 1) ||
 	    a->batch > 65535 || a->n_kv_heads * ((a->n_q_heads / a->n_kv_heads +
 	    NCOL - 1) / NCOL) > 65535)
 		return -EOPNOTSUPP;
 	hp = (size_t)a->n_kv_heads * a->page_tokens;
-	if (a->k_page_bytes < hp * (row_bytes(a->k_type, HD) +
-				    scale_bytes(a->k_type, HD)) ||
-	    a->v_page_bytes < hp * (row_bytes(a->v_type, HD) +
-				    scale_bytes(a->v_type, HD)) ||
+	if (a->k_page_bytes < hp * (row_bytes(a->k_type, a->head_dim) +
+				    scale_bytes(a->k_type, a->head_dim)) ||
+	    a->v_page_bytes < hp * (row_bytes(a->v_type, a->head_dim) +
+				    scale_bytes(a->v_type, a->head_dim)) ||
 	    a->k_page_bytes % 16 || a->v_page_bytes % 16)
 		return -EINVAL;
 	if (a->k_page_bytes >= ((size_t)1 << 32) ||
@@ -1432,7 +1500,7 @@ int check(const struct kvq_gpu_attn_args *a, kinfo **k)
 	if (a->q_type < 0 || a->q_type > 1 || a->out_type < 0 ||
 	    a->out_type > 1)
 		return -EINVAL;
-	*k = &kinfos[ki][vi];
+	*k = &kinfos[a->head_dim == 128][ki][vi];
 	return 0;
 }
 
@@ -1471,7 +1539,7 @@ size_t ws_layout(const struct kvq_gpu_attn_args *a, const plan *pl,
 	*off_l = o;
 	o += (parts * NCOL * sizeof(float) + 255) & ~(size_t)255;
 	*off_o = o;
-	o += parts * NCOL * HD * sizeof(float);
+	o += parts * NCOL * a->head_dim * sizeof(float);
 	return o;
 }
 

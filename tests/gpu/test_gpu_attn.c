@@ -234,7 +234,8 @@ static int run_decode(const struct dcase *tc)
 	struct kvq_gpu_attn_args a;
 	struct dev d;
 	uint32_t gqa = tc->hq / tc->hk, b, h, maxl = 0;
-	size_t nq = (size_t)tc->batch * tc->hq * HD, i, bad = 0, nan = 0;
+	const uint32_t D = g_hd;	/* 64 or 128: the fused kernel's sizes */
+	size_t nq = (size_t)tc->batch * tc->hq * D, i, bad = 0, nan = 0;
 	size_t esz = tc->out_f16 ? 2 : 4, wsb;
 	float *q = malloc(nq * sizeof(float)), *ref = malloc(nq * sizeof(float));
 	float *got = malloc(nq * sizeof(float));
@@ -242,7 +243,7 @@ static int run_decode(const struct dcase *tc)
 	float *gotb = malloc(nq * sizeof(float));
 	void *dq = NULL, *dout = NULL, *ws = NULL;
 	double maxerr = 0.0, maxref = 0.0;
-	float scale = tc->scale ? tc->scale : 1.0f / sqrtf((float)HD);
+	float scale = tc->scale ? tc->scale : 1.0f / sqrtf((float)D);
 	char why[256] = "";
 	int ret, same = 1, ok;
 
@@ -283,7 +284,7 @@ static int run_decode(const struct dcase *tc)
 	a.batch = tc->batch;
 	a.n_q_heads = tc->hq;
 	a.n_kv_heads = tc->hk;
-	a.head_dim = HD;
+	a.head_dim = D;
 	a.page_tokens = tc->P;
 	a.scale = scale;
 	wsb = kvq_gpu_attn_workspace_bytes(&a);
@@ -319,10 +320,10 @@ static int run_decode(const struct dcase *tc)
 	}
 	for (b = 0; b < tc->batch; b++)
 		for (h = 0; h < tc->hk; h++) {
-			size_t off = ((size_t)b * tc->hq + h * gqa) * HD;
+			size_t off = ((size_t)b * tc->hq + h * gqa) * D;
 
-			kvq_kv_attend(c, &s[b], 0, h, q + off, HD, gqa, scale,
-				      tc->lens[b], ref + off, HD);
+			kvq_kv_attend(c, &s[b], 0, h, q + off, D, gqa, scale,
+				      tc->lens[b], ref + off, D);
 		}
 	for (i = 0; i < nq; i++) {
 		double e = fabs((double)got[i] - ref[i]);
@@ -340,11 +341,11 @@ static int run_decode(const struct dcase *tc)
 			same = 0;
 	}
 	ok = !bad && !nan;
-	tap_ok(ok, "kvq_gpu_attn_decode_%s_%s_%s (max err %.2e, max |ref| %.3f, "
-	       "%zu over tolerance, %zu unwritten)", tc->name, tn(tc->kt),
-	       tn(tc->vt), maxerr, maxref, bad, nan);
-	tap_ok(same, "kvq_gpu_attn_decode_%s_%s_%s_repeatable", tc->name,
-	       tn(tc->kt), tn(tc->vt));
+	tap_ok(ok, "kvq_gpu_attn_decode_%s_%s_%s_d%u (max err %.2e, max |ref| "
+	       "%.3f, %zu over tolerance, %zu unwritten)", tc->name,
+	       tn(tc->kt), tn(tc->vt), D, maxerr, maxref, bad, nan);
+	tap_ok(same, "kvq_gpu_attn_decode_%s_%s_%s_d%u_repeatable", tc->name,
+	       tn(tc->kt), tn(tc->vt), D);
 out_dev:
 	kvq_test_gpu_free(dq);
 	kvq_test_gpu_free(dout);
@@ -1303,25 +1304,21 @@ static void split_center_args_rejected(void)
 	       "kvq_gpu_attn_split_center_without_rope_base_rejected");
 }
 
-int main(void)
+/*
+ * The fused decode kernel at head size g_hd.  Every pair: ragged batch,
+ * tokens below and across page ends, sinks; then the common pairs over
+ * long and mixed sequences, GQA 1-16, pages of 32 and 64, no sinks, an
+ * empty sequence and f16 input and output.
+ */
+static void decode_suite(void)
 {
 	static const int types[3] = { KVQ_KV_F16, KVQ_KV_Q8, KVQ_KV_Q4 };
 	static const int main_pairs[4][2] = {
 		{ KVQ_KV_Q4, KVQ_KV_Q4 }, { KVQ_KV_Q8, KVQ_KV_Q4 },
 		{ KVQ_KV_Q8, KVQ_KV_Q8 }, { KVQ_KV_F16, KVQ_KV_F16 },
 	};
-	char why[256] = "";
-	int i, j, k;
+	int i, j;
 
-	if (kvq_test_gpu_count(why, sizeof(why)) <= 0) {
-		printf("1..0 # SKIP no GPU (%s)\n", why);
-		return 77;
-	}
-	args_rejected();
-	split_center_args_rejected();
-
-	/* Every pair: ragged batch, tokens below and across page ends,
-	 * sinks, Llama-3-8B-like heads. */
 	for (i = 0; i < 3; i++)
 		for (j = 0; j < 3; j++) {
 			struct dcase tc = {
@@ -1357,6 +1354,32 @@ int main(void)
 		for (j = 0; j < (int)(sizeof(cases) / sizeof(cases[0])); j++)
 			run_decode(&cases[j]);
 	}
+}
+
+int main(void)
+{
+	static const int types[3] = { KVQ_KV_F16, KVQ_KV_Q8, KVQ_KV_Q4 };
+	static const int main_pairs[4][2] = {
+		{ KVQ_KV_Q4, KVQ_KV_Q4 }, { KVQ_KV_Q8, KVQ_KV_Q4 },
+		{ KVQ_KV_Q8, KVQ_KV_Q8 }, { KVQ_KV_F16, KVQ_KV_F16 },
+	};
+	char why[256] = "";
+	int i, j, k;
+
+	if (kvq_test_gpu_count(why, sizeof(why)) <= 0) {
+		printf("1..0 # SKIP no GPU (%s)\n", why);
+		return 77;
+	}
+	args_rejected();
+	split_center_args_rejected();
+
+	/* The fused decode kernel at both its head sizes: 128 (Llama-3-8B-
+	 * like heads) and 64 (1B-like). */
+	g_hd = 128;
+	decode_suite();
+	g_hd = 64;
+	decode_suite();
+	g_hd = HD;
 
 	/* Split-KV: every page type pair at head sizes 8 to 256, GQA 1 to
 	 * 16 (the typed kernels at 64 and 128 with 3-8 heads, the generic
