@@ -973,6 +973,35 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 	int n_tiles = (len + TT - 1) / TT;
 	int n_active = (n_tiles + p.tps - 1) / p.tps;
 
+	/*
+	 * Everything above is the step's own (block table, lengths, sink
+	 * pointers: copied before any kernel); pages, sinks and the query
+	 * are written by the kernels before, and the output and workspace
+	 * may still be read by them.  Meanwhile the warp's first tiles start
+	 * into L2 (the new token's row is copied after the wait).
+	 */
+	{
+		typedef fmt<KT, HD> FK;
+		typedef fmt<VT, HD> FV;
+		int tk = t_begin + w + lane * NW;
+
+		if (lane < N - 1 && tk < n_tiles && tk < t_begin + p.tps) {
+			size_t row = (size_t)h * p.P +
+				     TT * (tk & ((1 << p.tshift) - 1));
+			const uint8_t *kb = p.kp + (size_t)(unsigned)pid0 * p.kpb;
+			const uint8_t *vb = p.vp + (size_t)(unsigned)pid0 * p.vpb;
+
+			kvq_prefetch_l2(kb + row * FK::RB, TT * FK::RB);
+			kvq_prefetch_l2(vb + row * FV::RB, TT * FV::RB);
+			if (FK::SB)
+				kvq_prefetch_l2(kb + (size_t)p.hk * p.P * FK::RB +
+						row * FK::SB, TT * FK::SB);
+			if (FV::SB)
+				kvq_prefetch_l2(vb + (size_t)p.hk * p.P * FV::RB +
+						row * FV::SB, TT * FV::SB);
+		}
+	}
+	kvq_pdl_wait();
 	if (len == 0) {
 		if (split == 0)
 			for (int i = threadIdx.x; i < nh * HD; i += NW * 32)
@@ -1209,6 +1238,8 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 				refill(b1 + 1);
 		}
 	}
+
+	kvq_pdl_trigger();	/* the next kernel may start; it waits for this */
 
 	/* This warp's sums over its tokens; the two f16 parts added. */
 #pragma unroll
@@ -1612,6 +1643,7 @@ extern "C" int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a,
 
 	dim3 grid(pl.n_splits, a->n_kv_heads * pl.n_chunks, a->batch);
 
-	k->fn<<<grid, NW * 32, k->dyn, (cudaStream_t)stream>>>(p);
+	kvq_launch(kvq_pdl_allowed(), k->fn, grid, dim3(NW * 32), k->dyn,
+		   (cudaStream_t)stream, p);
 	return cudaGetLastError() == cudaSuccess ? 0 : -EIO;
 }
