@@ -5,7 +5,9 @@
  * Why this file exists: a decode step reads every KV page of every
  * sequence once, so the bytes of the pages are the speed.  This kernel
  * reads the pages in their stored format and dequantizes in registers;
- * q4 pages are 3.56x smaller than f16 ones.
+ * q4 pages are 3.56x smaller than f16 ones.  Head sizes 64 and 128 (a
+ * template parameter: 2 or 4 scale groups a row); others go to
+ * attn_split.cu.
  *
  * Work split.  A block is (sequence, KV head, split): it owns a run of
  * 16-token tiles of one sequence and serves every query head of that KV
@@ -16,7 +18,9 @@
  * number of splits is chosen so that a batch of one fills the GPU; when a
  * sequence has several splits, the last block to finish (an atomic
  * counter in the workspace) merges their partial results, so one launch
- * does everything.
+ * does everything.  On sm_90 the kernel is a programmatic dependent: it
+ * reads the block table and starts its first tiles into L2 while the
+ * kernels before it end.
  *
  * Arithmetic.  Scores and values go through 16x8x16 f16 matrix products
  * with f32 accumulation.  Keys: the tile's 16 tokens are the rows, the
@@ -47,7 +51,8 @@
  * Shared memory: each stage holds a tile's K rows, K scales, V rows and V
  * scales; rows are padded so that every fragment read is free of bank
  * conflicts and sits at a per-lane base plus a constant (q4 rows are read
- * with ldmatrix), and the tile loop is unrolled over the stages.  A
+ * with ldmatrix; the paddings depend on the head size), and the tile
+ * loop is unrolled over the stages.  A
  * tile's copies cost one wide multiply per pool; page ids come from a
  * per-warp ring in shared memory, refilled 32 at a time.
  *
@@ -55,9 +60,9 @@
  * holds channels 32G+8t+{2r, 2r+4 | 2r+1, 2r+5} of tokens g and g+8 (q8:
  * 32G+8t+4r+{0, 1 | 2, 3}); that is one 32-bit word of q4 codes per token
  * and group.  Values, q4: m-tile 2G+a has channel 32G+4g+2a in row g and
- * the next one in row g+8; q8 and f16: lane g holds channels 16g..16g+15
- * of tokens 2t, 2t+1, 2t+8, 2t+9, m-tile 4q+j has channel 16g+8q+j in
- * row g and 16g+8q+j+4 in row g+8.
+ * the next one in row g+8; q8 and f16 (C = head_dim / 8 channels a
+ * lane): lane g holds channels Cg..Cg+C-1 of tokens 2t, 2t+1, 2t+8, 2t+9,
+ * m-tile 4q+j has channel Cg+8q+j in row g and Cg+8q+j+4 in row g+8.
  */
 #include <errno.h>
 #include <stddef.h>
@@ -1544,10 +1549,20 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 	n_tiles = ((long long)a->max_len + TT - 1) / TT;
 	if (n_tiles < 1)
 		n_tiles = 1;
+	/*
+	 * One wave of blocks; but at head_dim 64, where that gives a warp 8
+	 * tiles or more, two waves of half as many tiles.  Measured on the
+	 * H200 in kvqd's decode step (1B shape, q4/q4, 32K): batch 1 +3%, 4
+	 * +6%, 16 +28% tokens/s; at 1K (below the threshold) two waves cost
+	 * 2%.  At head_dim 128 two waves are slower (bench/gpu_attn.py, q4/q4:
+	 * batch 1 at 32K 25 -> 38 us, batch 8 at 8K 35 -> 44 us), so one.
+	 */
 	cap = (long long)n_sms * k->per_sm;
 	ns = cap / units;
 	if (ns < 1)
 		ns = 1;
+	if (a->head_dim == 64 && (n_tiles + ns - 1) / ns >= 8 * NW)
+		ns *= 2;
 	if (ns > MAX_SPLITS)
 		ns = MAX_SPLITS;
 	tps = (n_tiles + ns - 1) / ns;

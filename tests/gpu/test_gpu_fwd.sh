@@ -1,7 +1,7 @@
 #!/bin/sh
 # test_gpu_fwd.sh - runs tests/gpu/test_gpu_fwd under automake's TAP driver
 # over the bundled model, stories260K and small random models that take the
-# other paths (head_dim 128 for the fused decode kernel, Q8_0 and Q4_0
+# other paths (head_dim 128 and 64 for the fused decode kernel, Q8_0 and Q4_0
 # weights kept 8/4-bit, Q4_K converted to f16, qwen2's biases and neox RoPE,
 # F16 weights with rows of 200 columns: cuBLAS over padded rows).
 #
