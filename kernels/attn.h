@@ -43,7 +43,8 @@ enum kvq_gpu_dtype {
  * one query token over positions [0, seq_lens[b]) of one layer.
  *
  * Query head i uses KV head i / (n_q_heads / n_kv_heads).  Supported:
- * head_dim 128; page_tokens 16 times a power of two; K and V types f16, q8, q4
+ * head_dim 64 or 128; page_tokens 16 times a power of two; K and V types
+ * f16, q8, q4
  * in any pair (f32 pages are not read here: -EOPNOTSUPP).
  */
 struct kvq_gpu_attn_args {
