@@ -44,8 +44,7 @@ enum kvq_gpu_dtype {
  *
  * Query head i uses KV head i / (n_q_heads / n_kv_heads).  Supported:
  * head_dim 64 or 128; page_tokens 16 times a power of two; K and V types
- * f16, q8, q4
- * in any pair (f32 pages are not read here: -EOPNOTSUPP).
+ * f16, q8, q4 in any pair (f32 pages are not read here: -EOPNOTSUPP).
  */
 struct kvq_gpu_attn_args {
 	const void *q;		/* [batch][n_q_heads][head_dim], q_type */
