@@ -290,9 +290,12 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 }
 
 /*
- * KS = 1: a warp per row, MV_WARPS rows a block.  KS = MV_WARPS: the
- * block's warps share one long row (the down projection), so that more
- * loads of it are in flight at once; partial sums meet in shared memory.
+ * KS warps share each row, MV_WARPS / KS rows a block.  KS = 1: a warp per
+ * row.  KS = MV_WARPS: the block's warps share one long row (the down
+ * projection), so that more loads of it are in flight at once.  KS = 2:
+ * two rows a block, for the stacked QKV product, whose RoPE pairs rows r
+ * and r ^ 1 (the pair stays in one block) at twice the loads in flight of
+ * KS = 1.  Partial sums meet in shared memory.
  *
  * Launched as a programmatic dependent: the launch and the block start-up
  * overlap the kernel before.
@@ -300,25 +303,29 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 template <int WT, int NT, int KS>
 __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 {
+	constexpr int RPB = MV_WARPS / KS;	/* rows a block */
 	__shared__ float red[2][MV_WARPS][NT];
 	uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-	uint32_t r = KS == 1 ? blockIdx.x * MV_WARPS + w : blockIdx.x;
-	uint32_t li = KS == 1 ? lane : w * 32 + lane;
+	uint32_t r = blockIdx.x * RPB + w / KS;
+	uint32_t li = (w % KS) * 32 + lane;
 	bool live = r < p.out_rows;
+	bool shared_red = KS > 1 || p.epi == EPI_QKV;
 	float acc[NT], acc2[NT];
 
 	kvq_pdl_trigger();
 	kvq_pdl_wait();
-	if (!live && (KS > 1 || p.epi != EPI_QKV))
+	/* A dead row's warps stay for the block's barrier where there is
+	 * one (they add nothing). */
+	if (!live && (!shared_red || blockIdx.x * RPB >= p.out_rows))
 		return;
 #pragma unroll
 	for (int t = 0; t < NT; t++)
 		acc[t] = acc2[t] = 0.0f;
 	if (live)
 		row_dot<WT, NT>(p, r, li, 32 * KS, acc);
-	if (p.epi == EPI_SWIGLU)
+	if (live && p.epi == EPI_SWIGLU)
 		row_dot<WT, NT>(p, r + p.out_rows, li, 32 * KS, acc2);
-	if (KS > 1) {
+	if (shared_red) {
 		if (lane == 0) {
 #pragma unroll
 			for (int t = 0; t < NT; t++) {
@@ -327,34 +334,29 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 			}
 		}
 		__syncthreads();
-		if (w)
+		if (w % KS || !live)
 			return;
 #pragma unroll
 		for (int t = 0; t < NT; t++) {
 			acc[t] = acc2[t] = 0.0f;
 			for (int x = 0; x < KS; x++) {
-				acc[t] += red[0][x][t];
-				acc2[t] += red[1][x][t];
+				acc[t] += red[0][w + x][t];
+				acc2[t] += red[1][w + x][t];
 			}
 		}
 	}
-	if (KS == 1 && p.epi == EPI_QKV) {
-		/* Rows r and r ^ 1 (warps w and w ^ 1) are a RoPE pair. */
-		if (lane == 0) {
-#pragma unroll
-			for (int t = 0; t < NT; t++)
-				red[0][w][t] = live ? acc[t] + (p.bias ? p.bias[r] : 0.0f) :
-					       0.0f;
-		}
-		__syncthreads();
-		if (!live || lane)
+	if (p.epi == EPI_QKV) {
+		/* Rows r and r ^ 1 are a RoPE pair: the other's sums are the
+		 * KS partials of its warps (out_rows is even, so it is live). */
+		if (lane)
 			return;
 		const qkv_out &q = p.q;
+		uint32_t wo = (w / KS ^ 1u) * KS;
 #pragma unroll
 		for (int t = 0; t < NT; t++) {
 			if (t >= (int)p.n)
 				break;
-			float v = red[0][w][t];
+			float v = acc[t] + (p.bias ? p.bias[r] : 0.0f);
 
 			if (r < q.qd) {
 				uint32_t c = r % q.hd;
@@ -362,7 +364,12 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 				if (c < q.rope_dim) {
 					const float *e = q.cs + (size_t)t * q.rope_dim;
 					float co = e[c & ~1u], si = e[c | 1u];
-					float a = red[0][w & ~1u][t], b = red[0][w | 1u][t];
+					float o = 0.0f;
+
+					for (int x = 0; x < KS; x++)
+						o += red[0][wo + x][t];
+					o += p.bias ? p.bias[r ^ 1u] : 0.0f;
+					float a = (c & 1) ? o : v, b = (c & 1) ? v : o;
 
 					v = (c & 1) ? __fadd_rn(__fmul_rn(a, si), __fmul_rn(b, co)) :
 						      __fsub_rn(__fmul_rn(a, co), __fmul_rn(b, si));
@@ -1144,16 +1151,21 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	    (n <= MV_MAXT && w.type != KVQ_GPU_W_F16)) {
 		/* A block a row for long rows, and at one token for rows of
 		 * 2048 and up (more loads in flight; measured +1% at 1B). */
-		bool split = (w.cols >= 4096 || (n == 1 && w.cols >= 2048)) &&
-			     epi != EPI_QKV;
-		dim3 grid(split ? p.out_rows :
-			  (p.out_rows + MV_WARPS - 1) / MV_WARPS);
+		bool wide = w.cols >= 4096 || (n == 1 && w.cols >= 2048);
+		/* The QKV product keeps RoPE pairs in a block: two warps a
+		 * row (KS = 2) instead of the block. */
+		int ks = !wide ? 1 : epi != EPI_QKV ? MV_WARPS :
+			 2;
+		dim3 grid((p.out_rows * ks + MV_WARPS - 1) / MV_WARPS);
 		int nt = n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16;
 
 #define MV_GO(WT, NT) \
 		do { \
-			if (split) \
+			if (ks == MV_WARPS) \
 				launch(mv_kernel<WT, NT, MV_WARPS>, grid, \
+				       dim3(MV_WARPS * 32), 0, c->st, p); \
+			else if (ks == 2) \
+				launch(mv_kernel<WT, NT, 2>, grid, \
 				       dim3(MV_WARPS * 32), 0, c->st, p); \
 			else \
 				launch(mv_kernel<WT, NT, 1>, grid, \
