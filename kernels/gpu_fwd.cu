@@ -165,6 +165,18 @@ struct mmp {
 	const float *bias;	/* [rows] or NULL */
 	uint32_t out_rows;	/* rows written (half of w.rows for SWIGLU) */
 	qkv_out q;		/* EPI_QKV */
+	/*
+	 * RMSNorm without its own kernel (small products, see mv_kernel()):
+	 * an EPI_ADD product with gn also writes xg[t][r] = y[t][r] * gn[r]
+	 * (the next norm's weights), and the product after it reads x = xg
+	 * with ssx set to the raw rows, whose squares give the scale.
+	 */
+	const float *gn;
+	float *xg;
+	uint32_t xgs;
+	const float *ssx;
+	uint32_t ssxs;
+	float eps;
 };
 
 __device__ __forceinline__ float silu_mul(float g, float u)
@@ -290,6 +302,113 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 }
 
 /*
+ * mv_kernel() at KS = 1 and MV_WARPS without the norm: one row a warp or
+ * a block, as before KS = 2 and the norm came (kept apart: merged with
+ * them, NT = 4 spilled and batch 4 lost 5%).
+ */
+template <int WT, int NT, int KS>
+__device__ __forceinline__ void mv_plain(const mmp &p)
+{
+	__shared__ float red[2][MV_WARPS][NT];
+	uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+	uint32_t r = KS == 1 ? blockIdx.x * MV_WARPS + w : blockIdx.x;
+	uint32_t li = KS == 1 ? lane : w * 32 + lane;
+	bool live = r < p.out_rows;
+	float acc[NT], acc2[NT];
+
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
+	if (!live && (KS > 1 || p.epi != EPI_QKV))
+		return;
+#pragma unroll
+	for (int t = 0; t < NT; t++)
+		acc[t] = acc2[t] = 0.0f;
+	if (live)
+		row_dot<WT, NT>(p, r, li, 32 * KS, acc);
+	if (p.epi == EPI_SWIGLU)
+		row_dot<WT, NT>(p, r + p.out_rows, li, 32 * KS, acc2);
+	if (KS > 1) {
+		if (lane == 0) {
+#pragma unroll
+			for (int t = 0; t < NT; t++) {
+				red[0][w][t] = acc[t];
+				red[1][w][t] = acc2[t];
+			}
+		}
+		__syncthreads();
+		if (w)
+			return;
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			acc[t] = acc2[t] = 0.0f;
+			for (int x = 0; x < KS; x++) {
+				acc[t] += red[0][x][t];
+				acc2[t] += red[1][x][t];
+			}
+		}
+	}
+	if (KS == 1 && p.epi == EPI_QKV) {
+		/* Rows r and r ^ 1 (warps w and w ^ 1) are a RoPE pair. */
+		if (lane == 0) {
+#pragma unroll
+			for (int t = 0; t < NT; t++)
+				red[0][w][t] = live ? acc[t] + (p.bias ? p.bias[r] : 0.0f) :
+					       0.0f;
+		}
+		__syncthreads();
+		if (!live || lane)
+			return;
+		const qkv_out &q = p.q;
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			if (t >= (int)p.n)
+				break;
+			float v = red[0][w][t];
+
+			if (r < q.qd) {
+				uint32_t c = r % q.hd;
+
+				if (c < q.rope_dim) {
+					const float *e = q.cs + (size_t)t * q.rope_dim;
+					float co = e[c & ~1u], si = e[c | 1u];
+					float a = red[0][w & ~1u][t], b = red[0][w | 1u][t];
+
+					v = (c & 1) ? __fadd_rn(__fmul_rn(a, si), __fmul_rn(b, co)) :
+						      __fsub_rn(__fmul_rn(a, co), __fmul_rn(b, si));
+				}
+				q.qb[(size_t)t * q.qs + r] = v;
+			} else if (r < q.qd + q.kvd) {
+				q.kb[(size_t)t * q.kvd + (r - q.qd)] = v;
+			} else {
+				q.vb[(size_t)t * q.kvd + (r - q.qd - q.kvd)] = v;
+			}
+		}
+		return;
+	}
+	if (lane)
+		return;
+#pragma unroll
+	for (int t = 0; t < NT; t++) {
+		if (t >= (int)p.n)
+			break;
+		float *y = p.y + (size_t)t * p.ys + r;
+		float v = acc[t] + (p.bias ? p.bias[r] : 0.0f);
+
+		if (p.epi == EPI_SWIGLU) {
+			*y = silu_mul(acc[t], acc2[t]);
+		} else if (p.epi == EPI_ADD) {
+			float nv = *y + v;
+
+			*y = nv;
+			if (NT == 1 && p.xg)	/* set at one token only */
+				p.xg[(size_t)t * p.xgs + r] = nv * p.gn[r];
+		} else {
+			*y = v;
+		}
+	}
+}
+
+/*
  * KS warps share each row, MV_WARPS / KS rows a block.  KS = 1: a warp per
  * row.  KS = MV_WARPS: the block's warps share one long row (the down
  * projection), so that more loads of it are in flight at once.  KS = 2:
@@ -297,20 +416,32 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
  * and r ^ 1 (the pair stays in one block) at twice the loads in flight of
  * KS = 1.  Partial sums meet in shared memory.
  *
+ * NORM (p.ssx set): the product is of RMSNorm(x): x already holds x * g (written
+ * by the EPI_ADD product before, p.xg), and each row's sums are scaled by
+ * 1 / rms of the raw rows at p.ssx, whose squares the row's warps gather
+ * after their dot products (the rows are in L2).  The scale is computed
+ * as rmsnorm_kernel() computes it (1 / sqrt in double) from an f32 sum in
+ * a fixed order: results repeat bit for bit and differ from the separate
+ * norm's by rounding.
+ *
  * Launched as a programmatic dependent: the launch and the block start-up
  * overlap the kernel before.
  */
-template <int WT, int NT, int KS>
+template <int WT, int NT, int KS, bool NORM>
 __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 {
+	if (!NORM && KS != 2) {
+		mv_plain<WT, NT, KS>(p);
+		return;
+	}
 	constexpr int RPB = MV_WARPS / KS;	/* rows a block */
-	__shared__ float red[2][MV_WARPS][NT];
+	__shared__ float red[3][MV_WARPS][NT];
 	uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5;
 	uint32_t r = blockIdx.x * RPB + w / KS;
 	uint32_t li = (w % KS) * 32 + lane;
 	bool live = r < p.out_rows;
 	bool shared_red = KS > 1 || p.epi == EPI_QKV;
-	float acc[NT], acc2[NT];
+	float acc[NT], acc2[NT], ss[NT];
 
 	kvq_pdl_trigger();
 	kvq_pdl_wait();
@@ -320,17 +451,36 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 		return;
 #pragma unroll
 	for (int t = 0; t < NT; t++)
-		acc[t] = acc2[t] = 0.0f;
+		acc[t] = acc2[t] = ss[t] = 0.0f;
 	if (live)
 		row_dot<WT, NT>(p, r, li, 32 * KS, acc);
 	if (live && p.epi == EPI_SWIGLU)
 		row_dot<WT, NT>(p, r + p.out_rows, li, 32 * KS, acc2);
+	if (NORM && live) {
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			if (t < (int)p.n) {
+				const float4 *xr = (const float4 *)(p.ssx +
+								    (size_t)t * p.ssxs);
+
+				for (uint32_t c = li; c < p.w.cols / 4; c += 32 * KS) {
+					float4 a = xr[c];
+
+					ss[t] = fmaf(a.x, a.x, fmaf(a.y, a.y,
+						fmaf(a.z, a.z, fmaf(a.w, a.w, ss[t]))));
+				}
+			}
+			ss[t] = kvq_warp_sum(ss[t]);
+		}
+	}
 	if (shared_red) {
 		if (lane == 0) {
 #pragma unroll
 			for (int t = 0; t < NT; t++) {
 				red[0][w][t] = acc[t];
 				red[1][w][t] = acc2[t];
+				if (NORM)
+					red[2][w][t] = ss[t];
 			}
 		}
 		__syncthreads();
@@ -338,11 +488,25 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 			return;
 #pragma unroll
 		for (int t = 0; t < NT; t++) {
-			acc[t] = acc2[t] = 0.0f;
+			acc[t] = acc2[t] = ss[t] = 0.0f;
+#pragma unroll
 			for (int x = 0; x < KS; x++) {
 				acc[t] += red[0][w + x][t];
 				acc2[t] += red[1][w + x][t];
+				if (NORM)
+					ss[t] += red[2][w + x][t];
 			}
+		}
+	}
+	/* RMSNorm here: scale by 1 / rms of each token's raw row, which
+	 * ss then holds. */
+	if (NORM) {
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			ss[t] = (float)(1.0 / sqrt((double)ss[t] / p.w.cols +
+						   p.eps));
+			acc[t] *= ss[t];
+			acc2[t] *= ss[t];
 		}
 	}
 	if (p.epi == EPI_QKV) {
@@ -366,8 +530,11 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 					float co = e[c & ~1u], si = e[c | 1u];
 					float o = 0.0f;
 
+#pragma unroll
 					for (int x = 0; x < KS; x++)
 						o += red[0][wo + x][t];
+					if (NORM)
+						o *= ss[t];
 					o += p.bias ? p.bias[r ^ 1u] : 0.0f;
 					float a = (c & 1) ? o : v, b = (c & 1) ? v : o;
 
@@ -392,12 +559,17 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 		float *y = p.y + (size_t)t * p.ys + r;
 		float v = acc[t] + (p.bias ? p.bias[r] : 0.0f);
 
-		if (p.epi == EPI_SWIGLU)
+		if (p.epi == EPI_SWIGLU) {
 			*y = silu_mul(acc[t], acc2[t]);
-		else if (p.epi == EPI_ADD)
-			*y += v;
-		else
+		} else if (p.epi == EPI_ADD) {
+			float nv = *y + v;
+
+			*y = nv;
+			if (NT == 1 && p.xg)	/* set at one token only */
+				p.xg[(size_t)t * p.xgs + r] = nv * p.gn[r];
+		} else {
 			*y = v;
+		}
 	}
 }
 
@@ -604,6 +776,14 @@ struct kvq_gpu_ctx {
 	 * product -> cuBLAS): batch 4 1997 -> 1719, 8 2367 -> 3286, 16 2130
 	 * -> 5867.  KVQ_GPU_MV_MAX (1-16) sets it. */
 	uint32_t mv_max;
+	/*
+	 * RMSNorm inside the small products (mv_kernel()): norm_next is the
+	 * norm after the next EPI_ADD product, which then writes x * g into
+	 * xn; norm_ready the norm whose x * g xn holds for the rows of x.
+	 * fused_norm: KVQ_GPU_NO_FUSED_NORM unset.
+	 */
+	const float *norm_next, *norm_ready;
+	bool fused_norm;
 	/* This step's attention goes to attn_prefill.cu: 16 rows or more,
 	 * none of them a sequence's only row.  A decode row there costs
 	 * more than in the split kernel (H200, 1B, q4/q4, every decode step
@@ -774,6 +954,7 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 	}
 	const char *mv = getenv("KVQ_GPU_MV_MAX");
 
+	c->fused_norm = !getenv("KVQ_GPU_NO_FUSED_NORM");
 	c->mv_max = MV_MAXBLAS;
 	if (mv && atoi(mv) >= 1 && atoi(mv) <= MV_MAXT)
 		c->mv_max = (uint32_t)atoi(mv);
@@ -1125,15 +1306,37 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	      const int32_t *xrows = nullptr, const qkv_out *qo = nullptr)
 {
 	mmp p;
+	/* Only f16 weights go to cuBLAS: the others keep the small
+	 * product up to MV_MAXT tokens. */
+	bool small = small_product(c, n) ||
+		     (n <= MV_MAXT && w.type != KVQ_GPU_W_F16);
+	/* x * g already in xn (the product before wrote it): the small
+	 * product scales by 1 / rms itself. */
+	bool fnorm = norm && small && n == 1 && !xrows && x == c->x &&
+		     c->norm_ready == norm && !(w.cols & 3) && !(xs & 3);
 
-	if (norm) {
+	memset(&p, 0, sizeof(p));
+	c->norm_ready = nullptr;
+	if (fnorm) {
+		p.ssx = x;
+		p.ssxs = xs;
+		p.eps = c->g->d.rms_eps;
+		x = c->xn;
+		xs = c->xs;
+	} else if (norm) {
 		launch(rmsnorm_kernel, dim3(n), dim3(1024), 0, c->st, x, xs,
 		       xrows, norm, c->xn, c->xs, w.cols, c->g->d.rms_eps);
 		mark(c, PROF_NORM);
 		x = c->xn;
 		xs = c->xs;
 	}
-	memset(&p, 0, sizeof(p));
+	if (epi == EPI_ADD && small && c->norm_next && y == c->x) {
+		p.gn = c->norm_next;
+		p.xg = c->xn;
+		p.xgs = c->xs;
+		c->norm_ready = c->norm_next;
+	}
+	c->norm_next = nullptr;
 	p.w = w;
 	p.x = x;
 	p.xs = xs;
@@ -1145,30 +1348,30 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	p.out_rows = epi == EPI_SWIGLU ? w.rows / 2 : w.rows;
 	if (qo)
 		p.q = *qo;
-	/* Only f16 weights go to cuBLAS: the others keep the small
-	 * product up to MV_MAXT tokens. */
-	if (small_product(c, n) ||
-	    (n <= MV_MAXT && w.type != KVQ_GPU_W_F16)) {
+	if (small) {
 		/* A block a row for long rows, and at one token for rows of
 		 * 2048 and up (more loads in flight; measured +1% at 1B). */
 		bool wide = w.cols >= 4096 || (n == 1 && w.cols >= 2048);
 		/* The QKV product keeps RoPE pairs in a block: two warps a
 		 * row (KS = 2) instead of the block. */
-		int ks = !wide ? 1 : epi != EPI_QKV ? MV_WARPS :
-			 2;
+		int ks = !wide ? 1 : epi != EPI_QKV ? MV_WARPS : 2;
 		dim3 grid((p.out_rows * ks + MV_WARPS - 1) / MV_WARPS);
 		int nt = n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16;
 
+/* The norm inside the product only at one token (fnorm needs n == 1). */
+#define MV_K(WT, NT, KS) \
+		(fnorm ? mv_kernel<WT, NT, KS, NT == 1> : \
+			 mv_kernel<WT, NT, KS, false>)
 #define MV_GO(WT, NT) \
 		do { \
 			if (ks == MV_WARPS) \
-				launch(mv_kernel<WT, NT, MV_WARPS>, grid, \
+				launch(MV_K(WT, NT, MV_WARPS), grid, \
 				       dim3(MV_WARPS * 32), 0, c->st, p); \
 			else if (ks == 2) \
-				launch(mv_kernel<WT, NT, 2>, grid, \
+				launch(MV_K(WT, NT, 2), grid, \
 				       dim3(MV_WARPS * 32), 0, c->st, p); \
 			else \
-				launch(mv_kernel<WT, NT, 1>, grid, \
+				launch(MV_K(WT, NT, 1), grid, \
 				       dim3(MV_WARPS * 32), 0, c->st, p); \
 		} while (0)
 #define MV_LAUNCH(WT) \
@@ -1189,6 +1392,7 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 			MV_LAUNCH(KVQ_GPU_W_Q4)
 #undef MV_LAUNCH
 #undef MV_GO
+#undef MV_K
 		return 0;
 	}
 	if (epi == EPI_SWIGLU || epi == EPI_QKV)
@@ -1262,6 +1466,7 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 	int ret;
 
 	c->mm_fail = nullptr;
+	c->norm_next = c->norm_ready = nullptr;
 	mark(c, -1);
 	launch(embed_kernel, dim3(T), dim3(256), 0, c->st, g->embed, tok,
 	       c->x, c->xs);
@@ -1390,6 +1595,10 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 				return ret;
 		}
 		mark(c, PROF_ATTN);
+		/* The FFN norm's x * g comes with the residual add (and the
+		 * next layer's attention norm's with the one below). */
+		if (c->fused_norm && T == 1)
+			c->norm_next = v[KVQ_GPU_V_FFN_NORM];
 		mm(c, m[KVQ_GPU_M_O], c->att, c->as, c->x, c->xs, T, EPI_ADD,
 		   nullptr);
 		mark(c, PROF_O);
@@ -1404,6 +1613,9 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 			       c->hs, F);
 		}
 		mark(c, PROF_GATEUP);
+		if (c->fused_norm && T == 1 && l + 1 < md->n_layers)
+			c->norm_next = g->v[(size_t)(l + 1) * KVQ_GPU_V_NLAYER +
+					    KVQ_GPU_V_ATTN_NORM];
 		mm(c, m[KVQ_GPU_M_DOWN], c->h, c->hs, c->x, c->xs, T, EPI_ADD,
 		   nullptr);
 		mark(c, PROF_DOWN);
