@@ -314,6 +314,7 @@ int kvq_ctx_gpu_create(struct kvq_model *m, struct kvq_kvcache *kv,
 	size_t kpb[KVQ_KV_MAX_LAYERS], vpb[KVQ_KV_MAX_LAYERS];
 	const float *ctr[KVQ_KV_MAX_LAYERS];
 	struct kvq_ctx_gpu *g;
+	const char *mv;
 	uint32_t l;
 	int ret;
 
@@ -358,6 +359,15 @@ int kvq_ctx_gpu_create(struct kvq_model *m, struct kvq_kvcache *kv,
 	d.k_page_bytes = kpb;
 	d.v_page_bytes = vpb;
 	d.use_graphs = !getenv("KVQ_GPU_NO_GRAPHS");
+	mv = getenv("KVQ_GPU_MV_MAX");
+	if (mv) {
+		char *end;
+		long v = strtol(mv, &end, 10);
+
+		if (end == mv || *end || v < 1 || v > 16)
+			kvq_warn("gpu: KVQ_GPU_MV_MAX=%s is not a token count from 1 to 16; the default threshold holds",
+				 mv);
+	}
 	g->tokens = malloc(max_batch * sizeof(int32_t));
 	g->pos = malloc(max_batch * sizeof(int32_t));
 	g->row_seq = malloc(max_batch * sizeof(int32_t));

@@ -956,8 +956,15 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 
 	c->fused_norm = !getenv("KVQ_GPU_NO_FUSED_NORM");
 	c->mv_max = MV_MAXBLAS;
-	if (mv && atoi(mv) >= 1 && atoi(mv) <= MV_MAXT)
-		c->mv_max = (uint32_t)atoi(mv);
+	if (mv) {
+		char *end;
+		long v = strtol(mv, &end, 10);
+
+		/* Anything else is refused with a warning by the engine
+		 * (forward_gpu.c) and the default holds. */
+		if (end != mv && !*end && v >= 1 && v <= MV_MAXT)
+			c->mv_max = (uint32_t)v;
+	}
 	if (!KVQ_GPU_BLAS || !max_ld || c->d.max_batch <= c->mv_max ||
 	    getenv("KVQ_GPU_NO_CUBLAS"))
 		return 0;
