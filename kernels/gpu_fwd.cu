@@ -7,15 +7,16 @@
  * trips or launch latency per operation.  Activations stay f32 (as on the
  * CPU path, so greedy output matches it), weights (placed by
  * gpu_model.cu) are f32, f16 or kept 8/4-bit (Q8/Q4, dequantized in
- * registers), and the per-layer work is eight or nine kernels: RMSNorm,
- * the stacked QKV product (which rotates the queries itself for
- * adjacent-pair RoPE up to 16 tokens; else a RoPE kernel follows), the
- * fused rotate-quantize-append of K and V (attn_append.cu), attention
- * (attn_decode.cu for head_dim 128 decode, attn_prefill.cu for steps of
- * 16 prompt rows and more at head_dim 64 and 128, attn_split.cu for the
- * rest), the output projection with the residual
- * add, RMSNorm, gate and up with SwiGLU, and the down projection with the
- * residual add.
+ * registers), and the per-layer work is six to nine kernels: RMSNorm
+ * (at one token none: the residual add before writes x * g and the next
+ * product scales by 1 / rms, see mv_kernel()), the stacked QKV product
+ * (which rotates the queries itself for adjacent-pair RoPE up to 16
+ * tokens; else a RoPE kernel follows), the fused rotate-quantize-append of
+ * K and V (attn_append.cu), attention (attn_decode.cu for decode at
+ * head_dim 64 and 128, attn_prefill.cu for steps of 16 prompt rows and
+ * more at those sizes, attn_split.cu for the rest), the output projection
+ * with the residual add, RMSNorm, gate and up with SwiGLU, and the down
+ * projection with the residual add.
  *
  * Matrix products: up to 16 tokens a warp streams a weight row with 16-byte
  * loads and dots it with every token (decode and small batches are bound by
