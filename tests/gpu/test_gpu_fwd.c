@@ -606,9 +606,9 @@ out:
  * the model has its own, so that a score missing q . R_p c moves by about
  * a key's size), the CPU and GPU contexts centre their q8/q4 and q8/q8
  * caches alike and the logits agree as without centring: greedy_case()'s
- * prompt and 120 decode steps (head_dim 64 and 128 layers leave the fused decode
- * kernel for the split one) and batch_case()'s step of a prompt and two
- * decodes.  The model keeps the centres (it frees them).
+ * prompt and 120 decode steps (head_dim 64 and 128 layers leave the fused
+ * decode kernel for the split one) and batch_case()'s step of a prompt and
+ * two decodes.  The model keeps the centres (it frees them).
  */
 static void center_case(struct kvq_model *m, const char *mname)
 {
