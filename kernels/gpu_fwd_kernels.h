@@ -1,0 +1,694 @@
+/*
+ * gpu_fwd_kernels.h - the device side of one forward step on the GPU:
+ * embedding, RMSNorm, the small (matrix-vector) and tiled matrix products
+ * with their epilogues, SwiGLU, RoPE, page copies and fills.
+ * kernels/gpu_fwd.cu, which plans and launches them, includes this once;
+ * compiled by nvcc or hipcc only.
+ */
+#ifndef KVQ_GPU_FWD_KERNELS_H
+#define KVQ_GPU_FWD_KERNELS_H
+
+#include <math.h>
+#include <stdint.h>
+
+#include "kernels/gpu_compat.h"
+#include "kernels/gpu_fwd_impl.h"
+
+namespace {
+
+constexpr int MV_WARPS = 4;	/* rows (warps) per block of the small product */
+constexpr int MV_MAXT = 16;	/* tokens the small product takes */
+constexpr int GT = 64;		/* tiled product: rows and tokens per tile */
+constexpr int GK = 32;		/* and depth */
+
+/* ------------------------------------------------------ device helpers */
+
+__device__ __forceinline__ float h2f(__half h)
+{
+	return __half2float(h);
+}
+
+/* Element (r, c) of a weight matrix. */
+__device__ __forceinline__ float wval(const dmat &m, uint32_t r, uint32_t c)
+{
+	if (m.type == KVQ_GPU_W_F16)
+		return h2f(((const __half *)m.d)[(size_t)r * m.ld + c]);
+	if (m.type == KVQ_GPU_W_F32)
+		return ((const float *)m.d)[(size_t)r * m.ld + c];
+	float d = h2f(m.s[(size_t)r * (m.cols / 32) + c / 32]);
+
+	if (m.type == KVQ_GPU_W_Q8)
+		return (float)((const int8_t *)m.d)[(size_t)r * m.cols + c] * d;
+	const uint8_t *b = (const uint8_t *)m.d + (size_t)r * (m.cols / 2) +
+			   (c / 32) * 16;
+	uint32_t j = c % 32;
+	int q = j < 16 ? (b[j] & 15) : (b[j - 16] >> 4);
+
+	return (float)(q - 8) * d;
+}
+
+__device__ __forceinline__ void unpack_h8(uint4 u, float f[8])
+{
+	const __half2 *h = reinterpret_cast<const __half2 *>(&u);
+
+	for (int i = 0; i < 4; i++) {
+		float2 v = __half22float2(h[i]);
+
+		f[2 * i] = v.x;
+		f[2 * i + 1] = v.y;
+	}
+}
+
+/* ------------------------------------------------------------- kernels */
+
+__global__ void embed_kernel(dmat e, const int32_t *tok, float *x,
+			     uint32_t xs)
+{
+	uint32_t t = blockIdx.x, r;
+
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
+	r = (uint32_t)tok[t];
+
+	for (uint32_t c = threadIdx.x; c < e.cols; c += blockDim.x)
+		x[(size_t)t * xs + c] = wval(e, r, c);
+}
+
+/* y[i] = x[rows ? rows[i] : i] / rms * g, as the CPU engine (the sum of
+ * squares in double). */
+__global__ void rmsnorm_kernel(const float *x, uint32_t xs,
+			       const int32_t *rows, const float *g, float *y,
+			       uint32_t ys, uint32_t dim, float eps)
+{
+	__shared__ double part[32];
+	uint32_t i = blockIdx.x, r;
+	const float *xr;
+	double ss = 0.0;
+
+	/* 1024 threads: a decode step's norm is one row, so latency. */
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
+	r = rows ? (uint32_t)rows[i] : i;
+	xr = x + (size_t)r * xs;
+
+	for (uint32_t c = threadIdx.x; c < dim; c += blockDim.x)
+		ss += (double)xr[c] * xr[c];
+	for (int m = 16; m > 0; m >>= 1)
+		ss += kvq_shfl_xor_f64(ss, m);
+	if ((threadIdx.x & 31) == 0)
+		part[threadIdx.x >> 5] = ss;
+	__syncthreads();
+	if (threadIdx.x == 0) {
+		double t = 0.0;
+
+		for (uint32_t w = 0; w < blockDim.x / 32; w++)
+			t += part[w];
+		part[0] = t;
+	}
+	__syncthreads();
+	float s = (float)(1.0 / sqrt(part[0] / dim + eps));
+
+	for (uint32_t c = threadIdx.x; c < dim; c += blockDim.x)
+		y[(size_t)i * ys + c] = __fmul_rn(__fmul_rn(xr[c], s), g[c]);
+}
+
+enum { EPI_STORE = 0, EPI_ADD = 1, EPI_SWIGLU = 2, EPI_QKV = 3 };
+
+/* EPI_QKV: the stacked QKV rows go out as rope_split_kernel writes them
+ * (adjacent-pair RoPE of the queries with the step's table). */
+struct qkv_out {
+	float *qb, *kb, *vb;
+	const float *cs;
+	uint32_t qs, qd, kvd, hd, rope_dim;
+};
+
+struct mmp {
+	dmat w;
+	const float *x;
+	uint32_t xs;
+	float *y;
+	uint32_t ys;
+	uint32_t n;		/* tokens */
+	int epi;
+	const float *bias;	/* [rows] or NULL */
+	uint32_t out_rows;	/* rows written (half of w.rows for SWIGLU) */
+	qkv_out q;		/* EPI_QKV */
+	/*
+	 * RMSNorm without its own kernel (small products, see mv_kernel()):
+	 * an EPI_ADD product with gn also writes xg[t][r] = y[t][r] * gn[r]
+	 * (the next norm's weights), and the product after it reads x = xg
+	 * with ssx set to the raw rows, whose squares give the scale.
+	 */
+	const float *gn;
+	float *xg;
+	uint32_t xgs;
+	const float *ssx;
+	uint32_t ssxs;
+	float eps;
+};
+
+__device__ __forceinline__ float silu_mul(float g, float u)
+{
+	return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+}
+
+/* Dot of weight row @r with tokens 0..n-1: lane @li of @nl lanes sharing
+ * the row takes every nl-th 16-byte load; acc ends as the warp's sum. */
+/* acc[t] += eight weights f dotted with x[t][0..8), for t < n. */
+template <int NT>
+__device__ __forceinline__ void dot8(const float f[8], const float *x,
+				     uint32_t xs, uint32_t n, float acc[NT])
+{
+#pragma unroll
+	for (int t = 0; t < NT; t++) {
+		if (t < (int)n) {
+			const float4 *xp = (const float4 *)(x + (size_t)t * xs);
+			float4 a = xp[0], b = xp[1];
+
+			acc[t] += f[0] * a.x + f[1] * a.y + f[2] * a.z +
+				  f[3] * a.w + f[4] * b.x + f[5] * b.y +
+				  f[6] * b.z + f[7] * b.w;
+		}
+	}
+}
+
+template <int WT, int NT>
+__device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
+					uint32_t nl, float acc[NT])
+{
+	const float *x = p.x;
+	uint32_t xs = p.xs, cols = p.w.cols;
+
+	if (WT == KVQ_GPU_W_F32) {
+		const float *w = (const float *)p.w.d + (size_t)r * p.w.ld;
+
+#pragma unroll 4
+		for (uint32_t c = li * 8; c < cols; c += nl * 8) {
+			float4 u0 = __ldg((const float4 *)(w + c));
+			float4 u1 = __ldg((const float4 *)(w + c + 4));
+			float f[8] = { u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w };
+
+			dot8<NT>(f, x + c, xs, p.n, acc);
+		}
+	} else if (WT == KVQ_GPU_W_F16) {
+		const __half *w = (const __half *)p.w.d + (size_t)r * p.w.ld;
+
+#pragma unroll 4
+		for (uint32_t c = li * 8; c < cols; c += nl * 8) {
+			uint4 u = __ldg((const uint4 *)(w + c));
+			float f[8];
+
+			unpack_h8(u, f);
+			dot8<NT>(f, x + c, xs, p.n, acc);
+		}
+	} else if (WT == KVQ_GPU_W_Q8) {
+		const int8_t *w = (const int8_t *)p.w.d + (size_t)r * cols;
+		const __half *sc = p.w.s + (size_t)r * (cols / 32);
+
+#pragma unroll 4
+		for (uint32_t c = li * 16; c < cols; c += nl * 16) {
+			int4 u = __ldg((const int4 *)(w + c));
+			float d = h2f(sc[c / 32]);
+			const int8_t *q = reinterpret_cast<const int8_t *>(&u);
+			float f[16];
+
+			for (int i = 0; i < 16; i++)
+				f[i] = (float)q[i];
+#pragma unroll
+			for (int t = 0; t < NT; t++) {
+				if (t < (int)p.n) {
+					const float4 *xp = (const float4 *)(x + (size_t)t * xs + c);
+					float s = 0.0f;
+
+					for (int i = 0; i < 4; i++) {
+						float4 a = xp[i];
+
+						s += f[4 * i] * a.x + f[4 * i + 1] * a.y +
+						     f[4 * i + 2] * a.z + f[4 * i + 3] * a.w;
+					}
+					acc[t] += s * d;
+				}
+			}
+		}
+	} else {
+		const uint8_t *w = (const uint8_t *)p.w.d + (size_t)r * (cols / 2);
+		const __half *sc = p.w.s + (size_t)r * (cols / 32);
+
+#pragma unroll 2
+		for (uint32_t b = li; b < cols / 32; b += nl) {
+			uint4 u = __ldg((const uint4 *)(w + (size_t)b * 16));
+			float d = h2f(sc[b]);
+			const uint8_t *q = reinterpret_cast<const uint8_t *>(&u);
+			float lo[16], hi[16];
+
+			for (int i = 0; i < 16; i++) {
+				lo[i] = (float)((q[i] & 15) - 8);
+				hi[i] = (float)((q[i] >> 4) - 8);
+			}
+#pragma unroll
+			for (int t = 0; t < NT; t++) {
+				if (t < (int)p.n) {
+					const float4 *xp = (const float4 *)(x + (size_t)t * xs + b * 32);
+					float s = 0.0f;
+
+					for (int i = 0; i < 4; i++) {
+						float4 a = xp[i], e = xp[i + 4];
+
+						s += lo[4 * i] * a.x + lo[4 * i + 1] * a.y +
+						     lo[4 * i + 2] * a.z + lo[4 * i + 3] * a.w;
+						s += hi[4 * i] * e.x + hi[4 * i + 1] * e.y +
+						     hi[4 * i + 2] * e.z + hi[4 * i + 3] * e.w;
+					}
+					acc[t] += s * d;
+				}
+			}
+		}
+	}
+#pragma unroll
+	for (int t = 0; t < NT; t++)
+		acc[t] = kvq_warp_sum(acc[t]);
+}
+
+/*
+ * mv_kernel() at KS = 1 and MV_WARPS without the norm: one row a warp or
+ * a block, as before KS = 2 and the norm came (kept apart: merged with
+ * them, NT = 4 spilled and batch 4 lost 5%).
+ */
+template <int WT, int NT, int KS>
+__device__ __forceinline__ void mv_plain(const mmp &p)
+{
+	__shared__ float red[2][MV_WARPS][NT];
+	uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+	uint32_t r = KS == 1 ? blockIdx.x * MV_WARPS + w : blockIdx.x;
+	uint32_t li = KS == 1 ? lane : w * 32 + lane;
+	bool live = r < p.out_rows;
+	float acc[NT], acc2[NT];
+
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
+	if (!live && (KS > 1 || p.epi != EPI_QKV))
+		return;
+#pragma unroll
+	for (int t = 0; t < NT; t++)
+		acc[t] = acc2[t] = 0.0f;
+	if (live)
+		row_dot<WT, NT>(p, r, li, 32 * KS, acc);
+	if (p.epi == EPI_SWIGLU)
+		row_dot<WT, NT>(p, r + p.out_rows, li, 32 * KS, acc2);
+	if (KS > 1) {
+		if (lane == 0) {
+#pragma unroll
+			for (int t = 0; t < NT; t++) {
+				red[0][w][t] = acc[t];
+				red[1][w][t] = acc2[t];
+			}
+		}
+		__syncthreads();
+		if (w)
+			return;
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			acc[t] = acc2[t] = 0.0f;
+			for (int x = 0; x < KS; x++) {
+				acc[t] += red[0][x][t];
+				acc2[t] += red[1][x][t];
+			}
+		}
+	}
+	if (KS == 1 && p.epi == EPI_QKV) {
+		/* Rows r and r ^ 1 (warps w and w ^ 1) are a RoPE pair. */
+		if (lane == 0) {
+#pragma unroll
+			for (int t = 0; t < NT; t++)
+				red[0][w][t] = live ? acc[t] + (p.bias ? p.bias[r] : 0.0f) :
+					       0.0f;
+		}
+		__syncthreads();
+		if (!live || lane)
+			return;
+		const qkv_out &q = p.q;
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			if (t >= (int)p.n)
+				break;
+			float v = red[0][w][t];
+
+			if (r < q.qd) {
+				uint32_t c = r % q.hd;
+
+				if (c < q.rope_dim) {
+					const float *e = q.cs + (size_t)t * q.rope_dim;
+					float co = e[c & ~1u], si = e[c | 1u];
+					float a = red[0][w & ~1u][t], b = red[0][w | 1u][t];
+
+					v = (c & 1) ? __fadd_rn(__fmul_rn(a, si), __fmul_rn(b, co)) :
+						      __fsub_rn(__fmul_rn(a, co), __fmul_rn(b, si));
+				}
+				q.qb[(size_t)t * q.qs + r] = v;
+			} else if (r < q.qd + q.kvd) {
+				q.kb[(size_t)t * q.kvd + (r - q.qd)] = v;
+			} else {
+				q.vb[(size_t)t * q.kvd + (r - q.qd - q.kvd)] = v;
+			}
+		}
+		return;
+	}
+	if (lane)
+		return;
+#pragma unroll
+	for (int t = 0; t < NT; t++) {
+		if (t >= (int)p.n)
+			break;
+		float *y = p.y + (size_t)t * p.ys + r;
+		float v = acc[t] + (p.bias ? p.bias[r] : 0.0f);
+
+		if (p.epi == EPI_SWIGLU) {
+			*y = silu_mul(acc[t], acc2[t]);
+		} else if (p.epi == EPI_ADD) {
+			float nv = *y + v;
+
+			*y = nv;
+			if (NT == 1 && p.xg)	/* set at one token only */
+				p.xg[(size_t)t * p.xgs + r] = nv * p.gn[r];
+		} else {
+			*y = v;
+		}
+	}
+}
+
+/*
+ * KS warps share each row, MV_WARPS / KS rows a block.  KS = 1: a warp per
+ * row.  KS = MV_WARPS: the block's warps share one long row (the down
+ * projection), so that more loads of it are in flight at once.  KS = 2:
+ * two rows a block, for the stacked QKV product, whose RoPE pairs rows r
+ * and r ^ 1 (the pair stays in one block) at twice the loads in flight of
+ * KS = 1.  Partial sums meet in shared memory.
+ *
+ * NORM (p.ssx set): the product is of RMSNorm(x): x already holds x * g (written
+ * by the EPI_ADD product before, p.xg), and each row's sums are scaled by
+ * 1 / rms of the raw rows at p.ssx, whose squares the row's warps gather
+ * after their dot products (the rows are in L2).  The scale is computed
+ * as rmsnorm_kernel() computes it (1 / sqrt in double) from an f32 sum in
+ * a fixed order: results repeat bit for bit and differ from the separate
+ * norm's by rounding.
+ *
+ * Launched as a programmatic dependent: the launch and the block start-up
+ * overlap the kernel before.
+ */
+template <int WT, int NT, int KS, bool NORM>
+__global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
+{
+	if (!NORM && KS != 2) {
+		mv_plain<WT, NT, KS>(p);
+		return;
+	}
+	constexpr int RPB = MV_WARPS / KS;	/* rows a block */
+	__shared__ float red[3][MV_WARPS][NT];
+	uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+	uint32_t r = blockIdx.x * RPB + w / KS;
+	uint32_t li = (w % KS) * 32 + lane;
+	bool live = r < p.out_rows;
+	bool shared_red = KS > 1 || p.epi == EPI_QKV;
+	float acc[NT], acc2[NT], ss[NT];
+
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
+	/* A dead row's warps stay for the block's barrier where there is
+	 * one (they add nothing). */
+	if (!live && (!shared_red || blockIdx.x * RPB >= p.out_rows))
+		return;
+#pragma unroll
+	for (int t = 0; t < NT; t++)
+		acc[t] = acc2[t] = ss[t] = 0.0f;
+	if (live)
+		row_dot<WT, NT>(p, r, li, 32 * KS, acc);
+	if (live && p.epi == EPI_SWIGLU)
+		row_dot<WT, NT>(p, r + p.out_rows, li, 32 * KS, acc2);
+	if (NORM && live) {
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			if (t < (int)p.n) {
+				const float4 *xr = (const float4 *)(p.ssx +
+								    (size_t)t * p.ssxs);
+
+				for (uint32_t c = li; c < p.w.cols / 4; c += 32 * KS) {
+					float4 a = xr[c];
+
+					ss[t] = fmaf(a.x, a.x, fmaf(a.y, a.y,
+						fmaf(a.z, a.z, fmaf(a.w, a.w, ss[t]))));
+				}
+			}
+			ss[t] = kvq_warp_sum(ss[t]);
+		}
+	}
+	if (shared_red) {
+		if (lane == 0) {
+#pragma unroll
+			for (int t = 0; t < NT; t++) {
+				red[0][w][t] = acc[t];
+				red[1][w][t] = acc2[t];
+				if (NORM)
+					red[2][w][t] = ss[t];
+			}
+		}
+		__syncthreads();
+		if (w % KS || !live)
+			return;
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			acc[t] = acc2[t] = ss[t] = 0.0f;
+#pragma unroll
+			for (int x = 0; x < KS; x++) {
+				acc[t] += red[0][w + x][t];
+				acc2[t] += red[1][w + x][t];
+				if (NORM)
+					ss[t] += red[2][w + x][t];
+			}
+		}
+	}
+	/* RMSNorm here: scale by 1 / rms of each token's raw row, which
+	 * ss then holds. */
+	if (NORM) {
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			ss[t] = (float)(1.0 / sqrt((double)ss[t] / p.w.cols +
+						   p.eps));
+			acc[t] *= ss[t];
+			acc2[t] *= ss[t];
+		}
+	}
+	if (p.epi == EPI_QKV) {
+		/* Rows r and r ^ 1 are a RoPE pair: the other's sums are the
+		 * KS partials of its warps (out_rows is even, so it is live). */
+		if (lane)
+			return;
+		const qkv_out &q = p.q;
+		uint32_t wo = (w / KS ^ 1u) * KS;
+#pragma unroll
+		for (int t = 0; t < NT; t++) {
+			if (t >= (int)p.n)
+				break;
+			float v = acc[t] + (p.bias ? p.bias[r] : 0.0f);
+
+			if (r < q.qd) {
+				uint32_t c = r % q.hd;
+
+				if (c < q.rope_dim) {
+					const float *e = q.cs + (size_t)t * q.rope_dim;
+					float co = e[c & ~1u], si = e[c | 1u];
+					float o = 0.0f;
+
+#pragma unroll
+					for (int x = 0; x < KS; x++)
+						o += red[0][wo + x][t];
+					if (NORM)
+						o *= ss[t];
+					o += p.bias ? p.bias[r ^ 1u] : 0.0f;
+					float a = (c & 1) ? o : v, b = (c & 1) ? v : o;
+
+					v = (c & 1) ? __fadd_rn(__fmul_rn(a, si), __fmul_rn(b, co)) :
+						      __fsub_rn(__fmul_rn(a, co), __fmul_rn(b, si));
+				}
+				q.qb[(size_t)t * q.qs + r] = v;
+			} else if (r < q.qd + q.kvd) {
+				q.kb[(size_t)t * q.kvd + (r - q.qd)] = v;
+			} else {
+				q.vb[(size_t)t * q.kvd + (r - q.qd - q.kvd)] = v;
+			}
+		}
+		return;
+	}
+	if (lane)
+		return;
+#pragma unroll
+	for (int t = 0; t < NT; t++) {
+		if (t >= (int)p.n)
+			break;
+		float *y = p.y + (size_t)t * p.ys + r;
+		float v = acc[t] + (p.bias ? p.bias[r] : 0.0f);
+
+		if (p.epi == EPI_SWIGLU) {
+			*y = silu_mul(acc[t], acc2[t]);
+		} else if (p.epi == EPI_ADD) {
+			float nv = *y + v;
+
+			*y = nv;
+			if (NT == 1 && p.xg)	/* set at one token only */
+				p.xg[(size_t)t * p.xgs + r] = nv * p.gn[r];
+		} else {
+			*y = v;
+		}
+	}
+}
+
+/* Tiled product for many tokens: a 64x64 (rows x tokens) tile per block,
+ * each thread 4x4, weights dequantized into shared memory as f32. */
+template <int WT>
+__global__ void __launch_bounds__(256) gemm_kernel(mmp p)
+{
+	__shared__ float ws[GK][GT + 4];
+	__shared__ float xsm[GK][GT + 4];
+	int tid = threadIdx.x;
+	uint32_t r0 = blockIdx.x * GT, t0 = blockIdx.y * GT;
+	int tr = (tid % 16) * 4, tt = (tid / 16) * 4;
+	float acc[4][4] = {};
+	uint32_t kend = pad32(p.w.cols);
+
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
+
+	for (uint32_t k0 = 0; k0 < kend; k0 += GK) {
+		/* 64 rows x 32 depth: thread loads 8 values of one row. */
+		int lr = tid / 4, lc = (tid % 4) * 8;
+		uint32_t r = r0 + lr;
+
+		for (int i = 0; i < 8; i++) {
+			uint32_t c = k0 + lc + i;
+
+			ws[lc + i][lr] = (r < p.w.rows && c < p.w.cols) ?
+					 wval(p.w, r, c) : 0.0f;
+		}
+		uint32_t t = t0 + lr;
+
+		for (int i = 0; i < 8; i++) {
+			uint32_t c = k0 + lc + i;
+
+			xsm[lc + i][lr] = (t < p.n && c < p.w.cols) ?
+					  p.x[(size_t)t * p.xs + c] : 0.0f;
+		}
+		__syncthreads();
+#pragma unroll 8
+		for (int k = 0; k < GK; k++) {
+			float a[4], b[4];
+
+			for (int i = 0; i < 4; i++) {
+				a[i] = ws[k][tr + i];
+				b[i] = xsm[k][tt + i];
+			}
+			for (int i = 0; i < 4; i++)
+				for (int j = 0; j < 4; j++)
+					acc[i][j] += a[i] * b[j];
+		}
+		__syncthreads();
+	}
+	for (int j = 0; j < 4; j++) {
+		uint32_t t = t0 + tt + j;
+
+		if (t >= p.n)
+			break;
+		for (int i = 0; i < 4; i++) {
+			uint32_t r = r0 + tr + i;
+
+			if (r >= p.w.rows)
+				break;
+			float *y = p.y + (size_t)t * p.ys + r;
+			float v = acc[i][j] + (p.bias ? p.bias[r] : 0.0f);
+
+			if (p.epi == EPI_ADD)
+				*y += v;
+			else
+				*y = v;
+		}
+	}
+}
+
+__global__ void swiglu_kernel(const float *gu, uint32_t gs, float *h,
+			      uint32_t hs, uint32_t f)
+{
+	uint32_t t = blockIdx.y;
+
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
+	for (uint32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < f;
+	     c += gridDim.x * blockDim.x)
+		h[(size_t)t * hs + c] = silu_mul(gu[(size_t)t * gs + c],
+						 gu[(size_t)t * gs + f + c]);
+}
+
+/* Splits the stacked QKV rows: q rotated (as the CPU engine's RoPE, no
+ * contraction) into qb, k and v copied into kb and vb.  One element a
+ * thread over a (row, slice) grid: a decode step is one row, so the kernel
+ * is latency, not work. */
+__global__ void rope_split_kernel(const float *qkv, uint32_t qkvs, float *qb,
+				  uint32_t qs, float *kb, float *vb,
+				  uint32_t nh, uint32_t nkv, uint32_t hd,
+				  uint32_t rope_dim, int neox, const float *cs)
+{
+	uint32_t t = blockIdx.x, qd = nh * hd, kvd = nkv * hd;
+	uint32_t half = rope_dim / 2;
+	uint32_t i = blockIdx.y * blockDim.x + threadIdx.x;
+	const float *row = qkv + (size_t)t * qkvs;
+	const float *e = cs + (size_t)t * half * 2;
+
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
+
+	if (i < qd) {
+		uint32_t h = i / hd, c = i % hd;
+		const float *v = row + (size_t)h * hd;
+		float o = v[c];
+
+		if (c < rope_dim) {
+			uint32_t j = neox ? (c < half ? c : c - half) : c / 2;
+			bool first = neox ? c < half : !(c & 1);
+			uint32_t a = neox ? j : 2 * j, b = neox ? j + half : 2 * j + 1;
+			float co = e[2 * j], si = e[2 * j + 1];
+
+			o = first ? __fsub_rn(__fmul_rn(v[a], co), __fmul_rn(v[b], si)) :
+				    __fadd_rn(__fmul_rn(v[a], si), __fmul_rn(v[b], co));
+		}
+		qb[(size_t)t * qs + i] = o;
+	} else if (i < qd + kvd) {
+		kb[(size_t)t * kvd + (i - qd)] = row[i];
+	} else if (i < qd + 2 * kvd) {
+		vb[(size_t)t * kvd + (i - qd - kvd)] = row[i];
+	}
+}
+
+__global__ void copy_page_kernel(uint8_t *base, size_t pb, int32_t dst,
+				 int32_t src)
+{
+	const uint4 *s = (const uint4 *)(base + (size_t)src * pb);
+	uint4 *d = (uint4 *)(base + (size_t)dst * pb);
+
+	for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < pb / 16;
+	     i += (size_t)gridDim.x * blockDim.x)
+		d[i] = s[i];
+}
+
+__global__ void fill_kernel(float *x, size_t n, uint32_t seed)
+{
+	for (size_t i = blockIdx.x * blockDim.x + threadIdx.x; i < n;
+	     i += (size_t)gridDim.x * blockDim.x) {
+		uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+
+		h ^= h >> 15;
+		h *= 2246822519u;
+		h ^= h >> 13;
+		x[i] = ((float)(h & 0xffff) / 32768.0f - 1.0f);
+	}
+}
+
+} /* namespace */
+
+#endif /* KVQ_GPU_FWD_KERNELS_H */
