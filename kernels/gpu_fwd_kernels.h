@@ -270,6 +270,63 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 }
 
 /*
+ * Row @r of the stacked QKV product for token @t, @v its sum with the
+ * bias: a query row, rotated with its RoPE pair r ^ 1 (whose value
+ * other() gives, read only where needed) for channels below rope_dim, a
+ * key row or a value row, where rope_split_kernel() would put it.
+ */
+template <typename O>
+__device__ __forceinline__ void qkv_put(const qkv_out &q, uint32_t r, int t,
+					float v, O other)
+{
+	if (r < q.qd) {
+		uint32_t c = r % q.hd;
+
+		if (c < q.rope_dim) {
+			const float *e = q.cs + (size_t)t * q.rope_dim;
+			float co = e[c & ~1u], si = e[c | 1u];
+			float o = other();
+			float a = (c & 1) ? o : v, b = (c & 1) ? v : o;
+
+			v = (c & 1) ? __fadd_rn(__fmul_rn(a, si), __fmul_rn(b, co)) :
+				      __fsub_rn(__fmul_rn(a, co), __fmul_rn(b, si));
+		}
+		q.qb[(size_t)t * q.qs + r] = v;
+	} else if (r < q.qd + q.kvd) {
+		q.kb[(size_t)t * q.kvd + (r - q.qd)] = v;
+	} else {
+		q.vb[(size_t)t * q.kvd + (r - q.qd - q.kvd)] = v;
+	}
+}
+
+/* Row @r's sums for tokens 0..n-1 through the epilogue (not EPI_QKV). */
+template <int NT>
+__device__ __forceinline__ void put_rows(const mmp &p, uint32_t r,
+					 const float acc[NT],
+					 const float acc2[NT])
+{
+#pragma unroll
+	for (int t = 0; t < NT; t++) {
+		if (t >= (int)p.n)
+			break;
+		float *y = p.y + (size_t)t * p.ys + r;
+		float v = acc[t] + (p.bias ? p.bias[r] : 0.0f);
+
+		if (p.epi == EPI_SWIGLU) {
+			*y = silu_mul(acc[t], acc2[t]);
+		} else if (p.epi == EPI_ADD) {
+			float nv = *y + v;
+
+			*y = nv;
+			if (NT == 1 && p.xg)	/* set at one token only */
+				p.xg[(size_t)t * p.xgs + r] = nv * p.gn[r];
+		} else {
+			*y = v;
+		}
+	}
+}
+
+/*
  * mv_kernel() at KS = 1 and MV_WARPS without the norm: one row a warp or
  * a block, as before KS = 2 and the norm came (kept apart: merged with
  * them, NT = 4 spilled and batch 4 lost 5%).
@@ -326,54 +383,18 @@ __device__ __forceinline__ void mv_plain(const mmp &p)
 		__syncthreads();
 		if (!live || lane)
 			return;
-		const qkv_out &q = p.q;
 #pragma unroll
 		for (int t = 0; t < NT; t++) {
 			if (t >= (int)p.n)
 				break;
-			float v = red[0][w][t];
-
-			if (r < q.qd) {
-				uint32_t c = r % q.hd;
-
-				if (c < q.rope_dim) {
-					const float *e = q.cs + (size_t)t * q.rope_dim;
-					float co = e[c & ~1u], si = e[c | 1u];
-					float a = red[0][w & ~1u][t], b = red[0][w | 1u][t];
-
-					v = (c & 1) ? __fadd_rn(__fmul_rn(a, si), __fmul_rn(b, co)) :
-						      __fsub_rn(__fmul_rn(a, co), __fmul_rn(b, si));
-				}
-				q.qb[(size_t)t * q.qs + r] = v;
-			} else if (r < q.qd + q.kvd) {
-				q.kb[(size_t)t * q.kvd + (r - q.qd)] = v;
-			} else {
-				q.vb[(size_t)t * q.kvd + (r - q.qd - q.kvd)] = v;
-			}
+			qkv_put(p.q, r, t, red[0][w][t],
+				[&] { return red[0][w ^ 1u][t]; });
 		}
 		return;
 	}
 	if (lane)
 		return;
-#pragma unroll
-	for (int t = 0; t < NT; t++) {
-		if (t >= (int)p.n)
-			break;
-		float *y = p.y + (size_t)t * p.ys + r;
-		float v = acc[t] + (p.bias ? p.bias[r] : 0.0f);
-
-		if (p.epi == EPI_SWIGLU) {
-			*y = silu_mul(acc[t], acc2[t]);
-		} else if (p.epi == EPI_ADD) {
-			float nv = *y + v;
-
-			*y = nv;
-			if (NT == 1 && p.xg)	/* set at one token only */
-				p.xg[(size_t)t * p.xgs + r] = nv * p.gn[r];
-		} else {
-			*y = v;
-		}
-	}
+	put_rows<NT>(p, r, acc, acc2);
 }
 
 /*
@@ -482,20 +503,13 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 		 * KS partials of its warps (out_rows is even, so it is live). */
 		if (lane)
 			return;
-		const qkv_out &q = p.q;
 		uint32_t wo = (w / KS ^ 1u) * KS;
 #pragma unroll
 		for (int t = 0; t < NT; t++) {
 			if (t >= (int)p.n)
 				break;
-			float v = acc[t] + (p.bias ? p.bias[r] : 0.0f);
-
-			if (r < q.qd) {
-				uint32_t c = r % q.hd;
-
-				if (c < q.rope_dim) {
-					const float *e = q.cs + (size_t)t * q.rope_dim;
-					float co = e[c & ~1u], si = e[c | 1u];
+			qkv_put(p.q, r, t, acc[t] + (p.bias ? p.bias[r] : 0.0f),
+				[&] {
 					float o = 0.0f;
 
 #pragma unroll
@@ -503,42 +517,14 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 						o += red[0][wo + x][t];
 					if (NORM)
 						o *= ss[t];
-					o += p.bias ? p.bias[r ^ 1u] : 0.0f;
-					float a = (c & 1) ? o : v, b = (c & 1) ? v : o;
-
-					v = (c & 1) ? __fadd_rn(__fmul_rn(a, si), __fmul_rn(b, co)) :
-						      __fsub_rn(__fmul_rn(a, co), __fmul_rn(b, si));
-				}
-				q.qb[(size_t)t * q.qs + r] = v;
-			} else if (r < q.qd + q.kvd) {
-				q.kb[(size_t)t * q.kvd + (r - q.qd)] = v;
-			} else {
-				q.vb[(size_t)t * q.kvd + (r - q.qd - q.kvd)] = v;
-			}
+					return o + (p.bias ? p.bias[r ^ 1u] : 0.0f);
+				});
 		}
 		return;
 	}
 	if (lane)
 		return;
-#pragma unroll
-	for (int t = 0; t < NT; t++) {
-		if (t >= (int)p.n)
-			break;
-		float *y = p.y + (size_t)t * p.ys + r;
-		float v = acc[t] + (p.bias ? p.bias[r] : 0.0f);
-
-		if (p.epi == EPI_SWIGLU) {
-			*y = silu_mul(acc[t], acc2[t]);
-		} else if (p.epi == EPI_ADD) {
-			float nv = *y + v;
-
-			*y = nv;
-			if (NT == 1 && p.xg)	/* set at one token only */
-				p.xg[(size_t)t * p.xgs + r] = nv * p.gn[r];
-		} else {
-			*y = v;
-		}
-	}
+	put_rows<NT>(p, r, acc, acc2);
 }
 
 /* Tiled product for many tokens: a 64x64 (rows x tokens) tile per block,
