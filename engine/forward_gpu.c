@@ -26,6 +26,20 @@
 #include "engine/model_impl.h"
 #include "engine/quant.h"
 
+int kvq_gpu_mv_max_parse(const char *s, uint32_t *out)
+{
+	char *end;
+	long v;
+
+	if (!s)
+		return -EINVAL;
+	v = strtol(s, &end, 10);
+	if (end == s || *end || v < 1 || v > 16)
+		return -EINVAL;
+	*out = (uint32_t)v;
+	return 0;
+}
+
 #if defined(KVQ_HAVE_CUDA) || defined(KVQ_HAVE_HIP)
 
 #include "kernels/attn.h"
@@ -360,14 +374,9 @@ int kvq_ctx_gpu_create(struct kvq_model *m, struct kvq_kvcache *kv,
 	d.v_page_bytes = vpb;
 	d.use_graphs = !getenv("KVQ_GPU_NO_GRAPHS");
 	mv = getenv("KVQ_GPU_MV_MAX");
-	if (mv) {
-		char *end;
-		long v = strtol(mv, &end, 10);
-
-		if (end == mv || *end || v < 1 || v > 16)
-			kvq_warn("gpu: KVQ_GPU_MV_MAX=%s is not a token count from 1 to 16; the default threshold holds",
-				 mv);
-	}
+	if (mv && kvq_gpu_mv_max_parse(mv, &d.mv_max))
+		kvq_warn("gpu: KVQ_GPU_MV_MAX=%s is not a token count from 1 to 16; the default threshold holds",
+			 mv);
 	g->tokens = malloc(max_batch * sizeof(int32_t));
 	g->pos = malloc(max_batch * sizeof(int32_t));
 	g->row_seq = malloc(max_batch * sizeof(int32_t));

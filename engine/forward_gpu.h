@@ -21,6 +21,13 @@ struct kvq_batch;
 struct kvq_attn_seq;
 struct kvq_ctx_gpu;
 
+/*
+ * KVQ_GPU_MV_MAX's value: the tokens up to which a step keeps f16 products
+ * off cuBLAS, a whole number from 1 to 16 into @out; -EINVAL (and @out
+ * untouched) for anything else, which the context refuses with a warning.
+ */
+int kvq_gpu_mv_max_parse(const char *s, uint32_t *out);
+
 /* Uploads @m's weights once (later calls return 0 at once). */
 int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen);
 void kvq_model_gpu_release(struct kvq_model *m);

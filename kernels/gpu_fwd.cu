@@ -104,7 +104,7 @@ struct kvq_gpu_ctx {
 	/* Largest token count the small product takes while cuBLAS serves;
 	 * more go to tensor cores.  H200, 1B F16, q4/q4, 1K, tokens/s (small
 	 * product -> cuBLAS): batch 4 1997 -> 1719, 8 2367 -> 3286, 16 2130
-	 * -> 5867.  KVQ_GPU_MV_MAX (1-16) sets it. */
+	 * -> 5867.  The descriptor's mv_max (KVQ_GPU_MV_MAX) sets it. */
 	uint32_t mv_max;
 	/*
 	 * RMSNorm inside the small products (mv_kernel()): norm_next is the
@@ -282,19 +282,9 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 		if (m->type == KVQ_GPU_W_F16 && m->ld > max_ld)
 			max_ld = m->ld;
 	}
-	const char *mv = getenv("KVQ_GPU_MV_MAX");
-
 	c->fused_norm = !getenv("KVQ_GPU_NO_FUSED_NORM");
-	c->mv_max = MV_MAXBLAS;
-	if (mv) {
-		char *end;
-		long v = strtol(mv, &end, 10);
-
-		/* Anything else is refused with a warning by the engine
-		 * (forward_gpu.c) and the default holds. */
-		if (end != mv && !*end && v >= 1 && v <= MV_MAXT)
-			c->mv_max = (uint32_t)v;
-	}
+	c->mv_max = c->d.mv_max >= 1 && c->d.mv_max <= MV_MAXT ?
+		    c->d.mv_max : MV_MAXBLAS;
 	if (!KVQ_GPU_BLAS || !max_ld || c->d.max_batch <= c->mv_max ||
 	    getenv("KVQ_GPU_NO_CUBLAS"))
 		return 0;

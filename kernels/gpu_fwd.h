@@ -103,6 +103,9 @@ struct kvq_gpu_ctx_desc {
 	const uint8_t *type_k, *type_v;	/* per layer, enum kvq_kv_type */
 	const size_t *k_page_bytes, *v_page_bytes;	/* per layer */
 	int use_graphs;		/* replay decode steps as CUDA graphs */
+	/* Steps of up to this many tokens (1-16) keep f16 products off
+	 * cuBLAS; 0: the measured default. */
+	uint32_t mv_max;
 	/* Key centring (engine/kvcache.h): NULL, or per layer NULL (not
 	 * centred) or [n_kv_heads][head_dim] pre-RoPE centres for the
 	 * model's RoPE, copied to the device by kvq_gpu_ctx_create(). */

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "daemon/conf.h"
+#include "engine/forward_gpu.h"
 #include "engine/log.h"
 #include "tap.h"
 
@@ -478,6 +479,29 @@ static void test_environment(void)
 	unsetenv("STATE_DIRECTORY");
 }
 
+/* The GPU's KVQ_GPU_MV_MAX switch: whole numbers 1-16 only. */
+static void test_gpu_env(void)
+{
+	static const char *const bad[] = { "", "0", "17", "-3", "4x", "abc",
+					   " ", "2.5" };
+	uint32_t v = 99;
+	size_t i;
+	int refused = 1;
+
+	tap_ok(!kvq_gpu_mv_max_parse("1", &v) && v == 1 &&
+	       !kvq_gpu_mv_max_parse("16", &v) && v == 16,
+	       "gpu_mv_max_accepts_1_to_16");
+	for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		v = 7;
+		if (kvq_gpu_mv_max_parse(bad[i], &v) != -EINVAL || v != 7) {
+			tap_diag("KVQ_GPU_MV_MAX=\"%s\" was taken", bad[i]);
+			refused = 0;
+		}
+	}
+	tap_ok(refused && kvq_gpu_mv_max_parse(NULL, &v) == -EINVAL,
+	       "gpu_mv_max_refuses_others_and_keeps_the_value");
+}
+
 static void test_copy_lookup(void)
 {
 	struct kvq_config a, b;
@@ -539,6 +563,7 @@ int main(void)
 	test_args();
 	test_overrides();
 	test_environment();
+	test_gpu_env();
 	test_copy_lookup();
 
 	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
