@@ -24,10 +24,82 @@ static const char *const calib_prompts[] = {
 };
 #define N_PROMPTS (sizeof(calib_prompts) / sizeof(calib_prompts[0]))
 
+/*
+ * Longer passages for KV smoothing (kvsmooth.c), written for kvqd: keys
+ * and queries at positions across a whole context, where RoPE's slow
+ * pairs have turned as far as they do in use.  kvsmooth.c cuts each at
+ * 512 tokens (or the model's context).
+ */
+static const char *const calib_texts[] = {
+	"Tom had a red kite. One windy day he took it to the hill behind "
+	"his house. His sister Mia came too, with a jar of lemonade and two "
+	"cups. Tom ran as fast as he could, and the kite went up and up "
+	"until it was only a small red dot in the sky. \"Look, Mia!\" he "
+	"shouted. \"It is flying higher than the birds!\" Mia laughed and "
+	"clapped her hands. Then the wind grew strong, and the string "
+	"slipped out of Tom's fingers. The kite floated away over the "
+	"trees. Tom sat down on the grass and felt sad. Mia gave him a cup "
+	"of lemonade and said, \"Let us go and find it.\" They walked down "
+	"the hill, past the old barn and the pond where the ducks swam. An "
+	"old man was fixing his fence near the pond. He had a long grey "
+	"beard and a kind face. \"Have you seen a red kite?\" asked Mia. "
+	"The old man smiled and pointed to a tall tree. The kite was stuck "
+	"in the branches. The man fetched a ladder from his barn, climbed "
+	"up slowly and brought the kite down. Tom said thank you three "
+	"times. The man told them that when he was a boy, he had a kite "
+	"too, a blue one, and he lost it in the same tree. They all "
+	"laughed. On the way home the sun went down and the sky turned pink "
+	"and orange. Tom held the string tight with both hands. That night "
+	"he put the kite next to his bed, and he dreamed of flying over the "
+	"hills, the barn, the pond and the tall tree, all the way to the "
+	"sea. In the morning Tom woke up early. The kite was still there, a "
+	"little torn at one corner. He showed it to his mother at "
+	"breakfast. She found a needle, some thread and a scrap of red "
+	"cloth, and together they mended the hole. \"Now it is even "
+	"stronger than before,\" she said. After school Tom and Mia went "
+	"back to the hill. This time Tom tied the string around his wrist, "
+	"just to be safe.",
+	"Every Saturday the market opens early in the square by the river. "
+	"Farmers bring apples, carrots, eggs and fresh bread, and the baker "
+	"sells warm rolls from a cart with a green roof. A girl named Lily "
+	"went there with her father to buy food for the week. She carried "
+	"the basket, and he carried the money. First they stopped at the "
+	"egg stall, where a woman with a big straw hat counted twelve brown "
+	"eggs into a box. Then Lily saw a puppy sleeping under a table full "
+	"of cheese. It was small and white with one black ear. \"Can I pet "
+	"him?\" she asked. The cheese man nodded and said the puppy was "
+	"called Button. Button woke up, licked her hand and wagged his "
+	"tail. Lily giggled. Her father bought a piece of yellow cheese and "
+	"some honey, and they walked on. Near the fountain a boy was "
+	"playing a little song on a flute. People dropped coins in his hat. "
+	"Lily asked her father for a coin, and she put it in the hat very "
+	"carefully. The boy smiled and played a faster song, and two old "
+	"ladies began to dance. When the basket was full and heavy, they "
+	"sat on a bench to rest. Her father cut an apple in half and gave "
+	"her the bigger part. The sun was warm, the river was bright, and "
+	"the bells of the church rang ten times. On the way home Lily "
+	"talked about Button all the time. She wanted a puppy of her own. "
+	"Her father said they would think about it. Lily knew that meant "
+	"maybe, and maybe was almost yes. A week later her father came home "
+	"with a large cardboard box. Something inside it was scratching and "
+	"whining. Lily opened the lid very slowly. Two brown eyes looked up "
+	"at her, and a small nose sniffed the air. It was not Button, but "
+	"it was a puppy just like him, white with one brown ear. Lily "
+	"hugged her father so hard that he almost fell over. She named the "
+	"puppy Pepper, and Pepper slept at the end of her bed every night.",
+};
+#define N_TEXTS (sizeof(calib_texts) / sizeof(calib_texts[0]))
+
 const char *const *kvq_kv_calib_prompts(size_t *n)
 {
 	*n = N_PROMPTS;
 	return calib_prompts;
+}
+
+const char *const *kvq_kv_calib_texts(size_t *n)
+{
+	*n = N_TEXTS;
+	return calib_texts;
 }
 
 void kvq_kv_calib_opts_default(struct kvq_kv_calib_opts *o)

@@ -61,6 +61,10 @@ void kvq_kv_calib_opts_default(struct kvq_kv_calib_opts *o);
  * too): @n of them, static strings. */
 const char *const *kvq_kv_calib_prompts(size_t *n);
 
+/* Longer passages (a story each, a context long or more) that
+ * kvsmooth.c measures on after the prompts: @n of them, static strings. */
+const char *const *kvq_kv_calib_texts(size_t *n);
+
 /*
  * kvq_kv_calibrate_keys() - runs the method above on @m with @base's
  * page/sink settings and V types, writing one key type per layer to

@@ -35,7 +35,15 @@
 #define E_RANGE 4	/* exponents tried: -E_RANGE..E_RANGE */
 #define N_SWEEP 3	/* coordinate descent passes at most */
 #define MAX_PROMPTS 16
-#define MAX_TOKENS 256	/* calibration tokens the search looks at */
+/*
+ * The search looks at up to SEARCH_CHANNELS / head_dim calibration tokens
+ * (512 for a head of 8, 128 for 32), every n-th of them so that every
+ * prompt and every position range is seen: its time grows with tokens x
+ * channels.  Each calibration text (kvcalib.h) is cut at TEXT_TOKENS.
+ */
+#define SEARCH_CHANNELS 4096
+#define MIN_SEARCH_TOKENS 128
+#define TEXT_TOKENS 512
 /*
  * auto shapes heads under AUTO_HEAD_DIM channels (the scale group is then
  * the whole head, smaller than the format's 32) when the predicted error
@@ -364,13 +372,20 @@ static int measure(struct kvq_model *m, uint32_t n_skip, struct acts *a)
 	int32_t bos = kvq_tokenizer_bos(tok);
 	int32_t *ids[MAX_PROMPTS] = { 0 };
 	uint32_t nid[MAX_PROMPTS] = { 0 }, total = 0, i;
-	const char *const *pr;
-	size_t np;
+	const char *pr[MAX_PROMPTS];
+	const char *const *src;
+	size_t np, nt, n_short;
 	int ret = -ENOMEM;
 
-	pr = kvq_kv_calib_prompts(&np);
-	if (np > MAX_PROMPTS)
-		np = MAX_PROMPTS;
+	/* The prompts, then the texts: keys at the positions of a whole
+	 * context, where RoPE's slow pairs have turned as they do in use. */
+	src = kvq_kv_calib_prompts(&np);
+	np = np < MAX_PROMPTS ? np : MAX_PROMPTS;
+	memcpy(pr, src, np * sizeof(*pr));
+	n_short = np;
+	src = kvq_kv_calib_texts(&nt);
+	for (i = 0; i < nt && np < MAX_PROMPTS; i++)
+		pr[np++] = src[i];
 	memset(a, 0, sizeof(*a));
 	a->hp = hp;
 	a->nl = hp->n_layers;
@@ -393,6 +408,8 @@ static int measure(struct kvq_model *m, uint32_t n_skip, struct acts *a)
 		n += k;
 		if ((uint32_t)n > hp->ctx_len)
 			n = (int)hp->ctx_len;
+		if (i >= n_short && n > TEXT_TOKENS)
+			n = TEXT_TOKENS;
 		nid[i] = (uint32_t)n;
 		if (nid[i] > n_skip)
 			total += nid[i] - n_skip;
@@ -518,6 +535,7 @@ struct shape {
 };
 
 static double cos_ph[N_PHASE], sin_ph[N_PHASE];
+static double pow2_tab[4 * E_RANGE + 1];	/* 2^e, |e| <= 2 E_RANGE */
 static pthread_once_t phase_once = PTHREAD_ONCE_INIT;
 
 static void phase_init(void)
@@ -528,6 +546,16 @@ static void phase_init(void)
 		cos_ph[i] = cos(i * M_PI / 16);
 		sin_ph[i] = sin(i * M_PI / 16);
 	}
+	for (i = -2 * E_RANGE; i <= 2 * E_RANGE; i++)
+		pow2_tab[i + 2 * E_RANGE] = ldexp(1.0, i);
+}
+
+/* ldexp(x, e), by a table while e is small (the same result: exact). */
+static inline double scale2(double x, int e)
+{
+	if (e >= -2 * E_RANGE && e <= 2 * E_RANGE)
+		return x * pow2_tab[e + 2 * E_RANGE];
+	return ldexp(x, e);
 }
 
 /*
@@ -576,8 +604,8 @@ static inline void unit_in(const struct shape *s, uint32_t c, uint32_t p,
 		u = cos_ph[s->ph[c]] * xc - sin_ph[s->ph[c]] * xp;
 		v = sin_ph[s->ph[c]] * xc + cos_ph[s->ph[c]] * xp;
 	}
-	*a = (float)ldexp(u, -s->e[c]);
-	*b = (float)ldexp(v, -s->e[c]);
+	*a = (float)scale2(u, -s->e[c]);
+	*b = (float)scale2(v, -s->e[c]);
 }
 
 /* d^T W d of unit (c, p) stored as (a, b) with scales (sa, sb). */
@@ -585,11 +613,11 @@ static inline double unit_cost(const struct head *h, const struct shape *s,
 			       uint32_t c, uint32_t p, float a, float b,
 			       float sa, float sb)
 {
-	double da = ldexp((double)a - dequant(h, a, sa), s->e[c]), db, t;
+	double da = scale2((double)a - dequant(h, a, sa), s->e[c]), db, t;
 
 	if (p == c)
 		return h->w[c] * da * da;
-	db = ldexp((double)b - dequant(h, b, sb), s->e[c]);
+	db = scale2((double)b - dequant(h, b, sb), s->e[c]);
 	if (s->ph[c]) {		/* back to the original basis */
 		t = cos_ph[s->ph[c]] * da + sin_ph[s->ph[c]] * db;
 		db = -sin_ph[s->ph[c]] * da + cos_ph[s->ph[c]] * db;
@@ -829,13 +857,16 @@ static void plan_head(struct plan *pl, uint32_t j)
 	double *cost = pl->cost + 3 * (size_t)j;
 	struct shape *s = (v ? pl->sv : pl->sk) + (size_t)l * a->nkv + h;
 	struct head hh = { 0 };
+	uint32_t max_tok = SEARCH_CHANNELS / a->hd, step;
 
 	memset(s, 0, sizeof(*s));
 	if ((ty != KVQ_KV_Q8 && ty != KVQ_KV_Q4) || (v && !pl->v_ok[l]))
 		return;
+	max_tok = max_tok > MIN_SEARCH_TOKENS ? max_tok : MIN_SEARCH_TOKENS;
+	step = a->n_tok > max_tok ? (a->n_tok + max_tok - 1) / max_tok : 1;
 	hh.x = (v ? a->v : a->k) + (size_t)l * a->cap * a->kvd + h * a->hd;
-	hh.stride = a->kvd;
-	hh.n_tok = a->n_tok < MAX_TOKENS ? a->n_tok : MAX_TOKENS;
+	hh.stride = (size_t)a->kvd * step;
+	hh.n_tok = a->n_tok / step;
 	hh.hd = a->hd;
 	hh.group = a->hd < 32 ? a->hd : 32;
 	hh.w = head_w(a, v ? a->wv : a->wk, l, h);

@@ -35,19 +35,26 @@
  * against f32 cache 0.014).  Only f16 layers and the f16 sink tokens see
  * that; pairs are rotated only in layers whose cache is q8/q4.
  *
- * Choosing them.  The calibration prompts of kvcalib.c are prefilled with
- * an f32 cache, recording each layer's rotated keys, its values and the
- * second moments of what reads them: the queries sharing the head (sum of
- * q q^T) for keys, Wo's columns (sum of Wo^T Wo over the group) for
- * values.  The cost of a head is then the error the cache's own type (q8
- * or q4, per layer) would make, as it would be read:
+ * Choosing them.  The calibration prompts of kvcalib.c, then its longer
+ * texts (cut at 512 tokens), are prefilled with an f32 cache, recording
+ * each layer's rotated keys, its values and the second moments of what
+ * reads them: the queries sharing the head (sum of q q^T) for keys, Wo's
+ * columns (sum of Wo^T Wo over the group) for values.  The cost of a
+ * head is then the error the cache's own type (q8 or q4, per layer) would
+ * make, as it would be read:
  *   sum over tokens of d^T W d,  d = x - dequant(quant(x))
  * in the original basis, relative to sum x^T W x (its square root is the
  * "predicted error" reported).  Coordinate descent over the pairs
  * (exponents -4..4, eight phases 0..7pi/16) from the identity minimises
- * it; the first positions (the f16 sink tokens) are left out.  Heads of
- * more than 16 channels use W's 2x2 pair blocks only (cross terms between
- * pairs of different frequencies average out).
+ * it; the first positions (the f16 sink tokens) are left out, and of the
+ * rest it looks at every n-th token, 4096 / head_dim of them at most.
+ * Heads of more than 16 channels use W's 2x2 pair blocks only (cross
+ * terms between pairs of different frequencies average out).  The texts
+ * are there for the positions: the prompts alone end by position 80, where
+ * the slower pairs have barely turned, and a search on them misjudges
+ * keys and queries as they meet later in a context (stories260K, q4/q4:
+ * KL 0.041 -> 0.031 with the texts; rotating the prompts' keys to later
+ * positions instead did less, with their queries too it did harm).
  *
  * What a fold cannot do, and centring.  When every pair of a head turns
  * at its own frequency, the exact folds that commute with RoPE are per
@@ -65,8 +72,10 @@
  * (m->kv_center) and every cache made for it uses them.  Errors are
  * relative to the uncentred keys in both plans.  Measured on stories260K
  * (held-out text, 512-token windows): q4/q4 +116% perplexity unsmoothed,
- * +86% smoothed, +4.5% smoothed and centred (KL 0.84 -> 0.63 -> 0.041);
- * q8/q8 KL 0.00155 -> 0.00118 (smoothed) -> 0.00012 (and centred).
+ * +86% smoothed, +4.5% smoothed and centred (KL 0.84 -> 0.63 -> 0.041),
+ * +2.8% with the calibration texts (KL 0.031; two other stories +3.4%,
+ * +3.2%); q8/q8 KL 0.00155 -> 0.00118 (smoothed) -> 0.00012 (and centred)
+ * -> 0.00009 (and the texts).
  * What is left at q4 is the spread of 8 channels under one scale.
  *
  * Weight types.  Row scaling by 2^e is exact for every supported type:
