@@ -3,7 +3,8 @@
 # over the bundled model, stories260K and small random models that take the
 # other paths (head_dim 128 and 64 for the fused decode kernel, Q8_0 and Q4_0
 # weights kept 8/4-bit, Q4_K converted to f16, qwen2's biases and neox RoPE,
-# F16 weights with rows of 200 columns: cuBLAS over padded rows).
+# F16 weights with rows of 200 columns: cuBLAS over padded rows; F16 rows of
+# 2048 and 6144 columns: the one-token products' block-per-row layouts).
 #
 # Without a GPU the program prints "1..0 # SKIP no GPU" and exits 77, which
 # becomes 0 here (the TAP driver reports the plan as SKIP).
@@ -32,7 +33,10 @@ python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
 	--layers 2 --heads 4 --kv-heads 4 --ffn 768 --ctx 1024 --seed 9 &&
 python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
 	--out "$tmp/llama-f16.gguf" --arch llama --type F16 --dim 256 \
-	--layers 2 --heads 4 --kv-heads 2 --ffn 200 --ctx 1024 --seed 10 ||
+	--layers 2 --heads 4 --kv-heads 2 --ffn 200 --ctx 1024 --seed 10 &&
+python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
+	--out "$tmp/llama-f16w.gguf" --arch llama --type F16 --dim 2048 \
+	--layers 2 --heads 16 --kv-heads 4 --ffn 6144 --ctx 1024 --seed 11 ||
 	exit 1
 "$prog" "$@" "$tmp/llama-q8.gguf" "$tmp/qwen2-q4.gguf" "$tmp/llama-q4k.gguf" \
-	"$tmp/llama-f16.gguf"
+	"$tmp/llama-f16.gguf" "$tmp/llama-f16w.gguf"
