@@ -8,8 +8,8 @@ stories260K was trained at):
   q8/q8 within 0.2% perplexity, q8/q4 within 1%, q4/q4 within 3%.
 Each configuration runs with --kv-smooth off and on in the same test, and
 smoothing must also lower the KL divergence.  q4/q4 meets its target
-narrowly on this text (+116% unsmoothed, +2.8% smoothed with the keys
-centred; +3.2% to +3.4% on two longer generated stories): 4-bit keys
+narrowly on this text (+116% unsmoothed, +2.6% smoothed with the keys
+centred; +2.2% to +3.6% on four longer generated stories): 4-bit keys
 with one scale per 8-channel head (see engine/kvsmooth.h).  Centring is
 checked on its own: with
 KVQ_KV_NO_CENTER=1 the same smoothing gives a KL at least 5 times

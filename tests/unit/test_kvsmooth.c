@@ -477,9 +477,10 @@ out:
 /* auto on a head of 8 with q8 keys folds the keys; off folds nothing;
  * an f16 cache has nothing to smooth.  The report is kept for status. */
 /*
- * The calibration texts reach across a context: each is 512 tokens or
- * more on stories260K (trained at 512), and the search is given all of
- * them (cut at 512), past the sink tokens, besides the prompts.
+ * The calibration texts reach across a context: there are four, each
+ * 512 tokens or more on stories260K (trained at 512), and the search is
+ * given all of them (cut at 512), past the sink tokens, besides the
+ * prompts.
  */
 static void calib_texts_fill_a_context(void)
 {
@@ -508,7 +509,7 @@ static void calib_texts_fill_a_context(void)
 			goto fail;
 		shortest = (uint32_t)k < shortest ? (uint32_t)k : shortest;
 	}
-	tap_ok(nt >= 2 && shortest >= 512,
+	tap_ok(nt >= 4 && shortest >= 512,
 	       "kvq_kv_calib_texts_fill_a_context (%zu texts, %u tokens the shortest)",
 	       nt, shortest);
 	opts(&o, KVQ_KV_Q4, KVQ_KV_Q4, true);
