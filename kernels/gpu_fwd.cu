@@ -623,6 +623,31 @@ static bool small_product(const struct kvq_gpu_ctx *c, uint32_t T)
 }
 
 /*
+ * Warps sharing each row of the small product of @w at @n tokens (KS of
+ * mv_kernel()): one for short rows; for rows of 4096 and up, and at one
+ * token of 2048 and up, the block (more loads in flight; measured +1% at
+ * 1B), except two for the QKV product (its RoPE pairs stay in a block)
+ * and, at one token, two for the output projection (EPI_ADD of short
+ * rows) and one for the vocabulary product (rows by the ten thousand):
+ * fewer, fuller blocks.  H200, 1B F16, q4/q4, batch 1, three alternating
+ * runs: those two +0.9% each at 1K, +0.5% at 32K; one warp a row for the
+ * output projection lost 2%.
+ */
+static int mv_warps_a_row(const struct kvq_gpu_ctx *c, const dmat &w,
+			  uint32_t n, int epi)
+{
+	if (!(w.cols >= 4096 || (n == 1 && w.cols >= 2048)))
+		return 1;
+	if (epi == EPI_QKV)
+		return 2;
+	if (n == 1 && &w == &c->g->output)
+		return 1;
+	if (n == 1 && epi == EPI_ADD && w.cols < 4096)
+		return 2;
+	return MV_WARPS;
+}
+
+/*
  * Launches y = W x with the epilogue, small or tiled by token count.
  * @norm: x is RMSNorm'ed with these weights first (into c->xn); @xrows:
  * token t is row xrows[t] of x (device), or NULL.
@@ -676,25 +701,7 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	if (qo)
 		p.q = *qo;
 	if (small) {
-		/* A block a row for long rows, and at one token for rows of
-		 * 2048 and up (more loads in flight; measured +1% at 1B). */
-		bool wide = w.cols >= 4096 || (n == 1 && w.cols >= 2048);
-		/* The QKV product keeps RoPE pairs in a block: two warps a
-		 * row (KS = 2) instead of the block. */
-		int ks = !wide ? 1 : epi != EPI_QKV ? MV_WARPS : 2;
-
-		/*
-		 * At one token, the vocabulary product (rows by the ten
-		 * thousand) takes a warp a row and the output projection
-		 * (EPI_ADD of short rows) two: fewer, fuller blocks.  H200,
-		 * 1B F16, q4/q4, batch 1, three alternating runs: +0.9% each
-		 * at 1K, +0.5% at 32K; a warp a row for the output projection
-		 * lost 2%.
-		 */
-		if (wide && n == 1 && &w == &c->g->output)
-			ks = 1;
-		else if (wide && n == 1 && epi == EPI_ADD && w.cols < 4096)
-			ks = 2;
+		int ks = mv_warps_a_row(c, w, n, epi);
 		dim3 grid((p.out_rows * ks + MV_WARPS - 1) / MV_WARPS);
 		int nt = n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16;
 
