@@ -18,9 +18,16 @@
  * tiled kernel), the two alternating, best of five each ("prefill" in the
  * JSON; --prefill 0 skips it).
  *
+ * With --sample, each decode run also times, after those steps, `steps`
+ * steps that choose tokens with the daemon's default settings (T 0.8,
+ * top-k 40, top-p 0.95, min-p 0.05) two ways, alternating in blocks of 8
+ * steps: on the host from the copied logits (kvq_step() then
+ * kvq_sampler_sample() per row) and on the device (kvq_step_sample(), ids
+ * alone copied back) -- "host_sample_tok_s" and "device_sample_tok_s".
+ *
  * Usage: gpu_decode --model F [--model F ...] [--batch 1,4,16]
  *                   [--ctx 1024,32768] [--kv q4/q4,f16/f16] [--steps 64]
- *                   [--prefill 1024] [--prefill-chunk 256]
+ *                   [--prefill 1024] [--prefill-chunk 256] [--sample]
  */
 #include "config.h"
 
@@ -34,6 +41,7 @@
 #include "engine/kvcache.h"
 #include "engine/log.h"
 #include "engine/model.h"
+#include "engine/sampler.h"
 #include "kernels/gpu.h"
 
 double kvq_bench_read_gbps(size_t bytes, int reps);
@@ -63,7 +71,7 @@ static int parse_list(const char *s, long *out, int cap)
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: gpu_decode --model F [--model F ...] [--batch 1,4,16] [--ctx 1024,32768] [--kv q4/q4,f16/f16] [--steps N] [--prefill N] [--prefill-chunk N]\n");
+	fprintf(stderr, "usage: gpu_decode --model F [--model F ...] [--batch 1,4,16] [--ctx 1024,32768] [--kv q4/q4,f16/f16] [--steps N] [--prefill N] [--prefill-chunk N] [--sample]\n");
 	exit(2);
 }
 
@@ -84,9 +92,57 @@ static int kv_opts(const char *kv, struct kvq_ctx_opts *o)
 	return 0;
 }
 
+/*
+ * --sample: @steps steps sampling on the host and as many on the device,
+ * alternating blocks of 8; tokens/s of each into @tps[0] (host) and
+ * @tps[1] (device).  Returns 0 or -errno.
+ */
+static int time_sampling(struct kvq_ctx *c, struct kvq_batch *b,
+			 int32_t *toks, uint32_t n_vocab, float *logits,
+			 int steps, double tps[2])
+{
+	struct kvq_sampler smp[64], *sp[64];
+	struct kvq_sampler_params p;
+	double t[2] = { 0, 0 }, t0;
+	int32_t ids[64];
+	int i, s, k, ret = 0;
+
+	kvq_sampler_params_default(&p);
+	for (i = 0; i < b->n; i++) {
+		p.seed = 1000 + (uint64_t)i;
+		ret |= kvq_sampler_init(&smp[i], &p, (int32_t)n_vocab);
+		sp[i] = &smp[i];
+	}
+	for (s = 0; s < steps && !ret; s += 8) {
+		for (k = 0; k < 2 && !ret; k++) {
+			t0 = now();
+			for (int j = 0; j < 8 && !ret; j++) {
+				if (k) {
+					ret = kvq_step_sample(c, b, sp, ids, NULL);
+				} else {
+					ret = kvq_step(c, b, logits);
+					for (i = 0; i < b->n && !ret; i++)
+						ids[i] = kvq_sampler_sample(&smp[i],
+							logits + (size_t)i * n_vocab, NULL);
+				}
+				for (i = 0; i < b->n; i++)
+					toks[i] = ids[i];
+			}
+			t[k] += now() - t0;
+		}
+	}
+	for (i = 0; i < b->n; i++)
+		kvq_sampler_fini(&smp[i]);
+	for (k = 0; k < 2; k++)
+		tps[k] = t[k] > 0 ? (double)((steps + 7) / 8 * 8) * b->n / t[k] :
+			 0.0;
+	return ret;
+}
+
 /* One run; prints its JSON object.  Returns 0 or -errno. */
 static int run(struct kvq_model *m, const char *mname, const char *kv,
-	       int batch, int ctx, int steps, double gbps, int *first)
+	       int batch, int ctx, int steps, int sample, double gbps,
+	       int *first)
 {
 	const struct kvq_hparams *hp = kvq_model_hparams(m);
 	struct kvq_ctx_opts o;
@@ -97,11 +153,12 @@ static int run(struct kvq_model *m, const char *mname, const char *kv,
 	const int32_t *tp[64];
 	struct kvq_batch b = { 0 };
 	float *logits = NULL;
-	double t0, dt, kvb, wb, bound;
+	double t0, dt, kvb, wb, bound, tps[2] = { 0, 0 };
+	char sjson[128] = "";
 
 	if (kv_opts(kv, &o))
 		return -EINVAL;
-	o.n_ctx = (uint32_t)(ctx + steps + 8);
+	o.n_ctx = (uint32_t)(ctx + (sample ? 3 : 1) * (steps + 8) + 8);
 	o.kv_tokens = o.n_ctx * (uint32_t)batch;
 	o.max_seqs = (uint32_t)batch;
 	o.max_batch = 64;
@@ -139,6 +196,15 @@ static int run(struct kvq_model *m, const char *mname, const char *kv,
 			goto out;
 	}
 	dt = now() - t0;
+	if (sample) {
+		ret = time_sampling(c, &b, toks, hp->n_vocab, logits, steps,
+				    tps);
+		if (ret)
+			goto out;
+		snprintf(sjson, sizeof(sjson),
+			 ", \"host_sample_tok_s\": %.1f, \"device_sample_tok_s\": %.1f",
+			 tps[0], tps[1]);
+	}
 	wb = (double)kvq_model_gpu_step_bytes(m);
 	kvb = (double)kvq_ctx_kv_bytes_per_token(c) * (ctx + 4 + steps / 2.0) *
 	      batch;
@@ -146,11 +212,11 @@ static int run(struct kvq_model *m, const char *mname, const char *kv,
 	kvq_ctx_describe(c, desc, sizeof(desc));
 	printf("%s\n  {\"model\": \"%s\", \"kv\": \"%s\", \"batch\": %d, \"ctx\": %d, \"steps\": %d, "
 	       "\"step_us\": %.1f, \"tok_s\": %.1f, \"weight_bytes_per_step\": %.0f, "
-	       "\"kv_bytes_per_step\": %.0f, \"bound_tok_s\": %.1f, \"pct_of_bound\": %.1f, "
+	       "\"kv_bytes_per_step\": %.0f, \"bound_tok_s\": %.1f, \"pct_of_bound\": %.1f%s, "
 	       "\"gpu\": \"%s\"}",
 	       *first ? "" : ",", mname, kv, batch, ctx, steps, dt / steps * 1e6,
 	       steps * batch / dt, wb, kvb, bound,
-	       100.0 * (steps * batch / dt) / bound, desc);
+	       100.0 * (steps * batch / dt) / bound, sjson, desc);
 	*first = 0;
 	fflush(stdout);
 out:
@@ -262,7 +328,7 @@ int main(int argc, char **argv)
 	const char *models[8], *kvs = "q4/q4,q8/q4,f16/f16";
 	long batches[8] = { 1, 4, 16 }, ctxs[8] = { 1024, 32768 };
 	int n_models = 0, nb = 3, nc = 2, steps = 64, i, j, k, first = 1;
-	int n_pre = 1024, chunk = 256, pfirst = 1;
+	int n_pre = 1024, chunk = 256, pfirst = 1, sample = 0;
 	struct kvq_gpu_info gi;
 	char why[256], kvbuf[256], *pjson = NULL;
 	size_t plen = 0;
@@ -284,6 +350,8 @@ int main(int argc, char **argv)
 			n_pre = atoi(argv[++i]);
 		else if (!strcmp(argv[i], "--prefill-chunk") && i + 1 < argc)
 			chunk = atoi(argv[++i]);
+		else if (!strcmp(argv[i], "--sample"))
+			sample = 1;
 		else
 			usage();
 	}
@@ -320,7 +388,8 @@ int main(int argc, char **argv)
 			for (j = 0; j < nc; j++)
 				for (k = 0; k < nb; k++)
 					run(m, name, kv, (int)batches[k],
-					    (int)ctxs[j], steps, gbps, &first);
+					    (int)ctxs[j], steps, sample, gbps,
+					    &first);
 			if (n_pre)
 				prefill(m, name, kv, n_pre, chunk, pout,
 					&pfirst);

@@ -476,10 +476,10 @@ static int do_generate(struct kvq_model *m, struct oneshot *o)
 	uint32_t nv = kvq_model_hparams(m)->n_vocab;
 	struct kvq_ctx_opts co;
 	struct kvq_ctx *ctx = NULL;
-	struct kvq_sampler smp;
+	struct kvq_sampler smp, *sp = &smp;
 	struct kvq_detok dt;
 	float *logits = NULL;
-	int32_t *ids = NULL;
+	int32_t *ids = NULL, next;
 	char *text = NULL;
 	size_t tlen = 0, tcap = 0, emitted = 0;
 	char err[512], piece[512];
@@ -534,8 +534,11 @@ static int do_generate(struct kvq_model *m, struct oneshot *o)
 	/* Generated text continues the prompt: keep its first space. */
 	if (o->prompt[0])
 		dt.first = false;
+	/* The first token from the prompt's logits; the next ones from
+	 * kvq_step_sample() (on a GPU, sampled there). */
+	next = kvq_sampler_sample(&smp, logits, NULL);
 	while (gen < o->max_tokens && !stopped) {
-		int32_t id = kvq_sampler_sample(&smp, logits, NULL);
+		int32_t id = next;
 		int pl, one = 1;
 		const int32_t *tp = &id;
 		struct kvq_batch b = {
@@ -594,7 +597,7 @@ static int do_generate(struct kvq_model *m, struct oneshot *o)
 				 kvq_ctx_n_ctx(ctx));
 			break;
 		}
-		if (kvq_step(ctx, &b, logits)) {
+		if (kvq_step_sample(ctx, &b, &sp, &next, NULL)) {
 			fprintf(stderr, "kvqd: decode step failed\n");
 			goto out;
 		}

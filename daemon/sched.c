@@ -130,6 +130,8 @@ struct kvq_sched {
 	int *b_seq, *b_n;
 	const int32_t **b_tok;
 	struct sreq **b_req;
+	struct kvq_sampler **b_smp;	/* NULL: the entry's row is not sampled */
+	int32_t *b_id;			/* tokens kvq_step_sample() chose */
 };
 
 static double now_s(void)
@@ -819,22 +821,22 @@ static bool is_eog(const struct kvq_sched *s, const struct sreq *r,
 }
 
 /*
- * Samples the next token of @r from @logits and works out what it means:
- * text released, stop string, end of generation.  Returns the finish
- * reason, KVQ_FINISH_NONE to keep going.
+ * Takes @id as the next token of @r (sampled from @logits first when @id
+ * is negative; @logits may be NULL when it is not and no logprobs are
+ * wanted) and works out what it means: text released, stop string, end of
+ * generation.  Returns the finish reason, KVQ_FINISH_NONE to keep going.
  */
 static enum kvq_finish take_token(struct kvq_sched *s, struct sreq *r,
-				  const float *logits, double t)
+				  int32_t id, const float *logits, double t)
 {
 	struct kvq_sched_tok *pt = NULL;
 	char piece[1024];
-	int32_t id;
-	float lp;
 	int n, gen;
 	long at;
 	size_t hold;
 
-	id = kvq_sampler_sample(&r->smp, logits, &lp);
+	if (id < 0 && logits)
+		id = kvq_sampler_sample(&r->smp, logits, NULL);
 	if (id < 0 || id >= s->n_vocab) {
 		r->err = -EIO;
 		snprintf(r->errmsg, sizeof(r->errmsg), "sampler failed");
@@ -854,7 +856,7 @@ static enum kvq_finish take_token(struct kvq_sched *s, struct sreq *r,
 	pthread_mutex_unlock(&s->lock);
 	r->t_last = t;
 
-	if (r->logprobs >= 0 && (pt = ptok_add(r)))
+	if (r->logprobs >= 0 && logits && (pt = ptok_add(r)))
 		logprob_fill(logits, s->n_vocab, id, r->logprobs, pt);
 
 	if (!r->ignore_eos && is_eog(s, r, id))
@@ -896,6 +898,7 @@ static void do_step(struct kvq_sched *s)
 	int budget = s->o.prefill_chunk;
 	bool all = false;
 	int n = 0, i, ret, rows = 0;
+	bool want_logits = false;
 	struct kvq_batch b;
 	double t;
 	uint32_t k;
@@ -915,6 +918,10 @@ static void do_step(struct kvq_sched *s)
 		if (r->prompt_logprobs && !r->prompt_sent &&
 		    r->n_fed < r->n_prompt)
 			all = true;
+		/* The entry's last row gives a token once its prompt is in. */
+		s->b_smp[n] = r->n_fed + c >= r->n_toks ? &r->smp : NULL;
+		if (s->b_smp[n] && r->logprobs >= 0)
+			want_logits = true;
 		rows += c;
 		n++;
 	}
@@ -931,7 +938,13 @@ static void do_step(struct kvq_sched *s)
 	b.n_tokens = s->b_n;
 	b.tokens = s->b_tok;
 	b.all_logits = all;
-	ret = kvq_step(s->ctx, &b, s->logits);
+	/* Without logits to show, the engine samples (on the GPU: only the
+	 * tokens come back); prompt logprobs take every row to the host. */
+	if (all)
+		ret = kvq_step(s->ctx, &b, s->logits);
+	else
+		ret = kvq_step_sample(s->ctx, &b, s->b_smp, s->b_id,
+				      want_logits ? s->logits : NULL);
 	if (!ret && s->st.on_gpu && !s->st.gpu_fallback[0] &&
 	    kvq_ctx_fallback(s->ctx)) {
 		pthread_mutex_lock(&s->lock);
@@ -981,7 +994,8 @@ static void do_step(struct kvq_sched *s)
 			continue;	/* more prompt to feed */
 		if (r->prompt_logprobs && !r->prompt_sent)
 			send_prompt(s, r);
-		f = take_token(s, r, row, t);
+		f = take_token(s, r, all ? -1 : s->b_id[i],
+			       all || want_logits ? row : NULL, t);
 		if (f != KVQ_FINISH_NONE) {
 			r->finish = f;
 			r->next = dead;
@@ -1230,9 +1244,11 @@ int kvq_sched_create(struct kvq_model *m, const struct kvq_sched_opts *o,
 	s->b_seq = calloc(s->o.max_running, sizeof(*s->b_seq));
 	s->b_n = calloc(s->o.max_running, sizeof(*s->b_n));
 	s->b_tok = calloc(s->o.max_running, sizeof(*s->b_tok));
+	s->b_smp = calloc(s->o.max_running, sizeof(*s->b_smp));
+	s->b_id = calloc(s->o.max_running, sizeof(*s->b_id));
 	s->pc = calloc(s->pc_cap ? s->pc_cap : 1, sizeof(*s->pc));
 	if (!s->run || !s->b_req || !s->b_seq || !s->b_n || !s->b_tok ||
-	    !s->pc || ensure_logits(s, s->o.max_running)) {
+	    !s->b_smp || !s->b_id || !s->pc || ensure_logits(s, s->o.max_running)) {
 		snprintf(err, errlen, "scheduler: out of memory");
 		goto out_ctx;
 	}
@@ -1260,6 +1276,8 @@ out_ctx:
 	free(s->b_seq);
 	free(s->b_n);
 	free(s->b_tok);
+	free(s->b_smp);
+	free(s->b_id);
 	free(s->logits);
 	kvq_ctx_destroy(s->ctx);
 out_free:
@@ -1288,6 +1306,8 @@ void kvq_sched_destroy(struct kvq_sched *s)
 	free(s->b_seq);
 	free(s->b_n);
 	free(s->b_tok);
+	free(s->b_smp);
+	free(s->b_id);
 	free(s->logits);
 	kvq_ctx_destroy(s->ctx);
 	free(s);

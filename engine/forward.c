@@ -21,6 +21,8 @@
 #include "engine/kvcache.h"
 #include "engine/model.h"
 #include "engine/model_impl.h"
+#include "engine/sampler.h"
+#include "kernels/sample.h"
 
 struct kvq_ctx_seq {
 	bool used;
@@ -42,6 +44,12 @@ struct kvq_ctx {
 	struct kvq_ctx_opts opts;	/* as resolved at creation */
 	struct kvq_ctx_gpu *gpu;	/* the step runs on the GPU */
 	int *slots;			/* per batch entry, for the GPU */
+	/* kvq_step_sample(): per batch entry, the settings and uniform
+	 * numbers for the GPU sampler; logits when the caller wants none
+	 * (CPU: max_batch rows, allocated on first use) */
+	struct kvq_gpu_sample_params *gsp;
+	float *gu;
+	float *slogits;
 };
 
 int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
@@ -136,9 +144,11 @@ int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
 	c->pos = malloc(B * sizeof(*c->pos));
 	c->aseq = malloc(B * sizeof(*c->aseq));
 	c->slots = malloc(B * sizeof(*c->slots));
+	c->gsp = malloc(B * sizeof(*c->gsp));
+	c->gu = malloc(B * sizeof(*c->gu));
 	if (!c->seqs || !c->x || !c->xb || !c->q || !c->k || !c->v ||
 	    !c->att || !c->hb || !c->hb2 || !c->pos || !c->aseq ||
-	    !c->slots) {
+	    !c->slots || !c->gsp || !c->gu) {
 		snprintf(err, errlen, "out of memory for activations");
 		ret = -ENOMEM;
 		goto out_free;
@@ -185,6 +195,9 @@ void kvq_ctx_destroy(struct kvq_ctx *c)
 	free(c->pos);
 	free(c->aseq);
 	free(c->slots);
+	free(c->gsp);
+	free(c->gu);
+	free(c->slogits);
 	free(c);
 }
 
@@ -356,7 +369,15 @@ static int check_batch(struct kvq_ctx *c, const struct kvq_batch *b,
 	return 0;
 }
 
-int kvq_step(struct kvq_ctx *c, const struct kvq_batch *b, float *logits)
+/* Sampling on the device: per entry settings, uniform numbers, ids. */
+struct dev_sample {
+	const struct kvq_gpu_sample_params *sp;
+	const float *u;
+	int32_t *ids;
+};
+
+static int step_run(struct kvq_ctx *c, const struct kvq_batch *b,
+		    float *logits, const struct dev_sample *ds)
 {
 	struct kvq_model *m = c->m;
 	const struct kvq_hparams *hp = &m->hp;
@@ -406,7 +427,8 @@ int kvq_step(struct kvq_ctx *c, const struct kvq_batch *b, float *logits)
 		for (i = 0; i < b->n; i++)
 			c->slots[i] = b->seq[i];
 		ret = kvq_ctx_gpu_step(c->gpu, b, c->slots, c->aseq, c->pos, T,
-				       logits);
+				       logits, ds ? ds->sp : NULL,
+				       ds ? ds->u : NULL, ds ? ds->ids : NULL);
 		if (ret) {
 			ret = -EIO;
 			goto out_unreserve;
@@ -473,6 +495,94 @@ out_unreserve:
 
 		kvq_kv_seq_truncate(c->kv, &s->kv, s->kv.n_tokens);
 	}
+	return ret;
+}
+
+int kvq_step(struct kvq_ctx *c, const struct kvq_batch *b, float *logits)
+{
+	return step_run(c, b, logits, NULL);
+}
+
+/* Entry i's sampler as settings for kvq_gpu_sample(), and its draw. */
+static void dev_params(struct kvq_sampler *smp,
+		       struct kvq_gpu_sample_params *sp, float *u)
+{
+	double d;
+
+	if (!smp || kvq_sampler_greedy(smp)) {
+		sp->temperature = 0.0f;
+		sp->top_k = 1;
+		sp->top_p = 1.0f;
+		sp->min_p = 0.0f;
+		*u = 0.0f;
+		return;
+	}
+	sp->temperature = smp->p.temperature;
+	sp->top_k = smp->p.top_k;
+	sp->top_p = smp->p.top_p;
+	sp->min_p = smp->p.min_p;
+	d = kvq_sampler_next_u(smp);
+	*u = (float)d;
+}
+
+/*
+ * Fewer rows than this are sampled on the host even on a GPU: the device
+ * sampler gives a row one block, which at one row costs more than copying
+ * the logits back.  H200, 1B F16, q4/q4, default settings, tokens/s with
+ * sampling on the host / on the device: batch 1 1039 / 982, batch 4 1822 /
+ * 1950, batch 16 4718 / 6159 (1K context).
+ */
+#define DEV_SAMPLE_MIN_ROWS 4
+
+int kvq_step_sample(struct kvq_ctx *c, const struct kvq_batch *b,
+		    struct kvq_sampler *const *smp, int32_t *ids,
+		    float *logits)
+{
+	uint32_t V = c->m->hp.n_vocab;
+	uint64_t (*rng)[4];
+	struct dev_sample ds;
+	int i, ret;
+
+	if (b->all_logits || b->n <= 0 || (uint32_t)b->n > c->max_batch)
+		return -EINVAL;
+	if (!c->gpu || b->n < DEV_SAMPLE_MIN_ROWS) {
+		if (!logits) {
+			if (!c->slogits)
+				c->slogits = malloc((size_t)c->max_batch * V *
+						    sizeof(float));
+			if (!c->slogits)
+				return -ENOMEM;
+			logits = c->slogits;
+		}
+		ret = kvq_step(c, b, logits);
+		if (ret)
+			return ret;
+		for (i = 0; i < b->n; i++)
+			ids[i] = smp[i] ? kvq_sampler_sample(smp[i],
+					logits + (size_t)i * V, NULL) : -1;
+		return 0;
+	}
+	/* The draws are taken before the step and given back if it fails,
+	 * so that a retried step draws the same numbers. */
+	rng = malloc((size_t)b->n * sizeof(*rng));
+	if (!rng)
+		return -ENOMEM;
+	for (i = 0; i < b->n; i++) {
+		if (smp[i])
+			memcpy(rng[i], smp[i]->rng, sizeof(rng[i]));
+		dev_params(smp[i], &c->gsp[i], &c->gu[i]);
+	}
+	ds.sp = c->gsp;
+	ds.u = c->gu;
+	ds.ids = ids;
+	ret = step_run(c, b, logits, &ds);
+	for (i = 0; i < b->n; i++) {
+		if (ret && smp[i])
+			memcpy(smp[i]->rng, rng[i], sizeof(rng[i]));
+		else if (!smp[i])
+			ids[i] = -1;
+	}
+	free(rng);
 	return ret;
 }
 

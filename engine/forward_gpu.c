@@ -431,7 +431,9 @@ uint64_t kvq_ctx_gpu_bytes(const struct kvq_ctx_gpu *g)
 
 int kvq_ctx_gpu_step(struct kvq_ctx_gpu *g, const struct kvq_batch *b,
 		     const int *slots, const struct kvq_attn_seq *aseq,
-		     const uint32_t *pos, uint32_t n_tok, float *logits)
+		     const uint32_t *pos, uint32_t n_tok, float *logits,
+		     const struct kvq_gpu_sample_params *sp, const float *u,
+		     int32_t *ids)
 {
 	const struct kvq_hparams *hp = &g->m->hp;
 	struct kvq_gpu_step s = { 0 };
@@ -471,6 +473,9 @@ int kvq_ctx_gpu_step(struct kvq_ctx_gpu *g, const struct kvq_batch *b,
 	s.out_rows = g->out_rows;
 	s.rope_cs = g->cs;
 	s.logits = logits;
+	s.sample = sp;
+	s.sample_u = u;
+	s.ids = ids;
 	ret = kvq_gpu_forward(g->c, &s, err, sizeof(err));
 	if (ret)
 		kvq_err("gpu: %s", err);
@@ -500,12 +505,13 @@ void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
 	for (l = 0; l < g->kv->o.n_layers; l++)
 		centred |= g->kv->layers[l].center != NULL;
 	snprintf(buf, len,
-		 "%llu steps (%llu as CUDA graphs, %llu graphs%s%s), decode attention: %s%s, f16 products of more than %u tokens: %s",
+		 "%llu steps (%llu as CUDA graphs, %llu graphs%s%s), %llu tokens sampled on the device, decode attention: %s%s, f16 products of more than %u tokens: %s",
 		 (unsigned long long)st.steps,
 		 (unsigned long long)st.graph_steps,
 		 (unsigned long long)st.graphs,
 		 st.graph_failures ? "; graphs off after a failure: " : "",
 		 st.graph_failures ? st.graph_error : "",
+		 (unsigned long long)st.sampled_rows,
 		 st.decode_kernel ? "fused split-KV kernel" :
 		 "generic kernel (head_dim or page type outside the fused kernel)",
 		 st.decode_kernel && centred ?
@@ -574,7 +580,9 @@ uint64_t kvq_ctx_gpu_bytes(const struct kvq_ctx_gpu *g)
 
 int kvq_ctx_gpu_step(struct kvq_ctx_gpu *g, const struct kvq_batch *b,
 		     const int *slots, const struct kvq_attn_seq *aseq,
-		     const uint32_t *pos, uint32_t n_tok, float *logits)
+		     const uint32_t *pos, uint32_t n_tok, float *logits,
+		     const struct kvq_gpu_sample_params *sp, const float *u,
+		     int32_t *ids)
 {
 	(void)g;
 	(void)b;
@@ -583,6 +591,9 @@ int kvq_ctx_gpu_step(struct kvq_ctx_gpu *g, const struct kvq_batch *b,
 	(void)pos;
 	(void)n_tok;
 	(void)logits;
+	(void)sp;
+	(void)u;
+	(void)ids;
 	return -ENOSYS;
 }
 

@@ -20,6 +20,7 @@ struct kvq_kvcache;
 struct kvq_batch;
 struct kvq_attn_seq;
 struct kvq_ctx_gpu;
+struct kvq_gpu_sample_params;
 
 /*
  * KVQ_GPU_MV_MAX's value: the tokens up to which a step keeps f16 products
@@ -46,11 +47,16 @@ uint64_t kvq_ctx_gpu_bytes(const struct kvq_ctx_gpu *g);
 /*
  * Runs one step whose pages are reserved: entry i is sequence slot
  * @slots[i] with @aseq[i] (positions and rows); @pos holds every row's
- * position.  Logits as kvq_step() defines them.
+ * position.  Logits as kvq_step() defines them, not copied back when
+ * @logits is NULL.  With @ids set (all_logits off), output row i's token
+ * is chosen on the device by kvq_gpu_sample() with settings @sp[i] and
+ * uniform number @u[i] into @ids[i].
  */
 int kvq_ctx_gpu_step(struct kvq_ctx_gpu *g, const struct kvq_batch *b,
 		     const int *slots, const struct kvq_attn_seq *aseq,
-		     const uint32_t *pos, uint32_t n_tok, float *logits);
+		     const uint32_t *pos, uint32_t n_tok, float *logits,
+		     const struct kvq_gpu_sample_params *sp, const float *u,
+		     int32_t *ids);
 
 /* Copies sequence slot @src's f16 sink copies to slot @dst (a fork). */
 int kvq_ctx_gpu_copy_sinks(struct kvq_ctx_gpu *g, int dst, int src);

@@ -533,10 +533,9 @@ static double weigh_all(struct cand *c, const float *logits, int32_t n,
 	return z;
 }
 
-/* The filtered draw; @u NULL: the next number of @s's random state, drawn
- * only once a draw is needed. */
+/* The filtered draw with the uniform number @u. */
 static int32_t sample_filtered(struct kvq_sampler *s, const float *logits,
-			       const double *u)
+			       double u)
 {
 	const struct kvq_sampler_params *p = &s->p;
 	struct cand c = { .keys = s->keys, .w = s->probs };
@@ -558,7 +557,7 @@ static int32_t sample_filtered(struct kvq_sampler *s, const float *logits,
 	if (p->top_p < 1.0f)
 		ranked_prefix(&c, logits, lmax, inv_t, (double)p->top_p * z,
 			      false);
-	return draw(&c, logits, lmax, inv_t, u ? *u : rng_uniform(s->rng));
+	return draw(&c, logits, lmax, inv_t, u);
 }
 
 /*
@@ -579,7 +578,7 @@ int32_t kvq_sampler_sample(struct kvq_sampler *s, const float *logits,
 	if (is_greedy(&s->p))
 		tok = kvq_argmax(logits, s->n_vocab);
 	else
-		tok = sample_filtered(s, logits, NULL);
+		tok = sample_filtered(s, logits, kvq_sampler_next_u(s));
 	if (logprob)
 		*logprob = full_logprob(logits, s->n_vocab, tok);
 	return tok;
@@ -590,7 +589,17 @@ int32_t kvq_sampler_sample_u(struct kvq_sampler *s, const float *logits,
 {
 	if (is_greedy(&s->p))
 		return kvq_argmax(logits, s->n_vocab);
-	return sample_filtered(s, logits, &u);
+	return sample_filtered(s, logits, u);
+}
+
+double kvq_sampler_next_u(struct kvq_sampler *s)
+{
+	return is_greedy(&s->p) ? -1.0 : rng_uniform(s->rng);
+}
+
+bool kvq_sampler_greedy(const struct kvq_sampler *s)
+{
+	return is_greedy(&s->p);
 }
 
 /* ------------------------------------------------------------ stop strings */

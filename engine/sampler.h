@@ -64,7 +64,8 @@ void kvq_sampler_fini(struct kvq_sampler *s);
  * from what is left, in proportion to its probability: with u uniform in
  * [0, 1), the first token in rank order (higher logit first, lower id first
  * among equal logits) whose running weight exceeds u times the total weight
- * left.  Each call advances the random state by at most one draw, so a seed
+ * left.  Each call advances the random state by one draw (none for greedy
+ * settings), the one kvq_sampler_next_u() returns, so a seed
  * gives the same tokens for the same logits whatever thread runs it.  NaN
  * logits count as -inf, -0 as +0. */
 int32_t kvq_sampler_sample(struct kvq_sampler *s, const float *logits,
@@ -77,6 +78,20 @@ int32_t kvq_sampler_sample(struct kvq_sampler *s, const float *logits,
  */
 int32_t kvq_sampler_sample_u(struct kvq_sampler *s, const float *logits,
 			     double u);
+
+/*
+ * The uniform number in [0, 1) that kvq_sampler_sample() would draw next,
+ * drawn now (the state advances by one draw), or -1 without drawing for
+ * greedy settings:
+ * kvq_sampler_sample(s, l, NULL) == kvq_sampler_sample_u(s, l,
+ * kvq_sampler_next_u(s)).  This is how a token sampled elsewhere (the GPU
+ * sampler) keeps the seed's sequence of draws.
+ */
+double kvq_sampler_next_u(struct kvq_sampler *s);
+
+/* Whether @s's settings are greedy (argmax, no draw): temperature <= 0,
+ * a reciprocal that overflows, or top_k == 1. */
+bool kvq_sampler_greedy(const struct kvq_sampler *s);
 
 /*
  * kvq_softmax() - probabilities of @n logits at @temperature into @out:

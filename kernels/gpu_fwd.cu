@@ -45,6 +45,7 @@
 #include "kernels/gpu_fwd_impl.h"
 #include "kernels/gpu_fwd_kernels.h"
 #include "kernels/gpu_blas.h"
+#include "kernels/sample.h"
 #include "engine/kvcache.h"
 
 namespace {
@@ -74,7 +75,9 @@ struct graph_ent {
 struct stage_layout {
 	size_t tokens, pos, row_seq, seq_len, out_rows, sinkp;	/* part 1 */
 	size_t part1;
-	size_t cs, bt, total;
+	size_t cs, bt;
+	size_t smp, su, ids;	/* sampling settings and draws; tokens */
+	size_t total;
 };
 
 } /* namespace */
@@ -524,7 +527,10 @@ extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 	sl->part1 = al256(sl->sinkp + (size_t)L * d->max_seqs * sizeof(void *));
 	sl->cs = sl->part1;
 	sl->bt = al256(sl->cs + (size_t)B * (md->rope_dim / 2 + 1) * 8);
-	sl->total = al256(sl->bt + (size_t)d->max_seqs * d->bt_stride * 4);
+	sl->smp = al256(sl->bt + (size_t)d->max_seqs * d->bt_stride * 4);
+	sl->su = sl->smp + (size_t)B * sizeof(struct kvq_gpu_sample_params);
+	sl->ids = al256(sl->su + (size_t)B * 4);
+	sl->total = al256(sl->ids + (size_t)B * 4);
 	ret = dalloc((void **)&c->dstage, sl->total, "step arrays", err,
 		     errlen);
 	if (ret)
@@ -1046,6 +1052,35 @@ static int graph_capture(struct kvq_gpu_ctx *c, uint32_t T, uint32_t ns,
 	return 0;
 }
 
+/*
+ * Queues the sampling of the step's n_out logits rows on the device: the
+ * settings and draws go up, kvq_gpu_sample() picks, the ids come back to
+ * the staging buffer (read after the stream's sync).
+ */
+static int sample_rows(struct kvq_gpu_ctx *c, const struct kvq_gpu_step *s)
+{
+	uint8_t *hs = c->hstage, *ds = c->dstage;
+	size_t n = s->n_out;
+	int ret;
+
+	memcpy(hs + c->sl.smp, s->sample, n * sizeof(*s->sample));
+	memcpy(hs + c->sl.su, s->sample_u, n * 4);
+	if (cudaMemcpyAsync(ds + c->sl.smp, hs + c->sl.smp,
+			    c->sl.su + n * 4 - c->sl.smp,
+			    cudaMemcpyHostToDevice, c->st) != cudaSuccess)
+		return -EIO;
+	ret = kvq_gpu_sample(c->logits, s->n_out, c->g->d.n_vocab,
+			     (const struct kvq_gpu_sample_params *)(ds + c->sl.smp),
+			     (const float *)(ds + c->sl.su),
+			     (int32_t *)(ds + c->sl.ids), c->st);
+	if (ret)
+		return ret;
+	if (cudaMemcpyAsync(hs + c->sl.ids, ds + c->sl.ids, n * 4,
+			    cudaMemcpyDeviceToHost, c->st) != cudaSuccess)
+		return -EIO;
+	return 0;
+}
+
 extern "C" int kvq_gpu_forward(struct kvq_gpu_ctx *c,
 			       const struct kvq_gpu_step *s, char *err,
 			       size_t errlen)
@@ -1060,7 +1095,8 @@ extern "C" int kvq_gpu_forward(struct kvq_gpu_ctx *c,
 	int ret = 0;
 
 	if (!T || T > c->d.max_batch || !s->n_seqs ||
-	    s->n_seqs > c->d.max_seqs || !s->n_out || s->n_out > T)
+	    s->n_seqs > c->d.max_seqs || !s->n_out || s->n_out > T ||
+	    (s->ids && (!s->sample || !s->sample_u)))
 		return set_err(err, errlen, -EINVAL, "GPU step: bad batch");
 	memcpy(hs + c->sl.tokens, s->tokens, T * 4);
 	memcpy(hs + c->sl.pos, s->pos, T * 4);
@@ -1135,7 +1171,15 @@ extern "C" int kvq_gpu_forward(struct kvq_gpu_ctx *c,
 				       cudaGetErrorString(cudaGetLastError()));
 	}
 	c->stats.steps++;
-	if (cudaMemcpyAsync(c->hlogits, c->logits,
+	if (s->ids) {
+		ret = sample_rows(c, s);
+		if (ret)
+			return set_err(err, errlen, ret,
+				       "GPU step: sampling failed: %s",
+				       cudaGetErrorString(cudaGetLastError()));
+	}
+	if (s->logits &&
+	    cudaMemcpyAsync(c->hlogits, c->logits,
 			    (size_t)s->n_out * md->n_vocab * 4,
 			    cudaMemcpyDeviceToHost, c->st) != cudaSuccess)
 		return set_err(err, errlen, -EIO, "GPU step: download failed");
@@ -1143,7 +1187,13 @@ extern "C" int kvq_gpu_forward(struct kvq_gpu_ctx *c,
 	if (e != cudaSuccess)
 		return set_err(err, errlen, -EIO, "GPU step failed: %s",
 			       cudaGetErrorString(e));
-	memcpy(s->logits, c->hlogits, (size_t)s->n_out * md->n_vocab * 4);
+	if (s->logits)
+		memcpy(s->logits, c->hlogits,
+		       (size_t)s->n_out * md->n_vocab * 4);
+	if (s->ids) {
+		memcpy(s->ids, hs + c->sl.ids, s->n_out * 4);
+		c->stats.sampled_rows += s->n_out;
+	}
 	if (c->prof) {
 		for (int e = 1; e < c->npev; e++) {
 			float ms = 0.0f;

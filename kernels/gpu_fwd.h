@@ -136,13 +136,21 @@ int kvq_gpu_ctx_clear_sinks(struct kvq_gpu_ctx *c, uint32_t slot);
  * (kvq_attn_ref_rope_table()).  Logits of rows out_rows[0..n_out) land in
  * @logits (host, n_out * n_vocab floats).
  */
+struct kvq_gpu_sample_params;
+
 struct kvq_gpu_step {
 	uint32_t n_tok, n_seqs, n_out;
 	const int32_t *tokens, *pos, *row_seq;
 	const int32_t *seq_slot, *block_table, *seq_len;
 	const int32_t *out_rows;
 	const float *rope_cs;
-	float *logits;
+	float *logits;		/* n_out rows back to the host, or NULL */
+	/* When @ids is set: output row i's token, chosen on the device by
+	 * kvq_gpu_sample() with settings sample[i] and uniform sample_u[i]
+	 * (n_out of each, host memory). */
+	const struct kvq_gpu_sample_params *sample;
+	const float *sample_u;
+	int32_t *ids;
 };
 
 int kvq_gpu_forward(struct kvq_gpu_ctx *c, const struct kvq_gpu_step *s,
@@ -151,6 +159,7 @@ int kvq_gpu_forward(struct kvq_gpu_ctx *c, const struct kvq_gpu_step *s,
 /* Counters: steps run, of which replayed graphs; graphs captured. */
 struct kvq_gpu_stats {
 	uint64_t steps, graph_steps, graphs;
+	uint64_t sampled_rows;	/* tokens chosen by the device sampler */
 	int decode_kernel;	/* 1: the fused split-KV kernel serves decode */
 	/* CUDA graphs that could not be made (e.g. device memory full when
 	 * one is instantiated): decode then launches kernel by kernel and

@@ -42,6 +42,7 @@
 #include "engine/log.h"
 #include "engine/model.h"
 #include "engine/model_impl.h"
+#include "engine/sampler.h"
 #include "engine/tokenizer.h"
 #include "kernels/attn.h"
 #include "kernels/gpu.h"
@@ -816,6 +817,147 @@ out:
 	}
 }
 
+/*
+ * kvq_step_sample() on the GPU.  Four sequences (greedy, the default
+ * settings, top-p 0.9 at T 1.3, the whole vocabulary at T 1) decode 40
+ * tokens chosen on the device.  Context A also takes the logits back:
+ * every id must be what the host sampler picks from that row with the same
+ * draw (a twin sampler's kvq_sampler_next_u()), unless u moved by 2e-6
+ * relative picks it too.  Context B takes only the ids back and must
+ * choose the same tokens.  A step refused for a full context leaves the
+ * samplers' states as they were.
+ */
+#define N_SMP 4
+#define N_SMP_STEPS 40
+
+static void sample_case(struct kvq_model *m, const char *mname)
+{
+	static const struct kvq_sampler_params sp[N_SMP] = {
+		{ 0.0f, 40, 0.95f, 0.05f, 11 },
+		{ 0.8f, 40, 0.95f, 0.05f, 12 },
+		{ 1.3f, 0, 0.9f, 0.0f, 13 },
+		{ 1.0f, 0, 1.0f, 0.0f, 14 },
+	};
+	const struct kvq_hparams *hp = kvq_model_hparams(m);
+	uint32_t V = hp->n_vocab;
+	struct kvq_sampler sa[N_SMP], sb[N_SMP], tw[N_SMP];
+	struct kvq_sampler *pa[N_SMP], *pb[N_SMP];
+	struct kvq_ctx_opts o;
+	struct kvq_ctx *ga = NULL, *gb = NULL, *gf = NULL;
+	int seqa[N_SMP], seqb[N_SMP], sfs[N_SMP], one[N_SMP], i, k, n, ret;
+	int32_t tok[128], cura[N_SMP], curb[N_SMP], ida[N_SMP], idb[N_SMP];
+	const int32_t *ta[N_SMP], *tb[N_SMP];
+	int bad = 0, near = 0, apart = 0, changes = 0, prev = -1;
+	unsigned long long n_dev = 0;
+	float *lg = malloc((size_t)N_SMP * V * sizeof(float));
+	struct kvq_batch ba = { 0 }, bb = { 0 };
+	uint64_t before[4];
+	char err[256], desc[512];
+	const char *at;
+
+	kvq_ctx_opts_default(&o);
+	o.n_ctx = 256 < hp->ctx_len ? 256 : hp->ctx_len;
+	o.max_seqs = N_SMP;
+	o.device = KVQ_CTX_GPU;
+	ret = kvq_ctx_create(m, &o, &ga, err, sizeof(err));
+	if (!ret)
+		ret = kvq_ctx_create(m, &o, &gb, err, sizeof(err));
+	if (ret || !lg) {
+		tap_ok(0, "%s sampling: context: %s", mname, err);
+		goto out;
+	}
+	n = prompt_tokens(m, tok, 128);
+	for (i = 0; i < N_SMP; i++) {
+		kvq_sampler_init(&sa[i], &sp[i], (int32_t)V);
+		kvq_sampler_init(&sb[i], &sp[i], (int32_t)V);
+		kvq_sampler_init(&tw[i], &sp[i], (int32_t)V);
+		pa[i] = &sa[i];
+		pb[i] = &sb[i];
+		seqa[i] = kvq_seq_create(ga);
+		seqb[i] = kvq_seq_create(gb);
+		/* the prompt but its last token; that one starts the decode */
+		ret |= seq_step(ga, seqa[i], tok, n - 1, false, lg);
+		ret |= seq_step(gb, seqb[i], tok, n - 1, false, lg);
+		cura[i] = curb[i] = tok[n - 1];
+		one[i] = 1;
+		ta[i] = &cura[i];
+		tb[i] = &curb[i];
+	}
+	ba.n = bb.n = N_SMP;
+	ba.seq = seqa;
+	bb.seq = seqb;
+	ba.n_tokens = bb.n_tokens = one;
+	ba.tokens = ta;
+	bb.tokens = tb;
+	for (k = 0; k < N_SMP_STEPS && !ret; k++) {
+		poison(lg, (size_t)N_SMP * V);
+		ret = kvq_step_sample(ga, &ba, pa, ida, lg);
+		ret |= kvq_step_sample(gb, &bb, pb, idb, NULL);
+		for (i = 0; i < N_SMP && !ret; i++) {
+			const float *row = lg + (size_t)i * V;
+			double u = kvq_sampler_next_u(&tw[i]);
+			int32_t ref = u < 0 ? kvq_argmax(row, (int32_t)V) :
+				      kvq_sampler_sample_u(&tw[i], row, u);
+
+			if (ida[i] != ref) {
+				if (u >= 0 &&
+				    (kvq_sampler_sample_u(&tw[i], row,
+						u * (1 - 2e-6)) == ida[i] ||
+				     kvq_sampler_sample_u(&tw[i], row,
+						u * (1 + 2e-6)) == ida[i])) {
+					near++;
+				} else {
+					bad++;
+					tap_diag("%s sampling: step %d row %d: device %d, host %d (u %.9f)",
+						 mname, k, i, ida[i], ref, u);
+				}
+			}
+			apart += idb[i] != ida[i];
+			if (i == 3) {
+				changes += ida[i] != prev;
+				prev = ida[i];
+			}
+			cura[i] = ida[i];
+			curb[i] = idb[i];
+		}
+	}
+	tap_ok(!ret && k == N_SMP_STEPS && !bad && near <= 2 && changes > 10,
+	       "%s sampling: %d steps x %d rows sampled on the device equal the host sampler's choice from the same logits and draws (%d within 2e-6 of a boundary; %d changes of token at T 1)",
+	       mname, k, N_SMP, near, changes);
+	kvq_ctx_describe(gb, desc, sizeof(desc));
+	at = strstr(desc, "), ");
+	if (at)
+		sscanf(at, "), %llu tokens sampled", &n_dev);
+	tap_ok(!ret && !apart && n_dev == (unsigned long long)N_SMP * k,
+	       "%s sampling: ids alone (no logits back) give the same tokens; %llu counted as sampled on the device",
+	       mname, n_dev);
+
+	/* Full contexts refuse the step, and the draws are given back. */
+	o.n_ctx = 16;
+	ret = kvq_ctx_create(m, &o, &gf, err, sizeof(err));
+	for (i = 0; i < 16; i++)
+		tok[i] = (int32_t)((i * 7 + 3) % V);
+	for (i = 0; i < N_SMP && !ret; i++) {
+		sfs[i] = kvq_seq_create(gf);
+		ret = seq_step(gf, sfs[i], tok, 16, false, lg);
+	}
+	memcpy(before, sa[1].rng, sizeof(before));
+	ba.seq = sfs;
+	ret = ret ? ret : kvq_step_sample(gf, &ba, pa, ida, NULL);
+	tap_ok(ret == -ENOSPC && !memcmp(before, sa[1].rng, sizeof(before)),
+	       "%s sampling: a step refused for full contexts (%d) leaves the samplers' states", mname, ret);
+	for (i = 0; i < N_SMP; i++) {
+		kvq_sampler_fini(&sa[i]);
+		kvq_sampler_fini(&sb[i]);
+		kvq_sampler_fini(&tw[i]);
+	}
+out:
+	kvq_ctx_destroy(ga);
+	kvq_ctx_destroy(gb);
+	kvq_ctx_destroy(gf);
+	free(lg);
+}
+
 int main(int argc, char **argv)
 {
 	struct kvq_gpu_info gi;
@@ -861,8 +1003,10 @@ int main(int argc, char **argv)
 			batch_case(m, name);
 			decode8_case(m, name);
 			fork_case(m, name);
-			if (!pass)
+			if (!pass) {
 				center_case(m, name);
+				sample_case(m, name);
+			}
 			blas_case(m, name);
 #ifdef KVQ_ATTN_GPU
 			if (!pass)

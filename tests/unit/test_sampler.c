@@ -521,6 +521,59 @@ static void test_sample_u_big(void)
 	free(order);
 }
 
+/*
+ * kvq_sampler_next_u() is the draw kvq_sampler_sample() takes: a twin
+ * seeded alike and fed those numbers through kvq_sampler_sample_u()
+ * chooses the same tokens, for filtered settings and for a row with no
+ * finite logit (which still takes one draw); greedy settings draw nothing.
+ */
+static void test_next_u(void)
+{
+	enum { V = 3000 };
+	struct kvq_sampler_params p = params(0.9f, 50, 0.9f, 0.02f, 77);
+	struct kvq_sampler_params g = params(0.0f, 50, 0.9f, 0.02f, 77);
+	struct kvq_sampler a, b;
+	uint64_t before[4];
+	bool same = true, ranged = true;
+	float *x = malloc(V * sizeof(*x));
+	int i, n_diff = 0, prev = -1, tok;
+	double u;
+
+	kvq_sampler_init(&a, &p, V);
+	kvq_sampler_init(&b, &p, V);
+	random_logits(x, V, 6.0f);
+	for (i = 0; i < 300; i++) {
+		if (i == 150)
+			for (int j = 0; j < V; j++)
+				x[j] = (j & 1) ? NAN : -INFINITY;
+		if (i == 151)
+			random_logits(x, V, 6.0f);
+		tok = kvq_sampler_sample(&a, x, NULL);
+		u = kvq_sampler_next_u(&b);
+		if (!(u >= 0.0 && u < 1.0))
+			ranged = false;
+		if (kvq_sampler_sample_u(&b, x, u) != tok)
+			same = false;
+		n_diff += tok != prev;
+		prev = tok;
+	}
+	tap_ok(same && ranged && n_diff > 100,
+	       "next_u_gives_the_draws_of_sample (%d changes of token)",
+	       n_diff);
+	tap_ok(!memcmp(a.rng, b.rng, sizeof(a.rng)),
+	       "next_u_advances_the_state_as_sample_does");
+	tap_ok(!kvq_sampler_greedy(&a), "greedy_false_for_filtered_settings");
+	kvq_sampler_fini(&b);
+	kvq_sampler_init(&b, &g, V);
+	memcpy(before, b.rng, sizeof(before));
+	tap_ok(kvq_sampler_greedy(&b) && kvq_sampler_next_u(&b) == -1.0 &&
+	       !memcmp(before, b.rng, sizeof(before)),
+	       "next_u_greedy_draws_nothing");
+	kvq_sampler_fini(&a);
+	kvq_sampler_fini(&b);
+	free(x);
+}
+
 static void test_softmax(void)
 {
 	float x[4] = { 1.0f, 2.0f, NAN, -INFINITY }, p[4], q[3];
@@ -634,6 +687,7 @@ int main(void)
 	test_odd_logits();
 	test_sample_u_rank_order();
 	test_sample_u_big();
+	test_next_u();
 	test_softmax();
 	test_bad_params();
 	test_stop();
