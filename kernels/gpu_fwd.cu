@@ -634,10 +634,12 @@ static bool small_product(const struct kvq_gpu_ctx *c, uint32_t T)
  * token of 2048 and up, the block (more loads in flight; measured +1% at
  * 1B), except two for the QKV product (its RoPE pairs stay in a block)
  * and, at one token, two for the output projection (EPI_ADD of short
- * rows) and one for the vocabulary product (rows by the ten thousand):
- * fewer, fuller blocks.  H200, 1B F16, q4/q4, batch 1, three alternating
- * runs: those two +0.9% each at 1K, +0.5% at 32K; one warp a row for the
- * output projection lost 2%.
+ * rows) and for f16 gate/up (whose rows row_dot_h1() reads together),
+ * and one for the vocabulary product (rows by the ten thousand): fewer,
+ * fuller blocks.  H200, 1B F16, q4/q4, batch 1, three alternating runs:
+ * the output projection and the vocabulary +0.9% each at 1K, +0.5% at
+ * 32K (one warp a row for the output projection lost 2%); row_dot_h1()
+ * +1.6% at 1K and 32K, two warps for gate/up +1.3% more (one: +0.8%).
  */
 static int mv_warps_a_row(const struct kvq_gpu_ctx *c, const dmat &w,
 			  uint32_t n, int epi)
@@ -648,7 +650,8 @@ static int mv_warps_a_row(const struct kvq_gpu_ctx *c, const dmat &w,
 		return 2;
 	if (n == 1 && &w == &c->g->output)
 		return 1;
-	if (n == 1 && epi == EPI_ADD && w.cols < 4096)
+	if (n == 1 && w.cols < 4096 &&
+	    (epi == EPI_ADD || (epi == EPI_SWIGLU && w.type == KVQ_GPU_W_F16)))
 		return 2;
 	return MV_WARPS;
 }

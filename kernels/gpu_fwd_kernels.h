@@ -270,6 +270,49 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 }
 
 /*
+ * One token, f16 rows, the norm inside the product (mv_kernel()'s NORM
+ * path): row @r0 -- and @r1 when PAIR, the up row of a SwiGLU product --
+ * and the squares of the raw row p.ssx over the same columns, in one loop,
+ * so that both rows' loads and the row of x are in flight together
+ * instead of one after another.  acc, acc2 and ss end as the warp's sums.
+ */
+template <bool PAIR>
+__device__ __forceinline__ void row_dot_h1(const mmp &p, uint32_t r0,
+					   uint32_t r1, uint32_t li,
+					   uint32_t nl, float &acc,
+					   float &acc2, float &ss)
+{
+	const __half *w0 = (const __half *)p.w.d + (size_t)r0 * p.w.ld;
+	const __half *w1 = (const __half *)p.w.d + (size_t)r1 * p.w.ld;
+	const float *xr = p.ssx;
+	float a0[1] = { 0.0f }, a1[1] = { 0.0f };
+
+#pragma unroll 8
+	for (uint32_t c = li * 8; c < p.w.cols; c += nl * 8) {
+		uint4 u0 = __ldg((const uint4 *)(w0 + c)), u1;
+		float4 s0 = *(const float4 *)(xr + c);
+		float4 s1 = *(const float4 *)(xr + c + 4);
+		float f[8];
+
+		if (PAIR)
+			u1 = __ldg((const uint4 *)(w1 + c));
+		ss = fmaf(s0.x, s0.x, fmaf(s0.y, s0.y, fmaf(s0.z, s0.z,
+		     fmaf(s0.w, s0.w, ss))));
+		ss = fmaf(s1.x, s1.x, fmaf(s1.y, s1.y, fmaf(s1.z, s1.z,
+		     fmaf(s1.w, s1.w, ss))));
+		unpack_h8(u0, f);
+		dot8<1>(f, p.x + c, p.xs, 1, a0);
+		if (PAIR) {
+			unpack_h8(u1, f);
+			dot8<1>(f, p.x + c, p.xs, 1, a1);
+		}
+	}
+	acc = kvq_warp_sum(a0[0]);
+	acc2 = PAIR ? kvq_warp_sum(a1[0]) : 0.0f;
+	ss = kvq_warp_sum(ss);
+}
+
+/*
  * Row @r of the stacked QKV product for token @t, @v its sum with the
  * bias: a query row, rotated with its RoPE pair r ^ 1 (whose value
  * other() gives, read only where needed) for channels below rope_dim, a
@@ -408,7 +451,8 @@ __device__ __forceinline__ void mv_plain(const mmp &p)
  * NORM (p.ssx set): the product is of RMSNorm(x): x already holds x * g (written
  * by the EPI_ADD product before, p.xg), and each row's sums are scaled by
  * 1 / rms of the raw rows at p.ssx, whose squares the row's warps gather
- * after their dot products (the rows are in L2).  The scale is computed
+ * after their dot products (the rows are in L2), or beside them for f16
+ * weights at one token (row_dot_h1()).  The scale is computed
  * as rmsnorm_kernel() computes it (1 / sqrt in double) from an f32 sum in
  * a fixed order: results repeat bit for bit and differ from the separate
  * norm's by rounding.
@@ -430,6 +474,8 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 	uint32_t li = (w % KS) * 32 + lane;
 	bool live = r < p.out_rows;
 	bool shared_red = KS > 1 || p.epi == EPI_QKV;
+	/* f16 at one token: rows and squares in one loop (row_dot_h1()) */
+	constexpr bool H1 = NORM && NT == 1 && WT == KVQ_GPU_W_F16;
 	float acc[NT], acc2[NT], ss[NT];
 
 	kvq_pdl_trigger();
@@ -441,11 +487,17 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 #pragma unroll
 	for (int t = 0; t < NT; t++)
 		acc[t] = acc2[t] = ss[t] = 0.0f;
-	if (live)
+	if (H1 && live && p.epi == EPI_SWIGLU)
+		row_dot_h1<true>(p, r, r + p.out_rows, li, 32 * KS, acc[0],
+				 acc2[0], ss[0]);
+	else if (H1 && live)
+		row_dot_h1<false>(p, r, r, li, 32 * KS, acc[0], acc2[0],
+				  ss[0]);
+	if (!H1 && live)
 		row_dot<WT, NT>(p, r, li, 32 * KS, acc);
-	if (live && p.epi == EPI_SWIGLU)
+	if (!H1 && live && p.epi == EPI_SWIGLU)
 		row_dot<WT, NT>(p, r + p.out_rows, li, 32 * KS, acc2);
-	if (NORM && live) {
+	if (NORM && !H1 && live) {
 #pragma unroll
 		for (int t = 0; t < NT; t++) {
 			if (t < (int)p.n) {
