@@ -397,9 +397,10 @@ static void print_status(json_t *r)
 		       iget(q, "running"), iget(q, "max_running"),
 		       iget(q, "waiting"), iget(q, "max_queued"),
 		       iget(q, "total"), iget(q, "rejected"));
-		printf("tokens:       %lld prompt (%lld shared from the prefix cache), %lld generated\n",
+		printf("tokens:       %lld prompt (%lld shared from the prefix cache), %lld generated (%lld sampled on the GPU)\n",
 		       iget(q, "prompt_tokens"), iget(kv, "prompt_tokens_cached"),
-		       iget(q, "generated_tokens"));
+		       iget(q, "generated_tokens"),
+		       iget(q, "generated_tokens_sampled_on_gpu"));
 		if (json_is_true(json_object_get(kv, "prefix_cache")))
 			printf("prefix cache: %lld finished sequences kept\n",
 			       iget(kv, "prefix_cache_sequences"));

@@ -178,6 +178,8 @@ static json_t *cmd_status(const struct kvq_admin_view *v, int *code,
 			st.tokens_prompt_total));
 		bad |= set(r, "generated_tokens", json_integer((json_int_t)
 			st.tokens_generated_total));
+		bad |= set(r, "generated_tokens_sampled_on_gpu",
+			   json_integer((json_int_t)st.tokens_sampled_device));
 		bad |= set(r, "steps", json_integer((json_int_t)
 						     st.steps_total));
 		bad |= set(kv, "tier", json_string(st.on_gpu ? "hbm" : "host"));

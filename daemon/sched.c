@@ -1008,6 +1008,7 @@ static void do_step(struct kvq_sched *s)
 	if (s->step_cb)
 		s->step_cb(s->step_arg);
 	s->st.steps_total++;
+	s->st.tokens_sampled_device = kvq_ctx_device_sampled(s->ctx);
 	for (r = dead; r; r = r->next)
 		for (k = 0; k < s->n_run; k++)
 			if (s->run[k] == r) {

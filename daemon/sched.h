@@ -248,6 +248,7 @@ struct kvq_sched_stats {
 	uint64_t requests_finished[KVQ_FINISH_ERROR + 1];	/* by finish reason */
 	uint64_t tokens_prompt_total;
 	uint64_t tokens_generated_total;
+	uint64_t tokens_sampled_device;	/* of those, chosen on the GPU */
 	uint64_t steps_total;
 	uint64_t kv_bytes_used;
 	uint64_t kv_bytes_capacity;

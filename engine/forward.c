@@ -216,6 +216,11 @@ const char *kvq_ctx_fallback(const struct kvq_ctx *c)
 	return c->gpu ? kvq_ctx_gpu_fallback(c->gpu) : NULL;
 }
 
+uint64_t kvq_ctx_device_sampled(const struct kvq_ctx *c)
+{
+	return c->gpu ? kvq_ctx_gpu_sampled(c->gpu) : 0;
+}
+
 void kvq_ctx_describe(const struct kvq_ctx *c, char *buf, size_t len)
 {
 	if (c->gpu)

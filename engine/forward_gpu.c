@@ -525,6 +525,14 @@ const char *kvq_ctx_gpu_fallback(const struct kvq_ctx_gpu *g)
 	return g->fallback[0] ? g->fallback : NULL;
 }
 
+uint64_t kvq_ctx_gpu_sampled(const struct kvq_ctx_gpu *g)
+{
+	struct kvq_gpu_stats st;
+
+	kvq_gpu_ctx_stats(g->c, &st);
+	return st.sampled_rows;
+}
+
 #else /* no GPU backend */
 
 static const char nogpu[] = "this kvqd was built without a GPU backend (configure --with-cuda or --with-hip)";
@@ -627,6 +635,12 @@ const char *kvq_ctx_gpu_fallback(const struct kvq_ctx_gpu *g)
 {
 	(void)g;
 	return NULL;
+}
+
+uint64_t kvq_ctx_gpu_sampled(const struct kvq_ctx_gpu *g)
+{
+	(void)g;
+	return 0;
 }
 
 #endif

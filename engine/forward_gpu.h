@@ -70,6 +70,9 @@ int kvq_ctx_gpu_fill(struct kvq_ctx_gpu *g, int slot, const int32_t *pages,
 void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf,
 			  size_t len);
 
+/* Tokens chosen by the device sampler so far. */
+uint64_t kvq_ctx_gpu_sampled(const struct kvq_ctx_gpu *g);
+
 /* What the GPU context stopped doing after a failure ("CUDA graphs off:
  * ..."), or NULL. */
 const char *kvq_ctx_gpu_fallback(const struct kvq_ctx_gpu *g);

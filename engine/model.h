@@ -120,6 +120,9 @@ void kvq_ctx_describe(const struct kvq_ctx *c, char *buf, size_t len);
  * kvq_ctx_gpu_fallback()). */
 const char *kvq_ctx_fallback(const struct kvq_ctx *c);
 
+/* Tokens kvq_step_sample() had the GPU choose (0 on the CPU). */
+uint64_t kvq_ctx_device_sampled(const struct kvq_ctx *c);
+
 /* A new empty sequence: returns its id (>= 0) or -ENOSPC. */
 int kvq_seq_create(struct kvq_ctx *c);
 /* Frees the sequence's KV pages at once. */

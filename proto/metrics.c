@@ -95,6 +95,9 @@ char *kvq_metrics_render(const struct kvq_sched_stats *st,
 	    "Prompt tokens of accepted requests.", st->tokens_prompt_total);
 	one(f, "kvqd_tokens_generated_total", "counter",
 	    "Tokens generated.", st->tokens_generated_total);
+	one(f, "kvqd_tokens_sampled_gpu_total", "counter",
+	    "Generated tokens chosen by the GPU sampler (steps of 4 or more sequences on a GPU).",
+	    st->tokens_sampled_device);
 	one(f, "kvqd_prompt_tokens_cached_total", "counter",
 	    "Prompt tokens shared from the prefix cache instead of computed.",
 	    st->prompt_tokens_cached);

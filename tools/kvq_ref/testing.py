@@ -7,12 +7,16 @@ $KVQ_SRCDIR/../shared/testdata).
 """
 
 import contextlib
+import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 
 
 class Tap:
@@ -162,3 +166,78 @@ def require_reference_setup(model_name):
     if kvqd is None:
         skip_all("kvqd binary not found (set KVQD)")
     return model, kvqd
+
+
+def free_port():
+    """A loopback TCP port that was free a moment ago."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Daemon:
+    """kvqd serving @model on a free loopback port, with its state, admin
+    socket and log under @tmp/@name; @extra: more command-line arguments.
+    Raises RuntimeError (with the log's tail) when it does not become
+    ready."""
+
+    def __init__(self, kvqd, model, tmp, name, extra=(), ready_s=20):
+        self.port = free_port()
+        d = os.path.join(tmp, name)
+        os.makedirs(d, exist_ok=True)
+        self.log = open(os.path.join(d, "log"), "w+")
+        self.p = subprocess.Popen(
+            [kvqd, "--model", model, "--listen", "127.0.0.1:%d" % self.port,
+             "--admin-socket", os.path.join(d, "admin.sock"),
+             "--state-dir", d] + list(extra),
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + ready_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url("/health"), timeout=2):
+                    return
+            except Exception:
+                if self.p.poll() is not None:
+                    break
+                time.sleep(0.05)
+        self.stop()
+        with open(os.path.join(d, "log")) as f:
+            raise RuntimeError("kvqd did not become ready: " + tail(f.read()))
+
+    def url(self, path):
+        return "http://127.0.0.1:%d%s" % (self.port, path)
+
+    def post(self, path, body, timeout=60):
+        rq = urllib.request.Request(self.url(path),
+                                    data=json.dumps(body).encode(),
+                                    headers={"Content-Type":
+                                             "application/json"})
+        with urllib.request.urlopen(rq, timeout=timeout) as f:
+            return json.load(f)
+
+    def complete(self, body, timeout=60):
+        """POST /v1/completions with @body (a dict); the parsed answer."""
+        return self.post("/v1/completions", body, timeout)
+
+    def n_tokens(self, text):
+        return len(self.post("/tokenize", {"content": text}, 10)["tokens"])
+
+    def metric(self, name):
+        """The value of the unlabelled sample @name in /metrics, or None."""
+        with urllib.request.urlopen(self.url("/metrics"), timeout=10) as f:
+            for line in f.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        return None
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+        if not self.log.closed:
+            self.log.close()
