@@ -18,12 +18,14 @@
  * tiled kernel), the two alternating, best of five each ("prefill" in the
  * JSON; --prefill 0 skips it).
  *
- * With --sample, each decode run also times, after those steps, `steps`
- * steps that choose tokens with the daemon's default settings (T 0.8,
- * top-k 40, top-p 0.95, min-p 0.05) two ways, alternating in blocks of 8
- * steps: on the host from the copied logits (kvq_step() then
- * kvq_sampler_sample() per row) and on the device (kvq_step_sample(), ids
- * alone copied back) -- "host_sample_tok_s" and "device_sample_tok_s".
+ * With --sample, each decode run also times, after those steps, steps
+ * that choose tokens two ways, alternating in blocks of 8 steps: on the
+ * host from the copied logits (kvq_step() then kvq_sampler_sample() per
+ * row, "host_sample_tok_s") and as kvqd does (kvq_step_sample(): on the
+ * device, ids alone copied back, where it judges that faster;
+ * "step_sample_tok_s"); `steps` steps each with kvq_sampler_params_default()
+ * (T 0.8, top-k 40, top-p 0.95, min-p 0.05), then as many over the whole
+ * vocabulary at T 0.8 (the HTTP API's defaults; "..._full_tok_s").
  *
  * Usage: gpu_decode --model F [--model F ...] [--batch 1,4,16]
  *                   [--ctx 1024,32768] [--kv q4/q4,f16/f16] [--steps 64]
@@ -93,21 +95,20 @@ static int kv_opts(const char *kv, struct kvq_ctx_opts *o)
 }
 
 /*
- * --sample: @steps steps sampling on the host and as many on the device,
- * alternating blocks of 8; tokens/s of each into @tps[0] (host) and
- * @tps[1] (device).  Returns 0 or -errno.
+ * --sample: @steps steps sampling with settings @p on the host and as
+ * many through kvq_step_sample(), alternating blocks of 8; tokens/s of
+ * each into @tps[0] (host) and @tps[1] (kvq_step_sample()).  Returns 0 or
+ * -errno.
  */
 static int time_sampling(struct kvq_ctx *c, struct kvq_batch *b,
 			 int32_t *toks, uint32_t n_vocab, float *logits,
-			 int steps, double tps[2])
+			 int steps, struct kvq_sampler_params p, double tps[2])
 {
 	struct kvq_sampler smp[64], *sp[64];
-	struct kvq_sampler_params p;
 	double t[2] = { 0, 0 }, t0;
 	int32_t ids[64];
 	int i, s, k, ret = 0;
 
-	kvq_sampler_params_default(&p);
 	for (i = 0; i < b->n; i++) {
 		p.seed = 1000 + (uint64_t)i;
 		ret |= kvq_sampler_init(&smp[i], &p, (int32_t)n_vocab);
@@ -153,12 +154,13 @@ static int run(struct kvq_model *m, const char *mname, const char *kv,
 	const int32_t *tp[64];
 	struct kvq_batch b = { 0 };
 	float *logits = NULL;
-	double t0, dt, kvb, wb, bound, tps[2] = { 0, 0 };
-	char sjson[128] = "";
+	double t0, dt, kvb, wb, bound, tps[2] = { 0, 0 }, tpf[2] = { 0, 0 };
+	struct kvq_sampler_params sp;
+	char sjson[256] = "";
 
 	if (kv_opts(kv, &o))
 		return -EINVAL;
-	o.n_ctx = (uint32_t)(ctx + (sample ? 3 : 1) * (steps + 8) + 8);
+	o.n_ctx = (uint32_t)(ctx + (sample ? 5 : 1) * (steps + 8) + 8);
 	o.kv_tokens = o.n_ctx * (uint32_t)batch;
 	o.max_seqs = (uint32_t)batch;
 	o.max_batch = 64;
@@ -197,13 +199,20 @@ static int run(struct kvq_model *m, const char *mname, const char *kv,
 	}
 	dt = now() - t0;
 	if (sample) {
+		kvq_sampler_params_default(&sp);
 		ret = time_sampling(c, &b, toks, hp->n_vocab, logits, steps,
-				    tps);
+				    sp, tps);
+		sp.top_k = 0;
+		sp.top_p = 1.0f;
+		sp.min_p = 0.0f;
+		ret = ret ? ret : time_sampling(c, &b, toks, hp->n_vocab, logits,
+						steps, sp, tpf);
 		if (ret)
 			goto out;
 		snprintf(sjson, sizeof(sjson),
-			 ", \"host_sample_tok_s\": %.1f, \"device_sample_tok_s\": %.1f",
-			 tps[0], tps[1]);
+			 ", \"host_sample_tok_s\": %.1f, \"step_sample_tok_s\": %.1f"
+			 ", \"host_sample_full_tok_s\": %.1f, \"step_sample_full_tok_s\": %.1f",
+			 tps[0], tps[1], tpf[0], tpf[1]);
 	}
 	wb = (double)kvq_model_gpu_step_bytes(m);
 	kvb = (double)kvq_ctx_kv_bytes_per_token(c) * (ctx + 4 + steps / 2.0) *

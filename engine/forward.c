@@ -531,13 +531,37 @@ static void dev_params(struct kvq_sampler *smp,
 }
 
 /*
- * Fewer rows than this are sampled on the host even on a GPU: the device
- * sampler gives a row one block, which at one row costs more than copying
- * the logits back.  H200, 1B F16, q4/q4, default settings, tokens/s with
- * sampling on the host / on the device: batch 1 1039 / 982, batch 4 1822 /
- * 1950, batch 16 4718 / 6159 (1K context).
+ * Where a GPU step's tokens are chosen.  The device sampler gives a row
+ * one block; the host pays for the logits' copy and a pass over the
+ * vocabulary, which is cheap with a small top-k and dear without one.
+ * H200, 1B F16, q4/q4, 1K context, tokens/s with sampling on the host /
+ * on the device: top-k 40 (kvq_sampler_params_default()) batch 1 1039 /
+ * 982, batch 4 1822 / 1950, batch 16 4718 / 6159; the whole vocabulary at
+ * T 0.8 (the HTTP API's defaults), one request through kvqd: 580 / 985.
+ * So the device samples steps of DEV_SAMPLE_MIN_ROWS rows or more, and
+ * any step with a row that is neither greedy nor limited to
+ * HOST_SAMPLE_TOP_K candidates.
  */
 #define DEV_SAMPLE_MIN_ROWS 4
+#define HOST_SAMPLE_TOP_K 64
+
+static bool sample_on_device(const struct kvq_ctx *c,
+			     const struct kvq_batch *b,
+			     struct kvq_sampler *const *smp)
+{
+	int i;
+
+	if (!c->gpu)
+		return false;
+	if (b->n >= DEV_SAMPLE_MIN_ROWS)
+		return true;
+	for (i = 0; i < b->n; i++)
+		if (smp[i] && !kvq_sampler_greedy(smp[i]) &&
+		    !(smp[i]->p.top_k > 0 &&
+		      smp[i]->p.top_k <= HOST_SAMPLE_TOP_K))
+			return true;
+	return false;
+}
 
 int kvq_step_sample(struct kvq_ctx *c, const struct kvq_batch *b,
 		    struct kvq_sampler *const *smp, int32_t *ids,
@@ -550,7 +574,7 @@ int kvq_step_sample(struct kvq_ctx *c, const struct kvq_batch *b,
 
 	if (b->all_logits || b->n <= 0 || (uint32_t)b->n > c->max_batch)
 		return -EINVAL;
-	if (!c->gpu || b->n < DEV_SAMPLE_MIN_ROWS) {
+	if (!sample_on_device(c, b, smp)) {
 		if (!logits) {
 			if (!c->slogits)
 				c->slogits = malloc((size_t)c->max_batch * V *

@@ -932,6 +932,34 @@ static void sample_case(struct kvq_model *m, const char *mname)
 	       "%s sampling: ids alone (no logits back) give the same tokens; %llu counted as sampled on the device",
 	       mname, n_dev);
 
+	/* One row: on the device only when it samples the whole vocabulary
+	 * (sp[3]); greedy and top-k 40 rows are sampled on the host. */
+	{
+		static const int which[3] = { 3, 1, 0 };
+		unsigned long long before_n = n_dev, now_n;
+		int got[3];
+
+		bb.n = 1;
+		for (i = 0; i < 3; i++) {
+			bb.seq = &seqb[which[i]];
+			bb.tokens = &tb[which[i]];
+			ret |= kvq_step_sample(gb, &bb, &pb[which[i]], idb, NULL);
+			kvq_ctx_describe(gb, desc, sizeof(desc));
+			now_n = 0;
+			at = strstr(desc, "), ");
+			if (at)
+				sscanf(at, "), %llu tokens sampled", &now_n);
+			got[i] = (int)(now_n - before_n);
+			before_n = now_n;
+		}
+		tap_ok(!ret && got[0] == 1 && got[1] == 0 && got[2] == 0,
+		       "%s sampling: a single row goes to the device for the whole vocabulary (%d), to the host for top-k 40 (%d) and greedy (%d)",
+		       mname, got[0], got[1], got[2]);
+		bb.n = N_SMP;
+		bb.seq = seqb;
+		bb.tokens = tb;
+	}
+
 	/* Full contexts refuse the step, and the draws are given back. */
 	o.n_ctx = 16;
 	ret = kvq_ctx_create(m, &o, &gf, err, sizeof(err));
