@@ -1194,6 +1194,20 @@ static int kv_setup(struct kvq_sched *s, struct kvq_ctx_opts *co, char *err,
 	return 0;
 }
 
+/* The scheduler's arrays (kvq_sched_create() and _destroy()). */
+static void free_arrays(struct kvq_sched *s)
+{
+	free(s->pc);
+	free(s->run);
+	free(s->b_req);
+	free(s->b_seq);
+	free(s->b_n);
+	free(s->b_tok);
+	free(s->b_smp);
+	free(s->b_id);
+	free(s->logits);
+}
+
 int kvq_sched_create(struct kvq_model *m, const struct kvq_sched_opts *o,
 		     struct kvq_sched **out, char *err, size_t errlen)
 {
@@ -1249,7 +1263,8 @@ int kvq_sched_create(struct kvq_model *m, const struct kvq_sched_opts *o,
 	s->b_id = calloc(s->o.max_running, sizeof(*s->b_id));
 	s->pc = calloc(s->pc_cap ? s->pc_cap : 1, sizeof(*s->pc));
 	if (!s->run || !s->b_req || !s->b_seq || !s->b_n || !s->b_tok ||
-	    !s->b_smp || !s->b_id || !s->pc || ensure_logits(s, s->o.max_running)) {
+	    !s->b_smp || !s->b_id || !s->pc ||
+	    ensure_logits(s, s->o.max_running)) {
 		snprintf(err, errlen, "scheduler: out of memory");
 		goto out_ctx;
 	}
@@ -1271,15 +1286,7 @@ out_sync:
 	pthread_cond_destroy(&s->wake);
 	pthread_mutex_destroy(&s->lock);
 out_ctx:
-	free(s->pc);
-	free(s->run);
-	free(s->b_req);
-	free(s->b_seq);
-	free(s->b_n);
-	free(s->b_tok);
-	free(s->b_smp);
-	free(s->b_id);
-	free(s->logits);
+	free_arrays(s);
 	kvq_ctx_destroy(s->ctx);
 out_free:
 	free(s);
@@ -1301,15 +1308,7 @@ void kvq_sched_destroy(struct kvq_sched *s)
 	pthread_mutex_destroy(&s->lock);
 	while (s->n_pc)
 		pc_evict(s);
-	free(s->pc);
-	free(s->run);
-	free(s->b_req);
-	free(s->b_seq);
-	free(s->b_n);
-	free(s->b_tok);
-	free(s->b_smp);
-	free(s->b_id);
-	free(s->logits);
+	free_arrays(s);
 	kvq_ctx_destroy(s->ctx);
 	free(s);
 }

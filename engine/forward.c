@@ -45,10 +45,12 @@ struct kvq_ctx {
 	struct kvq_ctx_gpu *gpu;	/* the step runs on the GPU */
 	int *slots;			/* per batch entry, for the GPU */
 	/* kvq_step_sample(): per batch entry, the settings and uniform
-	 * numbers for the GPU sampler; logits when the caller wants none
-	 * (CPU: max_batch rows, allocated on first use) */
+	 * numbers for the GPU sampler and the sampler's state before the
+	 * draw; logits when the caller wants none (host sampling: max_batch
+	 * rows, allocated on first use) */
 	struct kvq_gpu_sample_params *gsp;
 	float *gu;
+	uint64_t (*grng)[4];
 	float *slogits;
 };
 
@@ -146,9 +148,10 @@ int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
 	c->slots = malloc(B * sizeof(*c->slots));
 	c->gsp = malloc(B * sizeof(*c->gsp));
 	c->gu = malloc(B * sizeof(*c->gu));
+	c->grng = malloc(B * sizeof(*c->grng));
 	if (!c->seqs || !c->x || !c->xb || !c->q || !c->k || !c->v ||
 	    !c->att || !c->hb || !c->hb2 || !c->pos || !c->aseq ||
-	    !c->slots || !c->gsp || !c->gu) {
+	    !c->slots || !c->gsp || !c->gu || !c->grng) {
 		snprintf(err, errlen, "out of memory for activations");
 		ret = -ENOMEM;
 		goto out_free;
@@ -197,6 +200,7 @@ void kvq_ctx_destroy(struct kvq_ctx *c)
 	free(c->slots);
 	free(c->gsp);
 	free(c->gu);
+	free(c->grng);
 	free(c->slogits);
 	free(c);
 }
@@ -512,8 +516,6 @@ int kvq_step(struct kvq_ctx *c, const struct kvq_batch *b, float *logits)
 static void dev_params(struct kvq_sampler *smp,
 		       struct kvq_gpu_sample_params *sp, float *u)
 {
-	double d;
-
 	if (!smp || kvq_sampler_greedy(smp)) {
 		sp->temperature = 0.0f;
 		sp->top_k = 1;
@@ -526,8 +528,7 @@ static void dev_params(struct kvq_sampler *smp,
 	sp->top_k = smp->p.top_k;
 	sp->top_p = smp->p.top_p;
 	sp->min_p = smp->p.min_p;
-	d = kvq_sampler_next_u(smp);
-	*u = (float)d;
+	*u = (float)kvq_sampler_next_u(smp);
 }
 
 /*
@@ -568,7 +569,6 @@ int kvq_step_sample(struct kvq_ctx *c, const struct kvq_batch *b,
 		    float *logits)
 {
 	uint32_t V = c->m->hp.n_vocab;
-	uint64_t (*rng)[4];
 	struct dev_sample ds;
 	int i, ret;
 
@@ -593,12 +593,9 @@ int kvq_step_sample(struct kvq_ctx *c, const struct kvq_batch *b,
 	}
 	/* The draws are taken before the step and given back if it fails,
 	 * so that a retried step draws the same numbers. */
-	rng = malloc((size_t)b->n * sizeof(*rng));
-	if (!rng)
-		return -ENOMEM;
 	for (i = 0; i < b->n; i++) {
 		if (smp[i])
-			memcpy(rng[i], smp[i]->rng, sizeof(rng[i]));
+			memcpy(c->grng[i], smp[i]->rng, sizeof(c->grng[i]));
 		dev_params(smp[i], &c->gsp[i], &c->gu[i]);
 	}
 	ds.sp = c->gsp;
@@ -607,11 +604,10 @@ int kvq_step_sample(struct kvq_ctx *c, const struct kvq_batch *b,
 	ret = step_run(c, b, logits, &ds);
 	for (i = 0; i < b->n; i++) {
 		if (ret && smp[i])
-			memcpy(smp[i]->rng, rng[i], sizeof(rng[i]));
+			memcpy(smp[i]->rng, c->grng[i], sizeof(c->grng[i]));
 		else if (!smp[i])
 			ids[i] = -1;
 	}
-	free(rng);
 	return ret;
 }
 
