@@ -1,6 +1,9 @@
 /*
- * test_gpu_attn.c - the GPU decode attention and KV append kernels
- * (kernels/attn.h) against their C twins, on the device.
+ * test_gpu_attn.c - the GPU attention and KV append kernels
+ * (kernels/attn.h) against their C twins, on the device: the decode and
+ * split-KV kernels here, the prompt (prefill) and append kernels in
+ * test_gpu_attn_write.c (what the two files share: attn_test.h); main()
+ * runs them all.
  *
  * Decode: pages are built on the host by kvq_kv_write() from fresh random
  * rows and copied to the device byte for byte; the output is poisoned
@@ -12,10 +15,6 @@
  * Each case runs twice and must give identical bits (no race, and the
  * split-merge counters are left zeroed).
  *
- * Append: after the GPU append, the K and V pools and the sink copies
- * must equal, byte for byte, the host cache after RoPE
- * (kvq_attn_ref_rope) and kvq_kv_write() of the same rows.
- *
  * Without a GPU: "1..0 # SKIP no GPU" and exit status 77.
  */
 #include "config.h"
@@ -26,21 +25,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "engine/kvcache.h"
 #include "engine/quant.h"
 #include "kernels/attn.h"
+#include "tests/gpu/attn_test.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "tap.h"
 
 #ifdef KVQ_ATTN_GPU
 
-#define HD 128
-
 /* Head size of the caches build() and dev_put() make (HD but for the
  * split-KV cases). */
-static uint32_t g_hd = HD;
+uint32_t g_hd = HD;
 
 /* Key centring of the caches build() makes: centres [kv head][g_hd] and
  * the RoPE they turn with, or g_ctr NULL (see struct centring). */
@@ -60,12 +57,12 @@ static uint32_t rnd(void)
 }
 
 /* Uniform in [-1, 1). */
-static float frand(void)
+float frand(void)
 {
 	return (float)(rnd() & 0xffffff) / 8388608.0f - 1.0f;
 }
 
-static const char *tn(int t)
+const char *tn(int t)
 {
 	return kvq_kv_type_name((enum kvq_kv_type)t);
 }
@@ -82,10 +79,10 @@ struct dcase {
 
 /* A host cache with @batch sequences of random tokens, interleaved so
  * that each sequence's pages are scattered over the pool. */
-static struct kvq_kvcache *build(int kt, int vt, uint32_t hk, uint32_t P,
-				 uint32_t n_sink, uint32_t batch,
-				 const uint32_t *lens, float kmag,
-				 struct kvq_kv_seq *s)
+struct kvq_kvcache *build(int kt, int vt, uint32_t hk, uint32_t P,
+			  uint32_t n_sink, uint32_t batch,
+			  const uint32_t *lens, float kmag,
+			  struct kvq_kv_seq *s)
 {
 	struct kvq_kv_opts o;
 	struct kvq_kvcache *c;
@@ -150,13 +147,7 @@ fail:
 	return NULL;
 }
 
-/* Device copies of one layer-0 cache: pools, block table, sinks. */
-struct dev {
-	void *kp, *vp, *bt, *lens, *sinkv, *sinks[8];
-	uint32_t bt_stride;
-};
-
-static void dev_free(struct dev *d)
+void dev_free(struct dev *d)
 {
 	int i;
 
@@ -170,9 +161,9 @@ static void dev_free(struct dev *d)
 	memset(d, 0, sizeof(*d));
 }
 
-static int dev_put(struct dev *d, const struct kvq_kvcache *c,
-		   const struct kvq_kv_seq *s, uint32_t batch,
-		   const uint32_t *lens)
+int dev_put(struct dev *d, const struct kvq_kvcache *c,
+	    const struct kvq_kv_seq *s, uint32_t batch,
+	    const uint32_t *lens)
 {
 	const struct kvq_kv_layer *L = &c->layers[0];
 	size_t kb = L->k.page_bytes * c->o.n_pages;
@@ -370,27 +361,11 @@ out_host:
 /* ---------------------------------------------------------- centring */
 
 /*
- * Key centring of a case (engine/kvcache.h): centres uniform in [-cmag,
- * cmag), ten times the keys' spread or more, so that a correction left
- * out moves scores (and stored bytes) far beyond any tolerance; RoPE over
- * rope_dim channels (0: all of them) with base (0: 10000), neox or
- * adjacent pairs.  cmag 0: not centred.
- */
-struct centring {
-	float cmag;
-	uint32_t rope_dim;
-	int neox;
-	float base;
-};
-
-#define NO_CENTRING { 0.0f, 0, 0, 0.0f }
-
-/*
  * Random centres of @ce for @hk KV heads of g_hd channels, also set as
  * the centring of the caches build() makes until centring_off().  NULL
  * when @ce is not centred; *@fail set when out of memory.
  */
-static float *centring_on(const struct centring *ce, uint32_t hk, int *fail)
+float *centring_on(const struct centring *ce, uint32_t hk, int *fail)
 {
 	size_t n = (size_t)hk * g_hd, i;
 	float *c;
@@ -412,7 +387,7 @@ static float *centring_on(const struct centring *ce, uint32_t hk, int *fail)
 	return c;
 }
 
-static void centring_off(float *c)
+void centring_off(float *c)
 {
 	free(c);
 	g_ctr = NULL;
@@ -423,7 +398,7 @@ static void centring_off(float *c)
 
 /* The case's centring in words for the test names into @buf ("" when
  * not centred). */
-static void centring_desc(const struct centring *ce, char *buf, size_t len)
+void centring_desc(const struct centring *ce, char *buf, size_t len)
 {
 	if (!ce->cmag)
 		snprintf(buf, len, "%s", "");
@@ -439,7 +414,7 @@ static void centring_desc(const struct centring *ce, char *buf, size_t len)
  * hands them over (kvq_kv_layer.center: set only where K is q8/q4).
  * Returns 0 with *@out NULL when the layer is not centred, -1 on failure.
  */
-static int centring_dev(const struct kvq_kvcache *c, void **out)
+int centring_dev(const struct kvq_kvcache *c, void **out)
 {
 	size_t n = (size_t)c->o.n_kv_heads * c->o.head_dim * sizeof(float);
 
@@ -636,623 +611,6 @@ out_host:
 	free(ref);
 	free(got);
 	free(gotb);
-	centring_off(ctr);
-	g_hd = HD;
-}
-
-/* ------------------------------------------------------------ prefill */
-
-/*
- * A prompt case for kvq_gpu_attn_prefill(): @batch sequences with lens[b]
- * tokens in the cache, sequence b asking rows[b] query rows at its last
- * positions (rows[b] == lens[b]: a prompt from position 0; fewer: a later
- * chunk after one already cached, or with 1 a decode row beside the
- * prompt, as the scheduler mixes them).  Rows are grouped by sequence in
- * batch order, as the engine lays them out.
- */
-struct pcase {
-	const char *name;
-	int kt, vt;
-	uint32_t hd, hq, hk, P, n_sink, batch;
-	uint32_t lens[6];
-	uint32_t rows[6];
-	float kmag;		/* key magnitude: larger is a peakier softmax */
-	int no_ws;		/* no workspace: one block covers all positions */
-};
-
-/* Host cache, device copies, rows and buffers of one prompt case. */
-struct pset {
-	struct kvq_kv_seq s[6];
-	struct kvq_kvcache *c;
-	struct dev d;
-	struct kvq_gpu_split_args a;
-	int32_t *rseq, *rpos;
-	float *q;
-	void *dq, *dout, *ws, *dseq, *dpos;
-	size_t nq;		/* floats of q (and of out) */
-	uint32_t n_rows, maxl;
-};
-
-static void pset_fini(struct pset *ps, uint32_t batch)
-{
-	uint32_t b;
-
-	kvq_test_gpu_free(ps->dq);
-	kvq_test_gpu_free(ps->dout);
-	kvq_test_gpu_free(ps->ws);
-	kvq_test_gpu_free(ps->dseq);
-	kvq_test_gpu_free(ps->dpos);
-	dev_free(&ps->d);
-	if (ps->c) {
-		for (b = 0; b < batch; b++)
-			kvq_kv_seq_release(ps->c, &ps->s[b]);
-		kvq_kv_destroy(ps->c);
-	}
-	free(ps->rseq);
-	free(ps->rpos);
-	free(ps->q);
-	g_hd = HD;
-}
-
-/*
- * Builds @tc's cache and random queries (q row stride hq * hd + 8: the
- * kernels must not assume packed rows) and copies them to the device;
- * @ps->a is ready for either kernel.  -1 with @what set on failure
- * (pset_fini() frees what was made).
- */
-static int pset_init(struct pset *ps, const struct pcase *tc,
-		     const char **what)
-{
-	struct kvq_gpu_split_args *a = &ps->a;
-	uint32_t D = tc->hd, qs = tc->hq * D + 8, b, r, n = 0;
-	size_t wsb = 0, i;
-
-	memset(ps, 0, sizeof(*ps));
-	g_hd = D;
-	for (b = 0; b < tc->batch; b++) {
-		n += tc->rows[b];
-		if (tc->lens[b] > ps->maxl)
-			ps->maxl = tc->lens[b];
-	}
-	ps->n_rows = n;
-	ps->nq = (size_t)n * qs;
-	*what = "host set-up";
-	ps->rseq = malloc(n * sizeof(int32_t));
-	ps->rpos = malloc(n * sizeof(int32_t));
-	ps->q = malloc(ps->nq * sizeof(float));
-	ps->c = build(tc->kt, tc->vt, tc->hk, tc->P, tc->n_sink, tc->batch,
-		      tc->lens, tc->kmag, ps->s);
-	if (!ps->rseq || !ps->rpos || !ps->q || !ps->c)
-		return -1;
-	for (b = 0, n = 0; b < tc->batch; b++)
-		for (r = 0; r < tc->rows[b]; r++, n++) {
-			ps->rseq[n] = (int32_t)b;
-			ps->rpos[n] = (int32_t)(tc->lens[b] - tc->rows[b] + r);
-		}
-	for (i = 0; i < ps->nq; i++)
-		ps->q[i] = frand();
-	*what = "device set-up";
-	if (dev_put(&ps->d, ps->c, ps->s, tc->batch, tc->lens))
-		return -1;
-	if (!tc->no_ws)
-		wsb = kvq_gpu_attn_split_workspace_bytes(ps->n_rows, tc->hq,
-							 tc->hk, D);
-	ps->dq = kvq_test_gpu_alloc(ps->nq * 4);
-	ps->dout = kvq_test_gpu_alloc(ps->nq * 4);
-	ps->dseq = kvq_test_gpu_alloc(ps->n_rows * 4);
-	ps->dpos = kvq_test_gpu_alloc(ps->n_rows * 4);
-	ps->ws = wsb ? kvq_test_gpu_alloc(wsb) : NULL;
-	*what = "device buffers";
-	if (!ps->dq || !ps->dout || !ps->dseq || !ps->dpos ||
-	    (wsb && !ps->ws) || kvq_test_gpu_put(ps->dq, ps->q, ps->nq * 4) ||
-	    kvq_test_gpu_put(ps->dseq, ps->rseq, ps->n_rows * 4) ||
-	    kvq_test_gpu_put(ps->dpos, ps->rpos, ps->n_rows * 4))
-		return -1;
-	a->q = ps->dq;
-	a->q_stride = qs;
-	a->out = ps->dout;
-	a->out_stride = qs;
-	a->k_pages = ps->d.kp;
-	a->v_pages = ps->d.vp;
-	a->k_page_bytes = ps->c->layers[0].k.page_bytes;
-	a->v_page_bytes = ps->c->layers[0].v.page_bytes;
-	a->k_type = tc->kt;
-	a->v_type = tc->vt;
-	a->row_seq = ps->dseq;
-	a->row_pos = ps->dpos;
-	a->block_table = ps->d.bt;
-	a->bt_stride = ps->d.bt_stride;
-	a->sink = tc->n_sink ? (uint16_t *const *)ps->d.sinkv : NULL;
-	a->n_sink = ps->c->o.n_sink;
-	a->n_rows = ps->n_rows;
-	a->n_q_heads = tc->hq;
-	a->n_kv_heads = tc->hk;
-	a->head_dim = D;
-	a->page_tokens = tc->P;
-	a->max_len = ps->maxl;
-	a->workspace = ps->ws;
-	a->workspace_bytes = wsb;
-	return 0;
-}
-
-/*
- * One launch of the prefill (@split 0) or the split kernel (1) into
- * @out (poisoned with NaN first).  0, or the launcher's error with
- * @why set.
- */
-static int pset_run(struct pset *ps, int split, float *out, char *why,
-		    size_t len)
-{
-	int ret;
-
-	kvq_test_gpu_fill(ps->dout, 0xff, ps->nq * 4);
-	ret = split ? kvq_gpu_attn_split(&ps->a, NULL) :
-		      kvq_gpu_attn_prefill(&ps->a, NULL);
-	if (ret) {
-		const char *r = split ? NULL :
-				kvq_gpu_attn_prefill_refusal(&ps->a);
-
-		snprintf(why, len, "returned %d%s%s", ret, r ? ": " : "",
-			 r ? r : "");
-		return ret;
-	}
-	if (kvq_test_gpu_sync(why, len))
-		return -EIO;
-	return kvq_test_gpu_get(out, ps->dout, ps->nq * 4) ? -EIO : 0;
-}
-
-/* The largest |V| attention sees in @ps's cache (dequantized, sinks
- * included): the scale the error bound is relative to. */
-static double pset_vmax(const struct pset *ps, const struct pcase *tc)
-{
-	float *row = malloc(tc->hd * sizeof(float));
-	double mx = 0.0;
-	uint32_t b, t, h, j;
-
-	for (b = 0; row && b < tc->batch; b++)
-		for (t = 0; t < tc->lens[b]; t++)
-			for (h = 0; h < tc->hk; h++) {
-				kvq_kv_read(ps->c, &ps->s[b], 0, t, h, true, row);
-				for (j = 0; j < tc->hd; j++)
-					if (fabs(row[j]) > mx)
-						mx = fabs(row[j]);
-			}
-	free(row);
-	return mx;
-}
-
-/*
- * kvq_gpu_attn_prefill() against kvq_kv_attend() for every row and query
- * head, output poisoned first, two runs that must agree bit for bit.
- *
- * Bound: |gpu - ref| <= 2e-5 * max|V| + 1e-6, the split kernel's.  Codes,
- * sink copies and f16 pages enter the products exactly, scales are
- * applied in f32, and the query and the scaled probabilities are split
- * into f16 high and low halves (about 2^-22 each), so what differs from
- * the CPU is f32 rounding in another order plus the tensor cores'
- * truncating accumulation over chains of at most 8 products, each
- * added to an f32 running sum: an error of a few 1e-7 of max|V| is
- * expected, below 1e-6 even with every addend of every product
- * truncated to 24 bits (the split kernel, f32 on CUDA cores, is printed
- * beside it on the same case).  The high halves alone would not pass:
- * f16 rounding of the query costs about 1e-4 of max|V| on the 300-row
- * q4 prompt, of P about 2e-4; a wrong scale, position or mask errs by
- * 1e-2 or more.
- */
-static void run_prefill(const struct pcase *tc)
-{
-	struct pset ps;
-	const char *what;
-	float *ref = NULL, *got = NULL, *gotb = NULL, *spl = NULL;
-	uint32_t D = tc->hd, gqa = tc->hq / tc->hk, r, h, wr = 0, wi = 0;
-	size_t i, bad = 0, nan = 0, qs;
-	double maxerr = 0.0, serr = 0.0, vmax, tol;
-	char why[256] = "", name[160], sp[300];
-	int same = 1;
-
-	snprintf(name, sizeof(name), "kvq_gpu_attn_prefill_%s_%s_%s_d%u_g%u",
-		 tc->name, tn(tc->kt), tn(tc->vt), D, gqa);
-	if (pset_init(&ps, tc, &what)) {
-		tap_ok(0, "%s: %s", name, what);
-		goto out;
-	}
-	qs = ps.a.q_stride;
-	ref = calloc(ps.nq, 4);
-	got = malloc(ps.nq * 4);
-	gotb = malloc(ps.nq * 4);
-	spl = malloc(ps.nq * 4);
-	if (!ref || !got || !gotb || !spl) {
-		tap_ok(0, "%s: host buffers", name);
-		goto out;
-	}
-	if (pset_run(&ps, 0, got, why, sizeof(why)) ||
-	    pset_run(&ps, 0, gotb, why, sizeof(why))) {
-		tap_ok(0, "%s: launch (%s)", name, why);
-		goto out;
-	}
-	for (r = 0; r < ps.n_rows; r++)
-		for (h = 0; h < tc->hk; h++) {
-			size_t off = (size_t)r * qs + (size_t)h * gqa * D;
-
-			kvq_kv_attend(ps.c, &ps.s[ps.rseq[r]], 0, h, ps.q + off,
-				      D, gqa, 1.0f / sqrtf((float)D),
-				      (uint32_t)ps.rpos[r] + 1, ref + off, D);
-		}
-	vmax = pset_vmax(&ps, tc);
-	tol = 2e-5 * vmax + 1e-6;
-	for (r = 0; r < ps.n_rows; r++)
-		for (i = 0; i < (size_t)tc->hq * D; i++) {
-			size_t k = (size_t)r * qs + i;
-			double e = fabs((double)got[k] - ref[k]);
-
-			if (isnan(got[k])) {
-				nan++;
-			} else if (e > tol) {
-				bad++;
-			}
-			if (isnan(got[k]) || e > maxerr) {
-				maxerr = isnan(got[k]) ? INFINITY : e;
-				wr = r;
-				wi = (uint32_t)i;
-			}
-			if (memcmp(&got[k], &gotb[k], 4))
-				same = 0;
-		}
-	if (pset_run(&ps, 1, spl, why, sizeof(why))) {
-		snprintf(sp, sizeof(sp), "not run: %s", why);
-	} else {
-		for (r = 0; r < ps.n_rows; r++)
-			for (i = 0; i < (size_t)tc->hq * D; i++) {
-				size_t k = (size_t)r * qs + i;
-				double e = fabs((double)spl[k] - ref[k]);
-
-				serr = e > serr || isnan(e) ? e : serr;
-			}
-		snprintf(sp, sizeof(sp), "%.2e", serr);
-	}
-	tap_ok(!bad && !nan, "%s (P %u, sinks %u, %u rows of %u sequences, max "
-	       "len %u%s; max err %.2e = %.2e max|V| (%.3f), bound %.2e, split "
-	       "kernel %s; %zu over, %zu unwritten; worst: row %u (seq %d pos "
-	       "%d) head %u ch %u got %.7g want %.7g)", name, tc->P, tc->n_sink,
-	       ps.n_rows, tc->batch, ps.maxl, tc->no_ws ? ", no workspace" : "",
-	       maxerr, maxerr / (vmax > 0 ? vmax : 1), vmax, tol, sp, bad, nan,
-	       wr, ps.rseq[wr], ps.rpos[wr], wi / D, wi % D,
-	       got[(size_t)wr * qs + wi], ref[(size_t)wr * qs + wi]);
-	tap_ok(same, "%s_repeatable", name);
-out:
-	free(ref);
-	free(got);
-	free(gotb);
-	free(spl);
-	pset_fini(&ps, tc->batch);
-}
-
-/* What the prefill kernel declines (so the caller takes the split
- * kernel) and what it serves, with the reasons it gives. */
-static void prefill_refusals(void)
-{
-	static const float ctr[64];
-	static const struct {
-		const char *name;
-		uint32_t hd, hq;
-		int kt, vt, centred;
-	} no[] = {
-		{ "head_dim_32", 32, 32, KVQ_KV_Q4, KVQ_KV_Q4, 0 },
-		{ "head_dim_256", 256, 32, KVQ_KV_Q4, KVQ_KV_Q4, 0 },
-		{ "gqa16", 64, 128, KVQ_KV_Q4, KVQ_KV_Q4, 0 },
-		{ "f32_keys", 64, 32, KVQ_KV_F32, KVQ_KV_Q4, 0 },
-		{ "f32_values", 64, 32, KVQ_KV_Q8, KVQ_KV_F32, 0 },
-		{ "centred_keys", 64, 32, KVQ_KV_Q4, KVQ_KV_Q4, 1 },
-	};
-	struct kvq_gpu_split_args a = {
-		.n_rows = 16, .n_q_heads = 32, .n_kv_heads = 8, .head_dim = 64,
-		.page_tokens = 16, .k_type = KVQ_KV_Q4, .v_type = KVQ_KV_Q4,
-		.k_page_bytes = 1 << 20, .v_page_bytes = 1 << 20,
-	};
-	const char *why;
-	size_t i;
-	int ret;
-
-	why = kvq_gpu_attn_prefill_refusal(&a);
-	tap_ok(!why, "kvq_gpu_attn_prefill_serves_d64_g4_q4 (%s)",
-	       why ? why : "served");
-	for (i = 0; i < sizeof(no) / sizeof(no[0]); i++) {
-		a.head_dim = no[i].hd;
-		a.n_q_heads = no[i].hq;
-		a.k_type = no[i].kt;
-		a.v_type = no[i].vt;
-		a.k_center = no[i].centred ? ctr : NULL;
-		a.rope_dim = no[i].centred ? 64 : 0;
-		a.rope_base = 10000.0f;
-		why = kvq_gpu_attn_prefill_refusal(&a);
-		ret = kvq_gpu_attn_prefill(&a, NULL);
-		tap_ok(ret == -EOPNOTSUPP && why, "kvq_gpu_attn_prefill_%s_declined "
-		       "(%d: %s)", no[i].name, ret, why ? why : "no reason");
-	}
-	a.head_dim = 64;
-	a.n_q_heads = 30;
-	a.k_type = a.v_type = KVQ_KV_Q4;
-	a.k_center = NULL;
-	tap_ok(kvq_gpu_attn_prefill(&a, NULL) == -EINVAL,
-	       "kvq_gpu_attn_prefill_heads_not_multiple_rejected");
-}
-
-static double now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
-/*
- * Milliseconds of one launch of the prefill (@split 0) or split kernel,
- * the best of five after a warm-up; -1 on failure (@why set).
- */
-static double pset_time(struct pset *ps, int split, char *why, size_t len)
-{
-	double best = -1.0;
-	int k;
-
-	for (k = 0; k < 6; k++) {
-		double t0 = now_ms(), t;
-		int ret = split ? kvq_gpu_attn_split(&ps->a, NULL) :
-				  kvq_gpu_attn_prefill(&ps->a, NULL);
-
-		if (ret || kvq_test_gpu_sync(why, len)) {
-			if (ret)
-				snprintf(why, len, "returned %d", ret);
-			return -1.0;
-		}
-		t = now_ms() - t0;
-		if (k && (best < 0 || t < best))
-			best = t;
-	}
-	return best;
-}
-
-/*
- * Not a test: the time of one prompt's attention (head_dim 64, 32 query
- * and 8 KV heads, one layer) by the prefill and the split kernel, as a
- * diagnostic; the two results must agree within twice run_prefill()'s
- * bound (no CPU reference at these sizes).
- */
-static void prefill_speed(uint32_t rows, int kt, int vt)
-{
-	struct pcase tc = { "speed", kt, vt, 64, 32, 8, 16, 4, 1, { rows },
-			    { rows }, 1.0f, 0 };
-	struct pset ps;
-	const char *what;
-	float *a = NULL, *b = NULL;
-	double tp, ts, diff = 0.0, tol = 0.0;
-	char why[256] = "";
-	size_t i, nan = 0;
-
-	if (pset_init(&ps, &tc, &what)) {
-		tap_ok(0, "prefill speed %u rows: %s", rows, what);
-		goto out;
-	}
-	a = malloc(ps.nq * 4);
-	b = malloc(ps.nq * 4);
-	if (!a || !b || pset_run(&ps, 0, a, why, sizeof(why)) ||
-	    pset_run(&ps, 1, b, why, sizeof(why))) {
-		tap_ok(0, "prefill speed %u rows: %s", rows,
-		       a && b ? why : "host buffers");
-		goto out;
-	}
-	tol = 2 * (2e-5 * pset_vmax(&ps, &tc) + 1e-6);
-	for (i = 0; i < ps.nq; i++) {
-		double e = fabs((double)a[i] - b[i]);
-
-		if (i % ps.a.q_stride >= (size_t)tc.hq * tc.hd)
-			continue;
-		if (isnan(e))
-			nan++;
-		else if (e > diff)
-			diff = e;
-	}
-	tap_ok(diff <= tol && !nan, "kvq_gpu_attn_prefill_matches_split_%u_rows_"
-	       "%s_%s (max diff %.2e, bound %.2e, %zu not numbers)", rows,
-	       tn(kt), tn(vt), diff, tol, nan);
-	tp = pset_time(&ps, 0, why, sizeof(why));
-	ts = pset_time(&ps, 1, why, sizeof(why));
-	tap_diag("attention of a %u-row prompt (head_dim 64, 32/8 heads, "
-		 "%s/%s, one layer): prefill %.3f ms, split %.3f ms, %.1fx%s%s",
-		 rows, tn(kt), tn(vt), tp, ts, tp > 0 ? ts / tp : 0.0,
-		 tp < 0 || ts < 0 ? "; " : "", tp < 0 || ts < 0 ? why : "");
-out:
-	free(a);
-	free(b);
-	pset_fini(&ps, tc.batch);
-}
-
-/* ------------------------------------------------------------- append */
-
-struct acase {
-	const char *name;
-	int kt, vt;
-	uint32_t rope_dim;
-	int neox, table, in_f16;
-	uint32_t hd;		/* 0: HD */
-	struct centring ce;	/* its rope_dim, neox and base: the case's */
-};
-
-/*
- * kvq_gpu_attn_append() of two new rows for each of four sequences (one
- * empty, one in a sink, one at a page end, one long) against the engine's
- * rotation and kvq_kv_write() of the same rows: the K and V pools and the
- * sink copies must be equal byte for byte.  With centring the host cache
- * and the kernel take R_pos c off each rotated key (centres ten times the
- * keys: a missing or wrong correction changes nearly every byte).
- */
-static void run_append(const struct acase *tc)
-{
-	enum { B = 4, NEW = 2 };
-	const uint32_t hk = 8, P = 16, n_sink = 4;
-	const uint32_t D = tc->hd ? tc->hd : HD;
-	uint32_t lens[B] = { 0, 3, 15, 40 }, b, j, r, nrows = B * NEW;
-	struct kvq_kv_seq s[B];
-	struct kvq_kvcache *c = NULL;
-	struct kvq_gpu_append_args a;
-	struct dev d;
-	struct centring ce = tc->ce;
-	size_t kvd = (size_t)hk * D, kb, vb, sinkn, i, diff = 0;
-	float *kr = malloc(nrows * kvd * 4), *vr = malloc(nrows * kvd * 4);
-	float *cs = malloc((size_t)nrows * D * 4), *tmp = malloc(kvd * 4);
-	float *ctr;
-	uint16_t *k16 = malloc(nrows * kvd * 2), *v16 = malloc(nrows * kvd * 2);
-	int32_t rseq[B * NEW], rpos[B * NEW];
-	uint32_t upos[B * NEW];
-	void *dk = NULL, *dv = NULL, *dseq = NULL, *dpos = NULL, *dcs = NULL;
-	void *dctr = NULL;
-	uint8_t *back = NULL;
-	char why[256] = "", cd[96];
-	int ret, fail;
-
-	g_hd = D;
-	ce.rope_dim = tc->rope_dim;
-	ce.neox = tc->neox;
-	ce.base = 10000.0f;
-	centring_desc(&ce, cd, sizeof(cd));
-	ctr = centring_on(&ce, hk, &fail);
-	if (!fail)
-		c = build(tc->kt, tc->vt, hk, P, n_sink, B, lens, 1.0f, s);
-	if (!c || !kr || !vr || !cs || !tmp || !k16 || !v16) {
-		tap_ok(0, "append %s%s: host set-up", tc->name, cd);
-		goto out_host;
-	}
-	if (ctr && !c->layers[0].center)
-		snprintf(cd, sizeof(cd), " centres given, %s keys stay as they are",
-			 tn(tc->kt));
-	for (b = 0; b < B; b++)
-		if (kvq_kv_seq_reserve(c, &s[b], NEW)) {
-			tap_ok(0, "append %s%s: reserve", tc->name, cd);
-			goto out_host;
-		}
-	for (r = 0; r < nrows; r++) {
-		rseq[r] = (int32_t)(r % B);
-		rpos[r] = (int32_t)(lens[r % B] + r / B);
-		upos[r] = (uint32_t)rpos[r];
-	}
-	for (i = 0; i < nrows * kvd; i++) {
-		kr[i] = 2.0f * frand();
-		vr[i] = 2.0f * frand();
-		k16[i] = kvq_f32_to_f16(kr[i]);
-		v16[i] = kvq_f32_to_f16(vr[i]);
-		if (tc->in_f16) {
-			kr[i] = kvq_f16_to_f32(k16[i]);
-			vr[i] = kvq_f16_to_f32(v16[i]);
-		}
-	}
-	/* Exact .5 ties of the quantizer now and then. */
-	for (r = 0; r < nrows; r++)
-		vr[r * kvd + 5] = 0.5f * vr[r * kvd + 7];
-	if (tc->in_f16)
-		for (r = 0; r < nrows; r++)
-			v16[r * kvd + 5] = kvq_f32_to_f16(vr[r * kvd + 5]);
-	kvq_attn_ref_rope_table(upos, nrows, tc->rope_dim ? tc->rope_dim : 2,
-				10000.0f, cs);
-	/* The device gets the cache as it is before the append. */
-	if (dev_put(&d, c, s, B, lens) || centring_dev(c, &dctr)) {
-		tap_ok(0, "append %s%s: device set-up", tc->name, cd);
-		goto out_dev;
-	}
-	kb = c->layers[0].k.page_bytes * c->o.n_pages;
-	vb = c->layers[0].v.page_bytes * c->o.n_pages;
-	sinkn = 2 * n_sink * kvd;
-	dk = kvq_test_gpu_alloc(nrows * kvd * 4);
-	dv = kvq_test_gpu_alloc(nrows * kvd * 4);
-	dseq = kvq_test_gpu_alloc(sizeof(rseq));
-	dpos = kvq_test_gpu_alloc(sizeof(rpos));
-	dcs = kvq_test_gpu_alloc((size_t)nrows * D * 4);
-	back = malloc(kb > vb ? kb : vb);
-	if (!dk || !dv || !dseq || !dpos || !dcs || !back ||
-	    kvq_test_gpu_put(dk, tc->in_f16 ? (void *)k16 : (void *)kr,
-			     nrows * kvd * (tc->in_f16 ? 2 : 4)) ||
-	    kvq_test_gpu_put(dv, tc->in_f16 ? (void *)v16 : (void *)vr,
-			     nrows * kvd * (tc->in_f16 ? 2 : 4)) ||
-	    kvq_test_gpu_put(dseq, rseq, sizeof(rseq)) ||
-	    kvq_test_gpu_put(dpos, rpos, sizeof(rpos)) ||
-	    kvq_test_gpu_put(dcs, cs, (size_t)nrows * (tc->rope_dim / 2) * 8)) {
-		tap_ok(0, "append %s%s: device buffers", tc->name, cd);
-		goto out_dev;
-	}
-	memset(&a, 0, sizeof(a));
-	a.k = dk;
-	a.v = dv;
-	a.in_type = tc->in_f16 ? KVQ_GPU_F16 : KVQ_GPU_F32;
-	a.n_rows = nrows;
-	a.row_seq = dseq;
-	a.row_pos = dpos;
-	a.k_pages = d.kp;
-	a.v_pages = d.vp;
-	a.k_page_bytes = c->layers[0].k.page_bytes;
-	a.v_page_bytes = c->layers[0].v.page_bytes;
-	a.k_type = tc->kt;
-	a.v_type = tc->vt;
-	a.block_table = d.bt;
-	a.bt_stride = d.bt_stride;
-	a.sink = (uint16_t *const *)d.sinkv;
-	a.n_sink = n_sink;
-	a.n_kv_heads = hk;
-	a.head_dim = D;
-	a.page_tokens = P;
-	a.rope_dim = tc->rope_dim;
-	a.rope_base = 10000.0f;
-	a.rope_neox = tc->neox;
-	a.rope_cs = tc->table ? dcs : NULL;
-	a.k_center = dctr;
-	ret = kvq_gpu_attn_append(&a, NULL);
-	if (ret || kvq_test_gpu_sync(why, sizeof(why))) {
-		tap_ok(0, "append %s%s: launch (%d %s)", tc->name, cd, ret,
-		       why);
-		goto out_dev;
-	}
-	/* The twin: the engine's rotation, then kvq_kv_write() (which
-	 * centres the key where the layer is centred). */
-	for (r = 0; r < nrows; r++) {
-		memcpy(tmp, kr + r * kvd, kvd * 4);
-		kvq_attn_ref_rope(tmp, hk, D, tc->rope_dim, tc->neox,
-				  cs + (size_t)r * (tc->rope_dim / 2) * 2);
-		kvq_kv_write(c, &s[rseq[r]], 0, upos[r], tmp, vr + r * kvd);
-	}
-	kvq_test_gpu_get(back, d.kp, kb);
-	for (i = 0; i < kb; i++)
-		diff += back[i] != c->layers[0].k.mem[i];
-	kvq_test_gpu_get(back, d.vp, vb);
-	for (i = 0; i < vb; i++)
-		diff += back[i] != c->layers[0].v.mem[i];
-	for (b = 0; b < B; b++) {
-		kvq_test_gpu_get(back, d.sinks[b], sinkn * 2);
-		for (j = 0; j < sinkn * 2; j++)
-			diff += back[j] != ((uint8_t *)s[b].sink)[j];
-	}
-	tap_ok(diff == 0, "kvq_gpu_attn_append_%s%s_%s_%s_d%u_bytes_equal (rope "
-	       "%u %s, %s angles, %s input%s; %zu bytes differ)", tc->name,
-	       ctr ? "_centred" : "", tn(tc->kt), tn(tc->vt), D, tc->rope_dim,
-	       tc->neox ? "neox" : "adjacent", tc->table ? "host" : "device",
-	       tc->in_f16 ? "f16" : "f32", cd, diff);
-out_dev:
-	kvq_test_gpu_free(dk);
-	kvq_test_gpu_free(dv);
-	kvq_test_gpu_free(dseq);
-	kvq_test_gpu_free(dpos);
-	kvq_test_gpu_free(dcs);
-	kvq_test_gpu_free(dctr);
-	dev_free(&d);
-out_host:
-	if (c) {
-		for (b = 0; b < B; b++)
-			kvq_kv_seq_release(c, &s[b]);
-		kvq_kv_destroy(c);
-	}
-	free(back);
-	free(kr);
-	free(vr);
-	free(cs);
-	free(tmp);
-	free(k16);
-	free(v16);
 	centring_off(ctr);
 	g_hd = HD;
 }
