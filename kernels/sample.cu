@@ -270,22 +270,51 @@ __device__ __forceinline__ bool better(float v, int i, float bv, int bi)
 	return v > bv || (v == bv && i < bi);
 }
 
+/*
+ * f(i, L[i]) for this thread's tokens of the row @L of @n logits: 16-byte
+ * loads, four in flight, where the row allows them (a pass with one
+ * 4-byte load at a time waits on each).  Which thread takes which token
+ * changes no result: every pass sums integers, keeps extremes with ties
+ * broken by id, or gathers keys that are sorted afterwards.
+ */
+template <typename F>
+__device__ __forceinline__ void for_tokens(const float *L, uint32_t n, F f)
+{
+	uint32_t t;
+
+	if (!(n & 3) && !((uintptr_t)L & 15)) {
+		const float4 *L4 = (const float4 *)L;
+
+#pragma unroll 4
+		for (t = threadIdx.x; t < n / 4; t += SMP_THREADS) {
+			float4 v = L4[t];
+
+			f(4 * t, v.x);
+			f(4 * t + 1, v.y);
+			f(4 * t + 2, v.z);
+			f(4 * t + 3, v.w);
+		}
+		return;
+	}
+	for (t = threadIdx.x; t < n; t += SMP_THREADS)
+		f(t, L[t]);
+}
+
 /* The largest clean logit of @L and its lowest index, in every thread. */
 __device__ void block_argmax(const float *L, uint32_t n, float *redf,
 			     int *redi, float *lmax, int *amax)
 {
 	float bv = -INFINITY;
 	int bi = INT_MAX, m, i;
-	uint32_t j;
 
-	for (j = threadIdx.x; j < n; j += SMP_THREADS) {
-		float v = clean(L[j]);
+	for_tokens(L, n, [&](uint32_t j, float l) {
+		float v = clean(l);
 
 		if (better(v, (int)j, bv, bi)) {
 			bv = v;
 			bi = (int)j;
 		}
-	}
+	});
 	for (m = KVQ_LANES / 2; m > 0; m >>= 1) {
 		float ov = kvq_shfl_xor_f32(bv, m);
 		int oi = (int)kvq_shfl_u32((unsigned)bi, lane_id() ^ m);
@@ -317,9 +346,9 @@ __device__ void block_argmax(const float *L, uint32_t n, float *redf,
  * Token @i of the row: the CPU sampler's weight expf((l - max) * (1/T)),
  * as the same f32 operations, then in fixed point.
  */
-__device__ __forceinline__ elem eval(const rowctx &r, uint32_t i)
+__device__ __forceinline__ elem eval_l(const rowctx &r, uint32_t i, float raw)
 {
-	float l = clean(r.L[i]);
+	float l = clean(raw);
 	float x = (l - r.lmax) * r.inv_t;
 	elem e;
 
@@ -335,6 +364,11 @@ __device__ __forceinline__ elem eval(const rowctx &r, uint32_t i)
 		e.km = w >= r.min_w;
 	}
 	return e;
+}
+
+__device__ __forceinline__ elem eval(const rowctx &r, uint32_t i)
+{
+	return eval_l(r, i, r.L[i]);
 }
 
 __device__ __forceinline__ bool in_seg(const elem &e, const seg &s)
@@ -435,13 +469,12 @@ __device__ int gather_start(smem &sm, int b)
 __device__ void gather(smem &sm, const rowctx &r, seg s)
 {
 	int m, p, i, k, j;
-	uint32_t t;
 
 	if (threadIdx.x == 0)
 		sm.nbuf = 0;
 	__syncthreads();
-	for (t = threadIdx.x; t < r.n; t += SMP_THREADS) {
-		elem e = eval(r, t);
+	for_tokens(r.L, r.n, [&](uint32_t t, float l) {
+		elem e = eval_l(r, t, l);
 
 		if (in_seg(e, s)) {
 			int slot = atomicAdd(&sm.nbuf, 1);
@@ -449,7 +482,7 @@ __device__ void gather(smem &sm, const rowctx &r, seg s)
 			if (slot < SMP_CAP)
 				sm.u.keys[slot] = e.key;
 		}
-	}
+	});
 	__syncthreads();
 	m = sm.nbuf < SMP_CAP ? sm.nbuf : SMP_CAP;
 	for (p = 1; p < m; p <<= 1)
@@ -494,20 +527,19 @@ __device__ seg narrow(smem &sm, const rowctx &r, u64 klim, int mode,
 {
 	seg s = { b, b, 0, 0 };
 	u64 n_in = sm.cnt[b];
-	uint32_t t;
 
 	while (n_in > SMP_CAP) {
 		u64 mn = ~0ull, mx = 0, v, pc, pm, pk, tot, dmask;
 		int cp, dbits, shift, d;
 
-		for (t = threadIdx.x; t < r.n; t += SMP_THREADS) {
-			elem e = eval(r, t);
+		for_tokens(r.L, r.n, [&](uint32_t t, float l) {
+			elem e = eval_l(r, t, l);
 
 			if (in_seg(e, s)) {
 				mn = e.key < mn ? e.key : mn;
 				mx = e.key > mx ? e.key : mx;
 			}
-		}
+		});
 		mn = block_min(mn, sm.red);
 		mx = block_max(mx, sm.red);
 		if (mn == mx)
@@ -524,17 +556,18 @@ __device__ seg narrow(smem &sm, const rowctx &r, u64 klim, int mode,
 		if (threadIdx.x == 0)
 			sm.buf.blo = -1;	/* the keys are overwritten */
 		__syncthreads();
-		for (t = threadIdx.x; t < r.n; t += SMP_THREADS) {
-			elem e = eval(r, t);
+		for_tokens(r.L, r.n, [&](uint32_t t, float l) {
+			elem e = eval_l(r, t, l);
 
 			if (in_seg(e, s)) {
-				d = (int)((e.key >> shift) & dmask);
-				atomicAdd(&sm.u.dig.cnt[d], 1u);
-				atomicAdd(&sm.u.dig.mass[d], e.f);
+				int dd = (int)((e.key >> shift) & dmask);
+
+				atomicAdd(&sm.u.dig.cnt[dd], 1u);
+				atomicAdd(&sm.u.dig.mass[dd], e.f);
 				if (e.key <= klim && e.km)
-					atomicAdd(&sm.u.dig.keep[d], e.f);
+					atomicAdd(&sm.u.dig.keep[dd], e.f);
 			}
-		}
+		});
 		__syncthreads();
 		/* digits in order: one a thread (SMP_THREADS >= 256) */
 		d = threadIdx.x;
@@ -693,7 +726,9 @@ __device__ bool greedy(const struct kvq_gpu_sample_params &p)
 	return p.top_k == 1;
 }
 
-__global__ void __launch_bounds__(SMP_THREADS)
+/* One block a row, few rows: room for the registers of for_tokens()'s
+ * unrolled passes (without the 1, ptxas held it to 64 and spilled). */
+__global__ void __launch_bounds__(SMP_THREADS, 1)
 sample_kernel(const float *logits, uint32_t n,
 	      const struct kvq_gpu_sample_params *params, const float *uu,
 	      int32_t *ids)
@@ -704,7 +739,6 @@ sample_kernel(const float *logits, uint32_t n,
 	u64 z = 0, klim = ~0ull, t2, key, rr;
 	triple at;
 	int amax, b, i, topk;
-	uint32_t t;
 	bool topp, need_mass;
 	double rd;
 
@@ -734,18 +768,18 @@ sample_kernel(const float *logits, uint32_t n,
 		sm.buf.pfx = 0;
 	}
 	__syncthreads();
-	for (t = threadIdx.x; t < n; t += SMP_THREADS) {
-		elem e = eval(r, t);
+	for_tokens(r.L, n, [&](uint32_t t, float l) {
+		elem e = eval_l(r, t, l);
 
 		if (e.bin < 0)
-			continue;
+			return;
 		atomicAdd(&sm.cnt[e.bin], 1u);
 		if (need_mass)
 			atomicAdd(&sm.mass[e.bin], e.f);
 		if (e.km)
 			atomicAdd(&sm.keep[e.bin], e.f);
 		z += e.f;
-	}
+	});
 	__syncthreads();
 	z = block_sum(z, sm.red);
 
