@@ -152,8 +152,6 @@ __device__ __forceinline__ float silu_mul(float g, float u)
 	return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
 }
 
-/* Dot of weight row @r with tokens 0..n-1: lane @li of @nl lanes sharing
- * the row takes every nl-th 16-byte load; acc ends as the warp's sum. */
 /* acc[t] += eight weights f dotted with x[t][0..8), for t < n. */
 template <int NT>
 __device__ __forceinline__ void dot8(const float f[8], const float *x,
@@ -172,6 +170,8 @@ __device__ __forceinline__ void dot8(const float f[8], const float *x,
 	}
 }
 
+/* Dot of weight row @r with tokens 0..n-1: lane @li of @nl lanes sharing
+ * the row takes every nl-th 16-byte load; acc ends as the warp's sum. */
 template <int WT, int NT>
 __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 					uint32_t nl, float acc[NT])
