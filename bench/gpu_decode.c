@@ -25,7 +25,8 @@
  * device, ids alone copied back, where it judges that faster;
  * "step_sample_tok_s"); `steps` steps each with kvq_sampler_params_default()
  * (T 0.8, top-k 40, top-p 0.95, min-p 0.05), then as many over the whole
- * vocabulary at T 0.8 (the HTTP API's defaults; "..._full_tok_s").
+ * vocabulary at T 0.8 (the HTTP API's defaults; "..._full_tok_s"), then
+ * greedy ("..._greedy_tok_s").
  *
  * Usage: gpu_decode --model F [--model F ...] [--batch 1,4,16]
  *                   [--ctx 1024,32768] [--kv q4/q4,f16/f16] [--steps 64]
@@ -155,12 +156,13 @@ static int run(struct kvq_model *m, const char *mname, const char *kv,
 	struct kvq_batch b = { 0 };
 	float *logits = NULL;
 	double t0, dt, kvb, wb, bound, tps[2] = { 0, 0 }, tpf[2] = { 0, 0 };
+	double tpg[2] = { 0, 0 };
 	struct kvq_sampler_params sp;
-	char sjson[256] = "";
+	char sjson[384] = "";
 
 	if (kv_opts(kv, &o))
 		return -EINVAL;
-	o.n_ctx = (uint32_t)(ctx + (sample ? 5 : 1) * (steps + 8) + 8);
+	o.n_ctx = (uint32_t)(ctx + (sample ? 7 : 1) * (steps + 8) + 8);
 	o.kv_tokens = o.n_ctx * (uint32_t)batch;
 	o.max_seqs = (uint32_t)batch;
 	o.max_batch = 64;
@@ -207,12 +209,16 @@ static int run(struct kvq_model *m, const char *mname, const char *kv,
 		sp.min_p = 0.0f;
 		ret = ret ? ret : time_sampling(c, &b, toks, hp->n_vocab, logits,
 						steps, sp, tpf);
+		sp.temperature = 0.0f;
+		ret = ret ? ret : time_sampling(c, &b, toks, hp->n_vocab, logits,
+						steps, sp, tpg);
 		if (ret)
 			goto out;
 		snprintf(sjson, sizeof(sjson),
 			 ", \"host_sample_tok_s\": %.1f, \"step_sample_tok_s\": %.1f"
-			 ", \"host_sample_full_tok_s\": %.1f, \"step_sample_full_tok_s\": %.1f",
-			 tps[0], tps[1], tpf[0], tpf[1]);
+			 ", \"host_sample_full_tok_s\": %.1f, \"step_sample_full_tok_s\": %.1f"
+			 ", \"host_sample_greedy_tok_s\": %.1f, \"step_sample_greedy_tok_s\": %.1f",
+			 tps[0], tps[1], tpf[0], tpf[1], tpg[0], tpg[1]);
 	}
 	wb = (double)kvq_model_gpu_step_bytes(m);
 	kvb = (double)kvq_ctx_kv_bytes_per_token(c) * (ctx + 4 + steps / 2.0) *

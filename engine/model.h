@@ -174,14 +174,13 @@ struct kvq_sampler;
  * where smp[i] is NULL (a prompt chunk whose logits nobody wants).
  * all_logits must be off.  @logits (may be NULL) also receives the rows.
  *
- * On a GPU context the tokens of a step of 4 entries or more, or with an
- * entry that samples from more than 64 candidates, are chosen on the
- * device by kvq_gpu_sample() with the uniform numbers the samplers draw
- * (kvq_sampler_next_u()), and only the ids are copied back when @logits is
- * NULL: the same tokens as sampling the rows on the host, except where a
- * running weight lies within about 1e-6 (relative) of its boundary.  Other
- * steps (greedy or small top-k, few entries) are sampled on the host,
- * which is faster there.  A step that fails leaves the samplers' states
+ * On a GPU context the tokens are chosen on the device by kvq_gpu_sample()
+ * with the uniform numbers the samplers draw (kvq_sampler_next_u()), and
+ * only the ids are copied back when @logits is NULL: the same tokens as
+ * sampling the rows on the host, except where a running weight lies within
+ * about 1e-6 (relative) of its boundary.  Steps of fewer than 4 entries
+ * that all sample with a top-k of at most 64 (not greedy) are sampled on
+ * the host, which is faster there.  A step that fails leaves the samplers' states
  * as they were.  Returns as kvq_step(), and -ENOMEM.
  */
 int kvq_step_sample(struct kvq_ctx *c, const struct kvq_batch *b,

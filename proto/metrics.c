@@ -96,7 +96,7 @@ char *kvq_metrics_render(const struct kvq_sched_stats *st,
 	one(f, "kvqd_tokens_generated_total", "counter",
 	    "Tokens generated.", st->tokens_generated_total);
 	one(f, "kvqd_tokens_sampled_gpu_total", "counter",
-	    "Generated tokens chosen by the GPU sampler (on a GPU: steps of 4 or more sequences, or with one sampling from more than 64 candidates).",
+	    "Generated tokens chosen by the GPU sampler (on a GPU: all but steps of fewer than 4 sequences that all use a top-k of at most 64).",
 	    st->tokens_sampled_device);
 	one(f, "kvqd_prompt_tokens_cached_total", "counter",
 	    "Prompt tokens shared from the prefix cache instead of computed.",
