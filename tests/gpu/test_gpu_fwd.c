@@ -852,8 +852,7 @@ static void sample_case(struct kvq_model *m, const char *mname)
 	float *lg = malloc((size_t)N_SMP * V * sizeof(float));
 	struct kvq_batch ba = { 0 }, bb = { 0 };
 	uint64_t before[4];
-	char err[256], desc[512];
-	const char *at;
+	char err[256];
 
 	kvq_ctx_opts_default(&o);
 	o.n_ctx = 256 < hp->ctx_len ? 256 : hp->ctx_len;
@@ -924,10 +923,7 @@ static void sample_case(struct kvq_model *m, const char *mname)
 	tap_ok(!ret && k == N_SMP_STEPS && !bad && near <= 2 && changes > 10,
 	       "%s sampling: %d steps x %d rows sampled on the device equal the host sampler's choice from the same logits and draws (%d within 2e-6 of a boundary; %d changes of token at T 1)",
 	       mname, k, N_SMP, near, changes);
-	kvq_ctx_describe(gb, desc, sizeof(desc));
-	at = strstr(desc, "), ");
-	if (at)
-		sscanf(at, "), %llu tokens sampled", &n_dev);
+	n_dev = kvq_ctx_device_sampled(gb);
 	tap_ok(!ret && !apart && n_dev == (unsigned long long)N_SMP * k,
 	       "%s sampling: ids alone (no logits back) give the same tokens; %llu counted as sampled on the device",
 	       mname, n_dev);
@@ -936,7 +932,7 @@ static void sample_case(struct kvq_model *m, const char *mname)
 	 * (sp[3]) or is greedy (sp[0]); with top-k 40 on the host. */
 	{
 		static const int which[3] = { 3, 1, 0 };
-		unsigned long long before_n = n_dev, now_n;
+		unsigned long long before_n = n_dev;
 		int got[3];
 
 		bb.n = 1;
@@ -944,13 +940,8 @@ static void sample_case(struct kvq_model *m, const char *mname)
 			bb.seq = &seqb[which[i]];
 			bb.tokens = &tb[which[i]];
 			ret |= kvq_step_sample(gb, &bb, &pb[which[i]], idb, NULL);
-			kvq_ctx_describe(gb, desc, sizeof(desc));
-			now_n = 0;
-			at = strstr(desc, "), ");
-			if (at)
-				sscanf(at, "), %llu tokens sampled", &now_n);
-			got[i] = (int)(now_n - before_n);
-			before_n = now_n;
+			got[i] = (int)(kvq_ctx_device_sampled(gb) - before_n);
+			before_n += (unsigned long long)got[i];
 		}
 		tap_ok(!ret && got[0] == 1 && got[1] == 0 && got[2] == 1,
 		       "%s sampling: a single row goes to the device for the whole vocabulary (%d) and greedy (%d), to the host for top-k 40 (%d)",
