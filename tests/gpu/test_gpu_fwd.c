@@ -748,7 +748,6 @@ out:
 	free(lg);
 	free(lc);
 }
-#endif /* KVQ_ATTN_GPU */
 
 /*
  * Decode steps normalize inside the small products (mv_kernel(): the
@@ -816,6 +815,7 @@ out:
 		free(lg[j]);
 	}
 }
+#endif /* KVQ_ATTN_GPU */
 
 /*
  * kvq_step_sample() on the GPU.  Four sequences (greedy, the default
