@@ -499,11 +499,18 @@ void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
 {
 	struct kvq_gpu_stats st;
 	bool centred = false;
+	char skinny[128];
 	uint32_t l;
 
 	kvq_gpu_ctx_stats(g->c, &st);
 	for (l = 0; l < g->kv->o.n_layers; l++)
 		centred |= g->kv->layers[l].center != NULL;
+	if (st.skinny_max)
+		snprintf(skinny, sizeof(skinny),
+			 "tensor cores (up to %u tokens in one pass over the weights, then cuBLAS on tensor cores)",
+			 st.skinny_max);
+	else
+		snprintf(skinny, sizeof(skinny), "cuBLAS on tensor cores");
 	snprintf(buf, len,
 		 "%llu steps (%llu as CUDA graphs, %llu graphs%s%s), %llu tokens sampled on the device, decode attention: %s%s, f16 products of more than %u tokens: %s",
 		 (unsigned long long)st.steps,
@@ -517,7 +524,7 @@ void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
 		 st.decode_kernel && centred ?
 		 " (centred layers: generic kernel)" : "",
 		 st.prompt_blas ? st.blas_above : 16,
-		 st.prompt_blas ? "cuBLAS on tensor cores" : "tiled kernel");
+		 !st.prompt_blas ? "tiled kernel" : skinny);
 }
 
 const char *kvq_ctx_gpu_fallback(const struct kvq_ctx_gpu *g)

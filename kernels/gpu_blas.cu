@@ -55,9 +55,10 @@ namespace {
 constexpr int THREADS = 256;
 constexpr int AMAX_BLOCKS = 128;	/* partial maxima of |x| */
 
-/* Device scalars: alpha (1/s of the current product), the betas, then
- * the partial maxima. */
-enum { SC_ALPHA = 0, SC_ZERO = 1, SC_ONE = 2, SC_PART = 32 };
+/* Device scalars: alpha (1/s of the current product), the betas, the
+ * partial maxima, then the skinny products' alphas (one a token). */
+enum { SC_ALPHA = 0, SC_ZERO = 1, SC_ONE = 2, SC_PART = 32,
+       SC_TOK = SC_PART + AMAX_BLOCKS };
 
 struct split_args {
 	const float *x;
@@ -70,7 +71,7 @@ struct split_args {
 	bool add;
 };
 
-/* The largest @m over the block (THREADS threads), in every thread. */
+/* The largest @m over the block, in every thread (@red: a float a warp). */
 __device__ float block_max(float m, float *red)
 {
 	for (int o = 16; o > 0; o >>= 1)
@@ -79,7 +80,7 @@ __device__ float block_max(float m, float *red)
 		red[threadIdx.x >> 5] = m;
 	__syncthreads();
 	m = 0.0f;
-	for (int w = 0; w < THREADS / 32; w++)
+	for (uint32_t w = 0; w < blockDim.x / 32; w++)
 		m = fmaxf(m, red[w]);
 	return m;
 }
@@ -159,6 +160,342 @@ __global__ void __launch_bounds__(THREADS) split_kernel(split_args a)
 	}
 }
 
+/*
+ * Skinny products (2 to TC_MAXT tokens, decode batches) on tensor cores
+ * without cuBLAS: one pass over W for both halves.  cuBLAS reads W once
+ * per half, and for a few tokens a product is bound by W's bytes, so its
+ * two calls cost twice the time one read of W takes.
+ *
+ * A warp owns MT 16-row tiles and every KW-th 32-column chunk of them; a
+ * block of KW warps covers whole rows, and the warps' sums meet in
+ * shared memory.  Each lane reads 16 bytes of a row (8 columns) and of
+ * each half, and the 16x8x16 products take those 8 columns as their k
+ * slots in the order the lane holds them: the order of k does not change
+ * a dot product, and W and x use the same one.  Column j of the product
+ * only reads token j, so the tokens past n of the last 8-token tile
+ * (read from token n - 1) are computed and never stored.  The weight
+ * loads of the first chunks go out before the dependent-launch wait:
+ * W does not depend on the kernels before.
+ */
+constexpr uint32_t TC_MAXT = 16;
+
+struct tc_args {
+	const __half *w;
+	uint32_t rows, ld;
+	const __half *hi, *lo;
+	uint32_t n;
+	const float *alpha;	/* [n]: 1/s of each token */
+	float *y;
+	uint32_t ys;
+	bool acc;		/* y += (prep_kernel wrote bias, or kept y) */
+};
+
+/* Chunks @kc, @kc + KW, ... (U of them, those below @nch) of the warp's
+ * rows g and g + 8 of each 16-row tile. */
+template <int MT, int KW, int U>
+__device__ __forceinline__ void tc_load_w(uint4 (&A)[U][MT][2],
+					  const __half *const (&wr)[MT],
+					  uint32_t ld, uint32_t kc,
+					  uint32_t nch)
+{
+#pragma unroll
+	for (int u = 0; u < U; u++) {
+		size_t o = (size_t)(kc + u * KW) * 32;
+
+		if (kc + u * KW >= nch)
+			break;
+#pragma unroll
+		for (int m = 0; m < MT; m++) {
+			A[u][m][0] = __ldg((const uint4 *)(wr[m] + o));
+			A[u][m][1] = __ldg((const uint4 *)(wr[m] + 8 * (size_t)ld +
+							  o));
+		}
+	}
+}
+
+/* The same chunks of the halves (hi, lo) of the lane's token a tile. */
+template <int NT, int KW, int U>
+__device__ __forceinline__ void tc_load_x(uint4 (&B)[U][NT][2],
+					  const __half *const (&xr)[NT][2],
+					  uint32_t kc, uint32_t nch)
+{
+#pragma unroll
+	for (int u = 0; u < U; u++) {
+		size_t o = (size_t)(kc + u * KW) * 32;
+
+		if (kc + u * KW >= nch)
+			break;
+#pragma unroll
+		for (int j = 0; j < NT; j++) {
+			B[u][j][0] = *(const uint4 *)(xr[j][0] + o);
+			B[u][j][1] = *(const uint4 *)(xr[j][1] + o);
+		}
+	}
+}
+
+template <int MT, int NT, int KW, int U>
+__global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
+{
+	constexpr int E = MT * NT * 128;	/* accumulators a warp */
+	__shared__ float red[KW * E];
+	const uint32_t lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+	const uint32_t g = lane >> 2, t = lane & 3, nch = a.ld / 32;
+	const uint32_t r0 = blockIdx.x * 16 * MT;
+	const __half *wr[MT];
+	const __half *xr[NT][2];
+	float c[MT][NT][4];
+	uint4 A[U][MT][2], B[U][NT][2];
+	uint32_t kc = wid, e;
+	int m, j, u;
+
+	for (m = 0; m < MT; m++) {
+		wr[m] = a.w + (size_t)(r0 + 16 * m + g) * a.ld + 8 * t;
+		for (j = 0; j < NT; j++)
+			c[m][j][0] = c[m][j][1] = c[m][j][2] = c[m][j][3] = 0.0f;
+	}
+	for (j = 0; j < NT; j++) {
+		uint32_t tok = 8 * j + g < a.n ? 8 * j + g : a.n - 1;
+
+		xr[j][0] = a.hi + (size_t)tok * a.ld + 8 * t;
+		xr[j][1] = a.lo + (size_t)tok * a.ld + 8 * t;
+	}
+	kvq_pdl_trigger();
+	tc_load_w<MT, KW, U>(A, wr, a.ld, kc, nch);
+	kvq_pdl_wait();
+	tc_load_x<NT, KW, U>(B, xr, kc, nch);
+	for (; kc < nch; kc += KW * U) {
+#pragma unroll
+		for (u = 0; u < U; u++) {
+			if (kc + u * KW >= nch)
+				break;
+#pragma unroll
+			for (m = 0; m < MT; m++) {
+				const uint4 &p = A[u][m][0], &q = A[u][m][1];
+				const unsigned a1[4] = { p.x, q.x, p.y, q.y };
+				const unsigned a2[4] = { p.z, q.z, p.w, q.w };
+#pragma unroll
+				for (j = 0; j < NT; j++) {
+#pragma unroll
+					for (int h = 0; h < 2; h++) {
+						const uint4 &b = B[u][j][h];
+						const unsigned b1[2] = { b.x, b.y };
+						const unsigned b2[2] = { b.z, b.w };
+
+						kvq_mma_f16_16816(c[m][j], a1, b1);
+						kvq_mma_f16_16816(c[m][j], a2, b2);
+					}
+				}
+			}
+		}
+		/* The next chunks: weights and halves together. */
+		tc_load_w<MT, KW, U>(A, wr, a.ld, kc + KW * U, nch);
+		tc_load_x<NT, KW, U>(B, xr, kc + KW * U, nch);
+	}
+#pragma unroll
+	for (m = 0; m < MT; m++)
+#pragma unroll
+		for (j = 0; j < NT; j++)
+#pragma unroll
+			for (int r = 0; r < 4; r++)
+				red[wid * E + ((m * NT + j) * 4 + r) * 32 + lane] =
+					c[m][j][r];
+	__syncthreads();
+	for (e = threadIdx.x; e < (uint32_t)E; e += KW * 32) {
+		uint32_t l = e & 31, r = (e >> 5) & 3, mj = e >> 7;
+		uint32_t row = r0 + 16 * (mj / NT) + (l >> 2) + (r >= 2 ? 8 : 0);
+		uint32_t tok = 8 * (mj % NT) + 2 * (l & 3) + (r & 1);
+		float sum = 0.0f;
+
+		for (int w = 0; w < KW; w++)
+			sum += red[w * E + e];
+		if (tok < a.n) {
+			float *y = a.y + (size_t)tok * a.ys + row;
+
+			*y = a.acc ? *y + a.alpha[tok] * sum :
+				     a.alpha[tok] * sum;
+		}
+	}
+}
+
+template <int MT, int NT>
+void tc_launch_kw(bool pdl, cudaStream_t st, const tc_args &a)
+{
+	constexpr int U = 4 / MT;
+	uint32_t blocks = a.rows / (16 * MT);
+
+	if (blocks <= 256)
+		kvq_launch(pdl, tc_kernel<MT, NT, 16, U>, dim3(blocks),
+			   dim3(16 * 32), 0, st, a);
+	else if (blocks <= 1024)
+		kvq_launch(pdl, tc_kernel<MT, NT, 8, U>, dim3(blocks),
+			   dim3(8 * 32), 0, st, a);
+	else
+		kvq_launch(pdl, tc_kernel<MT, NT, 4, U>, dim3(blocks),
+			   dim3(4 * 32), 0, st, a);
+}
+
+/* Launches tc_kernel with the tiling for @a's shape. */
+void tc_launch(bool pdl, cudaStream_t st, const tc_args &a)
+{
+	bool two = a.rows >= 8192 && a.rows % 32 == 0;
+
+	if (a.n <= 8)
+		two ? tc_launch_kw<2, 1>(pdl, st, a) :
+		      tc_launch_kw<1, 1>(pdl, st, a);
+	else
+		two ? tc_launch_kw<2, 2>(pdl, st, a) :
+		      tc_launch_kw<1, 2>(pdl, st, a);
+}
+
+/*
+ * The skinny products' input, one block a token: the token's values v
+ * (x, RMSNorm(x) as rmsnorm_kernel() computes it, or SwiGLU of the gate
+ * and up halves of x), their halves at a scale s of the token's own
+ * (pow2_scale() of max |v|: the same precision argument as above, per
+ * token), alpha[t] = 1/s, and the bias written into (or added to) y.
+ * The row is read once, into registers, with every load issued before
+ * the first is used: with one block a token, the kernel's time is its
+ * chain of latencies.
+ */
+constexpr int PREP_THREADS = 1024;
+constexpr int PREP_SLOTS = 4;		/* so W's ld <= 32768 */
+
+struct prep_args {
+	const float *x;
+	uint32_t xs, cols, ld;
+	const int32_t *xrows;	/* token t is row xrows[t] of x, or NULL */
+	int in;			/* KVQ_SKINNY_* */
+	const float *g;		/* KVQ_SKINNY_NORM */
+	float eps;
+	float *alpha;
+	__half *hi, *lo;
+	const float *bias;
+	float *y;
+	uint32_t ys, rows;
+	bool add;
+};
+
+/* Eight values of a row from column @c (a multiple of 8), zero from
+ * @cols on; @vec: the row is 16-byte aligned and @cols a multiple of 4. */
+__device__ __forceinline__ void load8(const float *r, uint32_t c,
+				      uint32_t cols, bool vec, float v[8])
+{
+	if (vec && c + 8 <= cols) {
+		float4 p = *(const float4 *)(r + c);
+		float4 q = *(const float4 *)(r + c + 4);
+
+		v[0] = p.x; v[1] = p.y; v[2] = p.z; v[3] = p.w;
+		v[4] = q.x; v[5] = q.y; v[6] = q.z; v[7] = q.w;
+		return;
+	}
+	for (int k = 0; k < 8; k++)
+		v[k] = c + k < cols ? r[c + k] : 0.0f;
+}
+
+/* The sum of @v over the block, in every thread (@part: a double a warp). */
+__device__ double block_sum(double v, double *part)
+{
+	for (int o = 16; o > 0; o >>= 1)
+		v += kvq_shfl_xor_f64(v, o);
+	if ((threadIdx.x & 31) == 0)
+		part[threadIdx.x >> 5] = v;
+	__syncthreads();
+	v = 0.0;
+	for (uint32_t w = 0; w < blockDim.x / 32; w++)
+		v += part[w];
+	return v;
+}
+
+/* PREP_THREADS threads; a thread holds PREP_SLOTS runs of 8 columns, all
+ * loaded at once (a decode step's rows are latency, not work). */
+__global__ void __launch_bounds__(PREP_THREADS) prep_kernel(prep_args a)
+{
+	__shared__ float red[PREP_THREADS / 32];
+	__shared__ double part[PREP_THREADS / 32];
+	const uint32_t t = blockIdx.x;
+	float v[PREP_SLOTS][8], u[8], inv = 1.0f, m = 0.0f, s;
+	uint32_t i;
+	int q, k;
+
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
+	const float *xr = a.x + (size_t)(a.xrows ? (uint32_t)a.xrows[t] : t) *
+				a.xs;
+	const bool vec = !((uintptr_t)xr & 15) && !(a.cols & 3);
+
+#pragma unroll
+	for (q = 0; q < PREP_SLOTS; q++) {
+		uint32_t c = (q * PREP_THREADS + threadIdx.x) * 8;
+
+		if (c >= a.ld)
+			break;
+		load8(xr, c, a.cols, vec, v[q]);
+		if (a.in != KVQ_SKINNY_SWIGLU)
+			continue;
+		load8(xr + a.cols, c, a.cols, vec, u);
+		for (k = 0; k < 8; k++)
+			v[q][k] = silu_mul(v[q][k], u[k]);	/* 0 past cols */
+	}
+	if (a.in == KVQ_SKINNY_NORM) {
+		double ss = 0.0;
+
+#pragma unroll
+		for (q = 0; q < PREP_SLOTS; q++) {
+			if ((q * PREP_THREADS + threadIdx.x) * 8 >= a.ld)
+				break;
+			for (k = 0; k < 8; k++)
+				ss += (double)v[q][k] * v[q][k];
+		}
+		inv = (float)(1.0 / sqrt(block_sum(ss, part) / a.cols +
+					 a.eps));
+#pragma unroll
+		for (q = 0; q < PREP_SLOTS; q++) {
+			uint32_t c = (q * PREP_THREADS + threadIdx.x) * 8;
+
+			if (c >= a.ld)
+				break;
+			load8(a.g, c, a.cols, !(a.cols & 3), u);
+			for (k = 0; k < 8; k++)
+				v[q][k] = norm_val(v[q][k], inv, u[k]);
+		}
+	}
+#pragma unroll
+	for (q = 0; q < PREP_SLOTS; q++) {
+		if ((q * PREP_THREADS + threadIdx.x) * 8 >= a.ld)
+			break;
+		for (k = 0; k < 8; k++)
+			m = fmaxf(m, fabsf(v[q][k]));
+	}
+	s = pow2_scale(block_max(m, red));
+	if (threadIdx.x == 0)
+		a.alpha[t] = 1.0f / s;
+#pragma unroll
+	for (q = 0; q < PREP_SLOTS; q++) {
+		uint32_t c = (q * PREP_THREADS + threadIdx.x) * 8;
+		union { uint4 u4; __half2 h[4]; } hi, lo;
+
+		if (c >= a.ld)
+			break;
+		for (k = 0; k < 4; k++) {
+			float v0 = v[q][2 * k] * s, v1 = v[q][2 * k + 1] * s;
+			float2 hf;
+
+			hi.h[k] = __floats2half2_rn(v0, v1);
+			hf = __half22float2(hi.h[k]);
+			lo.h[k] = __floats2half2_rn(v0 - hf.x, v1 - hf.y);
+		}
+		*(uint4 *)(a.hi + (size_t)t * a.ld + c) = hi.u4;
+		*(uint4 *)(a.lo + (size_t)t * a.ld + c) = lo.u4;
+	}
+	if (!a.bias)
+		return;
+	for (i = threadIdx.x; i < a.rows; i += PREP_THREADS) {
+		float *y = a.y + (size_t)t * a.ys + i;
+
+		*y = a.add ? *y + a.bias[i] : a.bias[i];
+	}
+}
+
 /* cuBLAS's recommended workspace: 32 MiB on sm_90 and up, else 4 MiB. */
 size_t workspace_bytes(void)
 {
@@ -183,6 +520,7 @@ struct kvq_gpu_blas {
 	size_t ws_bytes;
 	__half *hi, *lo;	/* [max_tok][max_ld] each */
 	float *sc;		/* SC_* */
+	bool no_tc;		/* KVQ_GPU_NO_TCMV: skinny products to cuBLAS */
 };
 
 void kvq_gpu_blas_destroy(struct kvq_gpu_blas *b)
@@ -223,6 +561,8 @@ int kvq_gpu_blas_create(cudaStream_t st, uint32_t max_tok, uint32_t max_ld,
 	b->max_tok = max_tok;
 	b->max_ld = max_ld;
 	b->pdl = kvq_pdl_allowed();
+	b->no_tc = getenv("KVQ_GPU_NO_TCMV") && *getenv("KVQ_GPU_NO_TCMV") &&
+		   strcmp(getenv("KVQ_GPU_NO_TCMV"), "0");
 	b->ws_bytes = workspace_bytes();
 	ret = dalloc(&b->ws, b->ws_bytes, "the cuBLAS workspace", err, errlen);
 	if (!ret)
@@ -230,7 +570,7 @@ int kvq_gpu_blas_create(cudaStream_t st, uint32_t max_tok, uint32_t max_ld,
 			     "f16 halves of prompt activations", err, errlen);
 	if (!ret)
 		ret = dalloc((void **)&b->sc,
-			     (SC_PART + AMAX_BLOCKS) * sizeof(float),
+			     (SC_TOK + max_tok) * sizeof(float),
 			     "product scales", err, errlen);
 	if (ret)
 		goto fail;
@@ -262,12 +602,26 @@ int kvq_gpu_blas_create(cudaStream_t st, uint32_t max_tok, uint32_t max_ld,
 		goto fail;
 	}
 	*bytes = b->ws_bytes + 2 * hb * sizeof(__half) +
-		 (SC_PART + AMAX_BLOCKS) * sizeof(float);
+		 (SC_TOK + max_tok) * sizeof(float);
 	*out = b;
 	return 0;
 fail:
 	kvq_gpu_blas_destroy(b);
 	return ret;
+}
+
+bool kvq_gpu_blas_skinny(const struct kvq_gpu_blas *b, const dmat *w,
+			 uint32_t n)
+{
+	return !b->no_tc && n <= TC_MAXT && w->type == KVQ_GPU_W_F16 &&
+	       w->rows % 16 == 0 && w->ld % 32 == 0 &&
+	       w->ld <= PREP_THREADS * PREP_SLOTS * 8 &&
+	       !((uintptr_t)w->d & 15);
+}
+
+uint32_t kvq_gpu_blas_skinny_max(const struct kvq_gpu_blas *b)
+{
+	return b->no_tc ? 0 : TC_MAXT;
 }
 
 /* C = op(A) op(B) with A = W (row-major rows x ld, so column-major
@@ -298,6 +652,21 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 		return set_err(err, errlen, -EINVAL,
 			       "cuBLAS product: bad shape %u x %u, %u tokens",
 			       w->rows, w->cols, a->n);
+	if (kvq_gpu_blas_skinny(b, w, a->n)) {
+		struct kvq_gpu_skinny_mm k;
+
+		memset(&k, 0, sizeof(k));
+		k.w = w;
+		k.x = a->x;
+		k.xs = a->xs;
+		k.in = KVQ_SKINNY_PLAIN;
+		k.y = a->y;
+		k.ys = a->ys;
+		k.n = a->n;
+		k.add = a->add;
+		k.bias = a->bias;
+		return kvq_gpu_blas_skinny_mm(b, &k, err, errlen);
+	}
 	kvq_launch(b->pdl, amax_kernel, dim3(AMAX_BLOCKS), dim3(THREADS), 0,
 		   b->st, a->x, a->xs, w->cols, a->n, b->sc + SC_PART);
 	s.x = a->x;
@@ -321,6 +690,51 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 		return set_err(err, errlen, -EIO,
 			       "cublasGemmEx %u x %u, %u tokens: %s", w->rows,
 			       w->cols, a->n, cublasGetStatusString(cs));
+	return 0;
+}
+int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
+			   const struct kvq_gpu_skinny_mm *a, char *err,
+			   size_t errlen)
+{
+	const dmat *w = a->w;
+	prep_args p;
+	tc_args t;
+
+	if (!kvq_gpu_blas_skinny(b, w, a->n) || !a->n || a->n > b->max_tok ||
+	    w->ld > b->max_ld || a->ys < w->rows ||
+	    (a->in == KVQ_SKINNY_NORM && !a->norm))
+		return set_err(err, errlen, -EINVAL,
+			       "skinny product: bad shape %u x %u, %u tokens",
+			       w->rows, w->cols, a->n);
+	p.x = a->x;
+	p.xs = a->xs;
+	p.cols = w->cols;
+	p.ld = w->ld;
+	p.xrows = a->xrows;
+	p.in = a->in;
+	p.g = a->norm;
+	p.eps = a->eps;
+	p.alpha = b->sc + SC_TOK;
+	p.hi = b->hi;
+	p.lo = b->lo;
+	p.bias = a->bias;
+	p.y = a->y;
+	p.ys = a->ys;
+	p.rows = w->rows;
+	p.add = a->add;
+	kvq_launch(b->pdl, prep_kernel, dim3(a->n), dim3(PREP_THREADS), 0,
+		   b->st, p);
+	t.w = (const __half *)w->d;
+	t.rows = w->rows;
+	t.ld = w->ld;
+	t.hi = b->hi;
+	t.lo = b->lo;
+	t.n = a->n;
+	t.alpha = b->sc + SC_TOK;
+	t.y = a->y;
+	t.ys = a->ys;
+	t.acc = a->add || a->bias;
+	tc_launch(b->pdl, b->st, t);
 	return 0;
 }
 #endif /* KVQ_GPU_BLAS */

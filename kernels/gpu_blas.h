@@ -1,13 +1,16 @@
 /*
- * gpu_blas.h - the matrix products of prompts with f16 weights on tensor
- * cores (cuBLAS), for kernels/gpu_fwd.cu.
+ * gpu_blas.h - the matrix products of f16 weights with more than a few
+ * tokens on tensor cores, for kernels/gpu_fwd.cu: decode batches in one
+ * pass over the weights (the skinny kernel), prompts through cuBLAS.
  *
- * Why this file exists: past a few tokens a product is bound by
- * arithmetic, not by weight bytes, and the kernels of gpu_fwd.cu do it on
- * the CUDA cores in f32 (gpu_fwd.cu's mv_max: more than 4 tokens come
- * here, decode batches included).  Tensor cores multiply f16 operands; activations stay
- * f32 by being split into two halves (gpu_blas.cu says how and what it
- * costs in precision).  CUDA only (KVQ_GPU_BLAS, kernels/gpu_compat.h): in
+ * Why this file exists: past a couple of tokens the CUDA-core products of
+ * gpu_fwd.cu spend more issue slots on f32 arithmetic than the weight
+ * bytes take to arrive (gpu_fwd.cu's mv_max: more than 2 tokens come
+ * here).  Tensor cores multiply f16 operands; activations stay f32 by
+ * being split into two halves (gpu_blas.cu says how and what it costs in
+ * precision).  cuBLAS multiplies by each half in turn, reading the weights
+ * twice, which a prompt's arithmetic hides and a decode batch's does not:
+ * up to 16 tokens the skinny kernel takes both halves in one read.  CUDA only (KVQ_GPU_BLAS, kernels/gpu_compat.h): in
  * a HIP build the functions below are stubs and the tiled kernel serves.
  * Compiled by nvcc or hipcc; the rest of kvqd sees none of it.
  */
@@ -36,6 +39,29 @@ struct kvq_gpu_blas_mm {
 	const float *bias;	/* [rows] or NULL */
 };
 
+/* How the skinny product's input comes from x (columns: W's). */
+enum {
+	KVQ_SKINNY_PLAIN,	/* x itself */
+	KVQ_SKINNY_NORM,	/* RMSNorm(x) with weights @norm */
+	KVQ_SKINNY_SWIGLU,	/* silu(gate) * up of x = [gate | up] */
+};
+
+/* y = W f(x) (+ bias), or y += that with @add, for @n tokens. */
+struct kvq_gpu_skinny_mm {
+	const dmat *w;
+	const float *x;
+	uint32_t xs;
+	const int32_t *xrows;	/* token t is row xrows[t] of x, or NULL */
+	int in;			/* KVQ_SKINNY_* */
+	const float *norm;
+	float eps;
+	float *y;
+	uint32_t ys;
+	uint32_t n;
+	bool add;
+	const float *bias;
+};
+
 #if KVQ_GPU_BLAS
 /*
  * Makes a cuBLAS handle that runs on @st, with every byte it will use
@@ -57,6 +83,24 @@ void kvq_gpu_blas_destroy(struct kvq_gpu_blas *b);
  */
 int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 		    char *err, size_t errlen);
+/*
+ * Whether a product of @n tokens with @w goes to the skinny tensor-core
+ * kernel of gpu_blas.cu (one read of W for both halves) rather than to
+ * cuBLAS: 16 tokens or fewer, F16 rows in whole 16-row tiles and 32-column
+ * chunks, KVQ_GPU_NO_TCMV unset.
+ */
+bool kvq_gpu_blas_skinny(const struct kvq_gpu_blas *b, const dmat *w,
+			 uint32_t n);
+/* The most tokens the skinny kernel takes (0: KVQ_GPU_NO_TCMV set). */
+uint32_t kvq_gpu_blas_skinny_max(const struct kvq_gpu_blas *b);
+/*
+ * Launches a skinny product (kvq_gpu_blas_skinny() must hold): two
+ * kernels, the input's halves at a scale a token and one pass over W.
+ * Returns 0, or -EINVAL with @err set for a shape it does not take.
+ */
+int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
+			   const struct kvq_gpu_skinny_mm *a, char *err,
+			   size_t errlen);
 #else
 static inline int kvq_gpu_blas_create(cudaStream_t st, uint32_t max_tok,
 				      uint32_t max_ld,
@@ -80,6 +124,31 @@ static inline void kvq_gpu_blas_destroy(struct kvq_gpu_blas *b)
 static inline int kvq_gpu_blas_mm(struct kvq_gpu_blas *b,
 				  const struct kvq_gpu_blas_mm *a, char *err,
 				  size_t errlen)
+{
+	(void)b;
+	(void)a;
+	return set_err(err, errlen, -EOPNOTSUPP,
+		       "this build has no GPU BLAS library");
+}
+
+static inline bool kvq_gpu_blas_skinny(const struct kvq_gpu_blas *b,
+				       const dmat *w, uint32_t n)
+{
+	(void)b;
+	(void)w;
+	(void)n;
+	return false;
+}
+
+static inline uint32_t kvq_gpu_blas_skinny_max(const struct kvq_gpu_blas *b)
+{
+	(void)b;
+	return 0;
+}
+
+static inline int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
+					 const struct kvq_gpu_skinny_mm *a,
+					 char *err, size_t errlen)
 {
 	(void)b;
 	(void)a;

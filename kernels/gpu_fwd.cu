@@ -21,11 +21,13 @@
  * The kernels are in kernels/gpu_fwd_kernels.h; this file plans the step,
  * owns the device memory and launches them.
  *
- * Matrix products: up to 16 tokens a warp streams a weight row with 16-byte
- * loads and dots it with every token (decode and small batches are bound by
- * weight bytes); more tokens go through cuBLAS on tensor cores for f16
- * weights (gpu_blas.cu) and through a shared-memory tiled product for the
- * other formats, on HIP, and with KVQ_GPU_NO_CUBLAS set.
+ * Matrix products: a warp streams a weight row with 16-byte loads and
+ * dots it with every token (decode is bound by weight bytes): f16 weights
+ * up to mv_max tokens (2), the other formats up to 16.  More tokens of f16
+ * weights go to tensor cores (gpu_blas.cu): up to 16 in one pass over the
+ * weights with the RMSNorm or SwiGLU before the product folded into its
+ * input pass, more through cuBLAS.  The rest, on HIP, and with
+ * KVQ_GPU_NO_CUBLAS set, go through a shared-memory tiled product.
  * Kernels are launched as programmatic dependents (sm_90): each lets the
  * next one launch at its start and waits for the one before only when it
  * needs its results, so launch latency hides behind the kernel before.
@@ -50,8 +52,8 @@
 
 namespace {
 
-constexpr int MV_MAXBLAS = 4;	/* tokens the small product takes when
-				 * cuBLAS serves f16 weights */
+constexpr int MV_MAXBLAS = 2;	/* tokens the small product takes when
+				 * tensor cores serve f16 weights */
 constexpr int MAX_GRAPHS = 48;
 
 bool g_pdl;		/* programmatic dependent launches (launch()) */
@@ -104,10 +106,12 @@ struct kvq_gpu_ctx {
 	/* f16 products of more than mv_max tokens, when stats.prompt_blas
 	 * is set (it is cleared when cuBLAS fails: the tiled kernel) */
 	struct kvq_gpu_blas *blas;
-	/* Largest token count the small product takes while cuBLAS serves;
-	 * more go to tensor cores.  H200, 1B F16, q4/q4, 1K, tokens/s (small
-	 * product -> cuBLAS): batch 4 1997 -> 1719, 8 2367 -> 3286, 16 2130
-	 * -> 5867.  The descriptor's mv_max (KVQ_GPU_MV_MAX) sets it. */
+	/* Largest token count the small product takes while gpu_blas.cu
+	 * serves; more go to tensor cores (its one-pass kernel up to 16
+	 * tokens, cuBLAS beyond).  H200, 1B F16, q4/q4, 1K, tokens/s, small
+	 * product -> tensor cores: batch 2 1574 -> 1343, 3 1785 -> 1964, 4
+	 * 2021 -> 2543 (bench/gpu_decode_notes.md).  The descriptor's mv_max
+	 * (KVQ_GPU_MV_MAX) sets it. */
 	uint32_t mv_max;
 	/*
 	 * RMSNorm inside the small products (mv_kernel()): norm_next is the
@@ -307,6 +311,7 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 	}
 	c->stats.prompt_blas = 1;
 	c->stats.blas_above = c->mv_max;
+	c->stats.skinny_max = kvq_gpu_blas_skinny_max(c->blas);
 	c->bytes += bytes;
 	return 0;
 }
@@ -656,6 +661,51 @@ static int mv_warps_a_row(const struct kvq_gpu_ctx *c, const dmat &w,
 	return MV_WARPS;
 }
 
+/* @n tokens of @w go to gpu_blas.cu's skinny tensor-core product. */
+static bool skinny(const struct kvq_gpu_ctx *c, const dmat &w, uint32_t n)
+{
+	return !small_product(c, n) && c->stats.prompt_blas &&
+	       kvq_gpu_blas_skinny(c->blas, &w, n);
+}
+
+/* A product through gpu_blas.cu; a failure fails the step and sends the
+ * products to the tiled kernel from then on (as a cuBLAS one does). */
+static int blas_result(struct kvq_gpu_ctx *c, int ret)
+{
+	if (!ret)
+		return 0;
+	c->stats.prompt_blas = 0;
+	c->stats.blas_failures++;
+	c->mm_fail = c->stats.blas_error;
+	return -EIO;
+}
+
+/* y (+)= W f(x) on the skinny product; f: in (KVQ_SKINNY_*). */
+static int skinny_mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
+		     uint32_t xs, const int32_t *xrows, int in,
+		     const float *norm, float *y, uint32_t ys, uint32_t n,
+		     bool add, const float *bias)
+{
+	struct kvq_gpu_skinny_mm a;
+
+	memset(&a, 0, sizeof(a));
+	a.w = &w;
+	a.x = x;
+	a.xs = xs;
+	a.xrows = xrows;
+	a.in = in;
+	a.norm = norm;
+	a.eps = c->g->d.rms_eps;
+	a.y = y;
+	a.ys = ys;
+	a.n = n;
+	a.add = add;
+	a.bias = bias;
+	c->norm_ready = c->norm_next = nullptr;
+	return blas_result(c, kvq_gpu_blas_skinny_mm(c->blas, &a,
+			   c->stats.blas_error, sizeof(c->stats.blas_error)));
+}
+
 /*
  * Launches y = W x with the epilogue, small or tiled by token count.
  * @norm: x is RMSNorm'ed with these weights first (into c->xn); @xrows:
@@ -676,6 +726,11 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	bool fnorm = norm && small && n == 1 && !xrows && x == c->x &&
 		     c->norm_ready == norm && !(w.cols & 3) && !(xs & 3);
 
+	/* The norm goes into the skinny product's input pass. */
+	if ((epi == EPI_STORE || epi == EPI_ADD) && skinny(c, w, n))
+		return skinny_mm(c, w, x, xs, xrows,
+				 norm ? KVQ_SKINNY_NORM : KVQ_SKINNY_PLAIN,
+				 norm, y, ys, n, epi == EPI_ADD, bias);
 	memset(&p, 0, sizeof(p));
 	c->norm_ready = nullptr;
 	if (fnorm) {
@@ -764,13 +819,9 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 		struct kvq_gpu_blas_mm a = { &w, x, xs, y, ys, n,
 					     epi == EPI_ADD, bias };
 
-		if (!kvq_gpu_blas_mm(c->blas, &a, c->stats.blas_error,
-				     sizeof(c->stats.blas_error)))
-			return 0;
-		c->stats.prompt_blas = 0;
-		c->stats.blas_failures++;
-		c->mm_fail = c->stats.blas_error;
-		return -EIO;
+		return blas_result(c, kvq_gpu_blas_mm(c->blas, &a,
+				   c->stats.blas_error,
+				   sizeof(c->stats.blas_error)));
 	}
 	dim3 grid((w.rows + GT - 1) / GT, (n + GT - 1) / GT);
 
@@ -964,16 +1015,24 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		} else {
 			mm(c, m[KVQ_GPU_M_GATEUP], c->x, c->xs, c->gu, c->gus,
 			   T, EPI_STORE, nullptr, v[KVQ_GPU_V_FFN_NORM]);
-			launch(swiglu_kernel, dim3((F + 255) / 256, T), dim3(256),
-			       0, c->st, (const float *)c->gu, c->gus, c->h,
-			       c->hs, F);
+			/* The skinny product takes SwiGLU into its input. */
+			if (!skinny(c, m[KVQ_GPU_M_DOWN], T))
+				launch(swiglu_kernel, dim3((F + 255) / 256, T),
+				       dim3(256), 0, c->st,
+				       (const float *)c->gu, c->gus, c->h,
+				       c->hs, F);
 		}
 		mark(c, PROF_GATEUP);
 		if (c->fused_norm && T == 1 && l + 1 < md->n_layers)
 			c->norm_next = g->v[(size_t)(l + 1) * KVQ_GPU_V_NLAYER +
 					    KVQ_GPU_V_ATTN_NORM];
-		mm(c, m[KVQ_GPU_M_DOWN], c->h, c->hs, c->x, c->xs, T, EPI_ADD,
-		   nullptr);
+		if (skinny(c, m[KVQ_GPU_M_DOWN], T))
+			skinny_mm(c, m[KVQ_GPU_M_DOWN], c->gu, c->gus,
+				  nullptr, KVQ_SKINNY_SWIGLU, nullptr, c->x,
+				  c->xs, T, true, nullptr);
+		else
+			mm(c, m[KVQ_GPU_M_DOWN], c->h, c->hs, c->x, c->xs, T,
+			   EPI_ADD, nullptr);
 		mark(c, PROF_DOWN);
 	}
 	mm(c, g->output, c->x, c->xs, c->logits, md->n_vocab, n_out,

@@ -104,7 +104,7 @@ struct kvq_gpu_ctx_desc {
 	const size_t *k_page_bytes, *v_page_bytes;	/* per layer */
 	int use_graphs;		/* replay decode steps as CUDA graphs */
 	/* Steps of up to this many tokens (1-16) keep f16 products off
-	 * cuBLAS; 0: the measured default. */
+	 * tensor cores; 0: the measured default. */
 	uint32_t mv_max;
 	/* Key centring (engine/kvcache.h): NULL, or per layer NULL (not
 	 * centred) or [n_kv_heads][head_dim] pre-RoPE centres for the
@@ -172,6 +172,9 @@ struct kvq_gpu_stats {
 	 * blas_failures, the last reason in blas_error). */
 	int prompt_blas;
 	uint32_t blas_above;	/* products of more tokens than this */
+	/* and up to this many tokens (0: none) in one pass over the weights
+	 * (gpu_blas.cu's skinny kernel), not through cuBLAS */
+	uint32_t skinny_max;
 	uint64_t blas_failures;
 	char blas_error[96];
 };

@@ -8,6 +8,7 @@
 #define KVQ_GPU_FWD_IMPL_H
 
 #include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -19,6 +20,19 @@
 static __host__ __device__ inline uint32_t pad32(uint32_t n)
 {
 	return (n + 31) & ~31u;
+}
+
+/* The CPU engine's RMSNorm of one element: x * (1 / rms), then * g, each
+ * product rounded (no contraction). */
+static __device__ __forceinline__ float norm_val(float x, float inv, float g)
+{
+	return __fmul_rn(__fmul_rn(x, inv), g);
+}
+
+/* The CPU engine's SwiGLU of one element: silu(g) * u. */
+static __device__ __forceinline__ float silu_mul(float g, float u)
+{
+	return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
 }
 
 /* A weight matrix in device memory (formats: kernels/gpu_fwd.h). */

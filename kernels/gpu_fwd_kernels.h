@@ -109,7 +109,7 @@ __global__ void rmsnorm_kernel(const float *x, uint32_t xs,
 	float s = (float)(1.0 / sqrt(part[0] / dim + eps));
 
 	for (uint32_t c = threadIdx.x; c < dim; c += blockDim.x)
-		y[(size_t)i * ys + c] = __fmul_rn(__fmul_rn(xr[c], s), g[c]);
+		y[(size_t)i * ys + c] = norm_val(xr[c], s, g[c]);
 }
 
 enum { EPI_STORE = 0, EPI_ADD = 1, EPI_SWIGLU = 2, EPI_QKV = 3 };
@@ -146,11 +146,6 @@ struct mmp {
 	uint32_t ssxs;
 	float eps;
 };
-
-__device__ __forceinline__ float silu_mul(float g, float u)
-{
-	return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
-}
 
 /* acc[t] += eight weights f dotted with x[t][0..8), for t < n. */
 template <int NT>

@@ -314,7 +314,7 @@ out:
 
 /*
  * Decode of 8 sequences at once, 6 steps: past 4 rows the f16 products go
- * to cuBLAS, the second step of a shape is captured as a CUDA graph and the
+ * to tensor cores (gpu_blas.cu's one-pass kernel), the second step of a shape is captured as a CUDA graph and the
  * rest replay it.  Every row of every step against its sequence run alone
  * on the CPU.
  */
@@ -486,6 +486,139 @@ static float rows_diff(const float *a, const float *b, const float *ref,
 			worst = d;
 	}
 	return worst;
+}
+
+#define SK_SEQS 16
+
+/*
+ * Decode steps of 2, 5, 9 and 16 sequences with KVQ_GPU_MV_MAX=1, so
+ * that every f16 product of them goes to the one-pass tensor-core kernel
+ * of gpu_blas.cu (one and two 8-token tiles, a last tile part empty),
+ * against each sequence run alone on the CPU (f32 cache: within 1e-4 of
+ * the largest logit where the weights reach the GPU unchanged, 1e-2 where
+ * they become f16) and against the same steps through cuBLAS
+ * (KVQ_GPU_NO_TCMV=1, the same f16 weights and halves: within 1e-4).
+ * The context must say which kernel it used.
+ */
+static void skinny_case(struct kvq_model *m, const char *mname)
+{
+	static const int sizes[] = { 2, 5, 9, 16 };
+	const struct kvq_hparams *hp = kvq_model_hparams(m);
+	uint32_t V = hp->n_vocab;
+	float *lc = malloc(V * sizeof(float));
+	float *lg[2] = { malloc(SK_SEQS * (size_t)V * sizeof(float)),
+			 malloc(SK_SEQS * (size_t)V * sizeof(float)) };
+	float tol = exact_weights(m) ? 1e-4f : 1e-2f;
+	float worst[4] = { 0 }, vs[4] = { 0 };
+	struct kvq_ctx_opts o;
+	struct kvq_ctx *cc = NULL, *gc[2] = { NULL, NULL };
+	int cs[SK_SEQS], gs[2][SK_SEQS], ns[SK_SEQS], i, k, r, z;
+	int32_t pr[SK_SEQS][8], tk[SK_SEQS];
+	const int32_t *tp[SK_SEQS];
+	char err[256], desc[2][512];
+	bool blas = false, said[2];
+
+#ifdef KVQ_HAVE_CUDA
+	blas = true;
+#endif
+	if (!f16_on_gpu(m) || !blas) {
+		tap_diag("%s: no one-pass tensor-core products: %s", mname,
+			 blas ? "the GPU does not hold f16 weights" :
+			 "no cuBLAS in this build");
+		goto out;
+	}
+	f32_cache_opts(&o, hp);
+	o.n_ctx = 64 < hp->ctx_len ? 64 : hp->ctx_len;
+	o.max_seqs = SK_SEQS;
+	if (!lc || !lg[0] || !lg[1] ||
+	    kvq_ctx_create(m, &o, &cc, err, sizeof(err))) {
+		tap_ok(0, "%s skinny: CPU context: %s", mname, err);
+		goto out;
+	}
+	o.device = KVQ_CTX_GPU;
+	setenv("KVQ_GPU_MV_MAX", "1", 1);
+	for (r = 0; r < 2; r++) {
+		if (r)
+			setenv("KVQ_GPU_NO_TCMV", "1", 1);
+		if (kvq_ctx_create(m, &o, &gc[r], err, sizeof(err))) {
+			tap_ok(0, "%s skinny: GPU context %d: %s", mname, r,
+			       err);
+			unsetenv("KVQ_GPU_NO_TCMV");
+			unsetenv("KVQ_GPU_MV_MAX");
+			goto out;
+		}
+	}
+	unsetenv("KVQ_GPU_NO_TCMV");
+	unsetenv("KVQ_GPU_MV_MAX");
+	for (i = 0; i < SK_SEQS; i++) {
+		for (k = 0; k < 8; k++)
+			pr[i][k] = (int32_t)((i * 67 + k * 31 + 2) % V);
+		cs[i] = kvq_seq_create(cc);
+		if (one_step(cc, cs[i], pr[i], 3 + i % 6, lc)) {
+			tap_ok(0, "%s skinny: CPU prompt failed", mname);
+			goto out;
+		}
+		for (r = 0; r < 2; r++) {
+			gs[r][i] = kvq_seq_create(gc[r]);
+			if (one_step(gc[r], gs[r][i], pr[i], 3 + i % 6,
+				     lg[r])) {
+				tap_ok(0, "%s skinny: GPU prompt failed", mname);
+				goto out;
+			}
+		}
+		ns[i] = 1;
+		tp[i] = &tk[i];
+	}
+	for (z = 0; z < 4; z++) {
+		int n = sizes[z];
+
+		for (i = 0; i < n; i++)
+			tk[i] = (int32_t)((z * 41 + i * 13 + 5) % V);
+		for (r = 0; r < 2; r++) {
+			struct kvq_batch b = { n, gs[r], ns, tp, false };
+
+			poison(lg[r], (size_t)n * V);
+			if (kvq_step(gc[r], &b, lg[r])) {
+				tap_ok(0, "%s skinny: GPU step of %d failed",
+				       mname, n);
+				goto out;
+			}
+		}
+		for (i = 0; i < n; i++) {
+			float sc, d;
+
+			if (one_step(cc, cs[i], &tk[i], 1, lc)) {
+				tap_ok(0, "%s skinny: CPU step failed", mname);
+				goto out;
+			}
+			sc = max_abs(lc, V);
+			sc = sc > 0 ? sc : 1;
+			d = max_diff(lg[0] + (size_t)i * V, lc, V) / sc;
+			worst[z] = d > worst[z] ? d : worst[z];
+			d = max_diff(lg[0] + (size_t)i * V,
+				     lg[1] + (size_t)i * V, V) / sc;
+			vs[z] = d > vs[z] ? d : vs[z];
+		}
+	}
+	for (r = 0; r < 2; r++)
+		kvq_ctx_describe(gc[r], desc[r], sizeof(desc[r]));
+	said[0] = strstr(desc[0], "one pass over the weights") != NULL;
+	said[1] = strstr(desc[1], "cuBLAS on tensor cores") &&
+		  !strstr(desc[1], "one pass over the weights");
+	for (z = 0; z < 4; z++)
+		tap_ok(worst[z] <= tol && vs[z] <= 1e-4f && said[0],
+		       "%s: a decode step of %d sequences on the one-pass tensor-core product: logits within %g of the CPU's (worst %.3g), within 1e-4 of cuBLAS's (%.3g)",
+		       mname, sizes[z], tol, worst[z], vs[z]);
+	tap_ok(said[0] && said[1],
+	       "%s: the contexts say which product they use (%s | %s)",
+	       mname, desc[0], desc[1]);
+out:
+	kvq_ctx_destroy(cc);
+	kvq_ctx_destroy(gc[0]);
+	kvq_ctx_destroy(gc[1]);
+	free(lc);
+	free(lg[0]);
+	free(lg[1]);
 }
 
 #define BLAS_A 100	/* prompt tokens, then */
@@ -1027,6 +1160,7 @@ int main(int argc, char **argv)
 				sample_case(m, name);
 			}
 			blas_case(m, name);
+			skinny_case(m, name);
 #ifdef KVQ_ATTN_GPU
 			if (!pass)
 				fused_norm_case(m, name);
