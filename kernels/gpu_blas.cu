@@ -188,6 +188,10 @@ struct tc_args {
 	float *y;
 	uint32_t ys;
 	bool acc;		/* y += (prep_kernel wrote bias, or kept y) */
+	/* A QKV product's rows go to qkv (y unused): q rotated, k, v. */
+	bool to_qkv;
+	struct qkv_out qkv;
+	const float *bias;	/* with to_qkv: added here, not by prep */
 };
 
 /* Chunks @kc, @kc + KW, ... (U of them, those below @nch) of the warp's
@@ -308,6 +312,19 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 
 		for (int w = 0; w < KW; w++)
 			sum += red[w * E + e];
+		if (a.to_qkv) {
+			/* Whole warps run this loop; the partner row is the
+			 * entry of lane ^ 4. */
+			float v = a.alpha[tok] * sum, pv;
+
+			if (a.bias)
+				v += a.bias[row];
+			pv = kvq_shfl_xor_f32(v, 4);
+			if (tok < a.n)
+				qkv_put(a.qkv, row, (int)tok, v,
+					[pv] { return pv; });
+			continue;
+		}
 		if (tok < a.n) {
 			float *y = a.y + (size_t)tok * a.ys + row;
 
@@ -317,34 +334,37 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 	}
 }
 
-template <int MT, int NT>
-void tc_launch_kw(bool pdl, cudaStream_t st, const tc_args &a)
+/*
+ * Tilings (rows a warp MT x 16, warps a block KW, chunks in flight U), by
+ * the rows of W.  H200, 1B F16, q4/q4, one run over every tiling of
+ * MT 1-2, KW 4-32, U 1-8 (bench/gpu_decode_notes.md): rows of 8192 and
+ * more (gate/up, the vocabulary) fastest at 2 x 8 x 1, the QKV product
+ * at 2 x 16 x 2, 2048 rows (output projection, down) at 1 x 16 x 4.
+ */
+template <int NT>
+void tc_launch_nt(bool pdl, cudaStream_t st, const tc_args &a)
 {
-	constexpr int U = 4 / MT;
-	uint32_t blocks = a.rows / (16 * MT);
+	bool two = a.rows % 32 == 0 && a.rows > 2048;
+	uint32_t blocks = a.rows / (two ? 32 : 16);
 
-	if (blocks <= 256)
-		kvq_launch(pdl, tc_kernel<MT, NT, 16, U>, dim3(blocks),
-			   dim3(16 * 32), 0, st, a);
-	else if (blocks <= 1024)
-		kvq_launch(pdl, tc_kernel<MT, NT, 8, U>, dim3(blocks),
+	if (two && a.rows >= 8192)
+		kvq_launch(pdl, tc_kernel<2, NT, 8, 1>, dim3(blocks),
 			   dim3(8 * 32), 0, st, a);
+	else if (two)
+		kvq_launch(pdl, tc_kernel<2, NT, 16, 2>, dim3(blocks),
+			   dim3(16 * 32), 0, st, a);
 	else
-		kvq_launch(pdl, tc_kernel<MT, NT, 4, U>, dim3(blocks),
-			   dim3(4 * 32), 0, st, a);
+		kvq_launch(pdl, tc_kernel<1, NT, 16, 4>, dim3(blocks),
+			   dim3(16 * 32), 0, st, a);
 }
 
 /* Launches tc_kernel with the tiling for @a's shape. */
 void tc_launch(bool pdl, cudaStream_t st, const tc_args &a)
 {
-	bool two = a.rows >= 8192 && a.rows % 32 == 0;
-
 	if (a.n <= 8)
-		two ? tc_launch_kw<2, 1>(pdl, st, a) :
-		      tc_launch_kw<1, 1>(pdl, st, a);
+		tc_launch_nt<1>(pdl, st, a);
 	else
-		two ? tc_launch_kw<2, 2>(pdl, st, a) :
-		      tc_launch_kw<1, 2>(pdl, st, a);
+		tc_launch_nt<2>(pdl, st, a);
 }
 
 /*
@@ -701,7 +721,9 @@ int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
 	tc_args t;
 
 	if (!kvq_gpu_blas_skinny(b, w, a->n) || !a->n || a->n > b->max_tok ||
-	    w->ld > b->max_ld || a->ys < w->rows ||
+	    w->ld > b->max_ld || (!a->qkv && a->ys < w->rows) ||
+	    (a->qkv && (a->add || a->qkv->rope_dim % 2 ||
+			a->qkv->qd + 2 * a->qkv->kvd != w->rows)) ||
 	    (a->in == KVQ_SKINNY_NORM && !a->norm))
 		return set_err(err, errlen, -EINVAL,
 			       "skinny product: bad shape %u x %u, %u tokens",
@@ -717,7 +739,7 @@ int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
 	p.alpha = b->sc + SC_TOK;
 	p.hi = b->hi;
 	p.lo = b->lo;
-	p.bias = a->bias;
+	p.bias = a->qkv ? nullptr : a->bias;
 	p.y = a->y;
 	p.ys = a->ys;
 	p.rows = w->rows;
@@ -733,7 +755,11 @@ int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
 	t.alpha = b->sc + SC_TOK;
 	t.y = a->y;
 	t.ys = a->ys;
-	t.acc = a->add || a->bias;
+	t.acc = !a->qkv && (a->add || a->bias);
+	t.to_qkv = a->qkv != nullptr;
+	if (a->qkv)
+		t.qkv = *a->qkv;
+	t.bias = a->bias;
 	tc_launch(b->pdl, b->st, t);
 	return 0;
 }

@@ -60,6 +60,7 @@ struct kvq_gpu_skinny_mm {
 	uint32_t n;
 	bool add;
 	const float *bias;
+	const struct qkv_out *qkv;	/* the rows go there, not to y; or NULL */
 };
 
 #if KVQ_GPU_BLAS

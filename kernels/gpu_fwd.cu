@@ -680,11 +680,13 @@ static int blas_result(struct kvq_gpu_ctx *c, int ret)
 	return -EIO;
 }
 
-/* y (+)= W f(x) on the skinny product; f: in (KVQ_SKINNY_*). */
+/* y (+)= W f(x) on the skinny product; f: in (KVQ_SKINNY_*); with @qkv,
+ * the rows go there instead of y. */
 static int skinny_mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 		     uint32_t xs, const int32_t *xrows, int in,
 		     const float *norm, float *y, uint32_t ys, uint32_t n,
-		     bool add, const float *bias)
+		     bool add, const float *bias,
+		     const struct qkv_out *qkv = nullptr)
 {
 	struct kvq_gpu_skinny_mm a;
 
@@ -701,6 +703,7 @@ static int skinny_mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	a.n = n;
 	a.add = add;
 	a.bias = bias;
+	a.qkv = qkv;
 	c->norm_ready = c->norm_next = nullptr;
 	return blas_result(c, kvq_gpu_blas_skinny_mm(c->blas, &a,
 			   c->stats.blas_error, sizeof(c->stats.blas_error)));
@@ -885,23 +888,29 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 			sinkp + (size_t)l * c->d.max_seqs : nullptr;
 		const float *lctr = c->kctr ? c->kctr[l] : nullptr;
 		struct kvq_gpu_append_args ap;
+		qkv_out qo;
 
+		qo.qb = c->qb;
+		qo.kb = c->kb;
+		qo.vb = c->vb;
+		qo.cs = cs;
+		qo.qs = c->qs;
+		qo.qd = md->n_heads * md->head_dim;
+		qo.kvd = md->n_kv_heads * md->head_dim;
+		qo.hd = md->head_dim;
+		qo.rope_dim = md->rope_dim;
 		if (small_product(c, T) && !md->rope_neox) {
 			/* The product writes q (rotated), k and v itself. */
-			qkv_out qo;
-
-			qo.qb = c->qb;
-			qo.kb = c->kb;
-			qo.vb = c->vb;
-			qo.cs = cs;
-			qo.qs = c->qs;
-			qo.qd = md->n_heads * md->head_dim;
-			qo.kvd = md->n_kv_heads * md->head_dim;
-			qo.hd = md->head_dim;
-			qo.rope_dim = md->rope_dim;
 			mm(c, m[KVQ_GPU_M_QKV], c->x, c->xs, c->qkv, c->qkvs, T,
 			   EPI_QKV, v[KVQ_GPU_V_QKV_BIAS], v[KVQ_GPU_V_ATTN_NORM],
 			   nullptr, &qo);
+			mark(c, PROF_QKV);
+		} else if (skinny(c, m[KVQ_GPU_M_QKV], T) && !md->rope_neox) {
+			/* Likewise on tensor cores. */
+			skinny_mm(c, m[KVQ_GPU_M_QKV], c->x, c->xs, nullptr,
+				  KVQ_SKINNY_NORM, v[KVQ_GPU_V_ATTN_NORM],
+				  nullptr, 0, T, false, v[KVQ_GPU_V_QKV_BIAS],
+				  &qo);
 			mark(c, PROF_QKV);
 		} else {
 			mm(c, m[KVQ_GPU_M_QKV], c->x, c->xs, c->qkv, c->qkvs, T,

@@ -35,6 +35,49 @@ static __device__ __forceinline__ float silu_mul(float g, float u)
 	return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
 }
 
+/*
+ * Where a QKV product's rows go (gpu_fwd_kernels.h's EPI_QKV, gpu_blas.cu's
+ * skinny product): q (rows below qd) rotated by RoPE's adjacent pairs with
+ * the step's table @cs ([token][rope_dim]: cos, sin a pair) into qb
+ * (stride qs), k and v (kvd rows each) into kb and vb (stride kvd), as
+ * rope_split_kernel() writes them.
+ */
+struct qkv_out {
+	float *qb, *kb, *vb;
+	const float *cs;
+	uint32_t qs, qd, kvd, hd, rope_dim;
+};
+
+/*
+ * Row @r of the stacked QKV product for token @t, @v its sum with the
+ * bias: a query row, rotated with its RoPE pair r ^ 1 (whose value
+ * other() gives, read only where needed) for channels below rope_dim, a
+ * key row or a value row, where rope_split_kernel() would put it.
+ */
+template <typename O>
+static __device__ __forceinline__ void qkv_put(const qkv_out &q, uint32_t r, int t,
+					float v, O other)
+{
+	if (r < q.qd) {
+		uint32_t c = r % q.hd;
+
+		if (c < q.rope_dim) {
+			const float *e = q.cs + (size_t)t * q.rope_dim;
+			float co = e[c & ~1u], si = e[c | 1u];
+			float o = other();
+			float a = (c & 1) ? o : v, b = (c & 1) ? v : o;
+
+			v = (c & 1) ? __fadd_rn(__fmul_rn(a, si), __fmul_rn(b, co)) :
+				      __fsub_rn(__fmul_rn(a, co), __fmul_rn(b, si));
+		}
+		q.qb[(size_t)t * q.qs + r] = v;
+	} else if (r < q.qd + q.kvd) {
+		q.kb[(size_t)t * q.kvd + (r - q.qd)] = v;
+	} else {
+		q.vb[(size_t)t * q.kvd + (r - q.qd - q.kvd)] = v;
+	}
+}
+
 /* A weight matrix in device memory (formats: kernels/gpu_fwd.h). */
 struct dmat {
 	int type;		/* enum kvq_gpu_wtype */

@@ -114,14 +114,6 @@ __global__ void rmsnorm_kernel(const float *x, uint32_t xs,
 
 enum { EPI_STORE = 0, EPI_ADD = 1, EPI_SWIGLU = 2, EPI_QKV = 3 };
 
-/* EPI_QKV: the stacked QKV rows go out as rope_split_kernel writes them
- * (adjacent-pair RoPE of the queries with the step's table). */
-struct qkv_out {
-	float *qb, *kb, *vb;
-	const float *cs;
-	uint32_t qs, qd, kvd, hd, rope_dim;
-};
-
 struct mmp {
 	dmat w;
 	const float *x;
@@ -305,36 +297,6 @@ __device__ __forceinline__ void row_dot_h1(const mmp &p, uint32_t r0,
 	acc = kvq_warp_sum(a0[0]);
 	acc2 = PAIR ? kvq_warp_sum(a1[0]) : 0.0f;
 	ss = kvq_warp_sum(ss);
-}
-
-/*
- * Row @r of the stacked QKV product for token @t, @v its sum with the
- * bias: a query row, rotated with its RoPE pair r ^ 1 (whose value
- * other() gives, read only where needed) for channels below rope_dim, a
- * key row or a value row, where rope_split_kernel() would put it.
- */
-template <typename O>
-__device__ __forceinline__ void qkv_put(const qkv_out &q, uint32_t r, int t,
-					float v, O other)
-{
-	if (r < q.qd) {
-		uint32_t c = r % q.hd;
-
-		if (c < q.rope_dim) {
-			const float *e = q.cs + (size_t)t * q.rope_dim;
-			float co = e[c & ~1u], si = e[c | 1u];
-			float o = other();
-			float a = (c & 1) ? o : v, b = (c & 1) ? v : o;
-
-			v = (c & 1) ? __fadd_rn(__fmul_rn(a, si), __fmul_rn(b, co)) :
-				      __fsub_rn(__fmul_rn(a, co), __fmul_rn(b, si));
-		}
-		q.qb[(size_t)t * q.qs + r] = v;
-	} else if (r < q.qd + q.kvd) {
-		q.kb[(size_t)t * q.kvd + (r - q.qd)] = v;
-	} else {
-		q.vb[(size_t)t * q.kvd + (r - q.qd - q.kvd)] = v;
-	}
 }
 
 /* Row @r's sums for tokens 0..n-1 through the epilogue (not EPI_QKV). */
