@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(THREADS) split_kernel(split_args a)
 }
 
 /*
- * Skinny products (2 to TC_MAXT tokens, decode batches) on tensor cores
+ * Skinny products (up to TC_MAXT tokens: decode batches) on tensor cores
  * without cuBLAS: one pass over W for both halves.  cuBLAS reads W once
  * per half, and for a few tokens a product is bound by W's bytes, so its
  * two calls cost twice the time one read of W takes.
@@ -568,6 +568,7 @@ int kvq_gpu_blas_create(cudaStream_t st, uint32_t max_tok, uint32_t max_ld,
 {
 	const float consts[SC_ONE + 1] = { 1.0f, 0.0f, 1.0f };
 	size_t hb = (size_t)max_tok * max_ld;
+	const char *tc_env;
 	struct kvq_gpu_blas *b;
 	cublasStatus_t cs;
 	int ret;
@@ -581,13 +582,13 @@ int kvq_gpu_blas_create(cudaStream_t st, uint32_t max_tok, uint32_t max_ld,
 	b->max_tok = max_tok;
 	b->max_ld = max_ld;
 	b->pdl = kvq_pdl_allowed();
-	b->no_tc = getenv("KVQ_GPU_NO_TCMV") && *getenv("KVQ_GPU_NO_TCMV") &&
-		   strcmp(getenv("KVQ_GPU_NO_TCMV"), "0");
+	tc_env = getenv("KVQ_GPU_NO_TCMV");
+	b->no_tc = tc_env && *tc_env && strcmp(tc_env, "0");
 	b->ws_bytes = workspace_bytes();
 	ret = dalloc(&b->ws, b->ws_bytes, "the cuBLAS workspace", err, errlen);
 	if (!ret)
 		ret = dalloc((void **)&b->hi, 2 * hb * sizeof(__half),
-			     "f16 halves of prompt activations", err, errlen);
+			     "f16 halves of activations", err, errlen);
 	if (!ret)
 		ret = dalloc((void **)&b->sc,
 			     (SC_TOK + max_tok) * sizeof(float),
@@ -712,6 +713,7 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 			       w->cols, a->n, cublasGetStatusString(cs));
 	return 0;
 }
+
 int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
 			   const struct kvq_gpu_skinny_mm *a, char *err,
 			   size_t errlen)
@@ -746,6 +748,7 @@ int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
 	p.add = a->add;
 	kvq_launch(b->pdl, prep_kernel, dim3(a->n), dim3(PREP_THREADS), 0,
 		   b->st, p);
+	memset(&t, 0, sizeof(t));
 	t.w = (const __half *)w->d;
 	t.rows = w->rows;
 	t.ld = w->ld;
