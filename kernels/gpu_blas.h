@@ -1,11 +1,11 @@
 /*
- * gpu_blas.h - the matrix products of f16 weights with more than a few
- * tokens on tensor cores, for kernels/gpu_fwd.cu: decode batches in one
+ * gpu_blas.h - the matrix products of f16 weights with more than one
+ * token on tensor cores, for kernels/gpu_fwd.cu: decode batches in one
  * pass over the weights (the skinny kernel), prompts through cuBLAS.
  *
- * Why this file exists: past a couple of tokens the CUDA-core products of
+ * Why this file exists: past one token the CUDA-core products of
  * gpu_fwd.cu spend more issue slots on f32 arithmetic than the weight
- * bytes take to arrive (gpu_fwd.cu's mv_max: more than 2 tokens come
+ * bytes take to arrive (gpu_fwd.cu's mv_max: more than 1 token comes
  * here).  Tensor cores multiply f16 operands; activations stay f32 by
  * being split into two halves (gpu_blas.cu says how and what it costs in
  * precision).  cuBLAS multiplies by each half in turn, reading the weights

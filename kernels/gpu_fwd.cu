@@ -23,7 +23,7 @@
  *
  * Matrix products: a warp streams a weight row with 16-byte loads and
  * dots it with every token (decode is bound by weight bytes): f16 weights
- * up to mv_max tokens (2), the other formats up to 16.  More tokens of f16
+ * up to mv_max tokens (1), the other formats up to 16.  More tokens of f16
  * weights go to tensor cores (gpu_blas.cu): up to 16 in one pass over the
  * weights with the RMSNorm or SwiGLU before the product folded into its
  * input pass, more through cuBLAS.  The rest, on HIP, and with
@@ -52,7 +52,7 @@
 
 namespace {
 
-constexpr int MV_MAXBLAS = 2;	/* tokens the small product takes when
+constexpr int MV_MAXBLAS = 1;	/* tokens the small product takes when
 				 * tensor cores serve f16 weights */
 constexpr int MAX_GRAPHS = 48;
 
@@ -109,9 +109,9 @@ struct kvq_gpu_ctx {
 	/* Largest token count the small product takes while gpu_blas.cu
 	 * serves; more go to tensor cores (its one-pass kernel up to 16
 	 * tokens, cuBLAS beyond).  H200, 1B F16, q4/q4, 1K, tokens/s, small
-	 * product -> tensor cores: batch 2 1574 -> 1343, 3 1785 -> 1964, 4
-	 * 2021 -> 2543 (bench/gpu_decode_notes.md).  The descriptor's mv_max
-	 * (KVQ_GPU_MV_MAX) sets it. */
+	 * product -> tensor cores, three runs: batch 2 1557-1573 -> 1755-1780,
+	 * 3 about 2640 either way (bench/gpu_decode_notes.md).  The
+	 * descriptor's mv_max (KVQ_GPU_MV_MAX) sets it. */
 	uint32_t mv_max;
 	/*
 	 * RMSNorm inside the small products (mv_kernel()): norm_next is the
