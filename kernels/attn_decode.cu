@@ -727,6 +727,20 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 	if (ns > MAX_SPLITS)
 		ns = MAX_SPLITS;
 	tps = (n_tiles + ns - 1) / ns;
+	/*
+	 * But where the units alone give most SMs a block and a warp would
+	 * get fewer than 16 tiles of its split, one split a unit: short
+	 * splits cost more in the merge and in filling each block's
+	 * pipeline than their extra blocks bring.  H200, kvqd's decode step
+	 * (1B shape, head_dim 64, q4/q4), two alternating runs, tokens/s:
+	 * batch 16 at 1K 9307-9439 -> 9845-9947, batch 32 10613-10773 ->
+	 * 11230-11348; at 4K and 8K, and batch 8, within 1%;
+	 * bench/gpu_attn.py (head_dim 128, batch 16 and 64, 1K-8K) within
+	 * 2%.  Fewer splits where the batch does not cover the GPU lose
+	 * (batch 4 at 1K with a quarter of them: 3358 -> 3200).
+	 */
+	if (units * 4 >= (long long)n_sms * 3 && tps < 16 * NW)
+		tps = n_tiles;
 	if (tps < NW)
 		tps = NW;
 	ns = (n_tiles + tps - 1) / tps;
