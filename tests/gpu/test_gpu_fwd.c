@@ -20,7 +20,9 @@
  * decoding, in one GPU step, each matching its own CPU run; and a prompt
  * whose products (more than 16 tokens) go through cuBLAS where the weights
  * are f16, against the CPU and against the tiled kernel (KVQ_GPU_NO_CUBLAS),
- * every row's logits.  Logits buffers are poisoned with NaN before every
+ * every row's logits; and decode steps of 2 to 16 sequences on the
+ * one-pass tensor-core product against the CPU and against cuBLAS
+ * (skinny_case()).  Logits buffers are poisoned with NaN before every
  * GPU step.
  *
  * Key centring: the greedy and batch cases again with random key centres
@@ -313,9 +315,9 @@ out:
 }
 
 /*
- * Decode of 8 sequences at once, 6 steps: past 4 rows the f16 products go
- * to tensor cores (gpu_blas.cu's one-pass kernel), the second step of a shape is captured as a CUDA graph and the
- * rest replay it.  Every row of every step against its sequence run alone
+ * Decode of 8 sequences at once, 6 steps: the f16 products go to tensor
+ * cores (gpu_blas.cu's one-pass kernel), the second step of a shape is
+ * captured as a CUDA graph and the rest replay it.  Every row of every step against its sequence run alone
  * on the CPU.
  */
 static void decode8_case(struct kvq_model *m, const char *mname)
