@@ -24,8 +24,9 @@ struct kvq_gpu_sample_params;
 
 /*
  * KVQ_GPU_MV_MAX's value: the tokens up to which a step keeps f16 products
- * on the CUDA cores (off tensor cores), a whole number from 1 to 16 into @out; -EINVAL (and @out
- * untouched) for anything else, which the context refuses with a warning.
+ * on the CUDA cores (off tensor cores), a whole number from 1 to 16 into
+ * @out; -EINVAL (and @out untouched) for anything else, which the context
+ * refuses with a warning.
  */
 int kvq_gpu_mv_max_parse(const char *s, uint32_t *out);
 

@@ -10,8 +10,9 @@
  * being split into two halves (gpu_blas.cu says how and what it costs in
  * precision).  cuBLAS multiplies by each half in turn, reading the weights
  * twice, which a prompt's arithmetic hides and a decode batch's does not:
- * up to 16 tokens the skinny kernel takes both halves in one read.  CUDA only (KVQ_GPU_BLAS, kernels/gpu_compat.h): in
- * a HIP build the functions below are stubs and the tiled kernel serves.
+ * up to 16 tokens the skinny kernel takes both halves in one read.  CUDA
+ * only (KVQ_GPU_BLAS, kernels/gpu_compat.h): in a HIP build the functions
+ * below are stubs and the tiled kernel serves.
  * Compiled by nvcc or hipcc; the rest of kvqd sees none of it.
  */
 #ifndef KVQ_GPU_BLAS_H
