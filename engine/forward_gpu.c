@@ -313,7 +313,8 @@ static void note_fallback(struct kvq_ctx_gpu *g)
 
 	kvq_gpu_ctx_stats(g->c, &st);
 	note_failures(g, st.blas_failures, &g->blas_failures, "cuBLAS",
-		      st.blas_error, "f16 prompt products use the tiled kernel");
+		      st.blas_error,
+		      "f16 products of several tokens use the CUDA-core kernels");
 	note_failures(g, st.graph_failures, &g->graph_failures, "CUDA graphs",
 		      st.graph_error, "decode launches kernel by kernel");
 }
