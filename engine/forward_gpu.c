@@ -54,7 +54,7 @@ struct kvq_ctx_gpu {
 	float *cs;
 	uint64_t graph_failures;	/* seen (and logged) so far */
 	uint64_t blas_failures;		/* likewise */
-	char fallback[160];		/* kvq_ctx_gpu_fallback() */
+	char fallback[192];		/* kvq_ctx_gpu_fallback() */
 };
 
 /* Device format a weight of GGUF @type takes. */
