@@ -673,21 +673,6 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 		return set_err(err, errlen, -EINVAL,
 			       "cuBLAS product: bad shape %u x %u, %u tokens",
 			       w->rows, w->cols, a->n);
-	if (kvq_gpu_blas_skinny(b, w, a->n)) {
-		struct kvq_gpu_skinny_mm k;
-
-		memset(&k, 0, sizeof(k));
-		k.w = w;
-		k.x = a->x;
-		k.xs = a->xs;
-		k.in = KVQ_SKINNY_PLAIN;
-		k.y = a->y;
-		k.ys = a->ys;
-		k.n = a->n;
-		k.add = a->add;
-		k.bias = a->bias;
-		return kvq_gpu_blas_skinny_mm(b, &k, err, errlen);
-	}
 	kvq_launch(b->pdl, amax_kernel, dim3(AMAX_BLOCKS), dim3(THREADS), 0,
 		   b->st, a->x, a->xs, w->cols, a->n, b->sc + SC_PART);
 	s.x = a->x;

@@ -79,9 +79,11 @@ int kvq_gpu_blas_create(cudaStream_t st, uint32_t max_tok, uint32_t max_ld,
 /* Waits for nothing: the caller has synchronized its stream. */
 void kvq_gpu_blas_destroy(struct kvq_gpu_blas *b);
 /*
- * Launches one product on the stream (n <= max_tok, W's ld <= max_ld).
- * Returns 0, or -EIO with @err set when cuBLAS refused a call; y may then
- * be half updated (with add) and the step must fail.
+ * Launches one product through cuBLAS on the stream (n <= max_tok, W's ld
+ * <= max_ld); the caller sends what kvq_gpu_blas_skinny() takes to
+ * kvq_gpu_blas_skinny_mm() instead.  Returns 0, or -EIO with @err set
+ * when cuBLAS refused a call; y may then be half updated (with add) and
+ * the step must fail.
  */
 int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 		    char *err, size_t errlen);
