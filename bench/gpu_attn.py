@@ -7,20 +7,24 @@ of one layer's decode attention (kvq_gpu_attn_decode), the bytes of pages
 and scales it reads, effective GB/s, and SDPA's time on the same shapes
 with the speedup; plus the GB/s of a plain streaming-read kernel as the
 ceiling.  Every timing is the median over graph replays, each replay
-running over several copies of the data so that the working set exceeds
-the L2 cache (no copy is read twice in a row).
+running at least 16 calls over several copies of the data so that the
+working set exceeds the L2 cache (a copy is read twice in a row only
+when it alone is over 256 MiB), and so that the replay's own launch is
+spread over many calls.
 
   python3 bench/gpu_attn.py --lib path/to/libkvqgpuattn.so
       [--heads 32] [--kv-heads 8] [--batches 1,8,16,64]
       [--contexts 1024,4096,32768,131072] [--shapes 1:1024,16:32768]
-      [--formats q4/q4,q8/q4,f16/f16]
+      [--formats q4/q4,q8/q4,f16/f16] [--pages random|ordered]
+      [--min-calls 16]
 
 The library is kernels/attn_decode.cu, kernels/attn_append.cu and
 bench/gpu_attn_stream.cu built with -shared.  --lib may be given more
 than once as NAME=PATH (two builds of the kernel, say): every library is
 timed on every shape against the same SDPA measurement, and each run
 names its library.  --shapes (batch:context pairs) replaces the product
-of --batches and --contexts.
+of --batches and --contexts.  --pages ordered gives each sequence
+consecutive pages of the pool (random by default: scattered pages).
 """
 import argparse
 import ctypes as C
@@ -36,7 +40,8 @@ HD = 128
 P = 16
 N_SINK = 4
 WORKING_SET = 256 << 20
-L2_NOTE = "each replay cycles over copies totalling >= 256 MiB"
+PAGES = "random"
+MIN_CALLS = 16
 
 
 class Args(C.Structure):
@@ -83,7 +88,12 @@ def fill_pool(pool, t, hk, n_pages):
 
 
 def time_graph(fn, copies, reps):
-    """Median time of one call, from graph replays of `copies` calls."""
+    """Median time of one call, from graph replays of at least MIN_CALLS
+    calls cycling over `copies`.  A replay's launch is paid once per
+    replay: with one or two long calls in the graph (a working set over
+    WORKING_SET) it would be counted as kernel time (about 17 us on the
+    H200)."""
+    calls = copies * max(1, math.ceil(MIN_CALLS / copies))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -93,8 +103,8 @@ def time_graph(fn, copies, reps):
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for i in range(copies):
-            fn(i)
+        for i in range(calls):
+            fn(i % copies)
     g.replay()
     torch.cuda.synchronize()
     ts = []
@@ -105,7 +115,7 @@ def time_graph(fn, copies, reps):
         g.replay()
         b.record()
         b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / copies)
+        ts.append(a.elapsed_time(b) * 1e3 / calls)
     del g
     ts.sort()
     return ts[len(ts) // 2], ts[0], ts[-1]
@@ -128,7 +138,10 @@ def bench_kvq(lib, kt, vt, hq, hk, batch, ctx):
     vpool = torch.empty(n_pages * vpb, dtype=torch.uint8, device=dev)
     fill_pool(kpool, kt, hk, n_pages)
     fill_pool(vpool, vt, hk, n_pages)
-    perm = torch.randperm(n_pages, device=dev, dtype=torch.int64)
+    if PAGES == "ordered":
+        perm = torch.arange(n_pages, device=dev, dtype=torch.int64)
+    else:
+        perm = torch.randperm(n_pages, device=dev, dtype=torch.int64)
     bt = perm.to(torch.int32).view(copies, batch, pps).contiguous()
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
     sinks = torch.randn(batch, 2, N_SINK, hk * HD, device=dev).half()
@@ -229,6 +242,7 @@ def bench_stream(lib):
 
 
 def main():
+    global PAGES, MIN_CALLS
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", required=True, action="append",
                     help="PATH or NAME=PATH; repeat to compare builds")
@@ -239,9 +253,18 @@ def main():
     ap.add_argument("--formats", default="q4/q4,q8/q4,f16/f16")
     ap.add_argument("--shapes", default="",
                     help="batch:context pairs, comma-separated")
+    ap.add_argument("--pages", choices=("random", "ordered"),
+                    default="random",
+                    help="page order in the pool: random (each sequence's "
+                    "pages scattered) or ordered (consecutive)")
+    ap.add_argument("--min-calls", type=int, default=MIN_CALLS,
+                    help="calls in one timed graph replay (at least; 1: a "
+                    "replay of one long call also counts its launch)")
     ap.add_argument("--max-gib", type=float, default=100.0,
                     help="skip shapes whose data would exceed this")
     o = ap.parse_args()
+    PAGES = o.pages
+    MIN_CALLS = max(1, o.min_calls)
     libs = []
     for spec in o.lib:
         name, _, path = spec.rpartition("=")
@@ -270,7 +293,10 @@ def main():
         "shape": {"n_q_heads": hq, "n_kv_heads": hk, "head_dim": HD,
                   "page_tokens": P, "n_sink": N_SINK,
                   "io": "f16 q and out"},
-        "method": "median of CUDA-graph replays; " + L2_NOTE,
+        "method": "median of CUDA-graph replays; each replay runs >= %d "
+                  "calls cycling over copies totalling >= 256 MiB" %
+                  MIN_CALLS,
+        "pages": PAGES,
         "stream_read": bench_stream(lib),
         "libs": [n for n, _ in libs],
         "runs": [],

@@ -84,6 +84,75 @@ struct plan {
 };
 
 /*
+ * Group @G of the query (channels 32G..32G+31) as this lane's B
+ * fragments of the two score products of the group (*@qo: products 2G,
+ * 2G+1, two words each) and the group's bias times the query for this
+ * lane's columns 2t, 2t+1 (*@ko).  The whole warp calls it (shuffles).
+ */
+template <int KT, int HD>
+__device__ __forceinline__ void query_group(const kparams &p, int b, int hq0,
+					    int nh, bool hilo, int G,
+					    uint4 *qo, float2 *ko)
+{
+	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+	int hd = hilo ? (g & 3) : g;
+	bool lo_part = hilo && g >= 4;
+	bool ok = hd < nh;
+	size_t q0 = ((size_t)b * p.hq + hq0 + (ok ? hd : 0)) * HD +
+		    32 * G + 8 * t;
+	float v[8], sum = 0.0f, s1 = 0.0f;
+	unsigned f[2][2];
+
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+		v[i] = ok ? load_q(p, q0 + i) * p.qscale : 0.0f;
+#pragma unroll
+	for (int r = 0; r < 2; r++) {
+		/* k-pairs of product r: q8 keys adjacent channels, q4 and
+		 * f16 keys c, c+4. */
+		float x[4];
+
+		if (KT == KVQ_KV_Q8) {
+			x[0] = v[4 * r];
+			x[1] = v[4 * r + 1];
+			x[2] = v[4 * r + 2];
+			x[3] = v[4 * r + 3];
+		} else {
+			x[0] = v[2 * r];
+			x[1] = v[2 * r + 4];
+			x[2] = v[2 * r + 1];
+			x[3] = v[2 * r + 5];
+		}
+		__half2 h0 = __floats2half2_rn(x[0], x[1]);
+		__half2 h1 = __floats2half2_rn(x[2], x[3]);
+
+		if (lo_part) {
+			float2 f0 = __half22float2(h0);
+			float2 f1 = __half22float2(h1);
+
+			h0 = __floats2half2_rn(x[0] - f0.x, x[1] - f0.y);
+			h1 = __floats2half2_rn(x[2] - f1.x, x[3] - f1.y);
+		}
+		f[r][0] = h2u(h0);
+		f[r][1] = h2u(h1);
+		sum += h_lo(h2u(h0)) + h_hi(h2u(h0));
+		s1 += h_lo(h2u(h1)) + h_hi(h2u(h1));
+	}
+	/* The bias of column g's group (k-pair class 0 and 1), then that
+	 * of this lane's columns 2t, 2t+1. */
+	if (KT == KVQ_KV_Q4)
+		sum = -(1032.0f * sum + 72.0f * s1);
+	else
+		sum = -1152.0f * (sum + s1);
+	sum += kvq_shfl_xor_f32(sum, 1);
+	sum += kvq_shfl_xor_f32(sum, 2);
+	*qo = make_uint4(f[0][0], f[0][1], f[1][0], f[1][1]);
+	*ko = make_float2(
+		__uint_as_float(kvq_shfl_u32(__float_as_uint(sum), 8 * t)),
+		__uint_as_float(kvq_shfl_u32(__float_as_uint(sum), 8 * t + 4)));
+}
+
+/*
  * One block: sequence blockIdx.z, KV head blockIdx.y / n_chunks (query
  * heads of pass blockIdx.y % n_chunks), tiles [split * tps, + tps).
  */
@@ -247,72 +316,36 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 		kvq_cp_async_commit();
 	}
 
-	/* The query as B fragments: column g is head g (or, with at most 4
-	 * heads, head g&3's high (g<4) or low (g>=4) f16 part). */
+	/*
+	 * The query as B fragments: column g is head g (or, with at most 4
+	 * heads, head g&3's high (g<4) or low (g>=4) f16 part), and each
+	 * group's bias times the query (kc).  Every warp needs the same
+	 * ones, so warp G makes those of group G for all lanes and leaves
+	 * them in shared memory: a quarter of the chain each warp would
+	 * otherwise run before its first tile.
+	 */
 	unsigned qf[2 * NG][2];
 	float kc[NG][4];
 	{
-		int hd = hilo ? (g & 3) : g;
-		bool lo_part = hilo && g >= 4;
-		bool ok = hd < nh;
-		size_t qo = ((size_t)b * p.hq + hq0 + (ok ? hd : 0)) * HD;
+		uint4 *qsh = (uint4 *)(smem + S::QF_OFF);	/* [NG][32] */
+		float2 *ksh = (float2 *)(smem + S::QF_OFF + NG * 32 * 16);
 
+		if (w < NG)
+			query_group<KT, HD>(p, b, hq0, nh, hilo, w,
+					    qsh + 32 * w + lane,
+					    ksh + 32 * w + lane);
+		__syncthreads();
 #pragma unroll
 		for (int G = 0; G < NG; G++) {
-			float v[8], sum = 0.0f;
+			uint4 u = qsh[32 * G + lane];
+			float2 c = ksh[32 * G + lane];
 
-#pragma unroll
-			for (int i = 0; i < 8; i++)
-				v[i] = ok ? load_q(p, qo + 32 * G + 8 * t + i) *
-					    p.qscale : 0.0f;
-			float s1 = 0.0f;
-
-#pragma unroll
-			for (int r = 0; r < 2; r++) {
-				/* k-pairs of product r: q8 keys adjacent
-				 * channels, q4 and f16 keys c, c+4. */
-				float x[4];
-
-				if (KT == KVQ_KV_Q8) {
-					x[0] = v[4 * r];
-					x[1] = v[4 * r + 1];
-					x[2] = v[4 * r + 2];
-					x[3] = v[4 * r + 3];
-				} else {
-					x[0] = v[2 * r];
-					x[1] = v[2 * r + 4];
-					x[2] = v[2 * r + 1];
-					x[3] = v[2 * r + 5];
-				}
-				__half2 h0 = __floats2half2_rn(x[0], x[1]);
-				__half2 h1 = __floats2half2_rn(x[2], x[3]);
-
-				if (lo_part) {
-					float2 f0 = __half22float2(h0);
-					float2 f1 = __half22float2(h1);
-
-					h0 = __floats2half2_rn(x[0] - f0.x, x[1] - f0.y);
-					h1 = __floats2half2_rn(x[2] - f1.x, x[3] - f1.y);
-				}
-				qf[2 * G + r][0] = h2u(h0);
-				qf[2 * G + r][1] = h2u(h1);
-				sum += h_lo(h2u(h0)) + h_hi(h2u(h0));
-				s1 += h_lo(h2u(h1)) + h_hi(h2u(h1));
-			}
-			/* The bias of column g's group (k-pair class 0 and
-			 * 1), then that of this lane's columns 2t, 2t+1. */
-			if (KT == KVQ_KV_Q4)
-				sum = -(1032.0f * sum + 72.0f * s1);
-			else
-				sum = -1152.0f * (sum + s1);
-			sum += kvq_shfl_xor_f32(sum, 1);
-			sum += kvq_shfl_xor_f32(sum, 2);
-			kc[G][0] = __uint_as_float(
-				kvq_shfl_u32(__float_as_uint(sum), 8 * t));
-			kc[G][1] = __uint_as_float(
-				kvq_shfl_u32(__float_as_uint(sum), 8 * t + 4));
-			kc[G][2] = kc[G][0];
-			kc[G][3] = kc[G][1];
+			qf[2 * G][0] = u.x;
+			qf[2 * G][1] = u.y;
+			qf[2 * G + 1][0] = u.z;
+			qf[2 * G + 1][1] = u.w;
+			kc[G][0] = kc[G][2] = c.x;
+			kc[G][1] = kc[G][3] = c.y;
 		}
 	}
 
@@ -444,33 +477,46 @@ __global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
 	}
 	__syncthreads();
 
-	size_t unit = ((size_t)b * p.hk + h) * p.n_chunks + hc;
-	size_t part = unit * p.n_splits + split;
+	/* Each head's weights of the warps, exp2(m_w - M), its maximum M
+	 * and sum, once. */
+	float *sA = sL + NW * NCOL, *sMx = sA + NW * NCOL, *sLt = sMx + NCOL;
 
-	for (int i = threadIdx.x; i < nh * HD; i += NW * 32) {
-		int hd = i / HD, ch = i % HD;
-		float M = -INFINITY, o = 0.0f, L2 = 0.0f;
+	if (threadIdx.x < NCOL) {
+		int hd = threadIdx.x;
+		float M = -INFINITY, L2 = 0.0f;
 
 		for (int v = 0; v < NW; v++)
 			M = fmaxf(M, sM[v * NCOL + hd]);
 		for (int v = 0; v < NW; v++) {
 			float mv = sM[v * NCOL + hd];
+			float a = mv == -INFINITY ? 0.0f : exp2f(mv - M);
 
-			if (mv != -INFINITY) {
-				float a = exp2f(mv - M);
-
-				o += a * sO[(v * NCOL + hd) * HD + ch];
-				L2 += a * sL[v * NCOL + hd];
-			}
+			sA[v * NCOL + hd] = a;
+			L2 += a * sL[v * NCOL + hd];
 		}
+		sMx[hd] = M;
+		sLt[hd] = n_active == 1 ? (L2 > 0.0f ? 1.0f / L2 : 0.0f) : L2;
+	}
+	__syncthreads();
+
+	size_t unit = ((size_t)b * p.hk + h) * p.n_chunks + hc;
+	size_t part = unit * p.n_splits + split;
+
+	for (int i = threadIdx.x; i < nh * HD; i += NW * 32) {
+		int hd = i / HD, ch = i % HD;
+		float o = 0.0f;
+
+#pragma unroll
+		for (int v = 0; v < NW; v++)
+			o += sA[v * NCOL + hd] * sO[(v * NCOL + hd) * HD + ch];
 		if (n_active == 1) {
 			put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch,
-				L2 > 0.0f ? o / L2 : 0.0f);
+				o * sLt[hd]);
 		} else {
 			p.ws_o[(part * NCOL + hd) * HD + ch] = o;
 			if (ch == 0) {
-				p.ws_m[part * NCOL + hd] = M;
-				p.ws_l[part * NCOL + hd] = L2;
+				p.ws_m[part * NCOL + hd] = sMx[hd];
+				p.ws_l[part * NCOL + hd] = sLt[hd];
 			}
 		}
 	}

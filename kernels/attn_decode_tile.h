@@ -87,8 +87,11 @@ template <int KT, int VT, int HD> struct stage {
 	static constexpr int N = BYTES <= 2700 ? 4 : BYTES <= 4100 ? 3 : 2;
 	static constexpr int SINK_OFF = NW * N * BYTES;	/* [NW][512] */
 	static constexpr int PID_OFF = SINK_OFF + 2048;	/* [NW][64] */
-	static constexpr int SMEM = PID_OFF + NW * 64 * 4;
-	static constexpr int MERGE = NW * NCOL * HD * 4 + 2 * NW * NCOL * 4;
+	/* The query's fragments and biases: [HD/32][32] uint4, float2. */
+	static constexpr int QF_OFF = PID_OFF + NW * 64 * 4;
+	static constexpr int SMEM = QF_OFF + HD / 32 * 32 * 24;
+	static constexpr int MERGE = NW * NCOL * HD * 4 + 3 * NW * NCOL * 4 +
+				     2 * NCOL * 4;
 	static constexpr int SPLIT = (2 * MAX_SPLITS + 1) * NCOL * 4;
 	static constexpr int DYN = SMEM > MERGE ? (SMEM > SPLIT ? SMEM : SPLIT) :
 				   (MERGE > SPLIT ? MERGE : SPLIT);
