@@ -665,8 +665,9 @@ static void split_center_args_rejected(void)
 /*
  * The fused decode kernel at head size g_hd.  Every pair: ragged batch,
  * tokens below and across page ends, sinks; then the common pairs over
- * long and mixed sequences, GQA 1-16, pages of 32 and 64, no sinks, an
- * empty sequence and f16 input and output.
+ * long and mixed sequences (one alone: 64 splits and more to merge),
+ * GQA 1-16, pages of 32 and 64, no sinks, an empty sequence and f16
+ * input and output.
  */
 static void decode_suite(void)
 {
@@ -690,6 +691,10 @@ static void decode_suite(void)
 		struct dcase cases[] = {
 			{ "long", kt, vt, 32, 8, 16, 4, 3,
 			  { 32768, 8191, 33 }, 0, 1.0f, 0, 0 },
+			/* one sequence: a wave of splits to merge, over 16
+			 * loads in flight a thread */
+			{ "long1", kt, vt, 32, 8, 16, 4, 1, { 30001 }, 0, 1.0f,
+			  0, 0 },
 			{ "batch8_mixed", kt, vt, 32, 8, 16, 4, 8,
 			  { 4096, 2, 1023, 4097, 64, 15, 2048, 511 }, 0, 1.0f,
 			  0, 0 },
