@@ -622,7 +622,12 @@ curl -sN -o "$DIR/drain.txt" "http://127.0.0.1:$PORT/v1/completions" \
 cpid=$!
 sleep 0.2
 kill -TERM "$dpid"
-sleep 0.05
+# the drain has begun once /health says so (the signal is handled on the
+# daemon's loop, which may be busy for a moment)
+for i in $(seq 1 60); do
+	[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/health")" = 503 ] && break
+	sleep 0.05
+done
 req POST /v1/completions -d "$normal"
 [ "$STATUS" = 503 ] && js 'j["error"]["code"] == "draining"'
 ok $? "SIGTERM: a new request gets 503 draining"
