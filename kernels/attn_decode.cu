@@ -54,9 +54,11 @@
  * scales; rows are padded so that every fragment read is free of bank
  * conflicts and sits at a per-lane base plus a constant (q4 rows are read
  * with ldmatrix; the paddings depend on the head size), and the tile
- * loop is unrolled over the stages.  A
- * tile's copies cost one wide multiply per pool; page ids come from a
- * per-warp ring in shared memory, refilled 32 at a time.
+ * loop is unrolled over the stages.  A tile's copies cost one wide
+ * multiply per pool; page ids come from a per-warp ring in shared
+ * memory, refilled 32 at a time.  The query's fragments are made once a
+ * block (warp G makes group G's for every lane) and read from shared
+ * memory by all warps.
  *
  * Operand layouts (lane = 4g + t): keys, group G, k-step 2G+r: lane t
  * holds channels 32G+8t+{2r, 2r+4 | 2r+1, 2r+5} of tokens g and g+8 (q8:
