@@ -1018,14 +1018,17 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		mm(c, m[KVQ_GPU_M_O], c->att, c->as, c->x, c->xs, T, EPI_ADD,
 		   nullptr);
 		mark(c, PROF_O);
+		/* The skinny product takes SwiGLU into its input: decided
+		 * once, for the gate/up product and the down one alike. */
+		bool skinny_down = skinny(c, m[KVQ_GPU_M_DOWN], T);
+
 		if (small_product(c, T)) {
 			mm(c, m[KVQ_GPU_M_GATEUP], c->x, c->xs, c->h, c->hs, T,
 			   EPI_SWIGLU, nullptr, v[KVQ_GPU_V_FFN_NORM]);
 		} else {
 			mm(c, m[KVQ_GPU_M_GATEUP], c->x, c->xs, c->gu, c->gus,
 			   T, EPI_STORE, nullptr, v[KVQ_GPU_V_FFN_NORM]);
-			/* The skinny product takes SwiGLU into its input. */
-			if (!skinny(c, m[KVQ_GPU_M_DOWN], T))
+			if (!skinny_down)
 				launch(swiglu_kernel, dim3((F + 255) / 256, T),
 				       dim3(256), 0, c->st,
 				       (const float *)c->gu, c->gus, c->h,
@@ -1035,7 +1038,7 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		if (c->fused_norm && T == 1 && l + 1 < md->n_layers)
 			c->norm_next = g->v[(size_t)(l + 1) * KVQ_GPU_V_NLAYER +
 					    KVQ_GPU_V_ATTN_NORM];
-		if (skinny(c, m[KVQ_GPU_M_DOWN], T))
+		if (skinny_down)
 			skinny_mm(c, m[KVQ_GPU_M_DOWN], c->gu, c->gus,
 				  nullptr, KVQ_SKINNY_SWIGLU, nullptr, c->x,
 				  c->xs, T, true, nullptr);
