@@ -241,6 +241,16 @@ def bench_stream(lib):
     return {"bytes": n, "us": med, "gbs": n / med / 1e3}
 
 
+def positive_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError("%r is not a whole number >= 1" % s)
+    return v
+
+
 def main():
     global PAGES, MIN_CALLS
     ap = argparse.ArgumentParser()
@@ -257,14 +267,14 @@ def main():
                     default="random",
                     help="page order in the pool: random (each sequence's "
                     "pages scattered) or ordered (consecutive)")
-    ap.add_argument("--min-calls", type=int, default=MIN_CALLS,
+    ap.add_argument("--min-calls", type=positive_int, default=MIN_CALLS,
                     help="calls in one timed graph replay (at least; 1: a "
                     "replay of one long call also counts its launch)")
     ap.add_argument("--max-gib", type=float, default=100.0,
                     help="skip shapes whose data would exceed this")
     o = ap.parse_args()
     PAGES = o.pages
-    MIN_CALLS = max(1, o.min_calls)
+    MIN_CALLS = o.min_calls
     libs = []
     for spec in o.lib:
         name, _, path = spec.rpartition("=")
