@@ -789,8 +789,16 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 	 */
 	if (units * 4 >= (long long)n_sms * 3 && tps < 16 * NW)
 		tps = n_tiles;
-	if (tps < NW)
-		tps = NW;
+	/*
+	 * A warp's share of a split: one tile at least; two at head_dim 64,
+	 * where a step of a short context has more splits than work for
+	 * them.  kvqd's decode step (1B shape, q4/q4), H200, three
+	 * alternating runs, us a step: batch 1 at 1K 879-881 -> 871-875,
+	 * batch 2 at 1K 1110-1112 -> 1091-1093; batch 4, and 4K, within 1%
+	 * (four tiles a warp: no better, batch 1 at 1K 884-889).
+	 */
+	if (tps < (a->head_dim == 64 ? 2 * NW : NW))
+		tps = a->head_dim == 64 ? 2 * NW : NW;
 	ns = (n_tiles + tps - 1) / tps;
 	pl->n_splits = (int)ns;
 	pl->tps = (int)tps;
