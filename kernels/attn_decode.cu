@@ -751,7 +751,7 @@ int check(const struct kvq_gpu_attn_args *a, kinfo **k)
 
 void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 {
-	long long units, n_tiles, cap, ns, tps;
+	long long units, n_tiles, cap, ns, tps, mt;
 
 	pl->n_chunks = (int)((a->n_q_heads / a->n_kv_heads + NCOL - 1) / NCOL);
 	units = (long long)a->batch * a->n_kv_heads * pl->n_chunks;
@@ -797,8 +797,9 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 	 * batch 2 at 1K 1110-1112 -> 1091-1093; batch 4, and 4K, within 1%
 	 * (four tiles a warp: no better, batch 1 at 1K 884-889).
 	 */
-	if (tps < (a->head_dim == 64 ? 2 * NW : NW))
-		tps = a->head_dim == 64 ? 2 * NW : NW;
+	mt = a->head_dim == 64 ? 2 * NW : NW;
+	if (tps < mt)
+		tps = mt;
 	ns = (n_tiles + tps - 1) / tps;
 	pl->n_splits = (int)ns;
 	pl->tps = (int)tps;
