@@ -52,6 +52,12 @@ static const struct kvq_config_choice kv_smooth_modes[] = {
 	{ NULL, 0 },
 };
 
+static const struct kvq_config_choice key_roundings[] = {
+	{ "nearest", 0 },
+	{ "queries", 1 },
+	{ NULL, 0 },
+};
+
 static const struct kvq_config_choice on_off[] = {
 	{ "off", 0 },
 	{ "on", 1 },
@@ -123,6 +129,9 @@ static const struct kvq_config_key keys[] = {
 	{ "kv_smooth", KVQ_CT_ENUM, OFF(kv_smooth), false, false, "auto", 0, 0,
 	  kv_smooth_modes,
 	  "reshape keys/values for a quantized KV cache, folded into the weights at load: auto, on or off" },
+	{ "kv_key_rounding", KVQ_CT_ENUM, OFF(kv_key_rounding), false, false,
+	  "nearest", 0, 0, key_roundings,
+	  "codes of q8/q4 keys: nearest, or queries (per RoPE pair, the error the queries read least; CPU only)" },
 	{ "prefix_cache", KVQ_CT_ENUM, OFF(prefix_cache), false, false, "on", 0, 0,
 	  on_off,
 	  "keep finished sequences' KV to share with later prompts that start the same way: on or off" },

@@ -89,6 +89,8 @@ struct kvq_config {
 	uint32_t kv_page_tokens;
 	uint32_t kv_sink_tokens;
 	int kv_smooth;			/* enum kvq_kv_smooth_mode */
+	int kv_key_rounding;		/* 1: keys' codes against the
+					 * queries (kvq_kv_key_moments()) */
 	int prefix_cache;		/* 1: share prompt prefixes' KV */
 	int device;			/* enum kvq_device */
 

@@ -413,6 +413,13 @@ static void *loader_main(void *arg)
 		d->load_ret = kvq_kv_smooth_load(d->model, d->conf.kv_smooth,
 			d->conf.kv_type_k, d->conf.kv_type_v, d->load_err,
 			sizeof(d->load_err));
+	if (!d->load_ret && d->conf.kv_key_rounding) {
+		d->load_ret = kvq_kv_key_moments(d->model);
+		if (d->load_ret)
+			snprintf(d->load_err, sizeof(d->load_err),
+				 "kv_key_rounding = queries: cannot measure the model: %s",
+				 strerror(-d->load_ret));
+	}
 	if (!d->load_ret && d->load_calibrate)
 		d->load_ret = calibrate_keys(d);
 	event_active(d->ev_loaded, EV_READ, 0);

@@ -49,6 +49,7 @@ struct oneshot {
 	int kv_page_tokens;
 	int kv_smooth;		/* enum kvq_kv_smooth_mode */
 	struct kvq_kv_smooth_report smooth;
+	bool key_queries;	/* --kv-key-rounding queries */
 	int max_tokens;
 	int threads;
 	int n_ctx;
@@ -70,7 +71,7 @@ enum {
 	OPT_THREADS, OPT_CTX, OPT_MODEL, OPT_VERBOSE, OPT_DEVICE,
 	OPT_PERPLEXITY, OPT_KL_AGAINST, OPT_KV_TYPE_K, OPT_KV_TYPE_V,
 	OPT_KV_SINK, OPT_KV_PAGE, OPT_RANKS, OPT_JSON, OPT_FIM, OPT_DOT,
-	OPT_KV_SMOOTH,
+	OPT_KV_SMOOTH, OPT_KV_KEY_ROUNDING,
 };
 
 static const struct option oneshot_opts[] = {
@@ -104,6 +105,7 @@ static const struct option oneshot_opts[] = {
 	{ "fim", required_argument, NULL, OPT_FIM },
 	{ "dot", required_argument, NULL, OPT_DOT },
 	{ "kv-smooth", required_argument, NULL, OPT_KV_SMOOTH },
+	{ "kv-key-rounding", required_argument, NULL, OPT_KV_KEY_ROUNDING },
 	{ NULL, 0, NULL, 0 },
 };
 
@@ -206,6 +208,14 @@ static int parse_args(struct oneshot *o, int argc, char **argv)
 			o->kv_smooth = (int)mode;
 			break;
 		}
+		case OPT_KV_KEY_ROUNDING:
+			if (strcmp(optarg, "nearest") && strcmp(optarg, "queries")) {
+				fprintf(stderr, "kvqd: --kv-key-rounding: expected nearest or queries, got \"%s\"\n",
+					optarg);
+				return -EINVAL;
+			}
+			o->key_queries = !strcmp(optarg, "queries");
+			break;
 		case OPT_KV_SINK:
 			if (parse_num("kv-sink-tokens", optarg, 0, 64, &v))
 				return -EINVAL;
@@ -741,11 +751,13 @@ static int do_perplexity(struct kvq_model *m, struct oneshot *o)
 	printf("{\"file\": \"%s\", \"tokens\": %d, \"scored\": %llu, \"window\": %u, "
 	       "\"kv_type_k\": \"%s\", \"kv_type_v\": \"%s\", "
 	       "\"kv_bytes_per_token\": %llu, \"kv_smooth\": \"%s\", "
-	       "\"smoothed\": \"%s\", \"ppl\": %.6f",
+	       "\"smoothed\": \"%s\", \"kv_key_rounding\": \"%s\", "
+	       "\"ppl\": %.6f",
 	       o->perplexity, n, (unsigned long long)res.n_scored, window,
 	       o->kv_type_k, o->kv_type_v,
 	       (unsigned long long)res.kv_bytes_per_token,
-	       kvq_kv_smooth_mode_name(o->kv_smooth), o->smooth.state, res.ppl);
+	       kvq_kv_smooth_mode_name(o->kv_smooth), o->smooth.state,
+	       o->key_queries ? "queries" : "nearest", res.ppl);
 	if (o->kl_against)
 		printf(", \"ref\": \"%s\", \"ref_model\": \"%s\", \"ref_ppl\": %.6f, "
 		       "\"delta_ppl_pct\": %.4f, "
@@ -943,6 +955,13 @@ int kvq_oneshot_main(int argc, char **argv)
 		return 1;
 	}
 	kvq_kv_smooth_last(m, &o.smooth);
+	if (!o.ranks && !o.tokenize && o.key_queries &&
+	    (ret = kvq_kv_key_moments(m))) {
+		fprintf(stderr, "kvqd: --kv-key-rounding queries: cannot measure the model: %s\n",
+			strerror(-ret));
+		kvq_model_destroy(m);
+		return 1;
+	}
 	if (o.ranks)
 		ret = do_ranks(m, &o);
 	else if (o.tokenize)

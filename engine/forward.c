@@ -96,6 +96,7 @@ int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
 	ko.page_tokens = o->kv_page_tokens ? o->kv_page_tokens : 16;
 	ko.n_sink = o->kv_sink_tokens;
 	ko.k_center = m->kv_center;
+	ko.k_moments = m->kv_key_moments;
 	ko.max_pos = c->n_ctx;
 	ko.rope_dim = hp->rope_dim;
 	ko.rope_base = hp->rope_base;
@@ -154,6 +155,13 @@ int kvq_ctx_create(struct kvq_model *m, const struct kvq_ctx_opts *o,
 	    !c->slots || !c->gsp || !c->gu || !c->grng) {
 		snprintf(err, errlen, "out of memory for activations");
 		ret = -ENOMEM;
+		goto out_free;
+	}
+	if (o->device == KVQ_CTX_GPU && m->kv_key_moments) {
+		/* Its bytes would differ from the GPU append kernel's. */
+		snprintf(err, errlen,
+			 "kv_key_rounding = queries runs on the CPU only: the GPU backend stores the nearest codes (use kv_key_rounding = nearest, or --device cpu)");
+		ret = -EOPNOTSUPP;
 		goto out_free;
 	}
 	if (o->device == KVQ_CTX_GPU) {

@@ -253,6 +253,7 @@ int kvq_kv_create(const struct kvq_kv_opts *o, struct kvq_kvcache **out)
 		goto out_free;
 	}
 	c->o.k_center = NULL;
+	c->o.k_moments = NULL;
 	c->layers = calloc(o->n_layers, sizeof(*c->layers));
 	c->refcnt = calloc(o->n_pages, sizeof(*c->refcnt));
 	c->free_list = malloc(o->n_pages * sizeof(*c->free_list));
@@ -276,6 +277,15 @@ int kvq_kv_create(const struct kvq_kv_opts *o, struct kvq_kvcache **out)
 					       (size_t)i * o->rope_dim);
 		}
 	}
+	if (o->k_moments) {
+		size_t n = (size_t)o->n_layers * o->n_kv_heads * 2 *
+			   o->head_dim;
+
+		c->moments = malloc(n * sizeof(float));
+		if (!c->moments)
+			goto out_free;
+		memcpy(c->moments, o->k_moments, n * sizeof(float));
+	}
 	for (l = 0; l < o->n_layers; l++) {
 		ret = half_init(c, &c->layers[l].k, o->type_k[l]);
 		if (!ret)
@@ -285,6 +295,9 @@ int kvq_kv_create(const struct kvq_kv_opts *o, struct kvq_kvcache **out)
 		if (c->centers && is_quant(c->layers[l].k.type))
 			c->layers[l].center = c->centers +
 				(size_t)l * o->n_kv_heads * o->head_dim;
+		if (c->moments && is_quant(c->layers[l].k.type))
+			c->layers[l].moments = c->moments +
+				(size_t)l * o->n_kv_heads * 2 * o->head_dim;
 	}
 	/* Lowest ids are handed out first. */
 	for (i = 0; i < o->n_pages; i++)
@@ -310,6 +323,7 @@ void kvq_kv_destroy(struct kvq_kvcache *c)
 	}
 	free(c->layers);
 	free(c->centers);
+	free(c->moments);
 	free(c->center_cs);
 	free(c->refcnt);
 	free(c->free_list);
@@ -603,6 +617,71 @@ bool kvq_kv_center_at(const struct kvq_kvcache *c, uint32_t layer,
 	return true;
 }
 
+static int get_code(enum kvq_kv_type t, const uint8_t *data, uint32_t i)
+{
+	if (t == KVQ_KV_Q8)
+		return (int8_t)data[i];
+	return (i % 2 ? data[i / 2] >> 4 : data[i / 2] & 15) - 8;
+}
+
+static void put_code(enum kvq_kv_type t, uint8_t *data, uint32_t i, int q)
+{
+	if (t == KVQ_KV_Q8)
+		data[i] = (uint8_t)(int8_t)q;
+	else if (i % 2)
+		data[i / 2] = (uint8_t)((data[i / 2] & 0x0f) | ((q + 8) << 4));
+	else
+		data[i / 2] = (uint8_t)((data[i / 2] & 0xf0) | (q + 8));
+}
+
+void kvq_kv_round_pairs(enum kvq_kv_type t, const float *x, uint32_t d,
+			uint32_t group, uint32_t rope_dim, bool neox,
+			const float *w, uint8_t *data,
+			const uint16_t *scales)
+{
+	int lo = t == KVQ_KV_Q8 ? -127 : -8, hi = t == KVQ_KV_Q8 ? 127 : 7;
+	uint32_t i;
+
+	if (!is_quant(t))
+		return;
+	for (i = 0; i < rope_dim && i < d; i++) {
+		uint32_t j = neox ? (i < rope_dim / 2 ? i + rope_dim / 2 : d) :
+			     i ^ 1;
+		float si, sj, best = 0.0f;
+		int q0, q1, b0, b1, a;
+
+		if (j <= i || j >= d)
+			continue;
+		si = kvq_f16_to_f32(scales[i / group]);
+		sj = kvq_f16_to_f32(scales[j / group]);
+		if (!(si > 0.0f) || !(sj > 0.0f))
+			continue;
+		q0 = b0 = get_code(t, data, i);
+		q1 = b1 = get_code(t, data, j);
+		/* the nearest codes, then the eight around them (a tie keeps
+		 * the nearest) */
+		for (a = 0; a < 10; a++) {
+			int c0 = q0 + (a == 0 ? 0 : (a - 1) % 3 - 1);
+			int c1 = q1 + (a == 0 ? 0 : (a - 1) / 3 - 1);
+			float di, dj, cost;
+
+			if (c0 < lo || c0 > hi || c1 < lo || c1 > hi)
+				continue;
+			di = x[i] - (float)c0 * si;
+			dj = x[j] - (float)c1 * sj;
+			cost = w[i] * di * di + w[j] * dj * dj +
+			       2.0f * w[d + i] * di * dj;
+			if (a == 0 || cost < best) {
+				best = cost;
+				b0 = c0;
+				b1 = c1;
+			}
+		}
+		put_code(t, data, i, b0);
+		put_code(t, data, j, b1);
+	}
+}
+
 /* Stores one half of token @pos; @ctr: subtract R_pos ctr[h] from each
  * head first (key centring), or NULL. */
 static void write_half(struct kvq_kvcache *c, struct kvq_kv_half *hf,
@@ -629,6 +708,13 @@ static void write_half(struct kvq_kvcache *c, struct kvq_kv_half *hf,
 				 row_data(c, hf, page, pos % pt, h),
 				 hf->n_groups ? row_scales(c, hf, page,
 							   pos % pt, h) : NULL);
+		if (!is_v && c->layers[layer].moments)
+			kvq_kv_round_pairs(hf->type, xh, d, c->group,
+					   c->o.rope_dim, c->o.rope_neox,
+					   c->layers[layer].moments +
+					   (size_t)h * 2 * d,
+					   row_data(c, hf, page, pos % pt, h),
+					   row_scales(c, hf, page, pos % pt, h));
 		for (i = 0; sink && i < d; i++)
 			dst[(size_t)h * d + i] = kvq_f32_to_f16(xh[i]);
 	}

@@ -99,6 +99,13 @@ struct kvq_kv_opts {
 	 * layers whose K is q8/q4.  With them, RoPE's rope_dim, base and
 	 * layout (neox: pairs (i, i + rope_dim/2), else (2i, 2i+1)). */
 	const float *k_center;
+	/* The queries' second moments a KV head ([layer][kv head][2 *
+	 * head_dim]: W[c][c] at c, W[c][c'] at head_dim + c for c' = c's RoPE
+	 * partner; copied), or NULL: keys of q8/q4 layers then take, per
+	 * rotated pair, the codes (each within one of the nearest) whose
+	 * error d minimises d^T W d -- the error as those queries read it --
+	 * instead of the nearest codes.  Same format, same scales. */
+	const float *k_moments;
 	uint32_t max_pos;	/* positions a sequence reaches (0: unknown):
 				 * with centres, their cos/sin are tabled */
 	uint32_t rope_dim;
@@ -117,6 +124,7 @@ struct kvq_kv_half {
 struct kvq_kv_layer {
 	struct kvq_kv_half k, v;
 	const float *center;	/* [kv head][head_dim], NULL: not centred */
+	const float *moments;	/* [kv head][2 * head_dim], or NULL */
 };
 
 struct kvq_kvcache {
@@ -125,6 +133,7 @@ struct kvq_kvcache {
 	bool simd;		/* AVX2 row paths (false: the scalar twin) */
 	struct kvq_kv_layer *layers;
 	float *centers;		/* owned copy of o.k_center, or NULL */
+	float *moments;		/* owned copy of o.k_moments, or NULL */
 	float *center_cs;	/* [max_pos][rope_dim]: kvq_kv_rope_cs() */
 	int32_t *refcnt;	/* per page; 0 = free */
 	int32_t *free_list;	/* stack of free page ids */
@@ -228,5 +237,16 @@ void kvq_kv_quant_row(enum kvq_kv_type t, const float *x, uint32_t d,
 void kvq_kv_dequant_row(enum kvq_kv_type t, const uint8_t *data,
 			const uint16_t *scales, uint32_t d, uint32_t group,
 			float *out);
+/*
+ * Re-chooses the codes of a q8/q4 head row @x that kvq_kv_quant_row()
+ * stored (@data, @scales unchanged): per rotated pair (c, c') -- (2i,
+ * 2i+1), or (i, i + rope_dim/2) for neox -- the codes within one of the
+ * stored ones whose error minimises the 2x2 form of @w (2 d floats, as
+ * kvq_kv_opts.k_moments).  Ties keep the nearer codes.
+ */
+void kvq_kv_round_pairs(enum kvq_kv_type t, const float *x, uint32_t d,
+			uint32_t group, uint32_t rope_dim, bool neox,
+			const float *w, uint8_t *data,
+			const uint16_t *scales);
 
 #endif /* KVQ_KVCACHE_H */

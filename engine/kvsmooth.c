@@ -47,6 +47,9 @@
  */
 #define AUTO_HEAD_DIM 32
 #define ON_MIN_GAIN 0.02
+/* kvq_kv_key_moments() leaves out the first positions (the f16 sinks), as
+ * the smoothing search does by default. */
+#define KEY_MOMENTS_SKIP 4
 
 static const char *const mode_names[] = {
 	[KVQ_KV_SMOOTH_OFF] = "off",
@@ -1151,6 +1154,35 @@ static int spec_types(const char *spec, uint32_t nl, uint8_t *t, char *err,
 	if (r == 1)
 		memset(t, KVQ_KV_Q4, nl);
 	return r < 0 ? r : 0;
+}
+
+int kvq_kv_key_moments(struct kvq_model *m)
+{
+	struct timespec t0, t1;
+	struct acts a;
+	float *w;
+	size_t n, i;
+	int ret;
+
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	ret = measure(m, KEY_MOMENTS_SKIP, &a);
+	if (ret)
+		return ret;
+	n = (size_t)a.nl * a.nkv * a.wsz;
+	w = malloc(n * sizeof(float));
+	if (!w) {
+		acts_free(&a);
+		return -ENOMEM;
+	}
+	for (i = 0; i < n; i++)
+		w[i] = (float)a.wk[i];
+	free(m->kv_key_moments);
+	m->kv_key_moments = w;
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	kvq_notice("KV keys: codes chosen against the queries' moments (kv_key_rounding = queries; %u calibration tokens, %.2f s)",
+		 a.n_tok, (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9);
+	acts_free(&a);
+	return 0;
 }
 
 int kvq_kv_smooth_load(struct kvq_model *m, int mode, const char *kv_type_k,

@@ -205,6 +205,20 @@ int kvq_kv_smooth_load(struct kvq_model *m, int mode, const char *kv_type_k,
 		       const char *kv_type_v, char *err, size_t errlen);
 
 /*
+ * kvq_kv_key_moments() - kv_key_rounding = queries: measures @m as it
+ * stands (after any fold) on the calibration prompts and texts, and keeps
+ * per KV head the second moments of the queries that read it, over RoPE
+ * pairs (m->kv_key_moments), for every KV cache made for @m afterwards:
+ * their q8/q4 keys then take, per pair, the codes whose error those
+ * queries read least (kvcache.h, kvq_kv_round_pairs()).  Same format and
+ * scales; the CPU backend only.  stories260K q4/q4, dPPL / KL against
+ * f16, held-out story and four stories sampled from the model: nearest
+ * +2.57/0.030, +3.25, +2.23, +3.63, +3.40; queries +1.95/0.022, +2.57,
+ * +1.66, +2.82, +1.59.  Logs the time.  Returns 0 or -errno.
+ */
+int kvq_kv_key_moments(struct kvq_model *m);
+
+/*
  * kvq_kv_smooth_last() - the report of the last kvq_kv_smooth_apply() in
  * this process, for status pages (kvqd holds one model).  With @m not
  * NULL, only if it was about @m.  Returns true and fills @out, or false

@@ -373,6 +373,7 @@ void kvq_model_destroy(struct kvq_model *m)
 		free(m->owned[i]);
 	free(m->owned);
 	free(m->kv_center);
+	free(m->kv_key_moments);
 	free(m->layers);
 	free(m->weights);
 	kvq_tokenizer_destroy(m->tok);

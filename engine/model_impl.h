@@ -38,6 +38,10 @@ struct kvq_model {
 	/* Key centres for the quantized KV cache ([layer][kv head][head_dim],
 	 * pre-RoPE; see kvcache.h), set by kvsmooth.c, or NULL. */
 	float *kv_center;
+	/* The queries' second moments a KV head for kv_key_rounding =
+	 * queries ([layer][kv head][2 * head_dim], kvcache.h's k_moments),
+	 * set by kvq_kv_key_moments(), or NULL. */
+	float *kv_key_moments;
 };
 
 #endif /* KVQ_MODEL_IMPL_H */

@@ -36,11 +36,12 @@ from kvq_ref import testing  # noqa: E402
 TARGETS = {("q8", "q8"): 0.2, ("q8", "q4"): 1.0, ("q4", "q4"): 3.0}
 
 
-def perplexity(kvqd, model, text, tk, tv, smooth):
+def perplexity(kvqd, model, text, tk, tv, smooth, extra=()):
     cmd = [kvqd, "--model", model, "--perplexity", text, "--ctx", "512",
            "--kv-type-k", tk, "--kv-type-v", tv, "--kl-against", "f16"]
     if smooth is not None:
         cmd += ["--kv-smooth", smooth]
+    cmd += list(extra)
     rc, so, se = testing.run(cmd)
     try:
         return json.loads(so), se
@@ -148,6 +149,31 @@ def main():
                    "the same smoothing uncentred (%.4g against %s)"
                    % (tk, tv, on["kl_mean"],
                       nc and "%.4g" % nc["kl_mean"] or err))
+
+    # kv_key_rounding = queries: the same q4/q4 cache (smoothed, centred)
+    # with each key pair's codes chosen against the queries' moments.
+    on = res.get(("q4", "q4", "on"))
+    r, err = perplexity(kvqd, model, text, "q4", "q4", "on",
+                        ("--kv-key-rounding", "queries"))
+    if tap.ok(r is not None and r.get("kv_key_rounding") == "queries"
+              and on is not None and on.get("kv_key_rounding") == "nearest",
+              "--kv-key-rounding queries runs and says so: %s"
+              % (r and r.get("kv_key_rounding") or err)):
+        tap.diag("q4/q4 keys rounded against the queries: dPPL %+.3f%%, "
+                 "KL %.4g (nearest %+.3f%%, %.4g)"
+                 % (r["delta_ppl_pct"], r["kl_mean"],
+                    on["delta_ppl_pct"], on["kl_mean"]))
+        tap.ok(r["kl_mean"] < 0.85 * on["kl_mean"]
+               and r["delta_ppl_pct"] < on["delta_ppl_pct"],
+               "q4/q4: keys rounded against the queries lower KL by 15%% "
+               "at least and dPPL (%.4g -> %.4g, %+.3f%% -> %+.3f%%)"
+               % (on["kl_mean"], r["kl_mean"], on["delta_ppl_pct"],
+                  r["delta_ppl_pct"]))
+    rc, so, se = testing.run([kvqd, "--model", model, "--prompt", "x",
+                              "--kv-key-rounding", "roundest"])
+    tap.ok(rc != 0 and "--kv-key-rounding" in se and "roundest" in se,
+           "--kv-key-rounding roundest is refused: "
+           + testing.tail(se, 1).strip())
 
     # kv_smooth defaults to auto, which shapes this head of 8 channels.
     r, err = perplexity(kvqd, model, text, "q8", "q4", None)

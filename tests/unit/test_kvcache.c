@@ -646,6 +646,121 @@ static void exp_sum_accuracy(void)
 	       "kvq_kv_exp_sum_avx2_relative_error (%.2g)", worst);
 }
 
+/* One code of a q8/q4 row as kvq_kv_quant_row() packs it. */
+static int code_at(enum kvq_kv_type t, const uint8_t *data, uint32_t i)
+{
+	if (t == KVQ_KV_Q8)
+		return (int8_t)data[i];
+	return (i % 2 ? data[i / 2] >> 4 : data[i / 2] & 15) - 8;
+}
+
+/*
+ * kvq_kv_round_pairs(): per RoPE pair the codes within one of the nearest
+ * with the least error under the pair's 2x2 form, scales untouched; the
+ * nearest codes where the form is the identity (they are optimal then);
+ * and, with a form that reads only the pair's sum, a pair whose nearest
+ * codes both err by +0.4 of a step moves one code (error 0.8 -> 0.2).
+ */
+static void round_pairs(void)
+{
+	static const enum kvq_kv_type types[2] = { KVQ_KV_Q8, KVQ_KV_Q4 };
+	const uint32_t d = 64, group = 32;
+	int k, n, i;
+
+	for (k = 0; k < 2; k++) {
+		enum kvq_kv_type t = types[k];
+		int lo = t == KVQ_KV_Q8 ? -127 : -8, hi = t == KVQ_KV_Q8 ? 127 : 7;
+		int bad_range = 0, bad_min = 0, bad_id = 0, moved = 0, bad_sc = 0;
+
+		for (n = 0; n < 200; n++) {
+			float x[64], w[128], wi[128];
+			uint8_t near[64], got[64], idd[64];
+			uint16_t sc[2], sc2[2], sc3[2];
+
+			for (i = 0; i < (int)d; i++)
+				x[i] = frand() * (i % 8 == 0 ? 6.0f : 1.0f);
+			for (i = 0; i < (int)d; i += 2) {
+				/* a random positive semi-definite 2x2 form */
+				float a = frand(), b = frand(), c = frand(), e = frand();
+
+				w[i] = a * a + b * b;
+				w[i + 1] = c * c + e * e;
+				w[d + i] = w[d + i + 1] = a * c + b * e;
+				wi[i] = wi[i + 1] = 1.0f;
+				wi[d + i] = wi[d + i + 1] = 0.0f;
+			}
+			kvq_kv_quant_row(t, x, d, group, near, sc);
+			kvq_kv_quant_row(t, x, d, group, got, sc2);
+			kvq_kv_quant_row(t, x, d, group, idd, sc3);
+			kvq_kv_round_pairs(t, x, d, group, d, false, w, got, sc2);
+			kvq_kv_round_pairs(t, x, d, group, d, false, wi, idd, sc3);
+			bad_sc += memcmp(sc, sc2, sizeof(sc)) != 0;
+			bad_id += memcmp(near, idd, t == KVQ_KV_Q8 ? d : d / 2) != 0;
+			for (i = 0; i < (int)d; i += 2) {
+				float si = kvq_f16_to_f32(sc[i / group]);
+				int n0 = code_at(t, near, i), n1 = code_at(t, near, i + 1);
+				int g0 = code_at(t, got, i), g1 = code_at(t, got, i + 1);
+				float best = 1e30f, cost;
+				int a0, a1;
+
+				if (g0 < lo || g0 > hi || g1 < lo || g1 > hi ||
+				    abs(g0 - n0) > 1 || abs(g1 - n1) > 1)
+					bad_range++;
+				moved += g0 != n0 || g1 != n1;
+				for (a0 = n0 - 1; a0 <= n0 + 1; a0++) {
+					for (a1 = n1 - 1; a1 <= n1 + 1; a1++) {
+						double d0 = x[i] - a0 * si, d1 = x[i + 1] - a1 * si;
+
+						if (a0 < lo || a0 > hi || a1 < lo || a1 > hi)
+							continue;
+						cost = (float)(w[i] * d0 * d0 + w[i + 1] * d1 * d1 +
+							       2 * w[d + i] * d0 * d1);
+						best = cost < best ? cost : best;
+					}
+				}
+				{
+					double d0 = x[i] - g0 * si, d1 = x[i + 1] - g1 * si;
+
+					cost = (float)(w[i] * d0 * d0 + w[i + 1] * d1 * d1 +
+						       2 * w[d + i] * d0 * d1);
+				}
+				if (cost > best * (1 + 1e-4f) + 1e-12f)
+					bad_min++;
+			}
+		}
+		tap_ok(!bad_range && !bad_min && !bad_sc && moved > 0,
+		       "kvq_kv_round_pairs_%s_least_pair_error (%d out of range, %d above the least, %d scales changed, %d pairs moved)",
+		       t == KVQ_KV_Q8 ? "q8" : "q4", bad_range, bad_min, bad_sc,
+		       moved);
+		tap_ok(!bad_id, "kvq_kv_round_pairs_%s_identity_keeps_nearest (%d rows differ)",
+		       t == KVQ_KV_Q8 ? "q8" : "q4", bad_id);
+	}
+	{
+		/* q4, head of 8 (one group); amax 7 -> step 1; the pair
+		 * (2, 3) is 2.4 and 3.4: nearest 2 and 3, errors +0.4 each,
+		 * their sum 0.8; 2 and 4 (or 3 and 3) make it -0.2. */
+		float x[8] = { 7.0f, 0.0f, 2.4f, 3.4f, 0.0f, 0.0f, 0.0f, 0.0f };
+		float w[16] = { 0 };
+		uint8_t data[4];
+		uint16_t sc;
+		int s0, s1;
+
+		for (i = 0; i < 8; i++)
+			w[i] = 1.0f;
+		w[8 + 2] = w[8 + 3] = 1.0f;
+		kvq_kv_quant_row(KVQ_KV_Q4, x, 8, 8, data, &sc);
+		s0 = code_at(KVQ_KV_Q4, data, 2);
+		s1 = code_at(KVQ_KV_Q4, data, 3);
+		kvq_kv_round_pairs(KVQ_KV_Q4, x, 8, 8, 8, false, w, data, &sc);
+		tap_ok(s0 == 2 && s1 == 3 && code_at(KVQ_KV_Q4, data, 2) +
+		       code_at(KVQ_KV_Q4, data, 3) == 6 && sc == 0x3c00 &&
+		       code_at(KVQ_KV_Q4, data, 0) == 7,
+		       "kvq_kv_round_pairs_moves_a_code_when_the_sum_is_read (%d %d -> %d %d)",
+		       s0, s1, code_at(KVQ_KV_Q4, data, 2),
+		       code_at(KVQ_KV_Q4, data, 3));
+	}
+}
+
 int main(void)
 {
 	exp_sum_accuracy();
@@ -662,5 +777,6 @@ int main(void)
 	pool_accounting();
 	shared_prefix_attention();
 	bad_options_refused();
+	round_pairs();
 	return tap_done();
 }
