@@ -551,12 +551,18 @@ void kvq_kv_rope_cs(uint32_t pos, uint32_t i, uint32_t rope_dim, float base,
 	*sn = (float)sin(th);
 }
 
-/* Channels of rotated pair @i. */
+/* Channels of rotated pair @i of @rope_dim (neox: i, i + rope_dim / 2). */
+static inline void pair_channels(uint32_t rope_dim, bool neox, uint32_t i,
+				 uint32_t *a, uint32_t *b)
+{
+	*a = neox ? i : 2 * i;
+	*b = neox ? i + rope_dim / 2 : 2 * i + 1;
+}
+
 static inline void pair_of(const struct kvq_kvcache *c, uint32_t i,
 			   uint32_t *a, uint32_t *b)
 {
-	*a = c->o.rope_neox ? i : 2 * i;
-	*b = c->o.rope_neox ? i + c->o.rope_dim / 2 : 2 * i + 1;
+	pair_channels(c->o.rope_dim, c->o.rope_neox, i, a, b);
 }
 
 /* cs[2i], cs[2i+1]: cos, sin of pair i at @pos. */
@@ -640,17 +646,16 @@ void kvq_kv_round_pairs(enum kvq_kv_type t, const float *x, uint32_t d,
 			const uint16_t *scales)
 {
 	int lo = t == KVQ_KV_Q8 ? -127 : -8, hi = t == KVQ_KV_Q8 ? 127 : 7;
-	uint32_t i;
+	uint32_t p, i, j;
 
 	if (!is_quant(t))
 		return;
-	for (i = 0; i < rope_dim && i < d; i++) {
-		uint32_t j = neox ? (i < rope_dim / 2 ? i + rope_dim / 2 : d) :
-			     i ^ 1;
+	for (p = 0; p < rope_dim / 2; p++) {
 		float si, sj, best = 0.0f;
 		int q0, q1, b0, b1, a;
 
-		if (j <= i || j >= d)
+		pair_channels(rope_dim, neox, p, &i, &j);
+		if (j >= d)
 			continue;
 		si = kvq_f16_to_f32(scales[i / group]);
 		sj = kvq_f16_to_f32(scales[j / group]);

@@ -758,6 +758,21 @@ static void round_pairs(void)
 		       "kvq_kv_round_pairs_moves_a_code_when_the_sum_is_read (%d %d -> %d %d)",
 		       s0, s1, code_at(KVQ_KV_Q4, data, 2),
 		       code_at(KVQ_KV_Q4, data, 3));
+
+		/* neox: the pair of channel 2 is channel 6; channel 3's
+		 * neighbour 2 is not its pair and stays nearest */
+		x[3] = 0.0f;
+		x[6] = 3.4f;
+		x[7] = 1.4f;
+		w[8 + 3] = w[8 + 7] = 0.0f;
+		w[8 + 2] = w[8 + 6] = 1.0f;
+		kvq_kv_quant_row(KVQ_KV_Q4, x, 8, 8, data, &sc);
+		kvq_kv_round_pairs(KVQ_KV_Q4, x, 8, 8, 8, true, w, data, &sc);
+		tap_ok(code_at(KVQ_KV_Q4, data, 2) + code_at(KVQ_KV_Q4, data, 6) == 6 &&
+		       code_at(KVQ_KV_Q4, data, 3) == 0 &&
+		       code_at(KVQ_KV_Q4, data, 7) == 1,
+		       "kvq_kv_round_pairs_neox_pairs_i_and_i_plus_half (%d %d)",
+		       code_at(KVQ_KV_Q4, data, 2), code_at(KVQ_KV_Q4, data, 6));
 	}
 }
 
