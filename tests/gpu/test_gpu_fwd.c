@@ -41,6 +41,7 @@
 #include <string.h>
 
 #include "engine/kvcache.h"
+#include "engine/kvsmooth.h"
 #include "engine/log.h"
 #include "engine/model.h"
 #include "engine/model_impl.h"
@@ -1112,6 +1113,39 @@ out:
 	free(lg);
 }
 
+/*
+ * kv_key_rounding = queries is the CPU's: with the key moments on the
+ * model, a GPU context is refused, naming the setting, and a CPU context
+ * is still made.
+ */
+static void key_rounding_refused(struct kvq_model *m, const char *mname)
+{
+	struct kvq_ctx_opts o;
+	struct kvq_ctx *c = NULL;
+	char err[256] = "";
+	int ret;
+
+	kvq_ctx_opts_default(&o);
+	o.n_ctx = 64;
+	o.max_seqs = 1;
+	ret = kvq_kv_key_moments(m);
+	tap_ok(!ret, "%s key moments measured (%d)", mname, ret);
+	if (ret)
+		return;
+	o.device = KVQ_CTX_GPU;
+	ret = kvq_ctx_create(m, &o, &c, err, sizeof(err));
+	tap_ok(ret == -EOPNOTSUPP && !c && strstr(err, "kv_key_rounding"),
+	       "%s kv_key_rounding = queries: a GPU context is refused: %s",
+	       mname, err);
+	kvq_ctx_destroy(c);
+	c = NULL;
+	o.device = KVQ_CTX_CPU;
+	ret = kvq_ctx_create(m, &o, &c, err, sizeof(err));
+	tap_ok(!ret && c, "%s kv_key_rounding = queries: a CPU context is made%s%s",
+	       mname, ret ? ": " : "", ret ? err : "");
+	kvq_ctx_destroy(c);
+}
+
 int main(int argc, char **argv)
 {
 	struct kvq_gpu_info gi;
@@ -1171,6 +1205,9 @@ int main(int argc, char **argv)
 				no_graph_case(m, name, 1);
 			}
 #endif
+			/* last: it leaves the model with key moments */
+			if (i == 1 && !pass)
+				key_rounding_refused(m, name);
 			kvq_model_destroy(m);
 		}
 	}
