@@ -16,6 +16,7 @@ spread over many calls.
       [--heads 32] [--kv-heads 8] [--batches 1,8,16,64]
       [--contexts 1024,4096,32768,131072] [--shapes 1:1024,16:32768]
       [--formats q4/q4,q8/q4,f16/f16] [--pages random|ordered]
+      [--page-tokens 16]
       [--min-calls 16]
 
 The library is kernels/attn_decode.cu, kernels/attn_append.cu and
@@ -252,7 +253,7 @@ def positive_int(s):
 
 
 def main():
-    global PAGES, MIN_CALLS
+    global PAGES, MIN_CALLS, P
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", required=True, action="append",
                     help="PATH or NAME=PATH; repeat to compare builds")
@@ -263,6 +264,8 @@ def main():
     ap.add_argument("--formats", default="q4/q4,q8/q4,f16/f16")
     ap.add_argument("--shapes", default="",
                     help="batch:context pairs, comma-separated")
+    ap.add_argument("--page-tokens", type=positive_int, default=P,
+                    help="tokens a page (a power of two, >= 16)")
     ap.add_argument("--pages", choices=("random", "ordered"),
                     default="random",
                     help="page order in the pool: random (each sequence's "
@@ -274,6 +277,7 @@ def main():
                     help="skip shapes whose data would exceed this")
     o = ap.parse_args()
     PAGES = o.pages
+    P = o.page_tokens
     MIN_CALLS = o.min_calls
     libs = []
     for spec in o.lib:
