@@ -278,6 +278,8 @@ def main():
     o = ap.parse_args()
     PAGES = o.pages
     P = o.page_tokens
+    if P < 16 or P & (P - 1):
+        ap.error("--page-tokens: %d is not a power of two >= 16" % P)
     MIN_CALLS = o.min_calls
     libs = []
     for spec in o.lib:
