@@ -180,7 +180,9 @@ __global__ void __launch_bounds__(THREADS) split_kernel(split_args a)
 constexpr uint32_t TC_MAXT = 16;
 
 struct tc_args {
-	const __half *w;
+	const __half *w;	/* f16 rows, or */
+	const int8_t *wq;	/* Q8 rows (ld = cols) and their */
+	const __half *ws;	/* block scales, expanded as kvq_q8_h8() */
 	uint32_t rows, ld;
 	const __half *hi, *lo;
 	uint32_t n;
@@ -195,24 +197,38 @@ struct tc_args {
 };
 
 /* Chunks @kc, @kc + KW, ... (U of them, those below @nch) of the warp's
- * rows g and g + 8 of each 16-row tile. */
-template <int MT, int KW, int U>
+ * rows g and g + 8 of each 16-row tile: row @r[m] (and r[m] + 8), the
+ * lane's 8 columns from 8 t.  Q8 rows come as the f16 values of their
+ * copy in f16 (a chunk of 32 columns is one Q8 block), so the products
+ * are those of f16 weights to the bit. */
+template <bool Q8, int MT, int KW, int U>
 __device__ __forceinline__ void tc_load_w(uint4 (&A)[U][MT][2],
-					  const __half *const (&wr)[MT],
-					  uint32_t ld, uint32_t kc,
-					  uint32_t nch)
+					  const tc_args &a,
+					  const uint32_t (&r)[MT], uint32_t t,
+					  uint32_t kc, uint32_t nch)
 {
 #pragma unroll
 	for (int u = 0; u < U; u++) {
-		size_t o = (size_t)(kc + u * KW) * 32;
+		uint32_t ch = kc + u * KW;
+		size_t o = (size_t)ch * 32 + 8 * t;
 
-		if (kc + u * KW >= nch)
+		if (ch >= nch)
 			break;
 #pragma unroll
 		for (int m = 0; m < MT; m++) {
-			A[u][m][0] = __ldg((const uint4 *)(wr[m] + o));
-			A[u][m][1] = __ldg((const uint4 *)(wr[m] + 8 * (size_t)ld +
-							  o));
+#pragma unroll
+			for (int h = 0; h < 2; h++) {
+				size_t row = r[m] + 8 * h;
+
+				if (Q8)
+					A[u][m][h] = kvq_q8_h8(
+						__ldg((const uint2 *)(a.wq +
+							row * a.ld + o)),
+						a.ws[row * nch + ch]);
+				else
+					A[u][m][h] = __ldg((const uint4 *)(a.w +
+							row * a.ld + o));
+			}
 		}
 	}
 }
@@ -237,7 +253,7 @@ __device__ __forceinline__ void tc_load_x(uint4 (&B)[U][NT][2],
 	}
 }
 
-template <int MT, int NT, int KW, int U>
+template <bool Q8, int MT, int NT, int KW, int U>
 __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 {
 	constexpr int E = MT * NT * 128;	/* accumulators a warp */
@@ -245,7 +261,7 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 	const uint32_t lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
 	const uint32_t g = lane >> 2, t = lane & 3, nch = a.ld / 32;
 	const uint32_t r0 = blockIdx.x * 16 * MT;
-	const __half *wr[MT];
+	uint32_t wr[MT];
 	const __half *xr[NT][2];
 	float c[MT][NT][4];
 	uint4 A[U][MT][2], B[U][NT][2];
@@ -253,7 +269,7 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 	int m, j, u;
 
 	for (m = 0; m < MT; m++) {
-		wr[m] = a.w + (size_t)(r0 + 16 * m + g) * a.ld + 8 * t;
+		wr[m] = r0 + 16 * m + g;
 		for (j = 0; j < NT; j++)
 			c[m][j][0] = c[m][j][1] = c[m][j][2] = c[m][j][3] = 0.0f;
 	}
@@ -264,7 +280,7 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 		xr[j][1] = a.lo + (size_t)tok * a.ld + 8 * t;
 	}
 	kvq_pdl_trigger();
-	tc_load_w<MT, KW, U>(A, wr, a.ld, kc, nch);
+	tc_load_w<Q8, MT, KW, U>(A, a, wr, t, kc, nch);
 	kvq_pdl_wait();
 	tc_load_x<NT, KW, U>(B, xr, kc, nch);
 	for (; kc < nch; kc += KW * U) {
@@ -292,7 +308,7 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 			}
 		}
 		/* The next chunks: weights and halves together. */
-		tc_load_w<MT, KW, U>(A, wr, a.ld, kc + KW * U, nch);
+		tc_load_w<Q8, MT, KW, U>(A, a, wr, t, kc + KW * U, nch);
 		tc_load_x<NT, KW, U>(B, xr, kc + KW * U, nch);
 	}
 #pragma unroll
@@ -341,30 +357,34 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
  * more (gate/up, the vocabulary) fastest at 2 x 8 x 1, the QKV product
  * at 2 x 16 x 2, 2048 rows (output projection, down) at 1 x 16 x 4.
  */
-template <int NT>
+template <bool Q8, int NT>
 void tc_launch_nt(bool pdl, cudaStream_t st, const tc_args &a)
 {
 	bool two = a.rows % 32 == 0 && a.rows > 2048;
 	uint32_t blocks = a.rows / (two ? 32 : 16);
 
 	if (two && a.rows >= 8192)
-		kvq_launch(pdl, tc_kernel<2, NT, 8, 1>, dim3(blocks),
+		kvq_launch(pdl, tc_kernel<Q8, 2, NT, 8, 1>, dim3(blocks),
 			   dim3(8 * 32), 0, st, a);
 	else if (two)
-		kvq_launch(pdl, tc_kernel<2, NT, 16, 2>, dim3(blocks),
+		kvq_launch(pdl, tc_kernel<Q8, 2, NT, 16, 2>, dim3(blocks),
 			   dim3(16 * 32), 0, st, a);
 	else
-		kvq_launch(pdl, tc_kernel<1, NT, 16, 4>, dim3(blocks),
+		kvq_launch(pdl, tc_kernel<Q8, 1, NT, 16, 4>, dim3(blocks),
 			   dim3(16 * 32), 0, st, a);
 }
 
 /* Launches tc_kernel with the tiling for @a's shape. */
 void tc_launch(bool pdl, cudaStream_t st, const tc_args &a)
 {
-	if (a.n <= 8)
-		tc_launch_nt<1>(pdl, st, a);
+	if (a.wq && a.n <= 8)
+		tc_launch_nt<true, 1>(pdl, st, a);
+	else if (a.wq)
+		tc_launch_nt<true, 2>(pdl, st, a);
+	else if (a.n <= 8)
+		tc_launch_nt<false, 1>(pdl, st, a);
 	else
-		tc_launch_nt<2>(pdl, st, a);
+		tc_launch_nt<false, 2>(pdl, st, a);
 }
 
 /*
@@ -634,7 +654,8 @@ fail:
 bool kvq_gpu_blas_skinny(const struct kvq_gpu_blas *b, const dmat *w,
 			 uint32_t n)
 {
-	return !b->no_tc && n <= TC_MAXT && w->type == KVQ_GPU_W_F16 &&
+	return !b->no_tc && n <= TC_MAXT &&
+	       (w->type == KVQ_GPU_W_F16 || w->type == KVQ_GPU_W_Q8) &&
 	       w->rows % 16 == 0 && w->ld % 32 == 0 &&
 	       w->ld <= PREP_THREADS * PREP_SLOTS * 8 &&
 	       !((uintptr_t)w->d & 15);
@@ -645,20 +666,42 @@ uint32_t kvq_gpu_blas_skinny_max(const struct kvq_gpu_blas *b)
 	return b->no_tc ? 0 : TC_MAXT;
 }
 
-/* C = op(A) op(B) with A = W (row-major rows x ld, so column-major
- * ld x rows: op T), B = the halves (column-major ld x n), C = y
- * (column-major rows x n, ldc ys); alpha 1/s, beta from device memory. */
+/* C = op(A) op(B) with A = @rows f16 rows at @w (row-major rows x ld, so
+ * column-major ld x rows: op T), B = the halves (column-major ld x n), C
+ * = @y (column-major rows x n, ldc ys); alpha 1/s, beta from device
+ * memory. */
 static cublasStatus_t gemm(struct kvq_gpu_blas *b,
-			   const struct kvq_gpu_blas_mm *a, const __half *xh,
+			   const struct kvq_gpu_blas_mm *a, const void *w,
+			   uint32_t rows, float *y, const __half *xh,
 			   int beta)
 {
-	const dmat *w = a->w;
+	uint32_t ld = a->w->ld;
 
-	return cublasGemmEx(b->h, CUBLAS_OP_T, CUBLAS_OP_N, (int)w->rows,
-			    (int)a->n, (int)w->ld, b->sc + SC_ALPHA, w->d,
-			    CUDA_R_16F, (int)w->ld, xh, CUDA_R_16F, (int)w->ld,
-			    b->sc + beta, a->y, CUDA_R_32F, (int)a->ys,
+	return cublasGemmEx(b->h, CUBLAS_OP_T, CUBLAS_OP_N, (int)rows,
+			    (int)a->n, (int)ld, b->sc + SC_ALPHA, w,
+			    CUDA_R_16F, (int)ld, xh, CUDA_R_16F, (int)ld,
+			    b->sc + beta, y, CUDA_R_32F, (int)a->ys,
 			    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+}
+
+/* Rows r0 .. r0 + rows - 1 of Q8 @w as the f16 values of kvq_q8_h8(),
+ * into @dst (rows of w.cols halves); a thread a run of 8 columns. */
+__global__ void __launch_bounds__(THREADS)
+q8_rows_kernel(dmat w, uint32_t r0, uint32_t rows, __half *dst)
+{
+	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+	uint32_t gpr = w.cols / 8, r, c;
+
+	kvq_pdl_trigger();
+	kvq_pdl_wait();		/* dst: the product before may still read it */
+	if (i >= (size_t)rows * gpr)
+		return;
+	r = r0 + (uint32_t)(i / gpr);
+	c = (uint32_t)(i % gpr) * 8;
+	*(uint4 *)(dst + i * 8) = kvq_q8_h8(
+		__ldg((const uint2 *)((const int8_t *)w.d + (size_t)r * w.cols +
+				      c)),
+		w.s[(size_t)r * (w.cols / 32) + c / 32]);
 }
 
 int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
@@ -668,8 +711,10 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 	split_args s;
 	cublasStatus_t cs;
 
-	if (w->type != KVQ_GPU_W_F16 || !a->n || a->n > b->max_tok ||
-	    w->ld > b->max_ld || a->ys < w->rows)
+	if ((w->type != KVQ_GPU_W_F16 &&
+	     !(w->type == KVQ_GPU_W_Q8 && a->q8_buf && a->q8_rows &&
+	       !(a->q8_rows % 16) && w->ld == w->cols)) ||
+	    !a->n || a->n > b->max_tok || w->ld > b->max_ld || a->ys < w->rows)
 		return set_err(err, errlen, -EINVAL,
 			       "cuBLAS product: bad shape %u x %u, %u tokens",
 			       w->rows, w->cols, a->n);
@@ -689,9 +734,30 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 	s.add = a->add;
 	kvq_launch(b->pdl, split_kernel, dim3(a->n), dim3(THREADS), 0, b->st,
 		   s);
-	cs = gemm(b, a, b->hi, a->add || a->bias ? SC_ONE : SC_ZERO);
-	if (cs == CUBLAS_STATUS_SUCCESS)
-		cs = gemm(b, a, b->lo, SC_ONE);
+	cs = CUBLAS_STATUS_SUCCESS;
+	for (uint32_t r0 = 0; r0 < w->rows && cs == CUBLAS_STATUS_SUCCESS;) {
+		uint32_t nr = w->rows;
+		const void *wd = w->d;
+
+		if (w->type == KVQ_GPU_W_Q8) {
+			size_t groups;
+
+			nr = w->rows - r0 < a->q8_rows ? w->rows - r0 :
+			     a->q8_rows;
+			groups = (size_t)nr * (w->cols / 8);
+			kvq_launch(b->pdl, q8_rows_kernel,
+				   dim3((unsigned)((groups + THREADS - 1) /
+						   THREADS)),
+				   dim3(THREADS), 0, b->st, *w, r0, nr,
+				   a->q8_buf);
+			wd = a->q8_buf;
+		}
+		cs = gemm(b, a, wd, nr, a->y + r0, b->hi,
+			  a->add || a->bias ? SC_ONE : SC_ZERO);
+		if (cs == CUBLAS_STATUS_SUCCESS)
+			cs = gemm(b, a, wd, nr, a->y + r0, b->lo, SC_ONE);
+		r0 += nr;
+	}
 	if (cs != CUBLAS_STATUS_SUCCESS)
 		return set_err(err, errlen, -EIO,
 			       "cublasGemmEx %u x %u, %u tokens: %s", w->rows,
@@ -734,7 +800,12 @@ int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
 	kvq_launch(b->pdl, prep_kernel, dim3(a->n), dim3(PREP_THREADS), 0,
 		   b->st, p);
 	memset(&t, 0, sizeof(t));
-	t.w = (const __half *)w->d;
+	if (w->type == KVQ_GPU_W_Q8) {
+		t.wq = (const int8_t *)w->d;
+		t.ws = w->s;
+	} else {
+		t.w = (const __half *)w->d;
+	}
 	t.rows = w->rows;
 	t.ld = w->ld;
 	t.hi = b->hi;

@@ -304,6 +304,35 @@ static __device__ __forceinline__ void kvq_ldsm4_t(unsigned r[4],
 #endif
 }
 
+/*
+ * Eight Q8 weights (int8 @u) of block scale @d as the f16 values q * d,
+ * each rounded once: what the load writes for a Q8_0 weight kept in f16
+ * (kvq_dequant_row()'s exact q * d, rounded to nearest), so a product of
+ * Q8 rows equals, bit for bit, the same product of their f16 copy.  A
+ * code enters exact as 1152 + q (its byte xor 0x80 under the exponent of
+ * 1024), less 1152.
+ */
+static __device__ __forceinline__ uint4 kvq_q8_h8(uint2 u, __half d)
+{
+	const __half2 bias = __half2half2(__ushort_as_half(0x6480));
+	const __half2 d2 = __half2half2(d);
+	unsigned a = u.x ^ 0x80808080u, b = u.y ^ 0x80808080u;
+	unsigned w[4] = { __byte_perm(a, 0x64646464u, 0x4140),
+			  __byte_perm(a, 0x64646464u, 0x4342),
+			  __byte_perm(b, 0x64646464u, 0x4140),
+			  __byte_perm(b, 0x64646464u, 0x4342) };
+	uint4 r;
+	unsigned *o = &r.x;
+
+	for (int i = 0; i < 4; i++) {
+		__half2 h = __hmul2(__hsub2(*reinterpret_cast<__half2 *>(&w[i]),
+					    bias), d2);
+
+		o[i] = *reinterpret_cast<unsigned *>(&h);
+	}
+	return r;
+}
+
 /* (x & m) | c in one instruction (the compiler splits it when both m and
  * c are constants). */
 static __device__ __forceinline__ unsigned kvq_and_or(unsigned x, unsigned m,

@@ -106,6 +106,10 @@ struct kvq_gpu_ctx {
 	/* f16 products of more than mv_max tokens, when stats.prompt_blas
 	 * is set (it is cleared when cuBLAS fails: the tiled kernel) */
 	struct kvq_gpu_blas *blas;
+	/* Q8 rows of a product of more than 16 tokens, expanded to their f16
+	 * values q8_rows at a time for cuBLAS (NULL: no Q8 weights) */
+	__half *q8_f16;
+	uint32_t q8_rows;
 	/* Largest token count the small product takes while gpu_blas.cu
 	 * serves; more go to tensor cores (its one-pass kernel up to 16
 	 * tokens, cuBLAS beyond).  H200, 1B F16, q4/q4, 1K, tokens/s, small
@@ -189,6 +193,7 @@ extern "C" void kvq_gpu_ctx_destroy(struct kvq_gpu_ctx *c)
 	for (i = 0; i < c->n_graphs; i++)
 		cudaGraphExecDestroy(c->graphs[i].exec);
 	kvq_gpu_blas_destroy(c->blas);
+	cudaFree(c->q8_f16);
 	for (l = 0; c->kpages && l < c->g->d.n_layers; l++) {
 		cudaFree(c->kpages[l]);
 		cudaFree(c->vpages[l]);
@@ -279,15 +284,20 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 	const struct kvq_gpu_model *g = c->g;
 	size_t i, nm = (size_t)g->d.n_layers * KVQ_GPU_M_NLAYER, bytes = 0;
 	const char *fault = getenv("KVQ_GPU_FAULT");
-	uint32_t max_ld = 0;
+	uint32_t max_ld = 0, q8_cols = 0, q8_max = 0;
 	char why[256];
 	int ret;
 
 	for (i = 0; i <= nm; i++) {
 		const dmat *m = i < nm ? &g->m[i] : &g->output;
 
-		if (m->type == KVQ_GPU_W_F16 && m->ld > max_ld)
+		if ((m->type == KVQ_GPU_W_F16 || m->type == KVQ_GPU_W_Q8) &&
+		    m->ld > max_ld)
 			max_ld = m->ld;
+		if (m->type == KVQ_GPU_W_Q8 && m->rows) {
+			q8_cols = m->cols > q8_cols ? m->cols : q8_cols;
+			q8_max = m->rows > q8_max ? m->rows : q8_max;
+		}
 	}
 	c->fused_norm = !getenv("KVQ_GPU_NO_FUSED_NORM");
 	c->mv_max = c->d.mv_max >= 1 && c->d.mv_max <= MV_MAXT ?
@@ -308,6 +318,21 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 			 "%s", why);
 		c->stats.blas_failures++;
 		return 0;
+	}
+	if (q8_cols) {
+		/* 64 MiB of f16 rows at most, a multiple of 16 of them. */
+		uint32_t r = (uint32_t)((64u << 20) / (2 * (size_t)q8_cols)) & ~15u;
+
+		c->q8_rows = r < 16 ? 16 : r > q8_max ? (q8_max + 15) & ~15u : r;
+		ret = dalloc((void **)&c->q8_f16,
+			     (size_t)c->q8_rows * q8_cols * 2,
+			     "f16 rows of Q8 weights for prompts", err, errlen);
+		if (ret) {
+			kvq_gpu_blas_destroy(c->blas);
+			c->blas = nullptr;
+			return ret;
+		}
+		bytes += (size_t)c->q8_rows * q8_cols * 2;
 	}
 	c->stats.prompt_blas = 1;
 	c->stats.blas_above = c->mv_max;
@@ -639,9 +664,9 @@ static bool small_product(const struct kvq_gpu_ctx *c, uint32_t T)
  * token of 2048 and up, the block (more loads in flight; measured +1% at
  * 1B), except two for the QKV product (its RoPE pairs stay in a block)
  * and, at one token, two for the output projection (EPI_ADD of short
- * rows) and for f16 gate/up (whose rows row_dot_h1() reads together),
- * and one for the vocabulary product (rows by the ten thousand): fewer,
- * fuller blocks.  H200, 1B F16, q4/q4, batch 1, three alternating runs:
+ * rows) and for f16 and Q8 gate/up (whose rows row_dot_h1() reads
+ * together), and one for the vocabulary product (rows by the ten
+ * thousand): fewer, fuller blocks.  H200, 1B F16, q4/q4, batch 1, three alternating runs:
  * the output projection and the vocabulary +0.9% each at 1K, +0.5% at
  * 32K (one warp a row for the output projection lost 2%); row_dot_h1()
  * +1.6% at 1K and 32K, two warps for gate/up +1.3% more (one: +0.8%).
@@ -656,7 +681,8 @@ static int mv_warps_a_row(const struct kvq_gpu_ctx *c, const dmat &w,
 	if (n == 1 && &w == &c->g->output)
 		return 1;
 	if (n == 1 && w.cols < 4096 &&
-	    (epi == EPI_ADD || (epi == EPI_SWIGLU && w.type == KVQ_GPU_W_F16)))
+	    (epi == EPI_ADD || (epi == EPI_SWIGLU &&
+				(w.type == KVQ_GPU_W_F16 || w.type == KVQ_GPU_W_Q8))))
 		return 2;
 	return MV_WARPS;
 }
@@ -720,10 +746,11 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	      const int32_t *xrows = nullptr, const qkv_out *qo = nullptr)
 {
 	mmp p;
-	/* Only f16 weights go to cuBLAS: the others keep the small
-	 * product up to MV_MAXT tokens. */
+	/* Only f16 and Q8 weights go to tensor cores: the others keep the
+	 * small product up to MV_MAXT tokens. */
 	bool small = small_product(c, n) ||
-		     (n <= MV_MAXT && w.type != KVQ_GPU_W_F16);
+		     (n <= MV_MAXT && w.type != KVQ_GPU_W_F16 &&
+		      w.type != KVQ_GPU_W_Q8);
 	/* x * g already in xn (the product before wrote it): the small
 	 * product scales by 1 / rms itself. */
 	bool fnorm = norm && small && n == 1 && !xrows && x == c->x &&
@@ -812,15 +839,18 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	if (epi == EPI_SWIGLU || epi == EPI_QKV)
 		return -EINVAL;
 	/*
-	 * f16 weights go to tensor cores.  Q8/Q4 stay in the tiled kernel:
-	 * cuBLAS has no such block formats, and an f16 copy would take the
-	 * memory they save; F32 stays to stay exact.  A product cuBLAS
+	 * f16 weights go to tensor cores, and so do Q8 ones as their f16
+	 * values, a slice of rows at a time (gpu_blas.cu).  Q4 stays in the
+	 * tiled kernel: cuBLAS has no such block format, and an f16 copy
+	 * would take the memory it saves; F32 stays to stay exact.  A product cuBLAS
 	 * refuses fails the step (y may be half updated) and the tiled kernel
 	 * takes the products from then on; the stats say why.
 	 */
-	if (w.type == KVQ_GPU_W_F16 && c->stats.prompt_blas) {
+	if ((w.type == KVQ_GPU_W_F16 ||
+	     (w.type == KVQ_GPU_W_Q8 && c->q8_f16)) && c->stats.prompt_blas) {
 		struct kvq_gpu_blas_mm a = { &w, x, xs, y, ys, n,
-					     epi == EPI_ADD, bias };
+					     epi == EPI_ADD, bias, c->q8_f16,
+					     c->q8_rows };
 
 		return blas_result(c, kvq_gpu_blas_mm(c->blas, &a,
 				   c->stats.blas_error,

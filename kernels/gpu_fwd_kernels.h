@@ -37,8 +37,10 @@ __device__ __forceinline__ float wval(const dmat &m, uint32_t r, uint32_t c)
 		return ((const float *)m.d)[(size_t)r * m.ld + c];
 	float d = h2f(m.s[(size_t)r * (m.cols / 32) + c / 32]);
 
+	/* Q8: the f16 value q * d, as kvq_q8_h8() (and the load) make it. */
 	if (m.type == KVQ_GPU_W_Q8)
-		return (float)((const int8_t *)m.d)[(size_t)r * m.cols + c] * d;
+		return h2f(__float2half_rn(
+			(float)((const int8_t *)m.d)[(size_t)r * m.cols + c] * d));
 	const uint8_t *b = (const uint8_t *)m.d + (size_t)r * (m.cols / 2) +
 			   (c / 32) * 16;
 	uint32_t j = c % 32;
@@ -57,6 +59,19 @@ __device__ __forceinline__ void unpack_h8(uint4 u, float f[8])
 		f[2 * i] = v.x;
 		f[2 * i + 1] = v.y;
 	}
+}
+
+/* Eight f16 (or Q8, as kvq_q8_h8()) weights of row @r from column @c. */
+template <int WT>
+__device__ __forceinline__ uint4 wload8(const dmat &m, uint32_t r,
+					uint32_t c)
+{
+	if (WT == KVQ_GPU_W_Q8)
+		return kvq_q8_h8(__ldg((const uint2 *)((const int8_t *)m.d +
+						   (size_t)r * m.cols + c)),
+			     m.s[(size_t)r * (m.cols / 32) + c / 32]);
+	return __ldg((const uint4 *)((const __half *)m.d + (size_t)r * m.ld +
+				     c));
 }
 
 /* ------------------------------------------------------------- kernels */
@@ -189,33 +204,13 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 			dot8<NT>(f, x + c, xs, p.n, acc);
 		}
 	} else if (WT == KVQ_GPU_W_Q8) {
-		const int8_t *w = (const int8_t *)p.w.d + (size_t)r * cols;
-		const __half *sc = p.w.s + (size_t)r * (cols / 32);
-
+		/* As f16 rows, the same columns a lane: the same sums. */
 #pragma unroll 4
-		for (uint32_t c = li * 16; c < cols; c += nl * 16) {
-			int4 u = __ldg((const int4 *)(w + c));
-			float d = h2f(sc[c / 32]);
-			const int8_t *q = reinterpret_cast<const int8_t *>(&u);
-			float f[16];
+		for (uint32_t c = li * 8; c < cols; c += nl * 8) {
+			float f[8];
 
-			for (int i = 0; i < 16; i++)
-				f[i] = (float)q[i];
-#pragma unroll
-			for (int t = 0; t < NT; t++) {
-				if (t < (int)p.n) {
-					const float4 *xp = (const float4 *)(x + (size_t)t * xs + c);
-					float s = 0.0f;
-
-					for (int i = 0; i < 4; i++) {
-						float4 a = xp[i];
-
-						s += f[4 * i] * a.x + f[4 * i + 1] * a.y +
-						     f[4 * i + 2] * a.z + f[4 * i + 3] * a.w;
-					}
-					acc[t] += s * d;
-				}
-			}
+			unpack_h8(wload8<WT>(p.w, r, c), f);
+			dot8<NT>(f, x + c, xs, p.n, acc);
 		}
 	} else {
 		const uint8_t *w = (const uint8_t *)p.w.d + (size_t)r * (cols / 2);
@@ -257,32 +252,31 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 }
 
 /*
- * One token, f16 rows, the norm inside the product (mv_kernel()'s NORM
- * path): row @r0 -- and @r1 when PAIR, the up row of a SwiGLU product --
+ * One token, f16 (or Q8, as kvq_q8_h8()) rows, the norm inside the product
+ * (mv_kernel()'s NORM path): row @r0 -- and @r1 when PAIR, the up row of a
+ * SwiGLU product --
  * and the squares of the raw row p.ssx over the same columns, in one loop,
  * so that both rows' loads and the row of x are in flight together
  * instead of one after another.  acc, acc2 and ss end as the warp's sums.
  */
-template <bool PAIR>
+template <int WT, bool PAIR>
 __device__ __forceinline__ void row_dot_h1(const mmp &p, uint32_t r0,
 					   uint32_t r1, uint32_t li,
 					   uint32_t nl, float &acc,
 					   float &acc2, float &ss)
 {
-	const __half *w0 = (const __half *)p.w.d + (size_t)r0 * p.w.ld;
-	const __half *w1 = (const __half *)p.w.d + (size_t)r1 * p.w.ld;
 	const float *xr = p.ssx;
 	float a0[1] = { 0.0f }, a1[1] = { 0.0f };
 
 #pragma unroll 8
 	for (uint32_t c = li * 8; c < p.w.cols; c += nl * 8) {
-		uint4 u0 = __ldg((const uint4 *)(w0 + c)), u1;
+		uint4 u0 = wload8<WT>(p.w, r0, c), u1;
 		float4 s0 = *(const float4 *)(xr + c);
 		float4 s1 = *(const float4 *)(xr + c + 4);
 		float f[8];
 
 		if (PAIR)
-			u1 = __ldg((const uint4 *)(w1 + c));
+			u1 = wload8<WT>(p.w, r1, c);
 		ss = fmaf(s0.x, s0.x, fmaf(s0.y, s0.y, fmaf(s0.z, s0.z,
 		     fmaf(s0.w, s0.w, ss))));
 		ss = fmaf(s1.x, s1.x, fmaf(s1.y, s1.y, fmaf(s1.z, s1.z,
@@ -409,7 +403,7 @@ __device__ __forceinline__ void mv_plain(const mmp &p)
  * by the EPI_ADD product before, p.xg), and each row's sums are scaled by
  * 1 / rms of the raw rows at p.ssx, whose squares the row's warps gather
  * after their dot products (the rows are in L2), or beside them for f16
- * weights at one token (row_dot_h1()).  The scale is computed
+ * and Q8 weights at one token (row_dot_h1()).  The scale is computed
  * as rmsnorm_kernel() computes it (1 / sqrt in double) from an f32 sum in
  * a fixed order: results repeat bit for bit and differ from the separate
  * norm's by rounding.
@@ -432,7 +426,8 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 	bool live = r < p.out_rows;
 	bool shared_red = KS > 1 || p.epi == EPI_QKV;
 	/* f16 at one token: rows and squares in one loop (row_dot_h1()) */
-	constexpr bool H1 = NORM && NT == 1 && WT == KVQ_GPU_W_F16;
+	constexpr bool H1 = NORM && NT == 1 &&
+			    (WT == KVQ_GPU_W_F16 || WT == KVQ_GPU_W_Q8);
 	float acc[NT], acc2[NT], ss[NT];
 
 	kvq_pdl_trigger();
@@ -445,10 +440,10 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 	for (int t = 0; t < NT; t++)
 		acc[t] = acc2[t] = ss[t] = 0.0f;
 	if (H1 && live && p.epi == EPI_SWIGLU)
-		row_dot_h1<true>(p, r, r + p.out_rows, li, 32 * KS, acc[0],
+		row_dot_h1<WT, true>(p, r, r + p.out_rows, li, 32 * KS, acc[0],
 				 acc2[0], ss[0]);
 	else if (H1 && live)
-		row_dot_h1<false>(p, r, r, li, 32 * KS, acc[0], acc2[0],
+		row_dot_h1<WT, false>(p, r, r, li, 32 * KS, acc[0], acc2[0],
 				  ss[0]);
 	if (!H1 && live)
 		row_dot<WT, NT>(p, r, li, 32 * KS, acc);

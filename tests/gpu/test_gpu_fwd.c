@@ -7,10 +7,11 @@
  *   - the logits of every step agree: max|gpu - cpu| <= tol * max|cpu|
  *     (tol 1e-4 with an f32 cache; 2e-2 with a quantized one, where a key
  *     that differs in the last float bit may round to the neighbouring
- *     4-bit level).  F32 and F16 weights reach the GPU unchanged, and so do
- *     Q8_0 and Q4_0 in the second pass over such a model, which selects the
- *     8/4-bit kernels (KVQ_GPU_WEIGHTS=native); otherwise they and the
- *     other types (Q4_K, Q6_K, BF16) are converted to f16 once, which
+ *     4-bit level).  F32 and F16 weights reach the GPU unchanged, and so
+ *     does Q4_0 in the second pass over such a model, which selects the
+ *     4-bit kernels (KVQ_GPU_WEIGHTS=native); Q8_0 stays 8-bit but is
+ *     multiplied as the f16 values of its weights, and the other types
+ *     (Q4_0 otherwise, Q4_K, Q6_K, BF16) are converted to f16 once, which
  *     rounds each weight by up to 2^-11: then the tolerances are 1e-2 and
  *     8e-2;
  *   - the greedy token ids are equal.  Should they differ, the CPU's top
@@ -22,7 +23,9 @@
  * are f16, against the CPU and against the tiled kernel (KVQ_GPU_NO_CUBLAS),
  * every row's logits; and decode steps of 2 to 16 sequences on the
  * one-pass tensor-core product against the CPU and against cuBLAS
- * (skinny_case()).  Logits buffers are poisoned with NaN before every
+ * (skinny_case()).  A Q8_0 model kept 8-bit (the default) against its
+ * copy in f16 (KVQ_GPU_WEIGHTS=f16): the same logits, bit for bit
+ * (q8_values_case()).  Logits buffers are poisoned with NaN before every
  * GPU step.
  *
  * Key centring: the greedy and batch cases again with random key centres
@@ -162,7 +165,7 @@ static bool exact_weights(struct kvq_model *m)
 	bool native = e && !strcmp(e, "native");
 
 	return strstr(d, ", F32,") || strstr(d, ", F16,") ||
-	       (native && (strstr(d, ", Q8_0,") || strstr(d, ", Q4_0,")));
+	       (native && strstr(d, ", Q4_0,"));
 }
 
 static void greedy_case(struct kvq_model *m, const char *mname,
@@ -462,15 +465,128 @@ static void f32_cache_opts(struct kvq_ctx_opts *o,
 	o->max_seqs = 2;
 }
 
-/* The GPU holds this model's matrices as f16: every type but F32, unless
- * the 8/4-bit kernels keep Q8_0 and Q4_0. */
+/* The GPU multiplies this model's matrices as f16 values (f16 rows, or
+ * Q8_0 rows expanded to them): every type but F32, unless the 4-bit
+ * kernels keep Q4_0. */
 static bool f16_on_gpu(struct kvq_model *m)
 {
 	const char *d = kvq_model_desc(m), *e = getenv("KVQ_GPU_WEIGHTS");
 	bool native = e && !strcmp(e, "native");
 
-	return !strstr(d, ", F32,") &&
-	       !(native && (strstr(d, ", Q8_0,") || strstr(d, ", Q4_0,")));
+	return !strstr(d, ", F32,") && !(native && strstr(d, ", Q4_0,"));
+}
+
+/*
+ * A Q8_0 model's logits with its weights kept 8-bit (the default) and
+ * with them converted to f16 at load (KVQ_GPU_WEIGHTS=f16): the 8-bit
+ * kernels multiply the f16 values of the weights, so every logit is the
+ * same float, bit for bit.  A prompt of 3 tokens, 12 one-token steps (the
+ * small product, the norm inside), then one step of 9 sequences (the
+ * one-pass tensor-core product).  Other models: nothing.
+ */
+#define QV_STEPS 12
+#define QV_SEQS 9
+
+static int q8_values_run(const char *path, bool f16, float *out, uint32_t V,
+			 char *err, size_t errlen)
+{
+	struct kvq_model_opts mo = { 0 };
+	struct kvq_model *m = NULL;
+	struct kvq_ctx *gc = NULL;
+	struct kvq_ctx_opts o;
+	int32_t tok[3] = { 1, 7, 11 }, t1, tb[QV_SEQS];
+	int32_t nb[QV_SEQS], sb[QV_SEQS];
+	const int32_t *tp[QV_SEQS];
+	struct kvq_batch b = { 0 };
+	int ret, sq, i;
+
+	if (f16)
+		setenv("KVQ_GPU_WEIGHTS", "f16", 1);
+	else
+		unsetenv("KVQ_GPU_WEIGHTS");
+	mo.n_threads = 2;
+	ret = kvq_model_load(path, &mo, &m, err, errlen);
+	if (ret)
+		goto out;
+	f32_cache_opts(&o, kvq_model_hparams(m));
+	o.max_seqs = QV_SEQS + 1;
+	o.device = KVQ_CTX_GPU;
+	ret = kvq_ctx_create(m, &o, &gc, err, errlen);
+	if (ret)
+		goto out;
+	sq = kvq_seq_create(gc);
+	ret = one_step(gc, sq, tok, 3, out);
+	for (i = 0; !ret && i < QV_STEPS; i++) {
+		t1 = (int32_t)((i * 37 + 3) % V);
+		ret = one_step(gc, sq, &t1, 1, out + (size_t)(i + 1) * V);
+	}
+	for (i = 0; !ret && i < QV_SEQS; i++) {
+		sb[i] = kvq_seq_create(gc);
+		tb[i] = (int32_t)((i * 53 + 5) % V);
+		tp[i] = &tb[i];
+		nb[i] = 1;
+		if (sb[i] < 0)
+			ret = -ENOMEM;
+	}
+	if (!ret) {
+		b.n = QV_SEQS;
+		b.seq = sb;
+		b.n_tokens = nb;
+		b.tokens = tp;
+		ret = kvq_step(gc, &b, out + (size_t)(QV_STEPS + 1) * V);
+	}
+	if (ret)
+		snprintf(err, errlen, "a step failed (%d)", ret);
+out:
+	kvq_ctx_destroy(gc);
+	kvq_model_destroy(m);
+	unsetenv("KVQ_GPU_WEIGHTS");
+	return ret;
+}
+
+static void q8_values_case(const char *path)
+{
+	struct kvq_model_opts mo = { 0 };
+	struct kvq_model *m;
+	const char *base = strrchr(path, '/');
+	size_t n, i, diff = 0;
+	float *l[2];
+	char err[256];
+	uint32_t V;
+	bool q8;
+
+	base = base ? base + 1 : path;
+	mo.n_threads = 2;
+	if (kvq_model_load(path, &mo, &m, err, sizeof(err)))
+		return;
+	q8 = strstr(kvq_model_desc(m), ", Q8_0,") != NULL;
+	V = kvq_model_hparams(m)->n_vocab;
+	kvq_model_destroy(m);
+	if (!q8)
+		return;
+	n = (size_t)(QV_STEPS + 1 + QV_SEQS) * V;
+	l[0] = malloc(n * sizeof(float));
+	l[1] = malloc(n * sizeof(float));
+	if (!l[0] || !l[1]) {
+		tap_ok(0, "%s: 8-bit rows against f16: out of memory", base);
+		goto done;
+	}
+	poison(l[0], n);
+	poison(l[1], n);
+	if (q8_values_run(path, false, l[0], V, err, sizeof(err)) ||
+	    q8_values_run(path, true, l[1], V, err, sizeof(err))) {
+		tap_ok(0, "%s: 8-bit rows against f16: %s", base, err);
+		goto done;
+	}
+	for (i = 0; i < n; i++)
+		diff += memcmp(&l[0][i], &l[1][i], sizeof(float)) != 0 ||
+			isnan(l[0][i]);
+	tap_ok(diff == 0,
+	       "%s: Q8_0 kept 8-bit gives the logits of its f16 copy bit for bit (%d steps of one token, one of %d sequences: %zu of %zu differ)",
+	       base, QV_STEPS, QV_SEQS, diff, n);
+done:
+	free(l[0]);
+	free(l[1]);
 }
 
 /* max over rows of max|a - b| / max|ref| in that row */
@@ -1182,7 +1298,7 @@ int main(int argc, char **argv)
 				break;
 			}
 			d = kvq_model_desc(m);
-			if (pass && !strstr(d, ", Q8_0,") && !strstr(d, ", Q4_0,")) {
+			if (pass && !strstr(d, ", Q4_0,")) {
 				kvq_model_destroy(m);
 				break;
 			}
@@ -1212,5 +1328,7 @@ int main(int argc, char **argv)
 		}
 	}
 	unsetenv("KVQ_GPU_WEIGHTS");
+	for (i = 1; i < argc; i++)
+		q8_values_case(argv[i]);
 	return tap_done();
 }
