@@ -2,17 +2,16 @@
  * forward_gpu.c - uploads a model to the GPU and runs kvq_step() there.
  *
  * Why this file exists: see forward_gpu.h.  Weight formats on the device:
- * F32 stays f32 (exact); Q8_0 stays 8-bit (half the bytes of f16), and
- * its kernels expand each row in registers to the f16 values q * d that
- * a copy in f16 would hold (kvq_q8_h8()), so every product equals the
- * f16 copy's (one-token and batch products bit for bit; prompts of more
- * than 16 tokens go to cuBLAS a slice of expanded rows at a time); every
- * other type becomes f16 once at load.  H200, 1B Q8_0, q4/q4, against f16
- * at load: decode faster by 5-10% at batch 1 to 4, a 1024-token prompt
- * slower by a fifth (the expansion), the device memory of the weights
- * halved (bench/gpu_decode_notes.md).  KVQ_GPU_WEIGHTS=f16 loads Q8_0 as
- * f16 (and F32 too); KVQ_GPU_WEIGHTS=native also keeps Q4_0 4-bit, for
- * its exact but slower kernels.
+ * F32 stays f32 (exact); Q8_0 and Q4_0 stay 8- and 4-bit (about a half and
+ * a quarter of the bytes of f16), and their kernels expand each row in
+ * registers to the f16 values that a copy in f16 would hold (kvq_wload8()),
+ * so every product equals the f16 copy's (one-token and batch products bit
+ * for bit; prompts of more than 16 tokens go to cuBLAS a slice of expanded
+ * rows at a time); every other type becomes f16 once at load.  H200, 1B
+ * Q8_0, q4/q4, against f16 at load: decode faster by 5-10% at batch 1 to
+ * 4, a 1024-token prompt slower by a fifth (the expansion), the device
+ * memory of the weights halved (bench/gpu_decode_notes.md).
+ * KVQ_GPU_WEIGHTS=f16 converts every type to f16 at load (F32 too).
  */
 #include "config.h"
 
@@ -72,7 +71,7 @@ static int gpu_wtype(uint32_t type)
 		return KVQ_GPU_W_F32;
 	if (type == KVQ_TYPE_Q8_0)
 		return KVQ_GPU_W_Q8;
-	if (e && !strcmp(e, "native") && type == KVQ_TYPE_Q4_0)
+	if (type == KVQ_TYPE_Q4_0)
 		return KVQ_GPU_W_Q4;
 	return KVQ_GPU_W_F16;
 }
@@ -266,11 +265,9 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 	m->gpu = g;
 	kvq_info("gpu: weights uploaded, %.1f MiB on the device (%s)",
 		 kvq_gpu_model_bytes(g) / 1048576.0,
-		 getenv("KVQ_GPU_WEIGHTS") && !strcmp(getenv("KVQ_GPU_WEIGHTS"), "native") ?
-		 "Q8_0 kept 8-bit, Q4_0 kept 4-bit (KVQ_GPU_WEIGHTS=native), F32 as f32, other types as f16" :
 		 getenv("KVQ_GPU_WEIGHTS") && !strcmp(getenv("KVQ_GPU_WEIGHTS"), "f16") ?
 		 "all as f16 (KVQ_GPU_WEIGHTS=f16)" :
-		 "Q8_0 kept 8-bit, F32 as f32, other types as f16");
+		 "Q8_0 and Q4_0 kept 8- and 4-bit, F32 as f32, other types as f16");
 	return 0;
 }
 

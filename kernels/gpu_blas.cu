@@ -180,9 +180,7 @@ __global__ void __launch_bounds__(THREADS) split_kernel(split_args a)
 constexpr uint32_t TC_MAXT = 16;
 
 struct tc_args {
-	const __half *w;	/* f16 rows, or */
-	const int8_t *wq;	/* Q8 rows (ld = cols) and their */
-	const __half *ws;	/* block scales, expanded as kvq_q8_h8() */
+	dmat w;			/* f16, Q8 or Q4 rows (kvq_wload8()) */
 	uint32_t rows, ld;
 	const __half *hi, *lo;
 	uint32_t n;
@@ -198,10 +196,10 @@ struct tc_args {
 
 /* Chunks @kc, @kc + KW, ... (U of them, those below @nch) of the warp's
  * rows g and g + 8 of each 16-row tile: row @r[m] (and r[m] + 8), the
- * lane's 8 columns from 8 t.  Q8 rows come as the f16 values of their
- * copy in f16 (a chunk of 32 columns is one Q8 block), so the products
+ * lane's 8 columns from 8 t.  Q8 and Q4 rows come as the f16 values of
+ * their copy in f16 (a chunk of 32 columns is one block), so the products
  * are those of f16 weights to the bit. */
-template <bool Q8, int MT, int KW, int U>
+template <int WT, int MT, int KW, int U>
 __device__ __forceinline__ void tc_load_w(uint4 (&A)[U][MT][2],
 					  const tc_args &a,
 					  const uint32_t (&r)[MT], uint32_t t,
@@ -210,25 +208,14 @@ __device__ __forceinline__ void tc_load_w(uint4 (&A)[U][MT][2],
 #pragma unroll
 	for (int u = 0; u < U; u++) {
 		uint32_t ch = kc + u * KW;
-		size_t o = (size_t)ch * 32 + 8 * t;
 
 		if (ch >= nch)
 			break;
 #pragma unroll
 		for (int m = 0; m < MT; m++) {
-#pragma unroll
-			for (int h = 0; h < 2; h++) {
-				size_t row = r[m] + 8 * h;
-
-				if (Q8)
-					A[u][m][h] = kvq_q8_h8(
-						__ldg((const uint2 *)(a.wq +
-							row * a.ld + o)),
-						a.ws[row * nch + ch]);
-				else
-					A[u][m][h] = __ldg((const uint4 *)(a.w +
-							row * a.ld + o));
-			}
+			A[u][m][0] = kvq_wload8<WT>(a.w, r[m], ch * 32 + 8 * t);
+			A[u][m][1] = kvq_wload8<WT>(a.w, r[m] + 8,
+						     ch * 32 + 8 * t);
 		}
 	}
 }
@@ -253,7 +240,7 @@ __device__ __forceinline__ void tc_load_x(uint4 (&B)[U][NT][2],
 	}
 }
 
-template <bool Q8, int MT, int NT, int KW, int U>
+template <int WT, int MT, int NT, int KW, int U>
 __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 {
 	constexpr int E = MT * NT * 128;	/* accumulators a warp */
@@ -280,7 +267,7 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 		xr[j][1] = a.lo + (size_t)tok * a.ld + 8 * t;
 	}
 	kvq_pdl_trigger();
-	tc_load_w<Q8, MT, KW, U>(A, a, wr, t, kc, nch);
+	tc_load_w<WT, MT, KW, U>(A, a, wr, t, kc, nch);
 	kvq_pdl_wait();
 	tc_load_x<NT, KW, U>(B, xr, kc, nch);
 	for (; kc < nch; kc += KW * U) {
@@ -308,7 +295,7 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 			}
 		}
 		/* The next chunks: weights and halves together. */
-		tc_load_w<Q8, MT, KW, U>(A, a, wr, t, kc + KW * U, nch);
+		tc_load_w<WT, MT, KW, U>(A, a, wr, t, kc + KW * U, nch);
 		tc_load_x<NT, KW, U>(B, xr, kc + KW * U, nch);
 	}
 #pragma unroll
@@ -357,34 +344,41 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
  * more (gate/up, the vocabulary) fastest at 2 x 8 x 1, the QKV product
  * at 2 x 16 x 2, 2048 rows (output projection, down) at 1 x 16 x 4.
  */
-template <bool Q8, int NT>
+template <int WT, int NT>
 void tc_launch_nt(bool pdl, cudaStream_t st, const tc_args &a)
 {
 	bool two = a.rows % 32 == 0 && a.rows > 2048;
 	uint32_t blocks = a.rows / (two ? 32 : 16);
 
 	if (two && a.rows >= 8192)
-		kvq_launch(pdl, tc_kernel<Q8, 2, NT, 8, 1>, dim3(blocks),
+		kvq_launch(pdl, tc_kernel<WT, 2, NT, 8, 1>, dim3(blocks),
 			   dim3(8 * 32), 0, st, a);
 	else if (two)
-		kvq_launch(pdl, tc_kernel<Q8, 2, NT, 16, 2>, dim3(blocks),
+		kvq_launch(pdl, tc_kernel<WT, 2, NT, 16, 2>, dim3(blocks),
 			   dim3(16 * 32), 0, st, a);
 	else
-		kvq_launch(pdl, tc_kernel<Q8, 1, NT, 16, 4>, dim3(blocks),
+		kvq_launch(pdl, tc_kernel<WT, 1, NT, 16, 4>, dim3(blocks),
 			   dim3(16 * 32), 0, st, a);
+}
+
+template <int WT>
+void tc_launch_wt(bool pdl, cudaStream_t st, const tc_args &a)
+{
+	if (a.n <= 8)
+		tc_launch_nt<WT, 1>(pdl, st, a);
+	else
+		tc_launch_nt<WT, 2>(pdl, st, a);
 }
 
 /* Launches tc_kernel with the tiling for @a's shape. */
 void tc_launch(bool pdl, cudaStream_t st, const tc_args &a)
 {
-	if (a.wq && a.n <= 8)
-		tc_launch_nt<true, 1>(pdl, st, a);
-	else if (a.wq)
-		tc_launch_nt<true, 2>(pdl, st, a);
-	else if (a.n <= 8)
-		tc_launch_nt<false, 1>(pdl, st, a);
+	if (a.w.type == KVQ_GPU_W_Q8)
+		tc_launch_wt<KVQ_GPU_W_Q8>(pdl, st, a);
+	else if (a.w.type == KVQ_GPU_W_Q4)
+		tc_launch_wt<KVQ_GPU_W_Q4>(pdl, st, a);
 	else
-		tc_launch_nt<false, 2>(pdl, st, a);
+		tc_launch_wt<KVQ_GPU_W_F16>(pdl, st, a);
 }
 
 /*
@@ -654,8 +648,7 @@ fail:
 bool kvq_gpu_blas_skinny(const struct kvq_gpu_blas *b, const dmat *w,
 			 uint32_t n)
 {
-	return !b->no_tc && n <= TC_MAXT &&
-	       (w->type == KVQ_GPU_W_F16 || w->type == KVQ_GPU_W_Q8) &&
+	return !b->no_tc && n <= TC_MAXT && w->type != KVQ_GPU_W_F32 &&
 	       w->rows % 16 == 0 && w->ld % 32 == 0 &&
 	       w->ld <= PREP_THREADS * PREP_SLOTS * 8 &&
 	       !((uintptr_t)w->d & 15);
@@ -684,24 +677,22 @@ static cublasStatus_t gemm(struct kvq_gpu_blas *b,
 			    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
 
-/* Rows r0 .. r0 + rows - 1 of Q8 @w as the f16 values of kvq_q8_h8(),
- * into @dst (rows of w.cols halves); a thread a run of 8 columns. */
+/* Rows r0 .. r0 + rows - 1 of Q8 or Q4 @w as their f16 values
+ * (kvq_wload8()), into @dst (rows of w.cols halves); a thread a run of 8
+ * columns. */
+template <int WT>
 __global__ void __launch_bounds__(THREADS)
-q8_rows_kernel(dmat w, uint32_t r0, uint32_t rows, __half *dst)
+quant_rows_kernel(dmat w, uint32_t r0, uint32_t rows, __half *dst)
 {
 	size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-	uint32_t gpr = w.cols / 8, r, c;
+	uint32_t gpr = w.cols / 8;
 
 	kvq_pdl_trigger();
 	kvq_pdl_wait();		/* dst: the product before may still read it */
 	if (i >= (size_t)rows * gpr)
 		return;
-	r = r0 + (uint32_t)(i / gpr);
-	c = (uint32_t)(i % gpr) * 8;
-	*(uint4 *)(dst + i * 8) = kvq_q8_h8(
-		__ldg((const uint2 *)((const int8_t *)w.d + (size_t)r * w.cols +
-				      c)),
-		w.s[(size_t)r * (w.cols / 32) + c / 32]);
+	*(uint4 *)(dst + i * 8) = kvq_wload8<WT>(w, r0 + (uint32_t)(i / gpr),
+						  (uint32_t)(i % gpr) * 8);
 }
 
 int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
@@ -711,9 +702,11 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 	split_args s;
 	cublasStatus_t cs;
 
+	bool quant = w->type == KVQ_GPU_W_Q8 || w->type == KVQ_GPU_W_Q4;
+
 	if ((w->type != KVQ_GPU_W_F16 &&
-	     !(w->type == KVQ_GPU_W_Q8 && a->q8_buf && a->q8_rows &&
-	       !(a->q8_rows % 16) && w->ld == w->cols)) ||
+	     !(quant && a->q8_buf && a->q8_rows && !(a->q8_rows % 16) &&
+	       w->ld == w->cols)) ||
 	    !a->n || a->n > b->max_tok || w->ld > b->max_ld || a->ys < w->rows)
 		return set_err(err, errlen, -EINVAL,
 			       "cuBLAS product: bad shape %u x %u, %u tokens",
@@ -739,17 +732,22 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 		uint32_t nr = w->rows;
 		const void *wd = w->d;
 
-		if (w->type == KVQ_GPU_W_Q8) {
+		if (quant) {
 			size_t groups;
+			dim3 grid;
 
 			nr = w->rows - r0 < a->q8_rows ? w->rows - r0 :
 			     a->q8_rows;
 			groups = (size_t)nr * (w->cols / 8);
-			kvq_launch(b->pdl, q8_rows_kernel,
-				   dim3((unsigned)((groups + THREADS - 1) /
-						   THREADS)),
-				   dim3(THREADS), 0, b->st, *w, r0, nr,
-				   a->q8_buf);
+			grid = dim3((unsigned)((groups + THREADS - 1) / THREADS));
+			if (w->type == KVQ_GPU_W_Q8)
+				kvq_launch(b->pdl, quant_rows_kernel<KVQ_GPU_W_Q8>,
+					   grid, dim3(THREADS), 0, b->st, *w,
+					   r0, nr, a->q8_buf);
+			else
+				kvq_launch(b->pdl, quant_rows_kernel<KVQ_GPU_W_Q4>,
+					   grid, dim3(THREADS), 0, b->st, *w,
+					   r0, nr, a->q8_buf);
 			wd = a->q8_buf;
 		}
 		cs = gemm(b, a, wd, nr, a->y + r0, b->hi,
@@ -800,12 +798,7 @@ int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
 	kvq_launch(b->pdl, prep_kernel, dim3(a->n), dim3(PREP_THREADS), 0,
 		   b->st, p);
 	memset(&t, 0, sizeof(t));
-	if (w->type == KVQ_GPU_W_Q8) {
-		t.wq = (const int8_t *)w->d;
-		t.ws = w->s;
-	} else {
-		t.w = (const __half *)w->d;
-	}
+	t.w = *w;
 	t.rows = w->rows;
 	t.ld = w->ld;
 	t.hi = b->hi;

@@ -38,8 +38,8 @@ struct kvq_gpu_blas_mm {
 	uint32_t n;
 	bool add;
 	const float *bias;	/* [rows] or NULL */
-	/* Q8 rows of w: expanded to their f16 values (kvq_q8_h8()) into
-	 * q8_buf, q8_rows of them (a multiple of 16) at a time */
+	/* Q8 or Q4 rows of w: expanded to their f16 values (kvq_wload8())
+	 * into q8_buf, q8_rows of them (a multiple of 16) at a time */
 	__half *q8_buf;
 	uint32_t q8_rows;
 };
@@ -84,7 +84,7 @@ int kvq_gpu_blas_create(cudaStream_t st, uint32_t max_tok, uint32_t max_ld,
 void kvq_gpu_blas_destroy(struct kvq_gpu_blas *b);
 /*
  * Launches one product through cuBLAS on the stream (n <= max_tok, W's ld
- * <= max_ld; F16 rows, or Q8 rows with q8_buf, which go through cuBLAS as
+ * <= max_ld; F16 rows, or Q8 or Q4 rows with q8_buf, which go through cuBLAS as
  * their f16 values a slice at a time, x's halves made once); the caller
  * sends what kvq_gpu_blas_skinny() takes to kvq_gpu_blas_skinny_mm()
  * instead.  Returns 0, or -EIO with @err set
@@ -96,8 +96,8 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 /*
  * Whether a product of @n tokens with @w goes to the skinny tensor-core
  * kernel of gpu_blas.cu (one read of W for both halves) rather than to
- * cuBLAS: 16 tokens or fewer, F16 rows in whole 16-row tiles and 32-column
- * chunks, KVQ_GPU_NO_TCMV unset.
+ * cuBLAS: 16 tokens or fewer, F16, Q8 or Q4 rows in whole 16-row tiles and
+ * 32-column chunks, KVQ_GPU_NO_TCMV unset.
  */
 bool kvq_gpu_blas_skinny(const struct kvq_gpu_blas *b, const dmat *w,
 			 uint32_t n);

@@ -333,6 +333,32 @@ static __device__ __forceinline__ uint4 kvq_q8_h8(uint2 u, __half d)
 	return r;
 }
 
+/*
+ * Eight Q4 weights of block scale @d, the low nibbles (@hi false) or the
+ * high ones of the 8 bytes @u, as the f16 values (n - 8) * d, each
+ * rounded once (as kvq_q8_h8(): what the load writes for a Q4_0 weight
+ * kept in f16).  A nibble enters exact as 1024 + n, less 1032.
+ */
+static __device__ __forceinline__ uint4 kvq_q4_h8(uint2 u, bool hi, __half d)
+{
+	const __half2 bias = __half2half2(__ushort_as_half(0x6408));
+	const __half2 d2 = __half2half2(d);
+	unsigned a = hi ? u.x >> 4 : u.x, b = hi ? u.y >> 4 : u.y;
+	unsigned w[4] = { __byte_perm(a, 0, 0x4140), __byte_perm(a, 0, 0x4342),
+			  __byte_perm(b, 0, 0x4140), __byte_perm(b, 0, 0x4342) };
+	uint4 r;
+	unsigned *o = &r.x;
+
+	for (int i = 0; i < 4; i++) {
+		unsigned x = (w[i] & 0x000f000fu) | 0x64006400u;
+		__half2 h = __hmul2(__hsub2(*reinterpret_cast<__half2 *>(&x),
+					    bias), d2);
+
+		o[i] = *reinterpret_cast<unsigned *>(&h);
+	}
+	return r;
+}
+
 /* (x & m) | c in one instruction (the compiler splits it when both m and
  * c are constants). */
 static __device__ __forceinline__ unsigned kvq_and_or(unsigned x, unsigned m,

@@ -106,8 +106,8 @@ struct kvq_gpu_ctx {
 	/* f16 products of more than mv_max tokens, when stats.prompt_blas
 	 * is set (it is cleared when cuBLAS fails: the tiled kernel) */
 	struct kvq_gpu_blas *blas;
-	/* Q8 rows of a product of more than 16 tokens, expanded to their f16
-	 * values q8_rows at a time for cuBLAS (NULL: no Q8 weights) */
+	/* Q8 and Q4 rows of a product of more than 16 tokens, expanded to
+	 * their f16 values q8_rows at a time for cuBLAS (NULL: none) */
 	__half *q8_f16;
 	uint32_t q8_rows;
 	/* Largest token count the small product takes while gpu_blas.cu
@@ -291,10 +291,10 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 	for (i = 0; i <= nm; i++) {
 		const dmat *m = i < nm ? &g->m[i] : &g->output;
 
-		if ((m->type == KVQ_GPU_W_F16 || m->type == KVQ_GPU_W_Q8) &&
-		    m->ld > max_ld)
+		if (m->type != KVQ_GPU_W_F32 && m->ld > max_ld)
 			max_ld = m->ld;
-		if (m->type == KVQ_GPU_W_Q8 && m->rows) {
+		if ((m->type == KVQ_GPU_W_Q8 || m->type == KVQ_GPU_W_Q4) &&
+		    m->rows) {
 			q8_cols = m->cols > q8_cols ? m->cols : q8_cols;
 			q8_max = m->rows > q8_max ? m->rows : q8_max;
 		}
@@ -326,7 +326,7 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 		c->q8_rows = r < 16 ? 16 : r > q8_max ? (q8_max + 15) & ~15u : r;
 		ret = dalloc((void **)&c->q8_f16,
 			     (size_t)c->q8_rows * q8_cols * 2,
-			     "f16 rows of Q8 weights for prompts", err, errlen);
+			     "f16 rows of 8- and 4-bit weights for prompts", err, errlen);
 		if (ret) {
 			kvq_gpu_blas_destroy(c->blas);
 			c->blas = nullptr;
@@ -664,7 +664,7 @@ static bool small_product(const struct kvq_gpu_ctx *c, uint32_t T)
  * token of 2048 and up, the block (more loads in flight; measured +1% at
  * 1B), except two for the QKV product (its RoPE pairs stay in a block)
  * and, at one token, two for the output projection (EPI_ADD of short
- * rows) and for f16 and Q8 gate/up (whose rows row_dot_h1() reads
+ * rows) and for gate/up of f16, Q8 or Q4 (whose rows row_dot_h1() reads
  * together), and one for the vocabulary product (rows by the ten
  * thousand): fewer, fuller blocks.  H200, 1B F16, q4/q4, batch 1, three alternating runs:
  * the output projection and the vocabulary +0.9% each at 1K, +0.5% at
@@ -681,8 +681,7 @@ static int mv_warps_a_row(const struct kvq_gpu_ctx *c, const dmat &w,
 	if (n == 1 && &w == &c->g->output)
 		return 1;
 	if (n == 1 && w.cols < 4096 &&
-	    (epi == EPI_ADD || (epi == EPI_SWIGLU &&
-				(w.type == KVQ_GPU_W_F16 || w.type == KVQ_GPU_W_Q8))))
+	    (epi == EPI_ADD || (epi == EPI_SWIGLU && w.type != KVQ_GPU_W_F32)))
 		return 2;
 	return MV_WARPS;
 }
@@ -746,11 +745,10 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	      const int32_t *xrows = nullptr, const qkv_out *qo = nullptr)
 {
 	mmp p;
-	/* Only f16 and Q8 weights go to tensor cores: the others keep the
-	 * small product up to MV_MAXT tokens. */
+	/* f16, Q8 and Q4 weights go to tensor cores; F32 keeps the small
+	 * product up to MV_MAXT tokens. */
 	bool small = small_product(c, n) ||
-		     (n <= MV_MAXT && w.type != KVQ_GPU_W_F16 &&
-		      w.type != KVQ_GPU_W_Q8);
+		     (n <= MV_MAXT && w.type == KVQ_GPU_W_F32);
 	/* x * g already in xn (the product before wrote it): the small
 	 * product scales by 1 / rms itself. */
 	bool fnorm = norm && small && n == 1 && !xrows && x == c->x &&
@@ -839,15 +837,15 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	if (epi == EPI_SWIGLU || epi == EPI_QKV)
 		return -EINVAL;
 	/*
-	 * f16 weights go to tensor cores, and so do Q8 ones as their f16
-	 * values, a slice of rows at a time (gpu_blas.cu).  Q4 stays in the
-	 * tiled kernel: cuBLAS has no such block format, and an f16 copy
-	 * would take the memory it saves; F32 stays to stay exact.  A product cuBLAS
+	 * f16 weights go to tensor cores, and so do Q8 and Q4 ones as their
+	 * f16 values, a slice of rows at a time (gpu_blas.cu); F32 stays in
+	 * the tiled kernel to stay exact.  A product cuBLAS
 	 * refuses fails the step (y may be half updated) and the tiled kernel
 	 * takes the products from then on; the stats say why.
 	 */
 	if ((w.type == KVQ_GPU_W_F16 ||
-	     (w.type == KVQ_GPU_W_Q8 && c->q8_f16)) && c->stats.prompt_blas) {
+	     ((w.type == KVQ_GPU_W_Q8 || w.type == KVQ_GPU_W_Q4) &&
+	      c->q8_f16)) && c->stats.prompt_blas) {
 		struct kvq_gpu_blas_mm a = { &w, x, xs, y, ys, n,
 					     epi == EPI_ADD, bias, c->q8_f16,
 					     c->q8_rows };

@@ -87,6 +87,31 @@ struct dmat {
 	size_t bytes;
 };
 
+/*
+ * Eight weights of row @r of @m from column @c (a multiple of 8) as f16
+ * values: f16 rows as they are, Q8 and Q4 rows expanded in registers
+ * (kvq_q8_h8(), kvq_q4_h8()) to the f16 values q * d their copy in f16
+ * holds.  A Q4 block's 16 bytes hold its columns 0-15 in the low nibbles
+ * and 16-31 in the high ones.
+ */
+template <int WT>
+static __device__ __forceinline__ uint4 kvq_wload8(const dmat &m, uint32_t r,
+						   uint32_t c)
+{
+	if (WT == KVQ_GPU_W_Q8)
+		return kvq_q8_h8(__ldg((const uint2 *)((const int8_t *)m.d +
+						   (size_t)r * m.cols + c)),
+			     m.s[(size_t)r * (m.cols / 32) + c / 32]);
+	if (WT == KVQ_GPU_W_Q4)
+		return kvq_q4_h8(__ldg((const uint2 *)((const uint8_t *)m.d +
+						   (size_t)r * (m.cols / 2) +
+						   (c / 32) * 16 + (c & 15))),
+			     (c & 16) != 0,
+			     m.s[(size_t)r * (m.cols / 32) + c / 32]);
+	return __ldg((const uint4 *)((const __half *)m.d + (size_t)r * m.ld +
+				     c));
+}
+
 struct kvq_gpu_model {
 	struct kvq_gpu_model_desc d;
 	dmat *m;		/* [n_layers][KVQ_GPU_M_NLAYER] */

@@ -37,7 +37,8 @@ __device__ __forceinline__ float wval(const dmat &m, uint32_t r, uint32_t c)
 		return ((const float *)m.d)[(size_t)r * m.ld + c];
 	float d = h2f(m.s[(size_t)r * (m.cols / 32) + c / 32]);
 
-	/* Q8: the f16 value q * d, as kvq_q8_h8() (and the load) make it. */
+	/* Q8, Q4: the f16 value of the weight, as kvq_wload8() and the
+	 * load make it. */
 	if (m.type == KVQ_GPU_W_Q8)
 		return h2f(__float2half_rn(
 			(float)((const int8_t *)m.d)[(size_t)r * m.cols + c] * d));
@@ -46,7 +47,7 @@ __device__ __forceinline__ float wval(const dmat &m, uint32_t r, uint32_t c)
 	uint32_t j = c % 32;
 	int q = j < 16 ? (b[j] & 15) : (b[j - 16] >> 4);
 
-	return (float)(q - 8) * d;
+	return h2f(__float2half_rn((float)(q - 8) * d));
 }
 
 __device__ __forceinline__ void unpack_h8(uint4 u, float f[8])
@@ -59,19 +60,6 @@ __device__ __forceinline__ void unpack_h8(uint4 u, float f[8])
 		f[2 * i] = v.x;
 		f[2 * i + 1] = v.y;
 	}
-}
-
-/* Eight f16 (or Q8, as kvq_q8_h8()) weights of row @r from column @c. */
-template <int WT>
-__device__ __forceinline__ uint4 wload8(const dmat &m, uint32_t r,
-					uint32_t c)
-{
-	if (WT == KVQ_GPU_W_Q8)
-		return kvq_q8_h8(__ldg((const uint2 *)((const int8_t *)m.d +
-						   (size_t)r * m.cols + c)),
-			     m.s[(size_t)r * (m.cols / 32) + c / 32]);
-	return __ldg((const uint4 *)((const __half *)m.d + (size_t)r * m.ld +
-				     c));
 }
 
 /* ------------------------------------------------------------- kernels */
@@ -192,58 +180,15 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 
 			dot8<NT>(f, x + c, xs, p.n, acc);
 		}
-	} else if (WT == KVQ_GPU_W_F16) {
-		const __half *w = (const __half *)p.w.d + (size_t)r * p.w.ld;
-
-#pragma unroll 4
-		for (uint32_t c = li * 8; c < cols; c += nl * 8) {
-			uint4 u = __ldg((const uint4 *)(w + c));
-			float f[8];
-
-			unpack_h8(u, f);
-			dot8<NT>(f, x + c, xs, p.n, acc);
-		}
-	} else if (WT == KVQ_GPU_W_Q8) {
-		/* As f16 rows, the same columns a lane: the same sums. */
-#pragma unroll 4
-		for (uint32_t c = li * 8; c < cols; c += nl * 8) {
-			float f[8];
-
-			unpack_h8(wload8<WT>(p.w, r, c), f);
-			dot8<NT>(f, x + c, xs, p.n, acc);
-		}
 	} else {
-		const uint8_t *w = (const uint8_t *)p.w.d + (size_t)r * (cols / 2);
-		const __half *sc = p.w.s + (size_t)r * (cols / 32);
+		/* f16 rows, and Q8 and Q4 ones as their f16 values: the same
+		 * columns a lane, so the same sums. */
+#pragma unroll 4
+		for (uint32_t c = li * 8; c < cols; c += nl * 8) {
+			float f[8];
 
-#pragma unroll 2
-		for (uint32_t b = li; b < cols / 32; b += nl) {
-			uint4 u = __ldg((const uint4 *)(w + (size_t)b * 16));
-			float d = h2f(sc[b]);
-			const uint8_t *q = reinterpret_cast<const uint8_t *>(&u);
-			float lo[16], hi[16];
-
-			for (int i = 0; i < 16; i++) {
-				lo[i] = (float)((q[i] & 15) - 8);
-				hi[i] = (float)((q[i] >> 4) - 8);
-			}
-#pragma unroll
-			for (int t = 0; t < NT; t++) {
-				if (t < (int)p.n) {
-					const float4 *xp = (const float4 *)(x + (size_t)t * xs + b * 32);
-					float s = 0.0f;
-
-					for (int i = 0; i < 4; i++) {
-						float4 a = xp[i], e = xp[i + 4];
-
-						s += lo[4 * i] * a.x + lo[4 * i + 1] * a.y +
-						     lo[4 * i + 2] * a.z + lo[4 * i + 3] * a.w;
-						s += hi[4 * i] * e.x + hi[4 * i + 1] * e.y +
-						     hi[4 * i + 2] * e.z + hi[4 * i + 3] * e.w;
-					}
-					acc[t] += s * d;
-				}
-			}
+			unpack_h8(kvq_wload8<WT>(p.w, r, c), f);
+			dot8<NT>(f, x + c, xs, p.n, acc);
 		}
 	}
 #pragma unroll
@@ -252,10 +197,10 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 }
 
 /*
- * One token, f16 (or Q8, as kvq_q8_h8()) rows, the norm inside the product
- * (mv_kernel()'s NORM path): row @r0 -- and @r1 when PAIR, the up row of a
- * SwiGLU product --
- * and the squares of the raw row p.ssx over the same columns, in one loop,
+ * One token, f16 (or Q8 and Q4, as kvq_wload8()) rows, the norm inside
+ * the product (mv_kernel()'s NORM path): row @r0 -- and @r1 when PAIR, the
+ * up row of a SwiGLU product -- and the squares of the raw row p.ssx over
+ * the same columns, in one loop,
  * so that both rows' loads and the row of x are in flight together
  * instead of one after another.  acc, acc2 and ss end as the warp's sums.
  */
@@ -270,13 +215,13 @@ __device__ __forceinline__ void row_dot_h1(const mmp &p, uint32_t r0,
 
 #pragma unroll 8
 	for (uint32_t c = li * 8; c < p.w.cols; c += nl * 8) {
-		uint4 u0 = wload8<WT>(p.w, r0, c), u1;
+		uint4 u0 = kvq_wload8<WT>(p.w, r0, c), u1;
 		float4 s0 = *(const float4 *)(xr + c);
 		float4 s1 = *(const float4 *)(xr + c + 4);
 		float f[8];
 
 		if (PAIR)
-			u1 = wload8<WT>(p.w, r1, c);
+			u1 = kvq_wload8<WT>(p.w, r1, c);
 		ss = fmaf(s0.x, s0.x, fmaf(s0.y, s0.y, fmaf(s0.z, s0.z,
 		     fmaf(s0.w, s0.w, ss))));
 		ss = fmaf(s1.x, s1.x, fmaf(s1.y, s1.y, fmaf(s1.z, s1.z,
@@ -402,8 +347,8 @@ __device__ __forceinline__ void mv_plain(const mmp &p)
  * NORM (p.ssx set): the product is of RMSNorm(x): x already holds x * g (written
  * by the EPI_ADD product before, p.xg), and each row's sums are scaled by
  * 1 / rms of the raw rows at p.ssx, whose squares the row's warps gather
- * after their dot products (the rows are in L2), or beside them for f16
- * and Q8 weights at one token (row_dot_h1()).  The scale is computed
+ * after their dot products (the rows are in L2), or beside them for f16,
+ * Q8 and Q4 weights at one token (row_dot_h1()).  The scale is computed
  * as rmsnorm_kernel() computes it (1 / sqrt in double) from an f32 sum in
  * a fixed order: results repeat bit for bit and differ from the separate
  * norm's by rounding.
@@ -426,8 +371,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 	bool live = r < p.out_rows;
 	bool shared_red = KS > 1 || p.epi == EPI_QKV;
 	/* f16 at one token: rows and squares in one loop (row_dot_h1()) */
-	constexpr bool H1 = NORM && NT == 1 &&
-			    (WT == KVQ_GPU_W_F16 || WT == KVQ_GPU_W_Q8);
+	constexpr bool H1 = NORM && NT == 1 && WT != KVQ_GPU_W_F32;
 	float acc[NT], acc2[NT], ss[NT];
 
 	kvq_pdl_trigger();

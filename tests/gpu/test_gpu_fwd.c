@@ -7,13 +7,12 @@
  *   - the logits of every step agree: max|gpu - cpu| <= tol * max|cpu|
  *     (tol 1e-4 with an f32 cache; 2e-2 with a quantized one, where a key
  *     that differs in the last float bit may round to the neighbouring
- *     4-bit level).  F32 and F16 weights reach the GPU unchanged, and so
- *     does Q4_0 in the second pass over such a model, which selects the
- *     4-bit kernels (KVQ_GPU_WEIGHTS=native); Q8_0 stays 8-bit but is
- *     multiplied as the f16 values of its weights, and the other types
- *     (Q4_0 otherwise, Q4_K, Q6_K, BF16) are converted to f16 once, which
- *     rounds each weight by up to 2^-11: then the tolerances are 1e-2 and
- *     8e-2;
+ *     4-bit level).  F32 and F16 weights reach the GPU unchanged; Q8_0
+ *     and Q4_0 stay 8- and 4-bit but are multiplied as the f16 values of
+ *     their weights, and the other types (Q4_K, Q6_K, BF16) are converted
+ *     to f16 once, which rounds each weight by up to 2^-11: then the
+ *     tolerances are 1e-2 and 8e-2.  A Q8_0 or Q4_0 model is run twice,
+ *     the second time converted to f16 at load (KVQ_GPU_WEIGHTS=f16);
  *   - the greedy token ids are equal.  Should they differ, the CPU's top
  *     two logits at that step must lie within the logit tolerance of each
  *     other (a tie broken by rounding), and the test reports where.
@@ -23,9 +22,9 @@
  * are f16, against the CPU and against the tiled kernel (KVQ_GPU_NO_CUBLAS),
  * every row's logits; and decode steps of 2 to 16 sequences on the
  * one-pass tensor-core product against the CPU and against cuBLAS
- * (skinny_case()).  A Q8_0 model kept 8-bit (the default) against its
- * copy in f16 (KVQ_GPU_WEIGHTS=f16): the same logits, bit for bit
- * (q8_values_case()).  Logits buffers are poisoned with NaN before every
+ * (skinny_case()).  A Q8_0 or Q4_0 model kept 8- or 4-bit (the default)
+ * against its copy in f16 (KVQ_GPU_WEIGHTS=f16): the same logits, bit for
+ * bit (q8_values_case()).  Logits buffers are poisoned with NaN before every
  * GPU step.
  *
  * Key centring: the greedy and batch cases again with random key centres
@@ -161,11 +160,9 @@ static int one_step(struct kvq_ctx *c, int seq, const int32_t *tok, int n,
 /* The GPU holds this model's weights exactly as the file does. */
 static bool exact_weights(struct kvq_model *m)
 {
-	const char *d = kvq_model_desc(m), *e = getenv("KVQ_GPU_WEIGHTS");
-	bool native = e && !strcmp(e, "native");
+	const char *d = kvq_model_desc(m);
 
-	return strstr(d, ", F32,") || strstr(d, ", F16,") ||
-	       (native && strstr(d, ", Q4_0,"));
+	return strstr(d, ", F32,") || strstr(d, ", F16,");
 }
 
 static void greedy_case(struct kvq_model *m, const char *mname,
@@ -466,21 +463,17 @@ static void f32_cache_opts(struct kvq_ctx_opts *o,
 }
 
 /* The GPU multiplies this model's matrices as f16 values (f16 rows, or
- * Q8_0 rows expanded to them): every type but F32, unless the 4-bit
- * kernels keep Q4_0. */
+ * Q8_0 and Q4_0 rows expanded to them): every type but F32. */
 static bool f16_on_gpu(struct kvq_model *m)
 {
-	const char *d = kvq_model_desc(m), *e = getenv("KVQ_GPU_WEIGHTS");
-	bool native = e && !strcmp(e, "native");
-
-	return !strstr(d, ", F32,") && !(native && strstr(d, ", Q4_0,"));
+	return !strstr(kvq_model_desc(m), ", F32,");
 }
 
 /*
- * A Q8_0 model's logits with its weights kept 8-bit (the default) and
- * with them converted to f16 at load (KVQ_GPU_WEIGHTS=f16): the 8-bit
- * kernels multiply the f16 values of the weights, so every logit is the
- * same float, bit for bit.  A prompt of 3 tokens, 12 one-token steps (the
+ * A Q8_0 or Q4_0 model's logits with its weights kept 8- or 4-bit (the
+ * default) and with them converted to f16 at load (KVQ_GPU_WEIGHTS=f16):
+ * the kernels multiply the f16 values of the weights, so every logit is
+ * the same float, bit for bit.  A prompt of 3 tokens, 12 one-token steps (the
  * small product, the norm inside), then one step of 9 sequences (the
  * one-pass tensor-core product).  Other models: nothing.
  */
@@ -559,7 +552,8 @@ static void q8_values_case(const char *path)
 	mo.n_threads = 2;
 	if (kvq_model_load(path, &mo, &m, err, sizeof(err)))
 		return;
-	q8 = strstr(kvq_model_desc(m), ", Q8_0,") != NULL;
+	q8 = strstr(kvq_model_desc(m), ", Q8_0,") ||
+	     strstr(kvq_model_desc(m), ", Q4_0,");
 	V = kvq_model_hparams(m)->n_vocab;
 	kvq_model_destroy(m);
 	if (!q8)
@@ -568,21 +562,21 @@ static void q8_values_case(const char *path)
 	l[0] = malloc(n * sizeof(float));
 	l[1] = malloc(n * sizeof(float));
 	if (!l[0] || !l[1]) {
-		tap_ok(0, "%s: 8-bit rows against f16: out of memory", base);
+		tap_ok(0, "%s: 8/4-bit rows against f16: out of memory", base);
 		goto done;
 	}
 	poison(l[0], n);
 	poison(l[1], n);
 	if (q8_values_run(path, false, l[0], V, err, sizeof(err)) ||
 	    q8_values_run(path, true, l[1], V, err, sizeof(err))) {
-		tap_ok(0, "%s: 8-bit rows against f16: %s", base, err);
+		tap_ok(0, "%s: 8/4-bit rows against f16: %s", base, err);
 		goto done;
 	}
 	for (i = 0; i < n; i++)
 		diff += memcmp(&l[0][i], &l[1][i], sizeof(float)) != 0 ||
 			isnan(l[0][i]);
 	tap_ok(diff == 0,
-	       "%s: Q8_0 kept 8-bit gives the logits of its f16 copy bit for bit (%d steps of one token, one of %d sequences: %zu of %zu differ)",
+	       "%s: kept 8/4-bit, the logits of its f16 copy bit for bit (%d steps of one token, one of %d sequences: %zu of %zu differ)",
 	       base, QV_STEPS, QV_SEQS, diff, n);
 done:
 	free(l[0]);
@@ -1287,18 +1281,18 @@ int main(int argc, char **argv)
 
 			base = base ? base + 1 : argv[i];
 			if (pass)
-				setenv("KVQ_GPU_WEIGHTS", "native", 1);
+				setenv("KVQ_GPU_WEIGHTS", "f16", 1);
 			else
 				unsetenv("KVQ_GPU_WEIGHTS");
 			snprintf(name, sizeof(name), "%s%s", base,
-				 pass ? " (8/4-bit kernels)" : "");
+				 pass ? " (f16 at load)" : "");
 			mo.n_threads = 2;
 			if (kvq_model_load(argv[i], &mo, &m, err, sizeof(err))) {
 				tap_ok(0, "%s: %s", name, err);
 				break;
 			}
 			d = kvq_model_desc(m);
-			if (pass && !strstr(d, ", Q4_0,")) {
+			if (pass && !strstr(d, ", Q8_0,") && !strstr(d, ", Q4_0,")) {
 				kvq_model_destroy(m);
 				break;
 			}
