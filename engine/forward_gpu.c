@@ -11,7 +11,13 @@
  * Q8_0, q4/q4, against f16 at load: decode faster by 5-10% at batch 1 to
  * 4, a 1024-token prompt slower by a fifth (the expansion), the device
  * memory of the weights halved (bench/gpu_decode_notes.md).
- * KVQ_GPU_WEIGHTS=f16 converts every type to f16 at load (F32 too).
+ *
+ * KVQ_GPU_WEIGHTS=compact keeps Q4_K and Q6_K as they are too (0.28 and
+ * 0.41 of f16's bytes; Q6_K blocks padded to 216 bytes), the same way and
+ * with the same results, for a model that would not fit otherwise: their
+ * expansion costs more than the bytes save (decode 15-26% slower than f16
+ * at load, measured), so it is not the default.  KVQ_GPU_WEIGHTS=f16
+ * converts every type to f16 at load (F32 too).
  */
 #include "config.h"
 
@@ -73,6 +79,10 @@ static int gpu_wtype(uint32_t type)
 		return KVQ_GPU_W_Q8;
 	if (type == KVQ_TYPE_Q4_0)
 		return KVQ_GPU_W_Q4;
+	if (e && !strcmp(e, "compact") && type == KVQ_TYPE_Q4_K)
+		return KVQ_GPU_W_Q4K;
+	if (e && !strcmp(e, "compact") && type == KVQ_TYPE_Q6_K)
+		return KVQ_GPU_W_Q6K;
 	return KVQ_GPU_W_F16;
 }
 
@@ -112,6 +122,18 @@ static int convert(struct kvq_weight *w, int wt, uint32_t r0, uint8_t *data,
 				memcpy(data + o * cols + b * 32, row + b * 34 + 2,
 				       32);
 			}
+		} else if (wt == KVQ_GPU_W_Q4K) {
+			memcpy(data + o * rb, row, rb);
+		} else if (wt == KVQ_GPU_W_Q6K) {
+			/* 210-byte blocks at 216 (8-byte aligned parts). */
+			uint8_t *d = data + o * (cols / 256) * KVQ_GPU_Q6K_BLOCK;
+
+			for (b = 0; b < cols / 256; b++) {
+				memcpy(d + (size_t)b * KVQ_GPU_Q6K_BLOCK,
+				       row + (size_t)b * 210, 210);
+				memset(d + (size_t)b * KVQ_GPU_Q6K_BLOCK + 210, 0,
+				       KVQ_GPU_Q6K_BLOCK - 210);
+			}
 		} else {
 			/* Q4_0 block: f16 d, 16 bytes of nibbles. */
 			for (b = 0; b < nb; b++) {
@@ -147,10 +169,16 @@ static int upload_stack(struct kvq_gpu_model *g, int layer, int slot,
 			return -EINVAL;
 		}
 	}
+	if ((wt == KVQ_GPU_W_Q4K || wt == KVQ_GPU_W_Q6K) && cols % 256)
+		wt = KVQ_GPU_W_F16;
 	db = wt == KVQ_GPU_W_F32 ? (size_t)rows * cols * 4 :
 	     wt == KVQ_GPU_W_F16 ? (size_t)rows * cols * 2 :
-	     wt == KVQ_GPU_W_Q8 ? (size_t)rows * cols : (size_t)rows * cols / 2;
-	sb = wt == KVQ_GPU_W_F16 || wt == KVQ_GPU_W_F32 ? 0 : (size_t)rows * (cols / 32) * 2;
+	     wt == KVQ_GPU_W_Q8 ? (size_t)rows * cols :
+	     wt == KVQ_GPU_W_Q4K ? (size_t)rows * (cols / 256) * KVQ_GPU_Q4K_BLOCK :
+	     wt == KVQ_GPU_W_Q6K ? (size_t)rows * (cols / 256) * KVQ_GPU_Q6K_BLOCK :
+	     (size_t)rows * cols / 2;
+	sb = wt == KVQ_GPU_W_Q8 || wt == KVQ_GPU_W_Q4 ?
+	     (size_t)rows * (cols / 32) * 2 : 0;
 	data = malloc(db);
 	tmp = malloc((size_t)cols * sizeof(float));
 	if (sb)
@@ -267,6 +295,8 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 		 kvq_gpu_model_bytes(g) / 1048576.0,
 		 getenv("KVQ_GPU_WEIGHTS") && !strcmp(getenv("KVQ_GPU_WEIGHTS"), "f16") ?
 		 "all as f16 (KVQ_GPU_WEIGHTS=f16)" :
+		 getenv("KVQ_GPU_WEIGHTS") && !strcmp(getenv("KVQ_GPU_WEIGHTS"), "compact") ?
+		 "Q8_0, Q4_0, Q4_K and Q6_K kept as they are (KVQ_GPU_WEIGHTS=compact), F32 as f32, other types as f16" :
 		 "Q8_0 and Q4_0 kept 8- and 4-bit, F32 as f32, other types as f16");
 	return 0;
 }

@@ -373,12 +373,22 @@ void tc_launch_wt(bool pdl, cudaStream_t st, const tc_args &a)
 /* Launches tc_kernel with the tiling for @a's shape. */
 void tc_launch(bool pdl, cudaStream_t st, const tc_args &a)
 {
-	if (a.w.type == KVQ_GPU_W_Q8)
+	switch (a.w.type) {
+	case KVQ_GPU_W_Q8:
 		tc_launch_wt<KVQ_GPU_W_Q8>(pdl, st, a);
-	else if (a.w.type == KVQ_GPU_W_Q4)
+		break;
+	case KVQ_GPU_W_Q4:
 		tc_launch_wt<KVQ_GPU_W_Q4>(pdl, st, a);
-	else
+		break;
+	case KVQ_GPU_W_Q4K:
+		tc_launch_wt<KVQ_GPU_W_Q4K>(pdl, st, a);
+		break;
+	case KVQ_GPU_W_Q6K:
+		tc_launch_wt<KVQ_GPU_W_Q6K>(pdl, st, a);
+		break;
+	default:
 		tc_launch_wt<KVQ_GPU_W_F16>(pdl, st, a);
+	}
 }
 
 /*
@@ -677,7 +687,7 @@ static cublasStatus_t gemm(struct kvq_gpu_blas *b,
 			    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
 }
 
-/* Rows r0 .. r0 + rows - 1 of Q8 or Q4 @w as their f16 values
+/* Rows r0 .. r0 + rows - 1 of 8/4-bit @w as their f16 values
  * (kvq_wload8()), into @dst (rows of w.cols halves); a thread a run of 8
  * columns. */
 template <int WT>
@@ -702,7 +712,7 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 	split_args s;
 	cublasStatus_t cs;
 
-	bool quant = w->type == KVQ_GPU_W_Q8 || w->type == KVQ_GPU_W_Q4;
+	bool quant = w->type != KVQ_GPU_W_F16 && w->type != KVQ_GPU_W_F32;
 
 	if ((w->type != KVQ_GPU_W_F16 &&
 	     !(quant && a->q8_buf && a->q8_rows && !(a->q8_rows % 16) &&
@@ -744,8 +754,16 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 				kvq_launch(b->pdl, quant_rows_kernel<KVQ_GPU_W_Q8>,
 					   grid, dim3(THREADS), 0, b->st, *w,
 					   r0, nr, a->q8_buf);
-			else
+			else if (w->type == KVQ_GPU_W_Q4)
 				kvq_launch(b->pdl, quant_rows_kernel<KVQ_GPU_W_Q4>,
+					   grid, dim3(THREADS), 0, b->st, *w,
+					   r0, nr, a->q8_buf);
+			else if (w->type == KVQ_GPU_W_Q4K)
+				kvq_launch(b->pdl, quant_rows_kernel<KVQ_GPU_W_Q4K>,
+					   grid, dim3(THREADS), 0, b->st, *w,
+					   r0, nr, a->q8_buf);
+			else
+				kvq_launch(b->pdl, quant_rows_kernel<KVQ_GPU_W_Q6K>,
 					   grid, dim3(THREADS), 0, b->st, *w,
 					   r0, nr, a->q8_buf);
 			wd = a->q8_buf;

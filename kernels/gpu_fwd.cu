@@ -106,8 +106,9 @@ struct kvq_gpu_ctx {
 	/* f16 products of more than mv_max tokens, when stats.prompt_blas
 	 * is set (it is cleared when cuBLAS fails: the tiled kernel) */
 	struct kvq_gpu_blas *blas;
-	/* Q8 and Q4 rows of a product of more than 16 tokens, expanded to
-	 * their f16 values q8_rows at a time for cuBLAS (NULL: none) */
+	/* Q8, Q4, Q4_K and Q6_K rows of a product of more than 16 tokens,
+	 * expanded to their f16 values q8_rows at a time for cuBLAS (NULL:
+	 * none) */
 	__half *q8_f16;
 	uint32_t q8_rows;
 	/* Largest token count the small product takes while gpu_blas.cu
@@ -293,7 +294,7 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 
 		if (m->type != KVQ_GPU_W_F32 && m->ld > max_ld)
 			max_ld = m->ld;
-		if ((m->type == KVQ_GPU_W_Q8 || m->type == KVQ_GPU_W_Q4) &&
+		if (m->type != KVQ_GPU_W_F16 && m->type != KVQ_GPU_W_F32 &&
 		    m->rows) {
 			q8_cols = m->cols > q8_cols ? m->cols : q8_cols;
 			q8_max = m->rows > q8_max ? m->rows : q8_max;
@@ -745,7 +746,7 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	      const int32_t *xrows = nullptr, const qkv_out *qo = nullptr)
 {
 	mmp p;
-	/* f16, Q8 and Q4 weights go to tensor cores; F32 keeps the small
+	/* f16 and 8/4-bit weights go to tensor cores; F32 keeps the small
 	 * product up to MV_MAXT tokens. */
 	bool small = small_product(c, n) ||
 		     (n <= MV_MAXT && w.type == KVQ_GPU_W_F32);
@@ -827,6 +828,10 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 			MV_LAUNCH(KVQ_GPU_W_F32)
 		else if (w.type == KVQ_GPU_W_Q8)
 			MV_LAUNCH(KVQ_GPU_W_Q8)
+		else if (w.type == KVQ_GPU_W_Q4K)
+			MV_LAUNCH(KVQ_GPU_W_Q4K)
+		else if (w.type == KVQ_GPU_W_Q6K)
+			MV_LAUNCH(KVQ_GPU_W_Q6K)
 		else
 			MV_LAUNCH(KVQ_GPU_W_Q4)
 #undef MV_LAUNCH
@@ -837,15 +842,14 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	if (epi == EPI_SWIGLU || epi == EPI_QKV)
 		return -EINVAL;
 	/*
-	 * f16 weights go to tensor cores, and so do Q8 and Q4 ones as their
-	 * f16 values, a slice of rows at a time (gpu_blas.cu); F32 stays in
-	 * the tiled kernel to stay exact.  A product cuBLAS
+	 * f16 weights go to tensor cores, and so do Q8, Q4, Q4_K and Q6_K
+	 * ones as their f16 values, a slice of rows at a time (gpu_blas.cu);
+	 * F32 stays in the tiled kernel to stay exact.  A product cuBLAS
 	 * refuses fails the step (y may be half updated) and the tiled kernel
 	 * takes the products from then on; the stats say why.
 	 */
 	if ((w.type == KVQ_GPU_W_F16 ||
-	     ((w.type == KVQ_GPU_W_Q8 || w.type == KVQ_GPU_W_Q4) &&
-	      c->q8_f16)) && c->stats.prompt_blas) {
+	     (w.type != KVQ_GPU_W_F32 && c->q8_f16)) && c->stats.prompt_blas) {
 		struct kvq_gpu_blas_mm a = { &w, x, xs, y, ys, n,
 					     epi == EPI_ADD, bias, c->q8_f16,
 					     c->q8_rows };
@@ -860,10 +864,8 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 		launch(gemm_kernel<KVQ_GPU_W_F16>, grid, dim3(256), 0, c->st, p);
 	else if (w.type == KVQ_GPU_W_F32)
 		launch(gemm_kernel<KVQ_GPU_W_F32>, grid, dim3(256), 0, c->st, p);
-	else if (w.type == KVQ_GPU_W_Q8)
+	else	/* 8/4-bit: wval() reads each weight by the matrix's type */
 		launch(gemm_kernel<KVQ_GPU_W_Q8>, grid, dim3(256), 0, c->st, p);
-	else
-		launch(gemm_kernel<KVQ_GPU_W_Q4>, grid, dim3(256), 0, c->st, p);
 	return 0;
 }
 

@@ -31,10 +31,16 @@ extern "C" {
 
 enum kvq_gpu_wtype {
 	KVQ_GPU_W_F16 = 0,
-	KVQ_GPU_W_Q8 = 1,
-	KVQ_GPU_W_Q4 = 2,
+	KVQ_GPU_W_Q8 = 1,	/* Q8_0: int8 rows, f16 scales apart */
+	KVQ_GPU_W_Q4 = 2,	/* Q4_0: nibble rows, f16 scales apart */
 	KVQ_GPU_W_F32 = 3,
+	KVQ_GPU_W_Q4K = 4,	/* Q4_K: the file's 144-byte blocks */
+	KVQ_GPU_W_Q6K = 5,	/* Q6_K: the file's 210-byte blocks, padded to 216 */
 };
+
+/* Device bytes of a 256-column block of a Q4_K / Q6_K row. */
+#define KVQ_GPU_Q4K_BLOCK 144
+#define KVQ_GPU_Q6K_BLOCK 216
 
 /* Matrices of a layer (QKV stacks wq, wk, wv by rows; GATEUP stacks
  * w_gate over w_up), and the model-wide ones (layer -1). */
@@ -74,8 +80,10 @@ int kvq_gpu_model_create(const struct kvq_gpu_model_desc *d,
 void kvq_gpu_model_destroy(struct kvq_gpu_model *g);
 /*
  * Uploads a matrix of @rows x @cols in @wtype: F16 (F32) @data holds
- * rows*cols halves (floats), unpadded; Q8 @data rows*cols int8 and @scales rows*cols/32
- * halves; Q4 @data rows*cols/2 bytes and @scales likewise.
+ * rows*cols halves (floats), unpadded; Q8 @data rows*cols int8 and @scales
+ * rows*cols/32 halves; Q4 @data rows*cols/2 bytes and @scales likewise;
+ * Q4K and Q6K @data the rows' blocks (cols/256 a row, KVQ_GPU_Q4K_BLOCK or
+ * KVQ_GPU_Q6K_BLOCK bytes each), no @scales.
  */
 int kvq_gpu_model_set_matrix(struct kvq_gpu_model *g, int layer, int slot,
 			     int wtype, uint32_t rows, uint32_t cols,

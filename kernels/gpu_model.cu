@@ -84,10 +84,11 @@ extern "C" int kvq_gpu_model_set_matrix(struct kvq_gpu_model *g, int layer,
 	else
 		return set_err(err, errlen, -EINVAL, "GPU model: bad slot");
 	bool flt = wtype == KVQ_GPU_W_F16 || wtype == KVQ_GPU_W_F32;
+	bool kq = wtype == KVQ_GPU_W_Q4K || wtype == KVQ_GPU_W_Q6K;
 	size_t es = wtype == KVQ_GPU_W_F32 ? 4 : 2;
 
-	if (!rows || !cols || (!flt && cols % 32) ||
-	    wtype < 0 || wtype > KVQ_GPU_W_F32 || (!flt && !scales))
+	if (!rows || !cols || (!flt && cols % 32) || (kq && cols % 256) ||
+	    wtype < 0 || wtype > KVQ_GPU_W_Q6K || (!flt && !kq && !scales))
 		return set_err(err, errlen, -EINVAL,
 			       "GPU model: bad matrix %u x %u of type %d",
 			       rows, cols, wtype);
@@ -97,6 +98,10 @@ extern "C" int kvq_gpu_model_set_matrix(struct kvq_gpu_model *g, int layer,
 	if (flt) {
 		nm.ld = pad32(cols);
 		db = (size_t)rows * nm.ld * es;
+	} else if (kq) {
+		nm.ld = cols;
+		db = (size_t)rows * (cols / 256) *
+		     (wtype == KVQ_GPU_W_Q4K ? KVQ_GPU_Q4K_BLOCK : KVQ_GPU_Q6K_BLOCK);
 	} else {
 		nm.ld = cols;
 		db = wtype == KVQ_GPU_W_Q8 ? (size_t)rows * cols :

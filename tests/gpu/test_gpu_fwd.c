@@ -8,11 +8,13 @@
  *     (tol 1e-4 with an f32 cache; 2e-2 with a quantized one, where a key
  *     that differs in the last float bit may round to the neighbouring
  *     4-bit level).  F32 and F16 weights reach the GPU unchanged; Q8_0
- *     and Q4_0 stay 8- and 4-bit but are multiplied as the f16 values of
- *     their weights, and the other types (Q4_K, Q6_K, BF16) are converted
- *     to f16 once, which rounds each weight by up to 2^-11: then the
- *     tolerances are 1e-2 and 8e-2.  A Q8_0 or Q4_0 model is run twice,
- *     the second time converted to f16 at load (KVQ_GPU_WEIGHTS=f16);
+ *     and Q4_0 (and with KVQ_GPU_WEIGHTS=compact Q4_K and Q6_K) stay as
+ *     they are but are multiplied as the f16 values of their weights, and
+ *     the other types are converted to f16 once: either way each weight
+ *     is rounded by up to 2^-11, and the tolerances are 1e-2 and 8e-2.
+ *     A model of those four types is run twice: Q8_0 and Q4_0 the second
+ *     time converted to f16 at load (KVQ_GPU_WEIGHTS=f16), Q4_K and Q6_K,
+ *     which the default converts, kept (KVQ_GPU_WEIGHTS=compact);
  *   - the greedy token ids are equal.  Should they differ, the CPU's top
  *     two logits at that step must lie within the logit tolerance of each
  *     other (a tie broken by rounding), and the test reports where.
@@ -22,10 +24,10 @@
  * are f16, against the CPU and against the tiled kernel (KVQ_GPU_NO_CUBLAS),
  * every row's logits; and decode steps of 2 to 16 sequences on the
  * one-pass tensor-core product against the CPU and against cuBLAS
- * (skinny_case()).  A Q8_0 or Q4_0 model kept 8- or 4-bit (the default)
- * against its copy in f16 (KVQ_GPU_WEIGHTS=f16): the same logits, bit for
- * bit (q8_values_case()).  Logits buffers are poisoned with NaN before every
- * GPU step.
+ * (skinny_case()).  A Q8_0, Q4_0, Q4_K or Q6_K model kept as it is
+ * (KVQ_GPU_WEIGHTS=compact) against its copy in f16 (KVQ_GPU_WEIGHTS=f16):
+ * the same logits, bit for bit (q8_values_case()).  Logits buffers are
+ * poisoned with NaN before every GPU step.
  *
  * Key centring: the greedy and batch cases again with random key centres
  * on the model (center_case()).
@@ -469,9 +471,20 @@ static bool f16_on_gpu(struct kvq_model *m)
 	return !strstr(kvq_model_desc(m), ", F32,");
 }
 
+/* The model's matrices are of a type the GPU keeps as it is (and
+ * multiplies as its f16 values). */
+static bool kept_quantized(struct kvq_model *m)
+{
+	const char *d = kvq_model_desc(m);
+
+	return strstr(d, ", Q8_0,") || strstr(d, ", Q4_0,") ||
+	       strstr(d, ", Q4_K,") || strstr(d, ", Q6_K,");
+}
+
 /*
- * A Q8_0 or Q4_0 model's logits with its weights kept 8- or 4-bit (the
- * default) and with them converted to f16 at load (KVQ_GPU_WEIGHTS=f16):
+ * A Q8_0, Q4_0, Q4_K or Q6_K model's logits with its weights kept as they
+ * are (KVQ_GPU_WEIGHTS=compact; the default for Q8_0 and Q4_0) and with
+ * them converted to f16 at load (KVQ_GPU_WEIGHTS=f16):
  * the kernels multiply the f16 values of the weights, so every logit is
  * the same float, bit for bit.  A prompt of 3 tokens, 12 one-token steps (the
  * small product, the norm inside), then one step of 9 sequences (the
@@ -493,10 +506,7 @@ static int q8_values_run(const char *path, bool f16, float *out, uint32_t V,
 	struct kvq_batch b = { 0 };
 	int ret, sq, i;
 
-	if (f16)
-		setenv("KVQ_GPU_WEIGHTS", "f16", 1);
-	else
-		unsetenv("KVQ_GPU_WEIGHTS");
+	setenv("KVQ_GPU_WEIGHTS", f16 ? "f16" : "compact", 1);
 	mo.n_threads = 2;
 	ret = kvq_model_load(path, &mo, &m, err, errlen);
 	if (ret)
@@ -552,8 +562,7 @@ static void q8_values_case(const char *path)
 	mo.n_threads = 2;
 	if (kvq_model_load(path, &mo, &m, err, sizeof(err)))
 		return;
-	q8 = strstr(kvq_model_desc(m), ", Q8_0,") ||
-	     strstr(kvq_model_desc(m), ", Q4_0,");
+	q8 = kept_quantized(m);
 	V = kvq_model_hparams(m)->n_vocab;
 	kvq_model_destroy(m);
 	if (!q8)
@@ -576,7 +585,7 @@ static void q8_values_case(const char *path)
 		diff += memcmp(&l[0][i], &l[1][i], sizeof(float)) != 0 ||
 			isnan(l[0][i]);
 	tap_ok(diff == 0,
-	       "%s: kept 8/4-bit, the logits of its f16 copy bit for bit (%d steps of one token, one of %d sequences: %zu of %zu differ)",
+	       "%s: kept as it is, the logits of its f16 copy bit for bit (%d steps of one token, one of %d sequences: %zu of %zu differ)",
 	       base, QV_STEPS, QV_SEQS, diff, n);
 done:
 	free(l[0]);
@@ -1276,25 +1285,29 @@ int main(int argc, char **argv)
 			struct kvq_model *m;
 			const char *base = strrchr(argv[i], '/');
 			char err[256], name[300];
-			const char *d;
 			size_t k;
 
 			base = base ? base + 1 : argv[i];
-			if (pass)
-				setenv("KVQ_GPU_WEIGHTS", "f16", 1);
-			else
-				unsetenv("KVQ_GPU_WEIGHTS");
-			snprintf(name, sizeof(name), "%s%s", base,
-				 pass ? " (f16 at load)" : "");
+			unsetenv("KVQ_GPU_WEIGHTS");
+			snprintf(name, sizeof(name), "%s", base);
 			mo.n_threads = 2;
 			if (kvq_model_load(argv[i], &mo, &m, err, sizeof(err))) {
 				tap_ok(0, "%s: %s", name, err);
 				break;
 			}
-			d = kvq_model_desc(m);
-			if (pass && !strstr(d, ", Q8_0,") && !strstr(d, ", Q4_0,")) {
+			if (pass && !kept_quantized(m)) {
 				kvq_model_destroy(m);
 				break;
+			}
+			/* The second pass: what the default does not (the
+			 * weights go to the GPU at the first context). */
+			if (pass) {
+				bool kq = strstr(kvq_model_desc(m), ", Q4_K,") ||
+					  strstr(kvq_model_desc(m), ", Q6_K,");
+
+				setenv("KVQ_GPU_WEIGHTS", kq ? "compact" : "f16", 1);
+				snprintf(name, sizeof(name), "%s (%s)", base,
+					 kq ? "compact" : "f16 at load");
 			}
 			for (k = 0; k < sizeof(kvsets) / sizeof(kvsets[0]); k++)
 				greedy_case(m, name, &kvsets[k]);
