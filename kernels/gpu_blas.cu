@@ -373,22 +373,13 @@ void tc_launch_wt(bool pdl, cudaStream_t st, const tc_args &a)
 /* Launches tc_kernel with the tiling for @a's shape. */
 void tc_launch(bool pdl, cudaStream_t st, const tc_args &a)
 {
-	switch (a.w.type) {
-	case KVQ_GPU_W_Q8:
-		tc_launch_wt<KVQ_GPU_W_Q8>(pdl, st, a);
-		break;
-	case KVQ_GPU_W_Q4:
-		tc_launch_wt<KVQ_GPU_W_Q4>(pdl, st, a);
-		break;
-	case KVQ_GPU_W_Q4K:
-		tc_launch_wt<KVQ_GPU_W_Q4K>(pdl, st, a);
-		break;
-	case KVQ_GPU_W_Q6K:
-		tc_launch_wt<KVQ_GPU_W_Q6K>(pdl, st, a);
-		break;
-	default:
-		tc_launch_wt<KVQ_GPU_W_F16>(pdl, st, a);
-	}
+	int t = a.w.type;
+
+	(t == KVQ_GPU_W_Q8 ? tc_launch_wt<KVQ_GPU_W_Q8> :
+	 t == KVQ_GPU_W_Q4 ? tc_launch_wt<KVQ_GPU_W_Q4> :
+	 t == KVQ_GPU_W_Q4K ? tc_launch_wt<KVQ_GPU_W_Q4K> :
+	 t == KVQ_GPU_W_Q6K ? tc_launch_wt<KVQ_GPU_W_Q6K> :
+	 tc_launch_wt<KVQ_GPU_W_F16>)(pdl, st, a);
 }
 
 /*
@@ -705,6 +696,17 @@ quant_rows_kernel(dmat w, uint32_t r0, uint32_t rows, __half *dst)
 						  (uint32_t)(i % gpr) * 8);
 }
 
+/* quant_rows_kernel() for 8/4-bit weight type @t. */
+typedef void (*rows_fn)(dmat, uint32_t, uint32_t, __half *);
+
+static rows_fn rows_kernel(int t)
+{
+	return t == KVQ_GPU_W_Q8 ? quant_rows_kernel<KVQ_GPU_W_Q8> :
+	       t == KVQ_GPU_W_Q4 ? quant_rows_kernel<KVQ_GPU_W_Q4> :
+	       t == KVQ_GPU_W_Q4K ? quant_rows_kernel<KVQ_GPU_W_Q4K> :
+	       quant_rows_kernel<KVQ_GPU_W_Q6K>;
+}
+
 int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 		    char *err, size_t errlen)
 {
@@ -750,22 +752,9 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 			     a->q8_rows;
 			groups = (size_t)nr * (w->cols / 8);
 			grid = dim3((unsigned)((groups + THREADS - 1) / THREADS));
-			if (w->type == KVQ_GPU_W_Q8)
-				kvq_launch(b->pdl, quant_rows_kernel<KVQ_GPU_W_Q8>,
-					   grid, dim3(THREADS), 0, b->st, *w,
-					   r0, nr, a->q8_buf);
-			else if (w->type == KVQ_GPU_W_Q4)
-				kvq_launch(b->pdl, quant_rows_kernel<KVQ_GPU_W_Q4>,
-					   grid, dim3(THREADS), 0, b->st, *w,
-					   r0, nr, a->q8_buf);
-			else if (w->type == KVQ_GPU_W_Q4K)
-				kvq_launch(b->pdl, quant_rows_kernel<KVQ_GPU_W_Q4K>,
-					   grid, dim3(THREADS), 0, b->st, *w,
-					   r0, nr, a->q8_buf);
-			else
-				kvq_launch(b->pdl, quant_rows_kernel<KVQ_GPU_W_Q6K>,
-					   grid, dim3(THREADS), 0, b->st, *w,
-					   r0, nr, a->q8_buf);
+			kvq_launch(b->pdl, rows_kernel(w->type), grid,
+				   dim3(THREADS), 0, b->st, *w, r0, nr,
+				   a->q8_buf);
 			wd = a->q8_buf;
 		}
 		cs = gemm(b, a, wd, nr, a->y + r0, b->hi,
