@@ -182,8 +182,8 @@ static __device__ __forceinline__ uint4 kvq_q6k_h8(const uint8_t *blk,
  * Eight weights of row @r of @m from column @c (a multiple of 8) as f16
  * values: f16 rows as they are, Q8, Q4, Q4_K and Q6_K rows expanded in
  * registers (kvq_q8_h8(), kvq_q4_h8(), kvq_q4k_h8(), kvq_q6k_h8()) to the
- * f16 values their copy in f16 holds.  A Q4 block's 16 bytes hold its columns 0-15 in the low nibbles
- * and 16-31 in the high ones.
+ * f16 values their copy in f16 holds.  A Q4 block's 16 bytes hold its
+ * columns 0-15 in the low nibbles and 16-31 in the high ones.
  */
 template <int WT>
 static __device__ __forceinline__ uint4 kvq_wload8(const dmat &m, uint32_t r,
