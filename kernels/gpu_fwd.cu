@@ -665,12 +665,13 @@ static bool small_product(const struct kvq_gpu_ctx *c, uint32_t T)
  * token of 2048 and up, the block (more loads in flight; measured +1% at
  * 1B), except two for the QKV product (its RoPE pairs stay in a block)
  * and, at one token, two for the output projection (EPI_ADD of short
- * rows) and for gate/up of f16, Q8 or Q4 (whose rows row_dot_h1() reads
- * together), and one for the vocabulary product (rows by the ten
- * thousand): fewer, fuller blocks.  H200, 1B F16, q4/q4, batch 1, three alternating runs:
- * the output projection and the vocabulary +0.9% each at 1K, +0.5% at
- * 32K (one warp a row for the output projection lost 2%); row_dot_h1()
- * +1.6% at 1K and 32K, two warps for gate/up +1.3% more (one: +0.8%).
+ * rows) and for gate/up of f16 or 8/4-bit rows (whose rows row_dot_h1()
+ * reads together), and one for the vocabulary product (rows by the ten
+ * thousand): fewer, fuller blocks.  H200, 1B F16, q4/q4, batch 1, three
+ * alternating runs: the output projection and the vocabulary +0.9% each
+ * at 1K, +0.5% at 32K (one warp a row for the output projection lost 2%);
+ * row_dot_h1() +1.6% at 1K and 32K, two warps for gate/up +1.3% more
+ * (one: +0.8%).
  */
 static int mv_warps_a_row(const struct kvq_gpu_ctx *c, const dmat &w,
 			  uint32_t n, int epi)
