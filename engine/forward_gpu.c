@@ -291,6 +291,10 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 		return ret;
 	}
 	m->gpu = g;
+	if (getenv("KVQ_GPU_WEIGHTS") && strcmp(getenv("KVQ_GPU_WEIGHTS"), "f16") &&
+	    strcmp(getenv("KVQ_GPU_WEIGHTS"), "compact"))
+		kvq_warn("gpu: KVQ_GPU_WEIGHTS=%s is not f16 or compact: ignored",
+			 getenv("KVQ_GPU_WEIGHTS"));
 	kvq_info("gpu: weights uploaded, %.1f MiB on the device (%s)",
 		 kvq_gpu_model_bytes(g) / 1048576.0,
 		 getenv("KVQ_GPU_WEIGHTS") && !strcmp(getenv("KVQ_GPU_WEIGHTS"), "f16") ?

@@ -717,7 +717,7 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 	bool quant = w->type != KVQ_GPU_W_F16 && w->type != KVQ_GPU_W_F32;
 
 	if ((w->type != KVQ_GPU_W_F16 &&
-	     !(quant && a->q8_buf && a->q8_rows && !(a->q8_rows % 16) &&
+	     !(quant && a->exp_buf && a->exp_rows && !(a->exp_rows % 16) &&
 	       w->ld == w->cols)) ||
 	    !a->n || a->n > b->max_tok || w->ld > b->max_ld || a->ys < w->rows)
 		return set_err(err, errlen, -EINVAL,
@@ -748,14 +748,14 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 			size_t groups;
 			dim3 grid;
 
-			nr = w->rows - r0 < a->q8_rows ? w->rows - r0 :
-			     a->q8_rows;
+			nr = w->rows - r0 < a->exp_rows ? w->rows - r0 :
+			     a->exp_rows;
 			groups = (size_t)nr * (w->cols / 8);
 			grid = dim3((unsigned)((groups + THREADS - 1) / THREADS));
 			kvq_launch(b->pdl, rows_kernel(w->type), grid,
 				   dim3(THREADS), 0, b->st, *w, r0, nr,
-				   a->q8_buf);
-			wd = a->q8_buf;
+				   a->exp_buf);
+			wd = a->exp_buf;
 		}
 		cs = gemm(b, a, wd, nr, a->y + r0, b->hi,
 			  a->add || a->bias ? SC_ONE : SC_ZERO);

@@ -38,10 +38,10 @@ struct kvq_gpu_blas_mm {
 	uint32_t n;
 	bool add;
 	const float *bias;	/* [rows] or NULL */
-	/* Q8 or Q4 rows of w: expanded to their f16 values (kvq_wload8())
-	 * into q8_buf, q8_rows of them (a multiple of 16) at a time */
-	__half *q8_buf;
-	uint32_t q8_rows;
+	/* 8/4-bit rows of w: expanded to their f16 values (kvq_wload8())
+	 * into exp_buf, exp_rows of them (a multiple of 16) at a time */
+	__half *exp_buf;
+	uint32_t exp_rows;
 };
 
 /* How the skinny product's input comes from x (columns: W's). */
@@ -84,12 +84,11 @@ int kvq_gpu_blas_create(cudaStream_t st, uint32_t max_tok, uint32_t max_ld,
 void kvq_gpu_blas_destroy(struct kvq_gpu_blas *b);
 /*
  * Launches one product through cuBLAS on the stream (n <= max_tok, W's ld
- * <= max_ld; F16 rows, or Q8 or Q4 rows with q8_buf, which go through cuBLAS as
- * their f16 values a slice at a time, x's halves made once); the caller
- * sends what kvq_gpu_blas_skinny() takes to kvq_gpu_blas_skinny_mm()
- * instead.  Returns 0, or -EIO with @err set
- * when cuBLAS refused a call; y may then be half updated (with add) and
- * the step must fail.
+ * <= max_ld; F16 rows, or 8/4-bit rows with exp_buf, which go through
+ * cuBLAS as their f16 values a slice at a time, x's halves made once); the
+ * caller sends what kvq_gpu_blas_skinny() takes to kvq_gpu_blas_skinny_mm()
+ * instead.  Returns 0, or -EIO with @err set when cuBLAS refused a call; y
+ * may then be half updated (with add) and the step must fail.
  */
 int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 		    char *err, size_t errlen);

@@ -106,11 +106,11 @@ struct kvq_gpu_ctx {
 	/* f16 products of more than mv_max tokens, when stats.prompt_blas
 	 * is set (it is cleared when cuBLAS fails: the tiled kernel) */
 	struct kvq_gpu_blas *blas;
-	/* Q8, Q4, Q4_K and Q6_K rows of a product of more than 16 tokens,
-	 * expanded to their f16 values q8_rows at a time for cuBLAS (NULL:
-	 * none) */
-	__half *q8_f16;
-	uint32_t q8_rows;
+	/* 8/4-bit rows (Q8, Q4, Q4_K, Q6_K) of a product of more than 16
+	 * tokens, expanded to their f16 values exp_rows at a time for cuBLAS
+	 * (NULL: none) */
+	__half *exp_f16;
+	uint32_t exp_rows;
 	/* Largest token count the small product takes while gpu_blas.cu
 	 * serves; more go to tensor cores (its one-pass kernel up to 16
 	 * tokens, cuBLAS beyond).  H200, 1B F16, q4/q4, 1K, tokens/s, small
@@ -194,7 +194,7 @@ extern "C" void kvq_gpu_ctx_destroy(struct kvq_gpu_ctx *c)
 	for (i = 0; i < c->n_graphs; i++)
 		cudaGraphExecDestroy(c->graphs[i].exec);
 	kvq_gpu_blas_destroy(c->blas);
-	cudaFree(c->q8_f16);
+	cudaFree(c->exp_f16);
 	for (l = 0; c->kpages && l < c->g->d.n_layers; l++) {
 		cudaFree(c->kpages[l]);
 		cudaFree(c->vpages[l]);
@@ -285,7 +285,7 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 	const struct kvq_gpu_model *g = c->g;
 	size_t i, nm = (size_t)g->d.n_layers * KVQ_GPU_M_NLAYER, bytes = 0;
 	const char *fault = getenv("KVQ_GPU_FAULT");
-	uint32_t max_ld = 0, q8_cols = 0, q8_max = 0;
+	uint32_t max_ld = 0, exp_cols = 0, exp_max = 0;
 	char why[256];
 	int ret;
 
@@ -296,8 +296,8 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 			max_ld = m->ld;
 		if (m->type != KVQ_GPU_W_F16 && m->type != KVQ_GPU_W_F32 &&
 		    m->rows) {
-			q8_cols = m->cols > q8_cols ? m->cols : q8_cols;
-			q8_max = m->rows > q8_max ? m->rows : q8_max;
+			exp_cols = m->cols > exp_cols ? m->cols : exp_cols;
+			exp_max = m->rows > exp_max ? m->rows : exp_max;
 		}
 	}
 	c->fused_norm = !getenv("KVQ_GPU_NO_FUSED_NORM");
@@ -320,20 +320,20 @@ static int blas_setup(struct kvq_gpu_ctx *c, char *err, size_t errlen)
 		c->stats.blas_failures++;
 		return 0;
 	}
-	if (q8_cols) {
+	if (exp_cols) {
 		/* 64 MiB of f16 rows at most, a multiple of 16 of them. */
-		uint32_t r = (uint32_t)((64u << 20) / (2 * (size_t)q8_cols)) & ~15u;
+		uint32_t r = (uint32_t)((64u << 20) / (2 * (size_t)exp_cols)) & ~15u;
 
-		c->q8_rows = r < 16 ? 16 : r > q8_max ? (q8_max + 15) & ~15u : r;
-		ret = dalloc((void **)&c->q8_f16,
-			     (size_t)c->q8_rows * q8_cols * 2,
+		c->exp_rows = r < 16 ? 16 : r > exp_max ? (exp_max + 15) & ~15u : r;
+		ret = dalloc((void **)&c->exp_f16,
+			     (size_t)c->exp_rows * exp_cols * 2,
 			     "f16 rows of 8- and 4-bit weights for prompts", err, errlen);
 		if (ret) {
 			kvq_gpu_blas_destroy(c->blas);
 			c->blas = nullptr;
 			return ret;
 		}
-		bytes += (size_t)c->q8_rows * q8_cols * 2;
+		bytes += (size_t)c->exp_rows * exp_cols * 2;
 	}
 	c->stats.prompt_blas = 1;
 	c->stats.blas_above = c->mv_max;
@@ -849,11 +849,11 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	 * refuses fails the step (y may be half updated) and the tiled kernel
 	 * takes the products from then on; the stats say why.
 	 */
-	if ((w.type == KVQ_GPU_W_F16 ||
-	     (w.type != KVQ_GPU_W_F32 && c->q8_f16)) && c->stats.prompt_blas) {
+	if (w.type != KVQ_GPU_W_F32 && (w.type == KVQ_GPU_W_F16 || c->exp_f16) &&
+	    c->stats.prompt_blas) {
 		struct kvq_gpu_blas_mm a = { &w, x, xs, y, ys, n,
-					     epi == EPI_ADD, bias, c->q8_f16,
-					     c->q8_rows };
+					     epi == EPI_ADD, bias, c->exp_f16,
+					     c->exp_rows };
 
 		return blas_result(c, kvq_gpu_blas_mm(c->blas, &a,
 				   c->stats.blas_error,
@@ -861,12 +861,7 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	}
 	dim3 grid((w.rows + GT - 1) / GT, (n + GT - 1) / GT);
 
-	if (w.type == KVQ_GPU_W_F16)
-		launch(gemm_kernel<KVQ_GPU_W_F16>, grid, dim3(256), 0, c->st, p);
-	else if (w.type == KVQ_GPU_W_F32)
-		launch(gemm_kernel<KVQ_GPU_W_F32>, grid, dim3(256), 0, c->st, p);
-	else	/* 8/4-bit: wval() reads each weight by the matrix's type */
-		launch(gemm_kernel<KVQ_GPU_W_Q8>, grid, dim3(256), 0, c->st, p);
+	launch(gemm_kernel, grid, dim3(256), 0, c->st, p);
 	return 0;
 }
 

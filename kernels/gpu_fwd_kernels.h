@@ -483,8 +483,8 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 }
 
 /* Tiled product for many tokens: a 64x64 (rows x tokens) tile per block,
- * each thread 4x4, weights dequantized into shared memory as f32. */
-template <int WT>
+ * each thread 4x4, weights dequantized into shared memory as f32 (wval(),
+ * by the matrix's type). */
 __global__ void __launch_bounds__(256) gemm_kernel(mmp p)
 {
 	__shared__ float ws[GK][GT + 4];

@@ -26,7 +26,7 @@
  * one-pass tensor-core product against the CPU and against cuBLAS
  * (skinny_case()).  A Q8_0, Q4_0, Q4_K or Q6_K model kept as it is
  * (KVQ_GPU_WEIGHTS=compact) against its copy in f16 (KVQ_GPU_WEIGHTS=f16):
- * the same logits, bit for bit (q8_values_case()).  Logits buffers are
+ * the same logits, bit for bit (quant_values_case()).  Logits buffers are
  * poisoned with NaN before every GPU step.
  *
  * Key centring: the greedy and batch cases again with random key centres
@@ -471,14 +471,22 @@ static bool f16_on_gpu(struct kvq_model *m)
 	return !strstr(kvq_model_desc(m), ", F32,");
 }
 
-/* The model's matrices are of a type the GPU keeps as it is (and
- * multiplies as its f16 values). */
+/* The model's matrices are Q4_K or Q6_K: kept as they are only with
+ * KVQ_GPU_WEIGHTS=compact. */
+static bool k_quant(struct kvq_model *m)
+{
+	const char *d = kvq_model_desc(m);
+
+	return strstr(d, ", Q4_K,") || strstr(d, ", Q6_K,");
+}
+
+/* The model's matrices are of a type the GPU can keep as it is (and
+ * multiply as its f16 values). */
 static bool kept_quantized(struct kvq_model *m)
 {
 	const char *d = kvq_model_desc(m);
 
-	return strstr(d, ", Q8_0,") || strstr(d, ", Q4_0,") ||
-	       strstr(d, ", Q4_K,") || strstr(d, ", Q6_K,");
+	return strstr(d, ", Q8_0,") || strstr(d, ", Q4_0,") || k_quant(m);
 }
 
 /*
@@ -493,7 +501,7 @@ static bool kept_quantized(struct kvq_model *m)
 #define QV_STEPS 12
 #define QV_SEQS 9
 
-static int q8_values_run(const char *path, bool f16, float *out, uint32_t V,
+static int quant_values_run(const char *path, bool f16, float *out, uint32_t V,
 			 char *err, size_t errlen)
 {
 	struct kvq_model_opts mo = { 0 };
@@ -547,7 +555,7 @@ out:
 	return ret;
 }
 
-static void q8_values_case(const char *path)
+static void quant_values_case(const char *path)
 {
 	struct kvq_model_opts mo = { 0 };
 	struct kvq_model *m;
@@ -576,8 +584,8 @@ static void q8_values_case(const char *path)
 	}
 	poison(l[0], n);
 	poison(l[1], n);
-	if (q8_values_run(path, false, l[0], V, err, sizeof(err)) ||
-	    q8_values_run(path, true, l[1], V, err, sizeof(err))) {
+	if (quant_values_run(path, false, l[0], V, err, sizeof(err)) ||
+	    quant_values_run(path, true, l[1], V, err, sizeof(err))) {
 		tap_ok(0, "%s: 8/4-bit rows against f16: %s", base, err);
 		goto done;
 	}
@@ -1302,8 +1310,7 @@ int main(int argc, char **argv)
 			/* The second pass: what the default does not (the
 			 * weights go to the GPU at the first context). */
 			if (pass) {
-				bool kq = strstr(kvq_model_desc(m), ", Q4_K,") ||
-					  strstr(kvq_model_desc(m), ", Q6_K,");
+				bool kq = k_quant(m);
 
 				setenv("KVQ_GPU_WEIGHTS", kq ? "compact" : "f16", 1);
 				snprintf(name, sizeof(name), "%s (%s)", base,
@@ -1336,6 +1343,6 @@ int main(int argc, char **argv)
 	}
 	unsetenv("KVQ_GPU_WEIGHTS");
 	for (i = 1; i < argc; i++)
-		q8_values_case(argv[i]);
+		quant_values_case(argv[i]);
 	return tap_done();
 }
