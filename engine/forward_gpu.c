@@ -34,6 +34,8 @@
 #include "engine/model.h"
 #include "engine/model_impl.h"
 #include "engine/quant.h"
+#include "engine/quant_impl.h"
+#include "kernels/gpu_fwd.h"
 
 int kvq_gpu_mv_max_parse(const char *s, uint32_t *out)
 {
@@ -49,10 +51,66 @@ int kvq_gpu_mv_max_parse(const char *s, uint32_t *out)
 	return 0;
 }
 
+int kvq_gpu_kquant_row(uint32_t type, int wt, const void *row, uint32_t cols,
+		       uint8_t *codes, float *pairs)
+{
+	uint8_t w[KVQ_QK_K];
+	uint32_t b, i;
+	int j;
+
+	if (cols % KVQ_QK_K || (type != KVQ_TYPE_Q4_K && type != KVQ_TYPE_Q6_K) ||
+	    (wt != KVQ_GPU_W_Q8K && (wt != KVQ_GPU_W_Q4K || type != KVQ_TYPE_Q4_K)))
+		return -EINVAL;
+	for (b = 0; b < cols / KVQ_QK_K; b++) {
+		if (type == KVQ_TYPE_Q6_K) {
+			const struct kvq_block_q6_k *k6 =
+				(const struct kvq_block_q6_k *)row + b;
+			float d = kvq_f16_to_f32(k6->d);
+
+			kvq_q6k_codes(k6, w);
+			for (i = 0; i < KVQ_QK_K; i++)
+				codes[b * KVQ_QK_K + i] = (uint8_t)(w[i] - 32);
+			for (j = 0; j < 16; j++) {
+				pairs[2 * (16 * b + j)] = d * k6->scales[j];
+				pairs[2 * (16 * b + j) + 1] = -0.0f;
+			}
+			continue;
+		}
+		const struct kvq_block_q4_k *k4 =
+			(const struct kvq_block_q4_k *)row + b;
+		float d = kvq_f16_to_f32(k4->d), dmin = kvq_f16_to_f32(k4->dmin);
+
+		for (j = 0; j < 8; j++) {
+			const uint8_t *q = k4->qs + 32 * (j / 2);
+			int sh = 4 * (j & 1);
+			uint8_t sc, mn;
+			float pr[2];
+
+			kvq_q4k_scale_min(j, k4->scales, &sc, &mn);
+			pr[0] = d * sc;
+			pr[1] = -(dmin * mn);
+			if (wt == KVQ_GPU_W_Q4K) {
+				/* a Q4 block: columns 0-15 low, 16-31 high */
+				memcpy(&pairs[2 * (8 * b + j)], pr, sizeof(pr));
+				for (i = 0; i < 16; i++)
+					codes[16 * (8 * b + j) + i] =
+						((q[i] >> sh) & 15) |
+						((q[i + 16] >> sh) & 15) << 4;
+				continue;
+			}
+			memcpy(&pairs[2 * (16 * b + 2 * j)], pr, sizeof(pr));
+			memcpy(&pairs[2 * (16 * b + 2 * j + 1)], pr, sizeof(pr));
+			for (i = 0; i < 32; i++)
+				codes[b * KVQ_QK_K + 32 * j + i] = (q[i] >> sh) & 15;
+		}
+	}
+	return 0;
+}
+
 #if defined(KVQ_HAVE_CUDA) || defined(KVQ_HAVE_HIP)
 
 #include "kernels/attn.h"
-#include "kernels/gpu_fwd.h"
+#include "kernels/gpu.h"
 
 struct kvq_ctx_gpu {
 	struct kvq_model *m;
@@ -66,12 +124,17 @@ struct kvq_ctx_gpu {
 	char fallback[192];		/* kvq_ctx_gpu_fallback() */
 };
 
-/* Device format a weight of GGUF @type takes. */
-static int gpu_wtype(uint32_t type)
-{
-	const char *e = getenv("KVQ_GPU_WEIGHTS");
+/* How the upload keeps Q4_K and Q6_K weights. */
+enum wmode {
+	WM_DEFAULT,	/* f16, unless that would not fit (kquant_mode()) */
+	WM_F16,		/* KVQ_GPU_WEIGHTS=f16: every type as f16 */
+	WM_COMPACT,	/* Q4_K and Q6_K kept 4- and 8-bit */
+};
 
-	if (e && !strcmp(e, "f16"))
+/* Device format a weight of GGUF @type takes. */
+static int gpu_wtype(uint32_t type, enum wmode mode)
+{
+	if (mode == WM_F16)
 		return KVQ_GPU_W_F16;
 	if (type == KVQ_TYPE_F32)
 		return KVQ_GPU_W_F32;
@@ -79,10 +142,10 @@ static int gpu_wtype(uint32_t type)
 		return KVQ_GPU_W_Q8;
 	if (type == KVQ_TYPE_Q4_0)
 		return KVQ_GPU_W_Q4;
-	if (e && !strcmp(e, "compact") && type == KVQ_TYPE_Q4_K)
+	if (mode == WM_COMPACT && type == KVQ_TYPE_Q4_K)
 		return KVQ_GPU_W_Q4K;
-	if (e && !strcmp(e, "compact") && type == KVQ_TYPE_Q6_K)
-		return KVQ_GPU_W_Q6K;
+	if (mode == WM_COMPACT && type == KVQ_TYPE_Q6_K)
+		return KVQ_GPU_W_Q8K;
 	return KVQ_GPU_W_F16;
 }
 
@@ -91,7 +154,7 @@ static int gpu_wtype(uint32_t type)
  * host buffers (@data: halves, int8 or nibbles; @scales: halves).
  */
 static int convert(struct kvq_weight *w, int wt, uint32_t r0, uint8_t *data,
-		   uint16_t *scales, float *tmp)
+		   void *scales, float *tmp)
 {
 	uint64_t rb = kvq_type_row_bytes(w->type, w->cols);
 	const uint8_t *src = kvq_weight_get(w);
@@ -118,26 +181,22 @@ static int convert(struct kvq_weight *w, int wt, uint32_t r0, uint8_t *data,
 		} else if (wt == KVQ_GPU_W_Q8) {
 			/* Q8_0 block: f16 d, 32 int8. */
 			for (b = 0; b < nb; b++) {
-				memcpy(&scales[o * nb + b], row + b * 34, 2);
+				memcpy((uint16_t *)scales + o * nb + b, row + b * 34, 2);
 				memcpy(data + o * cols + b * 32, row + b * 34 + 2,
 				       32);
 			}
 		} else if (wt == KVQ_GPU_W_Q4K) {
-			memcpy(data + o * rb, row, rb);
-		} else if (wt == KVQ_GPU_W_Q6K) {
-			/* 210-byte blocks at 216 (8-byte aligned parts). */
-			uint8_t *d = data + o * (cols / 256) * KVQ_GPU_Q6K_BLOCK;
-
-			for (b = 0; b < cols / 256; b++) {
-				memcpy(d + (size_t)b * KVQ_GPU_Q6K_BLOCK,
-				       row + (size_t)b * 210, 210);
-				memset(d + (size_t)b * KVQ_GPU_Q6K_BLOCK + 210, 0,
-				       KVQ_GPU_Q6K_BLOCK - 210);
-			}
+			ret = kvq_gpu_kquant_row(w->type, wt, row, cols,
+						 data + o * (cols / 2),
+						 (float *)scales + o * (cols / 32) * 2);
+		} else if (wt == KVQ_GPU_W_Q8K) {
+			ret = kvq_gpu_kquant_row(w->type, wt, row, cols,
+						 data + o * cols,
+						 (float *)scales + o * (cols / 16) * 2);
 		} else {
 			/* Q4_0 block: f16 d, 16 bytes of nibbles. */
 			for (b = 0; b < nb; b++) {
-				memcpy(&scales[o * nb + b], row + b * 18, 2);
+				memcpy((uint16_t *)scales + o * nb + b, row + b * 18, 2);
 				memcpy(data + o * (cols / 2) + b * 16,
 				       row + b * 18 + 2, 16);
 			}
@@ -149,36 +208,41 @@ static int convert(struct kvq_weight *w, int wt, uint32_t r0, uint8_t *data,
 
 /* Uploads the row-stack of @n weights (same cols) into one device matrix. */
 static int upload_stack(struct kvq_gpu_model *g, int layer, int slot,
-			struct kvq_weight **ws, int n, char *err,
-			size_t errlen)
+			struct kvq_weight **ws, int n, enum wmode mode,
+			char *err, size_t errlen)
 {
 	uint32_t rows = 0, cols = ws[0]->cols, r0 = 0;
-	int wt = gpu_wtype(ws[0]->type), i, ret = 0;
+	int wt = gpu_wtype(ws[0]->type, mode), i, ret = 0;
 	size_t db, sb;
 	uint8_t *data;
-	uint16_t *scales = NULL;
+	void *scales = NULL;
 	float *tmp;
 
 	for (i = 0; i < n; i++) {
+		int t = gpu_wtype(ws[i]->type, mode);
+
 		rows += ws[i]->rows;
-		if (gpu_wtype(ws[i]->type) != wt)
-			wt = KVQ_GPU_W_F16;	/* a mix: the common format */
+		/* a mix: Q8K holds Q4_K and Q6_K rows, f16 any */
+		if (t != wt)
+			wt = (t == KVQ_GPU_W_Q4K || t == KVQ_GPU_W_Q8K) &&
+			     (wt == KVQ_GPU_W_Q4K || wt == KVQ_GPU_W_Q8K) ?
+			     KVQ_GPU_W_Q8K : KVQ_GPU_W_F16;
 		if (ws[i]->cols != cols) {
 			snprintf(err, errlen, "tensor %s: %u columns, expected %u",
 				 ws[i]->name, ws[i]->cols, cols);
 			return -EINVAL;
 		}
 	}
-	if ((wt == KVQ_GPU_W_Q4K || wt == KVQ_GPU_W_Q6K) && cols % 256)
+	if ((wt == KVQ_GPU_W_Q4K || wt == KVQ_GPU_W_Q8K) && cols % KVQ_QK_K)
 		wt = KVQ_GPU_W_F16;
 	db = wt == KVQ_GPU_W_F32 ? (size_t)rows * cols * 4 :
 	     wt == KVQ_GPU_W_F16 ? (size_t)rows * cols * 2 :
-	     wt == KVQ_GPU_W_Q8 ? (size_t)rows * cols :
-	     wt == KVQ_GPU_W_Q4K ? (size_t)rows * (cols / 256) * KVQ_GPU_Q4K_BLOCK :
-	     wt == KVQ_GPU_W_Q6K ? (size_t)rows * (cols / 256) * KVQ_GPU_Q6K_BLOCK :
+	     wt == KVQ_GPU_W_Q8 || wt == KVQ_GPU_W_Q8K ? (size_t)rows * cols :
 	     (size_t)rows * cols / 2;
-	sb = wt == KVQ_GPU_W_Q8 || wt == KVQ_GPU_W_Q4 ?
-	     (size_t)rows * (cols / 32) * 2 : 0;
+	/* a half a 32 columns (Q8, Q4), two floats a 32 (Q4K) or a 16 (Q8K) */
+	sb = wt == KVQ_GPU_W_F32 || wt == KVQ_GPU_W_F16 ? 0 :
+	     (size_t)rows * (cols / 32) * 2 *
+	     (wt == KVQ_GPU_W_Q4K ? 4 : wt == KVQ_GPU_W_Q8K ? 8 : 1);
 	data = malloc(db);
 	tmp = malloc((size_t)cols * sizeof(float));
 	if (sb)
@@ -206,6 +270,71 @@ out:
 	return ret;
 }
 
+/* Device bytes of @n weights of GGUF @type as gpu_wtype() keeps them. */
+static uint64_t device_bytes(uint32_t type, uint64_t n, enum wmode mode)
+{
+	switch (gpu_wtype(type, mode)) {
+	case KVQ_GPU_W_F32:
+		return 4 * n;
+	case KVQ_GPU_W_Q8:
+		return n + n / 16;
+	case KVQ_GPU_W_Q4:
+		return n / 2 + n / 16;
+	case KVQ_GPU_W_Q4K:
+		return n / 2 + n / 4;
+	case KVQ_GPU_W_Q8K:
+		return n + n / 2;
+	}
+	return 2 * n;
+}
+
+/*
+ * How the upload keeps @m's Q4_K and Q6_K weights: as KVQ_GPU_WEIGHTS says
+ * (f16 or compact); else f16 (decode is 5-9% faster that way at 1 to 4
+ * tokens a step, bench/gpu_decode_notes.md), unless the weights would
+ * then take more than three quarters of the device's free memory and
+ * keeping those types 4- and 8-bit (exact all the same) takes less:
+ * @why then says so.  KVQ_GPU_FAULT=small-memory makes the free memory
+ * look that small, for tests.
+ */
+static enum wmode weights_mode(const struct kvq_model *m, char *why,
+			       size_t len)
+{
+	const char *e = getenv("KVQ_GPU_WEIGHTS");
+	const char *fault = getenv("KVQ_GPU_FAULT");
+	uint64_t def = 0, kept = 0, avail;
+	struct kvq_gpu_info gi;
+	char pw[64];
+	uint32_t i;
+
+	*why = 0;
+	if (e && !strcmp(e, "f16"))
+		return WM_F16;
+	if (e && !strcmp(e, "compact"))
+		return WM_COMPACT;
+	for (i = 0; i < m->n_weights; i++) {
+		const struct kvq_weight *w = &m->weights[i];
+		uint64_t n = (uint64_t)w->rows * w->cols;
+
+		if (w->rows < 2)
+			continue;
+		def += device_bytes(w->type, n, WM_DEFAULT);
+		kept += device_bytes(w->type, n, WM_COMPACT);
+	}
+	if (kept >= def || kvq_gpu_probe(&gi, pw, sizeof(pw)) <= 0)
+		return WM_DEFAULT;
+	avail = fault && !strcmp(fault, "small-memory") ? def : gi.free_mem;
+	if (def <= avail / 4 * 3)
+		return WM_DEFAULT;
+	snprintf(why, len,
+		 "Q4_K and Q6_K kept 4- and 8-bit: in f16 the weights would take %.1f GiB of the %.1f GiB free%s (%.1f GiB kept)",
+		 def / 1073741824.0, avail / 1073741824.0,
+		 fault && !strcmp(fault, "small-memory") ?
+		 " (injected: KVQ_GPU_FAULT=small-memory)" : "",
+		 kept / 1073741824.0);
+	return WM_COMPACT;
+}
+
 int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 {
 	const struct kvq_hparams *hp = &m->hp;
@@ -214,10 +343,13 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 	uint32_t qd = hp->n_heads * hp->head_dim;
 	uint32_t kvd = hp->n_kv_heads * hp->head_dim, l;
 	float *bias = NULL;
+	enum wmode mode;
+	char why[256];
 	int ret;
 
 	if (m->gpu)
 		return 0;
+	mode = weights_mode(m, why, sizeof(why));
 	d.n_layers = hp->n_layers;
 	d.dim = hp->dim;
 	d.n_heads = hp->n_heads;
@@ -237,15 +369,15 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 		struct kvq_weight *qkv[3] = { L->wq, L->wk, L->wv };
 		struct kvq_weight *gu[2] = { L->w_gate, L->w_up };
 
-		ret = upload_stack(g, l, KVQ_GPU_M_QKV, qkv, 3, err, errlen);
+		ret = upload_stack(g, l, KVQ_GPU_M_QKV, qkv, 3, mode, err, errlen);
 		if (!ret)
-			ret = upload_stack(g, l, KVQ_GPU_M_O, &L->wo, 1, err,
+			ret = upload_stack(g, l, KVQ_GPU_M_O, &L->wo, 1, mode, err,
 					   errlen);
 		if (!ret)
-			ret = upload_stack(g, l, KVQ_GPU_M_GATEUP, gu, 2, err,
+			ret = upload_stack(g, l, KVQ_GPU_M_GATEUP, gu, 2, mode, err,
 					   errlen);
 		if (!ret)
-			ret = upload_stack(g, l, KVQ_GPU_M_DOWN, &L->w_down, 1,
+			ret = upload_stack(g, l, KVQ_GPU_M_DOWN, &L->w_down, 1, mode,
 					   err, errlen);
 		if (!ret)
 			ret = kvq_gpu_model_set_vector(g, l, KVQ_GPU_V_ATTN_NORM,
@@ -271,14 +403,14 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 		}
 	}
 	if (!ret)
-		ret = upload_stack(g, -1, KVQ_GPU_M_EMBED, &m->tok_embd, 1, err,
+		ret = upload_stack(g, -1, KVQ_GPU_M_EMBED, &m->tok_embd, 1, mode, err,
 				   errlen);
 	if (!ret) {
 		if (m->output == m->tok_embd)
 			kvq_gpu_model_tie_output(g);
 		else
 			ret = upload_stack(g, -1, KVQ_GPU_M_OUTPUT, &m->output,
-					   1, err, errlen);
+					   1, mode, err, errlen);
 	}
 	if (!ret)
 		ret = kvq_gpu_model_set_vector(g, -1, KVQ_GPU_V_OUTPUT_NORM,
@@ -295,12 +427,13 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 	    strcmp(getenv("KVQ_GPU_WEIGHTS"), "compact"))
 		kvq_warn("gpu: KVQ_GPU_WEIGHTS=%s is not f16 or compact: ignored",
 			 getenv("KVQ_GPU_WEIGHTS"));
+	if (*why)
+		kvq_notice("gpu: %s", why);
 	kvq_info("gpu: weights uploaded, %.1f MiB on the device (%s)",
 		 kvq_gpu_model_bytes(g) / 1048576.0,
-		 getenv("KVQ_GPU_WEIGHTS") && !strcmp(getenv("KVQ_GPU_WEIGHTS"), "f16") ?
-		 "all as f16 (KVQ_GPU_WEIGHTS=f16)" :
-		 getenv("KVQ_GPU_WEIGHTS") && !strcmp(getenv("KVQ_GPU_WEIGHTS"), "compact") ?
-		 "Q8_0, Q4_0, Q4_K and Q6_K kept as they are (KVQ_GPU_WEIGHTS=compact), F32 as f32, other types as f16" :
+		 mode == WM_F16 ? "all as f16 (KVQ_GPU_WEIGHTS=f16)" :
+		 mode == WM_COMPACT ?
+		 "Q8_0, Q4_0 and Q4_K kept 8- and 4-bit, Q6_K 8-bit, F32 as f32, other types as f16" :
 		 "Q8_0 and Q4_0 kept 8- and 4-bit, F32 as f32, other types as f16");
 	return 0;
 }
@@ -580,6 +713,71 @@ uint64_t kvq_ctx_gpu_sampled(const struct kvq_ctx_gpu *g)
 #else /* no GPU backend */
 
 static const char nogpu[] = "this kvqd was built without a GPU backend (configure --with-cuda or --with-hip)";
+
+/* Device bytes of @n weights of GGUF @type as gpu_wtype() keeps them. */
+static uint64_t device_bytes(uint32_t type, uint64_t n, enum wmode mode)
+{
+	switch (gpu_wtype(type, mode)) {
+	case KVQ_GPU_W_F32:
+		return 4 * n;
+	case KVQ_GPU_W_Q8:
+		return n + n / 16;
+	case KVQ_GPU_W_Q4:
+		return n / 2 + n / 16;
+	case KVQ_GPU_W_Q4K:
+		return n / 2 + n / 4;
+	case KVQ_GPU_W_Q8K:
+		return n + n / 2;
+	}
+	return 2 * n;
+}
+
+/*
+ * How the upload keeps @m's Q4_K and Q6_K weights: as KVQ_GPU_WEIGHTS says
+ * (f16 or compact); else f16 (decode is 5-9% faster that way at 1 to 4
+ * tokens a step, bench/gpu_decode_notes.md), unless the weights would
+ * then take more than three quarters of the device's free memory and
+ * keeping those types 4- and 8-bit (exact all the same) takes less:
+ * @why then says so.  KVQ_GPU_FAULT=small-memory makes the free memory
+ * look that small, for tests.
+ */
+static enum wmode weights_mode(const struct kvq_model *m, char *why,
+			       size_t len)
+{
+	const char *e = getenv("KVQ_GPU_WEIGHTS");
+	const char *fault = getenv("KVQ_GPU_FAULT");
+	uint64_t def = 0, kept = 0, avail;
+	struct kvq_gpu_info gi;
+	char pw[64];
+	uint32_t i;
+
+	*why = 0;
+	if (e && !strcmp(e, "f16"))
+		return WM_F16;
+	if (e && !strcmp(e, "compact"))
+		return WM_COMPACT;
+	for (i = 0; i < m->n_weights; i++) {
+		const struct kvq_weight *w = &m->weights[i];
+		uint64_t n = (uint64_t)w->rows * w->cols;
+
+		if (w->rows < 2)
+			continue;
+		def += device_bytes(w->type, n, WM_DEFAULT);
+		kept += device_bytes(w->type, n, WM_COMPACT);
+	}
+	if (kept >= def || kvq_gpu_probe(&gi, pw, sizeof(pw)) <= 0)
+		return WM_DEFAULT;
+	avail = fault && !strcmp(fault, "small-memory") ? def : gi.free_mem;
+	if (def <= avail / 4 * 3)
+		return WM_DEFAULT;
+	snprintf(why, len,
+		 "Q4_K and Q6_K kept 4- and 8-bit: in f16 the weights would take %.1f GiB of the %.1f GiB free%s (%.1f GiB kept)",
+		 def / 1073741824.0, avail / 1073741824.0,
+		 fault && !strcmp(fault, "small-memory") ?
+		 " (injected: KVQ_GPU_FAULT=small-memory)" : "",
+		 kept / 1073741824.0);
+	return WM_COMPACT;
+}
 
 int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 {

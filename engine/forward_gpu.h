@@ -30,6 +30,17 @@ struct kvq_gpu_sample_params;
  */
 int kvq_gpu_mv_max_parse(const char *s, uint32_t *out);
 
+/*
+ * One Q4_K or Q6_K row of @cols (a multiple of 256) in the device format
+ * @wt (kernels/gpu_fwd.h: KVQ_GPU_W_Q4K, Q4_K only, or KVQ_GPU_W_Q8K):
+ * @codes cols/2 or cols bytes, @pairs cols/32 or cols/16 pairs of floats
+ * (scale, offset) such that each weight, code * scale + offset in f32, is
+ * the CPU's dequantized value bit for bit.  -EINVAL for anything else.
+ * Plain C (no GPU needed), so the layout is tested everywhere.
+ */
+int kvq_gpu_kquant_row(uint32_t type, int wt, const void *row, uint32_t cols,
+		       uint8_t *codes, float *pairs);
+
 /* Uploads @m's weights once (later calls return 0 at once). */
 int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen);
 void kvq_model_gpu_release(struct kvq_model *m);

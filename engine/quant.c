@@ -480,20 +480,7 @@ static float dot_q8a_q6_k_scalar(const void *row, const void *xq, int64_t n)
 		const float d = kvq_f16_to_f32(b->d);
 		uint8_t w[KVQ_QK_K];
 
-		for (int h = 0; h < 2; h++) {
-			const uint8_t *ql = b->ql + 64 * h;
-			const uint8_t *qh = b->qh + 32 * h;
-			uint8_t *o = w + 128 * h;
-
-			for (int l = 0; l < 32; l++) {
-				o[l] = (ql[l] & 0x0f) | (qh[l] & 3) << 4;
-				o[l + 32] = (ql[l + 32] & 0x0f) |
-					    (qh[l] >> 2 & 3) << 4;
-				o[l + 64] = (ql[l] >> 4) | (qh[l] >> 4 & 3) << 4;
-				o[l + 96] = (ql[l + 32] >> 4) |
-					    (qh[l] >> 6 & 3) << 4;
-			}
-		}
+		kvq_q6k_codes(b, w);
 		for (int g = 0; g < 8; g++) {
 			int64_t ab = 8 * i + g;
 			const int8_t *q = v.qs + ab * KVQ_QK_ACT;

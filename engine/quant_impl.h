@@ -96,6 +96,27 @@ static inline void kvq_q4k_scale_min(int j, const uint8_t *q, uint8_t *sc,
 }
 
 /*
+ * kvq_q6k_codes() - the 6-bit codes q (0..63) of Q6_K block @b in element
+ * order: @w[e] for element e, whose weight is d * scales[e / 16] * (q - 32).
+ */
+static inline void kvq_q6k_codes(const struct kvq_block_q6_k *b,
+				 uint8_t w[KVQ_QK_K])
+{
+	for (int h = 0; h < 2; h++) {
+		const uint8_t *ql = b->ql + 64 * h;
+		const uint8_t *qh = b->qh + 32 * h;
+		uint8_t *o = w + 128 * h;
+
+		for (int l = 0; l < 32; l++) {
+			o[l] = (ql[l] & 0x0f) | (qh[l] & 3) << 4;
+			o[l + 32] = (ql[l + 32] & 0x0f) | (qh[l] >> 2 & 3) << 4;
+			o[l + 64] = (ql[l] >> 4) | (qh[l] >> 4 & 3) << 4;
+			o[l + 96] = (ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4;
+		}
+	}
+}
+
+/*
  * An activation vector quantized by kvq_quantize_act_q8(), n elements in
  * nb = n/32 blocks: x[32b + j] ~= d[b] * qs[32b + j].  The three arrays lie
  * one after the other in this order (n + 4*nb + 4*nb bytes): the int8

@@ -378,7 +378,7 @@ void tc_launch(bool pdl, cudaStream_t st, const tc_args &a)
 	(t == KVQ_GPU_W_Q8 ? tc_launch_wt<KVQ_GPU_W_Q8> :
 	 t == KVQ_GPU_W_Q4 ? tc_launch_wt<KVQ_GPU_W_Q4> :
 	 t == KVQ_GPU_W_Q4K ? tc_launch_wt<KVQ_GPU_W_Q4K> :
-	 t == KVQ_GPU_W_Q6K ? tc_launch_wt<KVQ_GPU_W_Q6K> :
+	 t == KVQ_GPU_W_Q8K ? tc_launch_wt<KVQ_GPU_W_Q8K> :
 	 tc_launch_wt<KVQ_GPU_W_F16>)(pdl, st, a);
 }
 
@@ -704,7 +704,7 @@ static rows_fn rows_kernel(int t)
 	return t == KVQ_GPU_W_Q8 ? quant_rows_kernel<KVQ_GPU_W_Q8> :
 	       t == KVQ_GPU_W_Q4 ? quant_rows_kernel<KVQ_GPU_W_Q4> :
 	       t == KVQ_GPU_W_Q4K ? quant_rows_kernel<KVQ_GPU_W_Q4K> :
-	       quant_rows_kernel<KVQ_GPU_W_Q6K>;
+	       quant_rows_kernel<KVQ_GPU_W_Q8K>;
 }
 
 int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,

@@ -305,28 +305,50 @@ static __device__ __forceinline__ void kvq_ldsm4_t(unsigned r[4],
 }
 
 /*
- * Eight Q8 weights (int8 @u) of block scale @d as the f16 values q * d,
- * each rounded once: what the load writes for a Q8_0 weight kept in f16
- * (kvq_dequant_row()'s exact q * d, rounded to nearest), so a product of
- * Q8 rows equals, bit for bit, the same product of their f16 copy.  A
- * code enters exact as 1152 + q (its byte xor 0x80 under the exponent of
- * 1024), less 1152.
+ * Eight 8-bit codes (int8 @u) as exact halves 1152 + q: each byte xor
+ * 0x80 under the exponent of 1024.
  */
-static __device__ __forceinline__ uint4 kvq_q8_h8(uint2 u, __half d)
+static __device__ __forceinline__ void kvq_q8_codes(uint2 u, unsigned w[4])
 {
-	const __half2 bias = __half2half2(__ushort_as_half(0x6480));
-	const __half2 d2 = __half2half2(d);
 	unsigned a = u.x ^ 0x80808080u, b = u.y ^ 0x80808080u;
-	unsigned w[4] = { __byte_perm(a, 0x64646464u, 0x4140),
-			  __byte_perm(a, 0x64646464u, 0x4342),
-			  __byte_perm(b, 0x64646464u, 0x4140),
-			  __byte_perm(b, 0x64646464u, 0x4342) };
+
+	w[0] = __byte_perm(a, 0x64646464u, 0x4140);
+	w[1] = __byte_perm(a, 0x64646464u, 0x4342);
+	w[2] = __byte_perm(b, 0x64646464u, 0x4140);
+	w[3] = __byte_perm(b, 0x64646464u, 0x4342);
+}
+
+/*
+ * Eight nibbles, the low ones (@hi false) or the high ones of the 8 bytes
+ * @u, as exact halves 1024 + n.
+ */
+static __device__ __forceinline__ void kvq_q4_codes(uint2 u, bool hi,
+						    unsigned w[4])
+{
+	unsigned a = hi ? u.x >> 4 : u.x, b = hi ? u.y >> 4 : u.y;
+	unsigned p[4] = { __byte_perm(a, 0, 0x4140), __byte_perm(a, 0, 0x4342),
+			  __byte_perm(b, 0, 0x4140), __byte_perm(b, 0, 0x4342) };
+
+	for (int i = 0; i < 4; i++)
+		w[i] = (p[i] & 0x000f000fu) | 0x64006400u;
+}
+
+/*
+ * Eight weights from their codes @w (halves bias + q) as q * d, each
+ * rounded once.
+ */
+static __device__ __forceinline__ uint4 kvq_codes_h8(const unsigned w[4],
+						     unsigned short bias,
+						     __half d)
+{
+	const __half2 b2 = __half2half2(__ushort_as_half(bias));
+	const __half2 d2 = __half2half2(d);
 	uint4 r;
 	unsigned *o = &r.x;
 
 	for (int i = 0; i < 4; i++) {
-		__half2 h = __hmul2(__hsub2(*reinterpret_cast<__half2 *>(&w[i]),
-					    bias), d2);
+		__half2 h = __hmul2(__hsub2(*reinterpret_cast<const __half2 *>(&w[i]),
+					    b2), d2);
 
 		o[i] = *reinterpret_cast<unsigned *>(&h);
 	}
@@ -334,29 +356,92 @@ static __device__ __forceinline__ uint4 kvq_q8_h8(uint2 u, __half d)
 }
 
 /*
+ * Eight Q8 weights (int8 @u) of block scale @d as the f16 values q * d,
+ * each rounded once: what the load writes for a Q8_0 weight kept in f16
+ * (kvq_dequant_row()'s exact q * d, rounded to nearest), so a product of
+ * Q8 rows equals, bit for bit, the same product of their f16 copy.
+ */
+static __device__ __forceinline__ uint4 kvq_q8_h8(uint2 u, __half d)
+{
+	unsigned w[4];
+
+	kvq_q8_codes(u, w);
+	return kvq_codes_h8(w, 0x6480, d);
+}
+
+/*
  * Eight Q4 weights of block scale @d, the low nibbles (@hi false) or the
  * high ones of the 8 bytes @u, as the f16 values (n - 8) * d, each
  * rounded once (as kvq_q8_h8(): what the load writes for a Q4_0 weight
- * kept in f16).  A nibble enters exact as 1024 + n, less 1032.
+ * kept in f16).
  */
 static __device__ __forceinline__ uint4 kvq_q4_h8(uint2 u, bool hi, __half d)
 {
-	const __half2 bias = __half2half2(__ushort_as_half(0x6408));
-	const __half2 d2 = __half2half2(d);
-	unsigned a = hi ? u.x >> 4 : u.x, b = hi ? u.y >> 4 : u.y;
-	unsigned w[4] = { __byte_perm(a, 0, 0x4140), __byte_perm(a, 0, 0x4342),
-			  __byte_perm(b, 0, 0x4140), __byte_perm(b, 0, 0x4342) };
+	unsigned w[4];
+
+	kvq_q4_codes(u, hi, w);
+	return kvq_codes_h8(w, 0x6408, d);
+}
+
+/*
+ * Eight weights from their codes as exact floats 2^23 + q + b (@x: the
+ * code under the exponent of 2^23, from a byte permute; @bias 2^23 + b):
+ * q * s + o in f32, one rounding, then to f16.
+ */
+static __device__ __forceinline__ uint4 kvq_f32codes_h8(const unsigned x[8],
+							float bias, float2 so)
+{
 	uint4 r;
-	unsigned *o = &r.x;
+	unsigned *p = &r.x;
 
 	for (int i = 0; i < 4; i++) {
-		unsigned x = (w[i] & 0x000f000fu) | 0x64006400u;
-		__half2 h = __hmul2(__hsub2(*reinterpret_cast<__half2 *>(&x),
-					    bias), d2);
+		float q0 = __fsub_rn(__uint_as_float(x[2 * i]), bias);
+		float q1 = __fsub_rn(__uint_as_float(x[2 * i + 1]), bias);
+		__half2 h = __floats2half2_rn(__fmaf_rn(q0, so.x, so.y),
+					      __fmaf_rn(q1, so.x, so.y));
 
-		o[i] = *reinterpret_cast<unsigned *>(&h);
+		p[i] = *reinterpret_cast<unsigned *>(&h);
 	}
 	return r;
+}
+
+/*
+ * Eight Q4K weights (a Q4_K sub-block's nibbles, laid out as Q4's: the
+ * low ones, @hi false, or the high ones of @u) as n * d1 + o1 in f32 then
+ * f16: @so holds d1 = d * sc and o1 = -(dmin * m) as floats (exact), so
+ * the value is the CPU's dequantization (the product exact, one rounding
+ * in f32) and the f16 value of the copy in f16, bit for bit.
+ */
+static __device__ __forceinline__ uint4 kvq_q4k_h8(uint2 u, bool hi,
+						   float2 so)
+{
+	unsigned a = (hi ? u.x >> 4 : u.x) & 0x0f0f0f0fu;
+	unsigned b = (hi ? u.y >> 4 : u.y) & 0x0f0f0f0fu;
+	unsigned x[8];
+
+	for (int j = 0; j < 4; j++) {
+		x[j] = __byte_perm(a, 0x4b000000u, 0x7440u | j);
+		x[j + 4] = __byte_perm(b, 0x4b000000u, 0x7440u | j);
+	}
+	return kvq_f32codes_h8(x, 8388608.0f, so);
+}
+
+/*
+ * Eight Q8K weights (int8 codes q of one 16-column group) as q * s + o in
+ * f32 then f16, @so holding s and o as floats: a Q6_K row's q - 32 with
+ * d * scale and -0 (the CPU's (d * scale) * q, bit for bit), a Q4_K
+ * row's n with Q4K's pair.
+ */
+static __device__ __forceinline__ uint4 kvq_q8k_h8(uint2 u, float2 so)
+{
+	unsigned a = u.x ^ 0x80808080u, b = u.y ^ 0x80808080u;
+	unsigned x[8];
+
+	for (int j = 0; j < 4; j++) {
+		x[j] = __byte_perm(a, 0x4b000000u, 0x7440u | j);
+		x[j + 4] = __byte_perm(b, 0x4b000000u, 0x7440u | j);
+	}
+	return kvq_f32codes_h8(x, 8388736.0f, so);
 }
 
 /* (x & m) | c in one instruction (the compiler splits it when both m and

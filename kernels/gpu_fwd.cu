@@ -831,8 +831,8 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 			MV_LAUNCH(KVQ_GPU_W_Q8)
 		else if (w.type == KVQ_GPU_W_Q4K)
 			MV_LAUNCH(KVQ_GPU_W_Q4K)
-		else if (w.type == KVQ_GPU_W_Q6K)
-			MV_LAUNCH(KVQ_GPU_W_Q6K)
+		else if (w.type == KVQ_GPU_W_Q8K)
+			MV_LAUNCH(KVQ_GPU_W_Q8K)
 		else
 			MV_LAUNCH(KVQ_GPU_W_Q4)
 #undef MV_LAUNCH

@@ -34,13 +34,13 @@ enum kvq_gpu_wtype {
 	KVQ_GPU_W_Q8 = 1,	/* Q8_0: int8 rows, f16 scales apart */
 	KVQ_GPU_W_Q4 = 2,	/* Q4_0: nibble rows, f16 scales apart */
 	KVQ_GPU_W_F32 = 3,
-	KVQ_GPU_W_Q4K = 4,	/* Q4_K: the file's 144-byte blocks */
-	KVQ_GPU_W_Q6K = 5,	/* Q6_K: the file's 210-byte blocks, padded to 216 */
+	/* Q4_K: nibble rows as Q4, a pair of floats a 32 columns apart
+	 * (d * sc and -(dmin * m) of the sub-block) */
+	KVQ_GPU_W_Q4K = 4,
+	/* Q6_K, or a stack of Q4_K and Q6_K: int8 rows, a pair of floats a
+	 * 16 columns apart (d * scale and -0; a Q4_K row's pair as Q4K's) */
+	KVQ_GPU_W_Q8K = 5,
 };
-
-/* Device bytes of a 256-column block of a Q4_K / Q6_K row. */
-#define KVQ_GPU_Q4K_BLOCK 144
-#define KVQ_GPU_Q6K_BLOCK 216
 
 /* Matrices of a layer (QKV stacks wq, wk, wv by rows; GATEUP stacks
  * w_gate over w_up), and the model-wide ones (layer -1). */
@@ -82,12 +82,12 @@ void kvq_gpu_model_destroy(struct kvq_gpu_model *g);
  * Uploads a matrix of @rows x @cols in @wtype: F16 (F32) @data holds
  * rows*cols halves (floats), unpadded; Q8 @data rows*cols int8 and @scales
  * rows*cols/32 halves; Q4 @data rows*cols/2 bytes and @scales likewise;
- * Q4K and Q6K @data the rows' blocks (cols/256 a row, KVQ_GPU_Q4K_BLOCK or
- * KVQ_GPU_Q6K_BLOCK bytes each), no @scales.
+ * Q4K @data as Q4's and @scales rows*cols/32 pairs of floats (scale,
+ * offset); Q8K @data as Q8's and @scales rows*cols/16 such pairs.
  */
 int kvq_gpu_model_set_matrix(struct kvq_gpu_model *g, int layer, int slot,
 			     int wtype, uint32_t rows, uint32_t cols,
-			     const void *data, const uint16_t *scales,
+			     const void *data, const void *scales,
 			     char *err, size_t errlen);
 /* The output projection is the embedding table. */
 void kvq_gpu_model_tie_output(struct kvq_gpu_model *g);

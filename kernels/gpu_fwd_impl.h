@@ -83,107 +83,17 @@ struct dmat {
 	int type;		/* enum kvq_gpu_wtype */
 	uint32_t rows, cols, ld;	/* ld: elements a row (F16) */
 	void *d;
-	__half *s;
+	__half *s;		/* scales: halves (Q8, Q4), float pairs (Q4K, Q8K) */
 	size_t bytes;
 };
 
 /*
- * A small integer @n (< 2^23) as a float: n under the exponent of 2^23,
- * less 2^23 (exact; one and-or and an add, against the conversion unit's
- * quarter rate).
- */
-static __device__ __forceinline__ float kvq_small_f32(unsigned n)
-{
-	return __fsub_rn(__uint_as_float(0x4b000000u | n), 8388608.0f);
-}
-
-/*
- * Eight Q4_K weights of the 144-byte block @blk (d, dmin, 12 bytes of
- * 6-bit scales and mins: one 16-byte load) -- the low (@hi false) or
- * high nibbles of the 8 bytes @u, sub-block @is -- as the f16 values of
- * the CPU's dequantization: d1 * n - m1 with d1 = d * sc and m1 = dmin *
- * m (exact products), the product d1 * n exact too, so one rounding (here
- * a fused multiply-add), then once more to f16.
- */
-static __device__ __forceinline__ uint4 kvq_q4k_h8(uint2 u, bool hi,
-						   const uint8_t *blk, int is)
-{
-	uint4 hd = __ldg((const uint4 *)blk);
-	/* scales[k] is byte k of the 12 after d and dmin */
-	unsigned sw[3] = { hd.y, hd.z, hd.w };
-	auto sb = [&](int k) -> unsigned {
-		return (sw[k >> 2] >> (8 * (k & 3))) & 0xffu;
-	};
-	float d = __half2float(__ushort_as_half((unsigned short)hd.x));
-	float dmin = __half2float(__ushort_as_half((unsigned short)(hd.x >> 16)));
-	unsigned sc, mn;
-
-	if (is < 4) {
-		sc = sb(is) & 63;
-		mn = sb(is + 4) & 63;
-	} else {
-		sc = (sb(is + 4) & 15) | ((sb(is - 4) >> 6) << 4);
-		mn = (sb(is + 4) >> 4) | ((sb(is) >> 6) << 4);
-	}
-	float d1 = __fmul_rn(d, kvq_small_f32(sc));
-	float m1 = __fmul_rn(dmin, kvq_small_f32(mn));
-	unsigned w[2] = { hi ? u.x >> 4 : u.x, hi ? u.y >> 4 : u.y };
-	uint4 r;
-	unsigned *o = &r.x;
-
-	for (int i = 0; i < 4; i++) {
-		unsigned x = w[i >> 1] >> (16 * (i & 1));
-		float f0 = __fmaf_rn(d1, kvq_small_f32(x & 15), -m1);
-		float f1 = __fmaf_rn(d1, kvq_small_f32((x >> 8) & 15), -m1);
-		__half2 h = __floats2half2_rn(f0, f1);
-
-		o[i] = *reinterpret_cast<unsigned *>(&h);
-	}
-	return r;
-}
-
-/*
- * Eight Q6_K weights (columns j .. j + 7 of the block, j % 8 == 0) of the
- * block @blk (210 bytes, padded to 216: ql[128], qh[64], scales[16], d)
- * as the f16 values of the CPU's dequantization (d * scale * (q - 32),
- * in that order), rounded once to f16.
- */
-static __device__ __forceinline__ uint4 kvq_q6k_h8(const uint8_t *blk,
-						   uint32_t j)
-{
-	uint32_t h = j / 128, k = (j % 128) / 32, l0 = j % 32;
-	uint2 ql = __ldg((const uint2 *)(blk + h * 64 + (k & 1) * 32 + l0));
-	uint2 qh = __ldg((const uint2 *)(blk + 128 + h * 32 + l0));
-	float d = __half2float(__ldg((const __half *)(blk + 208)));
-	float ds = __fmul_rn(d, (float)(int8_t)__ldg(blk + 192 + h * 8 +
-						     l0 / 16 + 2 * k));
-	unsigned lw[2] = { k >= 2 ? ql.x >> 4 : ql.x, k >= 2 ? ql.y >> 4 : ql.y };
-	unsigned hw[2] = { qh.x >> (2 * k), qh.y >> (2 * k) };
-	uint4 r;
-	unsigned *o = &r.x;
-
-	for (int i = 0; i < 4; i++) {
-		unsigned a = lw[i >> 1] >> (16 * (i & 1));
-		unsigned b = hw[i >> 1] >> (16 * (i & 1));
-		/* q - 32 as a float: exact (q < 64) */
-		float q0 = __fsub_rn(kvq_small_f32((a & 15) | ((b & 3) << 4)),
-				     32.0f);
-		float q1 = __fsub_rn(kvq_small_f32(((a >> 8) & 15) |
-						   (((b >> 8) & 3) << 4)), 32.0f);
-		__half2 hv = __floats2half2_rn(__fmul_rn(ds, q0),
-					       __fmul_rn(ds, q1));
-
-		o[i] = *reinterpret_cast<unsigned *>(&hv);
-	}
-	return r;
-}
-
-/*
  * Eight weights of row @r of @m from column @c (a multiple of 8) as f16
- * values: f16 rows as they are, Q8, Q4, Q4_K and Q6_K rows expanded in
- * registers (kvq_q8_h8(), kvq_q4_h8(), kvq_q4k_h8(), kvq_q6k_h8()) to the
- * f16 values their copy in f16 holds.  A Q4 block's 16 bytes hold its
- * columns 0-15 in the low nibbles and 16-31 in the high ones.
+ * values: f16 rows as they are; Q8, Q4, Q4K and Q8K rows expanded in
+ * registers (kvq_q8_h8(), kvq_q4_h8(), kvq_q4k_h8(), kvq_q8k_h8()).  A
+ * 4-bit block's 16 bytes hold its columns 0-15 in the low nibbles and
+ * 16-31 in the high ones.  Each gives the f16 value that the weight's
+ * copy in f16 holds.
  */
 template <int WT>
 static __device__ __forceinline__ uint4 kvq_wload8(const dmat &m, uint32_t r,
@@ -199,20 +109,18 @@ static __device__ __forceinline__ uint4 kvq_wload8(const dmat &m, uint32_t r,
 						   (c / 32) * 16 + (c & 15))),
 			     (c & 16) != 0,
 			     m.s[(size_t)r * (m.cols / 32) + c / 32]);
-	if (WT == KVQ_GPU_W_Q4K) {
-		const uint8_t *blk = (const uint8_t *)m.d +
-				     ((size_t)r * (m.cols / 256) + c / 256) *
-				     KVQ_GPU_Q4K_BLOCK;
-		uint32_t j = c % 256, q = j / 64, hi = (j / 32) & 1;
-
-		return kvq_q4k_h8(__ldg((const uint2 *)(blk + 16 + q * 32 +
-							 j % 32)),
-				  hi != 0, blk, (int)(2 * q + hi));
-	}
-	if (WT == KVQ_GPU_W_Q6K)
-		return kvq_q6k_h8((const uint8_t *)m.d +
-				  ((size_t)r * (m.cols / 256) + c / 256) *
-				  KVQ_GPU_Q6K_BLOCK, c % 256);
+	if (WT == KVQ_GPU_W_Q4K)
+		return kvq_q4k_h8(__ldg((const uint2 *)((const uint8_t *)m.d +
+						    (size_t)r * (m.cols / 2) +
+						    (c / 32) * 16 + (c & 15))),
+				  (c & 16) != 0,
+				  __ldg((const float2 *)m.s +
+					(size_t)r * (m.cols / 32) + c / 32));
+	if (WT == KVQ_GPU_W_Q8K)
+		return kvq_q8k_h8(__ldg((const uint2 *)((const int8_t *)m.d +
+						    (size_t)r * m.cols + c)),
+				  __ldg((const float2 *)m.s +
+					(size_t)r * (m.cols / 16) + c / 16));
 	return __ldg((const uint4 *)((const __half *)m.d + (size_t)r * m.ld +
 				     c));
 }

@@ -35,10 +35,10 @@ __device__ __forceinline__ float wval(const dmat &m, uint32_t r, uint32_t c)
 		return h2f(((const __half *)m.d)[(size_t)r * m.ld + c]);
 	if (m.type == KVQ_GPU_W_F32)
 		return ((const float *)m.d)[(size_t)r * m.ld + c];
-	if (m.type == KVQ_GPU_W_Q4K || m.type == KVQ_GPU_W_Q6K) {
+	if (m.type == KVQ_GPU_W_Q4K || m.type == KVQ_GPU_W_Q8K) {
 		uint4 u = m.type == KVQ_GPU_W_Q4K ?
 			  kvq_wload8<KVQ_GPU_W_Q4K>(m, r, c & ~7u) :
-			  kvq_wload8<KVQ_GPU_W_Q6K>(m, r, c & ~7u);
+			  kvq_wload8<KVQ_GPU_W_Q8K>(m, r, c & ~7u);
 
 		return h2f(reinterpret_cast<const __half *>(&u)[c & 7]);
 	}

@@ -67,7 +67,7 @@ extern "C" void kvq_gpu_model_destroy(struct kvq_gpu_model *g)
 extern "C" int kvq_gpu_model_set_matrix(struct kvq_gpu_model *g, int layer,
 					int slot, int wtype, uint32_t rows,
 					uint32_t cols, const void *data,
-					const uint16_t *scales, char *err,
+					const void *scales, char *err,
 					size_t errlen)
 {
 	dmat *m, nm = {};
@@ -84,11 +84,10 @@ extern "C" int kvq_gpu_model_set_matrix(struct kvq_gpu_model *g, int layer,
 	else
 		return set_err(err, errlen, -EINVAL, "GPU model: bad slot");
 	bool flt = wtype == KVQ_GPU_W_F16 || wtype == KVQ_GPU_W_F32;
-	bool kq = wtype == KVQ_GPU_W_Q4K || wtype == KVQ_GPU_W_Q6K;
 	size_t es = wtype == KVQ_GPU_W_F32 ? 4 : 2;
 
-	if (!rows || !cols || (!flt && cols % 32) || (kq && cols % 256) ||
-	    wtype < 0 || wtype > KVQ_GPU_W_Q6K || (!flt && !kq && !scales))
+	if (!rows || !cols || (!flt && cols % 32) || wtype < 0 ||
+	    wtype > KVQ_GPU_W_Q8K || (!flt && !scales))
 		return set_err(err, errlen, -EINVAL,
 			       "GPU model: bad matrix %u x %u of type %d",
 			       rows, cols, wtype);
@@ -98,15 +97,14 @@ extern "C" int kvq_gpu_model_set_matrix(struct kvq_gpu_model *g, int layer,
 	if (flt) {
 		nm.ld = pad32(cols);
 		db = (size_t)rows * nm.ld * es;
-	} else if (kq) {
-		nm.ld = cols;
-		db = (size_t)rows * (cols / 256) *
-		     (wtype == KVQ_GPU_W_Q4K ? KVQ_GPU_Q4K_BLOCK : KVQ_GPU_Q6K_BLOCK);
 	} else {
+		/* codes: a byte or a nibble a weight; scales: a half a 32
+		 * columns (Q8, Q4), two floats a 32 (Q4K) or a 16 (Q8K) */
 		nm.ld = cols;
-		db = wtype == KVQ_GPU_W_Q8 ? (size_t)rows * cols :
-		     (size_t)rows * cols / 2;
-		sb = (size_t)rows * (cols / 32) * 2;
+		db = wtype == KVQ_GPU_W_Q8 || wtype == KVQ_GPU_W_Q8K ?
+		     (size_t)rows * cols : (size_t)rows * cols / 2;
+		sb = (size_t)rows * (cols / 32) * 2 *
+		     (wtype == KVQ_GPU_W_Q4K ? 4 : wtype == KVQ_GPU_W_Q8K ? 8 : 1);
 	}
 	ret = dalloc(&nm.d, db, "weights", err, errlen);
 	if (!ret && sb)

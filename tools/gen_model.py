@@ -2,7 +2,9 @@
 """Write a random-weight llama / qwen2 model as GGUF, for testing kvqd.
 
 2-D weight matrices (token_embd and output included) use --type; norms and
-biases are F32.  The tokenizer metadata (every tokenizer.* key) is copied
+biases are F32.  --type Q4_K_M mixes as that file type does: Q4_K, with
+Q6_K for output and for attn_v and ffn_down in the first and last eighth
+of the layers and every third layer between.  The tokenizer metadata (every tokenizer.* key) is copied
 from --vocab-from, whose token count sets the vocabulary size.  Tensors are
 generated and written one at a time (in row chunks), so large models never
 sit in memory.
@@ -24,11 +26,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kvq_gguf import (GGMLType, GGUFReader, GGUFWriter, block_size,  # noqa: E402
                       random_blocks, type_from_name, type_name)
 
-TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K")
+TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K", "Q4_K_M")
 
 # general.file_type values ("mostly X"), as the GGUF spec and llama.cpp use.
 FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K": 15,
-             "Q6_K": 18, "BF16": 32}
+             "Q4_K_M": 15, "Q6_K": 18, "BF16": 32}
+
+
+def base_type(name):
+    """The ggml type of most weights of --type @name."""
+    return type_from_name("Q4_K" if name == "Q4_K_M" else name)
+
+
+def more_bits(i, n):
+    """Layer @i of @n takes Q6_K for attn_v and ffn_down in a Q4_K_M."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VOCAB = os.path.join(
@@ -80,7 +92,7 @@ def parse_args(argv):
 
 def validate(a):
     """Raise ArgError with a clear message for inconsistent arguments."""
-    t = type_from_name(a.type)
+    t = base_type(a.type)
     bs = block_size(t)
     for name in ("dim", "layers", "heads", "kv_heads", "ffn", "ctx"):
         if getattr(a, name) < 1:
@@ -118,16 +130,18 @@ def weight_std(in_features):
 def tensor_plan(a, n_vocab):
     """[(name, numpy shape, ggml type, kind)] in file order; kind is
     'weight', 'norm' or 'bias'."""
-    wt = type_from_name(a.type)
+    wt = base_type(a.type)
+    mix = a.type == "Q4_K_M"
     hd = a.dim // a.heads
     qd, kvd = a.heads * hd, a.kv_heads * hd
     plan = [("token_embd.weight", (n_vocab, a.dim), wt, "weight")]
     for i in range(a.layers):
         p = "blk.%d." % i
+        wv = GGMLType.Q6_K if mix and more_bits(i, a.layers) else wt
         plan.append((p + "attn_norm.weight", (a.dim,), GGMLType.F32, "norm"))
         plan.append((p + "attn_q.weight", (qd, a.dim), wt, "weight"))
         plan.append((p + "attn_k.weight", (kvd, a.dim), wt, "weight"))
-        plan.append((p + "attn_v.weight", (kvd, a.dim), wt, "weight"))
+        plan.append((p + "attn_v.weight", (kvd, a.dim), wv, "weight"))
         if a.arch == "qwen2":
             plan.append((p + "attn_q.bias", (qd,), GGMLType.F32, "bias"))
             plan.append((p + "attn_k.bias", (kvd,), GGMLType.F32, "bias"))
@@ -136,10 +150,11 @@ def tensor_plan(a, n_vocab):
         plan.append((p + "ffn_norm.weight", (a.dim,), GGMLType.F32, "norm"))
         plan.append((p + "ffn_gate.weight", (a.ffn, a.dim), wt, "weight"))
         plan.append((p + "ffn_up.weight", (a.ffn, a.dim), wt, "weight"))
-        plan.append((p + "ffn_down.weight", (a.dim, a.ffn), wt, "weight"))
+        plan.append((p + "ffn_down.weight", (a.dim, a.ffn), wv, "weight"))
     plan.append(("output_norm.weight", (a.dim,), GGMLType.F32, "norm"))
     if not a.tied:
-        plan.append(("output.weight", (n_vocab, a.dim), wt, "weight"))
+        plan.append(("output.weight", (n_vocab, a.dim),
+                     GGMLType.Q6_K if mix else wt, "weight"))
     return plan
 
 
@@ -175,7 +190,7 @@ def write_model(a, log=None):
     rope_base = a.rope_base if a.rope_base is not None else \
         (10000.0 if arch == "llama" else 1000000.0)
     eps = a.eps if a.eps is not None else (1e-5 if arch == "llama" else 1e-6)
-    wt = type_from_name(a.type)
+    wt = base_type(a.type)
 
     w = GGUFWriter(a.out)
     w.add_string("general.architecture", arch)
@@ -219,7 +234,7 @@ def write_model(a, log=None):
     if log:
         log("%s: %s %s, %d layers, dim %d, %d heads (%d kv), ffn %d, vocab %d, "
             "%s params, %d bytes, %.1f s" % (
-                a.out, arch, type_name(wt), a.layers, a.dim, a.heads,
+                a.out, arch, a.type, a.layers, a.dim, a.heads,
                 a.kv_heads, a.ffn, n_vocab, "{:,}".format(n_params),
                 os.path.getsize(a.out), time.time() - t0))
     return plan

@@ -44,6 +44,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "engine/forward_gpu.h"
 #include "engine/kvcache.h"
 #include "engine/kvsmooth.h"
 #include "engine/log.h"
@@ -487,6 +488,68 @@ static bool kept_quantized(struct kvq_model *m)
 	const char *d = kvq_model_desc(m);
 
 	return strstr(d, ", Q8_0,") || strstr(d, ", Q4_0,") || k_quant(m);
+}
+
+/* Device bytes of @path's weights uploaded with KVQ_GPU_WEIGHTS @w and
+ * KVQ_GPU_FAULT @fault (NULL: unset); 0 on a failure. */
+static uint64_t upload_bytes(const char *path, const char *w, const char *fault)
+{
+	struct kvq_model_opts mo = { 0 };
+	struct kvq_model *m = NULL;
+	struct kvq_ctx *gc = NULL;
+	struct kvq_ctx_opts o;
+	uint64_t b = 0;
+	char err[256];
+
+	if (w)
+		setenv("KVQ_GPU_WEIGHTS", w, 1);
+	if (fault)
+		setenv("KVQ_GPU_FAULT", fault, 1);
+	mo.n_threads = 2;
+	if (!kvq_model_load(path, &mo, &m, err, sizeof(err))) {
+		f32_cache_opts(&o, kvq_model_hparams(m));
+		o.device = KVQ_CTX_GPU;
+		if (!kvq_ctx_create(m, &o, &gc, err, sizeof(err)))
+			b = kvq_model_gpu_bytes(m);
+	}
+	kvq_ctx_destroy(gc);
+	kvq_model_destroy(m);
+	unsetenv("KVQ_GPU_WEIGHTS");
+	unsetenv("KVQ_GPU_FAULT");
+	return b;
+}
+
+/*
+ * A Q4_K / Q6_K model whose weights in f16 would not fit in three quarters
+ * of the free device memory (KVQ_GPU_FAULT=small-memory) is uploaded as
+ * KVQ_GPU_WEIGHTS=compact would (the same device bytes, fewer than f16's);
+ * with the memory it has, as f16.
+ */
+static void auto_compact_case(const char *path)
+{
+	struct kvq_model_opts mo = { 0 };
+	struct kvq_model *m;
+	const char *base = strrchr(path, '/');
+	uint64_t bd, bs, bc, bf;
+	char err[256];
+	bool kq;
+
+	base = base ? base + 1 : path;
+	mo.n_threads = 2;
+	if (kvq_model_load(path, &mo, &m, err, sizeof(err)))
+		return;
+	kq = k_quant(m);
+	kvq_model_destroy(m);
+	if (!kq)
+		return;
+	bd = upload_bytes(path, NULL, NULL);
+	bs = upload_bytes(path, NULL, "small-memory");
+	bc = upload_bytes(path, "compact", NULL);
+	bf = upload_bytes(path, "f16", NULL);
+	tap_ok(bs && bs == bc && bs < bd && bd == bf,
+	       "%s: short of device memory, Q4_K / Q6_K kept 4/8-bit on their own: %llu bytes (compact %llu), with room as f16: %llu (f16 %llu)",
+	       base, (unsigned long long)bs, (unsigned long long)bc,
+	       (unsigned long long)bd, (unsigned long long)bf);
 }
 
 /*
@@ -1342,7 +1405,9 @@ int main(int argc, char **argv)
 		}
 	}
 	unsetenv("KVQ_GPU_WEIGHTS");
-	for (i = 1; i < argc; i++)
+	for (i = 1; i < argc; i++) {
 		quant_values_case(argv[i]);
+		auto_compact_case(argv[i]);
+	}
 	return tap_done();
 }

@@ -19,7 +19,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "engine/forward_gpu.h"
 #include "engine/quant.h"
+#include "kernels/gpu_fwd.h"
 #include "tap.h"
 
 #define QK	32
@@ -816,6 +818,69 @@ static void test_env_no_simd(const char *argv0)
 	       "kvq_quant_simd_name_env_no_simd");
 }
 
+/*
+ * The GPU's 4- and 8-bit forms of Q4_K and Q6_K rows (kvq_gpu_kquant_row(),
+ * kernels/gpu_fwd.h): each weight, rebuilt as the device's loader does
+ * (code * scale + offset, one fused rounding in f32), equals the CPU's
+ * dequantized value bit for bit, on random rows with scales from
+ * subnormal to large.  A wrong nibble, byte, group or pair fails it.
+ */
+static void test_gpu_kquant_rows(void)
+{
+	enum { COLS = 4 * QKK };
+	static uint8_t row[4 * Q6_K_BYTES], codes[COLS];
+	static float pairs[2 * (COLS / 16)], got[COLS], want[COLS];
+	const struct qtype *tq[2] = { NULL, NULL };
+
+	for (size_t t = 0; t < N_TYPES; t++) {
+		if (types[t].type == KVQ_TYPE_Q4_K)
+			tq[0] = &types[t];
+		if (types[t].type == KVQ_TYPE_Q6_K)
+			tq[1] = &types[t];
+	}
+	for (int k = 0; k < 3; k++) {
+		const struct qtype *t = tq[k == 2];
+		int wt = k == 0 ? KVQ_GPU_W_Q4K : KVQ_GPU_W_Q8K;
+		int ok = 1;
+		char what[64];
+
+		snprintf(what, sizeof(what), "%s as %s", t->name,
+			 wt == KVQ_GPU_W_Q4K ? "Q4K" : "Q8K");
+		for (int r = 0; r < 50 && ok; r++) {
+			rand_row(t, row, COLS);
+			memset(codes, 0xa5, sizeof(codes));
+			ok = kvq_gpu_kquant_row(t->type, wt, row, COLS, codes,
+						pairs) == 0 &&
+			     kvq_dequant_row(t->type, row, want, COLS) == 0;
+			for (int c = 0; ok && c < COLS; c++) {
+				float q;
+				const float *p;
+
+				if (wt == KVQ_GPU_W_Q4K) {
+					uint8_t b = codes[(c / 32) * 16 + c % 16];
+
+					q = (float)(c & 16 ? b >> 4 : b & 15);
+					p = &pairs[2 * (c / 32)];
+				} else {
+					q = (float)(int8_t)codes[c];
+					p = &pairs[2 * (c / 16)];
+				}
+				got[c] = fmaf(q, p[0], p[1]);
+			}
+			ok = ok && same_bits(got, want, COLS, what);
+		}
+		tap_ok(ok, "kvq_gpu_kquant_row: %s, 50 random rows of %d, every weight the CPU's bit for bit",
+		       what, COLS);
+	}
+	tap_ok(kvq_gpu_kquant_row(KVQ_TYPE_Q6_K, KVQ_GPU_W_Q4K, row, COLS, codes,
+				  pairs) == -EINVAL &&
+	       kvq_gpu_kquant_row(KVQ_TYPE_Q8_0, KVQ_GPU_W_Q8K, row, COLS, codes,
+				  pairs) == -EINVAL &&
+	       kvq_gpu_kquant_row(KVQ_TYPE_Q4_K, KVQ_GPU_W_Q8K, row, 100, codes,
+				  pairs) == -EINVAL,
+	       "kvq_gpu_kquant_row: Q6_K as Q4K, Q8_0, or a row not of whole blocks: -EINVAL");
+}
+
 /* ------------------------------------------------------- bad arguments */
 
 static void test_unsupported(void)
@@ -999,6 +1064,7 @@ int main(int argc, char **argv)
 	test_dequant_simd_bitwise();
 	test_env_no_simd(argv[0]);
 
+	test_gpu_kquant_rows();
 	test_unsupported();
 
 	test_quantize_q8_0();
