@@ -12,12 +12,19 @@
  * 4, a 1024-token prompt slower by a fifth (the expansion), the device
  * memory of the weights halved (bench/gpu_decode_notes.md).
  *
- * KVQ_GPU_WEIGHTS=compact keeps Q4_K and Q6_K as they are too (0.28 and
- * 0.41 of f16's bytes; Q6_K blocks padded to 216 bytes), the same way and
- * with the same results, for a model that would not fit otherwise: their
- * expansion costs more than the bytes save (decode 15-26% slower than f16
- * at load, measured), so it is not the default.  KVQ_GPU_WEIGHTS=f16
- * converts every type to f16 at load (F32 too).
+ * Q4_K and Q6_K become f16 at load too, unless the weights would then
+ * take more than three quarters of the device's free memory (or
+ * KVQ_GPU_WEIGHTS=compact): then Q4_K rows stay 4-bit (Q4's nibble
+ * layout, a pair of floats d * sc, -(dmin * m) a 32 columns: 6 bits a
+ * weight) and Q6_K rows 8-bit (q - 32, a pair d * scale, -0 a 16
+ * columns: 12 bits), and so do stacks that mix the two (a Q4_K_M file's
+ * QKV), its Q4_K rows as 8-bit codes with their pair
+ * (kvq_gpu_kquant_row()).  code * scale + offset in f32 is the CPU's
+ * dequantized weight bit for bit, so these products too equal the f16
+ * copy's.  H200, 1B Q4_K_M, q4/q4, against f16 at load: 0.47 of the
+ * bytes, decode 5-9% slower at batch 1 to 4 (the f32 arithmetic), the
+ * same at 16 (bench/gpu_decode_notes.md).  KVQ_GPU_WEIGHTS=f16 converts
+ * every type to f16 at load (F32 too).
  */
 #include "config.h"
 

@@ -8,13 +8,14 @@
  *     (tol 1e-4 with an f32 cache; 2e-2 with a quantized one, where a key
  *     that differs in the last float bit may round to the neighbouring
  *     4-bit level).  F32 and F16 weights reach the GPU unchanged; Q8_0
- *     and Q4_0 (and with KVQ_GPU_WEIGHTS=compact Q4_K and Q6_K) stay as
- *     they are but are multiplied as the f16 values of their weights, and
- *     the other types are converted to f16 once: either way each weight
- *     is rounded by up to 2^-11, and the tolerances are 1e-2 and 8e-2.
- *     A model of those four types is run twice: Q8_0 and Q4_0 the second
- *     time converted to f16 at load (KVQ_GPU_WEIGHTS=f16), Q4_K and Q6_K,
- *     which the default converts, kept (KVQ_GPU_WEIGHTS=compact);
+ *     and Q4_0 (and with KVQ_GPU_WEIGHTS=compact Q4_K and Q6_K) stay
+ *     4- or 8-bit but are multiplied as the f16 values of their weights,
+ *     and the other types are converted to f16 once: either way each
+ *     weight is rounded by up to 2^-11, and the tolerances are 1e-2 and
+ *     8e-2.  A model of those four types (or a Q4_K_M mix) is run twice:
+ *     Q8_0 and Q4_0 the second time converted to f16 at load
+ *     (KVQ_GPU_WEIGHTS=f16), Q4_K and Q6_K, which the default converts,
+ *     kept (KVQ_GPU_WEIGHTS=compact);
  *   - the greedy token ids are equal.  Should they differ, the CPU's top
  *     two logits at that step must lie within the logit tolerance of each
  *     other (a tie broken by rounding), and the test reports where.
@@ -26,7 +27,9 @@
  * one-pass tensor-core product against the CPU and against cuBLAS
  * (skinny_case()).  A Q8_0, Q4_0, Q4_K or Q6_K model kept as it is
  * (KVQ_GPU_WEIGHTS=compact) against its copy in f16 (KVQ_GPU_WEIGHTS=f16):
- * the same logits, bit for bit (quant_values_case()).  Logits buffers are
+ * the same logits, bit for bit (quant_values_case()); a Q4_K / Q6_K model
+ * short of device memory (KVQ_GPU_FAULT=small-memory) kept 4/8-bit on its
+ * own, with room converted (auto_compact_case()).  Logits buffers are
  * poisoned with NaN before every GPU step.
  *
  * Key centring: the greedy and batch cases again with random key centres
