@@ -414,6 +414,8 @@ static void print_status(json_t *r)
 		printf("kv format:    keys %s, values %s, %lld bytes per token; attention on %s\n",
 		       sget(kv, "type_k"), sget(kv, "type_v"),
 		       iget(kv, "bytes_per_token"), sget(kv, "attention"));
+		if (json_object_get(kv, "gpu_weights"))
+			printf("gpu weights:  %s\n", sget(kv, "gpu_weights"));
 		if (json_object_get(kv, "gpu_fallback"))
 			printf("gpu:          %s\n", sget(kv, "gpu_fallback"));
 		if (json_object_get(kv, "calibration")) {

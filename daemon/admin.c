@@ -196,6 +196,8 @@ static json_t *cmd_status(const struct kvq_admin_view *v, int *code,
 		bad |= set(kv, "attention", jstr(st.backend));
 		if (st.gpu_fallback[0])
 			bad |= set(kv, "gpu_fallback", jstr(st.gpu_fallback));
+		if (st.gpu_weights[0])
+			bad |= set(kv, "gpu_weights", jstr(st.gpu_weights));
 		bad |= set(kv, "prefix_cache", json_boolean(so->prefix_cache));
 		bad |= set(kv, "prefix_cache_sequences",
 			   json_integer(st.cached_seqs));

@@ -30,6 +30,7 @@
 #include <time.h>
 
 #include "daemon/sched.h"
+#include "engine/forward_gpu.h"
 #include "engine/kvcache.h"
 #include "engine/kvcalib.h"
 #include "engine/log.h"
@@ -1246,6 +1247,8 @@ int kvq_sched_create(struct kvq_model *m, const struct kvq_sched_opts *o,
 	s->st.kv_bytes_capacity = (uint64_t)s->o.kv_tokens * s->kv_token_bytes;
 	s->st.on_gpu = kvq_ctx_device(s->ctx) == KVQ_CTX_GPU;
 	s->st.device_bytes = kvq_ctx_device_bytes(s->ctx);
+	snprintf(s->st.gpu_weights, sizeof(s->st.gpu_weights), "%s",
+		 kvq_model_gpu_weights(m));
 	if (s->st.on_gpu)
 		snprintf(s->st.backend, sizeof(s->st.backend), "%s",
 			 kvq_gpu_backend_name());

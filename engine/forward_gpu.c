@@ -114,6 +114,11 @@ int kvq_gpu_kquant_row(uint32_t type, int wt, const void *row, uint32_t cols,
 	return 0;
 }
 
+const char *kvq_model_gpu_weights(const struct kvq_model *m)
+{
+	return m->gpu ? m->gpu_weights : "";
+}
+
 #if defined(KVQ_HAVE_CUDA) || defined(KVQ_HAVE_HIP)
 
 #include "kernels/attn.h"
@@ -334,11 +339,10 @@ static enum wmode weights_mode(const struct kvq_model *m, char *why,
 	if (def <= avail / 4 * 3)
 		return WM_DEFAULT;
 	snprintf(why, len,
-		 "Q4_K and Q6_K kept 4- and 8-bit: in f16 the weights would take %.1f GiB of the %.1f GiB free%s (%.1f GiB kept)",
-		 def / 1073741824.0, avail / 1073741824.0,
+		 "in f16 the weights would take %.1f MiB of the %.1f MiB free%s",
+		 def / 1048576.0, avail / 1048576.0,
 		 fault && !strcmp(fault, "small-memory") ?
-		 " (injected: KVQ_GPU_FAULT=small-memory)" : "",
-		 kept / 1073741824.0);
+		 " (injected: KVQ_GPU_FAULT=small-memory)" : "");
 	return WM_COMPACT;
 }
 
@@ -434,14 +438,16 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 	    strcmp(getenv("KVQ_GPU_WEIGHTS"), "compact"))
 		kvq_warn("gpu: KVQ_GPU_WEIGHTS=%s is not f16 or compact: ignored",
 			 getenv("KVQ_GPU_WEIGHTS"));
-	if (*why)
-		kvq_notice("gpu: %s", why);
-	kvq_info("gpu: weights uploaded, %.1f MiB on the device (%s)",
+	snprintf(m->gpu_weights, sizeof(m->gpu_weights), "%.1f MiB: %s%s%s",
 		 kvq_gpu_model_bytes(g) / 1048576.0,
 		 mode == WM_F16 ? "all as f16 (KVQ_GPU_WEIGHTS=f16)" :
 		 mode == WM_COMPACT ?
 		 "Q8_0, Q4_0 and Q4_K kept 8- and 4-bit, Q6_K 8-bit, F32 as f32, other types as f16" :
-		 "Q8_0 and Q4_0 kept 8- and 4-bit, F32 as f32, other types as f16");
+		 "Q8_0 and Q4_0 kept 8- and 4-bit, F32 as f32, other types as f16",
+		 *why ? "; " : "", why);
+	if (*why)
+		kvq_notice("gpu: Q4_K and Q6_K kept 4- and 8-bit: %s", why);
+	kvq_info("gpu: weights uploaded, %s", m->gpu_weights);
 	return 0;
 }
 
@@ -720,71 +726,6 @@ uint64_t kvq_ctx_gpu_sampled(const struct kvq_ctx_gpu *g)
 #else /* no GPU backend */
 
 static const char nogpu[] = "this kvqd was built without a GPU backend (configure --with-cuda or --with-hip)";
-
-/* Device bytes of @n weights of GGUF @type as gpu_wtype() keeps them. */
-static uint64_t device_bytes(uint32_t type, uint64_t n, enum wmode mode)
-{
-	switch (gpu_wtype(type, mode)) {
-	case KVQ_GPU_W_F32:
-		return 4 * n;
-	case KVQ_GPU_W_Q8:
-		return n + n / 16;
-	case KVQ_GPU_W_Q4:
-		return n / 2 + n / 16;
-	case KVQ_GPU_W_Q4K:
-		return n / 2 + n / 4;
-	case KVQ_GPU_W_Q8K:
-		return n + n / 2;
-	}
-	return 2 * n;
-}
-
-/*
- * How the upload keeps @m's Q4_K and Q6_K weights: as KVQ_GPU_WEIGHTS says
- * (f16 or compact); else f16 (decode is 5-9% faster that way at 1 to 4
- * tokens a step, bench/gpu_decode_notes.md), unless the weights would
- * then take more than three quarters of the device's free memory and
- * keeping those types 4- and 8-bit (exact all the same) takes less:
- * @why then says so.  KVQ_GPU_FAULT=small-memory makes the free memory
- * look that small, for tests.
- */
-static enum wmode weights_mode(const struct kvq_model *m, char *why,
-			       size_t len)
-{
-	const char *e = getenv("KVQ_GPU_WEIGHTS");
-	const char *fault = getenv("KVQ_GPU_FAULT");
-	uint64_t def = 0, kept = 0, avail;
-	struct kvq_gpu_info gi;
-	char pw[64];
-	uint32_t i;
-
-	*why = 0;
-	if (e && !strcmp(e, "f16"))
-		return WM_F16;
-	if (e && !strcmp(e, "compact"))
-		return WM_COMPACT;
-	for (i = 0; i < m->n_weights; i++) {
-		const struct kvq_weight *w = &m->weights[i];
-		uint64_t n = (uint64_t)w->rows * w->cols;
-
-		if (w->rows < 2)
-			continue;
-		def += device_bytes(w->type, n, WM_DEFAULT);
-		kept += device_bytes(w->type, n, WM_COMPACT);
-	}
-	if (kept >= def || kvq_gpu_probe(&gi, pw, sizeof(pw)) <= 0)
-		return WM_DEFAULT;
-	avail = fault && !strcmp(fault, "small-memory") ? def : gi.free_mem;
-	if (def <= avail / 4 * 3)
-		return WM_DEFAULT;
-	snprintf(why, len,
-		 "Q4_K and Q6_K kept 4- and 8-bit: in f16 the weights would take %.1f GiB of the %.1f GiB free%s (%.1f GiB kept)",
-		 def / 1073741824.0, avail / 1073741824.0,
-		 fault && !strcmp(fault, "small-memory") ?
-		 " (injected: KVQ_GPU_FAULT=small-memory)" : "",
-		 kept / 1073741824.0);
-	return WM_COMPACT;
-}
 
 int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 {

@@ -41,6 +41,13 @@ int kvq_gpu_mv_max_parse(const char *s, uint32_t *out);
 int kvq_gpu_kquant_row(uint32_t type, int wt, const void *row, uint32_t cols,
 		       uint8_t *codes, float *pairs);
 
+/*
+ * How @m's weights sit on the device ("968.9 MiB: Q8_0, Q4_0 and Q4_K
+ * kept 8- and 4-bit, ..." and why, where the upload chose so itself), or
+ * "" before the upload and without a GPU.
+ */
+const char *kvq_model_gpu_weights(const struct kvq_model *m);
+
 /* Uploads @m's weights once (later calls return 0 at once). */
 int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen);
 void kvq_model_gpu_release(struct kvq_model *m);

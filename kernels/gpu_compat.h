@@ -384,16 +384,22 @@ static __device__ __forceinline__ uint4 kvq_q4_h8(uint2 u, bool hi, __half d)
 }
 
 /*
- * Eight weights from their codes as exact floats 2^23 + q + b (@x: the
- * code under the exponent of 2^23, from a byte permute; @bias 2^23 + b):
- * q * s + o in f32, one rounding, then to f16.
+ * Eight weights from their codes q + b, the bytes of @a then @b (each
+ * byte put under the exponent of 2^23 by a byte permute: the exact float
+ * 2^23 + q + b; @bias is 2^23 + b): q * s + o in f32, one rounding, then
+ * to f16.
  */
-static __device__ __forceinline__ uint4 kvq_f32codes_h8(const unsigned x[8],
+static __device__ __forceinline__ uint4 kvq_f32codes_h8(unsigned a, unsigned b,
 							float bias, float2 so)
 {
+	unsigned x[8];
 	uint4 r;
 	unsigned *p = &r.x;
 
+	for (int j = 0; j < 4; j++) {
+		x[j] = __byte_perm(a, 0x4b000000u, 0x7440u | j);
+		x[j + 4] = __byte_perm(b, 0x4b000000u, 0x7440u | j);
+	}
 	for (int i = 0; i < 4; i++) {
 		float q0 = __fsub_rn(__uint_as_float(x[2 * i]), bias);
 		float q1 = __fsub_rn(__uint_as_float(x[2 * i + 1]), bias);
@@ -415,15 +421,9 @@ static __device__ __forceinline__ uint4 kvq_f32codes_h8(const unsigned x[8],
 static __device__ __forceinline__ uint4 kvq_q4k_h8(uint2 u, bool hi,
 						   float2 so)
 {
-	unsigned a = (hi ? u.x >> 4 : u.x) & 0x0f0f0f0fu;
-	unsigned b = (hi ? u.y >> 4 : u.y) & 0x0f0f0f0fu;
-	unsigned x[8];
-
-	for (int j = 0; j < 4; j++) {
-		x[j] = __byte_perm(a, 0x4b000000u, 0x7440u | j);
-		x[j + 4] = __byte_perm(b, 0x4b000000u, 0x7440u | j);
-	}
-	return kvq_f32codes_h8(x, 8388608.0f, so);
+	return kvq_f32codes_h8((hi ? u.x >> 4 : u.x) & 0x0f0f0f0fu,
+			       (hi ? u.y >> 4 : u.y) & 0x0f0f0f0fu,
+			       8388608.0f, so);
 }
 
 /*
@@ -434,14 +434,8 @@ static __device__ __forceinline__ uint4 kvq_q4k_h8(uint2 u, bool hi,
  */
 static __device__ __forceinline__ uint4 kvq_q8k_h8(uint2 u, float2 so)
 {
-	unsigned a = u.x ^ 0x80808080u, b = u.y ^ 0x80808080u;
-	unsigned x[8];
-
-	for (int j = 0; j < 4; j++) {
-		x[j] = __byte_perm(a, 0x4b000000u, 0x7440u | j);
-		x[j + 4] = __byte_perm(b, 0x4b000000u, 0x7440u | j);
-	}
-	return kvq_f32codes_h8(x, 8388736.0f, so);
+	return kvq_f32codes_h8(u.x ^ 0x80808080u, u.y ^ 0x80808080u,
+			       8388736.0f, so);
 }
 
 /* (x & m) | c in one instruction (the compiler splits it when both m and

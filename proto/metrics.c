@@ -177,6 +177,10 @@ char *kvq_metrics_render(const struct kvq_sched_stats *st,
 	head(f, "kvqd_gpu_fallback", "gauge",
 	     "1 when the GPU stopped using CUDA graphs after a failure (kvqctl status says why).");
 	fprintf(f, "kvqd_gpu_fallback %d\n", st->gpu_fallback[0] ? 1 : 0);
+	head(f, "kvqd_gpu_weights_kquant_compact", "gauge",
+	     "1 when Q4_K and Q6_K weights sit on the GPU 4- and 8-bit (KVQ_GPU_WEIGHTS=compact, or f16 would not fit: kvqctl status says which).");
+	fprintf(f, "kvqd_gpu_weights_kquant_compact %d\n",
+		strstr(st->gpu_weights, "Q4_K kept") ? 1 : 0);
 	head(f, "kvqd_tier_bytes", "gauge",
 	     "Bytes of weights and KV cache resident in each memory tier.");
 	fprintf(f, "kvqd_tier_bytes{tier=\"hbm\"} %llu\n",

@@ -11,6 +11,10 @@ step), so the GPU daemon samples on the device:
   - with logprobs (the logits also come back): the same texts, and each
     token's logprob is a log-probability;
   - sampled (T 0.8, a seed): the same request twice gives the same texts.
+Then a third daemon serves a small Q4_K model as if the device were short
+of memory (KVQ_GPU_FAULT=small-memory): it keeps the weights 4-bit on its
+own, and /metrics (kvqd_gpu_weights_kquant_compact) and kvqctl status say
+so, where the stories260K daemon says they are not.
 Skipped without a GPU (tests/gpu/test_gpu_fwd probes for one).
 """
 
@@ -33,6 +37,44 @@ N = 40
 def texts(r):
     ch = sorted(r["choices"], key=lambda c: c["index"])
     return [c["text"] for c in ch]
+
+
+def compact_case(tap, kvqd, tmp, vocab):
+    """A Q4_K model short of device memory: kept 4-bit, and said so."""
+    src = os.environ.get("KVQ_SRCDIR") or \
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    q4k = os.path.join(tmp, "q4k.gguf")
+    rc, _, err = testing.run([sys.executable,
+                              os.path.join(src, "tools", "gen_model.py"),
+                              "-q", "--out", q4k, "--arch", "llama",
+                              "--type", "Q4_K", "--dim", "256", "--layers",
+                              "2", "--heads", "4", "--ffn", "512", "--ctx",
+                              "512", "--vocab-from", vocab])
+    if rc:
+        tap.ok(False, "gen_model.py Q4_K: %s" % err)
+        return
+    os.environ["KVQ_GPU_FAULT"] = "small-memory"
+    try:
+        d = testing.Daemon(kvqd, q4k, tmp, "q4k", ["--device", "cuda"], 60)
+    finally:
+        del os.environ["KVQ_GPU_FAULT"]
+    try:
+        out = d.complete({"prompt": "Once upon", "max_tokens": 8,
+                          "temperature": 0})
+        tap.ok(out["usage"]["completion_tokens"] == 8 and
+               d.metric("kvqd_gpu_weights_kquant_compact") == 1,
+               "Q4_K short of device memory: served, and "
+               "kvqd_gpu_weights_kquant_compact 1")
+        ctl = os.path.join(os.environ.get("KVQ_BUILDDIR", "."), "kvqctl")
+        rc, out, _ = testing.run([ctl, "--socket",
+                                  os.path.join(tmp, "q4k", "admin.sock"),
+                                  "status"])
+        line = [x for x in out.splitlines() if x.startswith("gpu weights:")]
+        tap.ok(rc == 0 and len(line) == 1 and "Q4_K kept" in line[0] and
+               "would take" in line[0],
+               "kvqctl status: %s" % (line[0] if line else out[-200:]))
+    finally:
+        d.stop()
 
 
 def main():
@@ -87,9 +129,12 @@ def main():
             same = sum(a == b for a, b in zip(texts(s1), texts(sc)))
             tap.diag("sampled texts equal to the CPU daemon's: %d of 4 "
                      "(rounding may part them)" % same)
+            tap.ok(gpu.metric("kvqd_gpu_weights_kquant_compact") == 0,
+                   "stories260K: kvqd_gpu_weights_kquant_compact 0")
         finally:
             gpu.stop()
             cpu.stop()
+        compact_case(tap, kvqd, tmp, model)
     return tap.done()
 
 

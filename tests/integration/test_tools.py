@@ -366,6 +366,26 @@ def test_gen_model(tap, np, tmp):
     tap.ok(ok, "gen_model.py writes a tied qwen2 Q4_K model with the "
            "tokenizer copied%s" % ("" if p.returncode == 0 else
                                    ": " + p.stderr.decode()[-200:]))
+    out = os.path.join(tmp, "km.gguf")
+    p = subprocess.run([sys.executable, gm, "--out", out, "--arch", "llama",
+                        "--type", "Q4_K_M", "--dim", "256", "--layers", "8",
+                        "--heads", "4", "--ffn", "512", "--ctx", "64",
+                        "--vocab-from", stories, "--quiet"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    got = want = None
+    if p.returncode == 0:
+        with g.GGUFReader(out) as r:
+            got = {t.name: t.type for t in r.tensors if t.type not in
+                   (g.GGMLType.F32,)}
+        q6 = ["output.weight"] + ["blk.%d.%s.weight" % (i, n)
+                                  for i in (0, 3, 6, 7)
+                                  for n in ("attn_v", "ffn_down")]
+        want = {n: (g.GGMLType.Q6_K if n in q6 else g.GGMLType.Q4_K)
+                for n in got}
+    tap.ok(got is not None and got == want and len(got) == 2 + 8 * 7,
+           "gen_model.py --type Q4_K_M: Q6_K for output and for attn_v and "
+           "ffn_down of layers 0, 3, 6 and 7 of 8, Q4_K elsewhere%s" %
+           ("" if p.returncode == 0 else ": " + p.stderr.decode()[-200:]))
     cmd2 = [sys.executable, gm, "--out", os.path.join(tmp, "x.gguf"),
             "--arch", "llama", "--type", "Q6_K", "--dim", "320", "--layers",
             "1", "--heads", "4", "--ffn", "512", "--vocab-from", stories]
