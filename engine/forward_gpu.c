@@ -58,58 +58,74 @@ int kvq_gpu_mv_max_parse(const char *s, uint32_t *out)
 	return 0;
 }
 
+/* Q6_K block @k of a row as Q8K: codes @c (256), pairs @p (16). */
+static void q6k_block(const struct kvq_block_q6_k *k, uint8_t *c, float *p)
+{
+	float d = kvq_f16_to_f32(k->d);
+	uint8_t w[KVQ_QK_K];
+	int i;
+
+	kvq_q6k_codes(k, w);
+	for (i = 0; i < KVQ_QK_K; i++)
+		c[i] = (uint8_t)(w[i] - 32);
+	for (i = 0; i < 16; i++) {
+		p[2 * i] = d * k->scales[i];
+		p[2 * i + 1] = -0.0f;
+	}
+}
+
+/*
+ * Q4_K block @k of a row as Q4K (@q4: codes @c 128 bytes in Q4's layout,
+ * pairs @p 8) or Q8K (codes 256, pairs 16: each sub-block's twice).
+ */
+static void q4k_block(const struct kvq_block_q4_k *k, bool q4, uint8_t *c,
+		      float *p)
+{
+	float d = kvq_f16_to_f32(k->d), dmin = kvq_f16_to_f32(k->dmin);
+	int i, j;
+
+	for (j = 0; j < 8; j++) {
+		const uint8_t *q = k->qs + 32 * (j / 2);
+		int sh = 4 * (j & 1);
+		uint8_t sc, mn;
+		float pr[2];
+
+		kvq_q4k_scale_min(j, k->scales, &sc, &mn);
+		pr[0] = d * sc;
+		pr[1] = -(dmin * mn);
+		if (q4) {
+			/* a Q4 block: columns 0-15 low, 16-31 high */
+			memcpy(&p[2 * j], pr, sizeof(pr));
+			for (i = 0; i < 16; i++)
+				c[16 * j + i] = ((q[i] >> sh) & 15) |
+						((q[i + 16] >> sh) & 15) << 4;
+			continue;
+		}
+		memcpy(&p[4 * j], pr, sizeof(pr));
+		memcpy(&p[4 * j + 2], pr, sizeof(pr));
+		for (i = 0; i < 32; i++)
+			c[32 * j + i] = (q[i] >> sh) & 15;
+	}
+}
+
 int kvq_gpu_kquant_row(uint32_t type, int wt, const void *row, uint32_t cols,
 		       uint8_t *codes, float *pairs)
 {
-	uint8_t w[KVQ_QK_K];
-	uint32_t b, i;
-	int j;
+	bool q4 = wt == KVQ_GPU_W_Q4K;
+	uint32_t b;
 
-	if (cols % KVQ_QK_K || (type != KVQ_TYPE_Q4_K && type != KVQ_TYPE_Q6_K) ||
-	    (wt != KVQ_GPU_W_Q8K && (wt != KVQ_GPU_W_Q4K || type != KVQ_TYPE_Q4_K)))
+	if (cols % KVQ_QK_K ||
+	    (type != KVQ_TYPE_Q4_K && type != KVQ_TYPE_Q6_K) ||
+	    (wt != KVQ_GPU_W_Q8K && (!q4 || type != KVQ_TYPE_Q4_K)))
 		return -EINVAL;
 	for (b = 0; b < cols / KVQ_QK_K; b++) {
-		if (type == KVQ_TYPE_Q6_K) {
-			const struct kvq_block_q6_k *k6 =
-				(const struct kvq_block_q6_k *)row + b;
-			float d = kvq_f16_to_f32(k6->d);
-
-			kvq_q6k_codes(k6, w);
-			for (i = 0; i < KVQ_QK_K; i++)
-				codes[b * KVQ_QK_K + i] = (uint8_t)(w[i] - 32);
-			for (j = 0; j < 16; j++) {
-				pairs[2 * (16 * b + j)] = d * k6->scales[j];
-				pairs[2 * (16 * b + j) + 1] = -0.0f;
-			}
-			continue;
-		}
-		const struct kvq_block_q4_k *k4 =
-			(const struct kvq_block_q4_k *)row + b;
-		float d = kvq_f16_to_f32(k4->d), dmin = kvq_f16_to_f32(k4->dmin);
-
-		for (j = 0; j < 8; j++) {
-			const uint8_t *q = k4->qs + 32 * (j / 2);
-			int sh = 4 * (j & 1);
-			uint8_t sc, mn;
-			float pr[2];
-
-			kvq_q4k_scale_min(j, k4->scales, &sc, &mn);
-			pr[0] = d * sc;
-			pr[1] = -(dmin * mn);
-			if (wt == KVQ_GPU_W_Q4K) {
-				/* a Q4 block: columns 0-15 low, 16-31 high */
-				memcpy(&pairs[2 * (8 * b + j)], pr, sizeof(pr));
-				for (i = 0; i < 16; i++)
-					codes[16 * (8 * b + j) + i] =
-						((q[i] >> sh) & 15) |
-						((q[i + 16] >> sh) & 15) << 4;
-				continue;
-			}
-			memcpy(&pairs[2 * (16 * b + 2 * j)], pr, sizeof(pr));
-			memcpy(&pairs[2 * (16 * b + 2 * j + 1)], pr, sizeof(pr));
-			for (i = 0; i < 32; i++)
-				codes[b * KVQ_QK_K + 32 * j + i] = (q[i] >> sh) & 15;
-		}
+		if (type == KVQ_TYPE_Q6_K)
+			q6k_block((const struct kvq_block_q6_k *)row + b,
+				  codes + b * KVQ_QK_K, pairs + 32 * b);
+		else
+			q4k_block((const struct kvq_block_q4_k *)row + b, q4,
+				  codes + b * (q4 ? 128 : KVQ_QK_K),
+				  pairs + b * (q4 ? 16 : 32));
 	}
 	return 0;
 }
@@ -138,7 +154,7 @@ struct kvq_ctx_gpu {
 
 /* How the upload keeps Q4_K and Q6_K weights. */
 enum wmode {
-	WM_DEFAULT,	/* f16, unless that would not fit (kquant_mode()) */
+	WM_DEFAULT,	/* f16, unless that would not fit (weights_mode()) */
 	WM_F16,		/* KVQ_GPU_WEIGHTS=f16: every type as f16 */
 	WM_COMPACT,	/* Q4_K and Q6_K kept 4- and 8-bit */
 };
@@ -163,7 +179,8 @@ static int gpu_wtype(uint32_t type, enum wmode mode)
 
 /*
  * Converts @w's rows into the device format @wt at row offset @r0 of the
- * host buffers (@data: halves, int8 or nibbles; @scales: halves).
+ * host buffers (@data: halves, int8 or nibbles; @scales: halves, or
+ * float pairs for Q4K and Q8K).
  */
 static int convert(struct kvq_weight *w, int wt, uint32_t r0, uint8_t *data,
 		   void *scales, float *tmp)
@@ -193,22 +210,26 @@ static int convert(struct kvq_weight *w, int wt, uint32_t r0, uint8_t *data,
 		} else if (wt == KVQ_GPU_W_Q8) {
 			/* Q8_0 block: f16 d, 32 int8. */
 			for (b = 0; b < nb; b++) {
-				memcpy((uint16_t *)scales + o * nb + b, row + b * 34, 2);
+				memcpy((uint16_t *)scales + o * nb + b,
+				       row + b * 34, 2);
 				memcpy(data + o * cols + b * 32, row + b * 34 + 2,
 				       32);
 			}
 		} else if (wt == KVQ_GPU_W_Q4K) {
 			ret = kvq_gpu_kquant_row(w->type, wt, row, cols,
 						 data + o * (cols / 2),
-						 (float *)scales + o * (cols / 32) * 2);
+						 (float *)scales +
+						 o * (cols / 32) * 2);
 		} else if (wt == KVQ_GPU_W_Q8K) {
 			ret = kvq_gpu_kquant_row(w->type, wt, row, cols,
 						 data + o * cols,
-						 (float *)scales + o * (cols / 16) * 2);
+						 (float *)scales +
+						 o * (cols / 16) * 2);
 		} else {
 			/* Q4_0 block: f16 d, 16 bytes of nibbles. */
 			for (b = 0; b < nb; b++) {
-				memcpy((uint16_t *)scales + o * nb + b, row + b * 18, 2);
+				memcpy((uint16_t *)scales + o * nb + b,
+				       row + b * 18, 2);
 				memcpy(data + o * (cols / 2) + b * 16,
 				       row + b * 18 + 2, 16);
 			}
@@ -380,16 +401,17 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 		struct kvq_weight *qkv[3] = { L->wq, L->wk, L->wv };
 		struct kvq_weight *gu[2] = { L->w_gate, L->w_up };
 
-		ret = upload_stack(g, l, KVQ_GPU_M_QKV, qkv, 3, mode, err, errlen);
+		ret = upload_stack(g, l, KVQ_GPU_M_QKV, qkv, 3, mode, err,
+				   errlen);
 		if (!ret)
-			ret = upload_stack(g, l, KVQ_GPU_M_O, &L->wo, 1, mode, err,
-					   errlen);
-		if (!ret)
-			ret = upload_stack(g, l, KVQ_GPU_M_GATEUP, gu, 2, mode, err,
-					   errlen);
-		if (!ret)
-			ret = upload_stack(g, l, KVQ_GPU_M_DOWN, &L->w_down, 1, mode,
+			ret = upload_stack(g, l, KVQ_GPU_M_O, &L->wo, 1, mode,
 					   err, errlen);
+		if (!ret)
+			ret = upload_stack(g, l, KVQ_GPU_M_GATEUP, gu, 2, mode,
+					   err, errlen);
+		if (!ret)
+			ret = upload_stack(g, l, KVQ_GPU_M_DOWN, &L->w_down, 1,
+					   mode, err, errlen);
 		if (!ret)
 			ret = kvq_gpu_model_set_vector(g, l, KVQ_GPU_V_ATTN_NORM,
 						       L->attn_norm, hp->dim,
@@ -414,8 +436,8 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 		}
 	}
 	if (!ret)
-		ret = upload_stack(g, -1, KVQ_GPU_M_EMBED, &m->tok_embd, 1, mode, err,
-				   errlen);
+		ret = upload_stack(g, -1, KVQ_GPU_M_EMBED, &m->tok_embd, 1,
+				   mode, err, errlen);
 	if (!ret) {
 		if (m->output == m->tok_embd)
 			kvq_gpu_model_tie_output(g);

@@ -326,8 +326,10 @@ static __device__ __forceinline__ void kvq_q4_codes(uint2 u, bool hi,
 						    unsigned w[4])
 {
 	unsigned a = hi ? u.x >> 4 : u.x, b = hi ? u.y >> 4 : u.y;
-	unsigned p[4] = { __byte_perm(a, 0, 0x4140), __byte_perm(a, 0, 0x4342),
-			  __byte_perm(b, 0, 0x4140), __byte_perm(b, 0, 0x4342) };
+	unsigned p[4] = { __byte_perm(a, 0, 0x4140),
+			  __byte_perm(a, 0, 0x4342),
+			  __byte_perm(b, 0, 0x4140),
+			  __byte_perm(b, 0, 0x4342) };
 
 	for (int i = 0; i < 4; i++)
 		w[i] = (p[i] & 0x000f000fu) | 0x64006400u;
@@ -347,8 +349,8 @@ static __device__ __forceinline__ uint4 kvq_codes_h8(const unsigned w[4],
 	unsigned *o = &r.x;
 
 	for (int i = 0; i < 4; i++) {
-		__half2 h = __hmul2(__hsub2(*reinterpret_cast<const __half2 *>(&w[i]),
-					    b2), d2);
+		const __half2 q = *reinterpret_cast<const __half2 *>(&w[i]);
+		__half2 h = __hmul2(__hsub2(q, b2), d2);
 
 		o[i] = *reinterpret_cast<unsigned *>(&h);
 	}

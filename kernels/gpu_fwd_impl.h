@@ -83,7 +83,7 @@ struct dmat {
 	int type;		/* enum kvq_gpu_wtype */
 	uint32_t rows, cols, ld;	/* ld: elements a row (F16) */
 	void *d;
-	__half *s;		/* scales: halves (Q8, Q4), float pairs (Q4K, Q8K) */
+	__half *s;		/* halves (Q8, Q4), float pairs (Q4K, Q8K) */
 	size_t bytes;
 };
 

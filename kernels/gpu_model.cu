@@ -104,7 +104,8 @@ extern "C" int kvq_gpu_model_set_matrix(struct kvq_gpu_model *g, int layer,
 		db = wtype == KVQ_GPU_W_Q8 || wtype == KVQ_GPU_W_Q8K ?
 		     (size_t)rows * cols : (size_t)rows * cols / 2;
 		sb = (size_t)rows * (cols / 32) * 2 *
-		     (wtype == KVQ_GPU_W_Q4K ? 4 : wtype == KVQ_GPU_W_Q8K ? 8 : 1);
+		     (wtype == KVQ_GPU_W_Q4K ? 4 :
+		      wtype == KVQ_GPU_W_Q8K ? 8 : 1);
 	}
 	ret = dalloc(&nm.d, db, "weights", err, errlen);
 	if (!ret && sb)

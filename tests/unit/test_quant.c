@@ -857,7 +857,7 @@ static void test_gpu_kquant_rows(void)
 				const float *p;
 
 				if (wt == KVQ_GPU_W_Q4K) {
-					uint8_t b = codes[(c / 32) * 16 + c % 16];
+					uint8_t b = codes[c / 32 * 16 + c % 16];
 
 					q = (float)(c & 16 ? b >> 4 : b & 15);
 					p = &pairs[2 * (c / 32)];
