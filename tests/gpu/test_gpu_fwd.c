@@ -493,6 +493,27 @@ static bool kept_quantized(struct kvq_model *m)
 	return strstr(d, ", Q8_0,") || strstr(d, ", Q4_0,") || k_quant(m);
 }
 
+/*
+ * What the model at @path is: its weights of a type the GPU keeps 4/8-bit
+ * (*@q8), Q4_K / Q6_K (*@kq), its vocabulary (*@V).  false when it does
+ * not load.
+ */
+static bool model_kind(const char *path, bool *q8, bool *kq, uint32_t *V)
+{
+	struct kvq_model_opts mo = { 0 };
+	struct kvq_model *m;
+	char err[256];
+
+	mo.n_threads = 2;
+	if (kvq_model_load(path, &mo, &m, err, sizeof(err)))
+		return false;
+	*q8 = kept_quantized(m);
+	*kq = k_quant(m);
+	*V = kvq_model_hparams(m)->n_vocab;
+	kvq_model_destroy(m);
+	return true;
+}
+
 /* Device bytes of @path's weights uploaded with KVQ_GPU_WEIGHTS @w and
  * KVQ_GPU_FAULT @fault (NULL: unset); 0 on a failure. */
 static uint64_t upload_bytes(const char *path, const char *w, const char *fault)
@@ -530,20 +551,13 @@ static uint64_t upload_bytes(const char *path, const char *w, const char *fault)
  */
 static void auto_compact_case(const char *path)
 {
-	struct kvq_model_opts mo = { 0 };
-	struct kvq_model *m;
 	const char *base = strrchr(path, '/');
 	uint64_t bd, bs, bc, bf;
-	char err[256];
-	bool kq;
+	bool q8, kq;
+	uint32_t V;
 
 	base = base ? base + 1 : path;
-	mo.n_threads = 2;
-	if (kvq_model_load(path, &mo, &m, err, sizeof(err)))
-		return;
-	kq = k_quant(m);
-	kvq_model_destroy(m);
-	if (!kq)
+	if (!model_kind(path, &q8, &kq, &V) || !kq)
 		return;
 	bd = upload_bytes(path, NULL, NULL);
 	bs = upload_bytes(path, NULL, "small-memory");
@@ -623,23 +637,15 @@ out:
 
 static void quant_values_case(const char *path)
 {
-	struct kvq_model_opts mo = { 0 };
-	struct kvq_model *m;
 	const char *base = strrchr(path, '/');
 	size_t n, i, diff = 0;
 	float *l[2];
 	char err[256];
 	uint32_t V;
-	bool q8;
+	bool q8, kq;
 
 	base = base ? base + 1 : path;
-	mo.n_threads = 2;
-	if (kvq_model_load(path, &mo, &m, err, sizeof(err)))
-		return;
-	q8 = kept_quantized(m);
-	V = kvq_model_hparams(m)->n_vocab;
-	kvq_model_destroy(m);
-	if (!q8)
+	if (!model_kind(path, &q8, &kq, &V) || !q8)
 		return;
 	n = (size_t)(QV_STEPS + 1 + QV_SEQS) * V;
 	l[0] = malloc(n * sizeof(float));
