@@ -4,8 +4,9 @@
 2-D weight matrices (token_embd and output included) use --type; norms and
 biases are F32.  --type Q4_K_M mixes as that file type does: Q4_K, with
 Q6_K for output and for attn_v and ffn_down in the first and last eighth
-of the layers and every third layer between.  The tokenizer metadata (every tokenizer.* key) is copied
-from --vocab-from, whose token count sets the vocabulary size.  Tensors are
+of the layers and every third layer between.  The tokenizer metadata
+(every tokenizer.* key) is copied from --vocab-from, whose token count
+sets the vocabulary size.  Tensors are
 generated and written one at a time (in row chunks), so large models never
 sit in memory.
 
@@ -24,7 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kvq_gguf import (GGMLType, GGUFReader, GGUFWriter, block_size,  # noqa: E402
-                      random_blocks, type_from_name, type_name)
+                      random_blocks, type_from_name)
 
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K", "Q4_K_M")
 
@@ -41,6 +42,7 @@ def base_type(name):
 def more_bits(i, n):
     """Layer @i of @n takes Q6_K for attn_v and ffn_down in a Q4_K_M."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VOCAB = os.path.join(
