@@ -13,7 +13,7 @@
  *
  * Work split.  A block is (sequence, KV head, split): it owns a run of
  * 16-token tiles of one sequence and serves every query head of that KV
- * head (GQA), so each page is read once.  Each of its 4 warps streams its
+ * head (GQA), so each page is read once.  Each of its 8 warps streams its
  * own tiles through a private ring of shared-memory stages filled with
  * 16-byte asynchronous copies (several tiles in flight per warp), keeps
  * its own online-softmax state, and the warps are merged at the end.  The
@@ -159,7 +159,7 @@ __device__ __forceinline__ void query_group(const kparams &p, int b, int hq0,
  * heads of pass blockIdx.y % n_chunks), tiles [split * tps, + tps).
  */
 template <int KT, int VT, int HD>
-__global__ void __launch_bounds__(NW * 32, 4) decode_kernel(kparams p)
+__global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 {
 	typedef stage<KT, VT, HD> S;
 	constexpr int NG = HD / 32;

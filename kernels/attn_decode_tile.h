@@ -19,7 +19,16 @@
 namespace {
 
 constexpr int TT = 16;		/* tokens per tile */
-constexpr int NW = 4;		/* warps per block */
+/*
+ * Warps per block (two blocks an SM at 128 registers a thread).  8
+ * against 4 (four blocks an SM), H200, bench/gpu_attn.py, head_dim 128,
+ * q4/q4, us: batch 1 / 4K 11.1 -> 9.7, 1 / 128K 56.3 -> 52.0, 16 / 1K
+ * 16.6 -> 12.8, 16 / 128K 761 -> 688; but 1 / 1K 6.9 -> 7.2 and 64 / 1K
+ * 29.0 -> 35.1.  kvqd's decode step (head_dim 64) within the runs'
+ * spread.  16 warps (one block an SM): a little faster at long
+ * contexts, 9.2 us at 1 / 1K (bench/gpu_attn_notes.md).
+ */
+constexpr int NW = 8;
 constexpr int NCOL = 8;		/* query-head columns of one pass */
 constexpr int MAX_SPLITS = 256;
 constexpr float LOG2E = 1.4426950408889634f;
@@ -86,7 +95,7 @@ template <int KT, int VT, int HD> struct stage {
 	static constexpr int BYTES = VS_OFF + TT * fmt<VT, HD>::SB;
 	static constexpr int N = BYTES <= 2700 ? 4 : BYTES <= 4100 ? 3 : 2;
 	static constexpr int SINK_OFF = NW * N * BYTES;	/* [NW][512] */
-	static constexpr int PID_OFF = SINK_OFF + 2048;	/* [NW][64] */
+	static constexpr int PID_OFF = SINK_OFF + NW * 512;	/* [NW][64] */
 	/* The query's fragments and biases: [HD/32][32] uint4, float2. */
 	static constexpr int QF_OFF = PID_OFF + NW * 64 * 4;
 	static constexpr int SMEM = QF_OFF + HD / 32 * 32 * 24;
