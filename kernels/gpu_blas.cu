@@ -361,25 +361,15 @@ void tc_launch_nt(bool pdl, cudaStream_t st, const tc_args &a)
 			   dim3(16 * 32), 0, st, a);
 }
 
-template <int WT>
-void tc_launch_wt(bool pdl, cudaStream_t st, const tc_args &a)
-{
-	if (a.n <= 8)
-		tc_launch_nt<WT, 1>(pdl, st, a);
-	else
-		tc_launch_nt<WT, 2>(pdl, st, a);
-}
-
-/* Launches tc_kernel with the tiling for @a's shape. */
+/* Launches tc_kernel for @a's weight type with the tiling for its shape. */
 void tc_launch(bool pdl, cudaStream_t st, const tc_args &a)
 {
-	int t = a.w.type;
-
-	(t == KVQ_GPU_W_Q8 ? tc_launch_wt<KVQ_GPU_W_Q8> :
-	 t == KVQ_GPU_W_Q4 ? tc_launch_wt<KVQ_GPU_W_Q4> :
-	 t == KVQ_GPU_W_Q4K ? tc_launch_wt<KVQ_GPU_W_Q4K> :
-	 t == KVQ_GPU_W_Q8K ? tc_launch_wt<KVQ_GPU_W_Q8K> :
-	 tc_launch_wt<KVQ_GPU_W_F16>)(pdl, st, a);
+	kvq_wt_switch(a.w.type, [&](auto wt) {
+		if (a.n <= 8)
+			tc_launch_nt<decltype(wt)::value, 1>(pdl, st, a);
+		else
+			tc_launch_nt<decltype(wt)::value, 2>(pdl, st, a);
+	});
 }
 
 /*
@@ -696,16 +686,6 @@ quant_rows_kernel(dmat w, uint32_t r0, uint32_t rows, __half *dst)
 						  (uint32_t)(i % gpr) * 8);
 }
 
-/* quant_rows_kernel() for 8/4-bit weight type @t. */
-typedef void (*rows_fn)(dmat, uint32_t, uint32_t, __half *);
-
-static rows_fn rows_kernel(int t)
-{
-	return t == KVQ_GPU_W_Q8 ? quant_rows_kernel<KVQ_GPU_W_Q8> :
-	       t == KVQ_GPU_W_Q4 ? quant_rows_kernel<KVQ_GPU_W_Q4> :
-	       t == KVQ_GPU_W_Q4K ? quant_rows_kernel<KVQ_GPU_W_Q4K> :
-	       quant_rows_kernel<KVQ_GPU_W_Q8K>;
-}
 
 int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 		    char *err, size_t errlen)
@@ -752,9 +732,12 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
 			     a->exp_rows;
 			groups = (size_t)nr * (w->cols / 8);
 			grid = dim3((unsigned)((groups + THREADS - 1) / THREADS));
-			kvq_launch(b->pdl, rows_kernel(w->type), grid,
-				   dim3(THREADS), 0, b->st, *w, r0, nr,
-				   a->exp_buf);
+			kvq_wt_switch(w->type, [&](auto wt) {
+				kvq_launch(b->pdl,
+					   quant_rows_kernel<decltype(wt)::value>,
+					   grid, dim3(THREADS), 0, b->st, *w, r0,
+					   nr, a->exp_buf);
+			});
 			wd = a->exp_buf;
 		}
 		cs = gemm(b, a, wd, nr, a->y + r0, b->hi,

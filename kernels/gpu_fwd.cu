@@ -823,18 +823,9 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 		case 8: MV_GO(WT, 8); break; \
 		default: MV_GO(WT, 16); break; \
 		}
-		if (w.type == KVQ_GPU_W_F16)
-			MV_LAUNCH(KVQ_GPU_W_F16)
-		else if (w.type == KVQ_GPU_W_F32)
-			MV_LAUNCH(KVQ_GPU_W_F32)
-		else if (w.type == KVQ_GPU_W_Q8)
-			MV_LAUNCH(KVQ_GPU_W_Q8)
-		else if (w.type == KVQ_GPU_W_Q4K)
-			MV_LAUNCH(KVQ_GPU_W_Q4K)
-		else if (w.type == KVQ_GPU_W_Q8K)
-			MV_LAUNCH(KVQ_GPU_W_Q8K)
-		else
-			MV_LAUNCH(KVQ_GPU_W_Q4)
+		kvq_wt_switch<true>(w.type, [&](auto wt) {
+			MV_LAUNCH(decltype(wt)::value)
+		});
 #undef MV_LAUNCH
 #undef MV_GO
 #undef MV_K

@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include <type_traits>
+
 #include "kernels/gpu_compat.h"
 #include "kernels/gpu_fwd.h"
 
@@ -95,34 +97,77 @@ struct dmat {
  * 16-31 in the high ones.  Each gives the f16 value that the weight's
  * copy in f16 holds.
  */
+/* The 8 bytes of row @r's 8-bit codes from column @c (Q8, Q8K). */
+static __device__ __forceinline__ uint2 kvq_codes8(const dmat &m, uint32_t r,
+						   uint32_t c)
+{
+	return __ldg((const uint2 *)((const int8_t *)m.d +
+				     (size_t)r * m.cols + c));
+}
+
+/* The 8 bytes holding row @r's nibbles of columns c .. c + 7 (Q4, Q4K). */
+static __device__ __forceinline__ uint2 kvq_codes4(const dmat &m, uint32_t r,
+						   uint32_t c)
+{
+	return __ldg((const uint2 *)((const uint8_t *)m.d +
+				     (size_t)r * (m.cols / 2) +
+				     (c / 32) * 16 + (c & 15)));
+}
+
 template <int WT>
 static __device__ __forceinline__ uint4 kvq_wload8(const dmat &m, uint32_t r,
 						   uint32_t c)
 {
 	if (WT == KVQ_GPU_W_Q8)
-		return kvq_q8_h8(__ldg((const uint2 *)((const int8_t *)m.d +
-						   (size_t)r * m.cols + c)),
-			     m.s[(size_t)r * (m.cols / 32) + c / 32]);
+		return kvq_q8_h8(kvq_codes8(m, r, c),
+				 m.s[(size_t)r * (m.cols / 32) + c / 32]);
 	if (WT == KVQ_GPU_W_Q4)
-		return kvq_q4_h8(__ldg((const uint2 *)((const uint8_t *)m.d +
-						   (size_t)r * (m.cols / 2) +
-						   (c / 32) * 16 + (c & 15))),
-			     (c & 16) != 0,
-			     m.s[(size_t)r * (m.cols / 32) + c / 32]);
+		return kvq_q4_h8(kvq_codes4(m, r, c), (c & 16) != 0,
+				 m.s[(size_t)r * (m.cols / 32) + c / 32]);
 	if (WT == KVQ_GPU_W_Q4K)
-		return kvq_q4k_h8(__ldg((const uint2 *)((const uint8_t *)m.d +
-						    (size_t)r * (m.cols / 2) +
-						    (c / 32) * 16 + (c & 15))),
-				  (c & 16) != 0,
+		return kvq_q4k_h8(kvq_codes4(m, r, c), (c & 16) != 0,
 				  __ldg((const float2 *)m.s +
 					(size_t)r * (m.cols / 32) + c / 32));
 	if (WT == KVQ_GPU_W_Q8K)
-		return kvq_q8k_h8(__ldg((const uint2 *)((const int8_t *)m.d +
-						    (size_t)r * m.cols + c)),
+		return kvq_q8k_h8(kvq_codes8(m, r, c),
 				  __ldg((const float2 *)m.s +
 					(size_t)r * (m.cols / 16) + c / 16));
 	return __ldg((const uint4 *)((const __half *)m.d + (size_t)r * m.ld +
 				     c));
+}
+
+/*
+ * Calls @f with std::integral_constant<int, WT>() for device weight type
+ * @t, so that a launcher instantiates its kernel once per type in one
+ * place: F16 and the 8/4-bit types, and F32 where @f32 (types kept f32
+ * otherwise go nowhere: F16 stands in, the callers' checks keep them out).
+ */
+template <bool F32 = false, typename F>
+static inline void kvq_wt_switch(int t, F &&f)
+{
+	switch (t) {
+	case KVQ_GPU_W_Q8:
+		f(std::integral_constant<int, KVQ_GPU_W_Q8>());
+		break;
+	case KVQ_GPU_W_Q4:
+		f(std::integral_constant<int, KVQ_GPU_W_Q4>());
+		break;
+	case KVQ_GPU_W_Q4K:
+		f(std::integral_constant<int, KVQ_GPU_W_Q4K>());
+		break;
+	case KVQ_GPU_W_Q8K:
+		f(std::integral_constant<int, KVQ_GPU_W_Q8K>());
+		break;
+	case KVQ_GPU_W_F32:
+		if (F32) {
+			f(std::integral_constant<int, F32 ? KVQ_GPU_W_F32 :
+					      KVQ_GPU_W_F16>());
+			break;
+		}
+		/* fall through */
+	default:
+		f(std::integral_constant<int, KVQ_GPU_W_F16>());
+	}
 }
 
 struct kvq_gpu_model {

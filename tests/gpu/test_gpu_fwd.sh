@@ -23,28 +23,23 @@ fi
 tmp=$(mktemp -d) || exit 1
 trap 'rm -rf "$tmp"' EXIT
 set -- "$S/models/kvq-austen-5m.gguf" "$T/stories260K.gguf"
-python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
-	--out "$tmp/llama-q8.gguf" --arch llama --type Q8_0 --dim 512 \
-	--layers 2 --heads 4 --kv-heads 2 --ffn 1024 --ctx 1024 --seed 7 &&
-python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
-	--out "$tmp/qwen2-q4.gguf" --arch qwen2 --type Q4_0 --dim 512 \
-	--layers 2 --heads 4 --kv-heads 1 --ffn 1024 --ctx 1024 --seed 8 &&
-python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
-	--out "$tmp/llama-q4k.gguf" --arch llama --type Q4_K --dim 256 \
-	--layers 2 --heads 4 --kv-heads 4 --ffn 768 --ctx 1024 --seed 9 &&
-python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
-	--out "$tmp/llama-q6k.gguf" --arch llama --type Q6_K --dim 256 \
-	--layers 2 --heads 4 --kv-heads 2 --ffn 512 --ctx 1024 --seed 12 &&
-python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
-	--out "$tmp/llama-q4km.gguf" --arch llama --type Q4_K_M --dim 256 \
-	--layers 4 --heads 4 --kv-heads 2 --ffn 512 --ctx 1024 --seed 13 &&
-python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
-	--out "$tmp/llama-f16.gguf" --arch llama --type F16 --dim 256 \
-	--layers 2 --heads 4 --kv-heads 2 --ffn 200 --ctx 1024 --seed 10 &&
-python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
-	--out "$tmp/llama-f16w.gguf" --arch llama --type F16 --dim 2048 \
-	--layers 2 --heads 16 --kv-heads 4 --ffn 6144 --ctx 1024 --seed 11 ||
-	exit 1
-"$prog" "$@" "$tmp/llama-q8.gguf" "$tmp/qwen2-q4.gguf" "$tmp/llama-q4k.gguf" \
-	"$tmp/llama-q6k.gguf" "$tmp/llama-q4km.gguf" "$tmp/llama-f16.gguf" \
-	"$tmp/llama-f16w.gguf"
+# gen NAME ARCH TYPE DIM LAYERS HEADS KV_HEADS FFN SEED: $tmp/NAME.gguf,
+# appended to the models to test.
+gen() {
+	python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
+		--out "$tmp/$1.gguf" --arch "$2" --type "$3" --dim "$4" \
+		--layers "$5" --heads "$6" --kv-heads "$7" --ffn "$8" \
+		--ctx 1024 --seed "$9" || exit 1
+	set -- "$tmp/$1.gguf"
+	models="$models $1"
+}
+models=
+gen llama-q8 llama Q8_0 512 2 4 2 1024 7
+gen qwen2-q4 qwen2 Q4_0 512 2 4 1 1024 8
+gen llama-q4k llama Q4_K 256 2 4 4 768 9
+gen llama-q6k llama Q6_K 256 2 4 2 512 12
+gen llama-q4km llama Q4_K_M 256 4 4 2 512 13
+gen llama-f16 llama F16 256 2 4 2 200 10
+gen llama-f16w llama F16 2048 2 16 4 6144 11
+# shellcheck disable=SC2086
+"$prog" "$@" $models
