@@ -85,6 +85,37 @@ struct plan {
 	int n_chunks;		/* query-head passes of 8 per KV head */
 };
 
+/* The query's elements @i..@i+7 (@i a multiple of 8) in one or two
+ * 16-byte loads, as floats; zeros where !@ok. */
+__device__ __forceinline__ void load_q8(const kparams &p, bool ok, size_t i,
+					float x[8])
+{
+	if (!ok) {
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+			x[j] = 0.0f;
+	} else if (p.q_f16) {
+		uint4 u = *(const uint4 *)((const __half *)p.q + i);
+		unsigned w4[4] = { u.x, u.y, u.z, u.w };
+
+#pragma unroll
+		for (int j = 0; j < 8; j++)
+			x[j] = (j & 1) ? h_hi(w4[j >> 1]) : h_lo(w4[j >> 1]);
+	} else {
+		const float4 *f = (const float4 *)((const float *)p.q + i);
+		float4 a = f[0], c = f[1];
+
+		x[0] = a.x;
+		x[1] = a.y;
+		x[2] = a.z;
+		x[3] = a.w;
+		x[4] = c.x;
+		x[5] = c.y;
+		x[6] = c.z;
+		x[7] = c.w;
+	}
+}
+
 /*
  * Group @G of the query (channels 32G..32G+31) as this lane's B
  * fragments of the two score products of the group (*@qo: products 2G,
@@ -105,9 +136,10 @@ __device__ __forceinline__ void query_group(const kparams &p, int b, int hq0,
 	float v[8], sum = 0.0f, s1 = 0.0f;
 	unsigned f[2][2];
 
+	load_q8(p, ok, q0, v);
 #pragma unroll
 	for (int i = 0; i < 8; i++)
-		v[i] = ok ? load_q(p, q0 + i) * p.qscale : 0.0f;
+		v[i] *= p.qscale;
 #pragma unroll
 	for (int r = 0; r < 2; r++) {
 		/* k-pairs of product r: q8 keys adjacent channels, q4 and
@@ -155,10 +187,68 @@ __device__ __forceinline__ void query_group(const kparams &p, int b, int hq0,
 }
 
 /*
+ * The query for q8 keys on integer products (at most 4 heads a block):
+ * each head's pre-scaled values v as sigma * (hi + lo / 254), hi and lo
+ * signed bytes, sigma = max |v| / 127 over the head (v to about 2^-16 of
+ * its largest value).  Column g of group @G's B fragment is head g & 3's
+ * hi (g < 4) or lo (g >= 4) bytes; lane t holds channels 32G+8t..+3 and
+ * +4..+7 (*@qo).  *@ko: the factors of this lane's columns 2t, 2t+1
+ * (sigma, or sigma / 254 for a lo column).  The whole warp calls it.
+ */
+template <int HD>
+__device__ __forceinline__ void query_int8(const kparams &p, int b, int hq0,
+					   int nh, int G, uint2 *qo, float2 *ko)
+{
+	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+	int hd = g & 3;
+	bool ok = hd < nh;
+	size_t q0 = ((size_t)b * p.hq + hq0 + (ok ? hd : 0)) * HD + 8 * t;
+	float v[8], mx = 0.0f;
+	unsigned wd[2] = { 0u, 0u };
+
+#pragma unroll
+	for (int GG = 0; GG < HD / 32; GG++) {
+		float x[8];
+
+		load_q8(p, ok, q0 + 32 * GG, x);
+#pragma unroll
+		for (int i = 0; i < 8; i++) {
+			x[i] *= p.qscale;
+			mx = fmaxf(mx, fabsf(x[i]));
+			if (GG == 0 || GG == G)
+				v[i] = x[i];
+		}
+	}
+	mx = fmaxf(mx, kvq_shfl_xor_f32(mx, 1));
+	mx = fmaxf(mx, kvq_shfl_xor_f32(mx, 2));
+	float inv = mx > 0.0f ? 127.0f / mx : 0.0f, sig = mx / 127.0f;
+
+#pragma unroll
+	for (int i = 0; i < 8; i++) {
+		float y = v[i] * inv, hi = rintf(y);
+		int c = g >= 4 ? (int)rintf((y - hi) * 254.0f) : (int)hi;
+
+		c = max(-127, min(127, c));
+		wd[i >> 2] |= (unsigned)(c & 0xff) << (8 * (i & 3));
+	}
+	*qo = make_uint2(wd[0], wd[1]);
+
+	float f = t >= 2 ? 1.0f / 254.0f : 1.0f;
+	float s0 = __uint_as_float(kvq_shfl_u32(__float_as_uint(sig),
+						4 * ((2 * t) & 3)));
+	float s1 = __uint_as_float(kvq_shfl_u32(__float_as_uint(sig),
+						4 * ((2 * t + 1) & 3)));
+
+	*ko = make_float2(s0 * f, s1 * f);
+}
+
+/*
  * One block: sequence blockIdx.z, KV head blockIdx.y / n_chunks (query
  * heads of pass blockIdx.y % n_chunks), tiles [split * tps, + tps).
+ * IQ: q8 keys through integer products against query_int8()'s query
+ * (at most 4 query heads a KV head).
  */
-template <int KT, int VT, int HD>
+template <int KT, int VT, int HD, bool IQ>
 __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 {
 	typedef stage<KT, VT, HD> S;
@@ -332,10 +422,21 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 		uint4 *qsh = (uint4 *)(smem + S::QF_OFF);	/* [NG][32] */
 		float2 *ksh = (float2 *)(smem + S::QF_OFF + NG * 32 * 16);
 
-		if (w < NG)
-			query_group<KT, HD>(p, b, hq0, nh, hilo, w,
-					    qsh + 32 * w + lane,
-					    ksh + 32 * w + lane);
+		/* IQ: warps NG.. make the f16 query, which serves the sink
+		 * positions only, beside the integer one. */
+		int gf = IQ ? w - NG : w;
+
+		static_assert(NW >= 2 * NG, "a warp a group and form");
+		if (gf >= 0 && gf < NG && (!IQ || (t_begin == 0 && skip > 0)))
+			query_group<KT, HD>(p, b, hq0, nh, hilo, gf,
+					    qsh + 32 * gf + lane,
+					    ksh + 32 * gf + lane);
+		if (IQ && w < NG)
+			query_int8<HD>(p, b, hq0, nh, w,
+				       (uint2 *)(smem + S::QI_OFF) + 32 * w +
+				       lane,
+				       (float2 *)(smem + S::QI_OFF +
+						  NG * 32 * 8) + 32 * w + lane);
 		__syncthreads();
 #pragma unroll
 		for (int G = 0; G < NG; G++) {
@@ -363,6 +464,21 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 
 	if (sinks)
 		sink_pass<KT, VT, HD>(ws, qf, hilo, skip, w, sk, sv, ks, vs, sbuf);
+	if (IQ) {
+		const uint2 *qi = (const uint2 *)(smem + S::QI_OFF);
+		float2 f = ((const float2 *)(smem + S::QI_OFF +
+					     NG * 32 * 8))[lane];
+
+#pragma unroll
+		for (int G = 0; G < NG; G++) {
+			uint2 u = qi[32 * G + lane];
+
+			qf[G][0] = u.x;
+			qf[G][1] = u.y;
+		}
+		kc[0][0] = f.x;
+		kc[0][1] = f.y;
+	}
 
 	/*
 	 * Tiles k of this warp: [0, k_lo) hold sink positions, [k_hi, n_my)
@@ -397,14 +513,14 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 		const uint8_t *st = ring + (k % N) * S::BYTES;
 
 		if (k >= k_lo && k < k_hi) {
-			tile<KT, VT, HD, true>(st, L, qf, kc, hilo, 0, TT,
+			tile<KT, VT, HD, IQ, true>(st, L, qf, kc, hilo, 0, TT,
 					       ws);
 		} else {
 			int tok0 = (t0 + k * NW) * TT;
 			int lo = max(0, skip - tok0), hi = min(TT, len - tok0);
 
 			if (lo < hi)
-				tile<KT, VT, HD, false>(st, L, qf, kc, hilo,
+				tile<KT, VT, HD, IQ, false>(st, L, qf, kc, hilo,
 							lo, hi, ws);
 		}
 		kvq_syncwarp();
@@ -426,7 +542,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 				kvq_cp_async_commit();
 				kvq_cp_async_wait<N - 1>();
 				kvq_syncwarp();
-				tile<KT, VT, HD, true>(ring + s * S::BYTES, L,
+				tile<KT, VT, HD, IQ, true>(ring + s * S::BYTES, L,
 						       qf, kc, hilo, 0, TT,
 						       ws);
 				kvq_syncwarp();
@@ -654,9 +770,9 @@ int tix(int t)
 	return t == KVQ_KV_F16 ? 0 : t == KVQ_KV_Q8 ? 1 : t == KVQ_KV_Q4 ? 2 : -1;
 }
 
-template <int KT, int VT, int HD> kinfo make_info()
+template <int KT, int VT, int HD, bool IQ = false> kinfo make_info()
 {
-	kinfo k = { decode_kernel<KT, VT, HD>, stage<KT, VT, HD>::DYN, 0 };
+	kinfo k = { decode_kernel<KT, VT, HD, IQ>, stage<KT, VT, HD>::DYN, 0 };
 
 	return k;
 }
@@ -674,6 +790,14 @@ template <int KT, int VT, int HD> kinfo make_info()
 
 /* [head_dim 64, 128][K type][V type] */
 kinfo kinfos[2][3][3] = { KVQ_DECODE_KINFOS(64), KVQ_DECODE_KINFOS(128) };
+/* q8 keys, at most 4 query heads a KV head: [head_dim 64, 128][V type] */
+kinfo kinfos_iq[2][3] = {
+	{ make_info<KVQ_KV_Q8, KVQ_KV_F16, 64, true>(),
+	  make_info<KVQ_KV_Q8, KVQ_KV_Q8, 64, true>(),
+	  make_info<KVQ_KV_Q8, KVQ_KV_Q4, 64, true>() },
+	{ make_info<KVQ_KV_Q8, KVQ_KV_F16, 128, true>(),
+	  make_info<KVQ_KV_Q8, KVQ_KV_Q8, 128, true>(),
+	  make_info<KVQ_KV_Q8, KVQ_KV_Q4, 128, true>() } };
 int n_sms;
 
 /* Shared-memory limit and occupancy of one kernel, once.  -EIO on error. */
@@ -745,7 +869,9 @@ int check(const struct kvq_gpu_attn_args *a, kinfo **k)
 	if (a->q_type < 0 || a->q_type > 1 || a->out_type < 0 ||
 	    a->out_type > 1)
 		return -EINVAL;
-	*k = &kinfos[a->head_dim == 128][ki][vi];
+	*k = ki == 1 && a->n_q_heads / a->n_kv_heads <= 4 ?
+	     &kinfos_iq[a->head_dim == 128][vi] :
+	     &kinfos[a->head_dim == 128][ki][vi];
 	return 0;
 }
 

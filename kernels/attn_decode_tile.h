@@ -98,7 +98,10 @@ template <int KT, int VT, int HD> struct stage {
 	static constexpr int PID_OFF = SINK_OFF + NW * 512;	/* [NW][64] */
 	/* The query's fragments and biases: [HD/32][32] uint4, float2. */
 	static constexpr int QF_OFF = PID_OFF + NW * 64 * 4;
-	static constexpr int SMEM = QF_OFF + HD / 32 * 32 * 24;
+	/* q8 keys: the integer query's, [HD/32][32] uint2, float2 */
+	static constexpr int QI_OFF = QF_OFF + HD / 32 * 32 * 24;
+	static constexpr int SMEM = QI_OFF +
+				    (KT == KVQ_KV_Q8 ? HD / 32 * 32 * 16 : 0);
 	static constexpr int MERGE = NW * NCOL * HD * 4 + 3 * NW * NCOL * 4 +
 				     2 * NCOL * 4;
 	static constexpr int SPLIT = (2 * MAX_SPLITS + 1) * NCOL * 4;
@@ -171,13 +174,6 @@ struct kparams {
 	int *cnt;
 	float *ws_m, *ws_l, *ws_o;
 };
-
-__device__ __forceinline__ float load_q(const kparams &p, size_t i)
-{
-	if (p.q_f16)
-		return __half2float(((const __half *)p.q)[i]);
-	return ((const float *)p.q)[i];
-}
 
 /* Per-warp online-softmax state; lane 4g+t owns query columns 2t, 2t+1. */
 template <int HD> struct wstate {
@@ -451,7 +447,7 @@ __device__ __forceinline__ void issue_tile(const kparams &p, const lanes &L,
  * holds each group's bias times the column's query to start from, as
  * the accumulator fragment (columns 2t, 2t+1 of rows g and g+8).
  */
-template <int KT, int VT, int HD>
+template <int KT, int VT, int HD, bool IQ>
 __device__ __forceinline__ void tile_scores(const uint8_t *st,
 					    const lanes &L,
 					    const unsigned qf[][2],
@@ -506,6 +502,33 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 		sg0[1] = h_hi(sr0);
 		sg1[0] = h_lo(sr1);
 		sg1[1] = h_hi(sr1);
+	}
+	if (IQ) {
+		/*
+		 * q8 keys against the integer query (query_int8()): one exact
+		 * integer product a group, straight from the stored bytes
+		 * (a lane's 8 channels 32G+8t.. are its k 4t.. and 16+4t..);
+		 * qf[G] is the group's B fragment, kc[0][0..1] the factors
+		 * of columns 2t, 2t+1.
+		 */
+#pragma unroll
+		for (int G = 0; G < NG; G++) {
+			uint2 r0 = *(const uint2 *)(kr + 32 * G);
+			uint2 r1 = *(const uint2 *)(kr + 32 * G + R8);
+			unsigned a[4] = { r0.x, r1.x, r0.y, r1.y };
+			int c[4];
+
+			kvq_mma_s8_16832(c, a, qf[G]);
+			s[0] += sg0[G] * (float)c[0];
+			s[1] += sg0[G] * (float)c[1];
+			s[2] += sg1[G] * (float)c[2];
+			s[3] += sg1[G] * (float)c[3];
+		}
+		s[0] *= kc[0][0];
+		s[1] *= kc[0][1];
+		s[2] *= kc[0][0];
+		s[3] *= kc[0][1];
+		return;
 	}
 	unsigned kx[2 * NG];	/* q4: group G's words of rows g, g+8 */
 	const unsigned e1024 = 0x64646464u;	/* q8: bytes b -> 1024 + b */
@@ -783,7 +806,7 @@ __device__ __forceinline__ void put_out(const kparams &p, size_t i, float v)
  * One tile from stage @st: scores, online softmax, values.  Tokens
  * [lo, hi) of the tile are valid.
  */
-template <int KT, int VT, int HD, bool FULL>
+template <int KT, int VT, int HD, bool IQ, bool FULL>
 __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 				     const unsigned qf[][2],
 				     const float kc[][4], bool hilo, int lo,
@@ -792,7 +815,7 @@ __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 	float s4[4];
 
-	tile_scores<KT, VT, HD>(st, L, qf, kc, s4);
+	tile_scores<KT, VT, HD, IQ>(st, L, qf, kc, s4);
 	if (hilo)
 #pragma unroll
 		for (int i = 0; i < 4; i++)

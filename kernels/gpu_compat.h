@@ -536,6 +536,57 @@ static __device__ __forceinline__ void kvq_mma_f16_16816_c(float d[4],
 	      "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 #endif
 }
+/* The dot product of two words of four signed bytes. */
+static __device__ __forceinline__ int kvq_dot4_s8(unsigned a, unsigned b)
+{
+	int r = 0;
+
+	for (int i = 0; i < 32; i += 8)
+		r += (int)(signed char)(a >> i) * (int)(signed char)(b >> i);
+	return r;
+}
+
+/*
+ * c = A * B for one 16x8x32 tile of signed bytes, exact in int32: A 16x32
+ * (4 registers of four bytes), B 32x8 (2 registers), c 16x8, in the layout
+ * of PTX mma.m16n8k32: lane = 4 * g + t holds A[g|g+8][4t..4t+3 |
+ * 16+4t..16+4t+3], B[4t..4t+3 | 16+4t..16+4t+3][g] and C[g|g+8][2t..2t+1].
+ * HIP: computed with shuffles (correct, slow; untested on AMD hardware).
+ */
+static __device__ __forceinline__ void kvq_mma_s8_16832(int c[4],
+							const unsigned a[4],
+							const unsigned b[2])
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	int lane = threadIdx.x & (KVQ_LANES - 1), g = lane >> 2, t = lane & 3;
+
+	c[0] = c[1] = c[2] = c[3] = 0;
+	for (int kk = 0; kk < 4; kk++) {
+		unsigned ar[4], b0[2], b1[2];
+		int j;
+
+		for (j = 0; j < 4; j++)
+			ar[j] = kvq_shfl_u32(a[j], g * 4 + kk);
+		for (j = 0; j < 2; j++) {
+			b0[j] = kvq_shfl_u32(b[j], (2 * t) * 4 + kk);
+			b1[j] = kvq_shfl_u32(b[j], (2 * t + 1) * 4 + kk);
+		}
+		for (j = 0; j < 2; j++) {
+			c[0] += kvq_dot4_s8(ar[2 * j], b0[j]);
+			c[1] += kvq_dot4_s8(ar[2 * j], b1[j]);
+			c[2] += kvq_dot4_s8(ar[2 * j + 1], b0[j]);
+			c[3] += kvq_dot4_s8(ar[2 * j + 1], b1[j]);
+		}
+	}
+#else
+	asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+	    "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};\n"
+	    : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+	    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]),
+	      "r"(b[0]), "r"(b[1]), "r"(0));
+#endif
+}
+
 /*
  * Whether kernels may be launched as programmatic dependents (below):
  * CUDA, compute capability 9.0 and up, KVQ_GPU_NO_PDL unset.  Asked once
