@@ -187,15 +187,17 @@ __device__ __forceinline__ void query_group(const kparams &p, int b, int hq0,
 }
 
 /*
- * The query for q8 keys on integer products (at most 4 heads a block):
- * each head's pre-scaled values v as sigma * (hi + lo / 254), hi and lo
- * signed bytes, sigma = max |v| / 127 over the head (v to about 2^-16 of
- * its largest value).  Column g of group @G's B fragment is head g & 3's
- * hi (g < 4) or lo (g >= 4) bytes; lane t holds channels 32G+8t..+3 and
- * +4..+7 (*@qo).  *@ko: the factors of this lane's columns 2t, 2t+1
- * (sigma, or sigma / 254 for a lo column).  The whole warp calls it.
+ * The query for q8 and q4 keys on integer products (at most 4 heads a
+ * block): each head's pre-scaled values v as sigma * (hi + lo / 254), hi
+ * and lo signed bytes, sigma = max |v| / 127 over the head (v to about
+ * 2^-16 of its largest value).  Column g of group @G's B fragment is head
+ * g & 3's hi (g < 4) or lo (g >= 4) bytes; lane t holds channels
+ * 32G+8t.. in the keys' order (tile_scores()): q8 +0..+3 then +4..+7, q4
+ * the even ones then the odd ones (*@qo).  *@ko: the factors of this
+ * lane's columns 2t, 2t+1: sigma, or sigma / 254 for a lo column, over 16
+ * for q4 (its codes enter as 16 (n - 8)).  The whole warp calls it.
  */
-template <int HD>
+template <int KT, int HD>
 __device__ __forceinline__ void query_int8(const kparams &p, int b, int hq0,
 					   int nh, int G, uint2 *qo, float2 *ko)
 {
@@ -229,11 +231,15 @@ __device__ __forceinline__ void query_int8(const kparams &p, int b, int hq0,
 		int c = g >= 4 ? (int)rintf((y - hi) * 254.0f) : (int)hi;
 
 		c = max(-127, min(127, c));
-		wd[i >> 2] |= (unsigned)(c & 0xff) << (8 * (i & 3));
+		if (KT == KVQ_KV_Q4)
+			wd[i & 1] |= (unsigned)(c & 0xff) << (8 * (i >> 1));
+		else
+			wd[i >> 2] |= (unsigned)(c & 0xff) << (8 * (i & 3));
 	}
 	*qo = make_uint2(wd[0], wd[1]);
 
-	float f = t >= 2 ? 1.0f / 254.0f : 1.0f;
+	float f = (t >= 2 ? 1.0f / 254.0f : 1.0f) *
+		  (KT == KVQ_KV_Q4 ? 1.0f / 16.0f : 1.0f);
 	float s0 = __uint_as_float(kvq_shfl_u32(__float_as_uint(sig),
 						4 * ((2 * t) & 3)));
 	float s1 = __uint_as_float(kvq_shfl_u32(__float_as_uint(sig),
@@ -245,7 +251,7 @@ __device__ __forceinline__ void query_int8(const kparams &p, int b, int hq0,
 /*
  * One block: sequence blockIdx.z, KV head blockIdx.y / n_chunks (query
  * heads of pass blockIdx.y % n_chunks), tiles [split * tps, + tps).
- * IQ: q8 keys through integer products against query_int8()'s query
+ * IQ: q8 and q4 keys through integer products against query_int8()'s query
  * (at most 4 query heads a KV head).
  */
 template <int KT, int VT, int HD, bool IQ>
@@ -432,7 +438,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 					    qsh + 32 * gf + lane,
 					    ksh + 32 * gf + lane);
 		if (IQ && w < NG)
-			query_int8<HD>(p, b, hq0, nh, w,
+			query_int8<KT, HD>(p, b, hq0, nh, w,
 				       (uint2 *)(smem + S::QI_OFF) + 32 * w +
 				       lane,
 				       (float2 *)(smem + S::QI_OFF +
@@ -790,14 +796,18 @@ template <int KT, int VT, int HD, bool IQ = false> kinfo make_info()
 
 /* [head_dim 64, 128][K type][V type] */
 kinfo kinfos[2][3][3] = { KVQ_DECODE_KINFOS(64), KVQ_DECODE_KINFOS(128) };
-/* q8 keys, at most 4 query heads a KV head: [head_dim 64, 128][V type] */
-kinfo kinfos_iq[2][3] = {
-	{ make_info<KVQ_KV_Q8, KVQ_KV_F16, 64, true>(),
-	  make_info<KVQ_KV_Q8, KVQ_KV_Q8, 64, true>(),
-	  make_info<KVQ_KV_Q8, KVQ_KV_Q4, 64, true>() },
-	{ make_info<KVQ_KV_Q8, KVQ_KV_F16, 128, true>(),
-	  make_info<KVQ_KV_Q8, KVQ_KV_Q8, 128, true>(),
-	  make_info<KVQ_KV_Q8, KVQ_KV_Q4, 128, true>() } };
+#define KVQ_DECODE_KINFOS_IQ(HD, KT)                                          \
+	{ make_info<KT, KVQ_KV_F16, HD, true>(),                              \
+	  make_info<KT, KVQ_KV_Q8, HD, true>(),                               \
+	  make_info<KT, KVQ_KV_Q4, HD, true>() }
+
+/* q8 and q4 keys, at most 4 query heads a KV head, on integer products:
+ * [head_dim 64, 128][K type q8, q4][V type] */
+kinfo kinfos_iq[2][2][3] = {
+	{ KVQ_DECODE_KINFOS_IQ(64, KVQ_KV_Q8),
+	  KVQ_DECODE_KINFOS_IQ(64, KVQ_KV_Q4) },
+	{ KVQ_DECODE_KINFOS_IQ(128, KVQ_KV_Q8),
+	  KVQ_DECODE_KINFOS_IQ(128, KVQ_KV_Q4) } };
 int n_sms;
 
 /* Shared-memory limit and occupancy of one kernel, once.  -EIO on error. */
@@ -869,8 +879,8 @@ int check(const struct kvq_gpu_attn_args *a, kinfo **k)
 	if (a->q_type < 0 || a->q_type > 1 || a->out_type < 0 ||
 	    a->out_type > 1)
 		return -EINVAL;
-	*k = ki == 1 && a->n_q_heads / a->n_kv_heads <= 4 ?
-	     &kinfos_iq[a->head_dim == 128][vi] :
+	*k = ki > 0 && a->n_q_heads / a->n_kv_heads <= 4 ?
+	     &kinfos_iq[a->head_dim == 128][ki - 1][vi] :
 	     &kinfos[a->head_dim == 128][ki][vi];
 	return 0;
 }

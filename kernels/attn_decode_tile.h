@@ -98,10 +98,10 @@ template <int KT, int VT, int HD> struct stage {
 	static constexpr int PID_OFF = SINK_OFF + NW * 512;	/* [NW][64] */
 	/* The query's fragments and biases: [HD/32][32] uint4, float2. */
 	static constexpr int QF_OFF = PID_OFF + NW * 64 * 4;
-	/* q8 keys: the integer query's, [HD/32][32] uint2, float2 */
+	/* q8 and q4 keys: the integer query's, [HD/32][32] uint2, float2 */
 	static constexpr int QI_OFF = QF_OFF + HD / 32 * 32 * 24;
 	static constexpr int SMEM = QI_OFF +
-				    (KT == KVQ_KV_Q8 ? HD / 32 * 32 * 16 : 0);
+				    (KT != KVQ_KV_F16 ? HD / 32 * 32 * 16 : 0);
 	static constexpr int MERGE = NW * NCOL * HD * 4 + 3 * NW * NCOL * 4 +
 				     2 * NCOL * 4;
 	static constexpr int SPLIT = (2 * MAX_SPLITS + 1) * NCOL * 4;
@@ -505,19 +505,44 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 	}
 	if (IQ) {
 		/*
-		 * q8 keys against the integer query (query_int8()): one exact
-		 * integer product a group, straight from the stored bytes
-		 * (a lane's 8 channels 32G+8t.. are its k 4t.. and 16+4t..);
-		 * qf[G] is the group's B fragment, kc[0][0..1] the factors
-		 * of columns 2t, 2t+1.
+		 * Keys against the integer query (query_int8()): one exact
+		 * integer product a group.  q8: the stored bytes as they are
+		 * (a lane's channels 32G+8t..+3 and +4..+7 are its k 4t.. and
+		 * 16+4t..).  q4: each nibble as a signed byte 16 * (n - 8)
+		 * (its high half xor 8): a word's even channels 8t+2j are k
+		 * 4t+j, its odd ones k 16+4t+j.  qf[G] is the group's B
+		 * fragment, kc[0][0..1] the factors of columns 2t, 2t+1.
 		 */
+		unsigned kw[2 * NG];
+
+		if (KT == KVQ_KV_Q4) {
+			kvq_ldsm4(kw, st + L.rk);
+			if (NG == 4)
+				kvq_ldsm4(kw + 4 * (NG / 4), st + L.rk + 32);
+		}
 #pragma unroll
 		for (int G = 0; G < NG; G++) {
-			uint2 r0 = *(const uint2 *)(kr + 32 * G);
-			uint2 r1 = *(const uint2 *)(kr + 32 * G + R8);
-			unsigned a[4] = { r0.x, r1.x, r0.y, r1.y };
+			unsigned a[4];
 			int c[4];
 
+			if (KT == KVQ_KV_Q4) {
+				unsigned w0 = kw[2 * G], w1 = kw[2 * G + 1];
+
+				a[0] = kvq_and_xor(w0 << 4, 0xf0f0f0f0u,
+						   0x80808080u);
+				a[1] = kvq_and_xor(w1 << 4, 0xf0f0f0f0u,
+						   0x80808080u);
+				a[2] = kvq_and_xor(w0, 0xf0f0f0f0u, 0x80808080u);
+				a[3] = kvq_and_xor(w1, 0xf0f0f0f0u, 0x80808080u);
+			} else {
+				uint2 r0 = *(const uint2 *)(kr + 32 * G);
+				uint2 r1 = *(const uint2 *)(kr + 32 * G + R8);
+
+				a[0] = r0.x;
+				a[1] = r1.x;
+				a[2] = r0.y;
+				a[3] = r1.y;
+			}
 			kvq_mma_s8_16832(c, a, qf[G]);
 			s[0] += sg0[G] * (float)c[0];
 			s[1] += sg0[G] * (float)c[1];

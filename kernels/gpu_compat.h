@@ -455,6 +455,20 @@ static __device__ __forceinline__ unsigned kvq_and_or(unsigned x, unsigned m,
 #endif
 }
 
+/* (x & m) ^ c in one instruction. */
+static __device__ __forceinline__ unsigned kvq_and_xor(unsigned x, unsigned m,
+						      unsigned c)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	return (x & m) ^ c;
+#else
+	unsigned r;
+
+	asm("lop3.b32 %0, %1, %2, %3, 0x6a;\n" : "=r"(r) : "r"(x), "r"(m), "r"(c));
+	return r;
+#endif
+}
+
 /* 2^x, approximate (about 2 ulp), subnormal results flushed to zero. */
 static __device__ __forceinline__ float kvq_exp2_fast(float x)
 {
