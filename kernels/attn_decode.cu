@@ -26,7 +26,15 @@
  *
  * Arithmetic.  Scores and values go through 16x8x16 f16 matrix products
  * with f32 accumulation.  Keys: the tile's 16 tokens are the rows, the
- * query heads the 8 columns.  Key codes enter as exact biased integers
+ * query heads the 8 columns.  Where a KV head serves at most 4 query heads
+ * (the usual GQA of 4 or less), q8 and q4 keys go through 16x8x32 int8
+ * products instead (IQ): the query is held as two signed bytes a channel
+ * (high and low part, 2^-16 of the head's largest value; query_int8()),
+ * q8 codes enter as stored, a q4 code as the byte 16 (n - 8) (one shift
+ * and one and-xor a word), each group's int32 sum is scaled in f32 and
+ * the column factors come last; a q4 group then takes 6 logic
+ * instructions and one product instead of 10 and two.  Otherwise key
+ * codes enter as exact biased integers
  * made by one and-or (q4: 1024+n for low nibbles, 64+n for high ones;
  * q8: 1152+q from one byte permute with the exponent byte; or the stored
  * f16), one product per 32-channel scale group with the group's bias
