@@ -482,6 +482,29 @@ static __device__ __forceinline__ float kvq_exp2_fast(float x)
 #endif
 }
 
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+/*
+ * For the shuffle forms of the tile products below: the A words of rows
+ * g and g+8 that lane (g, @kk) holds (@ar), and the B words of columns 2t
+ * (@b0) and 2t+1 (@b1) that lanes (2t, @kk) and (2t+1, @kk) hold.
+ */
+static __device__ __forceinline__ void kvq_mma_gather(const unsigned a[4],
+						      const unsigned b[2],
+						      int kk, unsigned ar[4],
+						      unsigned b0[2],
+						      unsigned b1[2])
+{
+	int lane = threadIdx.x & (KVQ_LANES - 1), g = lane >> 2, t = lane & 3;
+
+	for (int j = 0; j < 4; j++)
+		ar[j] = kvq_shfl_u32(a[j], g * 4 + kk);
+	for (int j = 0; j < 2; j++) {
+		b0[j] = kvq_shfl_u32(b[j], (2 * t) * 4 + kk);
+		b1[j] = kvq_shfl_u32(b[j], (2 * t + 1) * 4 + kk);
+	}
+}
+#endif
+
 /*
  * c += A * B for one 16x8x16 tile: A 16x16 f16 (4 registers of two halves,
  * row-major fragment), B 16x8 f16 (2 registers), c 16x8 f32 (4 floats),
@@ -495,18 +518,12 @@ static __device__ __forceinline__ void kvq_mma_f16_16816(float c[4],
 							 const unsigned b[2])
 {
 #if defined(__HIPCC__) || defined(KVQ_HIP)
-	int lane = threadIdx.x & (KVQ_LANES - 1), g = lane >> 2, t = lane & 3;
 	int kk, j;
 
 	for (kk = 0; kk < 4; kk++) {
 		unsigned ar[4], b0[2], b1[2];
 
-		for (j = 0; j < 4; j++)
-			ar[j] = kvq_shfl_u32(a[j], g * 4 + kk);
-		for (j = 0; j < 2; j++) {
-			b0[j] = kvq_shfl_u32(b[j], (2 * t) * 4 + kk);
-			b1[j] = kvq_shfl_u32(b[j], (2 * t + 1) * 4 + kk);
-		}
+		kvq_mma_gather(a, b, kk, ar, b0, b1);
 		for (j = 0; j < 2; j++) {
 			/* k = 2kk + {0,1} + 8j */
 			float2 x0 = __half22float2(*(const __half2 *)&ar[2 * j]);
@@ -572,20 +589,12 @@ static __device__ __forceinline__ void kvq_mma_s8_16832(int c[4],
 							const unsigned b[2])
 {
 #if defined(__HIPCC__) || defined(KVQ_HIP)
-	int lane = threadIdx.x & (KVQ_LANES - 1), g = lane >> 2, t = lane & 3;
-
 	c[0] = c[1] = c[2] = c[3] = 0;
 	for (int kk = 0; kk < 4; kk++) {
 		unsigned ar[4], b0[2], b1[2];
-		int j;
 
-		for (j = 0; j < 4; j++)
-			ar[j] = kvq_shfl_u32(a[j], g * 4 + kk);
-		for (j = 0; j < 2; j++) {
-			b0[j] = kvq_shfl_u32(b[j], (2 * t) * 4 + kk);
-			b1[j] = kvq_shfl_u32(b[j], (2 * t + 1) * 4 + kk);
-		}
-		for (j = 0; j < 2; j++) {
+		kvq_mma_gather(a, b, kk, ar, b0, b1);
+		for (int j = 0; j < 2; j++) {
 			c[0] += kvq_dot4_s8(ar[2 * j], b0[j]);
 			c[1] += kvq_dot4_s8(ar[2 * j], b1[j]);
 			c[2] += kvq_dot4_s8(ar[2 * j + 1], b0[j]);
