@@ -259,8 +259,8 @@ __device__ __forceinline__ void query_int8(const kparams &p, int b, int hq0,
 /*
  * One block: sequence blockIdx.z, KV head blockIdx.y / n_chunks (query
  * heads of pass blockIdx.y % n_chunks), tiles [split * tps, + tps).
- * IQ: q8 and q4 keys through integer products against query_int8()'s query
- * (at most 4 query heads a KV head).
+ * IQ: q8 and q4 keys through integer products against query_int8()'s
+ * query (at most 4 query heads a KV head).
  */
 template <int KT, int VT, int HD, bool IQ>
 __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
@@ -447,10 +447,11 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 					    ksh + 32 * gf + lane);
 		if (IQ && w < NG)
 			query_int8<KT, HD>(p, b, hq0, nh, w,
-				       (uint2 *)(smem + S::QI_OFF) + 32 * w +
-				       lane,
-				       (float2 *)(smem + S::QI_OFF +
-						  NG * 32 * 8) + 32 * w + lane);
+					   (uint2 *)(smem + S::QI_OFF) +
+					   32 * w + lane,
+					   (float2 *)(smem + S::QI_OFF +
+						      NG * 32 * 8) +
+					   32 * w + lane);
 		__syncthreads();
 #pragma unroll
 		for (int G = 0; G < NG; G++) {
@@ -527,15 +528,15 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 		const uint8_t *st = ring + (k % N) * S::BYTES;
 
 		if (k >= k_lo && k < k_hi) {
-			tile<KT, VT, HD, IQ, true>(st, L, qf, kc, hilo, 0, TT,
-					       ws);
+			tile<KT, VT, HD, IQ, true>(st, L, qf, kc, hilo, 0,
+						   TT, ws);
 		} else {
 			int tok0 = (t0 + k * NW) * TT;
 			int lo = max(0, skip - tok0), hi = min(TT, len - tok0);
 
 			if (lo < hi)
-				tile<KT, VT, HD, IQ, false>(st, L, qf, kc, hilo,
-							lo, hi, ws);
+				tile<KT, VT, HD, IQ, false>(st, L, qf, kc,
+							    hilo, lo, hi, ws);
 		}
 		kvq_syncwarp();
 	};
@@ -556,9 +557,9 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 				kvq_cp_async_commit();
 				kvq_cp_async_wait<N - 1>();
 				kvq_syncwarp();
-				tile<KT, VT, HD, IQ, true>(ring + s * S::BYTES, L,
-						       qf, kc, hilo, 0, TT,
-						       ws);
+				tile<KT, VT, HD, IQ, true>(ring + s * S::BYTES,
+							   L, qf, kc, hilo, 0,
+							   TT, ws);
 				kvq_syncwarp();
 			}
 			/* A batch boundary 32b among this run's issues:
