@@ -439,9 +439,10 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 		/* IQ: warps NG.. make the f16 query, which serves the sink
 		 * positions only, beside the integer one. */
 		int gf = IQ ? w - NG : w;
+		bool f16q = !IQ || (t_begin == 0 && skip > 0);
 
 		static_assert(NW >= 2 * NG, "a warp a group and form");
-		if (gf >= 0 && gf < NG && (!IQ || (t_begin == 0 && skip > 0)))
+		if (gf >= 0 && gf < NG && f16q)
 			query_group<KT, HD>(p, b, hq0, nh, hilo, gf,
 					    qsh + 32 * gf + lane,
 					    ksh + 32 * gf + lane);
@@ -453,18 +454,19 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 						      NG * 32 * 8) +
 					   32 * w + lane);
 		__syncthreads();
+		if (f16q)
 #pragma unroll
-		for (int G = 0; G < NG; G++) {
-			uint4 u = qsh[32 * G + lane];
-			float2 c = ksh[32 * G + lane];
+			for (int G = 0; G < NG; G++) {
+				uint4 u = qsh[32 * G + lane];
+				float2 c = ksh[32 * G + lane];
 
-			qf[2 * G][0] = u.x;
-			qf[2 * G][1] = u.y;
-			qf[2 * G + 1][0] = u.z;
-			qf[2 * G + 1][1] = u.w;
-			kc[G][0] = kc[G][2] = c.x;
-			kc[G][1] = kc[G][3] = c.y;
-		}
+				qf[2 * G][0] = u.x;
+				qf[2 * G][1] = u.y;
+				qf[2 * G + 1][0] = u.z;
+				qf[2 * G + 1][1] = u.w;
+				kc[G][0] = kc[G][2] = c.x;
+				kc[G][1] = kc[G][3] = c.y;
+			}
 	}
 
 	wstate<HD> ws;

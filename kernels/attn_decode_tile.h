@@ -503,6 +503,18 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 		sg1[0] = h_lo(sr1);
 		sg1[1] = h_hi(sr1);
 	}
+	unsigned kx[2 * NG];	/* q4: group G's words of rows g, g+8 */
+	/* q8: rows g and g+8's 8 bytes of group G (channels 32G+8t..) */
+	auto q8_rows = [&](int G, uint2 &r0, uint2 &r1) {
+		r0 = *(const uint2 *)(kr + 32 * G);
+		r1 = *(const uint2 *)(kr + 32 * G + R8);
+	};
+
+	if (KT == KVQ_KV_Q4) {
+		kvq_ldsm4(kx, st + L.rk);
+		if (NG == 4)
+			kvq_ldsm4(kx + 4 * (NG / 4), st + L.rk + 32);
+	}
 	if (IQ) {
 		/*
 		 * Keys against the integer query (query_int8()): one exact
@@ -513,20 +525,13 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 		 * 4t+j, its odd ones k 16+4t+j.  qf[G] is the group's B
 		 * fragment, kc[0][0..1] the factors of columns 2t, 2t+1.
 		 */
-		unsigned kw[2 * NG];
-
-		if (KT == KVQ_KV_Q4) {
-			kvq_ldsm4(kw, st + L.rk);
-			if (NG == 4)
-				kvq_ldsm4(kw + 4 * (NG / 4), st + L.rk + 32);
-		}
 #pragma unroll
 		for (int G = 0; G < NG; G++) {
 			unsigned a[4];
 			int c[4];
 
 			if (KT == KVQ_KV_Q4) {
-				unsigned w0 = kw[2 * G], w1 = kw[2 * G + 1];
+				unsigned w0 = kx[2 * G], w1 = kx[2 * G + 1];
 
 				a[0] = kvq_and_xor(w0 << 4, 0xf0f0f0f0u,
 						   0x80808080u);
@@ -535,9 +540,9 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 				a[2] = kvq_and_xor(w0, 0xf0f0f0f0u, 0x80808080u);
 				a[3] = kvq_and_xor(w1, 0xf0f0f0f0u, 0x80808080u);
 			} else {
-				uint2 r0 = *(const uint2 *)(kr + 32 * G);
-				uint2 r1 = *(const uint2 *)(kr + 32 * G + R8);
+				uint2 r0, r1;
 
+				q8_rows(G, r0, r1);
 				a[0] = r0.x;
 				a[1] = r1.x;
 				a[2] = r0.y;
@@ -555,14 +560,7 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 		s[3] *= kc[0][1];
 		return;
 	}
-	unsigned kx[2 * NG];	/* q4: group G's words of rows g, g+8 */
 	const unsigned e1024 = 0x64646464u;	/* q8: bytes b -> 1024 + b */
-
-	if (KT == KVQ_KV_Q4) {
-		kvq_ldsm4(kx, st + L.rk);
-		if (NG == 4)
-			kvq_ldsm4(kx + 4 * (NG / 4), st + L.rk + 32);
-	}
 
 #pragma unroll
 	for (int G = 0; G < NG; G++) {
@@ -574,9 +572,9 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 			q4_pairs_biased(kx[2 * G + 1], e1);
 		} else {
 			/* q8: adjacent channels, 1152 + q after the xor. */
-			uint2 r0 = *(const uint2 *)(kr + 32 * G);
-			uint2 r1 = *(const uint2 *)(kr + 32 * G + R8);
+			uint2 r0, r1;
 
+			q8_rows(G, r0, r1);
 			r0.x ^= 0x80808080u;
 			r0.y ^= 0x80808080u;
 			r1.x ^= 0x80808080u;
