@@ -93,58 +93,62 @@ struct plan {
 	int n_chunks;		/* query-head passes of 8 per KV head */
 };
 
-/* The query's elements @i..@i+7 (@i a multiple of 8) in one or two
- * 16-byte loads, as floats; zeros where !@ok. */
+/* The query's elements @i..@i+7 (@i a multiple of 8) as stored, in one
+ * (f16) or two (f32) 16-byte loads; zeros where !@ok.  The words stay
+ * raw until q_floats(), so that nothing waits on the loads before the
+ * tile copies are queued. */
 __device__ __forceinline__ void load_q8(const kparams &p, bool ok, size_t i,
-					float x[8])
+					uint4 r[2])
 {
+	const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+
 	if (!ok) {
-#pragma unroll
-		for (int j = 0; j < 8; j++)
-			x[j] = 0.0f;
+		r[0] = r[1] = z;
 	} else if (p.q_f16) {
-		uint4 u = *(const uint4 *)((const __half *)p.q + i);
-		unsigned w4[4] = { u.x, u.y, u.z, u.w };
-
-#pragma unroll
-		for (int j = 0; j < 8; j++)
-			x[j] = (j & 1) ? h_hi(w4[j >> 1]) : h_lo(w4[j >> 1]);
+		r[0] = *(const uint4 *)((const __half *)p.q + i);
+		r[1] = z;
 	} else {
-		const float4 *f = (const float4 *)((const float *)p.q + i);
-		float4 a = f[0], c = f[1];
+		const uint4 *f = (const uint4 *)((const float *)p.q + i);
 
-		x[0] = a.x;
-		x[1] = a.y;
-		x[2] = a.z;
-		x[3] = a.w;
-		x[4] = c.x;
-		x[5] = c.y;
-		x[6] = c.z;
-		x[7] = c.w;
+		r[0] = f[0];
+		r[1] = f[1];
 	}
 }
 
+/* load_q8()'s words as 8 floats. */
+__device__ __forceinline__ void q_floats(const kparams &p, const uint4 r[2],
+					 float x[8])
+{
+	unsigned w8[8] = { r[0].x, r[0].y, r[0].z, r[0].w,
+			   r[1].x, r[1].y, r[1].z, r[1].w };
+
+#pragma unroll
+	for (int j = 0; j < 8; j++)
+		x[j] = p.q_f16 ? ((j & 1) ? h_hi(w8[j >> 1]) : h_lo(w8[j >> 1])) :
+				 __uint_as_float(w8[j]);
+}
+
 /*
- * Group @G of the query (channels 32G..32G+31) as this lane's B
+ * Group @G of the query (channels 32G..32G+31; @qr: this lane's 8 of
+ * them as load_q8() read them, for column g's head) as this lane's B
  * fragments of the two score products of the group (*@qo: products 2G,
  * 2G+1, two words each) and the group's bias times the query for this
- * lane's columns 2t, 2t+1 (*@ko).  The whole warp calls it (shuffles).
+ * lane's columns 2t, 2t+1 (*@ko).  Columns: with at most 4 heads
+ * (@hilo) column g is head g >> 1's high (g even) or low (g odd) f16
+ * part, so that a lane's columns 2t, 2t+1 are both parts of head t;
+ * else column g is head g.  The whole warp calls it (shuffles).
  */
 template <int KT, int HD>
-__device__ __forceinline__ void query_group(const kparams &p, int b, int hq0,
-					    int nh, bool hilo, int G,
-					    uint4 *qo, float2 *ko)
+__device__ __forceinline__ void query_group(const kparams &p, bool hilo,
+					    const uint4 qr[2], uint4 *qo,
+					    float2 *ko)
 {
 	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-	int hd = hilo ? (g & 3) : g;
-	bool lo_part = hilo && g >= 4;
-	bool ok = hd < nh;
-	size_t q0 = ((size_t)b * p.hq + hq0 + (ok ? hd : 0)) * HD +
-		    32 * G + 8 * t;
+	bool lo_part = hilo && (g & 1);
 	float v[8], sum = 0.0f, s1 = 0.0f;
 	unsigned f[2][2];
 
-	load_q8(p, ok, q0, v);
+	q_floats(p, qr, v);
 #pragma unroll
 	for (int i = 0; i < 8; i++)
 		v[i] *= p.qscale;
@@ -199,20 +203,20 @@ __device__ __forceinline__ void query_group(const kparams &p, int b, int hq0,
  * block): each head's pre-scaled values v as sigma * (hi + lo / 254), hi
  * and lo signed bytes, sigma = max |v| / 127 over the head (v to about
  * 2^-16 of its largest value).  Column g of group @G's B fragment is head
- * g & 3's hi (g < 4) or lo (g >= 4) bytes; lane t holds channels
- * 32G+8t.. in the keys' order (tile_scores()): q8 +0..+3 then +4..+7, q4
- * the even ones then the odd ones (*@qo).  *@ko: the factors of this
- * lane's columns 2t, 2t+1: sigma, or sigma / 254 for a lo column, over 16
- * for q4 (its codes enter as 16 (n - 8)).  The whole warp calls it.
+ * g >> 1's hi (g even) or lo (g odd) bytes, so that a lane's score
+ * columns 2t, 2t+1 are the two parts of head t (tile_scores() adds them
+ * as 254 hi + lo); lane t holds channels 32G+8t.. in the keys' order: q8
+ * +0..+3 then +4..+7, q4 the even ones then the odd ones (*@qo).  @qr:
+ * this lane's 8 channels of every group of column g's head, as
+ * load_q8() read them.  *@ko: head t's factor, sigma / 254, over 16 for
+ * q4 (its codes enter as 16 (n - 8)).  The whole warp calls it.
  */
 template <int KT, int HD>
-__device__ __forceinline__ void query_int8(const kparams &p, int b, int hq0,
-					   int nh, int G, uint2 *qo, float2 *ko)
+__device__ __forceinline__ void query_int8(const kparams &p, int G,
+					   const uint4 qr[][2], uint2 *qo,
+					   float *ko)
 {
 	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-	int hd = g & 3;
-	bool ok = hd < nh;
-	size_t q0 = ((size_t)b * p.hq + hq0 + (ok ? hd : 0)) * HD + 8 * t;
 	float v[8], mx = 0.0f;
 	unsigned wd[2] = { 0u, 0u };
 
@@ -220,7 +224,7 @@ __device__ __forceinline__ void query_int8(const kparams &p, int b, int hq0,
 	for (int GG = 0; GG < HD / 32; GG++) {
 		float x[8];
 
-		load_q8(p, ok, q0 + 32 * GG, x);
+		q_floats(p, qr[GG], x);
 #pragma unroll
 		for (int i = 0; i < 8; i++) {
 			x[i] *= p.qscale;
@@ -236,7 +240,7 @@ __device__ __forceinline__ void query_int8(const kparams &p, int b, int hq0,
 #pragma unroll
 	for (int i = 0; i < 8; i++) {
 		float y = v[i] * inv, hi = rintf(y);
-		int c = g >= 4 ? (int)rintf((y - hi) * 254.0f) : (int)hi;
+		int c = (g & 1) ? (int)rintf((y - hi) * 254.0f) : (int)hi;
 
 		c = max(-127, min(127, c));
 		if (KT == KVQ_KV_Q4)
@@ -245,15 +249,8 @@ __device__ __forceinline__ void query_int8(const kparams &p, int b, int hq0,
 			wd[i >> 2] |= (unsigned)(c & 0xff) << (8 * (i & 3));
 	}
 	*qo = make_uint2(wd[0], wd[1]);
-
-	float f = (t >= 2 ? 1.0f / 254.0f : 1.0f) *
-		  (KT == KVQ_KV_Q4 ? 1.0f / 16.0f : 1.0f);
-	float s0 = __uint_as_float(kvq_shfl_u32(__float_as_uint(sig),
-						4 * ((2 * t) & 3)));
-	float s1 = __uint_as_float(kvq_shfl_u32(__float_as_uint(sig),
-						4 * ((2 * t + 1) & 3)));
-
-	*ko = make_float2(s0 * f, s1 * f);
+	*ko = __uint_as_float(kvq_shfl_u32(__float_as_uint(sig), 8 * t)) *
+	      ((KT == KVQ_KV_Q4 ? 1.0f / 16.0f : 1.0f) / 254.0f);
 }
 
 /*
@@ -353,6 +350,28 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 		return;
 
 	int skip = sinkp ? min(p.n_sink, len) : 0;
+	/*
+	 * The query's loads first, for the warps that make its fragments
+	 * below: their latency passes while the tile copies are queued.
+	 * IQ: warps 0..NG-1 make the integer query and read all of their
+	 * column's head; warps (IQ ? NG : 0) + G make group G's f16 query
+	 * (with IQ only where sinks need it).
+	 */
+	int gf = IQ ? w - NG : w;
+	bool f16q = !IQ || (t_begin == 0 && skip > 0);
+	bool mk_f = gf >= 0 && gf < NG && f16q, mk_i = IQ && w < NG;
+	uint4 qr[NG][2];
+	{
+		int hd = hilo ? g >> 1 : g;
+		bool ok = hd < nh;
+		size_t q0 = ((size_t)b * p.hq + hq0 + (ok ? hd : 0)) * HD +
+			    8 * t;
+
+#pragma unroll
+		for (int G = 0; G < NG; G++)
+			if (mk_i || (mk_f && G == 0))
+				load_q8(p, ok, q0 + 32 * (mk_i ? G : gf), qr[G]);
+	}
 	int t_end = min(t_begin + p.tps, n_tiles);
 	int n_my = t_end - t_begin > w ? (t_end - t_begin - w + NW - 1) / NW : 0;
 	int t0 = t_begin + w;
@@ -423,8 +442,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	}
 
 	/*
-	 * The query as B fragments: column g is head g (or, with at most 4
-	 * heads, head g&3's high (g<4) or low (g>=4) f16 part), and each
+	 * The query as B fragments (columns: query_group()), and each
 	 * group's bias times the query (kc).  Every warp needs the same
 	 * ones, so warp G makes those of group G for all lanes and leaves
 	 * them in shared memory: a quarter of the chain each warp would
@@ -438,20 +456,17 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 
 		/* IQ: warps NG.. make the f16 query, which serves the sink
 		 * positions only, beside the integer one. */
-		int gf = IQ ? w - NG : w;
-		bool f16q = !IQ || (t_begin == 0 && skip > 0);
-
 		static_assert(NW >= 2 * NG, "a warp a group and form");
-		if (gf >= 0 && gf < NG && f16q)
-			query_group<KT, HD>(p, b, hq0, nh, hilo, gf,
+		if (mk_f)
+			query_group<KT, HD>(p, hilo, qr[0],
 					    qsh + 32 * gf + lane,
 					    ksh + 32 * gf + lane);
-		if (IQ && w < NG)
-			query_int8<KT, HD>(p, b, hq0, nh, w,
+		if (mk_i)
+			query_int8<KT, HD>(p, w, qr,
 					   (uint2 *)(smem + S::QI_OFF) +
 					   32 * w + lane,
-					   (float2 *)(smem + S::QI_OFF +
-						      NG * 32 * 8) +
+					   (float *)(smem + S::QI_OFF +
+						     NG * 32 * 8) +
 					   32 * w + lane);
 		__syncthreads();
 		if (f16q)
@@ -483,8 +498,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 		sink_pass<KT, VT, HD>(ws, qf, hilo, skip, w, sk, sv, ks, vs, sbuf);
 	if (IQ) {
 		const uint2 *qi = (const uint2 *)(smem + S::QI_OFF);
-		float2 f = ((const float2 *)(smem + S::QI_OFF +
-					     NG * 32 * 8))[lane];
+		float f = ((const float *)(smem + S::QI_OFF + NG * 32 * 8))[lane];
 
 #pragma unroll
 		for (int G = 0; G < NG; G++) {
@@ -493,8 +507,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 			qf[G][0] = u.x;
 			qf[G][1] = u.y;
 		}
-		kc[0][0] = f.x;
-		kc[0][1] = f.y;
+		kc[0][0] = f;
 	}
 
 	/*
@@ -575,39 +588,37 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 
 	kvq_pdl_trigger();	/* the next kernel may start; it waits for this */
 
-	/* This warp's sums over its tokens; the two f16 parts added. */
+	/* This warp's sums over its tokens; with hilo the two f16 parts
+	 * (columns 2t, 2t+1) added: head t. */
 #pragma unroll
 	for (int m = 4; m < 32; m <<= 1) {
 		ws.l[0] += kvq_shfl_xor_f32(ws.l[0], m);
-		ws.l[1] += kvq_shfl_xor_f32(ws.l[1], m);
+		if (!hilo)
+			ws.l[1] += kvq_shfl_xor_f32(ws.l[1], m);
 	}
-	if (hilo)
-#pragma unroll
-		for (int i = 0; i < HD / 16; i++)
-#pragma unroll
-			for (int e = 0; e < 4; e++)
-				ws.o[i][e] += kvq_shfl_xor_f32(ws.o[i][e], 2);
 
 	kvq_cp_async_wait<0>();
 	__syncthreads();	/* the rings are free: reuse them */
 	float *sO = (float *)smem;
 	float *sM = sO + NW * NCOL * HD, *sL = sM + NW * NCOL;
 
-	if (!hilo || t < 2) {
 #pragma unroll
-		for (int e = 0; e < 2; e++) {
-			int hd = 2 * t + e;
-			float *o = sO + (size_t)(w * NCOL + hd) * HD;
+	for (int e = 0; e < 2; e++) {
+		int hd = hilo ? t : 2 * t + e;
+		float *o = sO + (size_t)(w * NCOL + hd) * HD;
 
+		if (hilo && e)
+			break;
 #pragma unroll
-			for (int i = 0; i < HD / 16; i++) {
-				o[vch<VT, HD>(i, 0, g)] = ws.o[i][e];
-				o[vch<VT, HD>(i, 1, g)] = ws.o[i][2 + e];
-			}
-			if (g == 0) {
-				sM[w * NCOL + hd] = ws.m[e];
-				sL[w * NCOL + hd] = ws.l[e];
-			}
+		for (int i = 0; i < HD / 16; i++) {
+			o[vch<VT, HD>(i, 0, g)] = hilo ? ws.o[i][0] + ws.o[i][1] :
+							 ws.o[i][e];
+			o[vch<VT, HD>(i, 1, g)] = hilo ? ws.o[i][2] + ws.o[i][3] :
+							 ws.o[i][2 + e];
+		}
+		if (g == 0) {
+			sM[w * NCOL + hd] = ws.m[e];
+			sL[w * NCOL + hd] = ws.l[e];
 		}
 	}
 	__syncthreads();

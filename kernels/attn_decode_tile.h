@@ -98,7 +98,7 @@ template <int KT, int VT, int HD> struct stage {
 	static constexpr int PID_OFF = SINK_OFF + NW * 512;	/* [NW][64] */
 	/* The query's fragments and biases: [HD/32][32] uint4, float2. */
 	static constexpr int QF_OFF = PID_OFF + NW * 64 * 4;
-	/* q8 and q4 keys: the integer query's, [HD/32][32] uint2, float2 */
+	/* q8 and q4 keys: the integer query's, [HD/32][32] uint2, float */
 	static constexpr int QI_OFF = QF_OFF + HD / 32 * 32 * 24;
 	static constexpr int SMEM = QI_OFF +
 				    (KT != KVQ_KV_F16 ? HD / 32 * 32 * 16 : 0);
@@ -175,7 +175,9 @@ struct kparams {
 	float *ws_m, *ws_l, *ws_o;
 };
 
-/* Per-warp online-softmax state; lane 4g+t owns query columns 2t, 2t+1. */
+/* Per-warp online-softmax state; lane 4g+t owns query columns 2t, 2t+1
+ * (with at most 4 heads both parts of head t: m[0], l[0] are head t's,
+ * and its output is o's two columns added). */
 template <int HD> struct wstate {
 	float o[HD / 16][4];	/* O^T fragments of the m-tiles */
 	float m[2], l[2];
@@ -214,7 +216,9 @@ __device__ void sink_pass(wstate<HD> &st, const unsigned qf[][2], bool hilo,
 			  const uint16_t *sv, int ks, int vs, uint8_t *buf)
 {
 	int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-	bool own = !hilo || t < 2;
+	/* With hilo a lane's columns are both parts of head t: its values
+	 * go to column 2t only. */
+	float own1 = hilo ? 0.0f : 1.0f;
 
 	for (int p = w; p < ns; p += NW) {
 		if (p != w) {
@@ -265,7 +269,7 @@ __device__ void sink_pass(wstate<HD> &st, const unsigned qf[][2], bool hilo,
 			acc += kvq_shfl_xor_f32(acc, 1);
 			acc += kvq_shfl_xor_f32(acc, 2);
 			if (hilo)
-				acc += kvq_shfl_xor_f32(acc, 16);
+				acc += kvq_shfl_xor_f32(acc, 4);
 			sc[0] = __uint_as_float(kvq_shfl_u32(__float_as_uint(acc), 8 * t));
 			sc[1] = __uint_as_float(kvq_shfl_u32(__float_as_uint(acc), 8 * t + 4));
 #pragma unroll
@@ -310,15 +314,17 @@ __device__ void sink_pass(wstate<HD> &st, const unsigned qf[][2], bool hilo,
 				int c = VT == KVQ_KV_Q4 ? 4 * (i >> 1) + 2 * (i & 1) :
 					8 * (i >> 2) + (i & 3);
 				int d = VT == KVQ_KV_Q4 ? c + 1 : c + 4;
-				float x0 = own ? ((c & 1) ? h_hi(vu[c >> 1]) :
-						  h_lo(vu[c >> 1])) : 0.0f;
-				float x1 = own ? ((d & 1) ? h_hi(vu[d >> 1]) :
-						  h_lo(vu[d >> 1])) : 0.0f;
+				float x0 = (c & 1) ? h_hi(vu[c >> 1]) :
+						     h_lo(vu[c >> 1]);
+				float x1 = (d & 1) ? h_hi(vu[d >> 1]) :
+						     h_lo(vu[d >> 1]);
 
 				st.o[i][0] = st.o[i][0] * al[0] + pr[0] * x0;
-				st.o[i][1] = st.o[i][1] * al[1] + pr[1] * x0;
+				st.o[i][1] = st.o[i][1] * al[1] +
+					     own1 * pr[1] * x0;
 				st.o[i][2] = st.o[i][2] * al[0] + pr[0] * x1;
-				st.o[i][3] = st.o[i][3] * al[1] + pr[1] * x1;
+				st.o[i][3] = st.o[i][3] * al[1] +
+					     own1 * pr[1] * x1;
 			}
 		}
 		kvq_syncwarp();
@@ -523,7 +529,12 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 		 * 16+4t..).  q4: each nibble as a signed byte 16 * (n - 8)
 		 * (its high half xor 8): a word's even channels 8t+2j are k
 		 * 4t+j, its odd ones k 16+4t+j.  qf[G] is the group's B
-		 * fragment, kc[0][0..1] the factors of columns 2t, 2t+1.
+		 * fragment.  Columns 2t, 2t+1 are head t's hi and lo parts:
+		 * 254 hi + lo is exact in int32 (at most 32 * 128 * 127 *
+		 * 255), so each group takes one conversion and one scaling a
+		 * token, and kc[0][0] (head t's factor) comes last.  s[0] and
+		 * s[1] are then both token g's score, s[2] and s[3] token
+		 * g+8's.
 		 */
 #pragma unroll
 		for (int G = 0; G < NG; G++) {
@@ -549,15 +560,13 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 				a[3] = r1.y;
 			}
 			kvq_mma_s8_16832(c, a, qf[G]);
-			s[0] += sg0[G] * (float)c[0];
-			s[1] += sg0[G] * (float)c[1];
-			s[2] += sg1[G] * (float)c[2];
-			s[3] += sg1[G] * (float)c[3];
+			s[0] += sg0[G] * (float)(254 * c[0] + c[1]);
+			s[2] += sg1[G] * (float)(254 * c[2] + c[3]);
 		}
 		s[0] *= kc[0][0];
-		s[1] *= kc[0][1];
 		s[2] *= kc[0][0];
-		s[3] *= kc[0][1];
+		s[1] = s[0];
+		s[3] = s[2];
 		return;
 	}
 	const unsigned e1024 = 0x64646464u;	/* q8: bytes b -> 1024 + b */
@@ -839,10 +848,13 @@ __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 	float s4[4];
 
 	tile_scores<KT, VT, HD, IQ>(st, L, qf, kc, s4);
-	if (hilo)
-#pragma unroll
-		for (int i = 0; i < 4; i++)
-			s4[i] += kvq_shfl_xor_f32(s4[i], 2);
+	/* With at most 4 heads (hilo; always with IQ, where tile_scores()
+	 * has added them) columns 2t and 2t+1 are head t's two parts. */
+	constexpr bool H = IQ;
+	if (!IQ && hilo) {
+		s4[0] = s4[1] = s4[0] + s4[1];
+		s4[2] = s4[3] = s4[2] + s4[3];
+	}
 	if (!FULL) {
 		if (!(g >= lo && g < hi))
 			s4[0] = s4[1] = -INFINITY;
@@ -854,16 +866,17 @@ __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 
 	/* Rare: some score exceeds its column's maximum by more than
 	 * LAZY; only then the tile's column maxima are reduced. */
-	if (kvq_any(mt0 > ws.th[0] || mt1 > ws.th[1])) {
+	if (kvq_any(mt0 > ws.th[0] || (!H && mt1 > ws.th[1]))) {
 #pragma unroll
 		for (int m = 4; m < 32; m <<= 1) {
 			mt0 = fmaxf(mt0, kvq_shfl_xor_f32(mt0, m));
-			mt1 = fmaxf(mt1, kvq_shfl_xor_f32(mt1, m));
+			if (!H)
+				mt1 = fmaxf(mt1, kvq_shfl_xor_f32(mt1, m));
 		}
-		float n0 = fmaxf(ws.m[0], mt0), n1 = fmaxf(ws.m[1], mt1);
+		float n0 = fmaxf(ws.m[0], mt0), n1 = H ? n0 : fmaxf(ws.m[1], mt1);
 		float a0 = ws.m[0] == -INFINITY ? 0.0f :
 			   kvq_exp2_fast(ws.m[0] - n0);
-		float a1 = ws.m[1] == -INFINITY ? 0.0f :
+		float a1 = H ? a0 : ws.m[1] == -INFINITY ? 0.0f :
 			   kvq_exp2_fast(ws.m[1] - n1);
 
 		ws.m[0] = n0;
@@ -881,23 +894,33 @@ __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 		}
 	}
 	float p0 = kvq_exp2_fast(s4[0] - ws.m[0]);
-	float p1 = kvq_exp2_fast(s4[1] - ws.m[1]);
 	float p2 = kvq_exp2_fast(s4[2] - ws.m[0]);
-	float p3 = kvq_exp2_fast(s4[3] - ws.m[1]);
+	float p1 = H ? p0 : kvq_exp2_fast(s4[1] - ws.m[1]);
+	float p3 = H ? p2 : kvq_exp2_fast(s4[3] - ws.m[1]);
 
 	ws.l[0] += p0 + p2;
 	ws.l[1] += p1 + p3;
 
-	__half2 hg = __floats2half2_rn(p0, p1), hg8 = __floats2half2_rn(p2, p3);
-	unsigned pk0 = h2u(hg), pk1 = h2u(hg8);
+	/*
+	 * P^T's B fragment: column g of tokens 2t, 2t+1 (and +8) from lanes
+	 * 8t + (g >> 1) and 8t + 4 + (g >> 1), which hold them as their
+	 * columns 2t', 2t'+1 (t' = g >> 1) in one f16 pair: p of its columns
+	 * 2t', 2t'+1, or with hilo head t''s high and low f16 parts.
+	 */
+	__half2 hg = __floats2half2_rn(p0, p2);
+	unsigned pk0, pk1;
 
-	if (hilo && t >= 2) {
-		float2 f0 = __half22float2(hg), f1 = __half22float2(hg8);
+	if (hilo) {
+		float2 f = __half22float2(hg);
+		unsigned lw = h2u(__floats2half2_rn(p0 - f.x, p2 - f.y));
 
-		pk0 = h2u(__floats2half2_rn(p0 - f0.x, p1 - f0.y));
-		pk1 = h2u(__floats2half2_rn(p2 - f1.x, p3 - f1.y));
+		pk0 = __byte_perm(h2u(hg), lw, 0x5410);
+		pk1 = __byte_perm(h2u(hg), lw, 0x7632);
+	} else {
+		pk0 = h2u(__floats2half2_rn(p0, p1));
+		pk1 = h2u(__floats2half2_rn(p2, p3));
 	}
-	int tsrc = hilo ? (((g & 3) >> 1) | ((g >> 2) << 1)) : (g >> 1);
+	int tsrc = g >> 1;
 	unsigned sel = (g & 1) ? 0x7632u : 0x5410u;
 	unsigned x0 = kvq_shfl_u32(pk0, 8 * t + tsrc);
 	unsigned x1 = kvq_shfl_u32(pk0, 8 * t + 4 + tsrc);
