@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	int h = blockIdx.y / p.n_chunks, hc = blockIdx.y % p.n_chunks;
 	int hq0 = h * p.gqa + hc * NCOL;
 	int nh = min(NCOL, p.gqa - hc * NCOL);
-	bool hilo = nh <= 4;
+	bool hilo = IQ || nh <= 4;	/* IQ: at most 4 heads, known here */
 	long long cap = (long long)p.n_splits * p.tps * TT;
 	long long lim = (long long)p.bt_stride * p.P;
 	const int32_t *bt = p.bt + (size_t)b * p.bt_stride;
