@@ -44,8 +44,12 @@
  * no f16 rounding.  The query is pre-scaled by scale*log2(e) and split
  * into a high and a low f16 half; with at most 4 query heads per KV head
  * the two halves fill the 8 columns, so the query is exact to about
- * 2^-22.  Values: V^T is the left operand (channels x tokens), P^T the
- * right operand, again split into high and low f16 halves.  q4 values
+ * 2^-22.  Those columns are interleaved (column 2h: head h's high part,
+ * 2h+1: its low part), so that the lane holding a head's scores holds
+ * both parts and adds them itself (integer keys: 254 hi + lo in int32):
+ * no shuffles a tile, and one softmax column a lane.  Values: V^T is the
+ * left operand (channels x tokens), P^T the right operand, again split
+ * into high and low f16 halves in interleaved columns.  q4 values
  * enter as exact n-8 and the m-tiles are group-pure, so each group's
  * scales multiply P^T (f16 rounding of p*s, 2^-11 relative); q8 and f16
  * values carry the scale themselves (f16 rounding of n*s).  The softmax
@@ -66,7 +70,9 @@
  * multiply per pool; page ids come from a per-warp ring in shared
  * memory, refilled 32 at a time.  The query's fragments are made once a
  * block (warp G makes group G's for every lane) and read from shared
- * memory by all warps.
+ * memory by all warps; its loads are issued first after the dependent-
+ * launch wait, so that their latency passes while the tile copies are
+ * queued.
  *
  * Operand layouts (lane = 4g + t): keys, group G, k-step 2G+r: lane t
  * holds channels 32G+8t+{2r, 2r+4 | 2r+1, 2r+5} of tokens g and g+8 (q8:
