@@ -609,12 +609,10 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	float *sM = sO + NW * NCOL * HD, *sL = sM + NW * NCOL;
 
 #pragma unroll
-	for (int e = 0; e < 2; e++) {
+	for (int e = 0; e < (hilo ? 1 : 2); e++) {
 		int hd = hilo ? t : 2 * t + e;
 		float *o = sO + (size_t)(w * NCOL + hd) * HD;
 
-		if (hilo && e)
-			break;
 #pragma unroll
 		for (int i = 0; i < HD / 16; i++) {
 			o[vch<VT, HD>(i, 0, g)] = hilo ? ws.o[i][0] + ws.o[i][1] :

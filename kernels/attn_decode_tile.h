@@ -903,9 +903,10 @@ __device__ __forceinline__ void tile(const uint8_t *st, const lanes &L,
 
 	/*
 	 * P^T's B fragment: column g of tokens 2t, 2t+1 (and +8) from lanes
-	 * 8t + (g >> 1) and 8t + 4 + (g >> 1), which hold them as their
-	 * columns 2t', 2t'+1 (t' = g >> 1) in one f16 pair: p of its columns
-	 * 2t', 2t'+1, or with hilo head t''s high and low f16 parts.
+	 * 8t + (g >> 1) and 8t + 4 + (g >> 1).  Such a lane (t' = g >> 1)
+	 * sends one f16 pair a token: p of its columns 2t', 2t'+1, or with
+	 * hilo the high and low f16 parts of p of head t'; the receiver
+	 * takes the half of column g.
 	 */
 	__half2 hg = __floats2half2_rn(p0, p2);
 	unsigned pk0, pk1;
