@@ -713,6 +713,11 @@ static void decode_suite(void)
 			  1.0f, 0, 0 },
 			{ "f16_io_peaky", kt, vt, 32, 8, 16, 4, 2, { 2000, 129 },
 			  0.5f, 3.0f, 1, 1 },
+			/* large scores in f32: a query's low f16 (or int8)
+			 * part left out moves them by more than the
+			 * tolerance */
+			{ "peaky", kt, vt, 32, 8, 16, 4, 2, { 2000, 129 },
+			  0.5f, 3.0f, 0, 0 },
 		};
 		for (j = 0; j < (int)(sizeof(cases) / sizeof(cases[0])); j++)
 			run_decode(&cases[j]);
