@@ -673,16 +673,20 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	if (n_active == 1)
 		return;
 
-	/* The last block of this sequence and head merges the splits. */
+	/*
+	 * The last block of this sequence and head merges the splits.  One
+	 * add with acquire and release order at device scope, after the
+	 * barrier, publishes this block's partial and, in the last block,
+	 * makes the others' visible to all of its threads after the next
+	 * barrier (a fence before and after a plain add cost about 0.25 us
+	 * more at batch 1: bench/gpu_attn.py, q4/q4, 1K 6.75 -> 6.49 us).
+	 */
 	__syncthreads();
-	if (threadIdx.x == 0) {
-		__threadfence();
-		last = atomicAdd(&p.cnt[unit], 1) == n_active - 1;
-	}
+	if (threadIdx.x == 0)
+		last = kvq_atomic_add_acq_rel(&p.cnt[unit], 1) == n_active - 1;
 	__syncthreads();
 	if (!last)
 		return;
-	__threadfence();
 
 	/*
 	 * Thread i sums item i (a head's 4 channels) over the splits, 16
@@ -936,6 +940,16 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 		ns *= 2;
 	if (ns > MAX_SPLITS)
 		ns = MAX_SPLITS;
+	/*
+	 * Past 16 splits, a multiple of 16: the last block loads 16 splits'
+	 * partials a round and the maxima and sums of 32 splits (256 values)
+	 * a round, so 33 splits would take a round more than 32.  H200,
+	 * bench/gpu_attn.py, q4/q4, batch 1 (33 -> 32 splits), us: 32K 19.07
+	 * -> 18.17, 128K 48.81 -> 47.95; 1K-16K unchanged (they have 32
+	 * splits or fewer already).
+	 */
+	if (ns > 16)
+		ns &= ~15LL;
 	tps = (n_tiles + ns - 1) / ns;
 	/*
 	 * But where the units alone give most SMs a block and a warp would

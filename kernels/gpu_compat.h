@@ -180,6 +180,26 @@ static __device__ __forceinline__ float4 kvq_ld_cg4(const float4 *p)
 }
 
 /*
+ * Adds @v to *@p at device scope with acquire and release order, and
+ * returns the old value: the writes this thread saw (a block's, after a
+ * barrier) are visible to whoever reads the count after it, and what
+ * they wrote before their own add is visible here.
+ */
+static __device__ __forceinline__ int kvq_atomic_add_acq_rel(int *p, int v)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	return __hip_atomic_fetch_add(p, v, __ATOMIC_ACQ_REL,
+				      __HIP_MEMORY_SCOPE_AGENT);
+#else
+	int old;
+
+	asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;"
+		     : "=r"(old) : "l"(p), "r"(v) : "memory");
+	return old;
+#endif
+}
+
+/*
  * 16-byte asynchronous copies global -> shared, in commit groups; wait<N>
  * returns when at most N groups are still in flight.  HIP: plain copies.
  */
