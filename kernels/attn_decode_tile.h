@@ -93,7 +93,15 @@ template <int KT, int VT, int HD> struct stage {
 	static constexpr int VS_OFF = V_OFF + up16(fmt<VT, HD>::rv(TT - 1) +
 						   fmt<VT, HD>::RB);
 	static constexpr int BYTES = VS_OFF + TT * fmt<VT, HD>::SB;
-	static constexpr int N = BYTES <= 2700 ? 4 : BYTES <= 4100 ? 3 : 2;
+	/*
+	 * Stages of a warp's ring: two for the small stages (q4/q4 at
+	 * either head size, q8/q4 at 64), three for the middle ones.  More
+	 * stages were slower for the small ones (H200, bench/gpu_attn.py,
+	 * q4/q4, four stages -> two, us: batch 1 / 32K 18.29 -> 16.87, batch 8
+	 * / 32K 87.9 -> 84.3, batch 16 / 1K 12.1 -> 9.8; the longest shapes
+	 * within their spread), as was a fifth stage before.
+	 */
+	static constexpr int N = BYTES <= 2700 ? 2 : BYTES <= 4100 ? 3 : 2;
 	static constexpr int SINK_OFF = NW * N * BYTES;	/* [NW][512] */
 	static constexpr int PID_OFF = SINK_OFF + NW * 512;	/* [NW][64] */
 	/* The query's fragments and biases: [HD/32][32] uint4, float2. */
