@@ -130,6 +130,9 @@ json_t *kvq_json_text(const char *s, size_t len)
 	size_t i = 0, o = 0;
 	int k;
 
+	/* A choice that ended at its first token has no buffer yet: "". */
+	if (!len)
+		return json_string("");
 	if (kvq_utf8_valid(s, len))
 		return json_stringn(s, len);
 	buf = malloc(len * 3 + 1);

@@ -316,6 +316,14 @@ static void test_utf8_and_json(void)
 	       kvq_utf8_complete("ab\xe2\x82\xac", 5) == 5,
 	       "kvq_utf8_complete_holds_back_partial_tail");
 
+	/* A choice that stopped at its first token has no text buffer:
+	 * its text is "", not a missing value (which would drop the choice
+	 * from the reply). */
+	j = kvq_json_text(NULL, 0);
+	tap_ok(j && json_is_string(j) && !strcmp(json_string_value(j), ""),
+	       "kvq_json_text_empty_without_buffer");
+	json_decref(j);
+
 	j = kvq_json_text("a\xff" "b", 3);
 	tap_ok(j && !strcmp(json_string_value(j), "a\xef\xbf\xbd" "b"),
 	       "kvq_json_text_replaces_bad_bytes");
