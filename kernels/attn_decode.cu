@@ -693,7 +693,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	 * splits' loads in flight at a time; the first 16 are loaded
 	 * together with the maxima and sums.
 	 */
-	constexpr int U = 16;
+	constexpr int U = MERGE_U;
 	constexpr int C4 = HD / 4;
 	size_t u0 = unit * p.n_splits;
 	float *wa = (float *)smem;			/* [split][head] weights */
@@ -941,15 +941,16 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 	if (ns > MAX_SPLITS)
 		ns = MAX_SPLITS;
 	/*
-	 * Past 16 splits, a multiple of 16: the last block loads 16 splits'
-	 * partials a round and the maxima and sums of 32 splits (256 values)
-	 * a round, so 33 splits would take a round more than 32.  H200,
+	 * Past MERGE_U (16) splits, a multiple of it: the last block loads
+	 * 16 splits' partials a round and the maxima and sums of 32 splits
+	 * (256 values) a round, so 33 splits would take a round more than
+	 * 32.  H200,
 	 * bench/gpu_attn.py, q4/q4, batch 1 (33 -> 32 splits), us: 32K 19.07
 	 * -> 18.17, 128K 48.81 -> 47.95; 1K-16K unchanged (they have 32
 	 * splits or fewer already).
 	 */
-	if (ns > 16)
-		ns &= ~15LL;
+	if (ns > MERGE_U)
+		ns -= ns % MERGE_U;
 	tps = (n_tiles + ns - 1) / ns;
 	/*
 	 * But where the units alone give most SMs a block and a warp would

@@ -31,6 +31,7 @@ constexpr int TT = 16;		/* tokens per tile */
 constexpr int NW = 8;
 constexpr int NCOL = 8;		/* query-head columns of one pass */
 constexpr int MAX_SPLITS = 256;
+constexpr int MERGE_U = 16;	/* partials a thread loads a merge round */
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LAZY = 8.0f;	/* log2 headroom before a rescale */
 
