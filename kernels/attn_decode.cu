@@ -271,7 +271,8 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	typedef stage<KT, VT, HD> S;
 	constexpr int NG = HD / 32;
 	constexpr int N = S::N;
-	extern __shared__ __align__(16) uint8_t smem[];
+	extern __shared__ __align__(16) uint8_t smem_raw[];
+	uint8_t *smem = smem_raw + kvq_smem_pad(smem_raw, S::PAD);
 	__shared__ int last;
 	int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
 	int g = lane >> 2, t = lane & 3;

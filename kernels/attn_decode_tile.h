@@ -67,12 +67,24 @@ template <int HD> struct fmt<KVQ_KV_Q8, HD> {
 		return r * RB + (r >> 1) * 32;
 	}
 };
+/*
+ * q4 rows lie back to back, and row r's 16-byte chunk c at chunk c ^
+ * sw(r) (an xor swizzle of period 512 bytes at head_dim 128, 256 at 64),
+ * so that every ldmatrix read of them is conflict-free without padding.
+ */
 template <int HD> struct fmt<KVQ_KV_Q4, HD> {
 	static constexpr int RB = HD / 2, SB = HD / 16;
+	static constexpr __host__ __device__ int sw(int r)
+	{
+		return HD == 128 ? (r >> 1) & 3 : (r >> 2) & 1;
+	}
+	static constexpr __host__ __device__ int at(int r, int c)
+	{
+		return r * RB + 16 * (c ^ sw(r));
+	}
 	static constexpr __host__ __device__ int rk(int r)
 	{
-		return HD == 128 ? r * 64 + (r >> 1) * 16 :
-				   r * 32 + (r >> 2) * 16;
+		return r * RB;
 	}
 	static constexpr __host__ __device__ int rv(int r)
 	{
@@ -85,15 +97,42 @@ constexpr int up16(int x)
 	return (x + 15) & ~15;
 }
 
-/* One warp's stage: K rows, K scales, V rows, V scales of one tile. */
+constexpr int align_up(int x, int a)
+{
+	return (x + a - 1) / a * a;
+}
+
+/*
+ * One warp's stage: K rows, K scales, V rows, V scales of one tile; for
+ * q4/q4 (ROWS1) K rows, V rows, K scales, V scales, the stage a multiple
+ * of the rows' swizzle period (AL).  q4 rows elsewhere start 64-byte
+ * aligned (their second ldmatrix is an xor away, see tile_scores()).
+ * The stages start PAD-aligned in shared memory, so that a warp's
+ * 16-byte copies of a run of q4 rows fill whole 128-byte lines.  H200,
+ * bench/gpu_attn.py, head_dim 128, against the padded rows (stages
+ * 16-byte aligned), two runs, us: q4/q4 batch 1 / 32K 16.7 -> 16.0-16.1,
+ * batch 8 / 32K 83.7-84.2 -> 76.6-77.3, batch 16 / 32K 159.6-159.9 ->
+ * 145.9-146.6, batch 64 / 32K 621-634 -> 580-584; q8/q4 batch 16 / 32K
+ * 220.3-220.6 -> 206.7-207.2; batch 1 / 1K 0.1 us slower.  The padded
+ * rows in aligned stages gained nothing, the swizzled rows in stages
+ * 16-byte aligned lost 5-10% (bench/gpu_attn_notes.md).
+ */
 template <int KT, int VT, int HD> struct stage {
+	static constexpr bool ROWS1 = KT == KVQ_KV_Q4 && VT == KVQ_KV_Q4;
+	static constexpr int AL = HD == 128 ? 512 : 256;
+	static constexpr int PAD = 512;
 	static constexpr int K_OFF = 0;
-	static constexpr int KS_OFF = up16(fmt<KT, HD>::rk(TT - 1) +
+	static constexpr int KS_OFF = ROWS1 ? 2 * TT * fmt<KT, HD>::RB :
+				      up16(fmt<KT, HD>::rk(TT - 1) +
 					   fmt<KT, HD>::RB);
-	static constexpr int V_OFF = KS_OFF + TT * fmt<KT, HD>::SB;
-	static constexpr int VS_OFF = V_OFF + up16(fmt<VT, HD>::rv(TT - 1) +
+	static constexpr int V_OFF = ROWS1 ? TT * fmt<KT, HD>::RB :
+				     align_up(KS_OFF + TT * fmt<KT, HD>::SB,
+					      VT == KVQ_KV_Q4 ? 64 : 16);
+	static constexpr int VS_OFF = ROWS1 ? KS_OFF + TT * fmt<KT, HD>::SB :
+				      V_OFF + up16(fmt<VT, HD>::rv(TT - 1) +
 						   fmt<VT, HD>::RB);
-	static constexpr int BYTES = VS_OFF + TT * fmt<VT, HD>::SB;
+	static constexpr int BYTES = align_up(VS_OFF + TT * fmt<VT, HD>::SB,
+					      ROWS1 ? AL : 16);
 	/*
 	 * Stages of a warp's ring: two for the small stages (q4/q4 at
 	 * either head size, q8/q4 at 64), three for the middle ones.  More
@@ -114,8 +153,9 @@ template <int KT, int VT, int HD> struct stage {
 	static constexpr int MERGE = NW * NCOL * HD * 4 + 3 * NW * NCOL * 4 +
 				     2 * NCOL * 4;
 	static constexpr int SPLIT = (2 * MAX_SPLITS + 1) * NCOL * 4;
-	static constexpr int DYN = SMEM > MERGE ? (SMEM > SPLIT ? SMEM : SPLIT) :
-				   (MERGE > SPLIT ? MERGE : SPLIT);
+	/* and room to align the start to PAD */
+	static constexpr int DYN = (SMEM > MERGE ? (SMEM > SPLIT ? SMEM : SPLIT) :
+				    (MERGE > SPLIT ? MERGE : SPLIT)) + PAD;
 };
 
 __device__ __forceinline__ unsigned h2u(__half2 h)
@@ -354,6 +394,15 @@ template <int KT, int VT, int HD> struct copy_shape {
 	static constexpr int NS = NKS + NVS;	/* lanes copying scales */
 };
 
+/* Offset of row @r's 16-byte chunk @c in a stage's K (V: @v) rows. */
+template <int T, int HD>
+__device__ __forceinline__ int chunk_at(bool v, int r, int c)
+{
+	if (T == KVQ_KV_Q4)
+		return fmt<KVQ_KV_Q4, HD>::at(r, c);
+	return (v ? fmt<T, HD>::rv(r) : fmt<T, HD>::rk(r)) + 16 * c;
+}
+
 struct lanes {
 	unsigned ck, cv, cs;		/* copy sources within a page */
 	int dk, dv, ds;			/* copy destinations */
@@ -378,8 +427,8 @@ __device__ __forceinline__ void lanes_init(const kparams &p, int h,
 	int ck = FK::RB / 16, cv = FV::RB / 16;	/* chunks per row */
 	size_t hp = (size_t)h * p.P;
 
-	L.dk = S::K_OFF + FK::rk(lane / ck) + 16 * (lane % ck);
-	L.dv = S::V_OFF + FV::rv(lane / cv) + 16 * (lane % cv);
+	L.dk = S::K_OFF + chunk_at<KT, HD>(false, lane / ck, lane % ck);
+	L.dv = S::V_OFF + chunk_at<VT, HD>(true, lane / cv, lane % cv);
 	L.ck = (unsigned)((hp + TT * sub0) * FK::RB + 16 * lane);
 	L.cv = (unsigned)((hp + TT * sub0) * FV::RB + 16 * lane);
 	if (lane < C::NKS) {
@@ -400,14 +449,14 @@ __device__ __forceinline__ void lanes_init(const kparams &p, int h,
 	int mrow = (lane & 7) + 8 * ((lane >> 3) & 1), mgrp = lane >> 4;
 
 	if (KT == KVQ_KV_Q4)
-		L.rk = S::K_OFF + FK::rk(mrow) + 16 * mgrp;
+		L.rk = S::K_OFF + chunk_at<KT, HD>(false, mrow, mgrp);
 	else if (KT == KVQ_KV_Q8)
 		L.rk = S::K_OFF + FK::rk(g) + 8 * t;
 	else
 		L.rk = S::K_OFF + FK::rk(g) + 16 * t;
 	L.rks = S::KS_OFF + FK::SB * g;
 	if (VT == KVQ_KV_Q4) {
-		L.rv = S::V_OFF + FV::rv(mrow) + 16 * mgrp;
+		L.rv = S::V_OFF + chunk_at<VT, HD>(true, mrow, mgrp);
 		L.rvs = S::VS_OFF + 2 * FV::SB * t;
 	} else {
 		L.rv = S::V_OFF + FV::rv(2 * t) +
@@ -528,7 +577,7 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 	if (KT == KVQ_KV_Q4) {
 		kvq_ldsm4(kx, st + L.rk);
 		if (NG == 4)
-			kvq_ldsm4(kx + 4 * (NG / 4), st + L.rk + 32);
+			kvq_ldsm4(kx + 4 * (NG / 4), st + (L.rk ^ 32));
 	}
 	if (IQ) {
 		/*
@@ -682,15 +731,17 @@ __device__ __forceinline__ void tile_values_q4(const uint8_t *st,
 {
 	typedef stage<KT, VT, HD> S;
 	constexpr int NG = HD / 32, SB = fmt<VT, HD>::SB;
-	const uint8_t *vb = KT == KVQ_KV_Q4 ?
-			    st + L.rk + (S::V_OFF - S::K_OFF) : st + L.rv;
+	/* Groups 2 and 3 (head_dim 128): chunks 2 and 3 of the rows, an xor
+	 * of 32 away in the swizzled rows (64-byte aligned). */
+	int vo = KT == KVQ_KV_Q4 ? L.rk + (S::V_OFF - S::K_OFF) : L.rv;
+	const uint8_t *vb = st + vo;
 	const __half2 b_lo = u2h(0xe408e408u);	/* -1032 */
 	const __half2 b_hi = u2h(0xd480d480u);	/* -72 */
 	unsigned x[2 * NG], sp[NG], sq[NG];
 
 	kvq_ldsm4_t(x, vb);
 	if (NG == 4)
-		kvq_ldsm4_t(x + 4 * (NG / 4), vb + 32);
+		kvq_ldsm4_t(x + 4 * (NG / 4), st + (vo ^ 32));
 
 	/* Group G's scales of tokens (2t, 2t+1) and (2t+8, 2t+9). */
 	if (NG == 4) {

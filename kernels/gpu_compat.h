@@ -686,6 +686,20 @@ static inline void kvq_launch(bool pdl, void (*k)(KA...), dim3 grid,
 #endif
 }
 
+/* Bytes from @p (shared memory) up to the next multiple of @a (a power of
+ * two) in the shared window; 0 under HIP. */
+static __device__ __forceinline__ unsigned kvq_smem_pad(const void *p,
+							unsigned a)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	(void)p;
+	(void)a;
+	return 0;
+#else
+	return (0u - (unsigned)__cvta_generic_to_shared(p)) & (a - 1);
+#endif
+}
+
 /*
  * Programmatic dependent launch (sm_90): a kernel launched with the
  * programmatic-serialization attribute may start while the kernel before
