@@ -56,11 +56,22 @@ template <int HD> struct fmt<KVQ_KV_F16, HD> {
 				   r * 128 + (r >> 1) * 32;
 	}
 };
+/* q8 keys: rows back to back, row r's 16-byte chunk c at c ^ sw(r) (a
+ * swizzle of period 1024 bytes at head_dim 128, 512 at 64), as
+ * fmt<q4> below; values padded. */
 template <int HD> struct fmt<KVQ_KV_Q8, HD> {
 	static constexpr int RB = HD, SB = HD / 16;
+	static constexpr __host__ __device__ int sw(int r)
+	{
+		return HD == 128 ? r & 7 : (r >> 1) & 3;
+	}
+	static constexpr __host__ __device__ int at(int r, int c)
+	{
+		return r * RB + 16 * (c ^ sw(r));
+	}
 	static constexpr __host__ __device__ int rk(int r)
 	{
-		return r * (RB + 32);
+		return r * RB;
 	}
 	static constexpr __host__ __device__ int rv(int r)
 	{
@@ -105,17 +116,20 @@ constexpr int align_up(int x, int a)
 /*
  * One warp's stage: K rows, K scales, V rows, V scales of one tile; for
  * q4/q4 (ROWS1) K rows, V rows, K scales, V scales, the stage a multiple
- * of the rows' swizzle period (AL).  q4 rows elsewhere start 64-byte
- * aligned (their second ldmatrix is an xor away, see tile_scores()).
- * The stages start PAD-aligned in shared memory, so that a warp's
- * 16-byte copies of a run of q4 rows fill whole 128-byte lines.  H200,
+ * of the rows' swizzle period (AL).  Swizzled rows (q4, q8 keys) start
+ * at a multiple of 128 bytes in a stage of such a size, and the stages
+ * PAD-aligned in shared memory, so that a warp's 16-byte copies of a
+ * run of rows fill whole 128-byte lines (and the xors of
+ * issue_tile() and tile_scores() stay inside a row).  H200,
  * bench/gpu_attn.py, head_dim 128, against the padded rows (stages
  * 16-byte aligned), two runs, us: q4/q4 batch 1 / 32K 16.7 -> 16.0-16.1,
  * batch 8 / 32K 83.7-84.2 -> 76.6-77.3, batch 16 / 32K 159.6-159.9 ->
  * 145.9-146.6, batch 64 / 32K 621-634 -> 580-584; q8/q4 batch 16 / 32K
  * 220.3-220.6 -> 206.7-207.2; batch 1 / 1K 0.1 us slower.  The padded
  * rows in aligned stages gained nothing, the swizzled rows in stages
- * 16-byte aligned lost 5-10% (bench/gpu_attn_notes.md).
+ * 16-byte aligned lost 5-10% (bench/gpu_attn_notes.md).  q8 keys
+ * swizzled too, two runs: q8/q4 batch 8 / 32K 109.8-110.2 -> 108.4-108.5,
+ * q8/q8 batch 16 / 32K 336 -> 275.
  */
 template <int KT, int VT, int HD> struct stage {
 	static constexpr bool ROWS1 = KT == KVQ_KV_Q4 && VT == KVQ_KV_Q4;
@@ -125,14 +139,16 @@ template <int KT, int VT, int HD> struct stage {
 	static constexpr int KS_OFF = ROWS1 ? 2 * TT * fmt<KT, HD>::RB :
 				      up16(fmt<KT, HD>::rk(TT - 1) +
 					   fmt<KT, HD>::RB);
+	/* swizzled rows elsewhere: whole 128-byte lines */
+	static constexpr bool SWZ = KT != KVQ_KV_F16 || VT == KVQ_KV_Q4;
 	static constexpr int V_OFF = ROWS1 ? TT * fmt<KT, HD>::RB :
 				     align_up(KS_OFF + TT * fmt<KT, HD>::SB,
-					      VT == KVQ_KV_Q4 ? 64 : 16);
+					      VT == KVQ_KV_Q4 ? 128 : 16);
 	static constexpr int VS_OFF = ROWS1 ? KS_OFF + TT * fmt<KT, HD>::SB :
 				      V_OFF + up16(fmt<VT, HD>::rv(TT - 1) +
 						   fmt<VT, HD>::RB);
 	static constexpr int BYTES = align_up(VS_OFF + TT * fmt<VT, HD>::SB,
-					      ROWS1 ? AL : 16);
+					      ROWS1 ? AL : SWZ ? 128 : 16);
 	/*
 	 * Stages of a warp's ring: two for the small stages (q4/q4 at
 	 * either head size, q8/q4 at 64), three for the middle ones.  More
@@ -394,19 +410,51 @@ template <int KT, int VT, int HD> struct copy_shape {
 	static constexpr int NS = NKS + NVS;	/* lanes copying scales */
 };
 
+/* Whether a stage's K (V: @v) rows of type T are swizzled (fmt<>::at). */
+template <int T> __host__ __device__ constexpr bool swizzled(bool v)
+{
+	return T == KVQ_KV_Q4 || (T == KVQ_KV_Q8 && !v);
+}
+
 /* Offset of row @r's 16-byte chunk @c in a stage's K (V: @v) rows. */
 template <int T, int HD>
-__device__ __forceinline__ int chunk_at(bool v, int r, int c)
+__host__ __device__ constexpr int chunk_at(bool v, int r, int c)
 {
-	if (T == KVQ_KV_Q4)
-		return fmt<KVQ_KV_Q4, HD>::at(r, c);
+	if constexpr (T != KVQ_KV_F16)
+		if (swizzled<T>(v))
+			return fmt<T, HD>::at(r, c);
 	return (v ? fmt<T, HD>::rv(r) : fmt<T, HD>::rk(r)) + 16 * c;
+}
+
+/*
+ * A warp's copy step j covers rows 32 / (RB / 16) * j on: the offset of
+ * lane l's chunk there is its step-0 offset + 512 j, xor step_xor(j)
+ * (the same for every lane, checked below).
+ */
+template <int T, int HD> __host__ __device__ constexpr int step_xor(bool v, int j)
+{
+	return chunk_at<T, HD>(v, 32 / (fmt<T, HD>::RB / 16) * j, 0) -
+	       512 * j;
+}
+
+template <int T, int HD> __host__ __device__ constexpr bool step_xor_ok(bool v)
+{
+	constexpr int CK = fmt<T, HD>::RB / 16;
+
+	for (int j = 0; j < fmt<T, HD>::RB / 32; j++)
+		for (int l = 0; l < 32; l++)
+			if (chunk_at<T, HD>(v, 32 / CK * j + l / CK, l % CK) !=
+			    ((chunk_at<T, HD>(v, l / CK, l % CK) ^
+			      step_xor<T, HD>(v, j)) + 512 * j))
+				return false;
+	return true;
 }
 
 struct lanes {
 	unsigned ck, cv, cs;		/* copy sources within a page */
 	int dk, dv, ds;			/* copy destinations */
 	int rk, rks, rv, rvs;		/* fragment reads */
+	int kx;		/* q8 keys: group G's bytes at rk + (32 G ^ kx) */
 };
 
 /*
@@ -445,15 +493,19 @@ __device__ __forceinline__ void lanes_init(const kparams &p, int h,
 	/* q4 rows are read with ldmatrix: lane l gives row l & 7 of
 	 * matrix l >> 3, the 16 bytes of group (l >> 4) of token
 	 * (l & 7) + 8 * ((l >> 3) & 1); at head_dim 128 two more groups
-	 * are 32 bytes on. */
+	 * are an xor of 32 away.  A q8 key lane reads 8 bytes at 32 G + 8 t
+	 * of row g: chunk 2 G + (t >> 1), half t & 1. */
 	int mrow = (lane & 7) + 8 * ((lane >> 3) & 1), mgrp = lane >> 4;
 
 	if (KT == KVQ_KV_Q4)
 		L.rk = S::K_OFF + chunk_at<KT, HD>(false, mrow, mgrp);
 	else if (KT == KVQ_KV_Q8)
-		L.rk = S::K_OFF + FK::rk(g) + 8 * t;
+		L.rk = S::K_OFF + FK::rk(g) + 8 * (t & 1);
 	else
 		L.rk = S::K_OFF + FK::rk(g) + 16 * t;
+	L.kx = 0;
+	if constexpr (KT == KVQ_KV_Q8)
+		L.kx = 16 * ((t >> 1) ^ FK::sw(g));
 	L.rks = S::KS_OFF + FK::SB * g;
 	if (VT == KVQ_KV_Q4) {
 		L.rv = S::V_OFF + chunk_at<VT, HD>(true, mrow, mgrp);
@@ -490,17 +542,27 @@ __device__ __forceinline__ void issue_tile(const kparams &p, const lanes &L,
 		vs += sub * (NW * TT * FV::RB);
 		ss += sub * (NW * TT * (lane < C::NKS ? FK::SB : FV::SB));
 	}
+	static_assert(!swizzled<KT>(false) || step_xor_ok<KT, HD>(false),
+		      "K rows: one xor a copy step");
+	static_assert(!swizzled<VT>(true) || step_xor_ok<VT, HD>(true),
+		      "V rows: one xor a copy step");
 #pragma unroll
 	for (int j = 0; j < FK::RB / 32; j++)
-		kvq_cp_async16_n(st + L.dk + (FK::rk(j * 32 / (FK::RB / 16)) -
-					      FK::rk(0)),
+		kvq_cp_async16_n(st + (swizzled<KT>(false) ?
+				       (L.dk ^ step_xor<KT, HD>(false, j)) +
+				       512 * j :
+				       L.dk + (FK::rk(j * 32 / (FK::RB / 16)) -
+					       FK::rk(0))),
 				 ks + 512 * j, n);
 	if (C::NS && lane < C::NS)
 		kvq_cp_async16_n(st + L.ds, ss, n);
 #pragma unroll
 	for (int j = 0; j < FV::RB / 32; j++)
-		kvq_cp_async16_n(st + L.dv + (FV::rv(j * 32 / (FV::RB / 16)) -
-					      FV::rv(0)),
+		kvq_cp_async16_n(st + (swizzled<VT>(true) ?
+				       (L.dv ^ step_xor<VT, HD>(true, j)) +
+				       512 * j :
+				       L.dv + (FV::rv(j * 32 / (FV::RB / 16)) -
+					       FV::rv(0))),
 				 vs + 512 * j, n);
 }
 
@@ -570,8 +632,10 @@ __device__ __forceinline__ void tile_scores(const uint8_t *st,
 	unsigned kx[2 * NG];	/* q4: group G's words of rows g, g+8 */
 	/* q8: rows g and g+8's 8 bytes of group G (channels 32G+8t..) */
 	auto q8_rows = [&](int G, uint2 &r0, uint2 &r1) {
-		r0 = *(const uint2 *)(kr + 32 * G);
-		r1 = *(const uint2 *)(kr + 32 * G + R8);
+		int o = 32 * G ^ L.kx;
+
+		r0 = *(const uint2 *)(kr + o);
+		r1 = *(const uint2 *)(kr + o + R8);
 	};
 
 	if (KT == KVQ_KV_Q4) {
