@@ -542,6 +542,10 @@ __device__ __forceinline__ void issue_tile(const kparams &p, const lanes &L,
 		vs += sub * (NW * TT * FV::RB);
 		ss += sub * (NW * TT * (lane < C::NKS ? FK::SB : FV::SB));
 	}
+	static_assert(stage<KT, VT, HD>::K_OFF % 128 == 0 &&
+		      (!swizzled<VT>(true) ||
+		       stage<KT, VT, HD>::V_OFF % 128 == 0),
+		      "swizzled rows start a 128-byte line: the xors stay in it");
 	static_assert(!swizzled<KT>(false) || step_xor_ok<KT, HD>(false),
 		      "K rows: one xor a copy step");
 	static_assert(!swizzled<VT>(true) || step_xor_ok<VT, HD>(true),
@@ -796,7 +800,7 @@ __device__ __forceinline__ void tile_values_q4(const uint8_t *st,
 	typedef stage<KT, VT, HD> S;
 	constexpr int NG = HD / 32, SB = fmt<VT, HD>::SB;
 	/* Groups 2 and 3 (head_dim 128): chunks 2 and 3 of the rows, an xor
-	 * of 32 away in the swizzled rows (64-byte aligned). */
+	 * of 32 away in the swizzled rows (128-byte aligned). */
 	int vo = KT == KVQ_KV_Q4 ? L.rk + (S::V_OFF - S::K_OFF) : L.rv;
 	const uint8_t *vb = st + vo;
 	const __half2 b_lo = u2h(0xe408e408u);	/* -1032 */
