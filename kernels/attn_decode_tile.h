@@ -150,14 +150,19 @@ template <int KT, int VT, int HD> struct stage {
 	static constexpr int BYTES = align_up(VS_OFF + TT * fmt<VT, HD>::SB,
 					      ROWS1 ? AL : SWZ ? 128 : 16);
 	/*
-	 * Stages of a warp's ring: two for the small stages (q4/q4 at
-	 * either head size, q8/q4 at 64), three for the middle ones.  More
-	 * stages were slower for the small ones (H200, bench/gpu_attn.py,
-	 * q4/q4, four stages -> two, us: batch 1 / 32K 18.29 -> 16.87, batch 8
-	 * / 32K 87.9 -> 84.3, batch 16 / 1K 12.1 -> 9.8; the longest shapes
-	 * within their spread), as was a fifth stage before.
+	 * Stages of a warp's ring: two for the small stages (q4/q4, q8/q4
+	 * and the others of at most 2700 bytes), three for the middle ones.
+	 * More stages were slower for the small ones (H200,
+	 * bench/gpu_attn.py, q4/q4, four stages -> two, us: batch 1 / 32K
+	 * 18.29 -> 16.87, batch 8 / 32K 87.9 -> 84.3, batch 16 / 1K 12.1 ->
+	 * 9.8; the longest shapes within their spread), as was a fifth stage
+	 * before.  q8/q4 at head_dim 128 (3328 bytes), three -> two, two
+	 * runs: batch 1 / 32K 20.6-20.8 -> 19.9, batch 8 / 1K 10.2 -> 9.1,
+	 * batch 8 / 8K 32.3 -> 31.7; batch 8-64 at 32K-128K within 1.6%.
 	 */
-	static constexpr int N = BYTES <= 2700 ? 2 : BYTES <= 4100 ? 3 : 2;
+	static constexpr int N = BYTES <= 2700 || (KT == KVQ_KV_Q8 &&
+						   VT == KVQ_KV_Q4) ? 2 :
+				 BYTES <= 4100 ? 3 : 2;
 	static constexpr int SINK_OFF = NW * N * BYTES;	/* [NW][512] */
 	static constexpr int PID_OFF = SINK_OFF + NW * 512;	/* [NW][64] */
 	/* The query's fragments and biases: [HD/32][32] uint4, float2. */
