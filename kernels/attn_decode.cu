@@ -63,10 +63,13 @@
  * masks them out.
  *
  * Shared memory: each stage holds a tile's K rows, K scales, V rows and V
- * scales; rows are padded so that every fragment read is free of bank
- * conflicts and sits at a per-lane base plus a constant (q4 rows are read
- * with ldmatrix; the paddings depend on the head size), and the tile
- * loop is unrolled over the stages.  A tile's copies cost one wide
+ * scales; q4 rows and q8 key rows lie back to back with their 16-byte
+ * chunks swizzled, f16 rows and q8 value rows are padded, so that every
+ * fragment read is free of bank conflicts and sits at a per-lane base
+ * plus a constant or an xor (q4 rows are read with ldmatrix; the layouts
+ * depend on the head size); the stages are aligned so that a warp's
+ * copies of swizzled rows fill whole 128-byte lines, and the tile loop
+ * is unrolled over the stages.  A tile's copies cost one wide
  * multiply per pool; page ids come from a per-warp ring in shared
  * memory, refilled 32 at a time.  The query's fragments are made once a
  * block (warp G makes group G's for every lane) and read from shared

@@ -1,7 +1,6 @@
 /*
  * attn_decode_tile.h - the device side of attn_decode.cu's fused decode
- * kernel below the kernel itself: page formats and their padded stage
- * layout, the kernel's parameters, the per-warp online-softmax state, the
+ * kernel below the kernel itself: page formats and their stage layout, the kernel's parameters, the per-warp online-softmax state, the
  * asynchronous copies of a tile, and the tensor-core score and value
  * products of one tile.  attn_decode.cu (whose header comment describes
  * the work split and the fragment layouts) includes this once; compiled
@@ -37,10 +36,12 @@ constexpr float LAZY = 8.0f;	/* log2 headroom before a rescale */
 
 /*
  * Per page type and head size (64 or 128): row bytes, scale bytes of a
- * row, and the padded shared-memory offset of a tile's row r, as K (rk)
- * and as V (rv).  The paddings make every fragment read of tile_scores()
- * and tile_values() conflict-free, and a row's offset grows by the same
- * amount over the rows one copy step of the warp covers (512 / RB rows).
+ * row, and the shared-memory offset of a tile's row r, as K (rk) and as
+ * V (rv); for swizzled rows (q4, q8 keys) at(r, c) is the offset of its
+ * 16-byte chunk c.  Paddings or swizzles make every fragment read of
+ * tile_scores() and tile_values() conflict-free, and a row's offset
+ * grows by the same amount (swizzled: by 512 bytes, then one xor) over
+ * the rows one copy step of the warp covers (512 / RB rows).
  */
 template <int T, int HD> struct fmt;
 template <int HD> struct fmt<KVQ_KV_F16, HD> {
