@@ -1,6 +1,7 @@
 /*
  * attn_decode_tile.h - the device side of attn_decode.cu's fused decode
- * kernel below the kernel itself: page formats and their stage layout, the kernel's parameters, the per-warp online-softmax state, the
+ * kernel below the kernel itself: page formats and their stage layout,
+ * the kernel's parameters, the per-warp online-softmax state, the
  * asynchronous copies of a tile, and the tensor-core score and value
  * products of one tile.  attn_decode.cu (whose header comment describes
  * the work split and the fragment layouts) includes this once; compiled
@@ -437,13 +438,15 @@ __host__ __device__ constexpr int chunk_at(bool v, int r, int c)
  * lane l's chunk there is its step-0 offset + 512 j, xor step_xor(j)
  * (the same for every lane, checked below).
  */
-template <int T, int HD> __host__ __device__ constexpr int step_xor(bool v, int j)
+template <int T, int HD>
+__host__ __device__ constexpr int step_xor(bool v, int j)
 {
 	return chunk_at<T, HD>(v, 32 / (fmt<T, HD>::RB / 16) * j, 0) -
 	       512 * j;
 }
 
-template <int T, int HD> __host__ __device__ constexpr bool step_xor_ok(bool v)
+template <int T, int HD>
+__host__ __device__ constexpr bool step_xor_ok(bool v)
 {
 	constexpr int CK = fmt<T, HD>::RB / 16;
 
