@@ -948,10 +948,9 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 	 * Past MERGE_U (16) splits, a multiple of it: the last block loads
 	 * 16 splits' partials a round and the maxima and sums of 32 splits
 	 * (256 values) a round, so 33 splits would take a round more than
-	 * 32.  H200,
-	 * bench/gpu_attn.py, q4/q4, batch 1 (33 -> 32 splits), us: 32K 19.07
-	 * -> 18.17, 128K 48.81 -> 47.95; 1K-16K unchanged (they have 32
-	 * splits or fewer already).
+	 * 32.  H200, bench/gpu_attn.py, q4/q4, batch 1 (33 -> 32 splits),
+	 * us: 32K 19.07 -> 18.17, 128K 48.81 -> 47.95; 1K-16K unchanged
+	 * (they have 32 splits or fewer already).
 	 */
 	if (ns > MERGE_U)
 		ns -= ns % MERGE_U;

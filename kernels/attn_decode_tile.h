@@ -110,6 +110,12 @@ constexpr int up16(int x)
 	return (x + 15) & ~15;
 }
 
+/* Whether a stage's K (V: @v) rows of type T are swizzled (fmt<>::at). */
+template <int T> __host__ __device__ constexpr bool swizzled(bool v)
+{
+	return T == KVQ_KV_Q4 || (T == KVQ_KV_Q8 && !v);
+}
+
 constexpr int align_up(int x, int a)
 {
 	return (x + a - 1) / a * a;
@@ -142,10 +148,10 @@ template <int KT, int VT, int HD> struct stage {
 				      up16(fmt<KT, HD>::rk(TT - 1) +
 					   fmt<KT, HD>::RB);
 	/* swizzled rows elsewhere: whole 128-byte lines */
-	static constexpr bool SWZ = KT != KVQ_KV_F16 || VT == KVQ_KV_Q4;
+	static constexpr bool SWZ = swizzled<KT>(false) || swizzled<VT>(true);
 	static constexpr int V_OFF = ROWS1 ? TT * fmt<KT, HD>::RB :
 				     align_up(KS_OFF + TT * fmt<KT, HD>::SB,
-					      VT == KVQ_KV_Q4 ? 128 : 16);
+					      swizzled<VT>(true) ? 128 : 16);
 	static constexpr int VS_OFF = ROWS1 ? KS_OFF + TT * fmt<KT, HD>::SB :
 				      V_OFF + up16(fmt<VT, HD>::rv(TT - 1) +
 						   fmt<VT, HD>::RB);
@@ -417,12 +423,6 @@ template <int KT, int VT, int HD> struct copy_shape {
 	static constexpr int NS = NKS + NVS;	/* lanes copying scales */
 };
 
-/* Whether a stage's K (V: @v) rows of type T are swizzled (fmt<>::at). */
-template <int T> __host__ __device__ constexpr bool swizzled(bool v)
-{
-	return T == KVQ_KV_Q4 || (T == KVQ_KV_Q8 && !v);
-}
-
 /* Offset of row @r's 16-byte chunk @c in a stage's K (V: @v) rows. */
 template <int T, int HD>
 __host__ __device__ constexpr int chunk_at(bool v, int r, int c)
@@ -434,19 +434,29 @@ __host__ __device__ constexpr int chunk_at(bool v, int r, int c)
 }
 
 /*
- * A warp's copy step j covers rows 32 / (RB / 16) * j on: the offset of
- * lane l's chunk there is its step-0 offset + 512 j, xor step_xor(j)
- * (the same for every lane, checked below).
+ * A warp's copy step j covers rows 32 / (RB / 16) * j on: lane l's chunk
+ * there is at its step-0 offset xor step_xor(j), plus step_add(j), the
+ * same two constants for every lane (checked by step_ok()).  Swizzled
+ * rows: 512 j and the swizzle's change; padded rows: the rows' offset.
  */
 template <int T, int HD>
 __host__ __device__ constexpr int step_xor(bool v, int j)
 {
-	return chunk_at<T, HD>(v, 32 / (fmt<T, HD>::RB / 16) * j, 0) -
-	       512 * j;
+	return swizzled<T>(v) ?
+	       chunk_at<T, HD>(v, 32 / (fmt<T, HD>::RB / 16) * j, 0) - 512 * j :
+	       0;
 }
 
 template <int T, int HD>
-__host__ __device__ constexpr bool step_xor_ok(bool v)
+__host__ __device__ constexpr int step_add(bool v, int j)
+{
+	return swizzled<T>(v) ? 512 * j :
+	       chunk_at<T, HD>(v, 32 / (fmt<T, HD>::RB / 16) * j, 0) -
+	       chunk_at<T, HD>(v, 0, 0);
+}
+
+template <int T, int HD>
+__host__ __device__ constexpr bool step_ok(bool v)
 {
 	constexpr int CK = fmt<T, HD>::RB / 16;
 
@@ -454,7 +464,7 @@ __host__ __device__ constexpr bool step_xor_ok(bool v)
 		for (int l = 0; l < 32; l++)
 			if (chunk_at<T, HD>(v, 32 / CK * j + l / CK, l % CK) !=
 			    ((chunk_at<T, HD>(v, l / CK, l % CK) ^
-			      step_xor<T, HD>(v, j)) + 512 * j))
+			      step_xor<T, HD>(v, j)) + step_add<T, HD>(v, j)))
 				return false;
 	return true;
 }
@@ -555,27 +565,19 @@ __device__ __forceinline__ void issue_tile(const kparams &p, const lanes &L,
 		      (!swizzled<VT>(true) ||
 		       stage<KT, VT, HD>::V_OFF % 128 == 0),
 		      "swizzled rows start a 128-byte line: the xors stay in it");
-	static_assert(!swizzled<KT>(false) || step_xor_ok<KT, HD>(false),
-		      "K rows: one xor a copy step");
-	static_assert(!swizzled<VT>(true) || step_xor_ok<VT, HD>(true),
-		      "V rows: one xor a copy step");
+	static_assert(step_ok<KT, HD>(false) && step_ok<VT, HD>(true),
+		      "a copy step: one xor and one add for every lane");
 #pragma unroll
 	for (int j = 0; j < FK::RB / 32; j++)
-		kvq_cp_async16_n(st + (swizzled<KT>(false) ?
-				       (L.dk ^ step_xor<KT, HD>(false, j)) +
-				       512 * j :
-				       L.dk + (FK::rk(j * 32 / (FK::RB / 16)) -
-					       FK::rk(0))),
+		kvq_cp_async16_n(st + ((L.dk ^ step_xor<KT, HD>(false, j)) +
+				       step_add<KT, HD>(false, j)),
 				 ks + 512 * j, n);
 	if (C::NS && lane < C::NS)
 		kvq_cp_async16_n(st + L.ds, ss, n);
 #pragma unroll
 	for (int j = 0; j < FV::RB / 32; j++)
-		kvq_cp_async16_n(st + (swizzled<VT>(true) ?
-				       (L.dv ^ step_xor<VT, HD>(true, j)) +
-				       512 * j :
-				       L.dv + (FV::rv(j * 32 / (FV::RB / 16)) -
-					       FV::rv(0))),
+		kvq_cp_async16_n(st + ((L.dv ^ step_xor<VT, HD>(true, j)) +
+				       step_add<VT, HD>(true, j)),
 				 vs + 512 * j, n);
 }
 
