@@ -20,9 +20,11 @@
  * number of splits is chosen so that a batch of one fills the GPU; when a
  * sequence has several splits, the last block to finish (an atomic
  * counter in the workspace) merges their partial results, so one launch
- * does everything.  On sm_90 the kernel is a programmatic dependent: it
- * reads the block table and starts its first tiles into L2 while the
- * kernels before it end.
+ * does everything.  On sm_90, where the grid is one wave, a sequence's
+ * splits run as thread-block clusters instead and merge through each
+ * other's shared memory (cluster_merge()).  On sm_90 the kernel is also
+ * a programmatic dependent: it reads the block table and starts its
+ * first tiles into L2 while the kernels before it end.
  *
  * Arithmetic.  Scores and values go through 16x8x16 f16 matrix products
  * with f32 accumulation.  Keys: the tile's 16 tokens are the rows, the
@@ -100,6 +102,7 @@ struct plan {
 	int n_splits;		/* grid.x */
 	int tps;		/* tiles per split */
 	int n_chunks;		/* query-head passes of 8 per KV head */
+	int cl;			/* blocks a cluster */
 };
 
 /* The query's elements @i..@i+7 (@i a multiple of 8) as stored, in one
@@ -263,12 +266,150 @@ __device__ __forceinline__ void query_int8(const kparams &p, int G,
 }
 
 /*
+ * The splits' merge where a cluster of p.cl blocks holds consecutive
+ * splits (sm_90).  Each block has left its partial in shared memory: the
+ * weighted sums @sOb [head][channel], and before them each head's
+ * maximum and sum (base 2, the sum not inverted).  After the cluster's
+ * barrier block R of the cluster combines the cluster's partials for
+ * its R-th slice of the outputs, reading the others' shared memory, so
+ * that nothing goes through global memory where one cluster holds all
+ * of a sequence's active splits.  Otherwise each slice's cluster partial
+ * goes to the workspace and, as in the kernel's own merge, the last
+ * block R of the sequence's clusters to arrive (a count a slice) merges
+ * slice R of all of them.  Every block of the cluster runs this, past
+ * the sequence's end too (their partials are empty).
+ */
+template <int HD>
+__device__ __forceinline__ void cluster_merge(const kparams &p, float *sOb,
+					      int n_active)
+{
+	__shared__ int last;
+	/* the block's place again: fewer values live through the tiles */
+	int split = blockIdx.x, b = blockIdx.z;
+	int hc = blockIdx.y % p.n_chunks;
+	int hq0 = (blockIdx.y / p.n_chunks) * p.gqa + hc * NCOL;
+	int nh = min(NCOL, p.gqa - hc * NCOL);
+	size_t unit = ((size_t)b * p.hk + blockIdx.y / p.n_chunks) *
+		      p.n_chunks + hc;
+	const float *sMx = sOb - 2 * NCOL, *sLt = sOb - NCOL;
+	float *cA = sOb + NCOL * HD;		/* [rank][head] weights */
+	float *cL = cA + CL_MAX * NCOL;	/* [head] 1 / sum */
+	int R = split % p.cl, c0 = split - R;
+	int nr = min(p.cl, n_active - c0);	/* ranks with tiles */
+	int ncl = (n_active + p.cl - 1) / p.cl;	/* clusters with tiles */
+	int per = (nh * HD + p.cl - 1) / p.cl;
+	int i0 = R * per, i1 = min(nh * HD, i0 + per);
+	size_t u0 = unit * p.n_splits;
+
+	kvq_cluster_arrive();
+	kvq_cluster_wait();
+	if (threadIdx.x < nh) {
+		int hd = threadIdx.x;
+		float M = -INFINITY, L = 0.0f;
+
+		for (int r = 0; r < nr; r++)
+			M = fmaxf(M, kvq_cluster_ld(sMx + hd, r));
+		for (int r = 0; r < nr; r++) {
+			float m = kvq_cluster_ld(sMx + hd, r);
+			float a = m == -INFINITY ? 0.0f : exp2f(m - M);
+
+			cA[r * NCOL + hd] = a;
+			L += a * kvq_cluster_ld(sLt + hd, r);
+		}
+		cL[hd] = L > 0.0f ? 1.0f / L : 0.0f;
+		if (ncl > 1) {
+			p.ws_m[(u0 + split) * NCOL + hd] = M;
+			p.ws_l[(u0 + split) * NCOL + hd] = L;
+		}
+	}
+	__syncthreads();
+	for (int i = i0 + threadIdx.x; i < i1; i += NW * 32) {
+		int hd = i / HD, ch = i % HD;
+		float o = 0.0f;
+
+		for (int r = 0; r < nr; r += 4) {
+			float x0 = kvq_cluster_ld(sOb + i, r);
+			float x1 = kvq_cluster_ld(sOb + i, min(r + 1, nr - 1));
+			float x2 = kvq_cluster_ld(sOb + i, min(r + 2, nr - 1));
+			float x3 = kvq_cluster_ld(sOb + i, min(r + 3, nr - 1));
+
+			o += cA[r * NCOL + hd] * x0;
+			if (r + 1 < nr)
+				o += cA[(r + 1) * NCOL + hd] * x1;
+			if (r + 2 < nr)
+				o += cA[(r + 2) * NCOL + hd] * x2;
+			if (r + 3 < nr)
+				o += cA[(r + 3) * NCOL + hd] * x3;
+		}
+		if (ncl == 1)
+			put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch,
+				o * cL[hd]);
+		else
+			p.ws_o[((u0 + c0 / p.cl) * NCOL + hd) * HD + ch] = o;
+	}
+	/* Done with the others' shared memory; they keep theirs until this
+	 * block is done with it (the wait at the end). */
+	kvq_cluster_arrive();
+	if (ncl > 1) {
+		__syncthreads();
+		if (threadIdx.x == 0)
+			last = kvq_atomic_add_acq_rel(&p.cnt[unit * CL_MAX + R],
+						      1) == ncl - 1;
+		__syncthreads();
+		if (last) {
+			for (int i = i0 + threadIdx.x; i < i1; i += NW * 32) {
+				int hd = i / HD, ch = i % HD;
+				float M = -INFINITY, L = 0.0f, o = 0.0f;
+
+				for (int c = 0; c < ncl; c += 4) {
+					float m[4], l[4], x[4];
+
+#pragma unroll
+					for (int u = 0; u < 4; u++) {
+						int cc = min(c + u, ncl - 1);
+						size_t q = u0 + cc * p.cl + R;
+
+						m[u] = kvq_ld_cg(&p.ws_m[q * NCOL + hd]);
+						l[u] = kvq_ld_cg(&p.ws_l[q * NCOL + hd]);
+						x[u] = kvq_ld_cg(&p.ws_o[((u0 + cc) * NCOL +
+									  hd) * HD + ch]);
+					}
+#pragma unroll
+					for (int u = 0; u < 4; u++) {
+						if (c + u >= ncl || m[u] == -INFINITY)
+							continue;
+						if (m[u] > M) {
+							float f = M == -INFINITY ? 0.0f :
+								  exp2f(M - m[u]);
+
+							L = L * f + l[u];
+							o = o * f + x[u];
+							M = m[u];
+						} else {
+							float a = exp2f(m[u] - M);
+
+							L += a * l[u];
+							o += a * x[u];
+						}
+					}
+				}
+				put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch,
+					L > 0.0f ? o * (1.0f / L) : 0.0f);
+			}
+			if (threadIdx.x == 0)
+				p.cnt[unit * CL_MAX + R] = 0;
+		}
+	}
+	kvq_cluster_wait();
+}
+
+/*
  * One block: sequence blockIdx.z, KV head blockIdx.y / n_chunks (query
  * heads of pass blockIdx.y % n_chunks), tiles [split * tps, + tps).
  * IQ: q8 and q4 keys through integer products against query_int8()'s
  * query (at most 4 query heads a KV head).
  */
-template <int KT, int VT, int HD, bool IQ>
+template <int KT, int VT, int HD, bool IQ, bool CM>
 __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 {
 	typedef stage<KT, VT, HD> S;
@@ -356,7 +497,10 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 				put_out(p, ((size_t)b * p.hq + hq0) * HD + i, 0.0f);
 		return;
 	}
-	if (split >= n_active)
+	/* Past the sequence's end; but a cluster that merges splits of it
+	 * keeps all of its blocks (those add nothing). */
+	if (split >= n_active &&
+	    (!CM || n_active == 1 || split - split % p.cl >= n_active))
 		return;
 
 	int skip = sinkp ? min(p.n_sink, len) : 0;
@@ -656,6 +800,8 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	size_t unit = ((size_t)b * p.hk + h) * p.n_chunks + hc;
 	size_t part = unit * p.n_splits + split;
 
+	float *sOb = sLt + NCOL;	/* CM: this block's partial */
+
 	for (int i = threadIdx.x; i < nh * HD; i += NW * 32) {
 		int hd = i / HD, ch = i % HD;
 		float o = 0.0f;
@@ -666,6 +812,8 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 		if (n_active == 1) {
 			put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch,
 				o * sLt[hd]);
+		} else if (CM) {
+			sOb[i] = o;
 		} else {
 			p.ws_o[(part * NCOL + hd) * HD + ch] = o;
 			if (ch == 0) {
@@ -676,6 +824,10 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	}
 	if (n_active == 1)
 		return;
+	if (CM) {
+		cluster_merge<HD>(p, sOb, n_active);
+		return;
+	}
 
 	/*
 	 * The last block of this sequence and head merges the splits.  One
@@ -687,7 +839,8 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	 */
 	__syncthreads();
 	if (threadIdx.x == 0)
-		last = kvq_atomic_add_acq_rel(&p.cnt[unit], 1) == n_active - 1;
+		last = kvq_atomic_add_acq_rel(&p.cnt[unit * CL_MAX], 1) ==
+		       n_active - 1;
 	__syncthreads();
 	if (!last)
 		return;
@@ -791,7 +944,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 		put_out(p, oi + 3, o.w * r);
 	}
 	if (threadIdx.x == 0)
-		p.cnt[unit] = 0;
+		p.cnt[unit * CL_MAX] = 0;
 }
 
 /* --------------------------------------------------------------- host */
@@ -802,6 +955,8 @@ struct kinfo {
 	kfn fn;
 	int dyn;		/* dynamic shared memory bytes */
 	int per_sm;		/* resident blocks per multiprocessor, 0: unknown */
+	int clusters[CL_MAX + 1];	/* resident clusters of n blocks,
+					 * 0: unknown, -1: none */
 };
 
 /* Index of a page type among f16, q8, q4; -1 for others. */
@@ -810,38 +965,52 @@ int tix(int t)
 	return t == KVQ_KV_F16 ? 0 : t == KVQ_KV_Q8 ? 1 : t == KVQ_KV_Q4 ? 2 : -1;
 }
 
-template <int KT, int VT, int HD, bool IQ = false> kinfo make_info()
+/* CM: the splits merged in clusters (sm_90; the plain kernel on HIP,
+ * where the host never asks for clusters). */
+template <int KT, int VT, int HD, bool IQ, bool CM> kinfo make_info()
 {
-	kinfo k = { decode_kernel<KT, VT, HD, IQ>, stage<KT, VT, HD>::DYN, 0 };
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	kinfo k = { decode_kernel<KT, VT, HD, IQ, false>,
+		    stage<KT, VT, HD>::DYN, 0, {} };
+#else
+	kinfo k = { decode_kernel<KT, VT, HD, IQ, CM>, stage<KT, VT, HD>::DYN,
+		    0, {} };
+#endif
 
 	return k;
 }
 
-#define KVQ_DECODE_KINFOS(HD)                                                 \
-	{ { make_info<KVQ_KV_F16, KVQ_KV_F16, HD>(),                          \
-	    make_info<KVQ_KV_F16, KVQ_KV_Q8, HD>(),                           \
-	    make_info<KVQ_KV_F16, KVQ_KV_Q4, HD>() },                         \
-	  { make_info<KVQ_KV_Q8, KVQ_KV_F16, HD>(),                           \
-	    make_info<KVQ_KV_Q8, KVQ_KV_Q8, HD>(),                            \
-	    make_info<KVQ_KV_Q8, KVQ_KV_Q4, HD>() },                          \
-	  { make_info<KVQ_KV_Q4, KVQ_KV_F16, HD>(),                           \
-	    make_info<KVQ_KV_Q4, KVQ_KV_Q8, HD>(),                            \
-	    make_info<KVQ_KV_Q4, KVQ_KV_Q4, HD>() } }
+#define KVQ_DECODE_KINFOS(HD, CM)                                             \
+	{ { make_info<KVQ_KV_F16, KVQ_KV_F16, HD, false, CM>(),               \
+	    make_info<KVQ_KV_F16, KVQ_KV_Q8, HD, false, CM>(),                \
+	    make_info<KVQ_KV_F16, KVQ_KV_Q4, HD, false, CM>() },              \
+	  { make_info<KVQ_KV_Q8, KVQ_KV_F16, HD, false, CM>(),                \
+	    make_info<KVQ_KV_Q8, KVQ_KV_Q8, HD, false, CM>(),                 \
+	    make_info<KVQ_KV_Q8, KVQ_KV_Q4, HD, false, CM>() },               \
+	  { make_info<KVQ_KV_Q4, KVQ_KV_F16, HD, false, CM>(),                \
+	    make_info<KVQ_KV_Q4, KVQ_KV_Q8, HD, false, CM>(),                 \
+	    make_info<KVQ_KV_Q4, KVQ_KV_Q4, HD, false, CM>() } }
 
-/* [head_dim 64, 128][K type][V type] */
-kinfo kinfos[2][3][3] = { KVQ_DECODE_KINFOS(64), KVQ_DECODE_KINFOS(128) };
-#define KVQ_DECODE_KINFOS_IQ(HD, KT)                                          \
-	{ make_info<KT, KVQ_KV_F16, HD, true>(),                              \
-	  make_info<KT, KVQ_KV_Q8, HD, true>(),                               \
-	  make_info<KT, KVQ_KV_Q4, HD, true>() }
+/* [clusters][head_dim 64, 128][K type][V type] */
+kinfo kinfos[2][2][3][3] = {
+	{ KVQ_DECODE_KINFOS(64, false), KVQ_DECODE_KINFOS(128, false) },
+	{ KVQ_DECODE_KINFOS(64, true), KVQ_DECODE_KINFOS(128, true) } };
+#define KVQ_DECODE_KINFOS_IQ(HD, KT, CM)                                      \
+	{ make_info<KT, KVQ_KV_F16, HD, true, CM>(),                          \
+	  make_info<KT, KVQ_KV_Q8, HD, true, CM>(),                           \
+	  make_info<KT, KVQ_KV_Q4, HD, true, CM>() }
 
 /* q8 and q4 keys, at most 4 query heads a KV head, on integer products:
- * [head_dim 64, 128][K type q8, q4][V type] */
-kinfo kinfos_iq[2][2][3] = {
-	{ KVQ_DECODE_KINFOS_IQ(64, KVQ_KV_Q8),
-	  KVQ_DECODE_KINFOS_IQ(64, KVQ_KV_Q4) },
-	{ KVQ_DECODE_KINFOS_IQ(128, KVQ_KV_Q8),
-	  KVQ_DECODE_KINFOS_IQ(128, KVQ_KV_Q4) } };
+ * [clusters][head_dim 64, 128][K type q8, q4][V type] */
+kinfo kinfos_iq[2][2][2][3] = {
+	{ { KVQ_DECODE_KINFOS_IQ(64, KVQ_KV_Q8, false),
+	    KVQ_DECODE_KINFOS_IQ(64, KVQ_KV_Q4, false) },
+	  { KVQ_DECODE_KINFOS_IQ(128, KVQ_KV_Q8, false),
+	    KVQ_DECODE_KINFOS_IQ(128, KVQ_KV_Q4, false) } },
+	{ { KVQ_DECODE_KINFOS_IQ(64, KVQ_KV_Q8, true),
+	    KVQ_DECODE_KINFOS_IQ(64, KVQ_KV_Q4, true) },
+	  { KVQ_DECODE_KINFOS_IQ(128, KVQ_KV_Q8, true),
+	    KVQ_DECODE_KINFOS_IQ(128, KVQ_KV_Q4, true) } } };
 int n_sms;
 
 /* Shared-memory limit and occupancy of one kernel, once.  -EIO on error. */
@@ -871,6 +1040,63 @@ int setup(kinfo *k)
 	return 0;
 }
 
+/*
+ * Whether splits may be merged in clusters (CUDA, compute capability 9.0
+ * and up, KVQ_GPU_NO_CLUSTER unset), once.
+ */
+bool clusters_allowed(void)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	return false;
+#else
+	static int ok = -1;
+
+	if (ok < 0) {
+		int dev = 0, major = 0;
+
+		if (cudaGetDevice(&dev) != cudaSuccess ||
+		    cudaDeviceGetAttribute(&major,
+					   cudaDevAttrComputeCapabilityMajor,
+					   dev) != cudaSuccess)
+			major = 0;
+		cudaGetLastError();
+		ok = major >= 9 && !getenv("KVQ_GPU_NO_CLUSTER");
+	}
+	return ok > 0;
+#endif
+}
+
+/* How many clusters of @cl blocks of @k can be resident at once, once;
+ * 0 where none (or clusters are not allowed). */
+int resident_clusters(kinfo *k, int cl)
+{
+	if (!clusters_allowed() || cl < 2 || cl > CL_MAX)
+		return 0;
+#if !(defined(__HIPCC__) || defined(KVQ_HIP))
+	if (!k->clusters[cl]) {
+		cudaLaunchConfig_t cfg = {};
+		cudaLaunchAttribute at[1] = {};
+		int n = 0;
+
+		cfg.gridDim = dim3(cl);
+		cfg.blockDim = dim3(NW * 32);
+		cfg.dynamicSmemBytes = k->dyn;
+		at[0].id = cudaLaunchAttributeClusterDimension;
+		at[0].val.clusterDim.x = cl;
+		at[0].val.clusterDim.y = 1;
+		at[0].val.clusterDim.z = 1;
+		cfg.attrs = at;
+		cfg.numAttrs = 1;
+		if (cudaOccupancyMaxActiveClusters(&n, (const void *)k->fn,
+						   &cfg) != cudaSuccess || n <= 0)
+			n = -1;
+		cudaGetLastError();
+		k->clusters[cl] = n;
+	}
+#endif
+	return k->clusters[cl] > 0 ? k->clusters[cl] : 0;
+}
+
 int row_bytes(int t, int d)
 {
 	return t == KVQ_KV_F16 ? 2 * d : t == KVQ_KV_Q8 ? d : d / 2;
@@ -881,8 +1107,9 @@ int scale_bytes(int t, int d)
 	return t == KVQ_KV_F16 ? 0 : 2 * (d / 32);
 }
 
-/* Checks @a and picks its kernel; -EINVAL / -EOPNOTSUPP. */
-int check(const struct kvq_gpu_attn_args *a, kinfo **k)
+/* Checks @a and picks its kernel (@cm: the one whose splits merge in
+ * clusters); -EINVAL / -EOPNOTSUPP. */
+int check(const struct kvq_gpu_attn_args *a, kinfo **k, bool cm = false)
 {
 	int ki = tix(a->k_type), vi = tix(a->v_type);
 	size_t hp;
@@ -914,14 +1141,15 @@ int check(const struct kvq_gpu_attn_args *a, kinfo **k)
 	    a->out_type > 1)
 		return -EINVAL;
 	*k = ki > 0 && a->n_q_heads / a->n_kv_heads <= 4 ?
-	     &kinfos_iq[a->head_dim == 128][ki - 1][vi] :
-	     &kinfos[a->head_dim == 128][ki][vi];
+	     &kinfos_iq[cm][a->head_dim == 128][ki - 1][vi] :
+	     &kinfos[cm][a->head_dim == 128][ki][vi];
 	return 0;
 }
 
 void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 {
 	long long units, n_tiles, cap, ns, tps, mt;
+	kinfo *kc;
 
 	pl->n_chunks = (int)((a->n_q_heads / a->n_kv_heads + NCOL - 1) / NCOL);
 	units = (long long)a->batch * a->n_kv_heads * pl->n_chunks;
@@ -935,12 +1163,15 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 	 * +6%, 16 +28% tokens/s; at 1K (below the threshold) two waves cost
 	 * 2%.  At head_dim 128 two waves are slower (bench/gpu_attn.py, q4/q4:
 	 * batch 1 at 32K 25 -> 38 us, batch 8 at 8K 35 -> 44 us), so one.
+	 * Where the units alone take a wave or more, one split (the
+	 * workspace's counts are sized for that: ws_layout()).
 	 */
 	cap = (long long)n_sms * k->per_sm;
 	ns = cap / units;
 	if (ns < 1)
 		ns = 1;
-	if (a->head_dim == 64 && (n_tiles + ns - 1) / ns >= 8 * NW)
+	if (a->head_dim == 64 && units <= cap &&
+	    (n_tiles + ns - 1) / ns >= 8 * NW)
 		ns *= 2;
 	if (ns > MAX_SPLITS)
 		ns = MAX_SPLITS;
@@ -983,6 +1214,36 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 	ns = (n_tiles + tps - 1) / tps;
 	pl->n_splits = (int)ns;
 	pl->tps = (int)tps;
+	/*
+	 * A sequence's splits merged in clusters of up to CL_MAX blocks
+	 * (grid.x padded to a multiple of the cluster; the blocks past the
+	 * end add nothing), where the grid is one wave that gives every SM
+	 * a block and its clusters fit at once.  H200, bench/gpu_attn.py,
+	 * head_dim 128, q4/q4, us, against the kernel's own merge in the
+	 * same runs: batch 16 / 8K 44.4-47.0 -> 41.5-42.9, 16 / 32K
+	 * 160.2-167.0 -> 144.8-154.3, 8 / 32K 78.5-82.1 -> 76.3-78.5; batch
+	 * 1 and 4 at 4K-128K and batch 8 at 1K-8K within 1%.  Grids of fewer
+	 * blocks than SMs lose (batch 1 / 1K, 8 blocks a cluster: 6.1-6.2 ->
+	 * 6.8 us), as do two waves: kvqd's decode step (head_dim 64, two
+	 * waves at 32K), tokens/s, batch 1 1015 -> 887, batch 16 5127 ->
+	 * 3622, where a block that ends early holds its SM until its
+	 * cluster's barrier.  Clusters of at most 2 or 4 blocks were no
+	 * better than 8 anywhere, and worse where they leave several
+	 * clusters a sequence (batch 1 / 32K, 2 blocks: 16.0 -> 19.0 us).
+	 */
+	pl->cl = 1;
+	if (ns > 1 && clusters_allowed() && !check(a, &kc, true) &&
+	    !setup(kc)) {
+		long long ncl = (ns + CL_MAX - 1) / CL_MAX;
+		int cl = (int)((ns + ncl - 1) / ncl);
+		long long blocks = units * ncl * cl;
+
+		if (blocks >= n_sms && blocks <= cap &&
+		    resident_clusters(kc, cl) >= units * ncl) {
+			pl->cl = cl;
+			pl->n_splits = (int)(ncl * cl);
+		}
+	}
 }
 
 size_t ws_layout(const struct kvq_gpu_attn_args *a, const plan *pl,
@@ -990,7 +1251,15 @@ size_t ws_layout(const struct kvq_gpu_attn_args *a, const plan *pl,
 {
 	size_t units = (size_t)a->batch * a->n_kv_heads * pl->n_chunks;
 	size_t parts = units * pl->n_splits;
-	size_t o = (units * sizeof(int) + 255) & ~(size_t)255;
+	/*
+	 * The counts first, as many as any call can use: a unit has more
+	 * than one split only where the units do not fill the GPU (at most
+	 * 8 blocks of NW warps an SM), so that the partials of one call
+	 * never lie where another call of the same workspace, with another
+	 * batch, finds its counts (which each call leaves zeroed).
+	 */
+	size_t o = ((size_t)n_sms * (2048 / (NW * 32)) * CL_MAX * sizeof(int) +
+		    255) & ~(size_t)255;
 
 	*off_m = o;
 	o += (parts * NCOL * sizeof(float) + 255) & ~(size_t)255;
@@ -1037,6 +1306,8 @@ extern "C" int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a,
 	need = ws_layout(a, &pl, &om, &ol, &oo);
 	if (!a->workspace || a->workspace_bytes < need)
 		return -ENOSPC;
+	if (pl.cl > 1)
+		check(a, &k, true);	/* set up by make_plan() */
 
 	p.q = a->q;
 	p.out = a->out;
@@ -1063,6 +1334,7 @@ extern "C" int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a,
 	p.n_splits = pl.n_splits;
 	p.tps = pl.tps;
 	p.n_chunks = pl.n_chunks;
+	p.cl = pl.cl;
 	p.cnt = (int *)a->workspace;
 	p.ws_m = (float *)((uint8_t *)a->workspace + om);
 	p.ws_l = (float *)((uint8_t *)a->workspace + ol);
@@ -1070,7 +1342,7 @@ extern "C" int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a,
 
 	dim3 grid(pl.n_splits, a->n_kv_heads * pl.n_chunks, a->batch);
 
-	kvq_launch(kvq_pdl_allowed(), k->fn, grid, dim3(NW * 32), k->dyn,
-		   (cudaStream_t)stream, p);
+	kvq_launch_cl(kvq_pdl_allowed(), (unsigned)pl.cl, k->fn, grid,
+		      dim3(NW * 32), k->dyn, (cudaStream_t)stream, p);
 	return cudaGetLastError() == cudaSuccess ? 0 : -EIO;
 }

@@ -32,6 +32,7 @@ constexpr int NW = 8;
 constexpr int NCOL = 8;		/* query-head columns of one pass */
 constexpr int MAX_SPLITS = 256;
 constexpr int MERGE_U = 16;	/* partials a thread loads a merge round */
+constexpr int CL_MAX = 8;	/* blocks a cluster, at most */
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LAZY = 8.0f;	/* log2 headroom before a rescale */
 
@@ -179,8 +180,11 @@ template <int KT, int VT, int HD> struct stage {
 	static constexpr int QI_OFF = QF_OFF + HD / 32 * 32 * 24;
 	static constexpr int SMEM = QI_OFF +
 				    (KT != KVQ_KV_F16 ? HD / 32 * 32 * 16 : 0);
+	/* the warps' partials and weights, then the block's partial and
+	 * the cluster's weights (decode_kernel's epilogue) */
 	static constexpr int MERGE = NW * NCOL * HD * 4 + 3 * NW * NCOL * 4 +
-				     2 * NCOL * 4;
+				     2 * NCOL * 4 + NCOL * HD * 4 +
+				     (CL_MAX + 2) * NCOL * 4;
 	static constexpr int SPLIT = (2 * MAX_SPLITS + 1) * NCOL * 4;
 	/* and room to align the start to PAD */
 	static constexpr int DYN = (SMEM > MERGE ? (SMEM > SPLIT ? SMEM : SPLIT) :
@@ -249,7 +253,8 @@ struct kparams {
 	int vmask;		/* (page_tokens / 16 - 1) / NW */
 	float qscale;		/* scale * log2(e) */
 	int n_splits, tps, n_chunks;
-	int *cnt;
+	int cl;			/* blocks a cluster (splits merged in it) */
+	int *cnt;		/* [unit][CL_MAX] */
 	float *ws_m, *ws_l, *ws_o;
 };
 

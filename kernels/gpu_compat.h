@@ -663,27 +663,45 @@ static inline bool kvq_pdl_allowed(void)
  * a plain launch on HIP.  Errors are left for cudaGetLastError().
  */
 template <typename... KA, typename... A>
-static inline void kvq_launch(bool pdl, void (*k)(KA...), dim3 grid,
-			      dim3 block, size_t smem, cudaStream_t st,
-			      A... args)
+static inline void kvq_launch_cl(bool pdl, unsigned cl, void (*k)(KA...),
+				 dim3 grid, dim3 block, size_t smem,
+				 cudaStream_t st, A... args)
 {
 #if defined(__HIPCC__) || defined(KVQ_HIP)
 	(void)pdl;
+	(void)cl;
 	k<<<grid, block, smem, st>>>(args...);
 #else
 	cudaLaunchConfig_t cfg = {};
-	cudaLaunchAttribute at[1] = {};
+	cudaLaunchAttribute at[2] = {};
+	unsigned n = 0;
 
 	cfg.gridDim = grid;
 	cfg.blockDim = block;
 	cfg.dynamicSmemBytes = smem;
 	cfg.stream = st;
-	at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-	at[0].val.programmaticStreamSerializationAllowed = 1;
+	if (pdl) {
+		at[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+		at[n++].val.programmaticStreamSerializationAllowed = 1;
+	}
+	if (cl > 1) {
+		at[n].id = cudaLaunchAttributeClusterDimension;
+		at[n].val.clusterDim.x = cl;
+		at[n].val.clusterDim.y = 1;
+		at[n++].val.clusterDim.z = 1;
+	}
 	cfg.attrs = at;
-	cfg.numAttrs = pdl ? 1 : 0;
+	cfg.numAttrs = n;
 	cudaLaunchKernelEx(&cfg, k, args...);
 #endif
+}
+
+template <typename... KA, typename... A>
+static inline void kvq_launch(bool pdl, void (*k)(KA...), dim3 grid,
+			      dim3 block, size_t smem, cudaStream_t st,
+			      A... args)
+{
+	kvq_launch_cl(pdl, 1, k, grid, block, smem, st, args...);
 }
 
 /* Bytes from @p (shared memory) up to the next multiple of @a (a power of
@@ -728,6 +746,59 @@ static __device__ __forceinline__ void kvq_pdl_trigger(void)
 {
 #if KVQ_SM90_CODE
 	asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+/*
+ * Thread-block clusters (sm_90; a launch with kvq_launch_cl(), cl > 1).
+ * kvq_cluster_arrive() releases this thread's earlier shared-memory
+ * writes to the cluster, kvq_cluster_wait() waits until every thread of
+ * every block of the cluster has arrived and acquires theirs; every
+ * thread of the block runs both, in the same places.  kvq_cluster_ld()
+ * reads the float at @p's offset in block @rank's shared memory.  Not
+ * reached elsewhere (the host launches clusters only on sm_90): they
+ * trap there.
+ */
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+#define KVQ_DEVICE_TRAP() __builtin_trap()
+#else
+#define KVQ_DEVICE_TRAP() __trap()
+#endif
+
+static __device__ __forceinline__ void kvq_cluster_arrive(void)
+{
+#if KVQ_SM90_CODE
+	asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#else
+	KVQ_DEVICE_TRAP();
+#endif
+}
+
+static __device__ __forceinline__ void kvq_cluster_wait(void)
+{
+#if KVQ_SM90_CODE
+	asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+	KVQ_DEVICE_TRAP();
+#endif
+}
+
+static __device__ __forceinline__ float kvq_cluster_ld(const float *p,
+							unsigned rank)
+{
+#if KVQ_SM90_CODE
+	unsigned a = (unsigned)__cvta_generic_to_shared(p), r;
+	float v;
+
+	asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+		     : "=r"(r) : "r"(a), "r"(rank));
+	asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r));
+	return v;
+#else
+	(void)p;
+	(void)rank;
+	KVQ_DEVICE_TRAP();
+	return 0.0f;
 #endif
 }
 

@@ -218,6 +218,11 @@ out:
 	return ret;
 }
 
+/* A workspace the decode cases share (zeroed once), as the engine's
+ * layers and batches do; NULL: each case allocates its own. */
+static void *g_ws;
+static size_t g_ws_bytes;
+
 static int run_decode(const struct dcase *tc)
 {
 	struct kvq_kv_seq s[8];
@@ -281,8 +286,10 @@ static int run_decode(const struct dcase *tc)
 	wsb = kvq_gpu_attn_workspace_bytes(&a);
 	dq = kvq_test_gpu_alloc(nq * 4);
 	dout = kvq_test_gpu_alloc(nq * esz);
-	ws = kvq_test_gpu_alloc(wsb);
-	if (!wsb || !dq || !dout || !ws || kvq_test_gpu_fill(ws, 0, wsb) ||
+	if (!g_ws)
+		ws = kvq_test_gpu_alloc(wsb);
+	if (!wsb || !dq || !dout || (g_ws ? wsb > g_ws_bytes :
+	    !ws || kvq_test_gpu_fill(ws, 0, wsb)) ||
 	    kvq_test_gpu_put(dq, tc->q_f16 ? (void *)q16 : (void *)q,
 			     nq * (tc->q_f16 ? 2 : 4))) {
 		tap_ok(0, "%s: device buffers (workspace %zu)", tc->name, wsb);
@@ -290,8 +297,8 @@ static int run_decode(const struct dcase *tc)
 	}
 	a.q = dq;
 	a.out = dout;
-	a.workspace = ws;
-	a.workspace_bytes = wsb;
+	a.workspace = g_ws ? g_ws : ws;
+	a.workspace_bytes = g_ws ? g_ws_bytes : wsb;
 
 	for (int run = 0; run < 2; run++) {
 		float *dst = run ? gotb : got;
@@ -724,6 +731,36 @@ static void decode_suite(void)
 	}
 }
 
+/*
+ * One workspace for calls of different batches, one after another, as
+ * kvqd's decode steps use it: a call's partial results must not lie
+ * where a later call with more sequences (16 KV heads: 16 and 128
+ * merge units here) finds its split counts.  Both shapes have several
+ * splits a sequence; each runs twice in turn.
+ */
+static void shared_workspace_suite(void)
+{
+	struct dcase one = { "ws_shared_b1", KVQ_KV_Q4, KVQ_KV_Q4, 64, 16, 16,
+			     4, 1, { 20000 }, 0, 1.0f, 0, 0 };
+	struct dcase eight = { "ws_shared_b8", KVQ_KV_Q4, KVQ_KV_Q4, 64, 16,
+			       16, 4, 8, { 4500, 4500, 4500, 4500, 4500, 4500,
+					   4500, 4500 }, 0, 1.0f, 0, 0 };
+	int r;
+
+	g_ws_bytes = (size_t)64 << 20;
+	g_ws = kvq_test_gpu_alloc(g_ws_bytes);
+	if (!g_ws || kvq_test_gpu_fill(g_ws, 0, g_ws_bytes)) {
+		tap_ok(0, "shared workspace: %zu bytes", g_ws_bytes);
+	} else {
+		for (r = 0; r < 2; r++) {
+			run_decode(&one);
+			run_decode(&eight);
+		}
+	}
+	kvq_test_gpu_free(g_ws);
+	g_ws = NULL;
+}
+
 int main(void)
 {
 	static const int types[3] = { KVQ_KV_F16, KVQ_KV_Q8, KVQ_KV_Q4 };
@@ -745,8 +782,10 @@ int main(void)
 	 * like heads) and 64 (1B-like). */
 	g_hd = 128;
 	decode_suite();
+	shared_workspace_suite();
 	g_hd = 64;
 	decode_suite();
+	shared_workspace_suite();
 	g_hd = HD;
 
 	/* Split-KV: every page type pair at head sizes 8 to 256, GQA 1 to
