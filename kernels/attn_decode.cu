@@ -266,40 +266,32 @@ __device__ __forceinline__ void query_int8(const kparams &p, int G,
 }
 
 /*
- * The splits' merge where a cluster of p.cl blocks holds consecutive
- * splits (sm_90).  Each block has left its partial in shared memory: the
+ * The splits' merge where a sequence's p.cl splits run as one cluster
+ * (sm_90).  Each block has left its partial in shared memory: the
  * weighted sums @sOb [head][channel], and before them each head's
  * maximum and sum (base 2, the sum not inverted).  After the cluster's
- * barrier block R of the cluster combines the cluster's partials for
- * its R-th slice of the outputs, reading the others' shared memory, so
- * that nothing goes through global memory where one cluster holds all
- * of a sequence's active splits.  Otherwise each slice's cluster partial
- * goes to the workspace and, as in the kernel's own merge, the last
- * block R of the sequence's clusters to arrive (a count a slice) merges
- * slice R of all of them.  Every block of the cluster runs this, past
- * the sequence's end too (their partials are empty).
+ * barrier block R combines the partials of the blocks with tiles for
+ * its R-th slice of the outputs, reading the others' shared memory, and
+ * writes that slice: nothing goes through global memory.  Every block
+ * of the cluster runs this, past the sequence's end too; a second
+ * barrier keeps each block's shared memory until the others have read
+ * it.
  */
 template <int HD>
 __device__ __forceinline__ void cluster_merge(const kparams &p, float *sOb,
 					      int n_active)
 {
-	__shared__ int last;
 	/* the block's place again: fewer values live through the tiles */
-	int split = blockIdx.x, b = blockIdx.z;
+	int R = blockIdx.x, b = blockIdx.z;
 	int hc = blockIdx.y % p.n_chunks;
 	int hq0 = (blockIdx.y / p.n_chunks) * p.gqa + hc * NCOL;
 	int nh = min(NCOL, p.gqa - hc * NCOL);
-	size_t unit = ((size_t)b * p.hk + blockIdx.y / p.n_chunks) *
-		      p.n_chunks + hc;
 	const float *sMx = sOb - 2 * NCOL, *sLt = sOb - NCOL;
 	float *cA = sOb + NCOL * HD;		/* [rank][head] weights */
 	float *cL = cA + CL_MAX * NCOL;	/* [head] 1 / sum */
-	int R = split % p.cl, c0 = split - R;
-	int nr = min(p.cl, n_active - c0);	/* ranks with tiles */
-	int ncl = (n_active + p.cl - 1) / p.cl;	/* clusters with tiles */
+	int nr = min(p.cl, n_active);		/* ranks with tiles */
 	int per = (nh * HD + p.cl - 1) / p.cl;
 	int i0 = R * per, i1 = min(nh * HD, i0 + per);
-	size_t u0 = unit * p.n_splits;
 
 	kvq_cluster_arrive();
 	kvq_cluster_wait();
@@ -317,16 +309,13 @@ __device__ __forceinline__ void cluster_merge(const kparams &p, float *sOb,
 			L += a * kvq_cluster_ld(sLt + hd, r);
 		}
 		cL[hd] = L > 0.0f ? 1.0f / L : 0.0f;
-		if (ncl > 1) {
-			p.ws_m[(u0 + split) * NCOL + hd] = M;
-			p.ws_l[(u0 + split) * NCOL + hd] = L;
-		}
 	}
 	__syncthreads();
 	for (int i = i0 + threadIdx.x; i < i1; i += NW * 32) {
 		int hd = i / HD, ch = i % HD;
 		float o = 0.0f;
 
+		/* four loads in flight */
 		for (int r = 0; r < nr; r += 4) {
 			float x0 = kvq_cluster_ld(sOb + i, r);
 			float x1 = kvq_cluster_ld(sOb + i, min(r + 1, nr - 1));
@@ -341,65 +330,9 @@ __device__ __forceinline__ void cluster_merge(const kparams &p, float *sOb,
 			if (r + 3 < nr)
 				o += cA[(r + 3) * NCOL + hd] * x3;
 		}
-		if (ncl == 1)
-			put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch,
-				o * cL[hd]);
-		else
-			p.ws_o[((u0 + c0 / p.cl) * NCOL + hd) * HD + ch] = o;
+		put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch, o * cL[hd]);
 	}
-	/* Done with the others' shared memory; they keep theirs until this
-	 * block is done with it (the wait at the end). */
 	kvq_cluster_arrive();
-	if (ncl > 1) {
-		__syncthreads();
-		if (threadIdx.x == 0)
-			last = kvq_atomic_add_acq_rel(&p.cnt[unit * CL_MAX + R],
-						      1) == ncl - 1;
-		__syncthreads();
-		if (last) {
-			for (int i = i0 + threadIdx.x; i < i1; i += NW * 32) {
-				int hd = i / HD, ch = i % HD;
-				float M = -INFINITY, L = 0.0f, o = 0.0f;
-
-				for (int c = 0; c < ncl; c += 4) {
-					float m[4], l[4], x[4];
-
-#pragma unroll
-					for (int u = 0; u < 4; u++) {
-						int cc = min(c + u, ncl - 1);
-						size_t q = u0 + cc * p.cl + R;
-
-						m[u] = kvq_ld_cg(&p.ws_m[q * NCOL + hd]);
-						l[u] = kvq_ld_cg(&p.ws_l[q * NCOL + hd]);
-						x[u] = kvq_ld_cg(&p.ws_o[((u0 + cc) * NCOL +
-									  hd) * HD + ch]);
-					}
-#pragma unroll
-					for (int u = 0; u < 4; u++) {
-						if (c + u >= ncl || m[u] == -INFINITY)
-							continue;
-						if (m[u] > M) {
-							float f = M == -INFINITY ? 0.0f :
-								  exp2f(M - m[u]);
-
-							L = L * f + l[u];
-							o = o * f + x[u];
-							M = m[u];
-						} else {
-							float a = exp2f(m[u] - M);
-
-							L += a * l[u];
-							o += a * x[u];
-						}
-					}
-				}
-				put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch,
-					L > 0.0f ? o * (1.0f / L) : 0.0f);
-			}
-			if (threadIdx.x == 0)
-				p.cnt[unit * CL_MAX + R] = 0;
-		}
-	}
 	kvq_cluster_wait();
 }
 
@@ -497,10 +430,9 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 				put_out(p, ((size_t)b * p.hq + hq0) * HD + i, 0.0f);
 		return;
 	}
-	/* Past the sequence's end; but a cluster that merges splits of it
+	/* Past the sequence's end; but a cluster that merges its splits
 	 * keeps all of its blocks (those add nothing). */
-	if (split >= n_active &&
-	    (!CM || n_active == 1 || split - split % p.cl >= n_active))
+	if (split >= n_active && (!CM || n_active == 1))
 		return;
 
 	int skip = sinkp ? min(p.n_sink, len) : 0;
@@ -839,8 +771,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	 */
 	__syncthreads();
 	if (threadIdx.x == 0)
-		last = kvq_atomic_add_acq_rel(&p.cnt[unit * CL_MAX], 1) ==
-		       n_active - 1;
+		last = kvq_atomic_add_acq_rel(&p.cnt[unit], 1) == n_active - 1;
 	__syncthreads();
 	if (!last)
 		return;
@@ -944,7 +875,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 		put_out(p, oi + 3, o.w * r);
 	}
 	if (threadIdx.x == 0)
-		p.cnt[unit * CL_MAX] = 0;
+		p.cnt[unit] = 0;
 }
 
 /* --------------------------------------------------------------- host */
@@ -1215,35 +1146,28 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 	pl->n_splits = (int)ns;
 	pl->tps = (int)tps;
 	/*
-	 * A sequence's splits merged in clusters of up to CL_MAX blocks
-	 * (grid.x padded to a multiple of the cluster; the blocks past the
-	 * end add nothing), where the grid is one wave that gives every SM
-	 * a block and its clusters fit at once.  H200, bench/gpu_attn.py,
+	 * A sequence's splits run as one cluster (at most CL_MAX of them)
+	 * and merge in it, where the grid is one wave that gives every SM a
+	 * block and its clusters fit at once.  H200, bench/gpu_attn.py,
 	 * head_dim 128, q4/q4, us, against the kernel's own merge in the
-	 * same runs: batch 16 / 8K 44.4-47.0 -> 41.5-42.9, 16 / 32K
-	 * 160.2-167.0 -> 144.8-154.3, 8 / 32K 78.5-82.1 -> 76.3-78.5; batch
-	 * 1 and 4 at 4K-128K and batch 8 at 1K-8K within 1%.  Grids of fewer
-	 * blocks than SMs lose (batch 1 / 1K, 8 blocks a cluster: 6.1-6.2 ->
-	 * 6.8 us), as do two waves: kvqd's decode step (head_dim 64, two
-	 * waves at 32K), tokens/s, batch 1 1015 -> 887, batch 16 5127 ->
-	 * 3622, where a block that ends early holds its SM until its
-	 * cluster's barrier.  Clusters of at most 2 or 4 blocks were no
-	 * better than 8 anywhere, and worse where they leave several
-	 * clusters a sequence (batch 1 / 32K, 2 blocks: 16.0 -> 19.0 us).
+	 * same runs: batch 16 / 8K (2 splits) 42.6-47.0 -> 41.5-43.8 in 11
+	 * pairs, faster in 10; batch 16 / 32K 145-167 -> 145-154.  Grids of
+	 * fewer blocks than SMs lose (batch 1 / 1K, 8 splits: 6.1-6.2 ->
+	 * 6.8 us), two waves lose badly (kvqd's decode step at head_dim 64,
+	 * 32K, tokens/s: batch 1 1015 -> 887, batch 16 5127 -> 3622: a
+	 * block that ends early holds its SM at the cluster's barrier), and
+	 * so did several clusters a sequence merged through the workspace
+	 * (clusters of 2, batch 1 / 32K: 16.0 -> 19.0 us).  With 2 blocks
+	 * an SM the H200 holds 30 clusters of 8, 62 of 4, 132 of 2, so
+	 * batch 1 to 8 at head_dim 128 keep the plain merge
+	 * (bench/gpu_attn_notes.md).
 	 */
 	pl->cl = 1;
-	if (ns > 1 && clusters_allowed() && !check(a, &kc, true) &&
-	    !setup(kc)) {
-		long long ncl = (ns + CL_MAX - 1) / CL_MAX;
-		int cl = (int)((ns + ncl - 1) / ncl);
-		long long blocks = units * ncl * cl;
-
-		if (blocks >= n_sms && blocks <= cap &&
-		    resident_clusters(kc, cl) >= units * ncl) {
-			pl->cl = cl;
-			pl->n_splits = (int)(ncl * cl);
-		}
-	}
+	if (ns > 1 && ns <= CL_MAX && units * ns >= n_sms &&
+	    units * ns <= cap && clusters_allowed() &&
+	    !check(a, &kc, true) && !setup(kc) &&
+	    resident_clusters(kc, (int)ns) >= units)
+		pl->cl = (int)ns;
 }
 
 size_t ws_layout(const struct kvq_gpu_attn_args *a, const plan *pl,
@@ -1258,8 +1182,8 @@ size_t ws_layout(const struct kvq_gpu_attn_args *a, const plan *pl,
 	 * never lie where another call of the same workspace, with another
 	 * batch, finds its counts (which each call leaves zeroed).
 	 */
-	size_t o = ((size_t)n_sms * (2048 / (NW * 32)) * CL_MAX * sizeof(int) +
-		    255) & ~(size_t)255;
+	size_t o = ((size_t)n_sms * (2048 / (NW * 32)) * sizeof(int) + 255) &
+		   ~(size_t)255;
 
 	*off_m = o;
 	o += (parts * NCOL * sizeof(float) + 255) & ~(size_t)255;

@@ -184,7 +184,7 @@ template <int KT, int VT, int HD> struct stage {
 	 * the cluster's weights (decode_kernel's epilogue) */
 	static constexpr int MERGE = NW * NCOL * HD * 4 + 3 * NW * NCOL * 4 +
 				     2 * NCOL * 4 + NCOL * HD * 4 +
-				     (CL_MAX + 2) * NCOL * 4;
+				     (CL_MAX + 1) * NCOL * 4;
 	static constexpr int SPLIT = (2 * MAX_SPLITS + 1) * NCOL * 4;
 	/* and room to align the start to PAD */
 	static constexpr int DYN = (SMEM > MERGE ? (SMEM > SPLIT ? SMEM : SPLIT) :
@@ -253,8 +253,8 @@ struct kparams {
 	int vmask;		/* (page_tokens / 16 - 1) / NW */
 	float qscale;		/* scale * log2(e) */
 	int n_splits, tps, n_chunks;
-	int cl;			/* blocks a cluster (splits merged in it) */
-	int *cnt;		/* [unit][CL_MAX] */
+	int cl;			/* blocks a cluster: a sequence's splits */
+	int *cnt;		/* [unit] */
 	float *ws_m, *ws_l, *ws_o;
 };
 

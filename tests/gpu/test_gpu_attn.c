@@ -702,6 +702,23 @@ static void decode_suite(void)
 			 * loads in flight a thread */
 			{ "long1", kt, vt, 32, 8, 16, 4, 1, { 30001 }, 0, 1.0f,
 			  0, 0 },
+			/* 8 and 16 query heads a KV head (one and two
+			 * passes) with a wave of splits, the shorter
+			 * sequence leaving some of them empty */
+			{ "gqa8_long", kt, vt, 32, 4, 16, 4, 2, { 20000, 9001 },
+			  0, 1.0f, 0, 0 },
+			{ "gqa16_long", kt, vt, 64, 4, 16, 4, 2, { 9001, 20000 },
+			  0, 1.0f, 0, 0 },
+			/* 56 and 112 merge units: at head_dim 128 on the
+			 * H200, 4 and 2 splits a sequence merged in
+			 * clusters, some of a cluster's blocks past a
+			 * sequence's end (or all: lengths 100, 0, 3) */
+			{ "ragged7", kt, vt, 32, 8, 16, 4, 7,
+			  { 16000, 6000, 9000, 100, 0, 12001, 3 }, 0, 1.0f, 0, 0 },
+			{ "ragged7_gqa8", kt, vt, 64, 8, 16, 4, 7,
+			  { 16000, 6000, 9000, 100, 0, 12001, 3 }, 0, 1.0f, 0, 0 },
+			{ "ragged7_gqa16", kt, vt, 128, 8, 16, 4, 7,
+			  { 6000, 16000, 9000, 100, 0, 12001, 3 }, 0, 1.0f, 0, 0 },
 			{ "batch8_mixed", kt, vt, 32, 8, 16, 4, 8,
 			  { 4096, 2, 1023, 4097, 64, 15, 2048, 511 }, 0, 1.0f,
 			  0, 0 },
