@@ -21,8 +21,8 @@
  * sequence has several splits, the last block to finish (an atomic
  * counter in the workspace) merges their partial results, so one launch
  * does everything.  On sm_90, where the grid is one wave, a sequence's
- * splits run as thread-block clusters instead and merge through each
- * other's shared memory (cluster_merge()).  On sm_90 the kernel is also
+ * splits (at most 8) may run as one thread-block cluster instead and
+ * merge through each other's shared memory (cluster_merge()).  On sm_90 the kernel is also
  * a programmatic dependent: it reads the block table and starts its
  * first tiles into L2 while the kernels before it end.
  *
@@ -1150,8 +1150,8 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 	 * and merge in it, where the grid is one wave that gives every SM a
 	 * block and its clusters fit at once.  H200, bench/gpu_attn.py,
 	 * head_dim 128, q4/q4, us, against the kernel's own merge in the
-	 * same runs: batch 16 / 8K (2 splits) 42.6-47.0 -> 41.5-43.8 in 11
-	 * pairs, faster in 10; batch 16 / 32K 145-167 -> 145-154.  Grids of
+	 * same runs: batch 16 / 8K (2 splits) 42.2-47.0 -> 41.1-43.8 in 13
+	 * pairs, faster in 12; batch 16 / 32K 145-167 -> 145-154.  Grids of
 	 * fewer blocks than SMs lose (batch 1 / 1K, 8 splits: 6.1-6.2 ->
 	 * 6.8 us), two waves lose badly (kvqd's decode step at head_dim 64,
 	 * 32K, tokens/s: batch 1 1015 -> 887, batch 16 5127 -> 3622: a
