@@ -977,24 +977,11 @@ int setup(kinfo *k)
  */
 bool clusters_allowed(void)
 {
-#if defined(__HIPCC__) || defined(KVQ_HIP)
-	return false;
-#else
 	static int ok = -1;
 
-	if (ok < 0) {
-		int dev = 0, major = 0;
-
-		if (cudaGetDevice(&dev) != cudaSuccess ||
-		    cudaDeviceGetAttribute(&major,
-					   cudaDevAttrComputeCapabilityMajor,
-					   dev) != cudaSuccess)
-			major = 0;
-		cudaGetLastError();
-		ok = major >= 9 && !getenv("KVQ_GPU_NO_CLUSTER");
-	}
+	if (ok < 0)
+		ok = kvq_cc_major() >= 9 && !getenv("KVQ_GPU_NO_CLUSTER");
 	return ok > 0;
-#endif
 }
 
 /* How many clusters of @cl blocks of @k can be resident at once, once;

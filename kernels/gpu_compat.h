@@ -630,6 +630,29 @@ static __device__ __forceinline__ void kvq_mma_s8_16832(int c[4],
 #endif
 }
 
+/* The current device's compute capability major, asked once per file
+ * that uses it; 0 where it cannot be read, and under HIP. */
+static inline int kvq_cc_major(void)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	return 0;
+#else
+	static int major = -1;
+
+	if (major < 0) {
+		int dev = 0, m = 0;
+
+		if (cudaGetDevice(&dev) != cudaSuccess ||
+		    cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor,
+					   dev) != cudaSuccess)
+			m = 0;
+		cudaGetLastError();
+		major = m;
+	}
+	return major;
+#endif
+}
+
 /*
  * Whether kernels may be launched as programmatic dependents (below):
  * CUDA, compute capability 9.0 and up, KVQ_GPU_NO_PDL unset.  Asked once
@@ -637,24 +660,11 @@ static __device__ __forceinline__ void kvq_mma_s8_16832(int c[4],
  */
 static inline bool kvq_pdl_allowed(void)
 {
-#if defined(__HIPCC__) || defined(KVQ_HIP)
-	return false;
-#else
 	static int ok = -1;
 
-	if (ok < 0) {
-		int dev = 0, major = 0;
-
-		if (cudaGetDevice(&dev) != cudaSuccess ||
-		    cudaDeviceGetAttribute(&major,
-					   cudaDevAttrComputeCapabilityMajor,
-					   dev) != cudaSuccess)
-			major = 0;
-		cudaGetLastError();
-		ok = major >= 9 && !getenv("KVQ_GPU_NO_PDL");
-	}
+	if (ok < 0)
+		ok = kvq_cc_major() >= 9 && !getenv("KVQ_GPU_NO_PDL");
 	return ok > 0;
-#endif
 }
 
 /*
