@@ -22,9 +22,9 @@
  * counter in the workspace) merges their partial results, so one launch
  * does everything.  On sm_90, where the grid is one wave, a sequence's
  * splits (at most 8) may run as one thread-block cluster instead and
- * merge through each other's shared memory (cluster_merge()).  On sm_90 the kernel is also
- * a programmatic dependent: it reads the block table and starts its
- * first tiles into L2 while the kernels before it end.
+ * merge through each other's shared memory (cluster_merge()).  On sm_90
+ * the kernel is also a programmatic dependent: it reads the block table
+ * and starts its first tiles into L2 while the kernels before it end.
  *
  * Arithmetic.  Scores and values go through 16x8x16 f16 matrix products
  * with f32 accumulation.  Keys: the tile's 16 tokens are the rows, the
@@ -293,16 +293,18 @@ __device__ __forceinline__ void cluster_merge(const kparams &p, float *sOb,
 	int per = (nh * HD + p.cl - 1) / p.cl;
 	int i0 = R * per, i1 = min(nh * HD, i0 + per);
 
-	kvq_cluster_arrive();
-	kvq_cluster_wait();
+	kvq_cluster_sync();
 	if (threadIdx.x < nh) {
 		int hd = threadIdx.x;
 		float M = -INFINITY, L = 0.0f;
 
-		for (int r = 0; r < nr; r++)
-			M = fmaxf(M, kvq_cluster_ld(sMx + hd, r));
+		/* the ranks' maxima, then their weights in their place */
 		for (int r = 0; r < nr; r++) {
-			float m = kvq_cluster_ld(sMx + hd, r);
+			cA[r * NCOL + hd] = kvq_cluster_ld(sMx + hd, r);
+			M = fmaxf(M, cA[r * NCOL + hd]);
+		}
+		for (int r = 0; r < nr; r++) {
+			float m = cA[r * NCOL + hd];
 			float a = m == -INFINITY ? 0.0f : exp2f(m - M);
 
 			cA[r * NCOL + hd] = a;
@@ -332,8 +334,7 @@ __device__ __forceinline__ void cluster_merge(const kparams &p, float *sOb,
 		}
 		put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch, o * cL[hd]);
 	}
-	kvq_cluster_arrive();
-	kvq_cluster_wait();
+	kvq_cluster_sync();
 }
 
 /*

@@ -761,13 +761,12 @@ static __device__ __forceinline__ void kvq_pdl_trigger(void)
 
 /*
  * Thread-block clusters (sm_90; a launch with kvq_launch_cl(), cl > 1).
- * kvq_cluster_arrive() releases this thread's earlier shared-memory
- * writes to the cluster, kvq_cluster_wait() waits until every thread of
- * every block of the cluster has arrived and acquires theirs; every
- * thread of the block runs both, in the same places.  kvq_cluster_ld()
- * reads the float at @p's offset in block @rank's shared memory.  Not
- * reached elsewhere (the host launches clusters only on sm_90): they
- * trap there.
+ * kvq_cluster_sync() is a barrier of every thread of every block of the
+ * cluster that releases this thread's earlier shared-memory writes to
+ * the cluster and acquires theirs; every thread of the block runs it, in
+ * the same places.  kvq_cluster_ld() reads the float at @p's offset in
+ * block @rank's shared memory.  Not reached elsewhere (the host launches
+ * clusters only on sm_90): they trap there.
  */
 #if defined(__HIPCC__) || defined(KVQ_HIP)
 #define KVQ_DEVICE_TRAP() __builtin_trap()
@@ -775,19 +774,11 @@ static __device__ __forceinline__ void kvq_pdl_trigger(void)
 #define KVQ_DEVICE_TRAP() __trap()
 #endif
 
-static __device__ __forceinline__ void kvq_cluster_arrive(void)
+static __device__ __forceinline__ void kvq_cluster_sync(void)
 {
 #if KVQ_SM90_CODE
-	asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-#else
-	KVQ_DEVICE_TRAP();
-#endif
-}
-
-static __device__ __forceinline__ void kvq_cluster_wait(void)
-{
-#if KVQ_SM90_CODE
-	asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+	asm volatile("barrier.cluster.arrive.release.aligned;\n\t"
+		     "barrier.cluster.wait.acquire.aligned;" ::: "memory");
 #else
 	KVQ_DEVICE_TRAP();
 #endif
