@@ -687,19 +687,19 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	kvq_cp_async_wait<0>();
 	__syncthreads();	/* the rings are free: reuse them */
 	float *sO = (float *)smem;
-	float *sM = sO + NW * NCOL * HD, *sL = sM + NW * NCOL;
+	float *sM = sO + NW * NCOL * SO_RS<HD>, *sL = sM + NW * NCOL;
 
 #pragma unroll
 	for (int e = 0; e < (hilo ? 1 : 2); e++) {
 		int hd = hilo ? t : 2 * t + e;
-		float *o = sO + (size_t)(w * NCOL + hd) * HD;
+		float *o = sO + (size_t)(w * NCOL + hd) * SO_RS<HD>;
 
 #pragma unroll
 		for (int i = 0; i < HD / 16; i++) {
-			o[vch<VT, HD>(i, 0, g)] = hilo ? ws.o[i][0] + ws.o[i][1] :
-							 ws.o[i][e];
-			o[vch<VT, HD>(i, 1, g)] = hilo ? ws.o[i][2] + ws.o[i][3] :
-							 ws.o[i][2 + e];
+			o[so_ch(vch<VT, HD>(i, 0, g))] =
+				hilo ? ws.o[i][0] + ws.o[i][1] : ws.o[i][e];
+			o[so_ch(vch<VT, HD>(i, 1, g))] =
+				hilo ? ws.o[i][2] + ws.o[i][3] : ws.o[i][2 + e];
 		}
 		if (g == 0) {
 			sM[w * NCOL + hd] = ws.m[e];
@@ -708,25 +708,34 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	}
 	__syncthreads();
 
-	/* Each head's weights of the warps, exp2(m_w - M), its maximum M
-	 * and sum, once. */
+	/*
+	 * Each head's weights of the warps, exp2(m_w - M), its maximum M
+	 * and sum, once: warp 0, lane (v, hd) for warps v and v + 4, the
+	 * maximum and the sum over v by shuffles.
+	 */
 	float *sA = sL + NW * NCOL, *sMx = sA + NW * NCOL, *sLt = sMx + NCOL;
 
-	if (threadIdx.x < NCOL) {
-		int hd = threadIdx.x;
-		float M = -INFINITY, L2 = 0.0f;
+	static_assert(NW == 8 && NCOL == 8, "a lane a head and pair of warps");
+	if (w == 0) {
+		int hd = lane & 7, v0 = lane >> 3;
+		float m0 = sM[v0 * NCOL + hd], m1 = sM[(v0 + 4) * NCOL + hd];
+		float M = fmaxf(m0, m1);
 
-		for (int v = 0; v < NW; v++)
-			M = fmaxf(M, sM[v * NCOL + hd]);
-		for (int v = 0; v < NW; v++) {
-			float mv = sM[v * NCOL + hd];
-			float a = mv == -INFINITY ? 0.0f : exp2f(mv - M);
+		M = fmaxf(M, kvq_shfl_xor_f32(M, 8));
+		M = fmaxf(M, kvq_shfl_xor_f32(M, 16));
+		float a0 = m0 == -INFINITY ? 0.0f : exp2f(m0 - M);
+		float a1 = m1 == -INFINITY ? 0.0f : exp2f(m1 - M);
+		float L2 = a0 * sL[v0 * NCOL + hd] + a1 * sL[(v0 + 4) * NCOL + hd];
 
-			sA[v * NCOL + hd] = a;
-			L2 += a * sL[v * NCOL + hd];
+		sA[v0 * NCOL + hd] = a0;
+		sA[(v0 + 4) * NCOL + hd] = a1;
+		L2 += kvq_shfl_xor_f32(L2, 8);
+		L2 += kvq_shfl_xor_f32(L2, 16);
+		if (v0 == 0) {
+			sMx[hd] = M;
+			sLt[hd] = n_active == 1 ? (L2 > 0.0f ? 1.0f / L2 : 0.0f) :
+				  L2;
 		}
-		sMx[hd] = M;
-		sLt[hd] = n_active == 1 ? (L2 > 0.0f ? 1.0f / L2 : 0.0f) : L2;
 	}
 	__syncthreads();
 
@@ -741,7 +750,8 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 
 #pragma unroll
 		for (int v = 0; v < NW; v++)
-			o += sA[v * NCOL + hd] * sO[(v * NCOL + hd) * HD + ch];
+			o += sA[v * NCOL + hd] *
+			     sO[(v * NCOL + hd) * SO_RS<HD> + so_ch(ch)];
 		if (n_active == 1) {
 			put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch,
 				o * sLt[hd]);
@@ -778,102 +788,85 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 		return;
 
 	/*
-	 * Thread i sums item i (a head's 4 channels) over the splits, 16
-	 * splits' loads in flight at a time; the first 16 are loaded
-	 * together with the maxima and sums.
+	 * Lane i of a warp sums item i (a head's 4 channels) over the
+	 * splits, 16 at a time: their partials, and in lane 16j + u split u's
+	 * maximum and sum for the lanes' head, are loaded together; each
+	 * group of 16 lanes finds the maximum so far M by shuffles, lane u
+	 * weighs split u (exp2(m - M), the sums rescaled as M rises) and
+	 * hands the weight to the others.  No barrier lies between the loads
+	 * and the outputs.
 	 */
 	constexpr int U = MERGE_U;
 	constexpr int C4 = HD / 4;
+	static_assert(U == 16 && C4 % 16 == 0, "16 lanes a head's splits");
 	size_t u0 = unit * p.n_splits;
-	float *wa = (float *)smem;			/* [split][head] weights */
-	float *wl = wa + MAX_SPLITS * NCOL;		/* [split][head] sums */
-	float *hl = wl + MAX_SPLITS * NCOL;		/* [head] 1 / sum */
 	const size_t vstep = (size_t)NCOL * HD / 4;
-	float4 pre[U];
-	int it0 = threadIdx.x;
+	int gb = lane & 16, gs = lane & 15;
 
-	if (it0 < nh * C4) {
-		const float4 *src = (const float4 *)(p.ws_o + (u0 * NCOL +
-					it0 / C4) * HD) + it0 % C4;
-
-#pragma unroll
-		for (int v = 0; v < U; v++)
-			pre[v] = kvq_ld_cg4(src + min(v, n_active - 1) * vstep);
-	}
-	for (int i = threadIdx.x; i < n_active * NCOL; i += NW * 32) {
-		wa[i] = kvq_ld_cg(&p.ws_m[u0 * NCOL + i]);
-		wl[i] = kvq_ld_cg(&p.ws_l[u0 * NCOL + i]);
-	}
-	__syncthreads();
-	/* Warp w: heads w and w + 4; lanes stride over the splits. */
-	for (int hd = w; hd < nh; hd += NW) {
-		float M = -INFINITY, L2 = 0.0f;
-
-		for (int v = lane; v < n_active; v += 32)
-			M = fmaxf(M, wa[v * NCOL + hd]);
-#pragma unroll
-		for (int m = 16; m; m >>= 1)
-			M = fmaxf(M, kvq_shfl_xor_f32(M, m));
-		for (int v = lane; v < n_active; v += 32) {
-			float mv = wa[v * NCOL + hd];
-			float a = mv == -INFINITY ? 0.0f : exp2f(mv - M);
-
-			wa[v * NCOL + hd] = a;
-			L2 += a * wl[v * NCOL + hd];
-		}
-#pragma unroll
-		for (int m = 16; m; m >>= 1)
-			L2 += kvq_shfl_xor_f32(L2, m);
-		if (lane == 0)
-			hl[hd] = L2 > 0.0f ? 1.0f / L2 : 0.0f;
-	}
-	__syncthreads();
-	for (int it = it0; it < nh * C4; it += NW * 32) {
+	for (int ib = w * 32; ib < nh * C4; ib += NW * 32) {
+		int it = min(ib + lane, nh * C4 - 1);
 		int hd = it / C4, c4 = it % C4;
-		const float4 *src = (const float4 *)(p.ws_o + (u0 * NCOL + hd) * HD) + c4;
+		const float4 *src = (const float4 *)(p.ws_o + (u0 * NCOL + hd) *
+						     HD) + c4;
+		const float *pm = p.ws_m + u0 * NCOL + hd;
+		const float *pl = p.ws_l + u0 * NCOL + hd;
 		float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-		int v0 = 0;
+		float M = -INFINITY, L = 0.0f;
 
-		if (it == it0) {
-#pragma unroll
-			for (int v = 0; v < U; v++) {
-				if (v < n_active) {
-					float a = wa[v * NCOL + hd];
-
-					o.x += a * pre[v].x;
-					o.y += a * pre[v].y;
-					o.z += a * pre[v].z;
-					o.w += a * pre[v].w;
-				}
-			}
-			v0 = U;
-		}
-		for (; v0 < n_active; v0 += U) {
+		for (int v0 = 0; v0 < n_active; v0 += U) {
 			float4 x[U];
+			int vs = v0 + gs;
+			float ms = -INFINITY, ls = 0.0f;
 
 #pragma unroll
 			for (int u = 0; u < U; u++)
 				x[u] = kvq_ld_cg4(src + min(v0 + u, n_active - 1) *
 							vstep);
+			if (vs < n_active) {
+				ms = kvq_ld_cg(pm + (size_t)vs * NCOL);
+				ls = kvq_ld_cg(pl + (size_t)vs * NCOL);
+			}
+			float Mn = ms;
+
+#pragma unroll
+			for (int m = 1; m < 16; m <<= 1)
+				Mn = fmaxf(Mn, kvq_shfl_xor_f32(Mn, m));
+			if (Mn > M) {
+				float r = M == -INFINITY ? 0.0f : exp2f(M - Mn);
+
+				o.x *= r;
+				o.y *= r;
+				o.z *= r;
+				o.w *= r;
+				L *= r;
+				M = Mn;
+			}
+			float as = ms == -INFINITY ? 0.0f : exp2f(ms - M);
+			float lw = as * ls;
+
+#pragma unroll
+			for (int m = 1; m < 16; m <<= 1)
+				lw += kvq_shfl_xor_f32(lw, m);
+			L += lw;
 #pragma unroll
 			for (int u = 0; u < U; u++) {
-				if (v0 + u < n_active) {
-					float a = wa[(v0 + u) * NCOL + hd];
+				float a = kvq_shfl_f32(as, gb + u);
 
-					o.x += a * x[u].x;
-					o.y += a * x[u].y;
-					o.z += a * x[u].z;
-					o.w += a * x[u].w;
-				}
+				o.x += a * x[u].x;
+				o.y += a * x[u].y;
+				o.z += a * x[u].z;
+				o.w += a * x[u].w;
 			}
 		}
-		size_t oi = ((size_t)b * p.hq + hq0 + hd) * HD + 4 * c4;
-		float r = hl[hd];
+		if (ib + lane < nh * C4) {
+			size_t oi = ((size_t)b * p.hq + hq0 + hd) * HD + 4 * c4;
+			float r = L > 0.0f ? 1.0f / L : 0.0f;
 
-		put_out(p, oi, o.x * r);
-		put_out(p, oi + 1, o.y * r);
-		put_out(p, oi + 2, o.z * r);
-		put_out(p, oi + 3, o.w * r);
+			put_out(p, oi, o.x * r);
+			put_out(p, oi + 1, o.y * r);
+			put_out(p, oi + 2, o.z * r);
+			put_out(p, oi + 3, o.w * r);
+		}
 	}
 	if (threadIdx.x == 0)
 		p.cnt[unit] = 0;
@@ -1096,9 +1089,8 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 		ns = MAX_SPLITS;
 	/*
 	 * Past MERGE_U (16) splits, a multiple of it: the last block loads
-	 * 16 splits' partials a round and the maxima and sums of 32 splits
-	 * (256 values) a round, so 33 splits would take a round more than
-	 * 32.  H200, bench/gpu_attn.py, q4/q4, batch 1 (33 -> 32 splits),
+	 * 16 splits' partials, maxima and sums a round, so 33 splits would
+	 * take a round more than 32.  H200, bench/gpu_attn.py, q4/q4, batch 1 (33 -> 32 splits),
 	 * us: 32K 19.07 -> 18.17, 128K 48.81 -> 47.95; 1K-16K unchanged
 	 * (they have 32 splits or fewer already).
 	 */

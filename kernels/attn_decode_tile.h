@@ -33,6 +33,19 @@ constexpr int NCOL = 8;		/* query-head columns of one pass */
 constexpr int MAX_SPLITS = 256;
 constexpr int MERGE_U = 16;	/* partials a thread loads a merge round */
 constexpr int CL_MAX = 8;	/* blocks a cluster, at most */
+/*
+ * The warps' partials in the epilogue: a row of SO_RS floats a warp and
+ * head, channel c at so_ch(c) (a word skipped every 32).  A lane's
+ * stores of a q4 warp then fall on distinct banks, and at most two to a
+ * bank for the other value layouts (vch()); rows of HD words put a q4
+ * warp's four heads on one bank (four ways), and the q8 and f16 ones
+ * eight or sixteen ways.
+ */
+template <int HD> constexpr int SO_RS = HD == 128 ? 133 : 67;
+__host__ __device__ constexpr int so_ch(int c)
+{
+	return c + (c >> 5);
+}
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LAZY = 8.0f;	/* log2 headroom before a rescale */
 
@@ -182,13 +195,12 @@ template <int KT, int VT, int HD> struct stage {
 				    (KT != KVQ_KV_F16 ? HD / 32 * 32 * 16 : 0);
 	/* the warps' partials and weights, then the block's partial and
 	 * the cluster's weights (decode_kernel's epilogue) */
-	static constexpr int MERGE = NW * NCOL * HD * 4 + 3 * NW * NCOL * 4 +
+	static constexpr int MERGE = NW * NCOL * SO_RS<HD> * 4 +
+				     3 * NW * NCOL * 4 +
 				     2 * NCOL * 4 + NCOL * HD * 4 +
 				     (CL_MAX + 1) * NCOL * 4;
-	static constexpr int SPLIT = (2 * MAX_SPLITS + 1) * NCOL * 4;
 	/* and room to align the start to PAD */
-	static constexpr int DYN = (SMEM > MERGE ? (SMEM > SPLIT ? SMEM : SPLIT) :
-				    (MERGE > SPLIT ? MERGE : SPLIT)) + PAD;
+	static constexpr int DYN = (SMEM > MERGE ? SMEM : MERGE) + PAD;
 };
 
 __device__ __forceinline__ unsigned h2u(__half2 h)
