@@ -272,10 +272,12 @@ __device__ __forceinline__ void query_int8(const kparams &p, int G,
  * maximum and sum (base 2, the sum not inverted).  After the cluster's
  * barrier block R combines the partials of the blocks with tiles for
  * its R-th slice of the outputs, reading the others' shared memory, and
- * writes that slice: nothing goes through global memory.  Every block
- * of the cluster runs this, past the sequence's end too; a second
- * barrier keeps each block's shared memory until the others have read
- * it.
+ * writes that slice: nothing goes through global memory.  Each thread
+ * reads its item's partial, maximum and sum from each rank and weighs
+ * them itself, so no barrier lies between the loads and the outputs.
+ * Every block of the cluster runs this, past the sequence's
+ * end too; a second barrier keeps each block's shared memory until the
+ * others have read it.
  */
 template <int HD>
 __device__ __forceinline__ void cluster_merge(const kparams &p, float *sOb,
@@ -287,52 +289,37 @@ __device__ __forceinline__ void cluster_merge(const kparams &p, float *sOb,
 	int hq0 = (blockIdx.y / p.n_chunks) * p.gqa + hc * NCOL;
 	int nh = min(NCOL, p.gqa - hc * NCOL);
 	const float *sMx = sOb - 2 * NCOL, *sLt = sOb - NCOL;
-	float *cA = sOb + NCOL * HD;		/* [rank][head] weights */
-	float *cL = cA + CL_MAX * NCOL;	/* [head] 1 / sum */
 	int nr = min(p.cl, n_active);		/* ranks with tiles */
 	int per = (nh * HD + p.cl - 1) / p.cl;
 	int i0 = R * per, i1 = min(nh * HD, i0 + per);
 
 	kvq_cluster_sync();
-	if (threadIdx.x < nh) {
-		int hd = threadIdx.x;
-		float M = -INFINITY, L = 0.0f;
-
-		/* the ranks' maxima, then their weights in their place */
-		for (int r = 0; r < nr; r++) {
-			cA[r * NCOL + hd] = kvq_cluster_ld(sMx + hd, r);
-			M = fmaxf(M, cA[r * NCOL + hd]);
-		}
-		for (int r = 0; r < nr; r++) {
-			float m = cA[r * NCOL + hd];
-			float a = m == -INFINITY ? 0.0f : exp2f(m - M);
-
-			cA[r * NCOL + hd] = a;
-			L += a * kvq_cluster_ld(sLt + hd, r);
-		}
-		cL[hd] = L > 0.0f ? 1.0f / L : 0.0f;
-	}
-	__syncthreads();
 	for (int i = i0 + threadIdx.x; i < i1; i += NW * 32) {
-		int hd = i / HD, ch = i % HD;
-		float o = 0.0f;
+		int hd = i / HD;
+		float M = -INFINITY, L = 0.0f, o = 0.0f;
 
-		/* four loads in flight */
-		for (int r = 0; r < nr; r += 4) {
-			float x0 = kvq_cluster_ld(sOb + i, r);
-			float x1 = kvq_cluster_ld(sOb + i, min(r + 1, nr - 1));
-			float x2 = kvq_cluster_ld(sOb + i, min(r + 2, nr - 1));
-			float x3 = kvq_cluster_ld(sOb + i, min(r + 3, nr - 1));
+		/* rank by rank, rescaled as the maximum rises */
+		for (int r = 0; r < nr; r++) {
+			float m = kvq_cluster_ld(sMx + hd, r);
+			float l = kvq_cluster_ld(sLt + hd, r);
+			float x = kvq_cluster_ld(sOb + i, r);
 
-			o += cA[r * NCOL + hd] * x0;
-			if (r + 1 < nr)
-				o += cA[(r + 1) * NCOL + hd] * x1;
-			if (r + 2 < nr)
-				o += cA[(r + 2) * NCOL + hd] * x2;
-			if (r + 3 < nr)
-				o += cA[(r + 3) * NCOL + hd] * x3;
+			if (m == -INFINITY)
+				continue;
+			if (m > M) {
+				float c = exp2f(M - m);
+
+				L *= c;
+				o *= c;
+				M = m;
+			}
+			float a = exp2f(m - M);
+
+			L += a * l;
+			o += a * x;
 		}
-		put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch, o * cL[hd]);
+		put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + i % HD,
+			L > 0.0f ? o / L : 0.0f);
 	}
 	kvq_cluster_sync();
 }
@@ -709,59 +696,53 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	__syncthreads();
 
 	/*
-	 * Each head's weights of the warps, exp2(m_w - M), its maximum M
-	 * and sum, once: warp 0, lane (v, hd) for warps v and v + 4, the
-	 * maximum and the sum over v by shuffles.
+	 * Item i (head i / HD, channel i % HD) sums the warps' partials with
+	 * each head's weights exp2(m_w - M): a warp's items share a head, so
+	 * lane w & 7 weighs warp w's partial (the maximum M and the sum over
+	 * the warps by shuffles) and hands the weight to the others; no
+	 * barrier between the partials and the block's.
 	 */
-	float *sA = sL + NW * NCOL, *sMx = sA + NW * NCOL, *sLt = sMx + NCOL;
-
-	static_assert(NW == 8 && NCOL == 8, "a lane a head and pair of warps");
-	if (w == 0) {
-		int hd = lane & 7, v0 = lane >> 3;
-		float m0 = sM[v0 * NCOL + hd], m1 = sM[(v0 + 4) * NCOL + hd];
-		float M = fmaxf(m0, m1);
-
-		M = fmaxf(M, kvq_shfl_xor_f32(M, 8));
-		M = fmaxf(M, kvq_shfl_xor_f32(M, 16));
-		float a0 = m0 == -INFINITY ? 0.0f : exp2f(m0 - M);
-		float a1 = m1 == -INFINITY ? 0.0f : exp2f(m1 - M);
-		float L2 = a0 * sL[v0 * NCOL + hd] + a1 * sL[(v0 + 4) * NCOL + hd];
-
-		sA[v0 * NCOL + hd] = a0;
-		sA[(v0 + 4) * NCOL + hd] = a1;
-		L2 += kvq_shfl_xor_f32(L2, 8);
-		L2 += kvq_shfl_xor_f32(L2, 16);
-		if (v0 == 0) {
-			sMx[hd] = M;
-			sLt[hd] = n_active == 1 ? (L2 > 0.0f ? 1.0f / L2 : 0.0f) :
-				  L2;
-		}
-	}
-	__syncthreads();
-
+	float *sMx = sL + 2 * NW * NCOL, *sLt = sMx + NCOL;
 	size_t unit = ((size_t)b * p.hk + h) * p.n_chunks + hc;
 	size_t part = unit * p.n_splits + split;
 
 	float *sOb = sLt + NCOL;	/* CM: this block's partial */
 
+	static_assert(NW == 8, "a lane a warp in each group of 8");
 	for (int i = threadIdx.x; i < nh * HD; i += NW * 32) {
 		int hd = i / HD, ch = i % HD;
+		float mv = sM[(lane & 7) * NCOL + hd];
+		float M = mv;
+
+#pragma unroll
+		for (int m = 1; m < 8; m <<= 1)
+			M = fmaxf(M, kvq_shfl_xor_f32(M, m));
+		float av = mv == -INFINITY ? 0.0f : exp2f(mv - M);
+		float L = av * sL[(lane & 7) * NCOL + hd];
+
+#pragma unroll
+		for (int m = 1; m < 8; m <<= 1)
+			L += kvq_shfl_xor_f32(L, m);
 		float o = 0.0f;
 
 #pragma unroll
 		for (int v = 0; v < NW; v++)
-			o += sA[v * NCOL + hd] *
+			o += kvq_shfl_f32(av, (lane & 24) + v) *
 			     sO[(v * NCOL + hd) * SO_RS<HD> + so_ch(ch)];
 		if (n_active == 1) {
 			put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch,
-				o * sLt[hd]);
+				L > 0.0f ? o / L : 0.0f);
 		} else if (CM) {
 			sOb[i] = o;
+			if (ch == 0) {
+				sMx[hd] = M;
+				sLt[hd] = L;
+			}
 		} else {
 			p.ws_o[(part * NCOL + hd) * HD + ch] = o;
 			if (ch == 0) {
-				p.ws_m[part * NCOL + hd] = sMx[hd];
-				p.ws_l[part * NCOL + hd] = sLt[hd];
+				p.ws_m[part * NCOL + hd] = M;
+				p.ws_l[part * NCOL + hd] = L;
 			}
 		}
 	}
