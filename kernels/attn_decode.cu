@@ -275,9 +275,9 @@ __device__ __forceinline__ void query_int8(const kparams &p, int G,
  * writes that slice: nothing goes through global memory.  Each thread
  * reads its item's partial, maximum and sum from each rank and weighs
  * them itself, so no barrier lies between the loads and the outputs.
- * Every block of the cluster runs this, past the sequence's
- * end too; a second barrier keeps each block's shared memory until the
- * others have read it.
+ * Every block of the cluster runs this, past the sequence's end too; a
+ * second barrier keeps each block's shared memory until the others have
+ * read it.
  */
 template <int HD>
 __device__ __forceinline__ void cluster_merge(const kparams &p, float *sOb,
@@ -698,9 +698,10 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	/*
 	 * Item i (head i / HD, channel i % HD) sums the warps' partials with
 	 * each head's weights exp2(m_w - M): a warp's items share a head, so
-	 * lane w & 7 weighs warp w's partial (the maximum M and the sum over
-	 * the warps by shuffles) and hands the weight to the others; no
-	 * barrier between the partials and the block's.
+	 * lane v of each group of 8 weighs warp v's partial (the maximum M
+	 * and the sum over the warps by shuffles) and hands the weight to
+	 * the others; no barrier between the warps' partials and the
+	 * block's.
 	 */
 	float *sMx = sL + 2 * NW * NCOL, *sLt = sMx + NCOL;
 	size_t unit = ((size_t)b * p.hk + h) * p.n_chunks + hc;
@@ -1071,9 +1072,9 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 	/*
 	 * Past MERGE_U (16) splits, a multiple of it: the last block loads
 	 * 16 splits' partials, maxima and sums a round, so 33 splits would
-	 * take a round more than 32.  H200, bench/gpu_attn.py, q4/q4, batch 1 (33 -> 32 splits),
-	 * us: 32K 19.07 -> 18.17, 128K 48.81 -> 47.95; 1K-16K unchanged
-	 * (they have 32 splits or fewer already).
+	 * take a round more than 32.  H200, bench/gpu_attn.py, q4/q4, batch
+	 * 1 (33 -> 32 splits), us: 32K 19.07 -> 18.17, 128K 48.81 -> 47.95;
+	 * 1K-16K unchanged (they have 32 splits or fewer already).
 	 */
 	if (ns > MERGE_U)
 		ns -= ns % MERGE_U;
