@@ -103,6 +103,7 @@ struct plan {
 	int tps;		/* tiles per split */
 	int n_chunks;		/* query-head passes of 8 per KV head */
 	int cl;			/* blocks a cluster */
+	struct kinfo *kc;	/* cl > 1: the kernel that merges in them */
 };
 
 /* The query's elements @i..@i+7 (@i a multiple of 8) as stored, in one
@@ -263,6 +264,31 @@ __device__ __forceinline__ void query_int8(const kparams &p, int G,
 	*qo = make_uint2(wd[0], wd[1]);
 	*ko = __uint_as_float(kvq_shfl_u32(__float_as_uint(sig), 8 * t)) *
 	      ((KT == KVQ_KV_Q4 ? 1.0f / 16.0f : 1.0f) / 254.0f);
+}
+
+/*
+ * Partials held one a lane in aligned groups of G lanes, each with its
+ * maximum @m (base 2; -inf: empty) and sum @l: *@M becomes the largest
+ * of @M and the group's maxima, *@L the group's sum of exp2(m - *@M) * l,
+ * and the lane's weight exp2(m - *@M) is returned.
+ */
+template <int G>
+__device__ __forceinline__ float group_weigh(float m, float l, float *M,
+					     float *L)
+{
+	float mx = fmaxf(*M, m), a, lw;
+
+#pragma unroll
+	for (int s = 1; s < G; s <<= 1)
+		mx = fmaxf(mx, kvq_shfl_xor_f32(mx, s));
+	a = m == -INFINITY ? 0.0f : exp2f(m - mx);
+	lw = a * l;
+#pragma unroll
+	for (int s = 1; s < G; s <<= 1)
+		lw += kvq_shfl_xor_f32(lw, s);
+	*M = mx;
+	*L = lw;
+	return a;
 }
 
 /*
@@ -703,7 +729,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	 * the others; no barrier between the warps' partials and the
 	 * block's.
 	 */
-	float *sMx = sL + 2 * NW * NCOL, *sLt = sMx + NCOL;
+	float *sMx = sL + NW * NCOL, *sLt = sMx + NCOL;
 	size_t unit = ((size_t)b * p.hk + h) * p.n_chunks + hc;
 	size_t part = unit * p.n_splits + split;
 
@@ -712,18 +738,9 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	static_assert(NW == 8, "a lane a warp in each group of 8");
 	for (int i = threadIdx.x; i < nh * HD; i += NW * 32) {
 		int hd = i / HD, ch = i % HD;
-		float mv = sM[(lane & 7) * NCOL + hd];
-		float M = mv;
-
-#pragma unroll
-		for (int m = 1; m < 8; m <<= 1)
-			M = fmaxf(M, kvq_shfl_xor_f32(M, m));
-		float av = mv == -INFINITY ? 0.0f : exp2f(mv - M);
-		float L = av * sL[(lane & 7) * NCOL + hd];
-
-#pragma unroll
-		for (int m = 1; m < 8; m <<= 1)
-			L += kvq_shfl_xor_f32(L, m);
+		float M = -INFINITY, L;
+		float av = group_weigh<8>(sM[(lane & 7) * NCOL + hd],
+					  sL[(lane & 7) * NCOL + hd], &M, &L);
 		float o = 0.0f;
 
 #pragma unroll
@@ -808,11 +825,9 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 				ms = kvq_ld_cg(pm + (size_t)vs * NCOL);
 				ls = kvq_ld_cg(pl + (size_t)vs * NCOL);
 			}
-			float Mn = ms;
+			float Mn = M, lw;
+			float as = group_weigh<16>(ms, ls, &Mn, &lw);
 
-#pragma unroll
-			for (int m = 1; m < 16; m <<= 1)
-				Mn = fmaxf(Mn, kvq_shfl_xor_f32(Mn, m));
 			if (Mn > M) {
 				float r = M == -INFINITY ? 0.0f : exp2f(M - Mn);
 
@@ -823,12 +838,6 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 				L *= r;
 				M = Mn;
 			}
-			float as = ms == -INFINITY ? 0.0f : exp2f(ms - M);
-			float lw = as * ls;
-
-#pragma unroll
-			for (int m = 1; m < 16; m <<= 1)
-				lw += kvq_shfl_xor_f32(lw, m);
 			L += lw;
 #pragma unroll
 			for (int u = 0; u < U; u++) {
@@ -1001,9 +1010,9 @@ int scale_bytes(int t, int d)
 	return t == KVQ_KV_F16 ? 0 : 2 * (d / 32);
 }
 
-/* Checks @a and picks its kernel (@cm: the one whose splits merge in
- * clusters); -EINVAL / -EOPNOTSUPP. */
-int check(const struct kvq_gpu_attn_args *a, kinfo **k, bool cm = false)
+/* Checks @a and picks its kernel (the plain merge's; cluster_twin()
+ * has the other); -EINVAL / -EOPNOTSUPP. */
+int check(const struct kvq_gpu_attn_args *a, kinfo **k)
 {
 	int ki = tix(a->k_type), vi = tix(a->v_type);
 	size_t hp;
@@ -1035,12 +1044,23 @@ int check(const struct kvq_gpu_attn_args *a, kinfo **k, bool cm = false)
 	    a->out_type > 1)
 		return -EINVAL;
 	*k = ki > 0 && a->n_q_heads / a->n_kv_heads <= 4 ?
-	     &kinfos_iq[cm][a->head_dim == 128][ki - 1][vi] :
-	     &kinfos[cm][a->head_dim == 128][ki][vi];
+	     &kinfos_iq[0][a->head_dim == 128][ki - 1][vi] :
+	     &kinfos[0][a->head_dim == 128][ki][vi];
 	return 0;
 }
 
-void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
+/* The kernel of @k's page types and head size whose splits merge in
+ * clusters: the same place in the tables' second half. */
+kinfo *cluster_twin(kinfo *k)
+{
+	const size_t np = sizeof(kinfos[0]) / sizeof(kinfo);
+	const size_t nq = sizeof(kinfos_iq[0]) / sizeof(kinfo);
+
+	return k >= &kinfos[0][0][0][0] && k < &kinfos[0][0][0][0] + np ?
+	       k + np : k + nq;
+}
+
+void make_plan(const struct kvq_gpu_attn_args *a, kinfo *k, plan *pl)
 {
 	long long units, n_tiles, cap, ns, tps, mt;
 	kinfo *kc;
@@ -1125,11 +1145,14 @@ void make_plan(const struct kvq_gpu_attn_args *a, const kinfo *k, plan *pl)
 	 * (bench/gpu_attn_notes.md).
 	 */
 	pl->cl = 1;
+	pl->kc = nullptr;
 	if (ns > 1 && ns <= CL_MAX && units * ns >= n_sms &&
 	    units * ns <= cap && clusters_allowed() &&
-	    !check(a, &kc, true) && !setup(kc) &&
-	    resident_clusters(kc, (int)ns) >= units)
+	    !setup(kc = cluster_twin(k)) &&
+	    resident_clusters(kc, (int)ns) >= units) {
 		pl->cl = (int)ns;
+		pl->kc = kc;
+	}
 }
 
 size_t ws_layout(const struct kvq_gpu_attn_args *a, const plan *pl,
@@ -1193,7 +1216,7 @@ extern "C" int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a,
 	if (!a->workspace || a->workspace_bytes < need)
 		return -ENOSPC;
 	if (pl.cl > 1)
-		check(a, &k, true);	/* set up by make_plan() */
+		k = pl.kc;		/* set up by make_plan() */
 
 	p.q = a->q;
 	p.out = a->out;

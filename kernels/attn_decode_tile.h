@@ -193,12 +193,11 @@ template <int KT, int VT, int HD> struct stage {
 	static constexpr int QI_OFF = QF_OFF + HD / 32 * 32 * 24;
 	static constexpr int SMEM = QI_OFF +
 				    (KT != KVQ_KV_F16 ? HD / 32 * 32 * 16 : 0);
-	/* the warps' partials and weights, then the block's partial and
-	 * the cluster's weights (decode_kernel's epilogue) */
+	/* the warps' partials, maxima and sums, then the block's maxima,
+	 * sums and partial (decode_kernel's epilogue) */
 	static constexpr int MERGE = NW * NCOL * SO_RS<HD> * 4 +
-				     3 * NW * NCOL * 4 +
-				     2 * NCOL * 4 + NCOL * HD * 4 +
-				     (CL_MAX + 1) * NCOL * 4;
+				     2 * NW * NCOL * 4 +
+				     2 * NCOL * 4 + NCOL * HD * 4;
 	/* and room to align the start to PAD */
 	static constexpr int DYN = (SMEM > MERGE ? SMEM : MERGE) + PAD;
 };
