@@ -181,8 +181,16 @@ template <int KT, int VT, int HD> struct stage {
 	 * before.  q8/q4 at head_dim 128 (3328 bytes), three -> two, two
 	 * runs: batch 1 / 32K 20.6-20.8 -> 19.9, batch 8 / 1K 10.2 -> 9.1,
 	 * batch 8 / 8K 32.3 -> 31.7; batch 8-64 at 32K-128K within 1.6%.
+	 * But q4/q4 at head_dim 64 (a tile of 1152 bytes: half the bytes in
+	 * flight at two) takes three: kvqd's decode step (1B shape), two
+	 * alternating runs, tokens/s: batch 16 at 32K 5172-5234 -> 5450-5460,
+	 * batch 4 at 32K 2602-2631 -> 2677-2683, batch 16 at 1K 9593-9807 ->
+	 * 9679-10033, batch 1 within 1%; four: no better.  At head_dim 128
+	 * three and four stayed slower (bench/gpu_attn.py, batch 8 / 8K
+	 * 23.9-24.1 -> 24.3-24.4 and 25.1 us).
 	 */
-	static constexpr int N = BYTES <= 2700 || (KT == KVQ_KV_Q8 &&
+	static constexpr int N = ROWS1 && HD == 64 ? 3 :
+				 BYTES <= 2700 || (KT == KVQ_KV_Q8 &&
 						   VT == KVQ_KV_Q4) ? 2 :
 				 BYTES <= 4100 ? 3 : 2;
 	static constexpr int SINK_OFF = NW * N * BYTES;	/* [NW][512] */
