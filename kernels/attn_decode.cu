@@ -21,8 +21,9 @@
  * sequence has several splits, the last block to finish (an atomic
  * counter in the workspace) merges their partial results, so one launch
  * does everything.  On sm_90, where the grid is one wave, a sequence's
- * splits (at most 8) may run as one thread-block cluster instead and
- * merge through each other's shared memory (cluster_merge()).  On sm_90
+ * splits (at most 8) may run as one thread-block cluster instead: each
+ * block pushes its partial of the others' slices of the output into their
+ * shared memory, and after one cluster barrier combines its own.  On sm_90
  * the kernel is also a programmatic dependent: it reads the block table
  * and starts its first tiles into L2 while the kernels before it end.
  *
@@ -292,65 +293,6 @@ __device__ __forceinline__ float group_weigh(float m, float l, float *M,
 }
 
 /*
- * The splits' merge where a sequence's p.cl splits run as one cluster
- * (sm_90).  Each block has left its partial in shared memory: the
- * weighted sums @sOb [head][channel], and before them each head's
- * maximum and sum (base 2, the sum not inverted).  After the cluster's
- * barrier block R combines the partials of the blocks with tiles for
- * its R-th slice of the outputs, reading the others' shared memory, and
- * writes that slice: nothing goes through global memory.  Each thread
- * reads its item's partial, maximum and sum from each rank and weighs
- * them itself, so no barrier lies between the loads and the outputs.
- * Every block of the cluster runs this, past the sequence's end too; a
- * second barrier keeps each block's shared memory until the others have
- * read it.
- */
-template <int HD>
-__device__ __forceinline__ void cluster_merge(const kparams &p, float *sOb,
-					      int n_active)
-{
-	/* the block's place again: fewer values live through the tiles */
-	int R = blockIdx.x, b = blockIdx.z;
-	int hc = blockIdx.y % p.n_chunks;
-	int hq0 = (blockIdx.y / p.n_chunks) * p.gqa + hc * NCOL;
-	int nh = min(NCOL, p.gqa - hc * NCOL);
-	const float *sMx = sOb - 2 * NCOL, *sLt = sOb - NCOL;
-	int nr = min(p.cl, n_active);		/* ranks with tiles */
-	int per = (nh * HD + p.cl - 1) / p.cl;
-	int i0 = R * per, i1 = min(nh * HD, i0 + per);
-
-	kvq_cluster_sync();
-	for (int i = i0 + threadIdx.x; i < i1; i += NW * 32) {
-		int hd = i / HD;
-		float M = -INFINITY, L = 0.0f, o = 0.0f;
-
-		/* rank by rank, rescaled as the maximum rises */
-		for (int r = 0; r < nr; r++) {
-			float m = kvq_cluster_ld(sMx + hd, r);
-			float l = kvq_cluster_ld(sLt + hd, r);
-			float x = kvq_cluster_ld(sOb + i, r);
-
-			if (m == -INFINITY)
-				continue;
-			if (m > M) {
-				float c = exp2f(M - m);
-
-				L *= c;
-				o *= c;
-				M = m;
-			}
-			float a = exp2f(m - M);
-
-			L += a * l;
-			o += a * x;
-		}
-		put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + i % HD,
-			L > 0.0f ? o / L : 0.0f);
-	}
-	kvq_cluster_sync();
-}
-
-/*
  * One block: sequence blockIdx.z, KV head blockIdx.y / n_chunks (query
  * heads of pass blockIdx.y % n_chunks), tiles [split * tps, + tps).
  * IQ: q8 and q4 keys through integer products against query_int8()'s
@@ -378,6 +320,8 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	int t_begin = split * p.tps;
 	const bool kq = KT != KVQ_KV_F16, vq = VT != KVQ_KV_F16;
 
+	if (CM)		/* started: the others may push to this block */
+		kvq_cluster_arrive(false);
 	/*
 	 * Page ids of this warp's tiles k, in a ring of 64 in shared memory
 	 * (entry k & 63), filled 32 at a time one batch ahead.  The first
@@ -729,12 +673,23 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	 * the others; no barrier between the warps' partials and the
 	 * block's.
 	 */
-	float *sMx = sL + NW * NCOL, *sLt = sMx + NCOL;
 	size_t unit = ((size_t)b * p.hk + h) * p.n_chunks + hc;
 	size_t part = unit * p.n_splits + split;
 
-	float *sOb = sLt + NCOL;	/* CM: this block's partial */
+	/*
+	 * CM: rank R's slice of the items is [R per, R per + per); the
+	 * ranks push their partials of it into its receive region (S::RCV),
+	 * which nothing else in any block uses, once every block of the
+	 * cluster has started (the barrier's first half, at the start).
+	 */
+	float *rO = (float *)(smem + S::RCV_OFF);
+	float *rM = rO + NCOL * HD + CL_MAX, *rL = rM + CL_MAX * NCOL;
+	int c_per = CM ? (nh * HD + p.cl - 1) / p.cl : 1;
+	int c_i0 = CM ? split * c_per : 0;
+	int c_i1 = CM ? min(nh * HD, c_i0 + c_per) : 0;
 
+	if (CM && n_active > 1)
+		kvq_cluster_wait();
 	static_assert(NW == 8, "a lane a warp in each group of 8");
 	for (int i = threadIdx.x; i < nh * HD; i += NW * 32) {
 		int hd = i / HD, ch = i % HD;
@@ -751,10 +706,20 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 			put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + ch,
 				L > 0.0f ? o / L : 0.0f);
 		} else if (CM) {
-			sOb[i] = o;
-			if (ch == 0) {
-				sMx[hd] = M;
-				sLt[hd] = L;
+			/* item i to the rank whose slice holds it, this
+			 * head's maximum and sum to every rank */
+			int d = i / c_per;
+
+			if (split < n_active) {
+				kvq_cluster_st(rO + split * c_per + i - d * c_per,
+					       (unsigned)d, o);
+				if (ch == 0)
+					for (int r = 0; r < p.cl; r++) {
+						kvq_cluster_st(rM + split * NCOL + hd,
+							       (unsigned)r, M);
+						kvq_cluster_st(rL + split * NCOL + hd,
+							       (unsigned)r, L);
+					}
 			}
 		} else {
 			p.ws_o[(part * NCOL + hd) * HD + ch] = o;
@@ -767,7 +732,41 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	if (n_active == 1)
 		return;
 	if (CM) {
-		cluster_merge<HD>(p, sOb, n_active);
+		/*
+		 * The cluster's barrier: the pushes above are visible to
+		 * their ranks after it.  Then this block combines its slice
+		 * from its own shared memory, rank by rank (rescaled as the
+		 * maximum rises), and writes it.  Nothing is read from the
+		 * other blocks, so none waits for another to end.
+		 */
+		kvq_cluster_arrive(true);
+		kvq_cluster_wait();
+		int nr = min(p.cl, n_active);	/* ranks with tiles */
+
+		for (int i = c_i0 + threadIdx.x; i < c_i1; i += NW * 32) {
+			int hd = i / HD;
+			float M = -INFINITY, L = 0.0f, o = 0.0f;
+
+			for (int r = 0; r < nr; r++) {
+				float m = rM[r * NCOL + hd];
+
+				if (m == -INFINITY)
+					continue;
+				if (m > M) {
+					float c = exp2f(M - m);
+
+					L *= c;
+					o *= c;
+					M = m;
+				}
+				float a = exp2f(m - M);
+
+				L += a * rL[r * NCOL + hd];
+				o += a * rO[r * c_per + i - c_i0];
+			}
+			put_out(p, ((size_t)b * p.hq + hq0 + hd) * HD + i % HD,
+				L > 0.0f ? o / L : 0.0f);
+		}
 		return;
 	}
 
@@ -889,7 +888,8 @@ template <int KT, int VT, int HD, bool IQ, bool CM> kinfo make_info()
 	kinfo k = { decode_kernel<KT, VT, HD, IQ, false>,
 		    stage<KT, VT, HD>::DYN, 0, {} };
 #else
-	kinfo k = { decode_kernel<KT, VT, HD, IQ, CM>, stage<KT, VT, HD>::DYN,
+	kinfo k = { decode_kernel<KT, VT, HD, IQ, CM>,
+		    CM ? stage<KT, VT, HD>::DYN_CM : stage<KT, VT, HD>::DYN,
 		    0, {} };
 #endif
 

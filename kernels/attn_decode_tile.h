@@ -206,8 +206,18 @@ template <int KT, int VT, int HD> struct stage {
 	static constexpr int MERGE = NW * NCOL * SO_RS<HD> * 4 +
 				     2 * NW * NCOL * 4 +
 				     2 * NCOL * 4 + NCOL * HD * 4;
+	/*
+	 * CM: the partials the cluster's blocks push here (decode_kernel's
+	 * epilogue), beyond everything the block itself uses: the items of
+	 * this block's slice from each rank, then each rank's maxima and
+	 * sums of every head.
+	 */
+	static constexpr int RCV_OFF = SMEM > MERGE ? SMEM : MERGE;
+	static constexpr int RCV = (NCOL * HD + CL_MAX) * 4 +
+				   2 * CL_MAX * NCOL * 4;
 	/* and room to align the start to PAD */
-	static constexpr int DYN = (SMEM > MERGE ? SMEM : MERGE) + PAD;
+	static constexpr int DYN = RCV_OFF + PAD;
+	static constexpr int DYN_CM = RCV_OFF + RCV + PAD;
 };
 
 __device__ __forceinline__ unsigned h2u(__half2 h)

@@ -761,12 +761,14 @@ static __device__ __forceinline__ void kvq_pdl_trigger(void)
 
 /*
  * Thread-block clusters (sm_90; a launch with kvq_launch_cl(), cl > 1).
- * kvq_cluster_sync() is a barrier of every thread of every block of the
- * cluster that releases this thread's earlier shared-memory writes to
- * the cluster and acquires theirs; every thread of the block runs it, in
- * the same places.  kvq_cluster_ld() reads the float at @p's offset in
- * block @rank's shared memory.  Not reached elsewhere (the host launches
- * clusters only on sm_90): they trap there.
+ * A cluster barrier in two halves, run by every thread of every block
+ * of the cluster in the same places: kvq_cluster_arrive() (@release: this
+ * thread's earlier shared-memory writes, the remote ones too, become
+ * visible to the cluster once the barrier completes; else no ordering),
+ * then kvq_cluster_wait(), which returns when every thread has arrived
+ * and acquires what they released.  kvq_cluster_st() stores @v at @p's
+ * offset in block @rank's shared memory.  Not reached elsewhere (the host
+ * launches clusters only on sm_90): they trap there.
  */
 #if defined(__HIPCC__) || defined(KVQ_HIP)
 #define KVQ_DEVICE_TRAP() __builtin_trap()
@@ -774,32 +776,44 @@ static __device__ __forceinline__ void kvq_pdl_trigger(void)
 #define KVQ_DEVICE_TRAP() __trap()
 #endif
 
-static __device__ __forceinline__ void kvq_cluster_sync(void)
+static __device__ __forceinline__ void kvq_cluster_arrive(bool release)
 {
 #if KVQ_SM90_CODE
-	asm volatile("barrier.cluster.arrive.release.aligned;\n\t"
-		     "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+	if (release)
+		asm volatile("barrier.cluster.arrive.release.aligned;" :::
+			     "memory");
+	else
+		asm volatile("barrier.cluster.arrive.relaxed.aligned;" :::);
+#else
+	(void)release;
+	KVQ_DEVICE_TRAP();
+#endif
+}
+
+static __device__ __forceinline__ void kvq_cluster_wait(void)
+{
+#if KVQ_SM90_CODE
+	asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
 #else
 	KVQ_DEVICE_TRAP();
 #endif
 }
 
-static __device__ __forceinline__ float kvq_cluster_ld(const float *p,
-							unsigned rank)
+static __device__ __forceinline__ void kvq_cluster_st(float *p,
+						      unsigned rank, float v)
 {
 #if KVQ_SM90_CODE
 	unsigned a = (unsigned)__cvta_generic_to_shared(p), r;
-	float v;
 
 	asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
 		     : "=r"(r) : "r"(a), "r"(rank));
-	asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r));
-	return v;
+	asm volatile("st.shared::cluster.f32 [%0], %1;"
+		     :: "r"(r), "f"(v) : "memory");
 #else
 	(void)p;
 	(void)rank;
+	(void)v;
 	KVQ_DEVICE_TRAP();
-	return 0.0f;
 #endif
 }
 
