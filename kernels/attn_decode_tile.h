@@ -201,11 +201,9 @@ template <int KT, int VT, int HD> struct stage {
 	static constexpr int QI_OFF = QF_OFF + HD / 32 * 32 * 24;
 	static constexpr int SMEM = QI_OFF +
 				    (KT != KVQ_KV_F16 ? HD / 32 * 32 * 16 : 0);
-	/* the warps' partials, maxima and sums, then the block's maxima,
-	 * sums and partial (decode_kernel's epilogue) */
+	/* the warps' partials, maxima and sums (decode_kernel's epilogue) */
 	static constexpr int MERGE = NW * NCOL * SO_RS<HD> * 4 +
-				     2 * NW * NCOL * 4 +
-				     2 * NCOL * 4 + NCOL * HD * 4;
+				     2 * NW * NCOL * 4;
 	/*
 	 * CM: the partials the cluster's blocks push here (decode_kernel's
 	 * epilogue), beyond everything the block itself uses: the items of
