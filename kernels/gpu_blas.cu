@@ -240,6 +240,28 @@ __device__ __forceinline__ void tc_load_x(uint4 (&B)[U][NT][2],
 	}
 }
 
+/* One slot's next chunk @ch (none past @nch): rows and halves. */
+template <int WT, int MT, int NT>
+__device__ __forceinline__ void tc_refill(uint4 (&A)[MT][2],
+					  uint4 (&B)[NT][2], const tc_args &a,
+					  const uint32_t (&r)[MT],
+					  const __half *const (&xr)[NT][2],
+					  uint32_t t, uint32_t ch, uint32_t nch)
+{
+	if (ch >= nch)
+		return;
+#pragma unroll
+	for (int m = 0; m < MT; m++) {
+		A[m][0] = kvq_wload8<WT>(a.w, r[m], ch * 32 + 8 * t);
+		A[m][1] = kvq_wload8<WT>(a.w, r[m] + 8, ch * 32 + 8 * t);
+	}
+#pragma unroll
+	for (int j = 0; j < NT; j++) {
+		B[j][0] = *(const uint4 *)(xr[j][0] + (size_t)ch * 32);
+		B[j][1] = *(const uint4 *)(xr[j][1] + (size_t)ch * 32);
+	}
+}
+
 template <int WT, int MT, int NT, int KW, int U>
 __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 {
@@ -293,10 +315,22 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 					}
 				}
 			}
+			/*
+			 * f16 rows: slot u's next chunk goes out as soon as
+			 * its products are issued, so U - 1 chunks stay in
+			 * flight while the warp multiplies.  The 8/4-bit rows
+			 * are expanded as they arrive (kvq_wload8()), which
+			 * would wait on each refill here: they load U chunks
+			 * together after the loop body.
+			 */
+			if (WT == KVQ_GPU_W_F16)
+				tc_refill<WT, MT, NT>(A[u], B[u], a, wr, xr, t,
+						      kc + (U + u) * KW, nch);
 		}
-		/* The next chunks: weights and halves together. */
-		tc_load_w<WT, MT, KW, U>(A, a, wr, t, kc + KW * U, nch);
-		tc_load_x<NT, KW, U>(B, xr, kc + KW * U, nch);
+		if (WT != KVQ_GPU_W_F16) {
+			tc_load_w<WT, MT, KW, U>(A, a, wr, t, kc + KW * U, nch);
+			tc_load_x<NT, KW, U>(B, xr, kc + KW * U, nch);
+		}
 	}
 #pragma unroll
 	for (m = 0; m < MT; m++)
@@ -343,15 +377,19 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
  * MT 1-2, KW 4-32, U 1-8 (bench/gpu_decode_notes.md): rows of 8192 and
  * more (gate/up, the vocabulary) fastest at 2 x 8 x 1, the QKV product
  * at 2 x 16 x 2, 2048 rows (output projection, down) at 1 x 16 x 4.
+ * With f16 rows refilled slot by slot, the long rows take 2 chunks in
+ * flight at 16 tokens (two 8-token tiles): batch 16 1571 -> 1530 us a
+ * step, but batch 8 1237 -> 1275, so 1 there.
  */
 template <int WT, int NT>
 void tc_launch_nt(bool pdl, cudaStream_t st, const tc_args &a)
 {
+	constexpr int UL = WT == KVQ_GPU_W_F16 && NT == 2 ? 2 : 1;
 	bool two = a.rows % 32 == 0 && a.rows > 2048;
 	uint32_t blocks = a.rows / (two ? 32 : 16);
 
 	if (two && a.rows >= 8192)
-		kvq_launch(pdl, tc_kernel<WT, 2, NT, 8, 1>, dim3(blocks),
+		kvq_launch(pdl, tc_kernel<WT, 2, NT, 8, UL>, dim3(blocks),
 			   dim3(8 * 32), 0, st, a);
 	else if (two)
 		kvq_launch(pdl, tc_kernel<WT, 2, NT, 16, 2>, dim3(blocks),
