@@ -100,6 +100,24 @@ __device__ float pow2_scale(float m)
 	return ldexpf(1.0f, e);
 }
 
+/* pow2_scale() from the bits of @m, and its inverse (both powers of 2). */
+__device__ __forceinline__ void pow2_scale2(float m, float &s, float &is)
+{
+	uint32_t b = __float_as_uint(m), x = (b >> 23) & 255;
+	int e;
+
+	if (!(m > 0.0f) || x == 255) {
+		s = is = 1.0f;
+		return;
+	}
+	/* m < 2^(x - 126), so e = 15 - (x - 126); subnormals (x = 0) go to
+	 * the clamp as frexpf's exponent does. */
+	e = x ? 141 - (int)x : 100;
+	e = e < -100 ? -100 : e > 100 ? 100 : e;
+	s = __uint_as_float((uint32_t)(127 + e) << 23);
+	is = __uint_as_float((uint32_t)(127 - e) << 23);
+}
+
 /* part[block] = max |x| over tokens block, block + AMAX_BLOCKS, ... */
 __global__ void __launch_bounds__(THREADS)
 amax_kernel(const float *x, uint32_t xs, uint32_t cols, uint32_t n,
@@ -192,6 +210,18 @@ struct tc_args {
 	bool to_qkv;
 	struct qkv_out qkv;
 	const float *bias;	/* with to_qkv: added here, not by prep */
+	/* f32 input read by the product itself (tc_kernel's IN > 0): row
+	 * xrows[t] (or t) of x, RMSNorm weights g (IN 2); y (+)= bias. */
+	const float *x;
+	uint32_t xs, cols;
+	const int32_t *xrows;
+	const float *g;
+	float eps;
+	bool add;
+	/* W = [gate; up]: tile 0 of a block's gate rows, tile 1 the same
+	 * rows of up (half = rows / 2 on), y = silu(gate) * up */
+	bool swiglu;
+	uint32_t half;
 };
 
 /* Chunks @kc, @kc + KW, ... (U of them, those below @nch) of the warp's
@@ -220,15 +250,16 @@ __device__ __forceinline__ void tc_load_w(uint4 (&A)[U][MT][2],
 	}
 }
 
-/* The same chunks of the halves (hi, lo) of the lane's token a tile. */
-template <int NT, int KW, int U>
+/* The same chunks of the halves (hi, lo) of the lane's token a tile; or,
+ * XS = 64, of its f32 values (8 from the lane's column, as two runs of 4). */
+template <int NT, int KW, int U, int XS>
 __device__ __forceinline__ void tc_load_x(uint4 (&B)[U][NT][2],
 					  const __half *const (&xr)[NT][2],
 					  uint32_t kc, uint32_t nch)
 {
 #pragma unroll
 	for (int u = 0; u < U; u++) {
-		size_t o = (size_t)(kc + u * KW) * 32;
+		size_t o = (size_t)(kc + u * KW) * XS;
 
 		if (kc + u * KW >= nch)
 			break;
@@ -241,7 +272,7 @@ __device__ __forceinline__ void tc_load_x(uint4 (&B)[U][NT][2],
 }
 
 /* One slot's next chunk @ch (none past @nch): rows and halves. */
-template <int WT, int MT, int NT>
+template <int WT, int MT, int NT, int XS>
 __device__ __forceinline__ void tc_refill(uint4 (&A)[MT][2],
 					  uint4 (&B)[NT][2], const tc_args &a,
 					  const uint32_t (&r)[MT],
@@ -257,61 +288,162 @@ __device__ __forceinline__ void tc_refill(uint4 (&A)[MT][2],
 	}
 #pragma unroll
 	for (int j = 0; j < NT; j++) {
-		B[j][0] = *(const uint4 *)(xr[j][0] + (size_t)ch * 32);
-		B[j][1] = *(const uint4 *)(xr[j][1] + (size_t)ch * 32);
+		B[j][0] = *(const uint4 *)(xr[j][0] + (size_t)ch * XS);
+		B[j][1] = *(const uint4 *)(xr[j][1] + (size_t)ch * XS);
 	}
 }
 
-template <int WT, int MT, int NT, int KW, int U>
+/*
+ * The f32 values of one chunk of a token (IN > 0) into the halves of
+ * the chunk's own scale: v = x (IN 1) or x g (IN 2, g from @gs), s =
+ * pow2_scale() of max |v| over the chunk's 32 columns (the four lanes of
+ * the token), B[0] = hi, B[1] = lo as prep_kernel() makes them; @ss gains
+ * the squares of x (IN 2); returns 1/s.
+ */
+template <int IN>
+__device__ __forceinline__ float tc_halves(uint4 (&B)[2], const float *gs,
+					   double &ss)
+{
+	float v[8], mx = 0.0f, sc, is;
+	union { uint4 u4; __half2 h[4]; } hi, lo;
+	int k;
+
+	v[0] = __uint_as_float(B[0].x); v[1] = __uint_as_float(B[0].y);
+	v[2] = __uint_as_float(B[0].z); v[3] = __uint_as_float(B[0].w);
+	v[4] = __uint_as_float(B[1].x); v[5] = __uint_as_float(B[1].y);
+	v[6] = __uint_as_float(B[1].z); v[7] = __uint_as_float(B[1].w);
+	if (IN == 2) {
+		const float4 g0 = *(const float4 *)gs, g1 = *(const float4 *)(gs + 4);
+		const float gv[8] = { g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w };
+
+#pragma unroll
+		for (k = 0; k < 8; k++) {
+			ss += (double)v[k] * v[k];
+			v[k] = __fmul_rn(v[k], gv[k]);
+		}
+	}
+#pragma unroll
+	for (k = 0; k < 8; k++)
+		mx = fmaxf(mx, fabsf(v[k]));
+	mx = fmaxf(mx, kvq_shfl_xor_f32(mx, 1));
+	mx = fmaxf(mx, kvq_shfl_xor_f32(mx, 2));
+	pow2_scale2(mx, sc, is);
+#pragma unroll
+	for (k = 0; k < 4; k++) {
+		float v0 = v[2 * k] * sc, v1 = v[2 * k + 1] * sc;
+		float2 hf;
+
+		hi.h[k] = __floats2half2_rn(v0, v1);
+		hf = __half22float2(hi.h[k]);
+		lo.h[k] = __floats2half2_rn(v0 - hf.x, v1 - hf.y);
+	}
+	B[0] = hi.u4;
+	B[1] = lo.u4;
+	return is;
+}
+
+/*
+ * IN: where the tokens come from.  0: the halves prep_kernel() wrote
+ * (one scale a token, alpha).  1 (x itself) and 2 (RMSNorm(x)): the f32
+ * rows of x, which each warp turns into halves chunk by chunk at a
+ * scale of the chunk's own (tc_halves()); the chunk's products go to a
+ * scratch accumulator and into c times 1/s, and with IN 2 the block
+ * sums the squares of x over its warps' chunks (every column of the row)
+ * and scales by 1 / rms at the end, as y = W (x g) / rms is
+ * RMSNorm(x)'s product.  No kernel before the product, so a decode
+ * step of several tokens has one launch a product instead of two.
+ */
+template <int WT, int MT, int NT, int KW, int U, int IN>
 __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 {
 	constexpr int E = MT * NT * 128;	/* accumulators a warp */
+	constexpr int XS = IN ? 64 : 32;	/* halves a chunk, for xr */
 	__shared__ float red[KW * E];
+	__shared__ double ssw[IN == 2 ? KW * NT * 8 : 1];
+	__shared__ float fac[NT * 8];
+	extern __shared__ float gsm[];		/* IN 2: g, a.ld floats */
 	const uint32_t lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
 	const uint32_t g = lane >> 2, t = lane & 3, nch = a.ld / 32;
-	const uint32_t r0 = blockIdx.x * 16 * MT;
+	const uint32_t r0 = blockIdx.x * 16 * (a.swiglu ? 1 : MT);
 	uint32_t wr[MT];
 	const __half *xr[NT][2];
 	float c[MT][NT][4];
+	double ss[NT];
 	uint4 A[U][MT][2], B[U][NT][2];
 	uint32_t kc = wid, e;
 	int m, j, u;
 
 	for (m = 0; m < MT; m++) {
-		wr[m] = r0 + 16 * m + g;
+		wr[m] = r0 + (a.swiglu ? m * a.half : 16 * m) + g;
 		for (j = 0; j < NT; j++)
 			c[m][j][0] = c[m][j][1] = c[m][j][2] = c[m][j][3] = 0.0f;
 	}
+	for (j = 0; j < NT; j++)
+		ss[j] = 0.0;
+	kvq_pdl_trigger();
+	if (IN == 2)
+		for (e = threadIdx.x * 4; e < a.ld; e += KW * 32 * 4)
+			*(float4 *)(gsm + e) = *(const float4 *)(a.g + e);
+	tc_load_w<WT, MT, KW, U>(A, a, wr, t, kc, nch);
+	kvq_pdl_wait();
 	for (j = 0; j < NT; j++) {
 		uint32_t tok = 8 * j + g < a.n ? 8 * j + g : a.n - 1;
 
-		xr[j][0] = a.hi + (size_t)tok * a.ld + 8 * t;
-		xr[j][1] = a.lo + (size_t)tok * a.ld + 8 * t;
+		if (IN) {
+			const float *xf = a.x + (size_t)(a.xrows ?
+				(uint32_t)a.xrows[tok] : tok) * a.xs + 8 * t;
+
+			xr[j][0] = (const __half *)xf;
+			xr[j][1] = (const __half *)(xf + 4);
+		} else {
+			xr[j][0] = a.hi + (size_t)tok * a.ld + 8 * t;
+			xr[j][1] = a.lo + (size_t)tok * a.ld + 8 * t;
+		}
 	}
-	kvq_pdl_trigger();
-	tc_load_w<WT, MT, KW, U>(A, a, wr, t, kc, nch);
-	kvq_pdl_wait();
-	tc_load_x<NT, KW, U>(B, xr, kc, nch);
+	tc_load_x<NT, KW, U, XS>(B, xr, kc, nch);
+	if (IN == 2)
+		__syncthreads();	/* gsm */
 	for (; kc < nch; kc += KW * U) {
 #pragma unroll
 		for (u = 0; u < U; u++) {
 			if (kc + u * KW >= nch)
 				break;
 #pragma unroll
-			for (m = 0; m < MT; m++) {
-				const uint4 &p = A[u][m][0], &q = A[u][m][1];
-				const unsigned a1[4] = { p.x, q.x, p.y, q.y };
-				const unsigned a2[4] = { p.z, q.z, p.w, q.w };
+			for (j = 0; j < NT; j++) {
+				float i0 = 1.0f, i1 = 1.0f;
+
+				if (IN) {
+					float is = tc_halves<IN>(B[u][j],
+						gsm + (kc + u * KW) * 32 + 8 * t,
+						ss[j]);
+
+					/* 1/s of the tokens of the lane's
+					 * columns of c: 8j + 2t, 8j + 2t + 1 */
+					i0 = kvq_shfl_f32(is, (int)(8 * t));
+					i1 = kvq_shfl_f32(is, (int)(8 * t + 4));
+				}
 #pragma unroll
-				for (j = 0; j < NT; j++) {
+				for (m = 0; m < MT; m++) {
+					const uint4 &p = A[u][m][0], &q = A[u][m][1];
+					const unsigned a1[4] = { p.x, q.x, p.y, q.y };
+					const unsigned a2[4] = { p.z, q.z, p.w, q.w };
+					float tm[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
+					float *acc = IN ? tm : c[m][j];
+
 #pragma unroll
 					for (int h = 0; h < 2; h++) {
 						const uint4 &b = B[u][j][h];
 						const unsigned b1[2] = { b.x, b.y };
 						const unsigned b2[2] = { b.z, b.w };
 
-						kvq_mma_f16_16816(c[m][j], a1, b1);
-						kvq_mma_f16_16816(c[m][j], a2, b2);
+						kvq_mma_f16_16816(acc, a1, b1);
+						kvq_mma_f16_16816(acc, a2, b2);
+					}
+					if (IN) {
+						c[m][j][0] += i0 * tm[0];
+						c[m][j][1] += i1 * tm[1];
+						c[m][j][2] += i0 * tm[2];
+						c[m][j][3] += i1 * tm[3];
 					}
 				}
 			}
@@ -324,12 +456,13 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 			 * together after the loop body.
 			 */
 			if (WT == KVQ_GPU_W_F16)
-				tc_refill<WT, MT, NT>(A[u], B[u], a, wr, xr, t,
-						      kc + (U + u) * KW, nch);
+				tc_refill<WT, MT, NT, XS>(A[u], B[u], a, wr, xr,
+							  t, kc + (U + u) * KW,
+							  nch);
 		}
 		if (WT != KVQ_GPU_W_F16) {
 			tc_load_w<WT, MT, KW, U>(A, a, wr, t, kc + KW * U, nch);
-			tc_load_x<NT, KW, U>(B, xr, kc + KW * U, nch);
+			tc_load_x<NT, KW, U, XS>(B, xr, kc + KW * U, nch);
 		}
 	}
 #pragma unroll
@@ -340,19 +473,60 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 			for (int r = 0; r < 4; r++)
 				red[wid * E + ((m * NT + j) * 4 + r) * 32 + lane] =
 					c[m][j][r];
+	if (IN == 2)
+#pragma unroll
+		for (j = 0; j < NT; j++) {
+			double v = ss[j];
+
+			v += kvq_shfl_xor_f64(v, 1);
+			v += kvq_shfl_xor_f64(v, 2);
+			if (!t)
+				ssw[(wid * NT + j) * 8 + g] = v;
+		}
 	__syncthreads();
+	if (IN && threadIdx.x < NT * 8) {
+		float f = 1.0f;
+
+		if (IN == 2) {
+			double v = 0.0;
+
+			for (int w = 0; w < KW; w++)
+				v += ssw[w * NT * 8 + threadIdx.x];
+			f = (float)(1.0 / sqrt(v / a.cols + a.eps));
+		}
+		fac[threadIdx.x] = f;
+	}
+	if (IN)
+		__syncthreads();
+	/* SwiGLU (MT 2): entry e of tile 0 (gate) meets e + E / 2 (up) */
+	for (e = threadIdx.x; MT == 2 && a.swiglu && e < (uint32_t)E / 2;
+	     e += KW * 32) {
+		uint32_t l = e & 31, r = (e >> 5) & 3, j2 = e >> 7;
+		uint32_t row = r0 + (l >> 2) + (r >= 2 ? 8 : 0);
+		uint32_t tok = 8 * j2 + 2 * (l & 3) + (r & 1);
+		float sg = 0.0f, su = 0.0f, f = IN ? fac[tok] : a.alpha[tok];
+
+		for (int w = 0; w < KW; w++) {
+			sg += red[w * E + e];
+			su += red[w * E + E / 2 + e];
+		}
+		if (tok < a.n)
+			a.y[(size_t)tok * a.ys + row] = silu_mul(f * sg, f * su);
+	}
+	if (a.swiglu)
+		return;
 	for (e = threadIdx.x; e < (uint32_t)E; e += KW * 32) {
 		uint32_t l = e & 31, r = (e >> 5) & 3, mj = e >> 7;
 		uint32_t row = r0 + 16 * (mj / NT) + (l >> 2) + (r >= 2 ? 8 : 0);
 		uint32_t tok = 8 * (mj % NT) + 2 * (l & 3) + (r & 1);
-		float sum = 0.0f;
+		float sum = 0.0f, f = IN ? fac[tok] : a.alpha[tok];
 
 		for (int w = 0; w < KW; w++)
 			sum += red[w * E + e];
 		if (a.to_qkv) {
 			/* Whole warps run this loop; the partner row is the
 			 * entry of lane ^ 4. */
-			float v = a.alpha[tok] * sum, pv;
+			float v = f * sum, pv;
 
 			if (a.bias)
 				v += a.bias[row];
@@ -362,12 +536,25 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 					[pv] { return pv; });
 			continue;
 		}
-		if (tok < a.n) {
-			float *y = a.y + (size_t)tok * a.ys + row;
+		if (tok >= a.n)
+			continue;
+		float *y = a.y + (size_t)tok * a.ys + row;
 
-			*y = a.acc ? *y + a.alpha[tok] * sum :
-				     a.alpha[tok] * sum;
+		if (IN) {
+			/* prep_kernel()'s bias, then the product, in its
+			 * order: (y + bias) + f sum */
+			if (a.add || a.bias) {
+				float b = a.add ? *y : 0.0f;
+
+				if (a.bias)
+					b = a.add ? b + a.bias[row] : a.bias[row];
+				*y = b + f * sum;
+			} else {
+				*y = f * sum;
+			}
+			continue;
 		}
+		*y = a.acc ? *y + f * sum : f * sum;
 	}
 }
 
@@ -381,32 +568,43 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
  * flight at 16 tokens (two 8-token tiles): batch 16 1571 -> 1530 us a
  * step, but batch 8 1237 -> 1275, so 1 there.
  */
-template <int WT, int NT>
+template <int WT, int NT, int IN>
 void tc_launch_nt(bool pdl, cudaStream_t st, const tc_args &a)
 {
 	constexpr int UL = WT == KVQ_GPU_W_F16 && NT == 2 ? 2 : 1;
 	bool two = a.rows % 32 == 0 && a.rows > 2048;
 	uint32_t blocks = a.rows / (two ? 32 : 16);
+	size_t sm = IN == 2 ? a.ld * sizeof(float) : 0;
 
-	if (two && a.rows >= 8192)
-		kvq_launch(pdl, tc_kernel<WT, 2, NT, 8, UL>, dim3(blocks),
-			   dim3(8 * 32), 0, st, a);
+	if (a.swiglu)		/* two tiles a warp: a gate and an up */
+		kvq_launch(pdl, tc_kernel<WT, 2, NT, 8, UL, IN>,
+			   dim3(a.half / 16), dim3(8 * 32), sm, st, a);
+	else if (two && a.rows >= 8192)
+		kvq_launch(pdl, tc_kernel<WT, 2, NT, 8, UL, IN>, dim3(blocks),
+			   dim3(8 * 32), sm, st, a);
 	else if (two)
-		kvq_launch(pdl, tc_kernel<WT, 2, NT, 16, 2>, dim3(blocks),
-			   dim3(16 * 32), 0, st, a);
+		kvq_launch(pdl, tc_kernel<WT, 2, NT, 16, 2, IN>, dim3(blocks),
+			   dim3(16 * 32), sm, st, a);
 	else
-		kvq_launch(pdl, tc_kernel<WT, 1, NT, 16, 4>, dim3(blocks),
-			   dim3(16 * 32), 0, st, a);
+		kvq_launch(pdl, tc_kernel<WT, 1, NT, 16, 4, IN>, dim3(blocks),
+			   dim3(16 * 32), sm, st, a);
 }
 
-/* Launches tc_kernel for @a's weight type with the tiling for its shape. */
-void tc_launch(bool pdl, cudaStream_t st, const tc_args &a)
+/* Launches tc_kernel for @a's weight type and input @in (its IN; 0
+ * past 8 tokens) with the tiling for its shape. */
+void tc_launch(bool pdl, cudaStream_t st, const tc_args &a, int in)
 {
 	kvq_wt_switch(a.w.type, [&](auto wt) {
-		if (a.n <= 8)
-			tc_launch_nt<decltype(wt)::value, 1>(pdl, st, a);
+		constexpr int W = decltype(wt)::value;
+
+		if (a.n > 8)
+			tc_launch_nt<W, 2, 0>(pdl, st, a);
+		else if (in == 2)
+			tc_launch_nt<W, 1, 2>(pdl, st, a);
+		else if (in == 1)
+			tc_launch_nt<W, 1, 1>(pdl, st, a);
 		else
-			tc_launch_nt<decltype(wt)::value, 2>(pdl, st, a);
+			tc_launch_nt<W, 1, 0>(pdl, st, a);
 	});
 }
 
@@ -584,6 +782,7 @@ struct kvq_gpu_blas {
 	__half *hi, *lo;	/* [max_tok][max_ld] each */
 	float *sc;		/* SC_* */
 	bool no_tc;		/* KVQ_GPU_NO_TCMV: skinny products to cuBLAS */
+	bool no_fuse;		/* KVQ_GPU_TC_PREP: x through prep_kernel() */
 };
 
 void kvq_gpu_blas_destroy(struct kvq_gpu_blas *b)
@@ -627,6 +826,8 @@ int kvq_gpu_blas_create(cudaStream_t st, uint32_t max_tok, uint32_t max_ld,
 	b->pdl = kvq_pdl_allowed();
 	tc_env = getenv("KVQ_GPU_NO_TCMV");
 	b->no_tc = tc_env && *tc_env && strcmp(tc_env, "0");
+	tc_env = getenv("KVQ_GPU_TC_PREP");
+	b->no_fuse = tc_env && *tc_env && strcmp(tc_env, "0");
 	b->ws_bytes = workspace_bytes();
 	ret = dalloc(&b->ws, b->ws_bytes, "the cuBLAS workspace", err, errlen);
 	if (!ret)
@@ -798,33 +999,52 @@ int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
 	const dmat *w = a->w;
 	prep_args p;
 	tc_args t;
+	bool fused;
 
 	if (!kvq_gpu_blas_skinny(b, w, a->n) || !a->n || a->n > b->max_tok ||
-	    w->ld > b->max_ld || (!a->qkv && a->ys < w->rows) ||
+	    w->ld > b->max_ld || (!a->qkv && !a->swiglu && a->ys < w->rows) ||
 	    (a->qkv && (a->add || a->qkv->rope_dim % 2 ||
 			a->qkv->qd + 2 * a->qkv->kvd != w->rows)) ||
-	    (a->in == KVQ_SKINNY_NORM && !a->norm))
+	    (a->in == KVQ_SKINNY_NORM && !a->norm) ||
+	    (a->swiglu && (a->qkv || a->add || a->bias || a->n > 8 ||
+			   w->rows % 32 || a->ys < w->rows / 2)))
 		return set_err(err, errlen, -EINVAL,
 			       "skinny product: bad shape %u x %u, %u tokens",
 			       w->rows, w->cols, a->n);
-	p.x = a->x;
-	p.xs = a->xs;
-	p.cols = w->cols;
-	p.ld = w->ld;
-	p.xrows = a->xrows;
-	p.in = a->in;
-	p.g = a->norm;
-	p.eps = a->eps;
-	p.alpha = b->sc + SC_TOK;
-	p.hi = b->hi;
-	p.lo = b->lo;
-	p.bias = a->qkv ? nullptr : a->bias;
-	p.y = a->y;
-	p.ys = a->ys;
-	p.rows = w->rows;
-	p.add = a->add;
-	kvq_launch(b->pdl, prep_kernel, dim3(a->n), dim3(PREP_THREADS), 0,
-		   b->st, p);
+	/*
+	 * Up to 8 tokens the product reads x itself (tc_kernel()'s IN 1 and
+	 * 2) where x's rows and the norm weights are whole 16-byte runs.
+	 * SwiGLU, whose input is twice the row, keeps prep_kernel() (the
+	 * halves), and so do 9-16 tokens, where the conversion's registers
+	 * cost the products their chunks in flight.  H200, 1B F16, q4/q4,
+	 * us a step at 1K (two runs; prep_kernel() for all, then fused):
+	 * batch 2 1036, 1037 -> 945, 950; 4 1098 -> 1026, 1011; 8 1239,
+	 * 1212 -> 1153, 1128; but 16 1524, 1523 -> 1595, 1588.
+	 */
+	fused = !b->no_fuse && a->n <= 8 && a->in != KVQ_SKINNY_SWIGLU &&
+		w->cols == w->ld && w->ld <= 8192 && !(a->xs & 3) &&
+		!((uintptr_t)a->x & 15) &&
+		(a->in != KVQ_SKINNY_NORM || !((uintptr_t)a->norm & 15));
+	if (!fused) {
+		p.x = a->x;
+		p.xs = a->xs;
+		p.cols = w->cols;
+		p.ld = w->ld;
+		p.xrows = a->xrows;
+		p.in = a->in;
+		p.g = a->norm;
+		p.eps = a->eps;
+		p.alpha = b->sc + SC_TOK;
+		p.hi = b->hi;
+		p.lo = b->lo;
+		p.bias = a->qkv ? nullptr : a->bias;
+		p.y = a->y;
+		p.ys = a->ys;
+		p.rows = w->rows;
+		p.add = a->add;
+		kvq_launch(b->pdl, prep_kernel, dim3(a->n),
+			   dim3(PREP_THREADS), 0, b->st, p);
+	}
 	memset(&t, 0, sizeof(t));
 	t.w = *w;
 	t.rows = w->rows;
@@ -840,7 +1060,20 @@ int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
 	if (a->qkv)
 		t.qkv = *a->qkv;
 	t.bias = a->bias;
-	tc_launch(b->pdl, b->st, t);
+	t.swiglu = a->swiglu;
+	t.half = w->rows / 2;
+	if (fused) {
+		t.x = a->x;
+		t.xs = a->xs;
+		t.cols = w->cols;
+		t.xrows = a->xrows;
+		t.g = a->norm;
+		t.eps = a->eps;
+		t.add = a->add;
+		t.acc = false;
+	}
+	tc_launch(b->pdl, b->st, t,
+		  !fused ? 0 : a->in == KVQ_SKINNY_NORM ? 2 : 1);
 	return 0;
 }
 #endif /* KVQ_GPU_BLAS */

@@ -66,6 +66,9 @@ struct kvq_gpu_skinny_mm {
 	bool add;
 	const float *bias;
 	const struct qkv_out *qkv;	/* the rows go there, not to y; or NULL */
+	/* W = [gate; up] (rows / 2 each): y = silu(gate) * up, rows / 2
+	 * columns a token (no add, bias or qkv; up to 8 tokens) */
+	bool swiglu;
 };
 
 #if KVQ_GPU_BLAS

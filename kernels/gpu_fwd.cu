@@ -713,7 +713,7 @@ static int skinny_mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 		     uint32_t xs, const int32_t *xrows, int in,
 		     const float *norm, float *y, uint32_t ys, uint32_t n,
 		     bool add, const float *bias,
-		     const struct qkv_out *qkv = nullptr)
+		     const struct qkv_out *qkv = nullptr, bool swiglu = false)
 {
 	struct kvq_gpu_skinny_mm a;
 
@@ -731,6 +731,7 @@ static int skinny_mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	a.add = add;
 	a.bias = bias;
 	a.qkv = qkv;
+	a.swiglu = swiglu;
 	c->norm_ready = c->norm_next = nullptr;
 	return blas_result(c, kvq_gpu_blas_skinny_mm(c->blas, &a,
 			   c->stats.blas_error, sizeof(c->stats.blas_error)));
@@ -1036,12 +1037,21 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		   nullptr);
 		mark(c, PROF_O);
 		/* The skinny product takes SwiGLU into its input: decided
-		 * once, for the gate/up product and the down one alike. */
+		 * once, for the gate/up product and the down one alike.  Up
+		 * to 8 tokens the gate/up product writes SwiGLU's h itself
+		 * and down reads it as it is (no kernel between them). */
 		bool skinny_down = skinny(c, m[KVQ_GPU_M_DOWN], T);
+		bool sw_h = skinny_down && T <= 8 &&
+			    skinny(c, m[KVQ_GPU_M_GATEUP], T) &&
+			    !(m[KVQ_GPU_M_GATEUP].rows % 32);
 
 		if (small_product(c, T)) {
 			mm(c, m[KVQ_GPU_M_GATEUP], c->x, c->xs, c->h, c->hs, T,
 			   EPI_SWIGLU, nullptr, v[KVQ_GPU_V_FFN_NORM]);
+		} else if (sw_h) {
+			skinny_mm(c, m[KVQ_GPU_M_GATEUP], c->x, c->xs, nullptr,
+				  KVQ_SKINNY_NORM, v[KVQ_GPU_V_FFN_NORM], c->h,
+				  c->hs, T, false, nullptr, nullptr, true);
 		} else {
 			mm(c, m[KVQ_GPU_M_GATEUP], c->x, c->xs, c->gu, c->gus,
 			   T, EPI_STORE, nullptr, v[KVQ_GPU_V_FFN_NORM]);
@@ -1055,7 +1065,11 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		if (c->fused_norm && T == 1 && l + 1 < md->n_layers)
 			c->norm_next = g->v[(size_t)(l + 1) * KVQ_GPU_V_NLAYER +
 					    KVQ_GPU_V_ATTN_NORM];
-		if (skinny_down)
+		if (sw_h)
+			skinny_mm(c, m[KVQ_GPU_M_DOWN], c->h, c->hs, nullptr,
+				  KVQ_SKINNY_PLAIN, nullptr, c->x, c->xs, T,
+				  true, nullptr);
+		else if (skinny_down)
 			skinny_mm(c, m[KVQ_GPU_M_DOWN], c->gu, c->gus,
 				  nullptr, KVQ_SKINNY_SWIGLU, nullptr, c->x,
 				  c->xs, T, true, nullptr);
