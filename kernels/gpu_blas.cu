@@ -353,10 +353,19 @@ __device__ __forceinline__ float tc_halves(uint4 (&B)[2], const float *gs,
  * RMSNorm(x)'s product.  No kernel before the product, so a decode
  * step of several tokens has one launch a product instead of two.
  */
+/* RMSNorm read by the product: its weights in shared memory (a.ld
+ * floats), within the 48 KiB a launch gets without asking, beside the
+ * kernel's own (red, ssw, fac: checked below). */
+constexpr uint32_t TC_NORM_LD = 4096;
+
 template <int WT, int MT, int NT, int KW, int U, int IN>
 __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 {
 	constexpr int E = MT * NT * 128;	/* accumulators a warp */
+	static_assert(IN != 2 || KW * E * sizeof(float) +
+			  KW * NT * 8 * sizeof(double) + NT * 8 * sizeof(float) +
+			  TC_NORM_LD * sizeof(float) <= 48 * 1024,
+		      "RMSNorm weights and the sums in 48 KiB");
 	constexpr int XS = IN ? 64 : 32;	/* halves a chunk, for xr */
 	__shared__ float red[KW * E];
 	__shared__ double ssw[IN == 2 ? KW * NT * 8 : 1];
@@ -1022,9 +1031,9 @@ int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
 	 * 1212 -> 1153, 1128; but 16 1524, 1523 -> 1595, 1588.
 	 */
 	fused = !b->no_fuse && a->n <= 8 && a->in != KVQ_SKINNY_SWIGLU &&
-		w->cols == w->ld && w->ld <= 8192 && !(a->xs & 3) &&
-		!((uintptr_t)a->x & 15) &&
-		(a->in != KVQ_SKINNY_NORM || !((uintptr_t)a->norm & 15));
+		w->cols == w->ld && !(a->xs & 3) && !((uintptr_t)a->x & 15) &&
+		(a->in != KVQ_SKINNY_NORM ||
+		 (w->ld <= TC_NORM_LD && !((uintptr_t)a->norm & 15)));
 	if (!fused) {
 		p.x = a->x;
 		p.xs = a->xs;
