@@ -196,6 +196,9 @@ __global__ void __launch_bounds__(THREADS) split_kernel(split_args a)
  * W does not depend on the kernels before.
  */
 constexpr uint32_t TC_MAXT = 16;
+/* Up to this many tokens (one 8-token tile) the product reads x itself
+ * and gate/up may write SwiGLU's output (kvq_gpu_blas_skinny_mm()). */
+constexpr uint32_t TC_READ_MAXT = 8;
 
 struct tc_args {
 	dmat w;			/* f16, Q8 or Q4 rows (kvq_wload8()) */
@@ -893,6 +896,13 @@ bool kvq_gpu_blas_skinny(const struct kvq_gpu_blas *b, const dmat *w,
 	       !((uintptr_t)w->d & 15);
 }
 
+bool kvq_gpu_blas_skinny_swiglu(const struct kvq_gpu_blas *b,
+				const dmat *w, uint32_t n)
+{
+	return kvq_gpu_blas_skinny(b, w, n) && n <= TC_READ_MAXT &&
+	       !(w->rows % 32);
+}
+
 uint32_t kvq_gpu_blas_skinny_max(const struct kvq_gpu_blas *b)
 {
 	return b->no_tc ? 0 : TC_MAXT;
@@ -1015,8 +1025,9 @@ int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
 	    (a->qkv && (a->add || a->qkv->rope_dim % 2 ||
 			a->qkv->qd + 2 * a->qkv->kvd != w->rows)) ||
 	    (a->in == KVQ_SKINNY_NORM && !a->norm) ||
-	    (a->swiglu && (a->qkv || a->add || a->bias || a->n > 8 ||
-			   w->rows % 32 || a->ys < w->rows / 2)))
+	    (a->swiglu && (a->qkv || a->add || a->bias ||
+			   !kvq_gpu_blas_skinny_swiglu(b, w, a->n) ||
+			   a->ys < w->rows / 2)))
 		return set_err(err, errlen, -EINVAL,
 			       "skinny product: bad shape %u x %u, %u tokens",
 			       w->rows, w->cols, a->n);
@@ -1030,7 +1041,8 @@ int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
 	 * batch 2 1036, 1037 -> 945, 950; 4 1098 -> 1026, 1011; 8 1239,
 	 * 1212 -> 1153, 1128; but 16 1524, 1523 -> 1595, 1588.
 	 */
-	fused = !b->no_fuse && a->n <= 8 && a->in != KVQ_SKINNY_SWIGLU &&
+	fused = !b->no_fuse && a->n <= TC_READ_MAXT &&
+		a->in != KVQ_SKINNY_SWIGLU &&
 		w->cols == w->ld && !(a->xs & 3) && !((uintptr_t)a->x & 15) &&
 		(a->in != KVQ_SKINNY_NORM ||
 		 (w->ld <= TC_NORM_LD && !((uintptr_t)a->norm & 15)));
@@ -1064,23 +1076,22 @@ int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
 	t.alpha = b->sc + SC_TOK;
 	t.y = a->y;
 	t.ys = a->ys;
-	t.acc = !a->qkv && (a->add || a->bias);
+	t.acc = !fused && !a->qkv && (a->add || a->bias);
 	t.to_qkv = a->qkv != nullptr;
 	if (a->qkv)
 		t.qkv = *a->qkv;
 	t.bias = a->bias;
 	t.swiglu = a->swiglu;
 	t.half = w->rows / 2;
-	if (fused) {
-		t.x = a->x;
-		t.xs = a->xs;
-		t.cols = w->cols;
-		t.xrows = a->xrows;
-		t.g = a->norm;
-		t.eps = a->eps;
-		t.add = a->add;
-		t.acc = false;
-	}
+	/* read by the kernel only where it reads x itself (IN > 0; it adds
+	 * the bias then, and acc is the input pass's) */
+	t.x = a->x;
+	t.xs = a->xs;
+	t.cols = w->cols;
+	t.xrows = a->xrows;
+	t.g = a->norm;
+	t.eps = a->eps;
+	t.add = a->add;
 	tc_launch(b->pdl, b->st, t,
 		  !fused ? 0 : a->in == KVQ_SKINNY_NORM ? 2 : 1);
 	return 0;

@@ -103,6 +103,11 @@ int kvq_gpu_blas_mm(struct kvq_gpu_blas *b, const struct kvq_gpu_blas_mm *a,
  */
 bool kvq_gpu_blas_skinny(const struct kvq_gpu_blas *b, const dmat *w,
 			 uint32_t n);
+/* Whether the skinny product of @n tokens with @w = [gate; up] can write
+ * SwiGLU's output itself (kvq_gpu_skinny_mm's swiglu): up to 8 tokens,
+ * rows in pairs of 16-row tiles. */
+bool kvq_gpu_blas_skinny_swiglu(const struct kvq_gpu_blas *b, const dmat *w,
+				uint32_t n);
 /* The most tokens the skinny kernel takes (0: KVQ_GPU_NO_TCMV set). */
 uint32_t kvq_gpu_blas_skinny_max(const struct kvq_gpu_blas *b);
 /*
@@ -150,6 +155,12 @@ static inline bool kvq_gpu_blas_skinny(const struct kvq_gpu_blas *b,
 	(void)w;
 	(void)n;
 	return false;
+}
+
+static inline bool kvq_gpu_blas_skinny_swiglu(const struct kvq_gpu_blas *b,
+					      const dmat *w, uint32_t n)
+{
+	return kvq_gpu_blas_skinny(b, w, n);
 }
 
 static inline uint32_t kvq_gpu_blas_skinny_max(const struct kvq_gpu_blas *b)

@@ -1041,9 +1041,9 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		 * to 8 tokens the gate/up product writes SwiGLU's h itself
 		 * and down reads it as it is (no kernel between them). */
 		bool skinny_down = skinny(c, m[KVQ_GPU_M_DOWN], T);
-		bool sw_h = skinny_down && T <= 8 &&
-			    skinny(c, m[KVQ_GPU_M_GATEUP], T) &&
-			    !(m[KVQ_GPU_M_GATEUP].rows % 32);
+		bool sw_h = skinny_down && skinny(c, m[KVQ_GPU_M_GATEUP], T) &&
+			    kvq_gpu_blas_skinny_swiglu(c->blas,
+						       &m[KVQ_GPU_M_GATEUP], T);
 
 		if (small_product(c, T)) {
 			mm(c, m[KVQ_GPU_M_GATEUP], c->x, c->xs, c->h, c->hs, T,
