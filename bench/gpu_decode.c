@@ -7,9 +7,13 @@
  * kvq_seq_fill_synthetic() shortcut: a real prefill of 32K tokens would
  * only add minutes to the run, and decode cost does not depend on the
  * values), then `steps` decode steps through kvq_step() -- the same call
- * the daemon makes, logits copied back to the host every step -- are
- * timed.  The bound is (weight bytes a step reads + KV bytes of every
+ * the daemon makes, logits copied back to the host every step (into the
+ * context's pinned rows, kvq_ctx_logits_buffer(), as the daemon has them)
+ * -- are timed.  The bound is (weight bytes a step reads + KV bytes of every
  * sequence) / the streaming-read bandwidth of this GPU, measured here.
+ * "device_us_per_step" is the device's own time a step (events at its
+ * first upload and last copy back); step_us less that is what the
+ * host's turn between steps leaves the GPU idle.
  *
  * Then, per model and KV setting, prefill: a prompt of `prefill` tokens
  * (default 1024) fed in steps of `prefill-chunk` tokens (default 256, the
@@ -154,9 +158,10 @@ static int run(struct kvq_model *m, const char *mname, const char *kv,
 	int32_t toks[64];
 	const int32_t *tp[64];
 	struct kvq_batch b = { 0 };
-	float *logits = NULL;
+	float *logits = NULL, *lgp;
+	size_t lr;
 	double t0, dt, kvb, wb, bound, tps[2] = { 0, 0 }, tpf[2] = { 0, 0 };
-	double tpg[2] = { 0, 0 };
+	double tpg[2] = { 0, 0 }, busy;
 	struct kvq_sampler_params sp;
 	char sjson[384] = "";
 
@@ -174,6 +179,11 @@ static int run(struct kvq_model *m, const char *mname, const char *kv,
 		return ret;
 	}
 	logits = malloc((size_t)batch * hp->n_vocab * sizeof(float));
+	/* As kvqd's scheduler: the context's pinned rows where it has them
+	 * (the logits reach them without a copy on the host). */
+	lgp = kvq_ctx_logits_buffer(c, &lr);
+	if (!lgp || lr < (size_t)batch)
+		lgp = logits;
 	for (i = 0; i < batch; i++) {
 		seqs[i] = kvq_seq_create(c);
 		ret = kvq_seq_fill_synthetic(c, seqs[i], (uint32_t)ctx);
@@ -189,28 +199,30 @@ static int run(struct kvq_model *m, const char *mname, const char *kv,
 	b.tokens = tp;
 	/* Warm-up: the first steps capture the CUDA graphs. */
 	for (s = 0; s < 4; s++) {
-		ret = kvq_step(c, &b, logits);
+		ret = kvq_step(c, &b, lgp);
 		if (ret)
 			goto out;
 	}
+	busy = kvq_ctx_device_busy_us(c);
 	t0 = now();
 	for (s = 0; s < steps; s++) {
-		ret = kvq_step(c, &b, logits);
+		ret = kvq_step(c, &b, lgp);
 		if (ret)
 			goto out;
 	}
 	dt = now() - t0;
+	busy = kvq_ctx_device_busy_us(c) - busy;
 	if (sample) {
 		kvq_sampler_params_default(&sp);
-		ret = time_sampling(c, &b, toks, hp->n_vocab, logits, steps,
+		ret = time_sampling(c, &b, toks, hp->n_vocab, lgp, steps,
 				    sp, tps);
 		sp.top_k = 0;
 		sp.top_p = 1.0f;
 		sp.min_p = 0.0f;
-		ret = ret ? ret : time_sampling(c, &b, toks, hp->n_vocab, logits,
+		ret = ret ? ret : time_sampling(c, &b, toks, hp->n_vocab, lgp,
 						steps, sp, tpf);
 		sp.temperature = 0.0f;
-		ret = ret ? ret : time_sampling(c, &b, toks, hp->n_vocab, logits,
+		ret = ret ? ret : time_sampling(c, &b, toks, hp->n_vocab, lgp,
 						steps, sp, tpg);
 		if (ret)
 			goto out;
@@ -227,11 +239,11 @@ static int run(struct kvq_model *m, const char *mname, const char *kv,
 	kvq_ctx_describe(c, desc, sizeof(desc));
 	printf("%s\n  {\"model\": \"%s\", \"kv\": \"%s\", \"batch\": %d, \"ctx\": %d, \"steps\": %d, "
 	       "\"step_us\": %.1f, \"tok_s\": %.1f, \"weight_bytes_per_step\": %.0f, "
-	       "\"kv_bytes_per_step\": %.0f, \"bound_tok_s\": %.1f, \"pct_of_bound\": %.1f%s, "
-	       "\"gpu\": \"%s\"}",
+	       "\"kv_bytes_per_step\": %.0f, \"bound_tok_s\": %.1f, \"pct_of_bound\": %.1f, "
+	       "\"device_us_per_step\": %.1f%s, \"gpu\": \"%s\"}",
 	       *first ? "" : ",", mname, kv, batch, ctx, steps, dt / steps * 1e6,
 	       steps * batch / dt, wb, kvb, bound,
-	       100.0 * (steps * batch / dt) / bound, sjson, desc);
+	       100.0 * (steps * batch / dt) / bound, busy / steps, sjson, desc);
 	*first = 0;
 	fflush(stdout);
 out:

@@ -401,6 +401,16 @@ static void print_status(json_t *r)
 		       iget(q, "prompt_tokens"), iget(kv, "prompt_tokens_cached"),
 		       iget(q, "generated_tokens"),
 		       iget(q, "generated_tokens_sampled_on_gpu"));
+		if (nget(q, "device_seconds") > 0)
+			printf("steps:        %lld, %.3f s; the GPU busy %.3f s of them (%.0f%%)\n",
+			       iget(q, "steps"), nget(q, "step_seconds"),
+			       nget(q, "device_seconds"),
+			       nget(q, "step_seconds") > 0 ?
+			       100.0 * nget(q, "device_seconds") /
+			       nget(q, "step_seconds") : 0.0);
+		else
+			printf("steps:        %lld, %.3f s\n", iget(q, "steps"),
+			       nget(q, "step_seconds"));
 		if (json_is_true(json_object_get(kv, "prefix_cache")))
 			printf("prefix cache: %lld finished sequences kept\n",
 			       iget(kv, "prefix_cache_sequences"));

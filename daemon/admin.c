@@ -182,6 +182,8 @@ static json_t *cmd_status(const struct kvq_admin_view *v, int *code,
 			   json_integer((json_int_t)st.tokens_sampled_device));
 		bad |= set(r, "steps", json_integer((json_int_t)
 						     st.steps_total));
+		bad |= set(r, "step_seconds", json_real(st.step_seconds));
+		bad |= set(r, "device_seconds", json_real(st.device_seconds));
 		bad |= set(kv, "tier", json_string(st.on_gpu ? "hbm" : "host"));
 		bad |= set(kv, "n_ctx", json_integer(so->n_ctx));
 		bad |= set(kv, "tokens", json_integer(so->kv_tokens));

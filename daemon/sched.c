@@ -128,6 +128,7 @@ struct kvq_sched {
 	/* scheduler-thread scratch */
 	float *logits;
 	size_t logits_cap;		/* floats */
+	float *lg;	/* this step's logits: logits, or the GPU's pinned rows */
 	int *b_seq, *b_n;
 	const int32_t **b_tok;
 	struct sreq **b_req;
@@ -755,15 +756,20 @@ static int feed_count(const struct kvq_sched *s, const struct sreq *r,
 
 static int ensure_logits(struct kvq_sched *s, size_t rows)
 {
-	size_t need = rows * (size_t)s->n_vocab;
+	size_t need = rows * (size_t)s->n_vocab, lr;
 	float *p;
 
+	/* On a GPU the context's pinned rows take them without a copy. */
+	s->lg = kvq_ctx_logits_buffer(s->ctx, &lr);
+	if (s->lg && rows <= lr)
+		return 0;
+	s->lg = s->logits;
 	if (need <= s->logits_cap)
 		return 0;
 	p = realloc(s->logits, need * sizeof(float));
 	if (!p)
 		return -ENOMEM;
-	s->logits = p;
+	s->logits = s->lg = p;
 	s->logits_cap = need;
 	return 0;
 }
@@ -901,7 +907,7 @@ static void do_step(struct kvq_sched *s)
 	int n = 0, i, ret, rows = 0;
 	bool want_logits = false;
 	struct kvq_batch b;
-	double t;
+	double t, t_step;
 	uint32_t k;
 
 	pthread_mutex_lock(&s->lock);
@@ -939,13 +945,15 @@ static void do_step(struct kvq_sched *s)
 	b.n_tokens = s->b_n;
 	b.tokens = s->b_tok;
 	b.all_logits = all;
+	t_step = now_s();
 	/* Without logits to show, the engine samples (on the GPU: only the
 	 * tokens come back); prompt logprobs take every row to the host. */
 	if (all)
-		ret = kvq_step(s->ctx, &b, s->logits);
+		ret = kvq_step(s->ctx, &b, s->lg);
 	else
 		ret = kvq_step_sample(s->ctx, &b, s->b_smp, s->b_id,
-				      want_logits ? s->logits : NULL);
+				      want_logits ? s->lg : NULL);
+	t_step = now_s() - t_step;
 	if (!ret && s->st.on_gpu && !s->st.gpu_fallback[0] &&
 	    kvq_ctx_fallback(s->ctx)) {
 		pthread_mutex_lock(&s->lock);
@@ -984,12 +992,12 @@ static void do_step(struct kvq_sched *s)
 		if (all) {
 			if (r->prompt_logprobs && !r->prompt_sent)
 				prompt_logprobs(s, r, from, s->b_n[i],
-						s->logits +
+						s->lg +
 						(size_t)rows * s->n_vocab);
 			rows += s->b_n[i];
-			row = s->logits + (size_t)(rows - 1) * s->n_vocab;
+			row = s->lg + (size_t)(rows - 1) * s->n_vocab;
 		} else {
-			row = s->logits + (size_t)i * s->n_vocab;
+			row = s->lg + (size_t)i * s->n_vocab;
 		}
 		if (r->n_fed < r->n_toks)
 			continue;	/* more prompt to feed */
@@ -1009,6 +1017,8 @@ static void do_step(struct kvq_sched *s)
 	if (s->step_cb)
 		s->step_cb(s->step_arg);
 	s->st.steps_total++;
+	s->st.step_seconds += t_step;
+	s->st.device_seconds = kvq_ctx_device_busy_us(s->ctx) * 1e-6;
 	s->st.tokens_sampled_device = kvq_ctx_device_sampled(s->ctx);
 	for (r = dead; r; r = r->next)
 		for (k = 0; k < s->n_run; k++)

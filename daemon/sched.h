@@ -250,6 +250,10 @@ struct kvq_sched_stats {
 	uint64_t tokens_generated_total;
 	uint64_t tokens_sampled_device;	/* of those, chosen on the GPU */
 	uint64_t steps_total;
+	double step_seconds;	/* wall time of the forward passes */
+	/* device time of them (GPU: from each step's first upload to its
+	 * last copy back; 0 on the CPU) */
+	double device_seconds;
 	uint64_t kv_bytes_used;
 	uint64_t kv_bytes_capacity;
 	uint64_t kv_bytes_per_token;	/* the format's arithmetic */

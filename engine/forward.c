@@ -233,6 +233,20 @@ uint64_t kvq_ctx_device_sampled(const struct kvq_ctx *c)
 	return c->gpu ? kvq_ctx_gpu_sampled(c->gpu) : 0;
 }
 
+double kvq_ctx_device_busy_us(const struct kvq_ctx *c)
+{
+	return c->gpu ? kvq_ctx_gpu_busy_us(c->gpu) : 0.0;
+}
+
+float *kvq_ctx_logits_buffer(struct kvq_ctx *c, size_t *rows)
+{
+	uint32_t n = 0;
+	float *p = c->gpu ? kvq_ctx_gpu_logits(c->gpu, &n) : NULL;
+
+	*rows = p ? n : 0;
+	return p;
+}
+
 void kvq_ctx_describe(const struct kvq_ctx *c, char *buf, size_t len)
 {
 	if (c->gpu)
@@ -584,6 +598,14 @@ int kvq_step_sample(struct kvq_ctx *c, const struct kvq_batch *b,
 	if (b->all_logits || b->n <= 0 || (uint32_t)b->n > c->max_batch)
 		return -EINVAL;
 	if (!sample_on_device(c, b, smp)) {
+		size_t lr;
+
+		/* The GPU's pinned rows take the logits without a copy. */
+		if (!logits) {
+			logits = kvq_ctx_logits_buffer(c, &lr);
+			if (lr < (size_t)b->n)
+				logits = NULL;
+		}
 		if (!logits) {
 			if (!c->slogits)
 				c->slogits = malloc((size_t)c->max_batch * V *

@@ -745,6 +745,19 @@ uint64_t kvq_ctx_gpu_sampled(const struct kvq_ctx_gpu *g)
 	return st.sampled_rows;
 }
 
+double kvq_ctx_gpu_busy_us(const struct kvq_ctx_gpu *g)
+{
+	struct kvq_gpu_stats st;
+
+	kvq_gpu_ctx_stats(g->c, &st);
+	return st.busy_us;
+}
+
+float *kvq_ctx_gpu_logits(struct kvq_ctx_gpu *g, uint32_t *rows)
+{
+	return kvq_gpu_ctx_logits(g->c, rows);
+}
+
 #else /* no GPU backend */
 
 static const char nogpu[] = "this kvqd was built without a GPU backend (configure --with-cuda or --with-hip)";
@@ -853,6 +866,19 @@ uint64_t kvq_ctx_gpu_sampled(const struct kvq_ctx_gpu *g)
 {
 	(void)g;
 	return 0;
+}
+
+double kvq_ctx_gpu_busy_us(const struct kvq_ctx_gpu *g)
+{
+	(void)g;
+	return 0.0;
+}
+
+float *kvq_ctx_gpu_logits(struct kvq_ctx_gpu *g, uint32_t *rows)
+{
+	(void)g;
+	*rows = 0;
+	return NULL;
 }
 
 #endif

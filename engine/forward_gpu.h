@@ -91,6 +91,11 @@ void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf,
 
 /* Tokens chosen by the device sampler so far. */
 uint64_t kvq_ctx_gpu_sampled(const struct kvq_ctx_gpu *g);
+/* Device time of the steps so far (kvq_gpu_stats.busy_us). */
+double kvq_ctx_gpu_busy_us(const struct kvq_ctx_gpu *g);
+/* The pinned buffer a step's logits reach without a copy (*rows rows),
+ * or NULL (kvq_gpu_ctx_logits()). */
+float *kvq_ctx_gpu_logits(struct kvq_ctx_gpu *g, uint32_t *rows);
 
 /* What the GPU context stopped doing after a failure ("CUDA graphs off:
  * ..."), or NULL. */

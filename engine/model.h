@@ -122,6 +122,15 @@ const char *kvq_ctx_fallback(const struct kvq_ctx *c);
 
 /* Tokens kvq_step_sample() had the GPU choose (0 on the CPU). */
 uint64_t kvq_ctx_device_sampled(const struct kvq_ctx *c);
+/* Device time of the steps so far, in microseconds, each step from its
+ * first upload to its last copy back (0 on the CPU). */
+double kvq_ctx_device_busy_us(const struct kvq_ctx *c);
+/*
+ * A buffer of *@rows rows of n_vocab floats that kvq_step() fills without
+ * a copy on the host (the GPU context's pinned memory), or NULL (on the
+ * CPU).  Owned by @c; its contents last until the next step.
+ */
+float *kvq_ctx_logits_buffer(struct kvq_ctx *c, size_t *rows);
 
 /* A new empty sequence: returns its id (>= 0) or -ENOSPC. */
 int kvq_seq_create(struct kvq_ctx *c);

@@ -45,6 +45,7 @@
 	hipFuncAttributeMaxDynamicSharedMemorySize
 #define cudaMemcpy2D hipMemcpy2D
 #define cudaMemcpyAsync hipMemcpyAsync
+#define cudaMemcpy2DAsync hipMemcpy2DAsync
 #define cudaMemsetAsync hipMemsetAsync
 #define cudaMallocHost(p, n) hipHostMalloc((p), (n), 0)
 #define cudaFreeHost hipHostFree

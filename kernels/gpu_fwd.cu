@@ -152,6 +152,9 @@ struct kvq_gpu_ctx {
 	int npev;
 	double pms[PROF_N];
 	uint64_t psteps;
+	/* A step's first upload and last copy: its device time (stats) */
+	cudaEvent_t sev[2];
+	bool sev_ok;
 };
 
 static void mark(struct kvq_gpu_ctx *c, int cat)
@@ -190,6 +193,10 @@ extern "C" void kvq_gpu_ctx_destroy(struct kvq_gpu_ctx *c)
 			fclose(f);
 		for (i = 0; i < 512; i++)
 			cudaEventDestroy(c->pev[i]);
+	}
+	if (c->sev_ok) {
+		cudaEventDestroy(c->sev[0]);
+		cudaEventDestroy(c->sev[1]);
 	}
 	for (i = 0; i < c->n_graphs; i++)
 		cudaGraphExecDestroy(c->graphs[i].exec);
@@ -578,6 +585,11 @@ extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 	g_pdl = kvq_pdl_allowed();
 	c->fault_graph = getenv("KVQ_GPU_FAULT") &&
 			 !strcmp(getenv("KVQ_GPU_FAULT"), "graph");
+	c->sev_ok = cudaEventCreate(&c->sev[0]) == cudaSuccess;
+	if (c->sev_ok && cudaEventCreate(&c->sev[1]) != cudaSuccess) {
+		cudaEventDestroy(c->sev[0]);
+		c->sev_ok = false;
+	}
 	if (getenv("KVQ_GPU_PROFILE")) {
 		c->prof = true;
 		c->d.use_graphs = 0;
@@ -605,6 +617,12 @@ extern "C" void kvq_gpu_ctx_stats(const struct kvq_gpu_ctx *c,
 				  struct kvq_gpu_stats *st)
 {
 	*st = c->stats;
+}
+
+extern "C" float *kvq_gpu_ctx_logits(struct kvq_gpu_ctx *c, uint32_t *rows)
+{
+	*rows = c->d.max_batch;
+	return c->hlogits;
 }
 
 extern "C" int kvq_gpu_ctx_copy_page(struct kvq_gpu_ctx *c, int32_t dst,
@@ -1226,17 +1244,33 @@ extern "C" int kvq_gpu_forward(struct kvq_gpu_ctx *c,
 					md->n_kv_heads * md->head_dim;
 	}
 	memcpy(hs + c->sl.cs, s->rope_cs, (size_t)T * half * 8);
-	memcpy(hs + c->sl.bt, s->block_table,
-	       (size_t)s->n_seqs * c->d.bt_stride * 4);
+	/*
+	 * Of each sequence's block-table row, the pages it has after the
+	 * step (no kernel reads past them): one strided copy of the widest
+	 * row's count instead of whole rows (a row holds max_ctx / P ids, 32
+	 * KiB at 128K tokens of 16).
+	 */
+	size_t bw = ((size_t)maxlen + c->d.page_tokens - 1) / c->d.page_tokens;
+	size_t bp = (size_t)c->d.bt_stride * 4;
+
+	if (bw > c->d.bt_stride)
+		bw = c->d.bt_stride;
+	if (!bw)
+		bw = 1;
+	for (i = 0; i < s->n_seqs; i++)
+		memcpy(hs + c->sl.bt + i * bp, s->block_table +
+		       (size_t)i * c->d.bt_stride, bw * 4);
+	if (c->sev_ok)
+		cudaEventRecord(c->sev[0], c->st);
 	if (cudaMemcpyAsync(c->dstage, hs, c->sl.part1, cudaMemcpyHostToDevice,
 			    c->st) != cudaSuccess ||
 	    (half && cudaMemcpyAsync(c->dstage + c->sl.cs, hs + c->sl.cs,
 				     (size_t)T * half * 8,
 				     cudaMemcpyHostToDevice, c->st) !=
 	     cudaSuccess) ||
-	    cudaMemcpyAsync(c->dstage + c->sl.bt, hs + c->sl.bt,
-			    (size_t)s->n_seqs * c->d.bt_stride * 4,
-			    cudaMemcpyHostToDevice, c->st) != cudaSuccess)
+	    cudaMemcpy2DAsync(c->dstage + c->sl.bt, bp, hs + c->sl.bt, bp,
+			      bw * 4, s->n_seqs, cudaMemcpyHostToDevice,
+			      c->st) != cudaSuccess)
 		return set_err(err, errlen, -EIO, "GPU step: upload failed: %s",
 			       cudaGetErrorString(cudaGetLastError()));
 	decode = T == s->n_seqs;
@@ -1288,11 +1322,20 @@ extern "C" int kvq_gpu_forward(struct kvq_gpu_ctx *c,
 			    (size_t)s->n_out * md->n_vocab * 4,
 			    cudaMemcpyDeviceToHost, c->st) != cudaSuccess)
 		return set_err(err, errlen, -EIO, "GPU step: download failed");
+	if (c->sev_ok)
+		cudaEventRecord(c->sev[1], c->st);
 	e = cudaStreamSynchronize(c->st);
 	if (e != cudaSuccess)
 		return set_err(err, errlen, -EIO, "GPU step failed: %s",
 			       cudaGetErrorString(e));
-	if (s->logits)
+	if (c->sev_ok) {
+		float ms = 0.0f;
+
+		if (cudaEventElapsedTime(&ms, c->sev[0], c->sev[1]) ==
+		    cudaSuccess)
+			c->stats.busy_us += ms * 1e3;
+	}
+	if (s->logits && s->logits != c->hlogits)
 		memcpy(s->logits, c->hlogits,
 		       (size_t)s->n_out * md->n_vocab * 4);
 	if (s->ids) {

@@ -185,8 +185,20 @@ struct kvq_gpu_stats {
 	uint32_t skinny_max;
 	uint64_t blas_failures;
 	char blas_error[96];
+	/* Device time of the steps, each from its first upload to its last
+	 * copy back (events): against the steps' wall time, what the host's
+	 * turn between steps leaves idle. */
+	double busy_us;
 };
 void kvq_gpu_ctx_stats(const struct kvq_gpu_ctx *c, struct kvq_gpu_stats *st);
+
+/*
+ * The context's pinned host buffer of *@rows rows of n_vocab floats,
+ * where a step's logits arrive: a step whose @logits is this buffer
+ * leaves them there (no copy on the host; 128 KiB a row at a 32000-token
+ * vocabulary), until the next step.
+ */
+float *kvq_gpu_ctx_logits(struct kvq_gpu_ctx *c, uint32_t *rows);
 
 /*
  * For benchmarks: fills positions [from, to) of the sequence whose pages

@@ -106,6 +106,12 @@ char *kvq_metrics_render(const struct kvq_sched_stats *st,
 	    st->cached_seqs);
 	one(f, "kvqd_engine_steps_total", "counter",
 	    "Forward passes run by the scheduler.", st->steps_total);
+	head(f, "kvqd_engine_step_seconds_total", "counter",
+	     "Wall time of the forward passes (sampling and copies included).");
+	fprintf(f, "kvqd_engine_step_seconds_total %.9g\n", st->step_seconds);
+	head(f, "kvqd_gpu_busy_seconds_total", "counter",
+	     "Device time of the forward passes, each from its first upload to its last copy back (0 on the CPU); against kvqd_engine_step_seconds_total, the share the host's work between steps leaves idle.");
+	fprintf(f, "kvqd_gpu_busy_seconds_total %.9g\n", st->device_seconds);
 	hist(f, "kvqd_ttft_seconds",
 	     "Time from accepting a request to its first generated token.",
 	     &st->ttft);

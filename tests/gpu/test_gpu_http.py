@@ -108,6 +108,12 @@ def main():
                    "(%s)" % (4 * N, n_gpu))
             tap.ok(cpu.metric("kvqd_tokens_sampled_gpu_total") == 0,
                    "and is 0 on the CPU daemon")
+            busy = gpu.metric("kvqd_gpu_busy_seconds_total")
+            wall = gpu.metric("kvqd_engine_step_seconds_total")
+            tap.ok(busy is not None and wall is not None and
+                   0 < busy <= wall,
+                   "kvqd_gpu_busy_seconds_total counts the device's time "
+                   "within the steps' (%s of %s s)" % (busy, wall))
             lp = gpu.complete(dict(greedy, logprobs=2))
             lps = [x for ch in lp["choices"]
                    for x in ch["logprobs"]["token_logprobs"]]

@@ -258,6 +258,7 @@ ok $? "GET /metrics is Prometheus text"
 m_ok=0
 for name in kvqd_requests_running kvqd_requests_waiting kvqd_tokens_prompt_total \
 	kvqd_tokens_generated_total kvqd_tokens_sampled_gpu_total \
+	kvqd_engine_step_seconds_total kvqd_gpu_busy_seconds_total \
 	kvqd_ttft_seconds kvqd_inter_token_seconds \
 	kvqd_kv_bytes_used kvqd_tier_bytes; do
 	grep -q "^# HELP $name " "$DIR/metrics.txt" && grep -q "^# TYPE $name " "$DIR/metrics.txt" || { diag "missing $name"; m_ok=1; }
@@ -266,6 +267,8 @@ for t in hbm host nvme; do grep -q "^kvqd_tier_bytes{tier=\"$t\"} " "$DIR/metric
 grep -q '^kvqd_ttft_seconds_bucket{le="+Inf"} [1-9]' "$DIR/metrics.txt" || m_ok=1
 grep -q '^kvqd_tokens_generated_total [1-9]' "$DIR/metrics.txt" || m_ok=1
 grep -q '^kvqd_tokens_sampled_gpu_total 0$' "$DIR/metrics.txt" || m_ok=1
+grep -q '^kvqd_gpu_busy_seconds_total 0$' "$DIR/metrics.txt" || m_ok=1
+grep -Eq '^kvqd_engine_step_seconds_total [0-9.]*[1-9]' "$DIR/metrics.txt" || m_ok=1
 ok $m_ok "/metrics has every family with HELP and TYPE, and counts"
 grep -q '^kvqd_kv_format_info{k="q8",v="q4",calibrated="no"} 1' "$DIR/metrics.txt" &&
 	grep -q '^kvqd_kv_bytes_per_token 320' "$DIR/metrics.txt" &&
