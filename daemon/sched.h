@@ -269,7 +269,7 @@ struct kvq_sched_stats {
 	char backend[64];		/* "cpu (avx2+fma)": where steps run */
 	bool on_gpu;			/* weights and KV pages in device memory */
 	char gpu_fallback[192];		/* kvq_ctx_fallback(), or "" */
-	char gpu_weights[256];		/* kvq_model_gpu_weights(), or "" */
+	char gpu_weights[384];		/* kvq_model_gpu_weights(), or "" */
 	uint64_t prompt_tokens_cached;	/* prompt tokens served from the prefix cache */
 	uint32_t cached_seqs;		/* finished sequences kept for sharing */
 	uint64_t device_bytes;		/* of the context: KV pages, activations */

@@ -29,6 +29,7 @@
 #include "config.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -205,8 +206,14 @@ static int convert(struct kvq_weight *w, int wt, uint32_t r0, uint8_t *data,
 				continue;
 			}
 			ret = kvq_dequant_row(w->type, row, tmp, cols);
-			for (i = 0; !ret && i < cols; i++)
+			for (i = 0; !ret && i < cols; i++) {
 				d[i] = kvq_f32_to_f16(tmp[i]);
+				/* past f16's largest (65504): the caller
+				 * keeps the stack f32 instead */
+				if ((d[i] & 0x7fff) == 0x7c00 &&
+				    isfinite(tmp[i]))
+					ret = -ERANGE;
+			}
 		} else if (wt == KVQ_GPU_W_Q8) {
 			/* Q8_0 block: f16 d, 32 int8. */
 			for (b = 0; b < nb; b++) {
@@ -239,10 +246,20 @@ static int convert(struct kvq_weight *w, int wt, uint32_t r0, uint8_t *data,
 	return ret;
 }
 
-/* Uploads the row-stack of @n weights (same cols) into one device matrix. */
+/* Matrices kept f32 on the GPU because f16 cannot hold their weights. */
+struct f32_note {
+	int n;
+	char first[96];
+};
+
+/*
+ * Uploads the row-stack of @n weights (same cols) into one device matrix.
+ * A stack bound for f16 with a weight beyond f16's range (a BF16 or F32
+ * tensor's, or a quantized block's) goes up as f32 instead, noted in @fn.
+ */
 static int upload_stack(struct kvq_gpu_model *g, int layer, int slot,
 			struct kvq_weight **ws, int n, enum wmode mode,
-			char *err, size_t errlen)
+			struct f32_note *fn, char *err, size_t errlen)
 {
 	uint32_t rows = 0, cols = ws[0]->cols, r0 = 0;
 	int wt = gpu_wtype(ws[0]->type, mode), i, ret = 0;
@@ -268,6 +285,7 @@ static int upload_stack(struct kvq_gpu_model *g, int layer, int slot,
 	}
 	if ((wt == KVQ_GPU_W_Q4K || wt == KVQ_GPU_W_Q8K) && cols % KVQ_QK_K)
 		wt = KVQ_GPU_W_F16;
+again:
 	db = wt == KVQ_GPU_W_F32 ? (size_t)rows * cols * 4 :
 	     wt == KVQ_GPU_W_F16 ? (size_t)rows * cols * 2 :
 	     wt == KVQ_GPU_W_Q8 || wt == KVQ_GPU_W_Q8K ? (size_t)rows * cols :
@@ -288,6 +306,19 @@ static int upload_stack(struct kvq_gpu_model *g, int layer, int slot,
 	}
 	for (i = 0; i < n && !ret; i++) {
 		ret = convert(ws[i], wt, r0, data, scales, tmp);
+		if (ret == -ERANGE && wt == KVQ_GPU_W_F16) {
+			kvq_warn("gpu: tensor %s holds weights beyond f16's range: its %u x %u matrix stays f32 on the GPU (twice the bytes of f16, products on CUDA cores)",
+				 ws[i]->name, rows, cols);
+			if (!fn->n++)
+				snprintf(fn->first, sizeof(fn->first), "%s",
+					 ws[i]->name);
+			free(data);
+			free(tmp);
+			wt = KVQ_GPU_W_F32;
+			r0 = 0;
+			ret = 0;
+			goto again;
+		}
 		if (ret)
 			snprintf(err, errlen, "tensor %s: cannot convert type %u for the GPU",
 				 ws[i]->name, ws[i]->type);
@@ -376,7 +407,8 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 	uint32_t kvd = hp->n_kv_heads * hp->head_dim, l;
 	float *bias = NULL;
 	enum wmode mode;
-	char why[256];
+	struct f32_note fn = { 0 };
+	char why[256], f32s[160] = "";
 	int ret;
 
 	if (m->gpu)
@@ -401,17 +433,17 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 		struct kvq_weight *qkv[3] = { L->wq, L->wk, L->wv };
 		struct kvq_weight *gu[2] = { L->w_gate, L->w_up };
 
-		ret = upload_stack(g, l, KVQ_GPU_M_QKV, qkv, 3, mode, err,
-				   errlen);
+		ret = upload_stack(g, l, KVQ_GPU_M_QKV, qkv, 3, mode, &fn,
+				   err, errlen);
 		if (!ret)
 			ret = upload_stack(g, l, KVQ_GPU_M_O, &L->wo, 1, mode,
-					   err, errlen);
+					   &fn, err, errlen);
 		if (!ret)
 			ret = upload_stack(g, l, KVQ_GPU_M_GATEUP, gu, 2, mode,
-					   err, errlen);
+					   &fn, err, errlen);
 		if (!ret)
 			ret = upload_stack(g, l, KVQ_GPU_M_DOWN, &L->w_down, 1,
-					   mode, err, errlen);
+					   mode, &fn, err, errlen);
 		if (!ret)
 			ret = kvq_gpu_model_set_vector(g, l, KVQ_GPU_V_ATTN_NORM,
 						       L->attn_norm, hp->dim,
@@ -437,13 +469,13 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 	}
 	if (!ret)
 		ret = upload_stack(g, -1, KVQ_GPU_M_EMBED, &m->tok_embd, 1,
-				   mode, err, errlen);
+				   mode, &fn, err, errlen);
 	if (!ret) {
 		if (m->output == m->tok_embd)
 			kvq_gpu_model_tie_output(g);
 		else
 			ret = upload_stack(g, -1, KVQ_GPU_M_OUTPUT, &m->output,
-					   1, mode, err, errlen);
+					   1, mode, &fn, err, errlen);
 	}
 	if (!ret)
 		ret = kvq_gpu_model_set_vector(g, -1, KVQ_GPU_V_OUTPUT_NORM,
@@ -460,13 +492,17 @@ int kvq_model_gpu_upload(struct kvq_model *m, char *err, size_t errlen)
 	    strcmp(getenv("KVQ_GPU_WEIGHTS"), "compact"))
 		kvq_warn("gpu: KVQ_GPU_WEIGHTS=%s is not f16 or compact: ignored",
 			 getenv("KVQ_GPU_WEIGHTS"));
-	snprintf(m->gpu_weights, sizeof(m->gpu_weights), "%.1f MiB: %s%s%s",
+	if (fn.n)
+		snprintf(f32s, sizeof(f32s),
+			 "; %d matri%s kept f32 (weights beyond f16's range, first %s)",
+			 fn.n, fn.n == 1 ? "x" : "ces", fn.first);
+	snprintf(m->gpu_weights, sizeof(m->gpu_weights), "%.1f MiB: %s%s%s%s",
 		 kvq_gpu_model_bytes(g) / 1048576.0,
 		 mode == WM_F16 ? "all as f16 (KVQ_GPU_WEIGHTS=f16)" :
 		 mode == WM_COMPACT ?
 		 "Q8_0, Q4_0 and Q4_K kept 8- and 4-bit, Q6_K 8-bit, F32 as f32, other types as f16" :
 		 "Q8_0 and Q4_0 kept 8- and 4-bit, F32 as f32, other types as f16",
-		 *why ? "; " : "", why);
+		 f32s, *why ? "; " : "", why);
 	if (*why)
 		kvq_notice("gpu: Q4_K and Q6_K kept 4- and 8-bit: %s", why);
 	kvq_info("gpu: weights uploaded, %s", m->gpu_weights);

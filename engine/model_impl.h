@@ -35,7 +35,7 @@ struct kvq_model {
 	uint64_t weight_bytes;
 	char desc[160];
 	struct kvq_gpu_model *gpu;	/* device copy of the weights, or NULL */
-	char gpu_weights[256];		/* kvq_model_gpu_weights() */
+	char gpu_weights[384];		/* kvq_model_gpu_weights() */
 	/* Key centres for the quantized KV cache ([layer][kv head][head_dim],
 	 * pre-RoPE; see kvcache.h), set by kvsmooth.c, or NULL. */
 	float *kv_center;

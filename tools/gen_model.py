@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kvq_gguf import (GGMLType, GGUFReader, GGUFWriter, block_size,  # noqa: E402
-                      random_blocks, type_from_name)
+                      encode, random_blocks, type_from_name)
 
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K", "Q4_K_M")
 
@@ -85,6 +85,11 @@ def parse_args(argv):
     ap.add_argument("--vocab-from", default=DEFAULT_VOCAB,
                     help="GGUF whose tokenizer.* keys are copied "
                     "(default: ../shared/testdata/stories260K.gguf)")
+    ap.add_argument("--outlier", action="append", default=[],
+                    metavar="TENSOR=VALUE",
+                    help="the first element of weight TENSOR is VALUE (F32, "
+                    "F16 and BF16 weights; repeatable): weights beyond f16's "
+                    "range, for tests")
     ap.add_argument("--quiet", "-q", action="store_true")
     a = ap.parse_args(argv)
     if a.kv_heads is None:
@@ -121,6 +126,22 @@ def validate(a):
                        "(ffn_down rows have ffn elements)" % (a.ffn, a.type, bs))
     if not os.path.isfile(a.vocab_from):
         raise ArgError("--vocab-from %s: no such file" % a.vocab_from)
+    a.outliers = {}
+    for o in a.outlier:
+        name, eq, val = o.partition("=")
+        try:
+            v = float(val)
+        except ValueError:
+            v = None
+        if not eq or not name or v is None or not np.isfinite(v):
+            raise ArgError("--outlier %s: expected TENSOR=VALUE with a "
+                           "finite number" % o)
+        if t not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
+            raise ArgError("--outlier needs F32, F16 or BF16 weights (not %s)"
+                           % a.type)
+        if t == GGMLType.F16 and abs(v) > 65504.0:
+            raise ArgError("--outlier %s: beyond F16's range" % o)
+        a.outliers[name] = v
 
 
 def weight_std(in_features):
@@ -160,8 +181,9 @@ def tensor_plan(a, n_vocab):
     return plan
 
 
-def gen_chunks(shape, ggml_type, kind, rng):
-    """Yield the bytes of one tensor in pieces of whole rows."""
+def gen_chunks(shape, ggml_type, kind, rng, outlier=None):
+    """Yield the bytes of one tensor in pieces of whole rows; its first
+    element is @outlier where that is set (a weight of a float type)."""
     if kind == "norm":
         x = (1.0 + 0.1 * rng.standard_normal(shape[0])).astype("<f4")
         yield x
@@ -174,7 +196,12 @@ def gen_chunks(shape, ggml_type, kind, rng):
     step = max(1, CHUNK_ELEMS // cols)
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
-        yield random_blocks(ggml_type, n * cols, rng, std=std)
+        b = random_blocks(ggml_type, n * cols, rng, std=std)
+        if r0 == 0 and outlier is not None:
+            b = b.copy()
+            e = encode([outlier], ggml_type)
+            b[:len(e)] = e
+        yield b
 
 
 def write_model(a, log=None):
@@ -216,6 +243,9 @@ def write_model(a, log=None):
         w.add(k, v)
 
     plan = tensor_plan(a, n_vocab)
+    for name in a.outliers:
+        if not any(n == name and k == "weight" for n, _, _, k in plan):
+            raise ArgError("--outlier %s: no such weight in this model" % name)
     for name, shape, t, _ in plan:
         w.add_tensor_info(name, shape, t)
     t0 = time.time()
@@ -223,7 +253,8 @@ def write_model(a, log=None):
     try:
         for idx, (name, shape, t, kind) in enumerate(plan):
             rng = np.random.default_rng([a.seed, idx])
-            w.write_tensor_stream(name, gen_chunks(shape, t, kind, rng))
+            w.write_tensor_stream(name, gen_chunks(shape, t, kind, rng,
+                                                   a.outliers.get(name)))
     except BaseException:
         w.abort()
         try:

@@ -1,7 +1,8 @@
 #!/bin/sh
 # test_gpu_fwd.sh - runs tests/gpu/test_gpu_fwd under automake's TAP driver
 # over the bundled model, stories260K and small random models that take the
-# other paths (head_dim 128 and 64 for the fused decode kernel, Q8_0, Q4_0,
+# other paths (head_dim 128 and 64 for the fused decode kernel, BF16 (one
+# model with a weight beyond f16's range), Q8_0, Q4_0,
 # Q4_K and Q6_K weights kept 4- and 8-bit (and a Q4_K_M mix of the two, whose
 # QKV stacks mix them in some layers), qwen2's biases and neox RoPE,
 # F16 weights with rows of 200 columns: cuBLAS over padded rows; F16 rows of
@@ -26,12 +27,12 @@ set -- "$S/models/kvq-austen-5m.gguf" "$T/stories260K.gguf"
 # gen NAME ARCH TYPE DIM LAYERS HEADS KV_HEADS FFN SEED: $tmp/NAME.gguf,
 # appended to the models to test.
 gen() {
+	n=$1
 	python3 "$S/tools/gen_model.py" -q --vocab-from "$T/stories260K.gguf" \
 		--out "$tmp/$1.gguf" --arch "$2" --type "$3" --dim "$4" \
 		--layers "$5" --heads "$6" --kv-heads "$7" --ffn "$8" \
-		--ctx 1024 --seed "$9" || exit 1
-	set -- "$tmp/$1.gguf"
-	models="$models $1"
+		--ctx 1024 --seed "$9" ${10:+--outlier "${10}"} || exit 1
+	models="$models $tmp/$n.gguf"
 }
 models=
 gen llama-q8 llama Q8_0 512 2 4 2 1024 7
@@ -41,5 +42,8 @@ gen llama-q6k llama Q6_K 256 2 4 2 512 12
 gen llama-q4km llama Q4_K_M 256 4 4 2 512 13
 gen llama-f16 llama F16 256 2 4 2 200 10
 gen llama-f16w llama F16 2048 2 16 4 6144 11
+# BF16 as f16 on the GPU; one weight past f16's range keeps its matrix f32
+gen llama-bf16 llama BF16 256 2 4 2 512 14
+gen llama-bf16-big llama BF16 256 2 4 2 512 15 blk.0.ffn_down.weight=100000
 # shellcheck disable=SC2086
 "$prog" "$@" $models
