@@ -142,6 +142,10 @@ def validate(a):
         if t == GGMLType.F16 and abs(v) > 65504.0:
             raise ArgError("--outlier %s: beyond F16's range" % o)
         a.outliers[name] = v
+    names = [n for n, _, _, k in tensor_plan(a, 1) if k == "weight"]
+    for name in a.outliers:
+        if name not in names:
+            raise ArgError("--outlier %s: no such weight in this model" % name)
 
 
 def weight_std(in_features):
@@ -243,9 +247,6 @@ def write_model(a, log=None):
         w.add(k, v)
 
     plan = tensor_plan(a, n_vocab)
-    for name in a.outliers:
-        if not any(n == name and k == "weight" for n, _, _, k in plan):
-            raise ArgError("--outlier %s: no such weight in this model" % name)
     for name, shape, t, _ in plan:
         w.add_tensor_info(name, shape, t)
     t0 = time.time()

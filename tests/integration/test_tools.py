@@ -394,8 +394,33 @@ def test_gen_model(tap, np, tmp):
     tap.ok(p.returncode == 2 and "multiple of the Q6_K block size 256" in err
            and not os.path.exists(os.path.join(tmp, "x.gguf")),
            "gen_model.py rejects --dim not a multiple of the block size")
+    out = os.path.join(tmp, "big.gguf")
+    p = subprocess.run([sys.executable, gm, "--out", out, "--arch", "llama",
+                        "--type", "BF16", "--dim", "64", "--layers", "2",
+                        "--heads", "4", "--ffn", "128", "--vocab-from",
+                        stories, "--outlier", "blk.1.ffn_down.weight=100000",
+                        "--quiet"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    big = rest = None
+    if p.returncode == 0:
+        with g.GGUFReader(out) as r:
+            d = r.tensor_data("blk.1.ffn_down.weight")
+            big = float(d[0, 0])
+            rest = float(np.abs(d).reshape(-1)[1:].max())
+            rest = max(rest, float(np.abs(
+                r.tensor_data("blk.0.ffn_down.weight")).max()))
+    tap.ok(big is not None and abs(big - 100000.0) <= 512.0 and rest < 1.0,
+           "gen_model.py --outlier: the tensor's first weight is the value "
+           "(bf16: %s), the others stay small (largest %s)%s" %
+           (big, rest, "" if p.returncode == 0 else
+            ": " + p.stderr.decode()[-200:]))
     for bad, what in ((["--heads", "5"], "divisible"),
-                      (["--kv-heads", "3"], "multiple of --kv-heads")):
+                      (["--kv-heads", "3"], "multiple of --kv-heads"),
+                      (["--outlier", "blk.0.attn_q.weight"], "TENSOR=VALUE"),
+                      (["--outlier", "blk.7.attn_q.weight=1e5"],
+                       "no such weight"),
+                      (["--outlier", "blk.0.attn_q.weight=nan"],
+                       "finite number")):
         a = gen_model.parse_args(["--out", os.path.join(tmp, "y.gguf"),
                                   "--arch", "llama", "--type", "F32", "--dim",
                                   "64", "--layers", "1", "--heads", "4",
