@@ -179,9 +179,62 @@ static int gpu_wtype(uint32_t type, enum wmode mode)
 }
 
 /*
+ * Whether a row of GGUF @type kept 8- or 4-bit may hold a weight beyond
+ * f16's range: the products take its weights as their f16 values
+ * (kvq_wload8()), so such a row must go up f32.  A bound from each
+ * block's scales first; only a row past it is dequantized and its values
+ * checked (kvq_f32_to_f16() gives infinity for |v| >= 65520).
+ */
+static bool row_past_f16(uint32_t type, const uint8_t *row, uint32_t cols,
+			 float *tmp)
+{
+	const float lim = 65504.0f;
+	bool maybe = false;
+	uint32_t b, i;
+
+	if (type == KVQ_TYPE_Q8_0 || type == KVQ_TYPE_Q4_0) {
+		uint32_t bs = type == KVQ_TYPE_Q8_0 ? 34 : 18;
+		float qmax = type == KVQ_TYPE_Q8_0 ? 128.0f : 8.0f;
+
+		for (b = 0; b < cols / 32 && !maybe; b++) {
+			uint16_t d;
+
+			memcpy(&d, row + b * bs, 2);
+			maybe = fabsf(kvq_f16_to_f32(d)) * qmax > lim;
+		}
+	} else if (type == KVQ_TYPE_Q4_K || type == KVQ_TYPE_Q6_K) {
+		for (b = 0; b < cols / KVQ_QK_K && !maybe; b++) {
+			if (type == KVQ_TYPE_Q4_K) {
+				const struct kvq_block_q4_k *k =
+					(const struct kvq_block_q4_k *)row + b;
+
+				/* scales and mins are 6-bit, codes 4-bit */
+				maybe = fabsf(kvq_f16_to_f32(k->d)) * 63 * 15 +
+					fabsf(kvq_f16_to_f32(k->dmin)) * 63 >
+					lim;
+			} else {
+				const struct kvq_block_q6_k *k =
+					(const struct kvq_block_q6_k *)row + b;
+
+				maybe = fabsf(kvq_f16_to_f32(k->d)) * 128 * 32 >
+					lim;
+			}
+		}
+	}
+	if (!maybe || kvq_dequant_row(type, row, tmp, cols))
+		return false;
+	for (i = 0; i < cols; i++)
+		if ((kvq_f32_to_f16(tmp[i]) & 0x7fff) == 0x7c00 &&
+		    isfinite(tmp[i]))
+			return true;
+	return false;
+}
+
+/*
  * Converts @w's rows into the device format @wt at row offset @r0 of the
  * host buffers (@data: halves, int8 or nibbles; @scales: halves, or
- * float pairs for Q4K and Q8K).
+ * float pairs for Q4K and Q8K).  -ERANGE: a weight beyond f16's range in
+ * a format whose products take f16 values (the caller goes f32).
  */
 static int convert(struct kvq_weight *w, int wt, uint32_t r0, uint8_t *data,
 		   void *scales, float *tmp)
@@ -195,6 +248,11 @@ static int convert(struct kvq_weight *w, int wt, uint32_t r0, uint8_t *data,
 		const uint8_t *row = src + rb * r;
 		size_t o = (size_t)(r0 + r);
 
+		if (wt != KVQ_GPU_W_F32 && wt != KVQ_GPU_W_F16 &&
+		    row_past_f16(w->type, row, cols, tmp)) {
+			ret = -ERANGE;
+			break;
+		}
 		if (wt == KVQ_GPU_W_F32) {
 			ret = kvq_dequant_row(w->type, row,
 					      (float *)data + o * cols, cols);
@@ -306,7 +364,7 @@ again:
 	}
 	for (i = 0; i < n && !ret; i++) {
 		ret = convert(ws[i], wt, r0, data, scales, tmp);
-		if (ret == -ERANGE && wt == KVQ_GPU_W_F16) {
+		if (ret == -ERANGE && wt != KVQ_GPU_W_F32) {
 			kvq_warn("gpu: tensor %s holds weights beyond f16's range: its %u x %u matrix stays f32 on the GPU (twice the bytes of f16, products on CUDA cores)",
 				 ws[i]->name, rows, cols);
 			if (!fn->n++)
@@ -314,6 +372,8 @@ again:
 					 ws[i]->name);
 			free(data);
 			free(tmp);
+			free(scales);
+			scales = NULL;
 			wt = KVQ_GPU_W_F32;
 			r0 = 0;
 			ret = 0;

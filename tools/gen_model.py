@@ -88,8 +88,9 @@ def parse_args(argv):
     ap.add_argument("--outlier", action="append", default=[],
                     metavar="TENSOR=VALUE",
                     help="the first element of weight TENSOR is VALUE (F32, "
-                    "F16 and BF16 weights; repeatable): weights beyond f16's "
-                    "range, for tests")
+                    "F16, BF16, Q8_0 and Q4_0 weights, the rest of a "
+                    "quantized first block zero; repeatable): weights beyond "
+                    "f16's range, for tests")
     ap.add_argument("--quiet", "-q", action="store_true")
     a = ap.parse_args(argv)
     if a.kv_heads is None:
@@ -136,9 +137,10 @@ def validate(a):
         if not eq or not name or v is None or not np.isfinite(v):
             raise ArgError("--outlier %s: expected TENSOR=VALUE with a "
                            "finite number" % o)
-        if t not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
-            raise ArgError("--outlier needs F32, F16 or BF16 weights (not %s)"
-                           % a.type)
+        if t not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16,
+                     GGMLType.Q8_0, GGMLType.Q4_0) or a.type == "Q4_K_M":
+            raise ArgError("--outlier needs F32, F16, BF16, Q8_0 or Q4_0 "
+                           "weights (not %s)" % a.type)
         if t == GGMLType.F16 and abs(v) > 65504.0:
             raise ArgError("--outlier %s: beyond F16's range" % o)
         a.outliers[name] = v
@@ -187,7 +189,8 @@ def tensor_plan(a, n_vocab):
 
 def gen_chunks(shape, ggml_type, kind, rng, outlier=None):
     """Yield the bytes of one tensor in pieces of whole rows; its first
-    element is @outlier where that is set (a weight of a float type)."""
+    element is @outlier where that is set (a float type's, or the first
+    block of a Q8_0 / Q4_0 one, whose other weights are then 0)."""
     if kind == "norm":
         x = (1.0 + 0.1 * rng.standard_normal(shape[0])).astype("<f4")
         yield x
@@ -203,7 +206,8 @@ def gen_chunks(shape, ggml_type, kind, rng, outlier=None):
         b = random_blocks(ggml_type, n * cols, rng, std=std)
         if r0 == 0 and outlier is not None:
             b = b.copy()
-            e = encode([outlier], ggml_type)
+            first = [outlier] + [0.0] * (block_size(ggml_type) - 1)
+            e = encode(first, ggml_type)
             b[:len(e)] = e
         yield b
 

@@ -180,10 +180,11 @@ static bool exact_weights(struct kvq_model *m)
 }
 
 /*
- * Weights beyond f16's range (65504) on a model the GPU would hold as f16
- * (not F32, and not a kept 8/4-bit type): their matrices go up as f32,
- * and kvq_model_gpu_weights() names the first.  The reference scans every
- * matrix's values on the host (kvq_dequant_row()).
+ * Weights beyond f16's range (those f16 rounds to infinity) in a type the
+ * GPU multiplies as f16 values (every type but F32: converted at load,
+ * or kept 8/4-bit and expanded to f16 in registers): their matrices go up
+ * as f32, and kvq_model_gpu_weights() names the first.  The reference
+ * scans every matrix's values on the host (kvq_dequant_row()).
  */
 static void f16_range_case(struct kvq_model *m, const char *mname)
 {
@@ -200,8 +201,7 @@ static void f16_range_case(struct kvq_model *m, const char *mname)
 		const uint8_t *src;
 		bool big = false;
 
-		if (w->rows < 2 || (w->type != KVQ_TYPE_F16 &&
-				    w->type != KVQ_TYPE_BF16))
+		if (w->rows < 2 || w->type == KVQ_TYPE_F32)
 			continue;
 		free(row);
 		row = malloc(w->cols * sizeof(float));
@@ -214,7 +214,8 @@ static void f16_range_case(struct kvq_model *m, const char *mname)
 					    row, w->cols))
 				break;
 			for (c = 0; c < w->cols; c++)
-				big |= fabsf(row[c]) > 65504.0f;
+				big |= (kvq_f32_to_f16(row[c]) & 0x7fff) ==
+				       0x7c00 && isfinite(row[c]);
 		}
 		kvq_weight_put(w);
 		if (!big)

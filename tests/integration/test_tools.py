@@ -414,6 +414,22 @@ def test_gen_model(tap, np, tmp):
            "(bf16: %s), the others stay small (largest %s)%s" %
            (big, rest, "" if p.returncode == 0 else
             ": " + p.stderr.decode()[-200:]))
+    out = os.path.join(tmp, "bigq8.gguf")
+    p = subprocess.run([sys.executable, gm, "--out", out, "--arch", "llama",
+                        "--type", "Q8_0", "--dim", "64", "--layers", "1",
+                        "--heads", "4", "--ffn", "128", "--vocab-from",
+                        stories, "--outlier", "blk.0.attn_q.weight=-70000",
+                        "--quiet"],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    blk = None
+    if p.returncode == 0:
+        with g.GGUFReader(out) as r:
+            blk = r.tensor_data("blk.0.attn_q.weight")[0, :32].tolist()
+    tap.ok(blk is not None and abs(blk[0] + 70000.0) <= 70000.0 / 254 and
+           not any(blk[1:]),
+           "gen_model.py --outlier on Q8_0: the first block holds the value "
+           "(%s) and zeros%s" % (blk and blk[0], "" if p.returncode == 0
+                                  else ": " + p.stderr.decode()[-200:]))
     for bad, what in ((["--heads", "5"], "divisible"),
                       (["--kv-heads", "3"], "multiple of --kv-heads"),
                       (["--outlier", "blk.0.attn_q.weight"], "TENSOR=VALUE"),
