@@ -365,7 +365,7 @@ again:
 	for (i = 0; i < n && !ret; i++) {
 		ret = convert(ws[i], wt, r0, data, scales, tmp);
 		if (ret == -ERANGE && wt != KVQ_GPU_W_F32) {
-			kvq_warn("gpu: tensor %s holds weights beyond f16's range: its %u x %u matrix stays f32 on the GPU (twice the bytes of f16, products on CUDA cores)",
+			kvq_warn("gpu: tensor %s holds weights beyond f16's range: its %u x %u matrix stays f32 on the GPU (4 bytes a weight, products on CUDA cores)",
 				 ws[i]->name, rows, cols);
 			if (!fn->n++)
 				snprintf(fn->first, sizeof(fn->first), "%s",
