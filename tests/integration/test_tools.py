@@ -394,13 +394,17 @@ def test_gen_model(tap, np, tmp):
     tap.ok(p.returncode == 2 and "multiple of the Q6_K block size 256" in err
            and not os.path.exists(os.path.join(tmp, "x.gguf")),
            "gen_model.py rejects --dim not a multiple of the block size")
-    out = os.path.join(tmp, "big.gguf")
-    p = subprocess.run([sys.executable, gm, "--out", out, "--arch", "llama",
-                        "--type", "BF16", "--dim", "64", "--layers", "2",
-                        "--heads", "4", "--ffn", "128", "--vocab-from",
-                        stories, "--outlier", "blk.1.ffn_down.weight=100000",
-                        "--quiet"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def outlier_model(name, typ, layers, outlier):
+        """gen_model.py --outlier run: (its result, the path written)."""
+        path = os.path.join(tmp, name)
+        return subprocess.run(
+            [sys.executable, gm, "--out", path, "--arch", "llama", "--type",
+             typ, "--dim", "64", "--layers", str(layers), "--heads", "4",
+             "--ffn", "128", "--vocab-from", stories, "--outlier", outlier,
+             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE), path
+
+    p, out = outlier_model("big.gguf", "BF16", 2,
+                           "blk.1.ffn_down.weight=100000")
     big = rest = None
     if p.returncode == 0:
         with g.GGUFReader(out) as r:
@@ -414,13 +418,8 @@ def test_gen_model(tap, np, tmp):
            "(bf16: %s), the others stay small (largest %s)%s" %
            (big, rest, "" if p.returncode == 0 else
             ": " + p.stderr.decode()[-200:]))
-    out = os.path.join(tmp, "bigq8.gguf")
-    p = subprocess.run([sys.executable, gm, "--out", out, "--arch", "llama",
-                        "--type", "Q8_0", "--dim", "64", "--layers", "1",
-                        "--heads", "4", "--ffn", "128", "--vocab-from",
-                        stories, "--outlier", "blk.0.attn_q.weight=-70000",
-                        "--quiet"],
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p, out = outlier_model("bigq8.gguf", "Q8_0", 1,
+                           "blk.0.attn_q.weight=-70000")
     blk = None
     if p.returncode == 0:
         with g.GGUFReader(out) as r:
