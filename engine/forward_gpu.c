@@ -178,12 +178,18 @@ static int gpu_wtype(uint32_t type, enum wmode mode)
 	return KVQ_GPU_W_F16;
 }
 
+/* Finite weight @v, whose f16 is @h, past f16's range (|v| >= 65520:
+ * rounded to infinity). */
+static bool past_f16(float v, uint16_t h)
+{
+	return (h & 0x7fff) == 0x7c00 && isfinite(v);
+}
+
 /*
- * Whether a row of GGUF @type kept 8- or 4-bit may hold a weight beyond
- * f16's range: the products take its weights as their f16 values
- * (kvq_wload8()), so such a row must go up f32.  A bound from each
- * block's scales first; only a row past it is dequantized and its values
- * checked (kvq_f32_to_f16() gives infinity for |v| >= 65520).
+ * Whether a row of GGUF @type kept 8- or 4-bit holds a weight beyond f16's
+ * range: the products take its weights as their f16 values (kvq_wload8()),
+ * so such a row must go up f32.  A bound from each block's scales first;
+ * only a row past it is dequantized and its values checked.
  */
 static bool row_past_f16(uint32_t type, const uint8_t *row, uint32_t cols,
 			 float *tmp)
@@ -224,8 +230,7 @@ static bool row_past_f16(uint32_t type, const uint8_t *row, uint32_t cols,
 	if (!maybe || kvq_dequant_row(type, row, tmp, cols))
 		return false;
 	for (i = 0; i < cols; i++)
-		if ((kvq_f32_to_f16(tmp[i]) & 0x7fff) == 0x7c00 &&
-		    isfinite(tmp[i]))
+		if (past_f16(tmp[i], kvq_f32_to_f16(tmp[i])))
 			return true;
 	return false;
 }
@@ -266,10 +271,8 @@ static int convert(struct kvq_weight *w, int wt, uint32_t r0, uint8_t *data,
 			ret = kvq_dequant_row(w->type, row, tmp, cols);
 			for (i = 0; !ret && i < cols; i++) {
 				d[i] = kvq_f32_to_f16(tmp[i]);
-				/* past f16's largest (65504): the caller
-				 * keeps the stack f32 instead */
-				if ((d[i] & 0x7fff) == 0x7c00 &&
-				    isfinite(tmp[i]))
+				/* the caller keeps the stack f32 instead */
+				if (past_f16(tmp[i], d[i]))
 					ret = -ERANGE;
 			}
 		} else if (wt == KVQ_GPU_W_Q8) {

@@ -167,10 +167,10 @@ static int one_step(struct kvq_ctx *c, int seq, const int32_t *tok, int n,
 	return seq_step(c, seq, tok, n, false, logits);
 }
 
-/* The GPU holds this model's weights exactly as the file does. */
-/* F32 and F16 weights reach the GPU as they are; so do BF16 ones, as f16
- * (every bf16 value in f16's normal range is an f16 value; below it, f16
- * subnormals are 2^-24 apart, beyond it the matrix stays f32). */
+/* The GPU holds this model's weights exactly as the file does: F32 and
+ * F16 as they are, BF16 as f16 (every bf16 value in f16's normal range is
+ * an f16 value; below it f16 subnormals are 2^-24 apart, beyond it the
+ * matrix stays f32). */
 static bool exact_weights(struct kvq_model *m)
 {
 	const char *d = kvq_model_desc(m);
