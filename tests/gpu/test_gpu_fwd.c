@@ -50,17 +50,16 @@
 #include <string.h>
 
 #include "engine/forward_gpu.h"
-#include "engine/gguf.h"
 #include "engine/kvcache.h"
 #include "engine/kvsmooth.h"
 #include "engine/log.h"
 #include "engine/model.h"
 #include "engine/model_impl.h"
-#include "engine/quant.h"
 #include "engine/sampler.h"
 #include "engine/tokenizer.h"
 #include "kernels/attn.h"
 #include "kernels/gpu.h"
+#include "tests/gpu/fwd_util.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "tap.h"
 
@@ -146,27 +145,6 @@ static int prompt_tokens(struct kvq_model *m, int32_t *tok, int cap)
 	return n < 0 ? 1 : n + 1;
 }
 
-/* One step of @n tokens of sequence @seq; with @all, the logits of every
- * row, else of the last. */
-static int seq_step(struct kvq_ctx *c, int seq, const int32_t *tok, int n,
-		    bool all, float *logits)
-{
-	struct kvq_batch b = { 0 };
-
-	b.n = 1;
-	b.seq = &seq;
-	b.n_tokens = &n;
-	b.tokens = &tok;
-	b.all_logits = all;
-	return kvq_step(c, &b, logits);
-}
-
-static int one_step(struct kvq_ctx *c, int seq, const int32_t *tok, int n,
-		    float *logits)
-{
-	return seq_step(c, seq, tok, n, false, logits);
-}
-
 /* The GPU holds this model's weights exactly as the file does: F32 and
  * F16 as they are, BF16 as f16 (every bf16 value in f16's normal range is
  * an f16 value; below it f16 subnormals are 2^-24 apart, beyond it the
@@ -189,43 +167,11 @@ static bool exact_weights(struct kvq_model *m)
 static void f16_range_case(struct kvq_model *m, const char *mname)
 {
 	const char *gw = kvq_model_gpu_weights(m), *at;
-	bool named = false;
-	uint32_t i, r, c;
-	float *row = NULL;
-	int n_big = 0;
+	bool named;
+	int n_big;
 
 	at = strstr(gw, "kept f32 (weights beyond f16's range, first ");
-
-	for (i = 0; i < m->n_weights; i++) {
-		struct kvq_weight *w = &m->weights[i];
-		const uint8_t *src;
-		bool big = false;
-
-		if (w->rows < 2 || w->type == KVQ_TYPE_F32)
-			continue;
-		free(row);
-		row = malloc(w->cols * sizeof(float));
-		if (!row)
-			break;
-		src = kvq_weight_get(w);
-		for (r = 0; r < w->rows && !big; r++) {
-			if (kvq_dequant_row(w->type, src + kvq_type_row_bytes(
-						    w->type, w->cols) * r,
-					    row, w->cols))
-				break;
-			for (c = 0; c < w->cols; c++)
-				big |= (kvq_f32_to_f16(row[c]) & 0x7fff) ==
-				       0x7c00 && isfinite(row[c]);
-		}
-		kvq_weight_put(w);
-		if (!big)
-			continue;
-		n_big++;
-		/* the one named: a tensor beyond the range */
-		c = (uint32_t)strlen(w->name);
-		named |= at && !strncmp(at + 44, w->name, c) && at[44 + c] == ')';
-	}
-	free(row);
+	n_big = fwd_wide_weights(m, at, &named);
 	if (!*gw)
 		return;		/* no GPU weights: the greedy cases said why */
 	if (!n_big) {
@@ -523,91 +469,11 @@ out:
 	free(lc);
 }
 
-/* Options of a context with an f32 cache (products are what is compared),
- * 256 positions and two sequences. */
-static void f32_cache_opts(struct kvq_ctx_opts *o,
-			   const struct kvq_hparams *hp)
-{
-	kvq_ctx_opts_default(o);
-	o->kv_type_k = KVQ_KV_F32;
-	o->kv_type_v = KVQ_KV_F32;
-	o->n_ctx = 256 < hp->ctx_len ? 256 : hp->ctx_len;
-	o->max_seqs = 2;
-}
-
 /* The GPU multiplies this model's matrices as f16 values (f16 rows, or
  * Q8_0 and Q4_0 rows expanded to them): every type but F32. */
 static bool f16_on_gpu(struct kvq_model *m)
 {
 	return !strstr(kvq_model_desc(m), ", F32,");
-}
-
-/* The model's matrices are Q4_K or Q6_K: kept as they are only with
- * KVQ_GPU_WEIGHTS=compact. */
-static bool k_quant(struct kvq_model *m)
-{
-	const char *d = kvq_model_desc(m);
-
-	return strstr(d, ", Q4_K,") || strstr(d, ", Q6_K,");
-}
-
-/* The model's matrices are of a type the GPU can keep as it is (and
- * multiply as its f16 values). */
-static bool kept_quantized(struct kvq_model *m)
-{
-	const char *d = kvq_model_desc(m);
-
-	return strstr(d, ", Q8_0,") || strstr(d, ", Q4_0,") || k_quant(m);
-}
-
-/*
- * What the model at @path is: its weights of a type the GPU keeps 4/8-bit
- * (*@q8), Q4_K / Q6_K (*@kq), its vocabulary (*@V).  false when it does
- * not load.
- */
-static bool model_kind(const char *path, bool *q8, bool *kq, uint32_t *V)
-{
-	struct kvq_model_opts mo = { 0 };
-	struct kvq_model *m;
-	char err[256];
-
-	mo.n_threads = 2;
-	if (kvq_model_load(path, &mo, &m, err, sizeof(err)))
-		return false;
-	*q8 = kept_quantized(m);
-	*kq = k_quant(m);
-	*V = kvq_model_hparams(m)->n_vocab;
-	kvq_model_destroy(m);
-	return true;
-}
-
-/* Device bytes of @path's weights uploaded with KVQ_GPU_WEIGHTS @w and
- * KVQ_GPU_FAULT @fault (NULL: unset); 0 on a failure. */
-static uint64_t upload_bytes(const char *path, const char *w, const char *fault)
-{
-	struct kvq_model_opts mo = { 0 };
-	struct kvq_model *m = NULL;
-	struct kvq_ctx *gc = NULL;
-	struct kvq_ctx_opts o;
-	uint64_t b = 0;
-	char err[256];
-
-	if (w)
-		setenv("KVQ_GPU_WEIGHTS", w, 1);
-	if (fault)
-		setenv("KVQ_GPU_FAULT", fault, 1);
-	mo.n_threads = 2;
-	if (!kvq_model_load(path, &mo, &m, err, sizeof(err))) {
-		f32_cache_opts(&o, kvq_model_hparams(m));
-		o.device = KVQ_CTX_GPU;
-		if (!kvq_ctx_create(m, &o, &gc, err, sizeof(err)))
-			b = kvq_model_gpu_bytes(m);
-	}
-	kvq_ctx_destroy(gc);
-	kvq_model_destroy(m);
-	unsetenv("KVQ_GPU_WEIGHTS");
-	unsetenv("KVQ_GPU_FAULT");
-	return b;
 }
 
 /*
@@ -645,63 +511,6 @@ static void auto_compact_case(const char *path)
  * small product, the norm inside), then one step of 9 sequences (the
  * one-pass tensor-core product).  Other models: nothing.
  */
-#define QV_STEPS 12
-#define QV_SEQS 9
-
-static int quant_values_run(const char *path, bool f16, float *out, uint32_t V,
-			 char *err, size_t errlen)
-{
-	struct kvq_model_opts mo = { 0 };
-	struct kvq_model *m = NULL;
-	struct kvq_ctx *gc = NULL;
-	struct kvq_ctx_opts o;
-	int32_t tok[3] = { 1, 7, 11 }, t1, tb[QV_SEQS];
-	int32_t nb[QV_SEQS], sb[QV_SEQS];
-	const int32_t *tp[QV_SEQS];
-	struct kvq_batch b = { 0 };
-	int ret, sq, i;
-
-	setenv("KVQ_GPU_WEIGHTS", f16 ? "f16" : "compact", 1);
-	mo.n_threads = 2;
-	ret = kvq_model_load(path, &mo, &m, err, errlen);
-	if (ret)
-		goto out;
-	f32_cache_opts(&o, kvq_model_hparams(m));
-	o.max_seqs = QV_SEQS + 1;
-	o.device = KVQ_CTX_GPU;
-	ret = kvq_ctx_create(m, &o, &gc, err, errlen);
-	if (ret)
-		goto out;
-	sq = kvq_seq_create(gc);
-	ret = one_step(gc, sq, tok, 3, out);
-	for (i = 0; !ret && i < QV_STEPS; i++) {
-		t1 = (int32_t)((i * 37 + 3) % V);
-		ret = one_step(gc, sq, &t1, 1, out + (size_t)(i + 1) * V);
-	}
-	for (i = 0; !ret && i < QV_SEQS; i++) {
-		sb[i] = kvq_seq_create(gc);
-		tb[i] = (int32_t)((i * 53 + 5) % V);
-		tp[i] = &tb[i];
-		nb[i] = 1;
-		if (sb[i] < 0)
-			ret = -ENOMEM;
-	}
-	if (!ret) {
-		b.n = QV_SEQS;
-		b.seq = sb;
-		b.n_tokens = nb;
-		b.tokens = tp;
-		ret = kvq_step(gc, &b, out + (size_t)(QV_STEPS + 1) * V);
-	}
-	if (ret)
-		snprintf(err, errlen, "a step failed (%d)", ret);
-out:
-	kvq_ctx_destroy(gc);
-	kvq_model_destroy(m);
-	unsetenv("KVQ_GPU_WEIGHTS");
-	return ret;
-}
-
 static void quant_values_case(const char *path)
 {
 	const char *base = strrchr(path, '/');
