@@ -225,9 +225,13 @@ check "kvqctl_status_table" \
 	sh -c "grep -q '^state: *ready' '$T/out' && grep -q '^model: .*stories260K' '$T/out' && grep -q '^device: *cpu' '$T/out'"
 check "kvqctl_status_kv_format_and_attention_device" \
 	sh -c "grep -q '^kv format: *keys q8, values q4, 320 bytes per token; attention on cpu' '$T/out'"
+check "kvqctl_status_steps_without_device_time_on_cpu" \
+	sh -c "grep -Eq '^steps: +[0-9]+, [0-9]+\.[0-9]{3} s$' '$T/out'"
 "$KVQCTL" --socket "$SOCK" --json status >"$T/out.json" 2>&1
 check "kvqctl_status_json" json "$T/out.json" \
 	'j["state"] == "ready" and j["model"]["n_layers"] == 5 and j["requests"]["running"] == 0 and j["listen"].endswith(":'"$PORT"'")'
+check "kvqctl_status_json_step_and_device_seconds" json "$T/out.json" \
+	'j["requests"]["step_seconds"] >= 0 and j["requests"]["device_seconds"] == 0'
 check "kvqctl_status_json_kv_format" json "$T/out.json" \
 	'j["kv"]["type_k"] == "q8" and j["kv"]["type_v"] == "q4" and j["kv"]["bytes_per_token"] == 320 and j["kv"]["attention"].startswith("cpu")'
 
