@@ -86,8 +86,9 @@ def parse_args(argv):
                     help="GGUF whose tokenizer.* keys are copied "
                     "(default: ../shared/testdata/stories260K.gguf)")
     ap.add_argument("--outlier", action="append", default=[],
-                    metavar="TENSOR=VALUE",
-                    help="the first element of weight TENSOR is VALUE (F32, "
+                    metavar="TENSOR[@ROW]=VALUE",
+                    help="the first element of weight TENSOR (of its row ROW, "
+                    "default 0) is VALUE (F32, "
                     "F16, BF16, Q8_0 and Q4_0 weights, the rest of a "
                     "quantized first block zero; repeatable): weights beyond "
                     "f16's range, for tests")
@@ -130,20 +131,23 @@ def validate(a):
     a.outliers = {}
     for o in a.outlier:
         name, eq, val = o.partition("=")
+        name, at, row = name.partition("@")
         try:
             v = float(val)
+            r = int(row) if at else 0
         except ValueError:
-            v = None
-        if not eq or not name or v is None or not np.isfinite(v):
-            raise ArgError("--outlier %s: expected TENSOR=VALUE with a "
-                           "finite number" % o)
+            v = r = None
+        if (not eq or not name or v is None or not np.isfinite(v) or
+                r is None or r < 0):
+            raise ArgError("--outlier %s: expected TENSOR=VALUE or "
+                           "TENSOR@ROW=VALUE with a finite number" % o)
         if t not in (GGMLType.F32, GGMLType.F16, GGMLType.BF16,
                      GGMLType.Q8_0, GGMLType.Q4_0) or a.type == "Q4_K_M":
             raise ArgError("--outlier needs F32, F16, BF16, Q8_0 or Q4_0 "
                            "weights (not %s)" % a.type)
         if t == GGMLType.F16 and abs(v) > 65504.0:
             raise ArgError("--outlier %s: beyond F16's range" % o)
-        a.outliers[name] = v
+        a.outliers[name] = (r, v)
     names = [n for n, _, _, k in tensor_plan(a, 1) if k == "weight"]
     for name in a.outliers:
         if name not in names:
@@ -188,9 +192,10 @@ def tensor_plan(a, n_vocab):
 
 
 def gen_chunks(shape, ggml_type, kind, rng, outlier=None):
-    """Yield the bytes of one tensor in pieces of whole rows; its first
-    element is @outlier where that is set (a float type's, or the first
-    block of a Q8_0 / Q4_0 one, whose other weights are then 0)."""
+    """Yield the bytes of one tensor in pieces of whole rows; where
+    @outlier is (ROW, VALUE), the first element of row ROW is VALUE (a
+    float type's, or the first block of a Q8_0 / Q4_0 one, whose other
+    weights are then 0)."""
     if kind == "norm":
         x = (1.0 + 0.1 * rng.standard_normal(shape[0])).astype("<f4")
         yield x
@@ -204,11 +209,12 @@ def gen_chunks(shape, ggml_type, kind, rng, outlier=None):
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
         b = random_blocks(ggml_type, n * cols, rng, std=std)
-        if r0 == 0 and outlier is not None:
+        if outlier is not None and r0 <= outlier[0] < r0 + n:
             b = b.copy()
-            first = [outlier] + [0.0] * (block_size(ggml_type) - 1)
+            first = [outlier[1]] + [0.0] * (block_size(ggml_type) - 1)
             e = encode(first, ggml_type)
-            b[:len(e)] = e
+            at = (outlier[0] - r0) * (len(b) // n)
+            b[at:at + len(e)] = e
         yield b
 
 
@@ -251,6 +257,11 @@ def write_model(a, log=None):
         w.add(k, v)
 
     plan = tensor_plan(a, n_vocab)
+    rows = {n: shape[0] for n, shape, _, k in plan if k == "weight"}
+    for name, (r, _) in a.outliers.items():
+        if r >= rows[name]:
+            raise ArgError("--outlier %s@%d: the weight has %d rows"
+                           % (name, r, rows[name]))
     for name, shape, t, _ in plan:
         w.add_tensor_info(name, shape, t)
     t0 = time.time()

@@ -45,5 +45,14 @@ gen llama-f16w llama F16 2048 2 16 4 6144 11
 # BF16 as f16 on the GPU; one weight past f16's range keeps its matrix f32
 gen llama-bf16 llama BF16 256 2 4 2 512 14
 gen llama-bf16-big llama BF16 256 2 4 2 512 15 blk.0.ffn_down.weight=100000
+# and so do Q8_0 and Q4_0 rows (expanded to f16 values in registers): here
+# the BOS token's embedding, which every prompt starts with.  (Where 1e5
+# multiplies a computed value instead -- in a product, with the last
+# layer's down projection or an output projection -- the GPU's f16 rounding
+# of the other 8/4-bit weights, a flipped q4 code of the cache, or a
+# prompt's f16 keys come out 1e5 times larger: no tolerance holds such a
+# model to the CPU's.  bf16-big above has exact weights, so it may.)
+gen llama-q8-big llama Q8_0 256 2 4 2 512 16 token_embd.weight@1=100000
+gen llama-q4-big llama Q4_0 256 2 4 2 512 17 token_embd.weight@1=100000
 # shellcheck disable=SC2086
 "$prog" "$@" $models

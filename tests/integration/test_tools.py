@@ -429,9 +429,29 @@ def test_gen_model(tap, np, tmp):
            "gen_model.py --outlier on Q8_0: the first block holds the value "
            "(%s) and zeros%s" % (blk and blk[0], "" if p.returncode == 0
                                   else ": " + p.stderr.decode()[-200:]))
+    p, out = outlier_model("rowq8.gguf", "Q8_0", 1,
+                           "token_embd.weight@3=70000")
+    rows = None
+    if p.returncode == 0:
+        with g.GGUFReader(out) as r:
+            e = r.tensor_data("token_embd.weight")
+            rows = [i for i in range(e.shape[0]) if np.abs(e[i]).max() > 1.0]
+            blk = e[3, :32].tolist()
+    tap.ok(rows == [3] and abs(blk[0] - 70000.0) <= 70000.0 / 254 and
+           not any(blk[1:]),
+           "gen_model.py --outlier TENSOR@ROW: row 3 of the embedding holds "
+           "the value and zeros in its first block, no other row a large "
+           "weight (rows with a weight past 1: %s)%s" % (rows, "" if p.returncode == 0
+                                             else ": " + p.stderr.decode()[-200:]))
+    p, _ = outlier_model("rowbad.gguf", "Q8_0", 1,
+                         "blk.0.attn_q.weight@64=1")
+    tap.ok(p.returncode == 2 and b"has 64 rows" in p.stderr,
+           "gen_model.py --outlier rejects a row past the weight's rows (%s)"
+           % p.stderr.decode().strip()[-120:])
     for bad, what in ((["--heads", "5"], "divisible"),
                       (["--kv-heads", "3"], "multiple of --kv-heads"),
                       (["--outlier", "blk.0.attn_q.weight"], "TENSOR=VALUE"),
+                      (["--outlier", "blk.0.attn_q.weight@x=1"], "TENSOR@ROW"),
                       (["--outlier", "blk.7.attn_q.weight=1e5"],
                        "no such weight"),
                       (["--outlier", "blk.0.attn_q.weight=nan"],
