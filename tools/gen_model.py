@@ -234,6 +234,12 @@ def write_model(a, log=None):
         (10000.0 if arch == "llama" else 1000000.0)
     eps = a.eps if a.eps is not None else (1e-5 if arch == "llama" else 1e-6)
     wt = base_type(a.type)
+    plan = tensor_plan(a, n_vocab)
+    rows = {n: shape[0] for n, shape, _, k in plan if k == "weight"}
+    for name, (r, _) in a.outliers.items():
+        if r >= rows[name]:
+            raise ArgError("--outlier %s@%d: the weight has %d rows"
+                           % (name, r, rows[name]))
 
     w = GGUFWriter(a.out)
     w.add_string("general.architecture", arch)
@@ -256,12 +262,6 @@ def write_model(a, log=None):
     for k, v in tok_fields:
         w.add(k, v)
 
-    plan = tensor_plan(a, n_vocab)
-    rows = {n: shape[0] for n, shape, _, k in plan if k == "weight"}
-    for name, (r, _) in a.outliers.items():
-        if r >= rows[name]:
-            raise ArgError("--outlier %s@%d: the weight has %d rows"
-                           % (name, r, rows[name]))
     for name, shape, t, _ in plan:
         w.add_tensor_info(name, shape, t)
     t0 = time.time()

@@ -443,11 +443,12 @@ def test_gen_model(tap, np, tmp):
            "the value and zeros in its first block, no other row a large "
            "weight (rows with a weight past 1: %s)%s" % (rows, "" if p.returncode == 0
                                              else ": " + p.stderr.decode()[-200:]))
-    p, _ = outlier_model("rowbad.gguf", "Q8_0", 1,
-                         "blk.0.attn_q.weight@64=1")
-    tap.ok(p.returncode == 2 and b"has 64 rows" in p.stderr,
-           "gen_model.py --outlier rejects a row past the weight's rows (%s)"
-           % p.stderr.decode().strip()[-120:])
+    p, out = outlier_model("rowbad.gguf", "Q8_0", 1,
+                           "blk.0.attn_q.weight@64=1")
+    tap.ok(p.returncode == 2 and b"has 64 rows" in p.stderr and
+           not os.path.exists(out),
+           "gen_model.py --outlier rejects a row past the weight's rows, "
+           "writing nothing (%s)" % p.stderr.decode().strip()[-120:])
     for bad, what in ((["--heads", "5"], "divisible"),
                       (["--kv-heads", "3"], "multiple of --kv-heads"),
                       (["--outlier", "blk.0.attn_q.weight"], "TENSOR=VALUE"),
