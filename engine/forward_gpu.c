@@ -199,7 +199,9 @@ static bool row_past_f16(uint32_t type, const uint8_t *row, uint32_t cols,
 	uint32_t b, i;
 
 	if (type == KVQ_TYPE_Q8_0 || type == KVQ_TYPE_Q4_0) {
-		uint32_t bs = type == KVQ_TYPE_Q8_0 ? 34 : 18;
+		uint32_t bs = type == KVQ_TYPE_Q8_0 ?
+			      sizeof(struct kvq_block_q8_0) :
+			      sizeof(struct kvq_block_q4_0);
 		float qmax = type == KVQ_TYPE_Q8_0 ? 128.0f : 8.0f;
 
 		for (b = 0; b < cols / 32 && !maybe; b++) {
