@@ -114,26 +114,72 @@ static __device__ __forceinline__ uint2 kvq_codes4(const dmat &m, uint32_t r,
 				     (c / 32) * 16 + (c & 15)));
 }
 
+/*
+ * kvq_wload8() in two halves, so that a loop can have all its loads in
+ * flight before it expands the first: kvq_wfetch8() loads the 16 bytes
+ * of f16 rows, or the codes (x, y) and the block's scale (z, and w for
+ * the pairs of Q4K and Q8K) of the others; kvq_wexpand8() makes the f16
+ * values from them.
+ */
+template <int WT>
+static __device__ __forceinline__ uint4 kvq_wfetch8(const dmat &m, uint32_t r,
+						    uint32_t c)
+{
+	uint4 u;
+
+	if (WT == KVQ_GPU_W_Q8 || WT == KVQ_GPU_W_Q4) {
+		uint2 q = WT == KVQ_GPU_W_Q8 ? kvq_codes8(m, r, c) :
+					       kvq_codes4(m, r, c);
+		__half d = m.s[(size_t)r * (m.cols / 32) + c / 32];
+
+		u.x = q.x;
+		u.y = q.y;
+		u.z = __half_as_ushort(d);
+		u.w = 0;
+		return u;
+	}
+	if (WT == KVQ_GPU_W_Q4K || WT == KVQ_GPU_W_Q8K) {
+		uint2 q = WT == KVQ_GPU_W_Q8K ? kvq_codes8(m, r, c) :
+					       kvq_codes4(m, r, c);
+		uint32_t g = WT == KVQ_GPU_W_Q8K ? c / 16 : c / 32;
+		uint32_t gs = WT == KVQ_GPU_W_Q8K ? m.cols / 16 : m.cols / 32;
+		float2 so = __ldg((const float2 *)m.s + (size_t)r * gs + g);
+
+		u.x = q.x;
+		u.y = q.y;
+		u.z = __float_as_uint(so.x);
+		u.w = __float_as_uint(so.y);
+		return u;
+	}
+	return __ldg((const uint4 *)((const __half *)m.d + (size_t)r * m.ld +
+				     c));
+}
+
+template <int WT>
+static __device__ __forceinline__ uint4 kvq_wexpand8(uint4 u, uint32_t c)
+{
+	uint2 q = make_uint2(u.x, u.y);
+
+	if (WT == KVQ_GPU_W_Q8)
+		return kvq_q8_h8(q, __ushort_as_half((unsigned short)u.z));
+	if (WT == KVQ_GPU_W_Q4)
+		return kvq_q4_h8(q, (c & 16) != 0,
+				 __ushort_as_half((unsigned short)u.z));
+	if (WT == KVQ_GPU_W_Q4K)
+		return kvq_q4k_h8(q, (c & 16) != 0,
+				  make_float2(__uint_as_float(u.z),
+					      __uint_as_float(u.w)));
+	if (WT == KVQ_GPU_W_Q8K)
+		return kvq_q8k_h8(q, make_float2(__uint_as_float(u.z),
+						 __uint_as_float(u.w)));
+	return u;
+}
+
 template <int WT>
 static __device__ __forceinline__ uint4 kvq_wload8(const dmat &m, uint32_t r,
 						   uint32_t c)
 {
-	if (WT == KVQ_GPU_W_Q8)
-		return kvq_q8_h8(kvq_codes8(m, r, c),
-				 m.s[(size_t)r * (m.cols / 32) + c / 32]);
-	if (WT == KVQ_GPU_W_Q4)
-		return kvq_q4_h8(kvq_codes4(m, r, c), (c & 16) != 0,
-				 m.s[(size_t)r * (m.cols / 32) + c / 32]);
-	if (WT == KVQ_GPU_W_Q4K)
-		return kvq_q4k_h8(kvq_codes4(m, r, c), (c & 16) != 0,
-				  __ldg((const float2 *)m.s +
-					(size_t)r * (m.cols / 32) + c / 32));
-	if (WT == KVQ_GPU_W_Q8K)
-		return kvq_q8k_h8(kvq_codes8(m, r, c),
-				  __ldg((const float2 *)m.s +
-					(size_t)r * (m.cols / 16) + c / 16));
-	return __ldg((const uint4 *)((const __half *)m.d + (size_t)r * m.ld +
-				     c));
+	return kvq_wexpand8<WT>(kvq_wfetch8<WT>(m, r, c), c);
 }
 
 /*

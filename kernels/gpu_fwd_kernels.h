@@ -167,35 +167,73 @@ __device__ __forceinline__ void dot8(const float f[8], const float *x,
 	}
 }
 
+/*
+ * Weight loads a lane has in flight before it multiplies the first, for
+ * one token's rows of type WT shared by KS warps.  8- and 4-bit rows come
+ * 8 bytes of codes a load, so one load at a time left their products
+ * bound by the loads' latency (a 2048-column row in four round trips, as
+ * long as an f16 row's); four at a time made gate/up and QKV faster, down
+ * (KS = MV_WARPS) slower.  f16 rows and batches keep one: four in flight
+ * made the f16 products slower (bench/gpu_decode_notes.md).
+ */
+template <int WT, int NT, int KS>
+__host__ __device__ constexpr int mv_ahead()
+{
+	return NT > 1 || WT == KVQ_GPU_W_F16 || WT == KVQ_GPU_W_F32 ||
+	       KS == MV_WARPS ? 1 : 4;
+}
+
 /* Dot of weight row @r with tokens 0..n-1: lane @li of @nl lanes sharing
- * the row takes every nl-th 16-byte load; acc ends as the warp's sum. */
-template <int WT, int NT>
+ * the row takes every nl-th 16-byte load, U of them at a time
+ * (mv_ahead()); acc ends as the warp's sum. */
+template <int WT, int NT, int U>
 __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 					uint32_t nl, float acc[NT])
 {
 	const float *x = p.x;
-	uint32_t xs = p.xs, cols = p.w.cols;
+	uint32_t xs = p.xs, cols = p.w.cols, st = nl * 8;
 
 	if (WT == KVQ_GPU_W_F32) {
 		const float *w = (const float *)p.w.d + (size_t)r * p.w.ld;
 
 #pragma unroll 4
-		for (uint32_t c = li * 8; c < cols; c += nl * 8) {
+		for (uint32_t c = li * 8; c < cols; c += st) {
 			float4 u0 = __ldg((const float4 *)(w + c));
 			float4 u1 = __ldg((const float4 *)(w + c + 4));
 			float f[8] = { u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w };
 
 			dot8<NT>(f, x + c, xs, p.n, acc);
 		}
-	} else {
+	} else if (U == 1) {
 		/* f16 rows, and Q8 and Q4 ones as their f16 values: the same
 		 * columns a lane, so the same sums. */
 #pragma unroll 4
-		for (uint32_t c = li * 8; c < cols; c += nl * 8) {
+		for (uint32_t c = li * 8; c < cols; c += st) {
 			float f[8];
 
 			unpack_h8(kvq_wload8<WT>(p.w, r, c), f);
 			dot8<NT>(f, x + c, xs, p.n, acc);
+		}
+	} else {
+		/* The same columns in the same order, U loads ahead. */
+		for (uint32_t c0 = li * 8; c0 < cols; c0 += U * st) {
+			uint4 wr[U];
+
+#pragma unroll
+			for (int u = 0; u < U; u++)
+				if (c0 + u * st < cols)
+					wr[u] = kvq_wfetch8<WT>(p.w, r,
+								c0 + u * st);
+#pragma unroll
+			for (int u = 0; u < U; u++) {
+				uint32_t c = c0 + u * st;
+				float f[8];
+
+				if (c >= cols)
+					break;
+				unpack_h8(kvq_wexpand8<WT>(wr[u], c), f);
+				dot8<NT>(f, x + c, xs, p.n, acc);
+			}
 		}
 	}
 #pragma unroll
@@ -206,43 +244,78 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 /*
  * One token, f16 (or Q8 and Q4, as kvq_wload8()) rows, the norm inside
  * the product (mv_kernel()'s NORM path): row @r0 -- and @r1 when PAIR, the
- * up row of a SwiGLU product -- and the squares of the raw row p.ssx over
- * the same columns, in one loop,
+ * up row of a SwiGLU product -- and, where SS, the squares of the raw
+ * row p.ssx over as many columns, in one loop,
  * so that both rows' loads and the row of x are in flight together
  * instead of one after another.  acc, acc2 and ss end as the warp's sums.
  */
-template <int WT, bool PAIR>
+template <int WT, bool PAIR, bool SS, int U>
 __device__ __forceinline__ void row_dot_h1(const mmp &p, uint32_t r0,
 					   uint32_t r1, uint32_t li,
 					   uint32_t nl, float &acc,
 					   float &acc2, float &ss)
 {
 	const float *xr = p.ssx;
+	uint32_t cols = p.w.cols, st = nl * 8;
 	float a0[1] = { 0.0f }, a1[1] = { 0.0f };
-
-#pragma unroll 8
-	for (uint32_t c = li * 8; c < p.w.cols; c += nl * 8) {
-		uint4 u0 = kvq_wload8<WT>(p.w, r0, c), u1;
-		float4 s0 = *(const float4 *)(xr + c);
-		float4 s1 = *(const float4 *)(xr + c + 4);
+	/* column @c's weights w0 (and w1) into the sums */
+	auto step = [&](uint32_t c, uint4 w0, uint4 w1) {
 		float f[8];
 
-		if (PAIR)
-			u1 = kvq_wload8<WT>(p.w, r1, c);
-		ss = fmaf(s0.x, s0.x, fmaf(s0.y, s0.y, fmaf(s0.z, s0.z,
-		     fmaf(s0.w, s0.w, ss))));
-		ss = fmaf(s1.x, s1.x, fmaf(s1.y, s1.y, fmaf(s1.z, s1.z,
-		     fmaf(s1.w, s1.w, ss))));
-		unpack_h8(u0, f);
+		if (SS) {
+			float4 s0 = *(const float4 *)(xr + c);
+			float4 s1 = *(const float4 *)(xr + c + 4);
+
+			ss = fmaf(s0.x, s0.x, fmaf(s0.y, s0.y, fmaf(s0.z, s0.z,
+			     fmaf(s0.w, s0.w, ss))));
+			ss = fmaf(s1.x, s1.x, fmaf(s1.y, s1.y, fmaf(s1.z, s1.z,
+			     fmaf(s1.w, s1.w, ss))));
+		}
+		unpack_h8(w0, f);
 		dot8<1>(f, p.x + c, p.xs, 1, a0);
 		if (PAIR) {
-			unpack_h8(u1, f);
+			unpack_h8(w1, f);
 			dot8<1>(f, p.x + c, p.xs, 1, a1);
+		}
+	};
+
+	if (U == 1) {
+#pragma unroll 8
+		for (uint32_t c = li * 8; c < cols; c += st) {
+			uint4 w0 = kvq_wload8<WT>(p.w, r0, c), w1;
+
+			if (PAIR)
+				w1 = kvq_wload8<WT>(p.w, r1, c);
+			step(c, w0, w1);
+		}
+	} else {
+		for (uint32_t c0 = li * 8; c0 < cols; c0 += U * st) {
+			uint4 w0[U], w1[U];
+
+#pragma unroll
+			for (int u = 0; u < U; u++) {
+				if (c0 + u * st < cols) {
+					w0[u] = kvq_wfetch8<WT>(p.w, r0,
+								c0 + u * st);
+					if (PAIR)
+						w1[u] = kvq_wfetch8<WT>(p.w, r1,
+									c0 + u * st);
+				}
+			}
+#pragma unroll
+			for (int u = 0; u < U; u++) {
+				uint32_t c = c0 + u * st;
+
+				if (c >= cols)
+					break;
+				step(c, kvq_wexpand8<WT>(w0[u], c),
+				     PAIR ? kvq_wexpand8<WT>(w1[u], c) : w0[u]);
+			}
 		}
 	}
 	acc = kvq_warp_sum(a0[0]);
 	acc2 = PAIR ? kvq_warp_sum(a1[0]) : 0.0f;
-	ss = kvq_warp_sum(ss);
+	ss = SS ? kvq_warp_sum(ss) : 0.0f;
 }
 
 /* Row @r's sums for tokens 0..n-1 through the epilogue (not EPI_QKV). */
@@ -280,6 +353,7 @@ __device__ __forceinline__ void put_rows(const mmp &p, uint32_t r,
 template <int WT, int NT, int KS>
 __device__ __forceinline__ void mv_plain(const mmp &p)
 {
+	constexpr int U = mv_ahead<WT, NT, KS>();
 	__shared__ float red[2][MV_WARPS][NT];
 	uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5;
 	uint32_t r = KS == 1 ? blockIdx.x * MV_WARPS + w : blockIdx.x;
@@ -295,9 +369,9 @@ __device__ __forceinline__ void mv_plain(const mmp &p)
 	for (int t = 0; t < NT; t++)
 		acc[t] = acc2[t] = 0.0f;
 	if (live)
-		row_dot<WT, NT>(p, r, li, 32 * KS, acc);
+		row_dot<WT, NT, U>(p, r, li, 32 * KS, acc);
 	if (p.epi == EPI_SWIGLU)
-		row_dot<WT, NT>(p, r + p.out_rows, li, 32 * KS, acc2);
+		row_dot<WT, NT, U>(p, r + p.out_rows, li, 32 * KS, acc2);
 	if (KS > 1) {
 		if (lane == 0) {
 #pragma unroll
@@ -371,6 +445,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 		return;
 	}
 	constexpr int RPB = MV_WARPS / KS;	/* rows a block */
+	constexpr int U = mv_ahead<WT, NT, KS>();
 	__shared__ float red[3][MV_WARPS][NT];
 	uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5;
 	uint32_t r = blockIdx.x * RPB + w / KS;
@@ -390,17 +465,27 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 #pragma unroll
 	for (int t = 0; t < NT; t++)
 		acc[t] = acc2[t] = ss[t] = 0.0f;
-	if (H1 && live && p.epi == EPI_SWIGLU)
-		row_dot_h1<WT, true>(p, r, r + p.out_rows, li, 32 * KS, acc[0],
-				 acc2[0], ss[0]);
+	/* The raw row's squares: where the rows' sums meet in shared
+	 * memory, the first row's warps take them for the block. */
+	bool do_ss = NORM && (!shared_red || w < KS);
+
+	if (H1 && live && p.epi == EPI_SWIGLU && do_ss)
+		row_dot_h1<WT, true, true, U>(p, r, r + p.out_rows, li,
+					  32 * KS, acc[0], acc2[0], ss[0]);
+	else if (H1 && live && p.epi == EPI_SWIGLU)
+		row_dot_h1<WT, true, false, U>(p, r, r + p.out_rows, li,
+					   32 * KS, acc[0], acc2[0], ss[0]);
+	else if (H1 && live && do_ss)
+		row_dot_h1<WT, false, true, U>(p, r, r, li, 32 * KS, acc[0],
+					   acc2[0], ss[0]);
 	else if (H1 && live)
-		row_dot_h1<WT, false>(p, r, r, li, 32 * KS, acc[0], acc2[0],
-				  ss[0]);
+		row_dot_h1<WT, false, false, U>(p, r, r, li, 32 * KS, acc[0],
+					    acc2[0], ss[0]);
 	if (!H1 && live)
-		row_dot<WT, NT>(p, r, li, 32 * KS, acc);
+		row_dot<WT, NT, U>(p, r, li, 32 * KS, acc);
 	if (!H1 && live && p.epi == EPI_SWIGLU)
-		row_dot<WT, NT>(p, r + p.out_rows, li, 32 * KS, acc2);
-	if (NORM && !H1 && live) {
+		row_dot<WT, NT, U>(p, r + p.out_rows, li, 32 * KS, acc2);
+	if (NORM && !H1 && do_ss) {
 #pragma unroll
 		for (int t = 0; t < NT; t++) {
 			if (t < (int)p.n) {
@@ -438,7 +523,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 				acc[t] += red[0][w + x][t];
 				acc2[t] += red[1][w + x][t];
 				if (NORM)
-					ss[t] += red[2][w + x][t];
+					ss[t] += red[2][x][t];
 			}
 		}
 	}
