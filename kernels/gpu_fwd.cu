@@ -818,10 +818,14 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 		dim3 grid((p.out_rows * ks + MV_WARPS - 1) / MV_WARPS);
 		int nt = n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16;
 
-/* The norm inside the product only at one token (fnorm needs n == 1). */
+/* The norm inside the product only at one token (fnorm needs n == 1); for
+ * 8- and 4-bit rows, a kernel of its own for SwiGLU's pairs of rows
+ * (mv_kernel()'s NORM). */
 #define MV_K(WT, NT, KS) \
-		(fnorm ? mv_kernel<WT, NT, KS, NT == 1> : \
-			 mv_kernel<WT, NT, KS, false>)
+		(!fnorm ? mv_kernel<WT, NT, KS, 0> : \
+		 epi == EPI_SWIGLU ? mv_kernel<WT, NT, KS, NT == 1 ? 2 : 0> : \
+		 mv_kernel<WT, NT, KS, NT != 1 ? 0 : \
+			   mv_ahead<WT, NT, KS>() == 1 ? 2 : 1>)
 #define MV_GO(WT, NT) \
 		do { \
 			if (ks == MV_WARPS) \

@@ -432,12 +432,17 @@ __device__ __forceinline__ void mv_plain(const mmp &p)
  * Q8 and Q4 weights at one token (row_dot_h1()).  The scale is computed
  * as rmsnorm_kernel() computes it (1 / sqrt in double) from an f32 sum in
  * a fixed order: results repeat bit for bit and differ from the separate
- * norm's by rounding.
+ * norm's by rounding.  NORM is 2 where the kernel may take a SwiGLU
+ * product's pairs of rows, 1 where it takes single rows only: the
+ * launcher gives 8- and 4-bit rows a kernel apiece, so that the pairs
+ * fetched ahead for gate/up (mv_ahead()) do not take the registers of
+ * QKV's single rows (Q4_0 at batch 1 / 1K: 1346-1367 -> 1399-1400
+ * tokens/s); f16 rows one for both, as the two measured faster.
  *
  * Launched as a programmatic dependent: the launch and the block start-up
  * overlap the kernel before.
  */
-template <int WT, int NT, int KS, bool NORM>
+template <int WT, int NT, int KS, int NORM>
 __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 {
 	if (!NORM && KS != 2) {
@@ -469,10 +474,12 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 	 * memory, the first row's warps take them for the block. */
 	bool do_ss = NORM && (!shared_red || w < KS);
 
-	if (H1 && live && p.epi == EPI_SWIGLU && do_ss)
+	bool pair = NORM == 2 && p.epi == EPI_SWIGLU;
+
+	if (H1 && pair && live && do_ss)
 		row_dot_h1<WT, true, true, U>(p, r, r + p.out_rows, li,
 					  32 * KS, acc[0], acc2[0], ss[0]);
-	else if (H1 && live && p.epi == EPI_SWIGLU)
+	else if (H1 && pair && live)
 		row_dot_h1<WT, true, false, U>(p, r, r + p.out_rows, li,
 					   32 * KS, acc[0], acc2[0], ss[0]);
 	else if (H1 && live && do_ss)
