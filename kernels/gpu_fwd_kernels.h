@@ -183,6 +183,19 @@ __host__ __device__ constexpr int mv_ahead()
 	       KS == MV_WARPS ? 1 : 4;
 }
 
+/* Row @r's unexpanded weights (kvq_wfetch8()) of columns c0 + u * st,
+ * u < U, into wr[u], those below the row's end. */
+template <int WT, int U>
+__device__ __forceinline__ void fetch_ahead(const dmat &m, uint32_t r,
+					    uint32_t c0, uint32_t st,
+					    uint4 wr[U])
+{
+#pragma unroll
+	for (int u = 0; u < U; u++)
+		if (c0 + u * st < m.cols)
+			wr[u] = kvq_wfetch8<WT>(m, r, c0 + u * st);
+}
+
 /* Dot of weight row @r with tokens 0..n-1: lane @li of @nl lanes sharing
  * the row takes every nl-th 16-byte load, U of them at a time
  * (mv_ahead()); acc ends as the warp's sum. */
@@ -219,11 +232,7 @@ __device__ __forceinline__ void row_dot(const mmp &p, uint32_t r, uint32_t li,
 		for (uint32_t c0 = li * 8; c0 < cols; c0 += U * st) {
 			uint4 wr[U];
 
-#pragma unroll
-			for (int u = 0; u < U; u++)
-				if (c0 + u * st < cols)
-					wr[u] = kvq_wfetch8<WT>(p.w, r,
-								c0 + u * st);
+			fetch_ahead<WT, U>(p.w, r, c0, st, wr);
 #pragma unroll
 			for (int u = 0; u < U; u++) {
 				uint32_t c = c0 + u * st;
@@ -292,16 +301,9 @@ __device__ __forceinline__ void row_dot_h1(const mmp &p, uint32_t r0,
 		for (uint32_t c0 = li * 8; c0 < cols; c0 += U * st) {
 			uint4 w0[U], w1[U];
 
-#pragma unroll
-			for (int u = 0; u < U; u++) {
-				if (c0 + u * st < cols) {
-					w0[u] = kvq_wfetch8<WT>(p.w, r0,
-								c0 + u * st);
-					if (PAIR)
-						w1[u] = kvq_wfetch8<WT>(p.w, r1,
-									c0 + u * st);
-				}
-			}
+			fetch_ahead<WT, U>(p.w, r0, c0, st, w0);
+			if (PAIR)
+				fetch_ahead<WT, U>(p.w, r1, c0, st, w1);
 #pragma unroll
 			for (int u = 0; u < U; u++) {
 				uint32_t c = c0 + u * st;
@@ -473,7 +475,6 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 	/* The raw row's squares: where the rows' sums meet in shared
 	 * memory, the first row's warps take them for the block. */
 	bool do_ss = NORM && (!shared_red || w < KS);
-
 	bool pair = NORM == 2 && p.epi == EPI_SWIGLU;
 
 	if (H1 && pair && live && do_ss)
