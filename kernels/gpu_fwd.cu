@@ -756,6 +756,63 @@ static int skinny_mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 }
 
 /*
+ * One token of gate/up over 8- and 4-bit rows with the norm inside,
+ * through mv_pairs_kernel(), where its rows take at most four loads a
+ * lane: as many blocks as the GPU holds at once, each group at most
+ * MV_RUN pairs.  H200, 1B at batch 1 / 1K, against mv_kernel() in the
+ * same run: Q8_0 1355-1357 -> 1397-1411 tokens/s, Q4_0 1375-1390 ->
+ * 1440-1441 (bench/gpu_decode_notes.md).  QKV's single rows stay with
+ * mv_kernel(), and so do f16 pairs: through this kernel neither was
+ * faster.
+ */
+template <int WT, int KS>
+static void mv_pairs_go(const struct kvq_gpu_ctx *c, const mmp &p)
+{
+	constexpr int G = MV_WARPS / KS;
+	static int fit;	/* blocks the GPU holds at once */
+	uint32_t nb;
+
+	if (!fit) {
+		int n = 0, dev = 0, sms = 0;
+
+		if (cudaGetDevice(&dev) != cudaSuccess ||
+		    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+					   dev) != cudaSuccess ||
+		    cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+			    &n, mv_pairs_kernel<WT, KS, 4>, MV_WARPS * 32,
+			    0) != cudaSuccess || n <= 0 || sms <= 0) {
+			cudaGetLastError();
+			n = sms = 1;
+		}
+		fit = n * sms;
+	}
+	nb = max((uint32_t)fit, (p.out_rows + G * MV_RUN - 1) / (G * MV_RUN));
+	nb = min(nb, (p.out_rows + G - 1) / G);
+	launch(mv_pairs_kernel<WT, KS, 4>, dim3(nb), dim3(MV_WARPS * 32), 0,
+	       c->st, p);
+}
+
+static bool mv_pairs(const struct kvq_gpu_ctx *c, const dmat &w, int epi,
+		     int ks, const mmp &p)
+{
+	if (epi != EPI_SWIGLU || w.type == KVQ_GPU_W_F16 ||
+	    w.type == KVQ_GPU_W_F32 || ks > 2 ||
+	    w.cols > 4u * 256u * (uint32_t)ks)
+		return false;
+	kvq_wt_switch(w.type, [&](auto wt) {
+		constexpr int WT = decltype(wt)::value;
+
+		if constexpr (WT != KVQ_GPU_W_F16 && WT != KVQ_GPU_W_F32) {
+			if (ks == 2)
+				mv_pairs_go<WT, 2>(c, p);
+			else
+				mv_pairs_go<WT, 1>(c, p);
+		}
+	});
+	return true;
+}
+
+/*
  * Launches y = W x with the epilogue, small or tiled by token count.
  * @norm: x is RMSNorm'ed with these weights first (into c->xn); @xrows:
  * token t is row xrows[t] of x (device), or NULL.
@@ -817,6 +874,9 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 		int ks = mv_warps_a_row(c, w, n, epi);
 		dim3 grid((p.out_rows * ks + MV_WARPS - 1) / MV_WARPS);
 		int nt = n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16;
+
+		if (fnorm && mv_pairs(c, w, epi, ks, p))
+			return 0;
 
 /* The norm inside the product only at one token (fnorm needs n == 1); for
  * 8- and 4-bit rows, a kernel of its own for SwiGLU's pairs of rows

@@ -149,6 +149,15 @@ struct mmp {
 	float eps;
 };
 
+/* Eight weights f dotted with eight values of x (a, b): one expression
+ * for every product, so that sums from x in registers (mv_pairs_kernel())
+ * round as those from x in memory. */
+__device__ __forceinline__ float dot8v(const float f[8], float4 a, float4 b)
+{
+	return f[0] * a.x + f[1] * a.y + f[2] * a.z + f[3] * a.w +
+	       f[4] * b.x + f[5] * b.y + f[6] * b.z + f[7] * b.w;
+}
+
 /* acc[t] += eight weights f dotted with x[t][0..8), for t < n. */
 template <int NT>
 __device__ __forceinline__ void dot8(const float f[8], const float *x,
@@ -158,13 +167,19 @@ __device__ __forceinline__ void dot8(const float f[8], const float *x,
 	for (int t = 0; t < NT; t++) {
 		if (t < (int)n) {
 			const float4 *xp = (const float4 *)(x + (size_t)t * xs);
-			float4 a = xp[0], b = xp[1];
 
-			acc[t] += f[0] * a.x + f[1] * a.y + f[2] * a.z +
-				  f[3] * a.w + f[4] * b.x + f[5] * b.y +
-				  f[6] * b.z + f[7] * b.w;
+			acc[t] += dot8v(f, xp[0], xp[1]);
 		}
 	}
+}
+
+/* The squares of eight values (a, b) into ss, in row_dot_h1()'s order. */
+__device__ __forceinline__ void sq8(float &ss, float4 s0, float4 s1)
+{
+	ss = fmaf(s0.x, s0.x, fmaf(s0.y, s0.y, fmaf(s0.z, s0.z,
+	     fmaf(s0.w, s0.w, ss))));
+	ss = fmaf(s1.x, s1.x, fmaf(s1.y, s1.y, fmaf(s1.z, s1.z,
+	     fmaf(s1.w, s1.w, ss))));
 }
 
 /*
@@ -272,13 +287,8 @@ __device__ __forceinline__ void row_dot_h1(const mmp &p, uint32_t r0,
 		float f[8];
 
 		if (SS) {
-			float4 s0 = *(const float4 *)(xr + c);
-			float4 s1 = *(const float4 *)(xr + c + 4);
-
-			ss = fmaf(s0.x, s0.x, fmaf(s0.y, s0.y, fmaf(s0.z, s0.z,
-			     fmaf(s0.w, s0.w, ss))));
-			ss = fmaf(s1.x, s1.x, fmaf(s1.y, s1.y, fmaf(s1.z, s1.z,
-			     fmaf(s1.w, s1.w, ss))));
+			sq8(ss, *(const float4 *)(xr + c),
+			    *(const float4 *)(xr + c + 4));
 		}
 		unpack_h8(w0, f);
 		dot8<1>(f, p.x + c, p.xs, 1, a0);
@@ -573,6 +583,177 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 	if (lane)
 		return;
 	put_rows<NT>(p, r, acc, acc2);
+}
+
+/*
+ * A lane's place in an 8- or 4-bit row (mv_pairs_kernel()): the bytes of
+ * its codes and of its scales at column c0, so that the fetches of
+ * columns c0 + k * st (k and st known when compiled) and of the next row
+ * are constant offsets instead of a row's index arithmetic each.
+ * fetch() gives what kvq_wfetch8() gives for the same column.
+ */
+template <int WT>
+struct wrow {
+	const uint8_t *q, *s;
+	static constexpr bool NIB = WT == KVQ_GPU_W_Q4 || WT == KVQ_GPU_W_Q4K;
+	static constexpr bool PAIRS = WT == KVQ_GPU_W_Q4K || WT == KVQ_GPU_W_Q8K;
+	static constexpr uint32_t GS = WT == KVQ_GPU_W_Q8K ? 16 : 32;	/* columns a scale */
+	static constexpr uint32_t SB = PAIRS ? 8 : 2;	/* bytes a scale */
+
+	__device__ __forceinline__ wrow(const dmat &m, uint32_t r, uint32_t c0)
+	{
+		q = (const uint8_t *)m.d + (size_t)r * (NIB ? m.cols / 2 : m.cols) +
+		    (NIB ? (c0 / 32) * 16 + (c0 & 15) : c0);
+		s = (const uint8_t *)m.s + ((size_t)r * (m.cols / GS) + c0 / GS) * SB;
+	}
+	/* the next row: @cols columns on */
+	__device__ __forceinline__ void next(uint32_t cols)
+	{
+		q += NIB ? cols / 2 : cols;
+		s += (cols / GS) * SB;
+	}
+	/* column c0 + dc, dc a multiple of 32 */
+	__device__ __forceinline__ uint4 fetch(uint32_t dc) const
+	{
+		uint2 c = __ldg((const uint2 *)(q + (NIB ? dc / 2 : dc)));
+		uint4 u;
+
+		u.x = c.x;
+		u.y = c.y;
+		if (PAIRS) {
+			float2 so = __ldg((const float2 *)(s + (dc / GS) * SB));
+
+			u.z = __float_as_uint(so.x);
+			u.w = __float_as_uint(so.y);
+		} else {
+			u.z = __ldg((const unsigned short *)(s + (dc / GS) * SB));
+			u.w = 0;
+		}
+		return u;
+	}
+};
+
+/*
+ * One token of gate/up (SwiGLU) over 8- and 4-bit rows with the norm
+ * inside (mv_kernel()'s NORM path at NT = 1), x held in registers: KS
+ * warps share each pair of rows (r, r + out_rows) of a run of consecutive
+ * pairs, and MV_WARPS / KS such groups make a block.  The grid is one
+ * wave (the launcher's) and the groups split the pairs between them in
+ * runs of at most MV_RUN.  A lane takes the columns li * 8 + k * st, k <
+ * CH, of every row, so its x (and, for the block's first group, the raw
+ * row's squares) is loaded once for the run, and pair i + 1's weights are
+ * fetched before pair i is expanded and multiplied: the next loads stay
+ * in flight while a warp computes, and no block waits for a slot.  Each
+ * lane sums its columns in row_dot_h1()'s order and the sums meet as
+ * mv_kernel()'s do, so the results are the same bit for bit.  cols <= CH
+ * * st (the launcher's check).
+ */
+constexpr int MV_RUN = 32;
+
+template <int WT, int KS, int CH>
+__global__ void __launch_bounds__(MV_WARPS * 32) mv_pairs_kernel(mmp p)
+{
+	constexpr int G = MV_WARPS / KS;	/* groups a block */
+	__shared__ float red[2][MV_WARPS][MV_RUN], sred[MV_WARPS];
+	uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+	uint32_t rows = p.out_rows, ng = gridDim.x * G;
+	uint32_t gi = blockIdx.x * G + w / KS;
+	/* the group's pairs r0 .. r0 + nr - 1 (and the block's) */
+	uint32_t r0 = (uint32_t)((uint64_t)gi * rows / ng);
+	uint32_t nr = (uint32_t)((uint64_t)(gi + 1) * rows / ng) - r0;
+	uint32_t bl = (uint32_t)((uint64_t)(blockIdx.x + 1) * G * rows / ng) -
+		      (uint32_t)((uint64_t)blockIdx.x * G * rows / ng);
+	uint32_t li = (w % KS) * 32 + lane, st = 32 * KS * 8;
+	uint32_t cols = p.w.cols, c0 = li * 8;
+	bool do_ss = w < KS;	/* the first group's warps: the squares */
+	wrow<WT> pa(p.w, r0, c0), pb(p.w, r0 + rows, c0);
+	float4 xa[CH], xb[CH];
+	uint4 wa[CH], wb[CH];
+	float ss = 0.0f;
+	auto fetch = [&](uint4 *ra, uint4 *rb) {
+#pragma unroll
+		for (int k = 0; k < CH; k++) {
+			if (c0 + k * st < cols) {
+				ra[k] = pa.fetch(k * st);
+				rb[k] = pb.fetch(k * st);
+			}
+		}
+	};
+
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
+	if (!bl)
+		return;
+	if (nr)
+		fetch(wa, wb);
+#pragma unroll
+	for (int k = 0; k < CH; k++) {
+		uint32_t c = c0 + k * st;
+
+		xa[k] = xb[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+		if (c < cols) {
+			xa[k] = *(const float4 *)(p.x + c);
+			xb[k] = *(const float4 *)(p.x + c + 4);
+			if (do_ss)
+				sq8(ss, *(const float4 *)(p.ssx + c),
+				    *(const float4 *)(p.ssx + c + 4));
+		}
+	}
+#pragma unroll 2
+	for (uint32_t i = 0; i < nr; i++) {
+		uint4 na[CH], nb[CH];
+		float a0 = 0.0f, a1 = 0.0f;
+
+		if (i + 1 < nr) {
+			pa.next(cols);
+			pb.next(cols);
+			fetch(na, nb);
+		}
+#pragma unroll
+		for (int k = 0; k < CH; k++) {
+			uint32_t c = c0 + k * st;
+			float f[8];
+
+			if (c >= cols)
+				break;
+			unpack_h8(kvq_wexpand8<WT>(wa[k], c), f);
+			a0 += dot8v(f, xa[k], xb[k]);
+			unpack_h8(kvq_wexpand8<WT>(wb[k], c), f);
+			a1 += dot8v(f, xa[k], xb[k]);
+		}
+		a0 = kvq_warp_sum(a0);
+		a1 = kvq_warp_sum(a1);
+		if (lane == 0) {
+			red[0][w][i] = a0;
+			red[1][w][i] = a1;
+		}
+#pragma unroll
+		for (int k = 0; k < CH; k++) {
+			wa[k] = na[k];
+			wb[k] = nb[k];
+		}
+	}
+	if (do_ss)
+		ss = kvq_warp_sum(ss);
+	if (lane == 0)
+		sred[w] = ss;
+	__syncthreads();
+	if (w % KS || lane >= nr)
+		return;
+
+	/* Lane i of the group's first warp: pair r0 + i, as mv_kernel(). */
+	float acc = 0.0f, acc2 = 0.0f, s = 0.0f;
+
+#pragma unroll
+	for (int x = 0; x < KS; x++) {
+		acc += red[0][w + x][lane];
+		acc2 += red[1][w + x][lane];
+		s += sred[x];
+	}
+	s = (float)(1.0 / sqrt((double)s / cols + p.eps));
+	acc *= s;
+	acc2 *= s;
+	put_rows<1>(p, r0 + lane, &acc, &acc2);
 }
 
 /* Tiled product for many tokens: a 64x64 (rows x tokens) tile per block,

@@ -5,9 +5,11 @@
 # model with a weight beyond f16's range), Q8_0, Q4_0,
 # Q4_K and Q6_K weights kept 4- and 8-bit (and a Q4_K_M mix of the two, whose
 # QKV stacks mix them in some layers), qwen2's biases and neox RoPE,
-# F16 weights with rows of 200 columns: cuBLAS over padded rows; F16 and
-# Q8_0 rows of 2048 and 6144 columns: the one-token products' two-warp and
-# block-per-row layouts, the 8-bit ones with their loads fetched ahead).
+# F16 weights with rows of 200 columns: cuBLAS over padded rows; F16,
+# Q8_0 and Q4_0 rows of 2048 and 6144 columns: the one-token products'
+# two-warp and block-per-row layouts, the 8- and 4-bit ones with their
+# loads fetched ahead; the 8- and 4-bit models' gate/up go through
+# mv_pairs_kernel(), one warp a pair below 2048 columns and two at 2048).
 #
 # Without a GPU the program prints "1..0 # SKIP no GPU" and exits 77, which
 # becomes 0 here (the TAP driver reports the plan as SKIP).
@@ -44,6 +46,7 @@ gen llama-q4km llama Q4_K_M 256 4 4 2 512 13
 gen llama-f16 llama F16 256 2 4 2 200 10
 gen llama-f16w llama F16 2048 2 16 4 6144 11
 gen llama-q8w llama Q8_0 2048 2 16 4 6144 18
+gen llama-q4w llama Q4_0 2048 2 16 4 6144 19
 # BF16 as f16 on the GPU; one weight past f16's range keeps its matrix f32
 gen llama-bf16 llama BF16 256 2 4 2 512 14
 gen llama-bf16-big llama BF16 256 2 4 2 512 15 blk.0.ffn_down.weight=100000
