@@ -626,7 +626,8 @@ struct wrow {
 			u.z = __float_as_uint(so.x);
 			u.w = __float_as_uint(so.y);
 		} else {
-			u.z = __ldg((const unsigned short *)(s + (dc / GS) * SB));
+			u.z = __half_as_ushort(
+				__ldg((const __half *)(s + (dc / GS) * SB)));
 			u.w = 0;
 		}
 		return u;
