@@ -90,31 +90,66 @@ struct dmat {
 };
 
 /*
+ * Where column @c0 of row @r of an 8- or 4-bit matrix lies: the bytes of
+ * its codes (@q: 8 bytes, the 8-bit codes or the bytes whose low or high
+ * nibbles hold the column's 4-bit ones) and of its block's scale (@s).
+ * The codes of columns c0 + dc and of the next row are constant offsets
+ * from them, so that a loop over a lane's columns and rows
+ * (mv_pairs_kernel()) does no index arithmetic a load; kvq_wfetch8() is
+ * fetch(0).
+ */
+template <int WT>
+struct kvq_wrow {
+	const uint8_t *q, *s;
+	static constexpr bool NIB = WT == KVQ_GPU_W_Q4 || WT == KVQ_GPU_W_Q4K;
+	static constexpr bool PAIRS = WT == KVQ_GPU_W_Q4K || WT == KVQ_GPU_W_Q8K;
+	static constexpr uint32_t GS = WT == KVQ_GPU_W_Q8K ? 16 : 32;	/* columns a scale */
+	static constexpr uint32_t SB = PAIRS ? 8 : 2;	/* bytes a scale */
+
+	__device__ __forceinline__ kvq_wrow(const dmat &m, uint32_t r,
+					    uint32_t c0)
+	{
+		q = (const uint8_t *)m.d + (size_t)r * (NIB ? m.cols / 2 : m.cols) +
+		    (NIB ? (c0 / 32) * 16 + (c0 & 15) : c0);
+		s = (const uint8_t *)m.s + ((size_t)r * (m.cols / GS) + c0 / GS) * SB;
+	}
+	/* the next row: @cols columns on */
+	__device__ __forceinline__ void next(uint32_t cols)
+	{
+		q += NIB ? cols / 2 : cols;
+		s += (cols / GS) * SB;
+	}
+	/* column c0 + dc (dc a multiple of 32): the codes (x, y) and the
+	 * block's scale (z, and w for the pairs of Q4K and Q8K) */
+	__device__ __forceinline__ uint4 fetch(uint32_t dc) const
+	{
+		uint2 c = __ldg((const uint2 *)(q + (NIB ? dc / 2 : dc)));
+		uint4 u;
+
+		u.x = c.x;
+		u.y = c.y;
+		if (PAIRS) {
+			float2 so = __ldg((const float2 *)(s + (dc / GS) * SB));
+
+			u.z = __float_as_uint(so.x);
+			u.w = __float_as_uint(so.y);
+		} else {
+			u.z = __half_as_ushort(
+				__ldg((const __half *)(s + (dc / GS) * SB)));
+			u.w = 0;
+		}
+		return u;
+	}
+};
+
+/*
  * Eight weights of row @r of @m from column @c (a multiple of 8) as f16
  * values: f16 rows as they are; Q8, Q4, Q4K and Q8K rows expanded in
  * registers (kvq_q8_h8(), kvq_q4_h8(), kvq_q4k_h8(), kvq_q8k_h8()).  A
  * 4-bit block's 16 bytes hold its columns 0-15 in the low nibbles and
  * 16-31 in the high ones.  Each gives the f16 value that the weight's
  * copy in f16 holds.
- */
-/* The 8 bytes of row @r's 8-bit codes from column @c (Q8, Q8K). */
-static __device__ __forceinline__ uint2 kvq_codes8(const dmat &m, uint32_t r,
-						   uint32_t c)
-{
-	return __ldg((const uint2 *)((const int8_t *)m.d +
-				     (size_t)r * m.cols + c));
-}
-
-/* The 8 bytes holding row @r's nibbles of columns c .. c + 7 (Q4, Q4K). */
-static __device__ __forceinline__ uint2 kvq_codes4(const dmat &m, uint32_t r,
-						   uint32_t c)
-{
-	return __ldg((const uint2 *)((const uint8_t *)m.d +
-				     (size_t)r * (m.cols / 2) +
-				     (c / 32) * 16 + (c & 15)));
-}
-
-/*
+ *
  * kvq_wload8() in two halves, so that a loop can have all its loads in
  * flight before it expands the first: kvq_wfetch8() loads the 16 bytes
  * of f16 rows, or the codes (x, y) and the block's scale (z, and w for
@@ -125,32 +160,9 @@ template <int WT>
 static __device__ __forceinline__ uint4 kvq_wfetch8(const dmat &m, uint32_t r,
 						    uint32_t c)
 {
-	uint4 u;
-
-	if (WT == KVQ_GPU_W_Q8 || WT == KVQ_GPU_W_Q4) {
-		uint2 q = WT == KVQ_GPU_W_Q8 ? kvq_codes8(m, r, c) :
-					       kvq_codes4(m, r, c);
-		__half d = m.s[(size_t)r * (m.cols / 32) + c / 32];
-
-		u.x = q.x;
-		u.y = q.y;
-		u.z = __half_as_ushort(d);
-		u.w = 0;
-		return u;
-	}
-	if (WT == KVQ_GPU_W_Q4K || WT == KVQ_GPU_W_Q8K) {
-		uint2 q = WT == KVQ_GPU_W_Q8K ? kvq_codes8(m, r, c) :
-					       kvq_codes4(m, r, c);
-		uint32_t g = WT == KVQ_GPU_W_Q8K ? c / 16 : c / 32;
-		uint32_t gs = WT == KVQ_GPU_W_Q8K ? m.cols / 16 : m.cols / 32;
-		float2 so = __ldg((const float2 *)m.s + (size_t)r * gs + g);
-
-		u.x = q.x;
-		u.y = q.y;
-		u.z = __float_as_uint(so.x);
-		u.w = __float_as_uint(so.y);
-		return u;
-	}
+	if (WT == KVQ_GPU_W_Q8 || WT == KVQ_GPU_W_Q4 ||
+	    WT == KVQ_GPU_W_Q4K || WT == KVQ_GPU_W_Q8K)
+		return kvq_wrow<WT>(m, r, c).fetch(0);
 	return __ldg((const uint4 *)((const __half *)m.d + (size_t)r * m.ld +
 				     c));
 }

@@ -586,55 +586,6 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 }
 
 /*
- * A lane's place in an 8- or 4-bit row (mv_pairs_kernel()): the bytes of
- * its codes and of its scales at column c0, so that the fetches of
- * columns c0 + k * st (k and st known when compiled) and of the next row
- * are constant offsets instead of a row's index arithmetic each.
- * fetch() gives what kvq_wfetch8() gives for the same column.
- */
-template <int WT>
-struct wrow {
-	const uint8_t *q, *s;
-	static constexpr bool NIB = WT == KVQ_GPU_W_Q4 || WT == KVQ_GPU_W_Q4K;
-	static constexpr bool PAIRS = WT == KVQ_GPU_W_Q4K || WT == KVQ_GPU_W_Q8K;
-	static constexpr uint32_t GS = WT == KVQ_GPU_W_Q8K ? 16 : 32;	/* columns a scale */
-	static constexpr uint32_t SB = PAIRS ? 8 : 2;	/* bytes a scale */
-
-	__device__ __forceinline__ wrow(const dmat &m, uint32_t r, uint32_t c0)
-	{
-		q = (const uint8_t *)m.d + (size_t)r * (NIB ? m.cols / 2 : m.cols) +
-		    (NIB ? (c0 / 32) * 16 + (c0 & 15) : c0);
-		s = (const uint8_t *)m.s + ((size_t)r * (m.cols / GS) + c0 / GS) * SB;
-	}
-	/* the next row: @cols columns on */
-	__device__ __forceinline__ void next(uint32_t cols)
-	{
-		q += NIB ? cols / 2 : cols;
-		s += (cols / GS) * SB;
-	}
-	/* column c0 + dc, dc a multiple of 32 */
-	__device__ __forceinline__ uint4 fetch(uint32_t dc) const
-	{
-		uint2 c = __ldg((const uint2 *)(q + (NIB ? dc / 2 : dc)));
-		uint4 u;
-
-		u.x = c.x;
-		u.y = c.y;
-		if (PAIRS) {
-			float2 so = __ldg((const float2 *)(s + (dc / GS) * SB));
-
-			u.z = __float_as_uint(so.x);
-			u.w = __float_as_uint(so.y);
-		} else {
-			u.z = __half_as_ushort(
-				__ldg((const __half *)(s + (dc / GS) * SB)));
-			u.w = 0;
-		}
-		return u;
-	}
-};
-
-/*
  * One token of gate/up (SwiGLU) over 8- and 4-bit rows with the norm
  * inside (mv_kernel()'s NORM path at NT = 1), x held in registers: KS
  * warps share each pair of rows (r, r + out_rows) of a run of consecutive
@@ -667,7 +618,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_pairs_kernel(mmp p)
 	uint32_t li = (w % KS) * 32 + lane, st = 32 * KS * 8;
 	uint32_t cols = p.w.cols, c0 = li * 8;
 	bool do_ss = w < KS;	/* the first group's warps: the squares */
-	wrow<WT> pa(p.w, r0, c0), pb(p.w, r0 + rows, c0);
+	kvq_wrow<WT> pa(p.w, r0, c0), pb(p.w, r0 + rows, c0);
 	float4 xa[CH], xb[CH];
 	uint4 wa[CH], wb[CH];
 	float ss = 0.0f;
