@@ -35,6 +35,12 @@
  * Usage: gpu_decode --model F [--model F ...] [--batch 1,4,16]
  *                   [--ctx 1024,32768] [--kv q4/q4,f16/f16] [--steps 64]
  *                   [--prefill 1024] [--prefill-chunk 256] [--sample]
+ *                   [--dot exact,int8]
+ *
+ * --dot: each decode run once per dot mode (engine/quant.h; on the GPU,
+ * int8 applies to one-token products of 8- and 4-bit weights), the modes
+ * in turn at each shape so that they share the GPU's state; "dot" in the
+ * JSON.  Default: exact.
  */
 #include "config.h"
 
@@ -48,6 +54,7 @@
 #include "engine/kvcache.h"
 #include "engine/log.h"
 #include "engine/model.h"
+#include "engine/quant.h"
 #include "engine/sampler.h"
 #include "kernels/gpu.h"
 
@@ -78,7 +85,7 @@ static int parse_list(const char *s, long *out, int cap)
 
 static void usage(void)
 {
-	fprintf(stderr, "usage: gpu_decode --model F [--model F ...] [--batch 1,4,16] [--ctx 1024,32768] [--kv q4/q4,f16/f16] [--steps N] [--prefill N] [--prefill-chunk N] [--sample]\n");
+	fprintf(stderr, "usage: gpu_decode --model F [--model F ...] [--batch 1,4,16] [--ctx 1024,32768] [--kv q4/q4,f16/f16] [--steps N] [--prefill N] [--prefill-chunk N] [--sample] [--dot exact,int8]\n");
 	exit(2);
 }
 
@@ -237,11 +244,13 @@ static int run(struct kvq_model *m, const char *mname, const char *kv,
 	      batch;
 	bound = gbps * 1e9 / (wb + kvb) * batch;
 	kvq_ctx_describe(c, desc, sizeof(desc));
-	printf("%s\n  {\"model\": \"%s\", \"kv\": \"%s\", \"batch\": %d, \"ctx\": %d, \"steps\": %d, "
+	printf("%s\n  {\"model\": \"%s\", \"kv\": \"%s\", \"dot\": \"%s\", \"batch\": %d, \"ctx\": %d, \"steps\": %d, "
 	       "\"step_us\": %.1f, \"tok_s\": %.1f, \"weight_bytes_per_step\": %.0f, "
 	       "\"kv_bytes_per_step\": %.0f, \"bound_tok_s\": %.1f, \"pct_of_bound\": %.1f, "
 	       "\"device_us_per_step\": %.1f%s, \"gpu\": \"%s\"}",
-	       *first ? "" : ",", mname, kv, batch, ctx, steps, dt / steps * 1e6,
+	       *first ? "" : ",", mname, kv,
+	       kvq_quant_dot_mode_name(kvq_quant_dot_mode()), batch, ctx,
+	       steps, dt / steps * 1e6,
 	       steps * batch / dt, wb, kvb, bound,
 	       100.0 * (steps * batch / dt) / bound, busy / steps, sjson, desc);
 	*first = 0;
@@ -355,7 +364,8 @@ int main(int argc, char **argv)
 	const char *models[8], *kvs = "q4/q4,q8/q4,f16/f16";
 	long batches[8] = { 1, 4, 16 }, ctxs[8] = { 1024, 32768 };
 	int n_models = 0, nb = 3, nc = 2, steps = 64, i, j, k, first = 1;
-	int n_pre = 1024, chunk = 256, pfirst = 1, sample = 0;
+	int n_pre = 1024, chunk = 256, pfirst = 1, sample = 0, nd = 1, d;
+	enum kvq_dot_mode dots[4] = { KVQ_DOT_EXACT };
 	struct kvq_gpu_info gi;
 	char why[256], kvbuf[256], *pjson = NULL;
 	size_t plen = 0;
@@ -379,7 +389,17 @@ int main(int argc, char **argv)
 			chunk = atoi(argv[++i]);
 		else if (!strcmp(argv[i], "--sample"))
 			sample = 1;
-		else
+		else if (!strcmp(argv[i], "--dot") && i + 1 < argc) {
+			char buf[64], *t;
+
+			snprintf(buf, sizeof(buf), "%s", argv[++i]);
+			for (nd = 0, t = strtok(buf, ","); t && nd < 4;
+			     t = strtok(NULL, ","))
+				if (kvq_quant_parse_dot_mode(t, &dots[nd++]))
+					usage();
+			if (!nd)
+				usage();
+		} else
 			usage();
 	}
 	if (!n_models || steps <= 0 || n_pre < 0 || chunk <= 0)
@@ -414,9 +434,13 @@ int main(int argc, char **argv)
 		for (char *kv = strtok(kvbuf, ","); kv; kv = strtok(NULL, ",")) {
 			for (j = 0; j < nc; j++)
 				for (k = 0; k < nb; k++)
-					run(m, name, kv, (int)batches[k],
-					    (int)ctxs[j], steps, sample, gbps,
-					    &first);
+					for (d = 0; d < nd; d++) {
+						kvq_quant_set_dot_mode(dots[d]);
+						run(m, name, kv, (int)batches[k],
+						    (int)ctxs[j], steps, sample,
+						    gbps, &first);
+					}
+			kvq_quant_set_dot_mode(dots[0]);
 			if (n_pre)
 				prefill(m, name, kv, n_pre, chunk, pout,
 					&pfirst);

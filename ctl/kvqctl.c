@@ -426,6 +426,11 @@ static void print_status(json_t *r)
 		       iget(kv, "bytes_per_token"), sget(kv, "attention"));
 		if (json_object_get(kv, "gpu_weights"))
 			printf("gpu weights:  %s\n", sget(kv, "gpu_weights"));
+		if (json_object_get(kv, "dot_products"))
+			printf("dot products: %s%s\n", sget(kv, "dot_products"),
+			       !strcmp(sget(kv, "dot_products"), "int8") ?
+			       " (8- and 4-bit weights times x quantized per 32 columns; KVQ_DOT)" :
+			       "");
 		if (json_object_get(kv, "gpu_fallback"))
 			printf("gpu:          %s\n", sget(kv, "gpu_fallback"));
 		if (json_object_get(kv, "calibration")) {

@@ -196,6 +196,7 @@ static json_t *cmd_status(const struct kvq_admin_view *v, int *code,
 		bad |= set(kv, "type_k", jstr(st.kv_type_k));
 		bad |= set(kv, "type_v", jstr(st.kv_type_v));
 		bad |= set(kv, "attention", jstr(st.backend));
+		bad |= set(kv, "dot_products", jstr(st.dot));
 		if (st.gpu_fallback[0])
 			bad |= set(kv, "gpu_fallback", jstr(st.gpu_fallback));
 		if (st.gpu_weights[0])

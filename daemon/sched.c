@@ -1259,6 +1259,8 @@ int kvq_sched_create(struct kvq_model *m, const struct kvq_sched_opts *o,
 	s->st.device_bytes = kvq_ctx_device_bytes(s->ctx);
 	snprintf(s->st.gpu_weights, sizeof(s->st.gpu_weights), "%s",
 		 kvq_model_gpu_weights(m));
+	snprintf(s->st.dot, sizeof(s->st.dot), "%s",
+		 kvq_quant_dot_mode_name(kvq_quant_dot_mode()));
 	if (s->st.on_gpu)
 		snprintf(s->st.backend, sizeof(s->st.backend), "%s",
 			 kvq_gpu_backend_name());

@@ -267,6 +267,7 @@ struct kvq_sched_stats {
 	double kv_calib_kl_q4;
 	double kv_calib_seconds;
 	char backend[64];		/* "cpu (avx2+fma)": where steps run */
+	char dot[16];			/* kvq_quant_dot_mode_name() at start */
 	bool on_gpu;			/* weights and KV pages in device memory */
 	char gpu_fallback[192];		/* kvq_ctx_fallback(), or "" */
 	char gpu_weights[384];		/* kvq_model_gpu_weights(), or "" */

@@ -679,6 +679,13 @@ int kvq_ctx_gpu_create(struct kvq_model *m, struct kvq_kvcache *kv,
 	d.k_page_bytes = kpb;
 	d.v_page_bytes = vpb;
 	d.use_graphs = !getenv("KVQ_GPU_NO_GRAPHS");
+	d.dot_int8 = kvq_quant_dot_mode() == KVQ_DOT_INT8;
+	mv = getenv("KVQ_GPU_INT8_PRODUCTS");
+	if (d.dot_int8 && mv && !strcmp(mv, "all"))
+		d.dot_int8 = 2;
+	else if (mv && *mv && strcmp(mv, "gateup") && strcmp(mv, "all"))
+		kvq_warn("gpu: KVQ_GPU_INT8_PRODUCTS=%s is not gateup or all: gate/up only",
+			 mv);
 	mv = getenv("KVQ_GPU_MV_MAX");
 	if (mv && kvq_gpu_mv_max_parse(mv, &d.mv_max))
 		kvq_warn("gpu: KVQ_GPU_MV_MAX=%s is not a token count from 1 to 16; the default threshold holds",
@@ -706,6 +713,9 @@ int kvq_ctx_gpu_create(struct kvq_model *m, struct kvq_kvcache *kv,
 	kv->copy_page = gpu_copy_page;
 	kv->copy_arg = g;
 	note_fallback(g);
+	if (d.dot_int8)
+		kvq_info("gpu: int8 dot mode: one-token %s of 8- and 4-bit weights take x as int8 per 32 columns; the other products, steps of several tokens and f16 weights stay exact",
+			 d.dot_int8 > 1 ? "products" : "gate/up products");
 	*out = g;
 	return 0;
 }
@@ -805,10 +815,17 @@ void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
 {
 	struct kvq_gpu_stats st;
 	bool centred = false;
-	char skinny[128];
+	char skinny[128], dot[160] = "";
 	uint32_t l;
 
 	kvq_gpu_ctx_stats(g->c, &st);
+	if (st.dot_int8)
+		snprintf(dot, sizeof(dot),
+			 ", one-token 8/4-bit %s: int8 x%s%.0u%s",
+			 st.dot_int8 > 1 ? "products" : "gate/up",
+			 st.q8a_exact_cols ? " (rows of " : "",
+			 st.q8a_exact_cols,
+			 st.q8a_exact_cols ? " columns: exact)" : "");
 	for (l = 0; l < g->kv->o.n_layers; l++)
 		centred |= g->kv->layers[l].center != NULL;
 	if (st.skinny_max)
@@ -818,7 +835,7 @@ void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
 	else
 		snprintf(skinny, sizeof(skinny), "cuBLAS on tensor cores");
 	snprintf(buf, len,
-		 "%llu steps (%llu as CUDA graphs, %llu graphs%s%s), %llu tokens sampled on the device, decode attention: %s%s, f16 products of more than %u tokens: %s",
+		 "%llu steps (%llu as CUDA graphs, %llu graphs%s%s), %llu tokens sampled on the device, decode attention: %s%s, f16 products of more than %u tokens: %s%s",
 		 (unsigned long long)st.steps,
 		 (unsigned long long)st.graph_steps,
 		 (unsigned long long)st.graphs,
@@ -830,7 +847,7 @@ void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
 		 st.decode_kernel && centred ?
 		 " (centred layers: generic kernel)" : "",
 		 st.prompt_blas ? st.blas_above : 16,
-		 !st.prompt_blas ? "tiled kernel" : skinny);
+		 !st.prompt_blas ? "tiled kernel" : skinny, dot);
 }
 
 const char *kvq_ctx_gpu_fallback(const struct kvq_ctx_gpu *g)

@@ -128,6 +128,19 @@ static __device__ __forceinline__ float kvq_shfl_f32(float v, int src)
 	return __uint_as_float(kvq_shfl_u32(__float_as_uint(v), src));
 }
 
+/* c + the dot of the four signed bytes of @a with those of @b: dp4a on
+ * CUDA; on HIP, the bytes one by one (no dot instruction assumed). */
+static __device__ __forceinline__ int kvq_dp4a(int a, int b, int c)
+{
+#if defined(__HIPCC__) || defined(KVQ_HIP)
+	for (int i = 0; i < 32; i += 8)
+		c += (int)(signed char)(a >> i) * (int)(signed char)(b >> i);
+	return c;
+#else
+	return __dp4a(a, b, c);
+#endif
+}
+
 static __device__ __forceinline__ const void *kvq_shfl_ptr(const void *p,
 							    int src)
 {

@@ -419,6 +419,7 @@ extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 		return set_err(err, errlen, -ENOMEM, "out of memory");
 	c->g = g;
 	c->d = *d;
+	c->stats.dot_int8 = d->dot_int8;
 	c->type_k = (uint8_t *)malloc(L);
 	c->type_v = (uint8_t *)malloc(L);
 	c->kpb = (size_t *)malloc(L * sizeof(size_t));
@@ -813,6 +814,86 @@ static bool mv_pairs(const struct kvq_gpu_ctx *c, const dmat &w, int epi,
 }
 
 /*
+ * One token of an 8- or 4-bit product in the int8 dot mode
+ * (mv_q8a_kernel()): KS warps a row as cols needs for at most eight
+ * chunks a lane (single rows: sixteen past 8192 columns), two at least
+ * for SwiGLU's pairs (their weights fetched ahead take twice the
+ * registers), one wave of blocks.  false: rows longer than 16384 columns
+ * (8192 for pairs, which would spill) or not of 32-column blocks, which
+ * stay exact (stats.q8a_exact_cols says so).
+ */
+template <int WT, int KS, int CH, bool PAIR>
+static void mv_q8a_go(const struct kvq_gpu_ctx *c, const mmp &p)
+{
+	constexpr int G = MV_WARPS / KS;
+	static int fit;	/* blocks the GPU holds at once */
+	uint32_t nb, units = p.epi == EPI_QKV && !PAIR ? p.out_rows / 2 :
+			     p.out_rows;
+	uint32_t upr = p.epi == EPI_QKV && !PAIR ? MV_RUN / 2 : MV_RUN;
+
+	if (!fit) {
+		int n = 0, dev = 0, sms = 0;
+
+		if (cudaGetDevice(&dev) != cudaSuccess ||
+		    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+					   dev) != cudaSuccess ||
+		    cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+			    &n, mv_q8a_kernel<WT, KS, CH, PAIR>, MV_WARPS * 32,
+			    0) != cudaSuccess || n <= 0 || sms <= 0) {
+			cudaGetLastError();
+			n = sms = 1;
+		}
+		fit = n * sms;
+	}
+	nb = max((uint32_t)fit, (units + G * upr - 1) / (G * upr));
+	nb = min(nb, (units + G - 1) / G);
+	launch(mv_q8a_kernel<WT, KS, CH, PAIR>, dim3(nb), dim3(MV_WARPS * 32),
+	       0, c->st, p);
+}
+
+static bool mv_q8a(struct kvq_gpu_ctx *c, const dmat &w, int epi,
+		   const mmp &p)
+{
+	bool pair = epi == EPI_SWIGLU;
+	uint32_t cols = w.cols;
+	bool done = false;
+
+	if (!c->d.dot_int8 || w.type == KVQ_GPU_W_F16 ||
+	    w.type == KVQ_GPU_W_F32)
+		return false;
+	/* The other products took longer with int8 x in this kernel
+	 * (bench/gpu_decode_notes.md): gate/up only, unless asked. */
+	if (c->d.dot_int8 < 2 && epi != EPI_SWIGLU)
+		return false;
+	if (cols % 32 || cols > (pair ? 8192u : 16384u)) {
+		c->stats.q8a_exact_cols = max(c->stats.q8a_exact_cols, cols);
+		return false;
+	}
+	kvq_wt_switch(w.type, [&](auto wt) {
+		constexpr int WT = decltype(wt)::value;
+
+		if constexpr (WT != KVQ_GPU_W_F16 && WT != KVQ_GPU_W_F32) {
+			if (pair && cols <= 2048)
+				mv_q8a_go<WT, 2, 4, true>(c, p);
+			else if (pair && cols <= 4096)
+				mv_q8a_go<WT, 4, 4, true>(c, p);
+			else if (pair)
+				mv_q8a_go<WT, 4, 8, true>(c, p);
+			else if (cols <= 2048)
+				mv_q8a_go<WT, 1, 8, false>(c, p);
+			else if (cols <= 4096)
+				mv_q8a_go<WT, 2, 8, false>(c, p);
+			else if (cols <= 8192)
+				mv_q8a_go<WT, 4, 8, false>(c, p);
+			else
+				mv_q8a_go<WT, 4, 16, false>(c, p);
+			done = true;
+		}
+	});
+	return done;
+}
+
+/*
  * Launches y = W x with the epilogue, small or tiled by token count.
  * @norm: x is RMSNorm'ed with these weights first (into c->xn); @xrows:
  * token t is row xrows[t] of x (device), or NULL.
@@ -875,6 +956,8 @@ static int mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 		dim3 grid((p.out_rows * ks + MV_WARPS - 1) / MV_WARPS);
 		int nt = n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16;
 
+		if (n == 1 && mv_q8a(c, w, epi, p))
+			return 0;
 		if (fnorm && mv_pairs(c, w, epi, ks, p))
 			return 0;
 

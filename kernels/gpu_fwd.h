@@ -118,6 +118,12 @@ struct kvq_gpu_ctx_desc {
 	 * centred) or [n_kv_heads][head_dim] pre-RoPE centres for the
 	 * model's RoPE, copied to the device by kvq_gpu_ctx_create(). */
 	const float *const *k_center;
+	/* The int8 dot mode (engine/quant.h's kvq_quant_dot_mode()): 1, the
+	 * one-token gate/up products of 8- and 4-bit rows quantize x to int8
+	 * per 32 columns and multiply in integers; 2, every one-token product
+	 * of such rows does (slower on the H200: for tests); 0, or steps of
+	 * several tokens, or f16 and f32 rows: exact. */
+	int dot_int8;
 };
 
 struct kvq_gpu_ctx;
@@ -169,6 +175,11 @@ struct kvq_gpu_stats {
 	uint64_t steps, graph_steps, graphs;
 	uint64_t sampled_rows;	/* tokens chosen by the device sampler */
 	int decode_kernel;	/* 1: the fused split-KV kernel serves decode */
+	int dot_int8;		/* the descriptor's dot_int8 (0-2) */
+	/* In that mode, the longest rows (columns) of a one-token product
+	 * that stayed exact: more than 16384 columns (8192 for SwiGLU's
+	 * pairs), or not of 32-column blocks (0: none). */
+	uint32_t q8a_exact_cols;
 	/* CUDA graphs that could not be made (e.g. device memory full when
 	 * one is instantiated): decode then launches kernel by kernel and
 	 * captures no more.  graph_error: the last reason. */

@@ -708,6 +708,218 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_pairs_kernel(mmp p)
 	put_rows<1>(p, r0 + lane, &acc, &acc2);
 }
 
+/*
+ * Eight columns of x as int8 in the int8 dot mode (kvq_quant_dot_mode()):
+ * a 32-column block of x lies in four neighbouring lanes' chunks, which
+ * find its largest magnitude by shuffles (every lane calls this, in and
+ * out of the row: lanes past its end give zeros) and quantize as the
+ * CPU's kvq_quantize_act_q8() does: d = amax / 127, q = x / d rounded to
+ * nearest even, 0 for a block too small for 1 / d.  q: the codes, four
+ * bytes a word; d: the block's scale; the return: the sum of the eight
+ * codes (for 4-bit weights' offsets).
+ */
+__device__ __forceinline__ int q8a_quant8(float4 a, float4 b, int q[2],
+					  float &d)
+{
+	float v[8] = { a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w };
+	float m = 0.0f, id = 0.0f;
+	int s = 0;
+
+#pragma unroll
+	for (int j = 0; j < 8; j++)
+		m = fmaxf(m, fabsf(v[j]));
+	m = fmaxf(m, kvq_shfl_xor_f32(m, 1));
+	m = fmaxf(m, kvq_shfl_xor_f32(m, 2));
+	d = 0.0f;
+	if (m >= 1e-30f) {
+		d = __fdiv_rn(m, 127.0f);
+		id = __fdiv_rn(1.0f, d);
+	}
+	q[0] = q[1] = 0;
+#pragma unroll
+	for (int j = 0; j < 8; j++) {
+		int c = __float2int_rn(__fmul_rn(v[j], id));
+
+		s += c;
+		q[j / 4] |= (c & 255) << (8 * (j % 4));
+	}
+	return s;
+}
+
+/*
+ * A lane's eight weights (kvq_wrow::fetch()'s @u) dotted with its eight
+ * int8 x (q, scale dx, code sum sx): the codes in integers, one scaling.
+ * Q8: d * dx * sum(q w); Q4: d * dx * (sum(q w) - 8 sx) (the nibbles of
+ * the chunk's half of the block: @hi); Q4K and Q8K: their weights are
+ * s * w + o, so dx * (s * sum(q w) + o * sx).
+ */
+template <int WT>
+__device__ __forceinline__ float q8a_dot8(uint4 u, const int q[2], float dx,
+					  int sx, bool hi)
+{
+	int a = (int)u.x, b = (int)u.y, is;
+
+	if (kvq_wrow<WT>::NIB) {
+		a = (int)((hi ? u.x >> 4 : u.x) & 0x0f0f0f0fu);
+		b = (int)((hi ? u.y >> 4 : u.y) & 0x0f0f0f0fu);
+	}
+	is = kvq_dp4a(a, q[0], kvq_dp4a(b, q[1], 0));
+	if (WT == KVQ_GPU_W_Q8)
+		return h2f(__ushort_as_half((unsigned short)u.z)) * dx *
+		       (float)is;
+	if (WT == KVQ_GPU_W_Q4)
+		return h2f(__ushort_as_half((unsigned short)u.z)) * dx *
+		       (float)(is - 8 * sx);
+	return dx * (__uint_as_float(u.z) * (float)is +
+		     __uint_as_float(u.w) * (float)sx);
+}
+
+/*
+ * One token of an 8- or 4-bit product in the int8 dot mode: x quantized
+ * per 32 columns (q8a_quant8()) and each row's codes dotted with it in
+ * integers (q8a_dot8()), as the CPU's kvq_vec_dot_q8act() computes it up
+ * to the order of the f32 sums.  The grid is one wave (the launcher's),
+ * as mv_pairs_kernel()'s: KS warps share each row -- PAIR: each SwiGLU
+ * pair r, r + out_rows -- of a run of consecutive rows (whole RoPE pairs
+ * for the QKV product), MV_WARPS / KS such groups a block.  A lane's CH
+ * chunks of eight columns of x are loaded and quantized once for the run
+ * and stay in registers, and row i + 1's codes are fetched before row i
+ * is multiplied.  Where p.ssx is set the norm is inside: x holds x * g,
+ * which is what gets quantized (the codes of the normalized row up to
+ * rounding: the scale of a block follows its values), the first group's
+ * warps sum the raw row's squares, and the sums are scaled by 1 / rms.
+ * Any epilogue; cols <= CH * 256 * KS and a multiple of 32 (the
+ * launcher's checks).
+ */
+template <int WT, int KS, int CH, bool PAIR>
+__global__ void __launch_bounds__(MV_WARPS * 32) mv_q8a_kernel(mmp p)
+{
+	constexpr int G = MV_WARPS / KS;	/* groups a block */
+	__shared__ float red[2][MV_WARPS][MV_RUN], sred[MV_WARPS];
+	uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+	/* rows a unit of the runs: a RoPE pair for QKV */
+	uint32_t us = !PAIR && p.epi == EPI_QKV ? 2 : 1;
+	uint32_t units = p.out_rows / us, ng = gridDim.x * G;
+	uint32_t gi = blockIdx.x * G + w / KS;
+	uint32_t r0 = (uint32_t)((uint64_t)gi * units / ng) * us;
+	uint32_t nr = (uint32_t)((uint64_t)(gi + 1) * units / ng) * us - r0;
+	uint32_t bl = (uint32_t)((uint64_t)(blockIdx.x + 1) * G * units / ng) -
+		      (uint32_t)((uint64_t)blockIdx.x * G * units / ng);
+	uint32_t li = (w % KS) * 32 + lane, st = 32 * KS * 8;
+	uint32_t cols = p.w.cols, c0 = li * 8;
+	bool do_ss = p.ssx && w < KS, hi = (c0 & 16) != 0;
+	kvq_wrow<WT> pa(p.w, r0, c0), pb(p.w, r0 + p.out_rows, c0);
+	int xq[CH][2], xsum[CH];
+	float xd[CH], ss = 0.0f;
+	uint4 wa[CH], wb[CH];
+	auto fetch = [&](uint4 *ra, uint4 *rb) {
+#pragma unroll
+		for (int k = 0; k < CH; k++) {
+			if (c0 + k * st < cols) {
+				ra[k] = pa.fetch(k * st);
+				if (PAIR)
+					rb[k] = pb.fetch(k * st);
+			}
+		}
+	};
+
+	kvq_pdl_trigger();
+	kvq_pdl_wait();
+	if (!bl)
+		return;
+	if (nr)
+		fetch(wa, wb);
+#pragma unroll
+	for (int k = 0; k < CH; k++) {
+		uint32_t c = c0 + k * st;
+		float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
+
+		if (c < cols) {
+			a = *(const float4 *)(p.x + c);
+			b = *(const float4 *)(p.x + c + 4);
+			if (do_ss)
+				sq8(ss, *(const float4 *)(p.ssx + c),
+				    *(const float4 *)(p.ssx + c + 4));
+		}
+		xsum[k] = q8a_quant8(a, b, xq[k], xd[k]);
+	}
+#pragma unroll 2
+	for (uint32_t i = 0; i < nr; i++) {
+		uint4 na[CH], nb[CH];
+		float a0 = 0.0f, a1 = 0.0f;
+
+		if (i + 1 < nr) {
+			pa.next(cols);
+			if (PAIR)
+				pb.next(cols);
+			fetch(na, nb);
+		}
+#pragma unroll
+		for (int k = 0; k < CH; k++) {
+			if (c0 + k * st >= cols)
+				break;
+			a0 += q8a_dot8<WT>(wa[k], xq[k], xd[k], xsum[k], hi);
+			if (PAIR)
+				a1 += q8a_dot8<WT>(wb[k], xq[k], xd[k],
+						   xsum[k], hi);
+		}
+		a0 = kvq_warp_sum(a0);
+		if (PAIR)
+			a1 = kvq_warp_sum(a1);
+		if (lane == 0) {
+			red[0][w][i] = a0;
+			red[1][w][i] = a1;
+		}
+#pragma unroll
+		for (int k = 0; k < CH; k++) {
+			wa[k] = na[k];
+			if (PAIR)
+				wb[k] = nb[k];
+		}
+	}
+	if (do_ss)
+		ss = kvq_warp_sum(ss);
+	if (lane == 0)
+		sred[w] = ss;
+	__syncthreads();
+	if (w % KS || lane >= nr)
+		return;
+
+	/* Lane i of the group's first warp: row (pair) r0 + i. */
+	float acc = 0.0f, acc2 = 0.0f, s = 1.0f;
+	uint32_t r = r0 + lane;
+
+#pragma unroll
+	for (int x = 0; x < KS; x++) {
+		acc += red[0][w + x][lane];
+		acc2 += red[1][w + x][lane];
+	}
+	if (p.ssx) {
+		float t = 0.0f;
+
+#pragma unroll
+		for (int x = 0; x < KS; x++)
+			t += sred[x];
+		s = (float)(1.0 / sqrt((double)t / cols + p.eps));
+		acc *= s;
+		acc2 *= s;
+	}
+	if (!PAIR && p.epi == EPI_QKV) {
+		qkv_put(p.q, r, 0, acc + (p.bias ? p.bias[r] : 0.0f), [&] {
+			float o = 0.0f;
+
+#pragma unroll
+			for (int x = 0; x < KS; x++)
+				o += red[0][w + x][lane ^ 1u];
+			if (p.ssx)
+				o *= s;
+			return o + (p.bias ? p.bias[r ^ 1u] : 0.0f);
+		});
+		return;
+	}
+	put_rows<1>(p, r, &acc, &acc2);
+}
+
 /* Tiled product for many tokens: a 64x64 (rows x tokens) tile per block,
  * each thread 4x4, weights dequantized into shared memory as f32 (wval(),
  * by the matrix's type). */

@@ -32,6 +32,10 @@
  * own, with room converted (auto_compact_case()).  Logits buffers are
  * poisoned with NaN before every GPU step.
  *
+ * The int8 dot mode (KVQ_DOT=int8) on models kept 8/4-bit: one-token
+ * steps against the CPU's int8 mode, equal to it where nothing else
+ * separates them, and apart from the exact mode (q8a_case()).
+ *
  * Key centring: the greedy and batch cases again with random key centres
  * on the model (center_case()).  Weights beyond f16's range keep their
  * matrices f32 on the GPU, and the upload names the first
@@ -55,6 +59,7 @@
 #include "engine/log.h"
 #include "engine/model.h"
 #include "engine/model_impl.h"
+#include "engine/quant.h"
 #include "engine/sampler.h"
 #include "engine/tokenizer.h"
 #include "kernels/attn.h"
@@ -256,6 +261,140 @@ out:
 	kvq_ctx_destroy(gc);
 	free(lc);
 	free(lg);
+}
+
+/*
+ * The int8 dot mode (KVQ_DOT=int8) on a model whose weights the GPU keeps
+ * 8- or 4-bit.  GPU contexts made in int8 mode (gate/up int8, the
+ * default), in exact mode, and, where the GPU holds the embedding table
+ * f32 (a weight beyond f16's range), in int8 mode with every one-token
+ * product int8 (KVQ_GPU_INT8_PRODUCTS=all); CPU contexts in each mode (set
+ * before each of their steps); all fed the same tokens one at a time from
+ * the first (the int8 CPU's greedy choices), f32 caches.
+ *   - int8 everywhere, where the GPU's embedding rows are exact: the GPU
+ *     quantizes x as the CPU does and multiplies the same integer codes,
+ *     so over the first Q8A_EQ steps its logits equal the int8 CPU's to
+ *     1e-5 of the largest, while the exact CPU's lie at least 10 times as
+ *     far.  (Only the first steps: there, nothing but f32 rounding
+ *     separates the two inputs of a product; once one x value lies within
+ *     rounding of a code's midpoint, the two round it apart, a change of
+ *     d / 2 that the next steps carry.  With the embedding rows in f16
+ *     that happens from the first step, and the chaos of a random model
+ *     makes the two int8 runs no closer than int8 to exact.)
+ *   - the default: the context says which products are int8, its logits
+ *     move away from the exact GPU's, and stay within Q8A_TOL of the int8
+ *     CPU's for Q8A_STEPS steps.
+ */
+#define Q8A_STEPS 24
+#define Q8A_EQ 2
+#define Q8A_TOL 8e-2f
+
+static void q8a_case(struct kvq_model *m, const char *mname)
+{
+	const struct kvq_hparams *hp = kvq_model_hparams(m);
+	struct kvq_ctx *c8 = NULL, *ce = NULL, *g8 = NULL, *ge = NULL;
+	struct kvq_ctx *ga = NULL;
+	struct kvq_ctx_opts o;
+	float *l8, *le, *lg, *lh, *la = NULL;
+	float w8 = 0.0f, wg = 0.0f, wa = 0.0f, wae = INFINITY;
+	int32_t tok[128];
+	char err[256], desc[512] = "";
+	int i, s8, se, sg, sh, sa = -1, n, ret;
+
+	l8 = malloc(hp->n_vocab * sizeof(float));
+	le = malloc(hp->n_vocab * sizeof(float));
+	lg = malloc(hp->n_vocab * sizeof(float));
+	lh = malloc(hp->n_vocab * sizeof(float));
+	f32_cache_opts(&o, hp);
+	kvq_quant_set_dot_mode(KVQ_DOT_EXACT);
+	o.device = KVQ_CTX_GPU;
+	ret = kvq_ctx_create(m, &o, &ge, err, sizeof(err));
+	kvq_quant_set_dot_mode(KVQ_DOT_INT8);
+	if (!ret)
+		ret = kvq_ctx_create(m, &o, &g8, err, sizeof(err));
+	if (!ret && strstr(kvq_model_gpu_weights(m), "first token_embd")) {
+		setenv("KVQ_GPU_INT8_PRODUCTS", "all", 1);
+		ret = kvq_ctx_create(m, &o, &ga, err, sizeof(err));
+		unsetenv("KVQ_GPU_INT8_PRODUCTS");
+		la = malloc(hp->n_vocab * sizeof(float));
+	}
+	o.device = KVQ_CTX_CPU;
+	if (!ret)
+		ret = kvq_ctx_create(m, &o, &c8, err, sizeof(err));
+	if (!ret)
+		ret = kvq_ctx_create(m, &o, &ce, err, sizeof(err));
+	if (ret || !l8 || !le || !lg || !lh || (ga && !la)) {
+		tap_ok(0, "%s int8 dot mode: context: %s", mname,
+		       ret ? err : "out of memory");
+		goto out;
+	}
+	kvq_ctx_describe(g8, desc, sizeof(desc));
+	tap_ok(strstr(desc, "gate/up: int8 x") != NULL,
+	       "%s int8 dot mode: the GPU context says which products (%s)",
+	       mname, desc);
+	if (ga) {
+		kvq_ctx_describe(ga, desc, sizeof(desc));
+		tap_ok(strstr(desc, "products: int8 x") != NULL,
+		       "%s int8 dot mode, every product: the context says so (%s)",
+		       mname, desc);
+		sa = kvq_seq_create(ga);
+	}
+	n = prompt_tokens(m, tok, 128);
+	s8 = kvq_seq_create(c8);
+	se = kvq_seq_create(ce);
+	sg = kvq_seq_create(g8);
+	sh = kvq_seq_create(ge);
+	for (i = 0; i < Q8A_STEPS; i++) {
+		float scale, margin;
+		int32_t t = i < n ? tok[i] : tok[n - 1];
+
+		poison(lg, hp->n_vocab);
+		poison(lh, hp->n_vocab);
+		kvq_quant_set_dot_mode(KVQ_DOT_INT8);
+		ret = one_step(c8, s8, &t, 1, l8);
+		kvq_quant_set_dot_mode(KVQ_DOT_EXACT);
+		ret = ret ? ret : one_step(ce, se, &t, 1, le);
+		ret = ret ? ret : one_step(g8, sg, &t, 1, lg);
+		ret = ret ? ret : one_step(ge, sh, &t, 1, lh);
+		if (!ret && ga && i < Q8A_EQ) {
+			poison(la, hp->n_vocab);
+			ret = one_step(ga, sa, &t, 1, la);
+		}
+		if (ret) {
+			tap_ok(0, "%s int8 dot mode: step %d failed", mname, i);
+			goto out;
+		}
+		scale = max_abs(l8, hp->n_vocab);
+		scale = scale > 0 ? scale : 1;
+		w8 = fmaxf(w8, max_diff(lg, l8, hp->n_vocab) / scale);
+		wg = fmaxf(wg, max_diff(lg, lh, hp->n_vocab) / scale);
+		if (ga && i < Q8A_EQ) {
+			wa = fmaxf(wa, max_diff(la, l8, hp->n_vocab) / scale);
+			wae = fminf(wae, max_diff(la, le, hp->n_vocab) / scale);
+		}
+		/* past the prompt, the int8 CPU's greedy choice */
+		if (i + 1 >= n)
+			tok[n - 1] = argmax(l8, hp->n_vocab, &margin);
+	}
+	if (ga)
+		tap_ok(wa <= 1e-5f && wae >= 10.0f * wa,
+		       "%s int8 dot mode, every product: the first %d steps' logits equal the int8 CPU's (%.3g), the exact CPU's %.3g away",
+		       mname, Q8A_EQ, wa, wae);
+	tap_ok(wg > 1e-4f && w8 <= Q8A_TOL,
+	       "%s int8 dot mode: logits %.3g from the exact GPU's, within %g of the int8 CPU's over %d one-token steps (worst %.3g)",
+	       mname, wg, Q8A_TOL, Q8A_STEPS, w8);
+out:
+	kvq_quant_set_dot_mode(KVQ_DOT_EXACT);
+	kvq_ctx_destroy(c8);
+	kvq_ctx_destroy(ce);
+	kvq_ctx_destroy(g8);
+	kvq_ctx_destroy(ge);
+	kvq_ctx_destroy(ga);
+	free(l8);
+	free(le);
+	free(lg);
+	free(lh);
+	free(la);
 }
 
 /* Three sequences in one GPU step (a prompt and two decodes) against each
@@ -1302,6 +1441,10 @@ int main(int argc, char **argv)
 			}
 			for (k = 0; k < sizeof(kvsets) / sizeof(kvsets[0]); k++)
 				greedy_case(m, name, &kvsets[k]);
+			/* int8 where the GPU keeps the weights 8/4-bit: Q8_0
+			 * and Q4_0 at first, Q4_K and Q6_K compact */
+			if (pass ? k_quant(m) : kept_quantized(m) && !k_quant(m))
+				q8a_case(m, name);
 			batch_case(m, name);
 			decode8_case(m, name);
 			fork_case(m, name);

@@ -9,7 +9,10 @@
 # Q8_0 and Q4_0 rows of 2048 and 6144 columns: the one-token products'
 # two-warp and block-per-row layouts, the 8- and 4-bit ones with their
 # loads fetched ahead; the 8- and 4-bit models' gate/up go through
-# mv_pairs_kernel(), one warp a pair below 2048 columns and two at 2048).
+# mv_pairs_kernel(), one warp a pair below 2048 columns and two at 2048;
+# in the int8 dot mode every 8- and 4-bit model's one-token gate/up goes
+# through mv_q8a_kernel(), and on the two models with a weight past f16's
+# range in the embedding every one-token product: single rows, and QKV).
 #
 # Without a GPU the program prints "1..0 # SKIP no GPU" and exits 77, which
 # becomes 0 here (the TAP driver reports the plan as SKIP).

@@ -274,8 +274,9 @@ grep -q '^kvqd_kv_format_info{k="q8",v="q4",calibrated="no"} 1' "$DIR/metrics.tx
 	grep -q '^kvqd_kv_bytes_per_token 320' "$DIR/metrics.txt" &&
 	grep -q '^kvqd_backend_info{device="cpu' "$DIR/metrics.txt" &&
 	grep -q '^kvqd_gpu_fallback 0$' "$DIR/metrics.txt" &&
-	grep -q '^kvqd_gpu_weights_kquant_compact 0$' "$DIR/metrics.txt"
-ok $? "/metrics names the KV format (q8/q4, 320 B/token) and the CPU backend (no GPU fallback, no GPU weights)"
+	grep -q '^kvqd_gpu_weights_kquant_compact 0$' "$DIR/metrics.txt" &&
+	grep -q '^kvqd_dot_products_info{mode="exact"} 1$' "$DIR/metrics.txt"
+ok $? "/metrics names the KV format (q8/q4, 320 B/token), the CPU backend (no GPU fallback, no GPU weights) and exact dot products"
 if command -v promtool >/dev/null; then
 	promtool check metrics <"$DIR/metrics.txt" >"$DIR/promtool.txt" 2>&1
 	r=$?

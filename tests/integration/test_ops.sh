@@ -225,6 +225,8 @@ check "kvqctl_status_table" \
 	sh -c "grep -q '^state: *ready' '$T/out' && grep -q '^model: .*stories260K' '$T/out' && grep -q '^device: *cpu' '$T/out'"
 check "kvqctl_status_kv_format_and_attention_device" \
 	sh -c "grep -q '^kv format: *keys q8, values q4, 320 bytes per token; attention on cpu' '$T/out'"
+check "kvqctl_status_dot_products_exact" \
+	sh -c "grep -q '^dot products: exact$' '$T/out'"
 check "kvqctl_status_steps_without_device_time_on_cpu" \
 	sh -c "grep -Eq '^steps: +[0-9]+, [0-9]+\.[0-9]{3} s$' '$T/out'"
 "$KVQCTL" --socket "$SOCK" --json status >"$T/out.json" 2>&1
@@ -400,8 +402,14 @@ DAEMON_PID=
 check "sigint_exits_0" [ $st -eq 0 ]
 
 # The admin socket of a live daemon is not taken over by a second one.
+# (This one runs in the int8 dot mode, which kvqctl status names.)
+export KVQ_DOT=int8
 start_daemon "$CONF" "$T/kvqd3.log" --listen "127.0.0.1:$PORT"
+unset KVQ_DOT
 wait_for "$T/kvqd3.log" "ready:" 60
+"$KVQCTL" --socket "$SOCK" status >"$T/out" 2>&1
+check "kvqctl_status_dot_products_int8" \
+	sh -c "grep -q '^dot products: int8 (' '$T/out'"
 "$KVQD" --config "$CONF" --listen "127.0.0.1:$(free_port)" >"$T/out" 2>&1
 st=$?
 check "second_daemon_refuses_live_admin_socket" \
