@@ -766,11 +766,16 @@ static int skinny_mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
  * mv_kernel(), and so do f16 pairs: through this kernel neither was
  * faster.
  */
-template <int WT, int KS>
-static void mv_pairs_go(const struct kvq_gpu_ctx *c, const mmp &p)
+/*
+ * Blocks of the one-wave kernel @k for @units units of runs (mv_run): as
+ * many as the GPU holds at once (the occupancy API, asked once per kernel
+ * through @fit), more where runs would be longer than @upr units, fewer
+ * where a group would have none.
+ */
+template <typename K>
+static uint32_t wave_blocks(K k, int &fit, uint32_t units, uint32_t groups,
+			    uint32_t upr)
 {
-	constexpr int G = MV_WARPS / KS;
-	static int fit;	/* blocks the GPU holds at once */
 	uint32_t nb;
 
 	if (!fit) {
@@ -780,17 +785,26 @@ static void mv_pairs_go(const struct kvq_gpu_ctx *c, const mmp &p)
 		    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
 					   dev) != cudaSuccess ||
 		    cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-			    &n, mv_pairs_kernel<WT, KS, 4>, MV_WARPS * 32,
-			    0) != cudaSuccess || n <= 0 || sms <= 0) {
+			    &n, k, MV_WARPS * 32, 0) != cudaSuccess || n <= 0 ||
+		    sms <= 0) {
 			cudaGetLastError();
 			n = sms = 1;
 		}
 		fit = n * sms;
 	}
-	nb = max((uint32_t)fit, (p.out_rows + G * MV_RUN - 1) / (G * MV_RUN));
-	nb = min(nb, (p.out_rows + G - 1) / G);
-	launch(mv_pairs_kernel<WT, KS, 4>, dim3(nb), dim3(MV_WARPS * 32), 0,
-	       c->st, p);
+	nb = max((uint32_t)fit, (units + groups * upr - 1) / (groups * upr));
+	return min(nb, (units + groups - 1) / groups);
+}
+
+template <int WT, int KS>
+static void mv_pairs_go(const struct kvq_gpu_ctx *c, const mmp &p)
+{
+	static int fit;
+
+	launch(mv_pairs_kernel<WT, KS, 4>,
+	       dim3(wave_blocks(mv_pairs_kernel<WT, KS, 4>, fit, p.out_rows,
+				MV_WARPS / KS, MV_RUN)),
+	       dim3(MV_WARPS * 32), 0, c->st, p);
 }
 
 static bool mv_pairs(const struct kvq_gpu_ctx *c, const dmat &w, int epi,
@@ -825,30 +839,14 @@ static bool mv_pairs(const struct kvq_gpu_ctx *c, const dmat &w, int epi,
 template <int WT, int KS, int CH, bool PAIR>
 static void mv_q8a_go(const struct kvq_gpu_ctx *c, const mmp &p)
 {
-	constexpr int G = MV_WARPS / KS;
-	static int fit;	/* blocks the GPU holds at once */
-	uint32_t nb, units = p.epi == EPI_QKV && !PAIR ? p.out_rows / 2 :
-			     p.out_rows;
-	uint32_t upr = p.epi == EPI_QKV && !PAIR ? MV_RUN / 2 : MV_RUN;
+	static int fit;
+	/* QKV's runs hold whole RoPE pairs */
+	uint32_t us = p.epi == EPI_QKV && !PAIR ? 2 : 1;
 
-	if (!fit) {
-		int n = 0, dev = 0, sms = 0;
-
-		if (cudaGetDevice(&dev) != cudaSuccess ||
-		    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
-					   dev) != cudaSuccess ||
-		    cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-			    &n, mv_q8a_kernel<WT, KS, CH, PAIR>, MV_WARPS * 32,
-			    0) != cudaSuccess || n <= 0 || sms <= 0) {
-			cudaGetLastError();
-			n = sms = 1;
-		}
-		fit = n * sms;
-	}
-	nb = max((uint32_t)fit, (units + G * upr - 1) / (G * upr));
-	nb = min(nb, (units + G - 1) / G);
-	launch(mv_q8a_kernel<WT, KS, CH, PAIR>, dim3(nb), dim3(MV_WARPS * 32),
-	       0, c->st, p);
+	launch(mv_q8a_kernel<WT, KS, CH, PAIR>,
+	       dim3(wave_blocks(mv_q8a_kernel<WT, KS, CH, PAIR>, fit,
+				p.out_rows / us, MV_WARPS / KS, MV_RUN / us)),
+	       dim3(MV_WARPS * 32), 0, c->st, p);
 }
 
 static bool mv_q8a(struct kvq_gpu_ctx *c, const dmat &w, int epi,

@@ -585,6 +585,70 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
 	put_rows<NT>(p, r, acc, acc2);
 }
 
+constexpr int MV_RUN = 32;
+
+/*
+ * A group's run of rows in the one-wave kernels (mv_pairs_kernel(),
+ * mv_q8a_kernel()): MV_WARPS / KS groups of KS warps a block, the grid's
+ * groups splitting @units units of @us rows each in order.  r0 .. r0 +
+ * nr - 1: the group's rows (nr <= MV_RUN, the launcher's grid); bl: the
+ * block's units (0: nothing to do).  A lane takes columns c0 + k * st, k
+ * < CH, of each row: fetch() loads them for the rows at pa (and pb where
+ * @two, the up rows of a pair), x8() one chunk of x -- zeros past the
+ * row's end -- and adds the raw row's squares where @ss.
+ */
+template <int WT, int KS, int CH>
+struct mv_run {
+	uint32_t lane, w, r0, nr, bl, li, st, cols, c0;
+
+	__device__ __forceinline__ mv_run(const mmp &p, uint32_t units,
+					  uint32_t us)
+	{
+		constexpr uint32_t G = MV_WARPS / KS;
+		uint32_t ng = gridDim.x * G, gi;
+
+		lane = threadIdx.x & 31;
+		w = threadIdx.x >> 5;
+		gi = blockIdx.x * G + w / KS;
+		r0 = (uint32_t)((uint64_t)gi * units / ng) * us;
+		nr = (uint32_t)((uint64_t)(gi + 1) * units / ng) * us - r0;
+		bl = (uint32_t)((uint64_t)(blockIdx.x + 1) * G * units / ng) -
+		     (uint32_t)((uint64_t)blockIdx.x * G * units / ng);
+		li = (w % KS) * 32 + lane;
+		st = 32 * KS * 8;
+		cols = p.w.cols;
+		c0 = li * 8;
+	}
+	__device__ __forceinline__ void fetch(const kvq_wrow<WT> &pa,
+					      const kvq_wrow<WT> &pb, bool two,
+					      uint4 *ra, uint4 *rb) const
+	{
+#pragma unroll
+		for (int k = 0; k < CH; k++) {
+			if (c0 + k * st < cols) {
+				ra[k] = pa.fetch(k * st);
+				if (two)
+					rb[k] = pb.fetch(k * st);
+			}
+		}
+	}
+	__device__ __forceinline__ void x8(const mmp &p, int k, bool ss_on,
+					   float &ss, float4 &a,
+					   float4 &b) const
+	{
+		uint32_t c = c0 + k * st;
+
+		a = b = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+		if (c < cols) {
+			a = *(const float4 *)(p.x + c);
+			b = *(const float4 *)(p.x + c + 4);
+			if (ss_on)
+				sq8(ss, *(const float4 *)(p.ssx + c),
+				    *(const float4 *)(p.ssx + c + 4));
+		}
+	}
+};
+
 /*
  * One token of gate/up (SwiGLU) over 8- and 4-bit rows with the norm
  * inside (mv_kernel()'s NORM path at NT = 1), x held in registers: KS
@@ -600,57 +664,29 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_kernel(mmp p)
  * mv_kernel()'s do, so the results are the same bit for bit.  cols <= CH
  * * st (the launcher's check).
  */
-constexpr int MV_RUN = 32;
-
 template <int WT, int KS, int CH>
 __global__ void __launch_bounds__(MV_WARPS * 32) mv_pairs_kernel(mmp p)
 {
-	constexpr int G = MV_WARPS / KS;	/* groups a block */
 	__shared__ float red[2][MV_WARPS][MV_RUN], sred[MV_WARPS];
-	uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-	uint32_t rows = p.out_rows, ng = gridDim.x * G;
-	uint32_t gi = blockIdx.x * G + w / KS;
-	/* the group's pairs r0 .. r0 + nr - 1 (and the block's) */
-	uint32_t r0 = (uint32_t)((uint64_t)gi * rows / ng);
-	uint32_t nr = (uint32_t)((uint64_t)(gi + 1) * rows / ng) - r0;
-	uint32_t bl = (uint32_t)((uint64_t)(blockIdx.x + 1) * G * rows / ng) -
-		      (uint32_t)((uint64_t)blockIdx.x * G * rows / ng);
-	uint32_t li = (w % KS) * 32 + lane, st = 32 * KS * 8;
-	uint32_t cols = p.w.cols, c0 = li * 8;
+	/* the group's pairs r0 .. r0 + nr - 1 */
+	const mv_run<WT, KS, CH> u(p, p.out_rows, 1);
+	uint32_t lane = u.lane, w = u.w, r0 = u.r0, nr = u.nr;
+	uint32_t st = u.st, cols = u.cols, c0 = u.c0;
 	bool do_ss = w < KS;	/* the first group's warps: the squares */
-	kvq_wrow<WT> pa(p.w, r0, c0), pb(p.w, r0 + rows, c0);
+	kvq_wrow<WT> pa(p.w, r0, c0), pb(p.w, r0 + p.out_rows, c0);
 	float4 xa[CH], xb[CH];
 	uint4 wa[CH], wb[CH];
 	float ss = 0.0f;
-	auto fetch = [&](uint4 *ra, uint4 *rb) {
-#pragma unroll
-		for (int k = 0; k < CH; k++) {
-			if (c0 + k * st < cols) {
-				ra[k] = pa.fetch(k * st);
-				rb[k] = pb.fetch(k * st);
-			}
-		}
-	};
 
 	kvq_pdl_trigger();
 	kvq_pdl_wait();
-	if (!bl)
+	if (!u.bl)
 		return;
 	if (nr)
-		fetch(wa, wb);
+		u.fetch(pa, pb, true, wa, wb);
 #pragma unroll
-	for (int k = 0; k < CH; k++) {
-		uint32_t c = c0 + k * st;
-
-		xa[k] = xb[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-		if (c < cols) {
-			xa[k] = *(const float4 *)(p.x + c);
-			xb[k] = *(const float4 *)(p.x + c + 4);
-			if (do_ss)
-				sq8(ss, *(const float4 *)(p.ssx + c),
-				    *(const float4 *)(p.ssx + c + 4));
-		}
-	}
+	for (int k = 0; k < CH; k++)
+		u.x8(p, k, do_ss, ss, xa[k], xb[k]);
 #pragma unroll 2
 	for (uint32_t i = 0; i < nr; i++) {
 		uint4 na[CH], nb[CH];
@@ -659,7 +695,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_pairs_kernel(mmp p)
 		if (i + 1 < nr) {
 			pa.next(cols);
 			pb.next(cols);
-			fetch(na, nb);
+			u.fetch(pa, pb, true, na, nb);
 		}
 #pragma unroll
 		for (int k = 0; k < CH; k++) {
@@ -794,53 +830,29 @@ __device__ __forceinline__ float q8a_dot8(uint4 u, const int q[2], float dx,
 template <int WT, int KS, int CH, bool PAIR>
 __global__ void __launch_bounds__(MV_WARPS * 32) mv_q8a_kernel(mmp p)
 {
-	constexpr int G = MV_WARPS / KS;	/* groups a block */
 	__shared__ float red[2][MV_WARPS][MV_RUN], sred[MV_WARPS];
-	uint32_t lane = threadIdx.x & 31, w = threadIdx.x >> 5;
 	/* rows a unit of the runs: a RoPE pair for QKV */
 	uint32_t us = !PAIR && p.epi == EPI_QKV ? 2 : 1;
-	uint32_t units = p.out_rows / us, ng = gridDim.x * G;
-	uint32_t gi = blockIdx.x * G + w / KS;
-	uint32_t r0 = (uint32_t)((uint64_t)gi * units / ng) * us;
-	uint32_t nr = (uint32_t)((uint64_t)(gi + 1) * units / ng) * us - r0;
-	uint32_t bl = (uint32_t)((uint64_t)(blockIdx.x + 1) * G * units / ng) -
-		      (uint32_t)((uint64_t)blockIdx.x * G * units / ng);
-	uint32_t li = (w % KS) * 32 + lane, st = 32 * KS * 8;
-	uint32_t cols = p.w.cols, c0 = li * 8;
+	const mv_run<WT, KS, CH> u(p, p.out_rows / us, us);
+	uint32_t lane = u.lane, w = u.w, r0 = u.r0, nr = u.nr;
+	uint32_t st = u.st, cols = u.cols, c0 = u.c0;
 	bool do_ss = p.ssx && w < KS, hi = (c0 & 16) != 0;
 	kvq_wrow<WT> pa(p.w, r0, c0), pb(p.w, r0 + p.out_rows, c0);
 	int xq[CH][2], xsum[CH];
 	float xd[CH], ss = 0.0f;
 	uint4 wa[CH], wb[CH];
-	auto fetch = [&](uint4 *ra, uint4 *rb) {
-#pragma unroll
-		for (int k = 0; k < CH; k++) {
-			if (c0 + k * st < cols) {
-				ra[k] = pa.fetch(k * st);
-				if (PAIR)
-					rb[k] = pb.fetch(k * st);
-			}
-		}
-	};
 
 	kvq_pdl_trigger();
 	kvq_pdl_wait();
-	if (!bl)
+	if (!u.bl)
 		return;
 	if (nr)
-		fetch(wa, wb);
+		u.fetch(pa, pb, PAIR, wa, wb);
 #pragma unroll
 	for (int k = 0; k < CH; k++) {
-		uint32_t c = c0 + k * st;
-		float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
+		float4 a, b;
 
-		if (c < cols) {
-			a = *(const float4 *)(p.x + c);
-			b = *(const float4 *)(p.x + c + 4);
-			if (do_ss)
-				sq8(ss, *(const float4 *)(p.ssx + c),
-				    *(const float4 *)(p.ssx + c + 4));
-		}
+		u.x8(p, k, do_ss, ss, a, b);
 		xsum[k] = q8a_quant8(a, b, xq[k], xd[k]);
 	}
 #pragma unroll 2
@@ -852,7 +864,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_q8a_kernel(mmp p)
 			pa.next(cols);
 			if (PAIR)
 				pb.next(cols);
-			fetch(na, nb);
+			u.fetch(pa, pb, PAIR, na, nb);
 		}
 #pragma unroll
 		for (int k = 0; k < CH; k++) {
