@@ -714,8 +714,9 @@ int kvq_ctx_gpu_create(struct kvq_model *m, struct kvq_kvcache *kv,
 	kv->copy_arg = g;
 	note_fallback(g);
 	if (d.dot_int8)
-		kvq_info("gpu: int8 dot mode: one-token %s of 8- and 4-bit weights take x as int8 per 32 columns; the other products, steps of several tokens and f16 weights stay exact",
-			 d.dot_int8 > 1 ? "products" : "gate/up products");
+		kvq_info("gpu: int8 dot mode: one-token %s and the products of steps of 2-8 tokens of 8- and 4-bit weights take x as int8 per 32 columns; %sQ6_K rows, longer steps and f16 weights stay exact",
+			 d.dot_int8 > 1 ? "products" : "gate/up products",
+			 d.dot_int8 > 1 ? "" : "the other one-token products, ");
 	*out = g;
 	return 0;
 }
@@ -821,7 +822,7 @@ void kvq_ctx_gpu_describe(const struct kvq_ctx_gpu *g, char *buf, size_t len)
 	kvq_gpu_ctx_stats(g->c, &st);
 	if (st.dot_int8)
 		snprintf(dot, sizeof(dot),
-			 ", one-token 8/4-bit %s: int8 x%s%.0u%s",
+			 ", int8 x: one-token 8/4-bit %s and steps of 2-8 tokens but Q6_K rows%s%.0u%s",
 			 st.dot_int8 > 1 ? "products" : "gate/up",
 			 st.q8a_exact_cols ? " (rows of " : "",
 			 st.q8a_exact_cols,

@@ -225,6 +225,8 @@ struct tc_args {
 	 * rows of up (half = rows / 2 on), y = silu(gate) * up */
 	bool swiglu;
 	uint32_t half;
+	/* the int8 dot mode: Q8, Q4 and Q4K rows through tcq_kernel() */
+	bool q8a;
 };
 
 /* Chunks @kc, @kc + KW, ... (U of them, those below @nch) of the warp's
@@ -343,6 +345,118 @@ __device__ __forceinline__ float tc_halves(uint4 (&B)[2], const float *gs,
 	B[0] = hi.u4;
 	B[1] = lo.u4;
 	return is;
+}
+
+/*
+ * The end of tc_kernel() and tcq_kernel(): the warps' sums c (rows of
+ * their tiles, tokens of theirs) meet in shared memory (@red, KW * E
+ * floats), with IN 2 the squares @ss in @ssw and 1 / rms into @fac, and
+ * go through the epilogue: SwiGLU's pairs, QKV's rows, or y (+)= with
+ * the bias.
+ */
+template <int MT, int NT, int KW, int IN>
+__device__ __forceinline__ void tc_finish(const tc_args &a,
+					  const float (&c)[MT][NT][4],
+					  const double (&ss)[NT], float *red,
+					  double *ssw, float *fac, uint32_t r0)
+{
+	constexpr int E = MT * NT * 128;
+	const uint32_t lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+	const uint32_t g = lane >> 2, t = lane & 3;
+	uint32_t e;
+	int m, j;
+
+#pragma unroll
+	for (m = 0; m < MT; m++)
+#pragma unroll
+		for (j = 0; j < NT; j++)
+#pragma unroll
+			for (int r = 0; r < 4; r++)
+				red[wid * E + ((m * NT + j) * 4 + r) * 32 + lane] =
+					c[m][j][r];
+	if (IN == 2)
+#pragma unroll
+		for (j = 0; j < NT; j++) {
+			double v = ss[j];
+
+			v += kvq_shfl_xor_f64(v, 1);
+			v += kvq_shfl_xor_f64(v, 2);
+			if (!t)
+				ssw[(wid * NT + j) * 8 + g] = v;
+		}
+	__syncthreads();
+	if (IN && threadIdx.x < NT * 8) {
+		float f = 1.0f;
+
+		if (IN == 2) {
+			double v = 0.0;
+
+			for (int w = 0; w < KW; w++)
+				v += ssw[w * NT * 8 + threadIdx.x];
+			f = (float)(1.0 / sqrt(v / a.cols + a.eps));
+		}
+		fac[threadIdx.x] = f;
+	}
+	if (IN)
+		__syncthreads();
+	/* SwiGLU (MT 2): entry e of tile 0 (gate) meets e + E / 2 (up) */
+	for (e = threadIdx.x; MT == 2 && a.swiglu && e < (uint32_t)E / 2;
+	     e += KW * 32) {
+		uint32_t l = e & 31, r = (e >> 5) & 3, j2 = e >> 7;
+		uint32_t row = r0 + (l >> 2) + (r >= 2 ? 8 : 0);
+		uint32_t tok = 8 * j2 + 2 * (l & 3) + (r & 1);
+		float sg = 0.0f, su = 0.0f, f = IN ? fac[tok] : a.alpha[tok];
+
+		for (int w = 0; w < KW; w++) {
+			sg += red[w * E + e];
+			su += red[w * E + E / 2 + e];
+		}
+		if (tok < a.n)
+			a.y[(size_t)tok * a.ys + row] = silu_mul(f * sg, f * su);
+	}
+	if (a.swiglu)
+		return;
+	for (e = threadIdx.x; e < (uint32_t)E; e += KW * 32) {
+		uint32_t l = e & 31, r = (e >> 5) & 3, mj = e >> 7;
+		uint32_t row = r0 + 16 * (mj / NT) + (l >> 2) + (r >= 2 ? 8 : 0);
+		uint32_t tok = 8 * (mj % NT) + 2 * (l & 3) + (r & 1);
+		float sum = 0.0f, f = IN ? fac[tok] : a.alpha[tok];
+
+		for (int w = 0; w < KW; w++)
+			sum += red[w * E + e];
+		if (a.to_qkv) {
+			/* Whole warps run this loop; the partner row is the
+			 * entry of lane ^ 4. */
+			float v = f * sum, pv;
+
+			if (a.bias)
+				v += a.bias[row];
+			pv = kvq_shfl_xor_f32(v, 4);
+			if (tok < a.n)
+				qkv_put(a.qkv, row, (int)tok, v,
+					[pv] { return pv; });
+			continue;
+		}
+		if (tok >= a.n)
+			continue;
+		float *y = a.y + (size_t)tok * a.ys + row;
+
+		if (IN) {
+			/* prep_kernel()'s bias, then the product, in its
+			 * order: (y + bias) + f sum */
+			if (a.add || a.bias) {
+				float b = a.add ? *y : 0.0f;
+
+				if (a.bias)
+					b = a.add ? b + a.bias[row] : a.bias[row];
+				*y = b + f * sum;
+			} else {
+				*y = f * sum;
+			}
+			continue;
+		}
+		*y = a.acc ? *y + f * sum : f * sum;
+	}
 }
 
 /*
@@ -477,97 +591,188 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
 			tc_load_x<NT, KW, U, XS>(B, xr, kc + KW * U, nch);
 		}
 	}
-#pragma unroll
-	for (m = 0; m < MT; m++)
-#pragma unroll
-		for (j = 0; j < NT; j++)
-#pragma unroll
-			for (int r = 0; r < 4; r++)
-				red[wid * E + ((m * NT + j) * 4 + r) * 32 + lane] =
-					c[m][j][r];
-	if (IN == 2)
-#pragma unroll
-		for (j = 0; j < NT; j++) {
-			double v = ss[j];
+	tc_finish<MT, NT, KW, IN>(a, c, ss, red, ssw, fac, r0);
+}
 
-			v += kvq_shfl_xor_f64(v, 1);
-			v += kvq_shfl_xor_f64(v, 2);
-			if (!t)
-				ssw[(wid * NT + j) * 8 + g] = v;
-		}
-	__syncthreads();
-	if (IN && threadIdx.x < NT * 8) {
-		float f = 1.0f;
-
-		if (IN == 2) {
-			double v = 0.0;
-
-			for (int w = 0; w < KW; w++)
-				v += ssw[w * NT * 8 + threadIdx.x];
-			f = (float)(1.0 / sqrt(v / a.cols + a.eps));
-		}
-		fac[threadIdx.x] = f;
+/*
+ * The int8 dot mode's product of up to 8 tokens (one tile of tokens) on
+ * tensor cores, x read by the product itself (IN 1, or 2: RMSNorm(x) as
+ * x g scaled by 1 / rms at the end): each chunk of 32 columns is one
+ * block of the weights and of x's quantization.  A lane (g, t) holds the
+ * codes of rows g and g + 8 of its tiles at columns 8 t .. 8 t + 7 of the
+ * chunk (kvq_wfetch8(): as stored, with the block's scale) and of token
+ * g's x at the same columns, which it quantizes with the token's three
+ * other lanes as the CPU's kvq_quantize_act_q8() does (q8a_quant8());
+ * one mma.m16n8k32 over signed bytes multiplies them (the columns taken
+ * in the same order on both sides), and each product of the tile is
+ * scaled into the sums: d_w dx isum for Q8, d_w dx (isum - 8 sx) for Q4's
+ * nibbles, dx (s isum + o sx) for Q4K (sx: the sum of the token's codes
+ * over the block).  Q8K rows (16-column scales) stay with tc_kernel().
+ */
+template <int WT>
+__device__ __forceinline__ void tcq_codes(uint4 u, bool hi, unsigned &c0,
+					  unsigned &c1)
+{
+	c0 = u.x;
+	c1 = u.y;
+	if (kvq_wrow<WT>::NIB) {
+		c0 = (hi ? u.x >> 4 : u.x) & 0x0f0f0f0fu;
+		c1 = (hi ? u.y >> 4 : u.y) & 0x0f0f0f0fu;
 	}
-	if (IN)
-		__syncthreads();
-	/* SwiGLU (MT 2): entry e of tile 0 (gate) meets e + E / 2 (up) */
-	for (e = threadIdx.x; MT == 2 && a.swiglu && e < (uint32_t)E / 2;
-	     e += KW * 32) {
-		uint32_t l = e & 31, r = (e >> 5) & 3, j2 = e >> 7;
-		uint32_t row = r0 + (l >> 2) + (r >= 2 ? 8 : 0);
-		uint32_t tok = 8 * j2 + 2 * (l & 3) + (r & 1);
-		float sg = 0.0f, su = 0.0f, f = IN ? fac[tok] : a.alpha[tok];
+}
 
-		for (int w = 0; w < KW; w++) {
-			sg += red[w * E + e];
-			su += red[w * E + E / 2 + e];
-		}
-		if (tok < a.n)
-			a.y[(size_t)tok * a.ys + row] = silu_mul(f * sg, f * su);
+/* The weight block's scale of fetch @u as (s, o): s * isum + o * sx. */
+template <int WT>
+__device__ __forceinline__ float2 tcq_scale(uint4 u)
+{
+	if (WT == KVQ_GPU_W_Q8)
+		return make_float2(__half2float(__ushort_as_half(
+					   (unsigned short)u.z)), 0.0f);
+	if (WT == KVQ_GPU_W_Q4) {
+		float d = __half2float(__ushort_as_half((unsigned short)u.z));
+
+		return make_float2(d, -8.0f * d);
 	}
-	if (a.swiglu)
-		return;
-	for (e = threadIdx.x; e < (uint32_t)E; e += KW * 32) {
-		uint32_t l = e & 31, r = (e >> 5) & 3, mj = e >> 7;
-		uint32_t row = r0 + 16 * (mj / NT) + (l >> 2) + (r >= 2 ? 8 : 0);
-		uint32_t tok = 8 * (mj % NT) + 2 * (l & 3) + (r & 1);
-		float sum = 0.0f, f = IN ? fac[tok] : a.alpha[tok];
+	return make_float2(__uint_as_float(u.z), __uint_as_float(u.w));
+}
 
-		for (int w = 0; w < KW; w++)
-			sum += red[w * E + e];
-		if (a.to_qkv) {
-			/* Whole warps run this loop; the partner row is the
-			 * entry of lane ^ 4. */
-			float v = f * sum, pv;
+template <int WT, int MT, int KW, int U, int IN>
+__global__ void __launch_bounds__(KW * 32) tcq_kernel(tc_args a)
+{
+	constexpr int E = MT * 128;
+	static_assert(IN != 2 || KW * E * sizeof(float) +
+			  KW * 8 * sizeof(double) + 8 * sizeof(float) +
+			  TC_NORM_LD * sizeof(float) <= 48 * 1024,
+		      "RMSNorm weights and the sums in 48 KiB");
+	__shared__ float red[KW * E];
+	__shared__ double ssw[IN == 2 ? KW * 8 : 1];
+	__shared__ float fac[8];
+	extern __shared__ float gsm[];		/* IN 2: g, a.ld floats */
+	const uint32_t lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+	const uint32_t g = lane >> 2, t = lane & 3, nch = a.ld / 32;
+	const uint32_t r0 = blockIdx.x * 16 * (a.swiglu ? 1 : MT);
+	const bool hi = (8 * t) & 16;
+	uint32_t wr[MT], kc = wid, e;
+	const float *xf;
+	float c[MT][1][4];
+	double ss[1] = { 0.0 };
+	uint4 A[U][MT][2], B[U][2];
+	int m, u;
 
-			if (a.bias)
-				v += a.bias[row];
-			pv = kvq_shfl_xor_f32(v, 4);
-			if (tok < a.n)
-				qkv_put(a.qkv, row, (int)tok, v,
-					[pv] { return pv; });
-			continue;
-		}
-		if (tok >= a.n)
-			continue;
-		float *y = a.y + (size_t)tok * a.ys + row;
+	for (m = 0; m < MT; m++) {
+		wr[m] = r0 + (a.swiglu ? m * a.half : 16 * m) + g;
+		c[m][0][0] = c[m][0][1] = c[m][0][2] = c[m][0][3] = 0.0f;
+	}
+	auto load = [&](uint32_t k0) {
+#pragma unroll
+		for (int v = 0; v < U; v++) {
+			uint32_t ch = k0 + v * KW;
 
-		if (IN) {
-			/* prep_kernel()'s bias, then the product, in its
-			 * order: (y + bias) + f sum */
-			if (a.add || a.bias) {
-				float b = a.add ? *y : 0.0f;
-
-				if (a.bias)
-					b = a.add ? b + a.bias[row] : a.bias[row];
-				*y = b + f * sum;
-			} else {
-				*y = f * sum;
+			if (ch >= nch)
+				break;
+#pragma unroll
+			for (int q = 0; q < MT; q++) {
+				A[v][q][0] = kvq_wfetch8<WT>(a.w, wr[q],
+							     ch * 32 + 8 * t);
+				A[v][q][1] = kvq_wfetch8<WT>(a.w, wr[q] + 8,
+							     ch * 32 + 8 * t);
 			}
-			continue;
 		}
-		*y = a.acc ? *y + f * sum : f * sum;
+	};
+	auto load_x = [&](uint32_t k0) {
+#pragma unroll
+		for (int v = 0; v < U; v++) {
+			uint32_t ch = k0 + v * KW;
+
+			if (ch >= nch)
+				break;
+			B[v][0] = *(const uint4 *)(xf + ch * 32);
+			B[v][1] = *(const uint4 *)(xf + ch * 32 + 4);
+		}
+	};
+
+	kvq_pdl_trigger();
+	if (IN == 2)
+		for (e = threadIdx.x * 4; e < a.ld; e += KW * 32 * 4)
+			*(float4 *)(gsm + e) = *(const float4 *)(a.g + e);
+	load(kc);
+	kvq_pdl_wait();
+	{
+		uint32_t tok = g < a.n ? g : a.n - 1;
+
+		xf = a.x + (size_t)(a.xrows ? (uint32_t)a.xrows[tok] : tok) *
+			   a.xs + 8 * t;
 	}
+	load_x(kc);
+	if (IN == 2)
+		__syncthreads();	/* gsm */
+	for (; kc < nch; kc += KW * U) {
+#pragma unroll
+		for (u = 0; u < U; u++) {
+			uint32_t ch = kc + u * KW;
+
+			if (ch >= nch)
+				break;
+			float4 xa = make_float4(__uint_as_float(B[u][0].x),
+						__uint_as_float(B[u][0].y),
+						__uint_as_float(B[u][0].z),
+						__uint_as_float(B[u][0].w));
+			float4 xb = make_float4(__uint_as_float(B[u][1].x),
+						__uint_as_float(B[u][1].y),
+						__uint_as_float(B[u][1].z),
+						__uint_as_float(B[u][1].w));
+			int xq[2];
+			float dx, d0, d1, sx, s0, s1;
+
+			if (IN == 2) {
+				const float *gs = gsm + ch * 32 + 8 * t;
+				const float4 g0 = *(const float4 *)gs;
+				const float4 g1 = *(const float4 *)(gs + 4);
+
+				ss[0] += (double)xa.x * xa.x + (double)xa.y * xa.y +
+					 (double)xa.z * xa.z + (double)xa.w * xa.w +
+					 (double)xb.x * xb.x + (double)xb.y * xb.y +
+					 (double)xb.z * xb.z + (double)xb.w * xb.w;
+				xa = make_float4(__fmul_rn(xa.x, g0.x),
+						 __fmul_rn(xa.y, g0.y),
+						 __fmul_rn(xa.z, g0.z),
+						 __fmul_rn(xa.w, g0.w));
+				xb = make_float4(__fmul_rn(xb.x, g1.x),
+						 __fmul_rn(xb.y, g1.y),
+						 __fmul_rn(xb.z, g1.z),
+						 __fmul_rn(xb.w, g1.w));
+			}
+			/* the token's block sum of codes (integers, exact in
+			 * f32), then tokens 2t and 2t + 1's scales and sums
+			 * (lanes 8t and 8t + 4) */
+			sx = (float)q8a_quant8(xa, xb, xq, dx);
+			sx += kvq_shfl_xor_f32(sx, 1);
+			sx += kvq_shfl_xor_f32(sx, 2);
+			d0 = kvq_shfl_f32(dx, (int)(8 * t));
+			d1 = kvq_shfl_f32(dx, (int)(8 * t + 4));
+			s0 = kvq_shfl_f32(sx, (int)(8 * t));
+			s1 = kvq_shfl_f32(sx, (int)(8 * t + 4));
+#pragma unroll
+			for (m = 0; m < MT; m++) {
+				unsigned ar[4], br[2] = { (unsigned)xq[0],
+							  (unsigned)xq[1] };
+				float2 wg = tcq_scale<WT>(A[u][m][0]);
+				float2 w8 = tcq_scale<WT>(A[u][m][1]);
+				int ci[4];
+
+				tcq_codes<WT>(A[u][m][0], hi, ar[0], ar[2]);
+				tcq_codes<WT>(A[u][m][1], hi, ar[1], ar[3]);
+				kvq_mma_s8_16832(ci, ar, br);
+				c[m][0][0] += d0 * (wg.x * (float)ci[0] + wg.y * s0);
+				c[m][0][1] += d1 * (wg.x * (float)ci[1] + wg.y * s1);
+				c[m][0][2] += d0 * (w8.x * (float)ci[2] + w8.y * s0);
+				c[m][0][3] += d1 * (w8.x * (float)ci[3] + w8.y * s1);
+			}
+		}
+		load(kc + KW * U);
+		load_x(kc + KW * U);
+	}
+	tc_finish<MT, 1, KW, IN>(a, c, ss, red, ssw, fac, r0);
 }
 
 /*
@@ -580,6 +785,28 @@ __global__ void __launch_bounds__(KW * 32) tc_kernel(tc_args a)
  * flight at 16 tokens (two 8-token tiles): batch 16 1571 -> 1530 us a
  * step, but batch 8 1237 -> 1275, so 1 there.
  */
+/* tcq_kernel() in tc_launch_nt()'s tilings. */
+template <int WT, int IN>
+void tcq_launch(bool pdl, cudaStream_t st, const tc_args &a)
+{
+	bool two = a.rows % 32 == 0 && a.rows > 2048;
+	uint32_t blocks = a.rows / (two ? 32 : 16);
+	size_t sm = IN == 2 ? a.ld * sizeof(float) : 0;
+
+	if (a.swiglu)
+		kvq_launch(pdl, tcq_kernel<WT, 2, 8, 1, IN>,
+			   dim3(a.half / 16), dim3(8 * 32), sm, st, a);
+	else if (two && a.rows >= 8192)
+		kvq_launch(pdl, tcq_kernel<WT, 2, 8, 1, IN>, dim3(blocks),
+			   dim3(8 * 32), sm, st, a);
+	else if (two)
+		kvq_launch(pdl, tcq_kernel<WT, 2, 16, 2, IN>, dim3(blocks),
+			   dim3(16 * 32), sm, st, a);
+	else
+		kvq_launch(pdl, tcq_kernel<WT, 1, 16, 4, IN>, dim3(blocks),
+			   dim3(16 * 32), sm, st, a);
+}
+
 template <int WT, int NT, int IN>
 void tc_launch_nt(bool pdl, cudaStream_t st, const tc_args &a)
 {
@@ -609,7 +836,14 @@ void tc_launch(bool pdl, cudaStream_t st, const tc_args &a, int in)
 	kvq_wt_switch(a.w.type, [&](auto wt) {
 		constexpr int W = decltype(wt)::value;
 
-		if (a.n > 8)
+		constexpr bool Q = W == KVQ_GPU_W_Q8 || W == KVQ_GPU_W_Q4 ||
+				   W == KVQ_GPU_W_Q4K;
+
+		if (Q && a.q8a && a.n <= 8 && in == 2)
+			tcq_launch<Q ? W : KVQ_GPU_W_Q8, 2>(pdl, st, a);
+		else if (Q && a.q8a && a.n <= 8 && in == 1)
+			tcq_launch<Q ? W : KVQ_GPU_W_Q8, 1>(pdl, st, a);
+		else if (a.n > 8)
 			tc_launch_nt<W, 2, 0>(pdl, st, a);
 		else if (in == 2)
 			tc_launch_nt<W, 1, 2>(pdl, st, a);
@@ -1092,6 +1326,7 @@ int kvq_gpu_blas_skinny_mm(struct kvq_gpu_blas *b,
 	t.g = a->norm;
 	t.eps = a->eps;
 	t.add = a->add;
+	t.q8a = a->q8a && fused;
 	tc_launch(b->pdl, b->st, t,
 		  !fused ? 0 : a->in == KVQ_SKINNY_NORM ? 2 : 1);
 	return 0;

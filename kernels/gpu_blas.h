@@ -69,6 +69,9 @@ struct kvq_gpu_skinny_mm {
 	/* W = [gate; up] (rows / 2 each): y = silu(gate) * up, rows / 2
 	 * columns a token (no add, bias or qkv; up to 8 tokens) */
 	bool swiglu;
+	/* the int8 dot mode: up to 8 tokens of Q8, Q4 and Q4K rows read
+	 * from f32 x take it as int8 per 32 columns (tcq_kernel()) */
+	bool q8a;
 };
 
 #if KVQ_GPU_BLAS

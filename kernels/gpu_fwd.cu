@@ -751,6 +751,7 @@ static int skinny_mm(struct kvq_gpu_ctx *c, const dmat &w, const float *x,
 	a.bias = bias;
 	a.qkv = qkv;
 	a.swiglu = swiglu;
+	a.q8a = c->d.dot_int8 != 0;
 	c->norm_ready = c->norm_next = nullptr;
 	return blas_result(c, kvq_gpu_blas_skinny_mm(c->blas, &a,
 			   c->stats.blas_error, sizeof(c->stats.blas_error)));

@@ -143,6 +143,44 @@ struct kvq_wrow {
 };
 
 /*
+ * Eight columns of x as int8 in the int8 dot mode (kvq_quant_dot_mode();
+ * mv_q8a_kernel(), gpu_blas.cu's tcq_kernel()): a 32-column block of x lies in four neighbouring lanes' chunks, which
+ * find its largest magnitude by shuffles (every lane calls this, in and
+ * out of the row: lanes past its end give zeros) and quantize as the
+ * CPU's kvq_quantize_act_q8() does: d = amax / 127, q = x / d rounded to
+ * nearest even, 0 for a block too small for 1 / d.  q: the codes, four
+ * bytes a word; d: the block's scale; the return: the sum of the eight
+ * codes (for 4-bit weights' offsets).
+ */
+static __device__ __forceinline__ int q8a_quant8(float4 a, float4 b, int q[2],
+					  float &d)
+{
+	float v[8] = { a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w };
+	float m = 0.0f, id = 0.0f;
+	int s = 0;
+
+#pragma unroll
+	for (int j = 0; j < 8; j++)
+		m = fmaxf(m, fabsf(v[j]));
+	m = fmaxf(m, kvq_shfl_xor_f32(m, 1));
+	m = fmaxf(m, kvq_shfl_xor_f32(m, 2));
+	d = 0.0f;
+	if (m >= 1e-30f) {
+		d = __fdiv_rn(m, 127.0f);
+		id = __fdiv_rn(1.0f, d);
+	}
+	q[0] = q[1] = 0;
+#pragma unroll
+	for (int j = 0; j < 8; j++) {
+		int c = __float2int_rn(__fmul_rn(v[j], id));
+
+		s += c;
+		q[j / 4] |= (c & 255) << (8 * (j % 4));
+	}
+	return s;
+}
+
+/*
  * Eight weights of row @r of @m from column @c (a multiple of 8) as f16
  * values: f16 rows as they are; Q8, Q4, Q4K and Q8K rows expanded in
  * registers (kvq_q8_h8(), kvq_q4_h8(), kvq_q4k_h8(), kvq_q8k_h8()).  A

@@ -181,7 +181,7 @@ char *kvq_metrics_render(const struct kvq_sched_stats *st,
 	fprintf(f, "kvqd_backend_info{device=\"%s\"} 1\n",
 		st->backend[0] ? st->backend : "none");
 	head(f, "kvqd_dot_products_info", "gauge",
-	     "How products of 8- and 4-bit weights treat their input (1 for the mode in use): exact, or int8 (KVQ_DOT=int8: x quantized per 32 columns; on the CPU for steps of up to 8 tokens, on the GPU for one-token gate/up products).");
+	     "How products of 8- and 4-bit weights treat their input (1 for the mode in use): exact, or int8 (KVQ_DOT=int8: x quantized per 32 columns; on the CPU for steps of up to 8 tokens, on the GPU for one-token gate/up products and steps of 2-8 tokens).");
 	fprintf(f, "kvqd_dot_products_info{mode=\"%s\"} 1\n",
 		st->dot[0] ? st->dot : "exact");
 	head(f, "kvqd_gpu_fallback", "gauge",

@@ -275,7 +275,10 @@ out:
  *     quantizes x as the CPU does and multiplies the same integer codes,
  *     so over the first Q8A_EQ steps its logits equal the int8 CPU's to
  *     1e-5 of the largest, while the exact CPU's lie at least 10 times as
- *     far.  (Only the first steps: there, nothing but f32 rounding
+ *     far; and so do a step of Q8A_SEQS new sequences (their first
+ *     tokens, through the tensor-core products of several tokens, int8
+ *     in that mode) against each sequence's first step on the CPU.
+ *     (Only the first steps: there, nothing but f32 rounding
  *     separates the two inputs of a product; once one x value lies within
  *     rounding of a code's midpoint, the two round it apart, a change of
  *     d / 2 that the next steps carry.  With the embedding rows in f16
@@ -288,6 +291,7 @@ out:
 #define Q8A_STEPS 24
 #define Q8A_EQ 2
 #define Q8A_TOL 8e-2f
+#define Q8A_SEQS 3
 
 static void q8a_case(struct kvq_model *m, const char *mname)
 {
@@ -297,6 +301,7 @@ static void q8a_case(struct kvq_model *m, const char *mname)
 	struct kvq_ctx_opts o;
 	float *l8, *le, *lg, *lh, *la = NULL;
 	float w8 = 0.0f, wg = 0.0f, wa = 0.0f, wae = INFINITY;
+	float wb = 0.0f, wbe = INFINITY;
 	int32_t tok[128];
 	char err[256], desc[512] = "";
 	int i, s8, se, sg, sh, sa = -1, n, ret;
@@ -306,6 +311,7 @@ static void q8a_case(struct kvq_model *m, const char *mname)
 	lg = malloc(hp->n_vocab * sizeof(float));
 	lh = malloc(hp->n_vocab * sizeof(float));
 	f32_cache_opts(&o, hp);
+	o.max_seqs = 1 + Q8A_SEQS;
 	kvq_quant_set_dot_mode(KVQ_DOT_EXACT);
 	o.device = KVQ_CTX_GPU;
 	ret = kvq_ctx_create(m, &o, &ge, err, sizeof(err));
@@ -316,7 +322,7 @@ static void q8a_case(struct kvq_model *m, const char *mname)
 		setenv("KVQ_GPU_INT8_PRODUCTS", "all", 1);
 		ret = kvq_ctx_create(m, &o, &ga, err, sizeof(err));
 		unsetenv("KVQ_GPU_INT8_PRODUCTS");
-		la = malloc(hp->n_vocab * sizeof(float));
+		la = malloc(Q8A_SEQS * (size_t)hp->n_vocab * sizeof(float));
 	}
 	o.device = KVQ_CTX_CPU;
 	if (!ret)
@@ -329,12 +335,12 @@ static void q8a_case(struct kvq_model *m, const char *mname)
 		goto out;
 	}
 	kvq_ctx_describe(g8, desc, sizeof(desc));
-	tap_ok(strstr(desc, "gate/up: int8 x") != NULL,
+	tap_ok(strstr(desc, "int8 x: one-token 8/4-bit gate/up") != NULL,
 	       "%s int8 dot mode: the GPU context says which products (%s)",
 	       mname, desc);
 	if (ga) {
 		kvq_ctx_describe(ga, desc, sizeof(desc));
-		tap_ok(strstr(desc, "products: int8 x") != NULL,
+		tap_ok(strstr(desc, "int8 x: one-token 8/4-bit products") != NULL,
 		       "%s int8 dot mode, every product: the context says so (%s)",
 		       mname, desc);
 		sa = kvq_seq_create(ga);
@@ -376,6 +382,49 @@ static void q8a_case(struct kvq_model *m, const char *mname)
 		if (i + 1 >= n)
 			tok[n - 1] = argmax(l8, hp->n_vocab, &margin);
 	}
+	/* A step of new sequences: products of several tokens. */
+	for (i = 0; ga && i < Q8A_SEQS; i++) {
+		int sq[Q8A_SEQS], ns[Q8A_SEQS];
+		int32_t tk[Q8A_SEQS];
+		const int32_t *tp[Q8A_SEQS];
+		struct kvq_batch b = { Q8A_SEQS, sq, ns, tp, false };
+		float scale;
+
+		for (int j = 0; j < Q8A_SEQS; j++) {
+			tk[j] = (int32_t)((j * 37 + 5) % hp->n_vocab);
+			tp[j] = &tk[j];
+			ns[j] = 1;
+		}
+		if (!i) {
+			for (int j = 0; j < Q8A_SEQS; j++)
+				sq[j] = kvq_seq_create(ga);
+			poison(la, Q8A_SEQS * (size_t)hp->n_vocab);
+			if (kvq_step(ga, &b, la)) {
+				tap_ok(0, "%s int8 dot mode: GPU step of %d sequences failed",
+				       mname, Q8A_SEQS);
+				goto out;
+			}
+		}
+		kvq_quant_set_dot_mode(KVQ_DOT_INT8);
+		ret = one_step(c8, kvq_seq_create(c8), &tk[i], 1, l8);
+		kvq_quant_set_dot_mode(KVQ_DOT_EXACT);
+		ret = ret ? ret : one_step(ce, kvq_seq_create(ce), &tk[i], 1,
+					   le);
+		if (ret) {
+			tap_ok(0, "%s int8 dot mode: CPU step failed", mname);
+			goto out;
+		}
+		scale = max_abs(l8, hp->n_vocab);
+		scale = scale > 0 ? scale : 1;
+		wb = fmaxf(wb, max_diff(la + (size_t)i * hp->n_vocab, l8,
+					hp->n_vocab) / scale);
+		wbe = fminf(wbe, max_diff(la + (size_t)i * hp->n_vocab, le,
+					  hp->n_vocab) / scale);
+	}
+	if (ga)
+		tap_ok(wb <= 1e-5f && wbe >= 10.0f * wb,
+		       "%s int8 dot mode: a step of %d new sequences equals their first steps on the int8 CPU (%.3g), the exact CPU's %.3g away",
+		       mname, Q8A_SEQS, wb, wbe);
 	if (ga)
 		tap_ok(wa <= 1e-5f && wae >= 10.0f * wa,
 		       "%s int8 dot mode, every product: the first %d steps' logits equal the int8 CPU's (%.3g), the exact CPU's %.3g away",

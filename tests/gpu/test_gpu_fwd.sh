@@ -12,7 +12,9 @@
 # mv_pairs_kernel(), one warp a pair below 2048 columns and two at 2048;
 # in the int8 dot mode every 8- and 4-bit model's one-token gate/up goes
 # through mv_q8a_kernel(), and on the two models with a weight past f16's
-# range in the embedding every one-token product: single rows, and QKV).
+# range in the embedding every one-token product: single rows, and QKV;
+# and a step of three sequences through tcq_kernel(), the int8 tensor-core
+# product of 2-8 tokens).
 #
 # Without a GPU the program prints "1..0 # SKIP no GPU" and exits 77, which
 # becomes 0 here (the TAP driver reports the plan as SKIP).
