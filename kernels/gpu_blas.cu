@@ -233,8 +233,9 @@ struct tc_args {
  * rows g and g + 8 of each 16-row tile: row @r[m] (and r[m] + 8), the
  * lane's 8 columns from 8 t.  Q8 and Q4 rows come as the f16 values of
  * their copy in f16 (a chunk of 32 columns is one block), so the products
- * are those of f16 weights to the bit. */
-template <int WT, int MT, int KW, int U>
+ * are those of f16 weights to the bit; with RAW as stored (kvq_wfetch8():
+ * the codes and the block's scale, for tcq_kernel()). */
+template <int WT, int MT, int KW, int U, bool RAW = false>
 __device__ __forceinline__ void tc_load_w(uint4 (&A)[U][MT][2],
 					  const tc_args &a,
 					  const uint32_t (&r)[MT], uint32_t t,
@@ -248,9 +249,12 @@ __device__ __forceinline__ void tc_load_w(uint4 (&A)[U][MT][2],
 			break;
 #pragma unroll
 		for (int m = 0; m < MT; m++) {
-			A[u][m][0] = kvq_wload8<WT>(a.w, r[m], ch * 32 + 8 * t);
-			A[u][m][1] = kvq_wload8<WT>(a.w, r[m] + 8,
-						     ch * 32 + 8 * t);
+			uint32_t c = ch * 32 + 8 * t;
+
+			A[u][m][0] = RAW ? kvq_wfetch8<WT>(a.w, r[m], c) :
+				     kvq_wload8<WT>(a.w, r[m], c);
+			A[u][m][1] = RAW ? kvq_wfetch8<WT>(a.w, r[m] + 8, c) :
+				     kvq_wload8<WT>(a.w, r[m] + 8, c);
 		}
 	}
 }
@@ -663,22 +667,6 @@ __global__ void __launch_bounds__(KW * 32) tcq_kernel(tc_args a)
 		wr[m] = r0 + (a.swiglu ? m * a.half : 16 * m) + g;
 		c[m][0][0] = c[m][0][1] = c[m][0][2] = c[m][0][3] = 0.0f;
 	}
-	auto load = [&](uint32_t k0) {
-#pragma unroll
-		for (int v = 0; v < U; v++) {
-			uint32_t ch = k0 + v * KW;
-
-			if (ch >= nch)
-				break;
-#pragma unroll
-			for (int q = 0; q < MT; q++) {
-				A[v][q][0] = kvq_wfetch8<WT>(a.w, wr[q],
-							     ch * 32 + 8 * t);
-				A[v][q][1] = kvq_wfetch8<WT>(a.w, wr[q] + 8,
-							     ch * 32 + 8 * t);
-			}
-		}
-	};
 	auto load_x = [&](uint32_t k0) {
 #pragma unroll
 		for (int v = 0; v < U; v++) {
@@ -695,7 +683,7 @@ __global__ void __launch_bounds__(KW * 32) tcq_kernel(tc_args a)
 	if (IN == 2)
 		for (e = threadIdx.x * 4; e < a.ld; e += KW * 32 * 4)
 			*(float4 *)(gsm + e) = *(const float4 *)(a.g + e);
-	load(kc);
+	tc_load_w<WT, MT, KW, U, true>(A, a, wr, t, kc, nch);
 	kvq_pdl_wait();
 	{
 		uint32_t tok = g < a.n ? g : a.n - 1;
@@ -769,7 +757,7 @@ __global__ void __launch_bounds__(KW * 32) tcq_kernel(tc_args a)
 				c[m][0][3] += d1 * (w8.x * (float)ci[3] + w8.y * s1);
 			}
 		}
-		load(kc + KW * U);
+		tc_load_w<WT, MT, KW, U, true>(A, a, wr, t, kc + KW * U, nch);
 		load_x(kc + KW * U);
 	}
 	tc_finish<MT, 1, KW, IN>(a, c, ss, red, ssw, fac, r0);

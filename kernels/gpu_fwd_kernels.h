@@ -647,6 +647,45 @@ struct mv_run {
 				    *(const float4 *)(p.ssx + c + 4));
 		}
 	}
+	/* After row i's warp sums (a0, a1: the pair's up row) are in, lane
+	 * 0 puts them into @red. */
+	__device__ __forceinline__ void put(float (&red)[2][MV_WARPS][MV_RUN],
+					    uint32_t i, float a0,
+					    float a1) const
+	{
+		if (lane == 0) {
+			red[0][w][i] = a0;
+			red[1][w][i] = a1;
+		}
+	}
+	/* After the rows: the warps' squares @ss meet in @sred; lane i of
+	 * the group's first warp gets row i's sums of its KS warps from
+	 * @red into acc (acc2: the pair's up row) and the squares' total
+	 * into ss, and true; the other lanes false. */
+	__device__ __forceinline__ bool gather(const float (&red)[2][MV_WARPS][MV_RUN],
+					       float *sred, bool ss_on,
+					       float &ss, float &acc,
+					       float &acc2) const
+	{
+		float t = 0.0f;
+
+		if (ss_on)
+			ss = kvq_warp_sum(ss);
+		if (lane == 0)
+			sred[w] = ss;
+		__syncthreads();
+		if (w % KS || lane >= nr)
+			return false;
+		acc = acc2 = 0.0f;
+#pragma unroll
+		for (int x = 0; x < KS; x++) {
+			acc += red[0][w + x][lane];
+			acc2 += red[1][w + x][lane];
+			t += sred[x];
+		}
+		ss = t;
+		return true;
+	}
 };
 
 /*
@@ -709,36 +748,19 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_pairs_kernel(mmp p)
 			unpack_h8(kvq_wexpand8<WT>(wb[k], c), f);
 			a1 += dot8v(f, xa[k], xb[k]);
 		}
-		a0 = kvq_warp_sum(a0);
-		a1 = kvq_warp_sum(a1);
-		if (lane == 0) {
-			red[0][w][i] = a0;
-			red[1][w][i] = a1;
-		}
+		u.put(red, i, kvq_warp_sum(a0), kvq_warp_sum(a1));
 #pragma unroll
 		for (int k = 0; k < CH; k++) {
 			wa[k] = na[k];
 			wb[k] = nb[k];
 		}
 	}
-	if (do_ss)
-		ss = kvq_warp_sum(ss);
-	if (lane == 0)
-		sred[w] = ss;
-	__syncthreads();
-	if (w % KS || lane >= nr)
-		return;
-
 	/* Lane i of the group's first warp: pair r0 + i, as mv_kernel(). */
-	float acc = 0.0f, acc2 = 0.0f, s = 0.0f;
+	float acc, acc2, s;
 
-#pragma unroll
-	for (int x = 0; x < KS; x++) {
-		acc += red[0][w + x][lane];
-		acc2 += red[1][w + x][lane];
-		s += sred[x];
-	}
-	s = (float)(1.0 / sqrt((double)s / cols + p.eps));
+	if (!u.gather(red, sred, do_ss, ss, acc, acc2))
+		return;
+	s = (float)(1.0 / sqrt((double)ss / cols + p.eps));
 	acc *= s;
 	acc2 *= s;
 	put_rows<1>(p, r0 + lane, &acc, &acc2);
@@ -837,13 +859,7 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_q8a_kernel(mmp p)
 				a1 += q8a_dot8<WT>(wb[k], xq[k], xd[k],
 						   xsum[k], hi);
 		}
-		a0 = kvq_warp_sum(a0);
-		if (PAIR)
-			a1 = kvq_warp_sum(a1);
-		if (lane == 0) {
-			red[0][w][i] = a0;
-			red[1][w][i] = a1;
-		}
+		u.put(red, i, kvq_warp_sum(a0), PAIR ? kvq_warp_sum(a1) : 0.0f);
 #pragma unroll
 		for (int k = 0; k < CH; k++) {
 			wa[k] = na[k];
@@ -851,30 +867,14 @@ __global__ void __launch_bounds__(MV_WARPS * 32) mv_q8a_kernel(mmp p)
 				wb[k] = nb[k];
 		}
 	}
-	if (do_ss)
-		ss = kvq_warp_sum(ss);
-	if (lane == 0)
-		sred[w] = ss;
-	__syncthreads();
-	if (w % KS || lane >= nr)
-		return;
-
 	/* Lane i of the group's first warp: row (pair) r0 + i. */
-	float acc = 0.0f, acc2 = 0.0f, s = 1.0f;
+	float acc, acc2, s = 1.0f;
 	uint32_t r = r0 + lane;
 
-#pragma unroll
-	for (int x = 0; x < KS; x++) {
-		acc += red[0][w + x][lane];
-		acc2 += red[1][w + x][lane];
-	}
+	if (!u.gather(red, sred, do_ss, ss, acc, acc2))
+		return;
 	if (p.ssx) {
-		float t = 0.0f;
-
-#pragma unroll
-		for (int x = 0; x < KS; x++)
-			t += sred[x];
-		s = (float)(1.0 / sqrt((double)t / cols + p.eps));
+		s = (float)(1.0 / sqrt((double)ss / cols + p.eps));
 		acc *= s;
 		acc2 *= s;
 	}
