@@ -59,6 +59,7 @@ class Args(C.Structure):
         ("n_kv_heads", C.c_uint32), ("head_dim", C.c_uint32),
         ("page_tokens", C.c_uint32), ("scale", C.c_float),
         ("workspace", C.c_void_p), ("workspace_bytes", C.c_size_t),
+        ("append", C.c_void_p),
     ]
 
 

@@ -46,6 +46,8 @@ enum kvq_gpu_dtype {
  * head_dim 64 or 128; page_tokens 16 times a power of two; K and V types
  * f16, q8, q4 in any pair (f32 pages are not read here: -EOPNOTSUPP).
  */
+struct kvq_gpu_append_args;
+
 struct kvq_gpu_attn_args {
 	const void *q;		/* [batch][n_q_heads][head_dim], q_type */
 	void *out;		/* [batch][n_q_heads][head_dim], out_type */
@@ -78,6 +80,18 @@ struct kvq_gpu_attn_args {
 	 * once before first use, the kernel leaves it zeroed. */
 	void *workspace;
 	size_t workspace_bytes;
+
+	/*
+	 * Optional (sm_90 decode step): the same call first appends each
+	 * sequence's new token, as kvq_gpu_attn_append(@append) would store
+	 * it, bit for bit: row b of append->k and ->v is sequence b's token
+	 * at position seq_lens[b] - 1 (append->row_seq and ->row_pos are not
+	 * read; rope_cs, when given, has a row a sequence).  The pages, page
+	 * types, sinks and shape must be this call's; no key centring.  The
+	 * warp that reads the new row stores it, so no launch stands between
+	 * the step's K and V and its attention.
+	 */
+	const struct kvq_gpu_append_args *append;
 };
 
 /*

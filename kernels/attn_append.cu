@@ -21,6 +21,7 @@
 
 #include "kernels/gpu_compat.h"
 #include "kernels/attn.h"
+#include "kernels/kv_put.h"
 #include "engine/kvcache.h"
 
 namespace {
@@ -46,111 +47,6 @@ struct aparams {
 	const float *ctr;	/* key centres [hk][d], or NULL */
 };
 
-__device__ __forceinline__ int rbytes(int t, int d)
-{
-	return t == KVQ_KV_F32 ? 4 * d : t == KVQ_KV_F16 ? 2 * d :
-	       t == KVQ_KV_Q8 ? d : d / 2;
-}
-
-__device__ __forceinline__ unsigned short f16_bits(float x)
-{
-	__half h = __float2half_rn(x);
-
-	return *reinterpret_cast<unsigned short *>(&h);
-}
-
-/*
- * Quantizes this lane's channels c..c+3 (values x, valid when @on) of one
- * head row and stores them, as kvq_kv_quant_row() does.
- */
-__device__ void put_row(int type, const float x[4], int c, bool on,
-			int group, uint8_t *data, uint16_t *scales)
-{
-	float amax = 0.0f;
-
-	if (type == KVQ_KV_F32) {
-		if (on)
-			*(float4 *)(data + 4 * c) = make_float4(x[0], x[1],
-								x[2], x[3]);
-		return;
-	}
-	if (type == KVQ_KV_F16) {
-		if (on) {
-			uint2 w;
-
-			w.x = f16_bits(x[0]) | ((unsigned)f16_bits(x[1]) << 16);
-			w.y = f16_bits(x[2]) | ((unsigned)f16_bits(x[3]) << 16);
-			*(uint2 *)(data + 2 * c) = w;
-		}
-		return;
-	}
-	if (on)
-		for (int i = 0; i < 4; i++)
-			amax = fmaxf(amax, fabsf(x[i]));
-	/* A group is group/4 consecutive lanes (8 for 32 channels, 2 for a
-	 * head of 8). */
-	for (int m = 1; m < group / 4; m <<= 1)
-		amax = fmaxf(amax, kvq_shfl_xor_f32(amax, m));
-	if (!on)
-		return;
-
-	int qmax = type == KVQ_KV_Q8 ? 127 : 7;
-	unsigned short sb = f16_bits(amax / (float)qmax);
-	float sc = __half2float(*reinterpret_cast<__half *>(&sb));
-	float inv = sc > 0.0f ? 1.0f / sc : 0.0f;
-	int q[4];
-
-	for (int i = 0; i < 4; i++) {
-		int v = (int)roundf(__fmul_rn(x[i], inv));
-
-		if (type == KVQ_KV_Q8)
-			q[i] = v < -127 ? -127 : v > 127 ? 127 : v;
-		else
-			q[i] = v < -8 ? -8 : v > 7 ? 7 : v;
-	}
-	if (c % group == 0)
-		scales[c / group] = sb;
-	if (type == KVQ_KV_Q8) {
-		unsigned w = (unsigned)(q[0] & 255) | ((unsigned)(q[1] & 255) << 8) |
-			     ((unsigned)(q[2] & 255) << 16) |
-			     ((unsigned)(q[3] & 255) << 24);
-
-		*(unsigned *)(data + c) = w;
-	} else {
-		unsigned short w = (unsigned short)((q[0] + 8) | ((q[1] + 8) << 4) |
-						    ((q[2] + 8) << 8) |
-						    ((q[3] + 8) << 12));
-
-		*(unsigned short *)(data + c / 2) = w;
-	}
-}
-
-/* (cos, sin) of pair @i at position @pos, as the CPU engine computes it. */
-__device__ __forceinline__ float2 rope_cs(const aparams &p, int row, int pos,
-					  int i)
-{
-	if (p.cs) {
-		const float *e = p.cs + ((size_t)row * (p.rope_dim / 2) + i) * 2;
-
-		return make_float2(e[0], e[1]);
-	}
-	double th = (double)(unsigned)pos *
-		    pow((double)p.base, -2.0 * i / p.rope_dim);
-
-	return make_float2((float)cos(th), (float)sin(th));
-}
-
-/*
- * Element of pair (x0, x1) rotated by (cos, sin) @e, the first or the
- * second: each product rounded on its own and never fused, as the CPU's
- * RoPE (and its centring, kvcache.c) computes it.
- */
-__device__ __forceinline__ float rot(float x0, float x1, float2 e, bool first)
-{
-	return first ? __fsub_rn(__fmul_rn(x0, e.x), __fmul_rn(x1, e.y)) :
-		       __fadd_rn(__fmul_rn(x0, e.y), __fmul_rn(x1, e.x));
-}
-
 __global__ void __launch_bounds__(NWA * 32) append_kernel(aparams p)
 {
 	__shared__ float buf[NWA][MAX_D];
@@ -175,7 +71,7 @@ __global__ void __launch_bounds__(NWA * 32) append_kernel(aparams p)
 			const void *src = half ? p.v : p.k;
 			uint8_t *pg = (half ? p.vp : p.kp) +
 				      (size_t)page * (half ? p.vpb : p.kpb);
-			int rb = rbytes(type, p.d);
+			int rb = kvq_row_bytes(type, p.d);
 			size_t r = (size_t)h * p.P + tok;
 			uint8_t *data = pg + r * rb;
 			uint16_t *scales = (uint16_t *)(pg + (size_t)p.hk * p.P * rb) +
@@ -189,54 +85,23 @@ __global__ void __launch_bounds__(NWA * 32) append_kernel(aparams p)
 					__half2float(((const __half *)src)[in + c]) :
 					((const float *)src)[in + c];
 			kvq_syncwarp();
-			for (int c0 = 0; c0 < p.d; c0 += 128) {
-				int c = c0 + 4 * lane;
-				bool on = c < p.d;
-				float x[4];
 
-				for (int i = 0; i < 4; i++) {
-					int ch = c + i;
-					float v = on ? buf[w][ch] : 0.0f;
+			kvq_put_rope rr;
+			kvq_put_dst dst;
 
-					if (on && !half && ch < p.rope_dim) {
-						int hr = p.rope_dim / 2, j, a, b;
-						bool first;
-
-						if (p.neox) {
-							first = ch < hr;
-							j = first ? ch : ch - hr;
-							a = j;
-							b = j + hr;
-						} else {
-							first = !(ch & 1);
-							j = ch >> 1;
-							a = 2 * j;
-							b = a + 1;
-						}
-						float2 e = rope_cs(p, row, pos, j);
-
-						v = rot(buf[w][a], buf[w][b], e,
-							first);
-						/* Key centring: k - R_pos c,
-						 * c turned by the key's angle. */
-						if (ctr)
-							v = __fsub_rn(v,
-								rot(ctr[a], ctr[b],
-								    e, first));
-					} else if (on && ctr && !half) {
-						v = __fsub_rn(v, ctr[ch]);
-					}
-					x[i] = v;
-				}
-				put_row(type, x, c, on, p.group, data, scales);
-				if (on && sink && type >= KVQ_KV_Q8 && pos < p.n_sink) {
-					uint16_t *s = sink + ((size_t)half * p.n_sink + pos) * kvd +
-						      (size_t)h * p.d + c;
-
-					for (int i = 0; i < 4; i++)
-						s[i] = f16_bits(x[i]);
-				}
-			}
+			rr.dim = half ? 0 : p.rope_dim;
+			rr.neox = p.neox;
+			rr.cs = p.cs ? p.cs + (size_t)row * p.rope_dim : nullptr;
+			rr.base = p.base;
+			rr.pos = pos;
+			rr.ctr = half ? nullptr : ctr;
+			dst.type = type;
+			dst.data = data;
+			dst.scales = scales;
+			dst.sink = sink && pos < p.n_sink ?
+				   sink + ((size_t)half * p.n_sink + pos) * kvd +
+				   (size_t)h * p.d : nullptr;
+			kvq_put_head<true>(buf[w], p.d, p.group, rr, dst);
 			kvq_syncwarp();
 		}
 	}

@@ -95,6 +95,7 @@
 #include "kernels/gpu_compat.h"
 #include "kernels/attn.h"
 #include "kernels/attn_decode_tile.h"
+#include "kernels/kv_put.h"
 #include "engine/kvcache.h"
 
 namespace {
@@ -293,12 +294,65 @@ __device__ __forceinline__ float group_weigh(float m, float l, float *M,
 }
 
 /*
+ * Sequence @b's new K and V rows of KV head @h (p.nk, p.nv) stored at
+ * position @pos as the append kernel stores them (kvq_put_head()), by the
+ * one warp that reads that position; @buf: 2 * HD floats of its ring,
+ * free until its first copies.
+ */
+template <int KT, int VT, int HD>
+__device__ __forceinline__ void append_new(const kparams &p, int b, int h,
+					int pos, float *buf)
+{
+	int lane = threadIdx.x & 31;
+	size_t kvd = (size_t)p.hk * HD, in = (size_t)b * kvd + (size_t)h * HD;
+	size_t page = (unsigned)p.bt[(size_t)b * p.bt_stride + pos / p.P];
+	size_t r = (size_t)h * p.P + pos % p.P;
+	uint16_t *sink = p.sink && pos < p.n_sink ?
+			 (uint16_t *)p.sink[b] : nullptr;
+
+	for (int c = lane; c < 2 * HD; c += 32) {
+		const void *src = c < HD ? p.nk : p.nv;
+		size_t i = in + (c < HD ? c : c - HD);
+
+		buf[c] = p.n_f16 ? __half2float(((const __half *)src)[i]) :
+				   ((const float *)src)[i];
+	}
+	kvq_syncwarp();
+#pragma unroll 1
+	for (int half = 0; half < 2; half++) {
+		int type = half ? VT : KT;
+		uint8_t *pg = (uint8_t *)(half ? p.vp : p.kp) +
+			      page * (half ? p.vpb : p.kpb);
+		int rb = kvq_row_bytes(type, HD);
+		kvq_put_rope rr;
+		kvq_put_dst dst;
+
+		rr.dim = half ? 0 : p.nrope;
+		rr.neox = p.nneox != 0;
+		rr.cs = p.ncs ? p.ncs + (size_t)b * p.nrope : nullptr;
+		rr.base = p.nbase;
+		rr.pos = pos;
+		rr.ctr = nullptr;
+		dst.type = type;
+		dst.data = pg + r * rb;
+		dst.scales = (uint16_t *)(pg + (size_t)p.hk * p.P * rb) +
+			     r * (HD / 32);
+		dst.sink = sink ? sink + ((size_t)half * p.n_sink + pos) * kvd +
+				  (size_t)h * HD : nullptr;
+		kvq_put_head<false>(buf + half * HD, HD, 32, rr, dst);
+	}
+	kvq_syncwarp();
+}
+
+/*
  * One block: sequence blockIdx.z, KV head blockIdx.y / n_chunks (query
  * heads of pass blockIdx.y % n_chunks), tiles [split * tps, + tps).
  * IQ: q8 and q4 keys through integer products against query_int8()'s
- * query (at most 4 query heads a KV head).
+ * query (at most 4 query heads a KV head).  FR: the new rows (p.nk) are
+ * appended first; the kernels without it are those of before it, whose
+ * calls it would slow by 0.5-3% (its code and registers).
  */
-template <int KT, int VT, int HD, bool IQ, bool CM>
+template <int KT, int VT, int HD, bool IQ, bool CM, bool FR>
 __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 {
 	typedef stage<KT, VT, HD> S;
@@ -342,7 +396,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 		pid1 = k1 < n_cap ? bt[(t_begin + w + k1 * NW) >> p.tshift] : 0;
 	}
 	const uint16_t *sinkp = (p.sink && (kq || vq)) ? p.sink[b] : nullptr;
-	int len = p.lens[b];
+	int len = p.lens[b], len_in = len;
 
 	if (len < 0)
 		len = 0;
@@ -422,6 +476,27 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	uint8_t *ring = smem + w * N * S::BYTES;
 	lanes L;
 
+	/*
+	 * p.nk: the new token (the sequence's last position) is stored by
+	 * the warp that copies it: a sink's reader in split 0, else the warp
+	 * whose last tile holds it; its fence comes before that copy.
+	 */
+	bool fresh = false;
+
+	if (FR && len == len_in) {
+		int pos = len - 1, tl = pos / TT;
+
+		fresh = pos < skip ? t_begin == 0 && w == pos % NW :
+			tl < t_end && tl >= t0 && (tl - t0) % NW == 0;
+		if (fresh)
+			append_new<KT, VT, HD>(p, b, h, pos, (float *)ring);
+		if (fresh && pos < skip) {
+			__threadfence();
+			kvq_syncwarp();
+			fresh = false;
+		}
+	}
+
 	lanes_init<KT, VT, HD>(p, h, (unsigned)(t0 & ((1 << p.tshift) - 1) &
 					    (NW - 1)), L);
 	pids[lane] = pid0;
@@ -431,6 +506,11 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	/* Tile k's copies (zeros past the warp's last tile). */
 	auto issue = [&](int k, uint8_t *st) {
 		bool ok = k < n_my;
+
+		if (FR && fresh && k == n_my - 1) {	/* the new row's tile */
+			__threadfence();
+			kvq_syncwarp();
+		}
 		unsigned pg = ok ? (unsigned)pids[k & 63] : 0u;
 		unsigned n = ok ? 16u : 0u;
 
@@ -881,14 +961,15 @@ int tix(int t)
 }
 
 /* CM: the splits merged in clusters (sm_90; the plain kernel on HIP,
- * where the host never asks for clusters). */
-template <int KT, int VT, int HD, bool IQ, bool CM> kinfo make_info()
+ * where the host never asks for clusters).  FR: with the append. */
+template <int KT, int VT, int HD, bool IQ, bool CM, bool FR>
+kinfo make_info()
 {
 #if defined(__HIPCC__) || defined(KVQ_HIP)
-	kinfo k = { decode_kernel<KT, VT, HD, IQ, false>,
+	kinfo k = { decode_kernel<KT, VT, HD, IQ, false, FR>,
 		    stage<KT, VT, HD>::DYN, 0, {} };
 #else
-	kinfo k = { decode_kernel<KT, VT, HD, IQ, CM>,
+	kinfo k = { decode_kernel<KT, VT, HD, IQ, CM, FR>,
 		    CM ? stage<KT, VT, HD>::DYN_CM : stage<KT, VT, HD>::DYN,
 		    0, {} };
 #endif
@@ -896,37 +977,38 @@ template <int KT, int VT, int HD, bool IQ, bool CM> kinfo make_info()
 	return k;
 }
 
-#define KVQ_DECODE_KINFOS(HD, CM)                                             \
-	{ { make_info<KVQ_KV_F16, KVQ_KV_F16, HD, false, CM>(),               \
-	    make_info<KVQ_KV_F16, KVQ_KV_Q8, HD, false, CM>(),                \
-	    make_info<KVQ_KV_F16, KVQ_KV_Q4, HD, false, CM>() },              \
-	  { make_info<KVQ_KV_Q8, KVQ_KV_F16, HD, false, CM>(),                \
-	    make_info<KVQ_KV_Q8, KVQ_KV_Q8, HD, false, CM>(),                 \
-	    make_info<KVQ_KV_Q8, KVQ_KV_Q4, HD, false, CM>() },               \
-	  { make_info<KVQ_KV_Q4, KVQ_KV_F16, HD, false, CM>(),                \
-	    make_info<KVQ_KV_Q4, KVQ_KV_Q8, HD, false, CM>(),                 \
-	    make_info<KVQ_KV_Q4, KVQ_KV_Q4, HD, false, CM>() } }
+#define KVQ_DECODE_KINFOS(HD, CM, FR)                                         \
+	{ { make_info<KVQ_KV_F16, KVQ_KV_F16, HD, false, CM, FR>(),           \
+	    make_info<KVQ_KV_F16, KVQ_KV_Q8, HD, false, CM, FR>(),            \
+	    make_info<KVQ_KV_F16, KVQ_KV_Q4, HD, false, CM, FR>() },          \
+	  { make_info<KVQ_KV_Q8, KVQ_KV_F16, HD, false, CM, FR>(),            \
+	    make_info<KVQ_KV_Q8, KVQ_KV_Q8, HD, false, CM, FR>(),             \
+	    make_info<KVQ_KV_Q8, KVQ_KV_Q4, HD, false, CM, FR>() },           \
+	  { make_info<KVQ_KV_Q4, KVQ_KV_F16, HD, false, CM, FR>(),            \
+	    make_info<KVQ_KV_Q4, KVQ_KV_Q8, HD, false, CM, FR>(),             \
+	    make_info<KVQ_KV_Q4, KVQ_KV_Q4, HD, false, CM, FR>() } }
+#define KVQ_DECODE_KINFOS2(CM, FR)                                            \
+	{ KVQ_DECODE_KINFOS(64, CM, FR), KVQ_DECODE_KINFOS(128, CM, FR) }
 
-/* [clusters][head_dim 64, 128][K type][V type] */
-kinfo kinfos[2][2][3][3] = {
-	{ KVQ_DECODE_KINFOS(64, false), KVQ_DECODE_KINFOS(128, false) },
-	{ KVQ_DECODE_KINFOS(64, true), KVQ_DECODE_KINFOS(128, true) } };
-#define KVQ_DECODE_KINFOS_IQ(HD, KT, CM)                                      \
-	{ make_info<KT, KVQ_KV_F16, HD, true, CM>(),                          \
-	  make_info<KT, KVQ_KV_Q8, HD, true, CM>(),                           \
-	  make_info<KT, KVQ_KV_Q4, HD, true, CM>() }
+/* [append][clusters][head_dim 64, 128][K type][V type] */
+kinfo kinfos[2][2][2][3][3] = {
+	{ KVQ_DECODE_KINFOS2(false, false), KVQ_DECODE_KINFOS2(true, false) },
+	{ KVQ_DECODE_KINFOS2(false, true), KVQ_DECODE_KINFOS2(true, true) } };
+#define KVQ_DECODE_KINFOS_IQ(HD, KT, CM, FR)                                  \
+	{ make_info<KT, KVQ_KV_F16, HD, true, CM, FR>(),                      \
+	  make_info<KT, KVQ_KV_Q8, HD, true, CM, FR>(),                       \
+	  make_info<KT, KVQ_KV_Q4, HD, true, CM, FR>() }
+#define KVQ_DECODE_KINFOS_IQ2(CM, FR)                                         \
+	{ { KVQ_DECODE_KINFOS_IQ(64, KVQ_KV_Q8, CM, FR),                      \
+	    KVQ_DECODE_KINFOS_IQ(64, KVQ_KV_Q4, CM, FR) },                    \
+	  { KVQ_DECODE_KINFOS_IQ(128, KVQ_KV_Q8, CM, FR),                     \
+	    KVQ_DECODE_KINFOS_IQ(128, KVQ_KV_Q4, CM, FR) } }
 
 /* q8 and q4 keys, at most 4 query heads a KV head, on integer products:
- * [clusters][head_dim 64, 128][K type q8, q4][V type] */
-kinfo kinfos_iq[2][2][2][3] = {
-	{ { KVQ_DECODE_KINFOS_IQ(64, KVQ_KV_Q8, false),
-	    KVQ_DECODE_KINFOS_IQ(64, KVQ_KV_Q4, false) },
-	  { KVQ_DECODE_KINFOS_IQ(128, KVQ_KV_Q8, false),
-	    KVQ_DECODE_KINFOS_IQ(128, KVQ_KV_Q4, false) } },
-	{ { KVQ_DECODE_KINFOS_IQ(64, KVQ_KV_Q8, true),
-	    KVQ_DECODE_KINFOS_IQ(64, KVQ_KV_Q4, true) },
-	  { KVQ_DECODE_KINFOS_IQ(128, KVQ_KV_Q8, true),
-	    KVQ_DECODE_KINFOS_IQ(128, KVQ_KV_Q4, true) } } };
+ * [append][clusters][head_dim 64, 128][K type q8, q4][V type] */
+kinfo kinfos_iq[2][2][2][2][3] = {
+	{ KVQ_DECODE_KINFOS_IQ2(false, false), KVQ_DECODE_KINFOS_IQ2(true, false) },
+	{ KVQ_DECODE_KINFOS_IQ2(false, true), KVQ_DECODE_KINFOS_IQ2(true, true) } };
 int n_sms;
 
 /* Shared-memory limit and occupancy of one kernel, once.  -EIO on error. */
@@ -1014,7 +1096,7 @@ int scale_bytes(int t, int d)
  * has the other); -EINVAL / -EOPNOTSUPP. */
 int check(const struct kvq_gpu_attn_args *a, kinfo **k)
 {
-	int ki = tix(a->k_type), vi = tix(a->v_type);
+	int ki = tix(a->k_type), vi = tix(a->v_type), fr;
 	size_t hp;
 
 	if (!a->n_kv_heads || !a->n_q_heads || a->n_q_heads % a->n_kv_heads ||
@@ -1043,20 +1125,46 @@ int check(const struct kvq_gpu_attn_args *a, kinfo **k)
 	if (a->q_type < 0 || a->q_type > 1 || a->out_type < 0 ||
 	    a->out_type > 1)
 		return -EINVAL;
+	if (a->append) {
+		const struct kvq_gpu_append_args *ap = a->append;
+
+		/* The rows this call appends go where it reads. */
+		if (ap->n_rows != a->batch || !ap->k || !ap->v ||
+		    ap->in_type < 0 || ap->in_type > 1 ||
+		    ap->k_pages != a->k_pages || ap->v_pages != a->v_pages ||
+		    ap->k_page_bytes != a->k_page_bytes ||
+		    ap->v_page_bytes != a->v_page_bytes ||
+		    ap->k_type != a->k_type || ap->v_type != a->v_type ||
+		    ap->block_table != a->block_table ||
+		    ap->bt_stride != a->bt_stride ||
+		    (const void *)ap->sink != (const void *)a->sink ||
+		    ap->n_sink != a->n_sink ||
+		    ap->n_kv_heads != a->n_kv_heads ||
+		    ap->head_dim != a->head_dim ||
+		    ap->page_tokens != a->page_tokens ||
+		    ap->rope_dim > a->head_dim || ap->rope_dim % 2 ||
+		    (ap->rope_dim && !ap->rope_cs && !(ap->rope_base > 0.0f)))
+			return -EINVAL;
+		/* Rotation by the host's table only (as the step has it). */
+		if (ap->k_center || (ap->rope_dim && !ap->rope_cs))
+			return -EOPNOTSUPP;
+	}
+	fr = a->append != NULL;
 	*k = ki > 0 && a->n_q_heads / a->n_kv_heads <= 4 ?
-	     &kinfos_iq[0][a->head_dim == 128][ki - 1][vi] :
-	     &kinfos[0][a->head_dim == 128][ki][vi];
+	     &kinfos_iq[fr][0][a->head_dim == 128][ki - 1][vi] :
+	     &kinfos[fr][0][a->head_dim == 128][ki][vi];
 	return 0;
 }
 
-/* The kernel of @k's page types and head size whose splits merge in
- * clusters: the same place in the tables' second half. */
+/* The kernel of @k's page types, head size and append whose splits
+ * merge in clusters: the same place in the next quarter of its table. */
 kinfo *cluster_twin(kinfo *k)
 {
-	const size_t np = sizeof(kinfos[0]) / sizeof(kinfo);
-	const size_t nq = sizeof(kinfos_iq[0]) / sizeof(kinfo);
+	const size_t np = sizeof(kinfos[0][0]) / sizeof(kinfo);
+	const size_t nq = sizeof(kinfos_iq[0][0]) / sizeof(kinfo);
+	const kinfo *p0 = &kinfos[0][0][0][0][0];
 
-	return k >= &kinfos[0][0][0][0] && k < &kinfos[0][0][0][0] + np ?
+	return k >= p0 && k < p0 + sizeof(kinfos) / sizeof(kinfo) ?
 	       k + np : k + nq;
 }
 
@@ -1248,6 +1356,21 @@ extern "C" int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a,
 	p.ws_m = (float *)((uint8_t *)a->workspace + om);
 	p.ws_l = (float *)((uint8_t *)a->workspace + ol);
 	p.ws_o = (float *)((uint8_t *)a->workspace + oo);
+	p.nk = p.nv = nullptr;
+	p.ncs = nullptr;
+	p.n_f16 = p.nrope = p.nneox = 0;
+	p.nbase = 0.0f;
+	if (a->append) {
+		const struct kvq_gpu_append_args *ap = a->append;
+
+		p.nk = ap->k;
+		p.nv = ap->v;
+		p.n_f16 = ap->in_type == KVQ_GPU_F16;
+		p.nrope = (int)ap->rope_dim;
+		p.nneox = ap->rope_neox != 0;
+		p.ncs = ap->rope_cs;
+		p.nbase = ap->rope_base;
+	}
 
 	dim3 grid(pl.n_splits, a->n_kv_heads * pl.n_chunks, a->batch);
 

@@ -283,6 +283,12 @@ struct kparams {
 	int cl;			/* blocks a cluster: a sequence's splits */
 	int *cnt;		/* [unit] */
 	float *ws_m, *ws_l, *ws_o;
+	/* The new rows to append first (kvq_gpu_attn_args.append), or NULL:
+	 * [batch][hk * HD] K (unrotated) and V, f16 or f32; their rotation. */
+	const void *nk, *nv;
+	int n_f16, nrope, nneox;
+	const float *ncs;	/* [batch][nrope / 2][2], or NULL */
+	float nbase;
 };
 
 /* Per-warp online-softmax state; lane 4g+t owns query columns 2t, 2t+1

@@ -103,6 +103,9 @@ struct kvq_gpu_ctx {
 	float *aws;		/* split attention partials */
 	size_t aws_bytes;
 	bool fast_decode;	/* the split-KV kernel serves every layer */
+	/* It also appends the step's K and V rows (no append launch before
+	 * it); KVQ_GPU_NO_FUSED_APPEND=1: the append kernel, to compare. */
+	bool fused_append;
 	/* f16 products of more than mv_max tokens, when stats.prompt_blas
 	 * is set (it is cleared when cuBLAS fails: the tiled kernel) */
 	struct kvq_gpu_blas *blas;
@@ -515,6 +518,7 @@ extern "C" int kvq_gpu_ctx_create(struct kvq_gpu_model *g,
 	}
 	/* The split-KV decode kernel, where every layer's shape suits it. */
 	c->fast_decode = true;
+	c->fused_append = !getenv("KVQ_GPU_NO_FUSED_APPEND");
 	for (l = 0; l < L; l++) {
 		struct kvq_gpu_attn_args a;
 
@@ -1130,15 +1134,20 @@ static int launch_step(struct kvq_gpu_ctx *c, uint32_t T, uint32_t n_seqs,
 		ap.rope_neox = md->rope_neox;
 		ap.rope_cs = cs;
 		ap.k_center = lctr;
-		ret = kvq_gpu_attn_append(&ap, c->st);
+		/* The fused decode kernel has no key centring; it appends the
+		 * rows itself (a row a sequence in a decode step). */
+		bool fast = decode && c->fast_decode && !lctr;
+
+		ret = fast && c->fused_append ? 0 :
+		      kvq_gpu_attn_append(&ap, c->st);
 		if (ret)
 			return ret;
 		mark(c, PROF_APPEND);
-		/* The fused decode kernel has no key centring. */
-		if (decode && c->fast_decode && !lctr) {
+		if (fast) {
 			struct kvq_gpu_attn_args a;
 
 			decode_args(c, l, n_seqs, bucket, &a);
+			a.append = c->fused_append ? &ap : nullptr;
 			a.q = c->qb;
 			a.out = c->att;
 			a.k_pages = c->kpages[l];

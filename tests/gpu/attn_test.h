@@ -129,6 +129,10 @@ struct acase {
  * kvq_kv_write(): pools and sink copies equal byte for byte. */
 void run_append(const struct acase *tc);
 
+/* kvq_gpu_attn_decode() appending its rows itself against the append
+ * kernel and then the decode kernel: the same bits, the same bytes. */
+void run_fused_append(int kt, int vt, uint32_t D, uint32_t hq, int neox);
+
 #endif /* KVQ_ATTN_GPU */
 
 #endif /* KVQ_ATTN_TEST_H */

@@ -804,6 +804,13 @@ int main(void)
 	decode_suite();
 	shared_workspace_suite();
 	g_hd = HD;
+	for (i = 0; i < 4; i++) {
+		run_fused_append(main_pairs[i][0], main_pairs[i][1], 64, 32, 0);
+		run_fused_append(main_pairs[i][0], main_pairs[i][1], 128, 32,
+				 i == 0);
+	}
+	run_fused_append(KVQ_KV_Q4, KVQ_KV_Q4, 128, 64, 0);
+	run_fused_append(KVQ_KV_Q8, KVQ_KV_F16, 64, 8, 1);
 
 	/* Split-KV: every page type pair at head sizes 8 to 256, GQA 1 to
 	 * 16 (the typed kernels at 64 and 128 with 3-8 heads, the generic

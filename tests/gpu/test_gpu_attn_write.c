@@ -621,4 +621,251 @@ out_host:
 	g_hd = HD;
 }
 
+/* ------------------------------------------------- append in the decode */
+
+/*
+ * kvq_gpu_attn_decode() with kvq_gpu_attn_args.append against the append
+ * kernel and then the decode kernel, on two device copies of one cache:
+ * five sequences, each with one new token (in a sink, in a sink with
+ * tokens before it, at a page end, past a few splits, and longer), GQA
+ * @hq / 8.  The outputs must be the same bits, and the K and V pools and
+ * the sink copies the same bytes; a second call with the append gives
+ * the same bits again.  Then arguments the fused form does not take.
+ */
+void run_fused_append(int kt, int vt, uint32_t D, uint32_t hq, int neox)
+{
+	enum { B = 5 };
+	const uint32_t hk = 8, P = 16, n_sink = 4;
+	uint32_t before[B] = { 0, 2, 15, 700, 3000 }, after[B], b, maxl = 0;
+	struct kvq_kv_seq s[B];
+	struct kvq_kvcache *c = NULL;
+	struct kvq_gpu_append_args ap;
+	struct kvq_gpu_attn_args a;
+	struct dev d[2];
+	size_t kvd = (size_t)hk * D, nq = (size_t)B * hq * D, kb, vb, sinkn;
+	size_t i, wsb, diff = 0, odiff = 0, rdiff = 0;
+	float *kr = malloc(B * kvd * 4), *vr = malloc(B * kvd * 4);
+	float *q = malloc(nq * 4), *cs = malloc((size_t)B * D * 4);
+	float *o[3] = { malloc(nq * 4), malloc(nq * 4), malloc(nq * 4) };
+	int32_t rpos[B];
+	uint32_t upos[B];
+	void *dk = NULL, *dv = NULL, *dpos = NULL, *dcs = NULL, *dq = NULL;
+	void *dout = NULL, *ws[2] = { NULL, NULL };
+	uint8_t *x = NULL, *y = NULL;
+	char why[256] = "", name[96];
+	int r1, r2, r3;
+
+	snprintf(name, sizeof(name), "%s_%s_d%u_gqa%u%s", tn(kt), tn(vt), D,
+		 hq / hk, neox ? "_neox" : "");
+	memset(d, 0, sizeof(d));
+	g_hd = D;
+	for (b = 0; b < B; b++) {
+		after[b] = before[b] + 1;
+		rpos[b] = (int32_t)before[b];
+		upos[b] = before[b];
+		if (after[b] > maxl)
+			maxl = after[b];
+	}
+	c = build(kt, vt, hk, P, n_sink, B, before, 1.0f, s);
+	if (!c || !kr || !vr || !q || !cs || !o[0] || !o[1] || !o[2]) {
+		tap_ok(0, "fused append %s: host set-up", name);
+		goto out_host;
+	}
+	for (b = 0; b < B; b++)
+		if (kvq_kv_seq_reserve(c, &s[b], 1)) {
+			tap_ok(0, "fused append %s: reserve", name);
+			goto out_host;
+		}
+	for (i = 0; i < B * kvd; i++) {
+		kr[i] = 2.0f * frand();
+		vr[i] = 2.0f * frand();
+	}
+	for (i = 0; i < nq; i++)
+		q[i] = frand();
+	kvq_attn_ref_rope_table(upos, B, D, 10000.0f, cs);
+	if (dev_put(&d[0], c, s, B, after) || dev_put(&d[1], c, s, B, after)) {
+		tap_ok(0, "fused append %s: device set-up", name);
+		goto out_dev;
+	}
+	kb = c->layers[0].k.page_bytes * c->o.n_pages;
+	vb = c->layers[0].v.page_bytes * c->o.n_pages;
+	sinkn = 2 * n_sink * kvd;
+	dk = kvq_test_gpu_alloc(B * kvd * 4);
+	dv = kvq_test_gpu_alloc(B * kvd * 4);
+	dpos = kvq_test_gpu_alloc(sizeof(rpos));
+	dcs = kvq_test_gpu_alloc((size_t)B * D * 4);
+	dq = kvq_test_gpu_alloc(nq * 4);
+	dout = kvq_test_gpu_alloc(nq * 4);
+	x = malloc(kb > vb ? kb : vb);
+	y = malloc(kb > vb ? kb : vb);
+	if (!dk || !dv || !dpos || !dcs || !dq || !dout || !x || !y ||
+	    kvq_test_gpu_put(dk, kr, B * kvd * 4) ||
+	    kvq_test_gpu_put(dv, vr, B * kvd * 4) ||
+	    kvq_test_gpu_put(dpos, rpos, sizeof(rpos)) ||
+	    kvq_test_gpu_put(dcs, cs, (size_t)B * D * 4) ||
+	    kvq_test_gpu_put(dq, q, nq * 4)) {
+		tap_ok(0, "fused append %s: device buffers", name);
+		goto out_dev;
+	}
+	memset(&ap, 0, sizeof(ap));
+	ap.k = dk;
+	ap.v = dv;
+	ap.in_type = KVQ_GPU_F32;
+	ap.n_rows = B;
+	ap.row_pos = dpos;
+	ap.k_page_bytes = c->layers[0].k.page_bytes;
+	ap.v_page_bytes = c->layers[0].v.page_bytes;
+	ap.k_type = kt;
+	ap.v_type = vt;
+	ap.bt_stride = d[0].bt_stride;
+	ap.n_sink = n_sink;
+	ap.n_kv_heads = hk;
+	ap.head_dim = D;
+	ap.page_tokens = P;
+	ap.rope_dim = D;
+	ap.rope_base = 10000.0f;
+	ap.rope_neox = neox;
+	ap.rope_cs = dcs;
+	memset(&a, 0, sizeof(a));
+	a.q = dq;
+	a.out = dout;
+	a.q_type = a.out_type = KVQ_GPU_F32;
+	a.k_page_bytes = ap.k_page_bytes;
+	a.v_page_bytes = ap.v_page_bytes;
+	a.k_type = kt;
+	a.v_type = vt;
+	a.bt_stride = d[0].bt_stride;
+	a.max_len = maxl;
+	a.n_sink = n_sink;
+	a.batch = B;
+	a.n_q_heads = hq;
+	a.n_kv_heads = hk;
+	a.head_dim = D;
+	a.page_tokens = P;
+	a.scale = 1.0f / sqrtf((float)D);
+	wsb = kvq_gpu_attn_workspace_bytes(&a);
+	ws[0] = wsb ? kvq_test_gpu_alloc(wsb) : NULL;
+	ws[1] = wsb ? kvq_test_gpu_alloc(wsb) : NULL;
+	if (!ws[0] || !ws[1] || kvq_test_gpu_fill(ws[0], 0, wsb) ||
+	    kvq_test_gpu_fill(ws[1], 0, wsb)) {
+		tap_ok(0, "fused append %s: workspace", name);
+		goto out_dev;
+	}
+	a.workspace_bytes = wsb;
+	/* The two launches on copy 0 ... */
+	ap.k_pages = d[0].kp;
+	ap.v_pages = d[0].vp;
+	ap.block_table = d[0].bt;
+	a.k_pages = d[0].kp;
+	a.v_pages = d[0].vp;
+	a.block_table = d[0].bt;
+	ap.sink = (uint16_t *const *)d[0].sinkv;
+	a.sink = (const uint16_t *const *)d[0].sinkv;
+	a.seq_lens = d[0].lens;
+	a.workspace = ws[0];
+	kvq_test_gpu_fill(dout, 0xff, nq * 4);
+	r1 = kvq_gpu_attn_append(&ap, NULL);
+	if (!r1)
+		r1 = kvq_gpu_attn_decode(&a, NULL);
+	if (!r1 && !kvq_test_gpu_sync(why, sizeof(why)))
+		kvq_test_gpu_get(o[0], dout, nq * 4);
+	/* ... and the one on copy 1, twice. */
+	ap.k_pages = d[1].kp;
+	ap.v_pages = d[1].vp;
+	ap.block_table = d[1].bt;
+	a.k_pages = d[1].kp;
+	a.v_pages = d[1].vp;
+	a.block_table = d[1].bt;
+	ap.sink = (uint16_t *const *)d[1].sinkv;
+	a.sink = (const uint16_t *const *)d[1].sinkv;
+	a.seq_lens = d[1].lens;
+	a.workspace = ws[1];
+	a.append = &ap;
+	kvq_test_gpu_fill(dout, 0xff, nq * 4);
+	r2 = kvq_gpu_attn_decode(&a, NULL);
+	if (!r2 && !kvq_test_gpu_sync(why, sizeof(why)))
+		kvq_test_gpu_get(o[1], dout, nq * 4);
+	kvq_test_gpu_fill(dout, 0xff, nq * 4);
+	r3 = kvq_gpu_attn_decode(&a, NULL);
+	if (!r3 && !kvq_test_gpu_sync(why, sizeof(why)))
+		kvq_test_gpu_get(o[2], dout, nq * 4);
+	if (r1 || r2 || r3 || why[0]) {
+		tap_ok(0, "fused append %s: launches (%d %d %d %s)", name, r1,
+		       r2, r3, why);
+		goto out_dev;
+	}
+	odiff = memcmp(o[0], o[1], nq * 4) != 0;
+	rdiff = memcmp(o[1], o[2], nq * 4) != 0;
+	for (i = 0; i < nq; i++)
+		if (o[1][i] != o[1][i]) {
+			odiff = 1;	/* NaN: an output left unwritten */
+			break;
+		}
+	kvq_test_gpu_get(x, d[0].kp, kb);
+	kvq_test_gpu_get(y, d[1].kp, kb);
+	for (i = 0; i < kb; i++)
+		diff += x[i] != y[i];
+	kvq_test_gpu_get(x, d[0].vp, vb);
+	kvq_test_gpu_get(y, d[1].vp, vb);
+	for (i = 0; i < vb; i++)
+		diff += x[i] != y[i];
+	for (b = 0; b < B; b++) {
+		if (!d[0].sinks[b])
+			continue;
+		kvq_test_gpu_get(x, d[0].sinks[b], sinkn * 2);
+		kvq_test_gpu_get(y, d[1].sinks[b], sinkn * 2);
+		for (i = 0; i < sinkn * 2; i++)
+			diff += x[i] != y[i];
+	}
+	tap_ok(!odiff && !rdiff && !diff,
+	       "kvq_gpu_attn_decode_fused_append_%s_same_bits (outputs %s, "
+	       "again %s, %zu page and sink bytes differ)", name,
+	       odiff ? "differ" : "equal", rdiff ? "differ" : "equal", diff);
+
+	/* What it does not take: centred keys, angles without a table,
+	 * rows that go elsewhere. */
+	{
+		float ctr = 0.0f;
+
+		ap.k_center = &ctr;
+		r1 = kvq_gpu_attn_decode(&a, NULL);
+		ap.k_center = NULL;
+		ap.rope_cs = NULL;
+		r2 = kvq_gpu_attn_decode(&a, NULL);
+		ap.rope_cs = dcs;
+		ap.k_pages = d[0].kp;
+		r3 = kvq_gpu_attn_decode(&a, NULL);
+		tap_ok(r1 == -EOPNOTSUPP && r2 == -EOPNOTSUPP && r3 == -EINVAL,
+		       "kvq_gpu_attn_decode_fused_append_%s_args_checked "
+		       "(centred %d, no table %d, other pages %d)", name, r1,
+		       r2, r3);
+	}
+out_dev:
+	kvq_test_gpu_free(dk);
+	kvq_test_gpu_free(dv);
+	kvq_test_gpu_free(dpos);
+	kvq_test_gpu_free(dcs);
+	kvq_test_gpu_free(dq);
+	kvq_test_gpu_free(dout);
+	kvq_test_gpu_free(ws[0]);
+	kvq_test_gpu_free(ws[1]);
+	dev_free(&d[0]);
+	dev_free(&d[1]);
+out_host:
+	if (c) {
+		for (b = 0; b < B; b++)
+			kvq_kv_seq_release(c, &s[b]);
+		kvq_kv_destroy(c);
+	}
+	free(x);
+	free(y);
+	free(kr);
+	free(vr);
+	free(q);
+	free(cs);
+	for (i = 0; i < 3; i++)
+		free(o[i]);
+	g_hd = HD;
+}
+
 #endif /* KVQ_ATTN_GPU */
