@@ -12,8 +12,23 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+/*
+ * A program of several files counts its cases once: each file defines
+ * TAP_SHARED before this header, and one of them (the one with main())
+ * also TAP_COUNTS, which defines the counts.
+ */
+#if defined(TAP_SHARED)
+#if defined(TAP_COUNTS)
+int tap_n;
+int tap_failed;
+#else
+extern int tap_n;
+extern int tap_failed;
+#endif
+#else
 static int tap_n;
 static int tap_failed;
+#endif
 
 static inline void tap_ok(int cond, const char *fmt, ...)
 {

@@ -31,6 +31,8 @@
 #include "kernels/attn.h"
 #include "tests/gpu/attn_test.h"
 #include "tests/gpu/gpu_test_util.h"
+#define TAP_SHARED
+#define TAP_COUNTS
 #include "tap.h"
 
 #ifdef KVQ_ATTN_GPU

@@ -27,6 +27,7 @@
 #include "kernels/attn.h"
 #include "tests/gpu/attn_test.h"
 #include "tests/gpu/gpu_test_util.h"
+#define TAP_SHARED
 #include "tap.h"
 
 #ifdef KVQ_ATTN_GPU
