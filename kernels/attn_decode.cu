@@ -330,7 +330,7 @@ __device__ __forceinline__ void append_new(const kparams &p, int b, int h,
 		rr.dim = half ? 0 : p.nrope;
 		rr.neox = p.nneox != 0;
 		rr.cs = p.ncs ? p.ncs + (size_t)b * p.nrope : nullptr;
-		rr.base = p.nbase;
+		rr.base = 0.0f;		/* angles from the table only */
 		rr.pos = pos;
 		rr.ctr = nullptr;
 		dst.type = type;
@@ -1142,8 +1142,7 @@ int check(const struct kvq_gpu_attn_args *a, kinfo **k)
 		    ap->n_kv_heads != a->n_kv_heads ||
 		    ap->head_dim != a->head_dim ||
 		    ap->page_tokens != a->page_tokens ||
-		    ap->rope_dim > a->head_dim || ap->rope_dim % 2 ||
-		    (ap->rope_dim && !ap->rope_cs && !(ap->rope_base > 0.0f)))
+		    ap->rope_dim > a->head_dim || ap->rope_dim % 2)
 			return -EINVAL;
 		/* Rotation by the host's table only (as the step has it). */
 		if (ap->k_center || (ap->rope_dim && !ap->rope_cs))
@@ -1359,7 +1358,6 @@ extern "C" int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a,
 	p.nk = p.nv = nullptr;
 	p.ncs = nullptr;
 	p.n_f16 = p.nrope = p.nneox = 0;
-	p.nbase = 0.0f;
 	if (a->append) {
 		const struct kvq_gpu_append_args *ap = a->append;
 
@@ -1369,7 +1367,6 @@ extern "C" int kvq_gpu_attn_decode(const struct kvq_gpu_attn_args *a,
 		p.nrope = (int)ap->rope_dim;
 		p.nneox = ap->rope_neox != 0;
 		p.ncs = ap->rope_cs;
-		p.nbase = ap->rope_base;
 	}
 
 	dim3 grid(pl.n_splits, a->n_kv_heads * pl.n_chunks, a->batch);

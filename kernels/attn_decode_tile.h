@@ -287,8 +287,7 @@ struct kparams {
 	 * [batch][hk * HD] K (unrotated) and V, f16 or f32; their rotation. */
 	const void *nk, *nv;
 	int n_f16, nrope, nneox;
-	const float *ncs;	/* [batch][nrope / 2][2], or NULL */
-	float nbase;
+	const float *ncs;	/* [batch][nrope / 2][2] (required with nrope) */
 };
 
 /* Per-warp online-softmax state; lane 4g+t owns query columns 2t, 2t+1

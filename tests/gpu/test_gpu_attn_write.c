@@ -624,6 +624,36 @@ out_host:
 
 /* ------------------------------------------------- append in the decode */
 
+/* Points append @ap and attention @a at device copy @d and workspace @ws. */
+static void fused_at(struct kvq_gpu_append_args *ap,
+		     struct kvq_gpu_attn_args *a, const struct dev *d, void *ws)
+{
+	ap->k_pages = d->kp;
+	ap->v_pages = d->vp;
+	ap->block_table = d->bt;
+	ap->sink = (uint16_t *const *)d->sinkv;
+	a->k_pages = d->kp;
+	a->v_pages = d->vp;
+	a->block_table = d->bt;
+	a->sink = (const uint16_t *const *)d->sinkv;
+	a->seq_lens = d->lens;
+	a->workspace = ws;
+}
+
+/* Bytes that differ between device buffers @p and @q of @n bytes, read
+ * back through host buffers @x and @y. */
+static size_t dev_bytes_differ(const void *p, const void *q, size_t n,
+			       uint8_t *x, uint8_t *y)
+{
+	size_t i, diff = 0;
+
+	kvq_test_gpu_get(x, p, n);
+	kvq_test_gpu_get(y, q, n);
+	for (i = 0; i < n; i++)
+		diff += x[i] != y[i];
+	return diff;
+}
+
 /*
  * kvq_gpu_attn_decode() with kvq_gpu_attn_args.append against the append
  * kernel and then the decode kernel, on two device copies of one cache:
@@ -754,16 +784,7 @@ void run_fused_append(int kt, int vt, uint32_t D, uint32_t hq, int neox)
 	}
 	a.workspace_bytes = wsb;
 	/* The two launches on copy 0 ... */
-	ap.k_pages = d[0].kp;
-	ap.v_pages = d[0].vp;
-	ap.block_table = d[0].bt;
-	a.k_pages = d[0].kp;
-	a.v_pages = d[0].vp;
-	a.block_table = d[0].bt;
-	ap.sink = (uint16_t *const *)d[0].sinkv;
-	a.sink = (const uint16_t *const *)d[0].sinkv;
-	a.seq_lens = d[0].lens;
-	a.workspace = ws[0];
+	fused_at(&ap, &a, &d[0], ws[0]);
 	kvq_test_gpu_fill(dout, 0xff, nq * 4);
 	r1 = kvq_gpu_attn_append(&ap, NULL);
 	if (!r1)
@@ -771,16 +792,7 @@ void run_fused_append(int kt, int vt, uint32_t D, uint32_t hq, int neox)
 	if (!r1 && !kvq_test_gpu_sync(why, sizeof(why)))
 		kvq_test_gpu_get(o[0], dout, nq * 4);
 	/* ... and the one on copy 1, twice. */
-	ap.k_pages = d[1].kp;
-	ap.v_pages = d[1].vp;
-	ap.block_table = d[1].bt;
-	a.k_pages = d[1].kp;
-	a.v_pages = d[1].vp;
-	a.block_table = d[1].bt;
-	ap.sink = (uint16_t *const *)d[1].sinkv;
-	a.sink = (const uint16_t *const *)d[1].sinkv;
-	a.seq_lens = d[1].lens;
-	a.workspace = ws[1];
+	fused_at(&ap, &a, &d[1], ws[1]);
 	a.append = &ap;
 	kvq_test_gpu_fill(dout, 0xff, nq * 4);
 	r2 = kvq_gpu_attn_decode(&a, NULL);
@@ -802,22 +814,12 @@ void run_fused_append(int kt, int vt, uint32_t D, uint32_t hq, int neox)
 			odiff = 1;	/* NaN: an output left unwritten */
 			break;
 		}
-	kvq_test_gpu_get(x, d[0].kp, kb);
-	kvq_test_gpu_get(y, d[1].kp, kb);
-	for (i = 0; i < kb; i++)
-		diff += x[i] != y[i];
-	kvq_test_gpu_get(x, d[0].vp, vb);
-	kvq_test_gpu_get(y, d[1].vp, vb);
-	for (i = 0; i < vb; i++)
-		diff += x[i] != y[i];
-	for (b = 0; b < B; b++) {
-		if (!d[0].sinks[b])
-			continue;
-		kvq_test_gpu_get(x, d[0].sinks[b], sinkn * 2);
-		kvq_test_gpu_get(y, d[1].sinks[b], sinkn * 2);
-		for (i = 0; i < sinkn * 2; i++)
-			diff += x[i] != y[i];
-	}
+	diff = dev_bytes_differ(d[0].kp, d[1].kp, kb, x, y) +
+	       dev_bytes_differ(d[0].vp, d[1].vp, vb, x, y);
+	for (b = 0; b < B; b++)
+		if (d[0].sinks[b])
+			diff += dev_bytes_differ(d[0].sinks[b], d[1].sinks[b],
+						 sinkn * 2, x, y);
 	tap_ok(!odiff && !rdiff && !diff,
 	       "kvq_gpu_attn_decode_fused_append_%s_same_bits (outputs %s, "
 	       "again %s, %zu page and sink bytes differ)", name,
