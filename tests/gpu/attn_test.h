@@ -36,6 +36,9 @@ struct kvq_kvcache *build(int kt, int vt, uint32_t hk, uint32_t P,
 			  const uint32_t *lens, float kmag,
 			  struct kvq_kv_seq *s);
 
+/* Releases build()'s @batch sequences @s and destroys @c (NULL: nothing). */
+void unbuild(struct kvq_kvcache *c, struct kvq_kv_seq *s, uint32_t batch);
+
 /* Device copies of one layer-0 cache: pools, block table, sinks. */
 struct dev {
 	void *kp, *vp, *bt, *lens, *sinkv, *sinks[8];

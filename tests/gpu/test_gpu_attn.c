@@ -143,10 +143,17 @@ struct kvq_kvcache *build(int kt, int vt, uint32_t hk, uint32_t P,
 fail:
 	free(k);
 	free(v);
-	for (b = 0; b < batch; b++)
+	unbuild(c, s, batch);
+	return NULL;
+}
+
+void unbuild(struct kvq_kvcache *c, struct kvq_kv_seq *s, uint32_t batch)
+{
+	if (!c)
+		return;
+	for (uint32_t b = 0; b < batch; b++)
 		kvq_kv_seq_release(c, &s[b]);
 	kvq_kv_destroy(c);
-	return NULL;
 }
 
 void dev_free(struct dev *d)
@@ -352,11 +359,7 @@ out_dev:
 	kvq_test_gpu_free(ws);
 	dev_free(&d);
 out_host:
-	if (c) {
-		for (b = 0; b < tc->batch; b++)
-			kvq_kv_seq_release(c, &s[b]);
-		kvq_kv_destroy(c);
-	}
+	unbuild(c, s, tc->batch);
 	free(q);
 	free(ref);
 	free(got);
@@ -611,11 +614,7 @@ out_dev:
 	kvq_test_gpu_free(dctr);
 	dev_free(&d);
 out_host:
-	if (c) {
-		for (b = 0; b < tc->batch; b++)
-			kvq_kv_seq_release(c, &s[b]);
-		kvq_kv_destroy(c);
-	}
+	unbuild(c, s, tc->batch);
 	free(q);
 	free(ref);
 	free(got);

@@ -606,11 +606,7 @@ out_dev:
 	kvq_test_gpu_free(dctr);
 	dev_free(&d);
 out_host:
-	if (c) {
-		for (b = 0; b < B; b++)
-			kvq_kv_seq_release(c, &s[b]);
-		kvq_kv_destroy(c);
-	}
+	unbuild(c, s, B);
 	free(back);
 	free(kr);
 	free(vr);
@@ -855,11 +851,7 @@ out_dev:
 	dev_free(&d[0]);
 	dev_free(&d[1]);
 out_host:
-	if (c) {
-		for (b = 0; b < B; b++)
-			kvq_kv_seq_release(c, &s[b]);
-		kvq_kv_destroy(c);
-	}
+	unbuild(c, s, B);
 	free(x);
 	free(y);
 	free(kr);
