@@ -450,6 +450,36 @@ out:
  * and the kernel take R_pos c off each rotated key (centres ten times the
  * keys: a missing or wrong correction changes nearly every byte).
  */
+/*
+ * Append arguments for layer 0 of host cache @c on device copy @d: its
+ * pools, block table, sinks and geometry, RoPE over @rope_dim at base
+ * 10000.  The rows, their positions, the angles and the centres are the
+ * caller's.
+ */
+static void append_at(struct kvq_gpu_append_args *a,
+		      const struct kvq_kvcache *c, const struct dev *d, int kt,
+		      int vt, uint32_t hk, uint32_t D, uint32_t P,
+		      uint32_t n_sink, uint32_t rope_dim, int neox)
+{
+	memset(a, 0, sizeof(*a));
+	a->k_pages = d->kp;
+	a->v_pages = d->vp;
+	a->k_page_bytes = c->layers[0].k.page_bytes;
+	a->v_page_bytes = c->layers[0].v.page_bytes;
+	a->k_type = kt;
+	a->v_type = vt;
+	a->block_table = d->bt;
+	a->bt_stride = d->bt_stride;
+	a->sink = (uint16_t *const *)d->sinkv;
+	a->n_sink = n_sink;
+	a->n_kv_heads = hk;
+	a->head_dim = D;
+	a->page_tokens = P;
+	a->rope_dim = rope_dim;
+	a->rope_base = 10000.0f;
+	a->rope_neox = neox;
+}
+
 void run_append(const struct acase *tc)
 {
 	enum { B = 4, NEW = 2 };
@@ -542,29 +572,14 @@ void run_append(const struct acase *tc)
 		tap_ok(0, "append %s%s: device buffers", tc->name, cd);
 		goto out_dev;
 	}
-	memset(&a, 0, sizeof(a));
+	append_at(&a, c, &d, tc->kt, tc->vt, hk, D, P, n_sink, tc->rope_dim,
+		  tc->neox);
 	a.k = dk;
 	a.v = dv;
 	a.in_type = tc->in_f16 ? KVQ_GPU_F16 : KVQ_GPU_F32;
 	a.n_rows = nrows;
 	a.row_seq = dseq;
 	a.row_pos = dpos;
-	a.k_pages = d.kp;
-	a.v_pages = d.vp;
-	a.k_page_bytes = c->layers[0].k.page_bytes;
-	a.v_page_bytes = c->layers[0].v.page_bytes;
-	a.k_type = tc->kt;
-	a.v_type = tc->vt;
-	a.block_table = d.bt;
-	a.bt_stride = d.bt_stride;
-	a.sink = (uint16_t *const *)d.sinkv;
-	a.n_sink = n_sink;
-	a.n_kv_heads = hk;
-	a.head_dim = D;
-	a.page_tokens = P;
-	a.rope_dim = tc->rope_dim;
-	a.rope_base = 10000.0f;
-	a.rope_neox = tc->neox;
 	a.rope_cs = tc->table ? dcs : NULL;
 	a.k_center = dctr;
 	ret = kvq_gpu_attn_append(&a, NULL);
@@ -734,24 +749,12 @@ void run_fused_append(int kt, int vt, uint32_t D, uint32_t hq, int neox)
 		tap_ok(0, "fused append %s: device buffers", name);
 		goto out_dev;
 	}
-	memset(&ap, 0, sizeof(ap));
+	append_at(&ap, c, &d[0], kt, vt, hk, D, P, n_sink, D, neox);
 	ap.k = dk;
 	ap.v = dv;
 	ap.in_type = KVQ_GPU_F32;
 	ap.n_rows = B;
 	ap.row_pos = dpos;
-	ap.k_page_bytes = c->layers[0].k.page_bytes;
-	ap.v_page_bytes = c->layers[0].v.page_bytes;
-	ap.k_type = kt;
-	ap.v_type = vt;
-	ap.bt_stride = d[0].bt_stride;
-	ap.n_sink = n_sink;
-	ap.n_kv_heads = hk;
-	ap.head_dim = D;
-	ap.page_tokens = P;
-	ap.rope_dim = D;
-	ap.rope_base = 10000.0f;
-	ap.rope_neox = neox;
 	ap.rope_cs = dcs;
 	memset(&a, 0, sizeof(a));
 	a.q = dq;
