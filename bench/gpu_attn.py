@@ -16,7 +16,7 @@ spread over many calls.
       [--heads 32] [--kv-heads 8] [--batches 1,8,16,64]
       [--contexts 1024,4096,32768,131072] [--shapes 1:1024,16:32768]
       [--formats q4/q4,q8/q4,f16/f16] [--pages random|ordered]
-      [--page-tokens 16]
+      [--page-tokens 16] [--head-dim 128]
       [--min-calls 16]
 
 The library is kernels/attn_decode.cu, kernels/attn_append.cu and
@@ -254,7 +254,7 @@ def positive_int(s):
 
 
 def main():
-    global PAGES, MIN_CALLS, P
+    global PAGES, MIN_CALLS, P, HD
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", required=True, action="append",
                     help="PATH or NAME=PATH; repeat to compare builds")
@@ -267,6 +267,8 @@ def main():
                     help="batch:context pairs, comma-separated")
     ap.add_argument("--page-tokens", type=positive_int, default=P,
                     help="tokens a page (a power of two, >= 16)")
+    ap.add_argument("--head-dim", type=int, choices=(64, 128), default=HD,
+                    help="channels a head (the fused kernel's two sizes)")
     ap.add_argument("--pages", choices=("random", "ordered"),
                     default="random",
                     help="page order in the pool: random (each sequence's "
@@ -279,6 +281,7 @@ def main():
     o = ap.parse_args()
     PAGES = o.pages
     P = o.page_tokens
+    HD = o.head_dim
     if P < 16 or P & (P - 1):
         ap.error("--page-tokens: %d is not a power of two >= 16" % P)
     MIN_CALLS = o.min_calls
