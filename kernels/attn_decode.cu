@@ -102,7 +102,8 @@ namespace {
 
 struct plan {
 	int n_splits;		/* grid.x */
-	int tps;		/* tiles per split */
+	int tps;		/* most tiles a split (a sequence takes
+				 * fewer: decode_kernel()) */
 	int n_chunks;		/* query-head passes of 8 per KV head */
 	int cl;			/* blocks a cluster */
 	struct kinfo *kc;	/* cl > 1: the kernel that merges in them */
@@ -344,9 +345,14 @@ __device__ __forceinline__ void append_new(const kparams &p, int b, int h,
 	kvq_syncwarp();
 }
 
+/* A split's fewest tiles: one a warp; two at head_dim 64, where a step
+ * of a short context has more splits than work for them (make_plan()). */
+template <int HD> constexpr int MT_MIN = HD == 64 ? 2 * NW : NW;
+
 /*
  * One block: sequence blockIdx.z, KV head blockIdx.y / n_chunks (query
- * heads of pass blockIdx.y % n_chunks), tiles [split * tps, + tps).
+ * heads of pass blockIdx.y % n_chunks), tiles [split * tps, + tps), tps
+ * from the sequence's length.
  * IQ: q8 and q4 keys through integer products against query_int8()'s
  * query (at most 4 query heads a KV head).  FR: the new rows (p.nk) are
  * appended first; the kernels without it are those of before it, whose
@@ -371,30 +377,10 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	long long cap = (long long)p.n_splits * p.tps * TT;
 	long long lim = (long long)p.bt_stride * p.P;
 	const int32_t *bt = p.bt + (size_t)b * p.bt_stride;
-	int t_begin = split * p.tps;
 	const bool kq = KT != KVQ_KV_F16, vq = VT != KVQ_KV_F16;
 
 	if (CM)		/* started: the others may push to this block */
 		kvq_cluster_arrive(false);
-	/*
-	 * Page ids of this warp's tiles k, in a ring of 64 in shared memory
-	 * (entry k & 63), filled 32 at a time one batch ahead.  The first
-	 * two batches are loaded before the sequence length is known (any
-	 * tile of the split that the block table can hold), so that they,
-	 * the length and the sink pointer arrive together.
-	 */
-	int *pids = (int *)(smem + S::PID_OFF) + w * 64;
-	int pid0, pid1;
-	{
-		long long tl = (lim + TT - 1) / TT;
-		int t_cap = (int)(t_begin + p.tps < tl ? t_begin + p.tps : tl);
-		int n_cap = t_cap - t_begin > w ?
-			    (t_cap - t_begin - w + NW - 1) / NW : 0;
-		int k0 = lane, k1 = lane + 32;
-
-		pid0 = k0 < n_cap ? bt[(t_begin + w + k0 * NW) >> p.tshift] : 0;
-		pid1 = k1 < n_cap ? bt[(t_begin + w + k1 * NW) >> p.tshift] : 0;
-	}
 	const uint16_t *sinkp = (p.sink && (kq || vq)) ? p.sink[b] : nullptr;
 	int len = p.lens[b], len_in = len;
 
@@ -405,7 +391,39 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	if (len > lim)
 		len = (int)lim;
 	int n_tiles = (len + TT - 1) / TT;
-	int n_active = (n_tiles + p.tps - 1) / p.tps;
+	/*
+	 * The plan's split count is for the step's longest length bucket
+	 * (a power of two: up to twice the sequence); the sequence's tiles
+	 * are dealt over those splits by its own length, at least MT_MIN a
+	 * split (the plan's own minimum) and at most p.tps.  H200, kvqd's
+	 * decode step (1B shape, head_dim 64), against the plan's tiles a
+	 * split: bench/gpu_decode_notes.md, "Tiles a split by the
+	 * sequence's own length".
+	 */
+	int tps = (n_tiles + p.n_splits - 1) / p.n_splits;
+
+	if (tps < MT_MIN<HD>)
+		tps = MT_MIN<HD>;
+	if (tps > p.tps)
+		tps = p.tps;
+	int t_begin = split * tps;
+	/*
+	 * Page ids of this warp's tiles k, in a ring of 64 in shared memory
+	 * (entry k & 63), filled 32 at a time one batch ahead.  The first
+	 * two batches are loaded with the sink pointer, before the wait.
+	 */
+	int *pids = (int *)(smem + S::PID_OFF) + w * 64;
+	int pid0, pid1;
+	{
+		int t_cap = min(t_begin + tps, n_tiles);
+		int n_cap = t_cap - t_begin > w ?
+			    (t_cap - t_begin - w + NW - 1) / NW : 0;
+		int k0 = lane, k1 = lane + 32;
+
+		pid0 = k0 < n_cap ? bt[(t_begin + w + k0 * NW) >> p.tshift] : 0;
+		pid1 = k1 < n_cap ? bt[(t_begin + w + k1 * NW) >> p.tshift] : 0;
+	}
+	int n_active = (n_tiles + tps - 1) / tps;
 
 	/*
 	 * Everything above is the step's own (block table, lengths, sink
@@ -419,7 +437,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 		typedef fmt<VT, HD> FV;
 		int tk = t_begin + w + lane * NW;
 
-		if (lane < N - 1 && tk < n_tiles && tk < t_begin + p.tps) {
+		if (lane < N - 1 && tk < n_tiles && tk < t_begin + tps) {
 			size_t row = (size_t)h * p.P +
 				     TT * (tk & ((1 << p.tshift) - 1));
 			const uint8_t *kb = p.kp + (size_t)(unsigned)pid0 * p.kpb;
@@ -470,7 +488,7 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 			if (mk_i || (mk_f && G == 0))
 				load_q8(p, ok, q0 + 32 * (mk_i ? G : gf), qr[G]);
 	}
-	int t_end = min(t_begin + p.tps, n_tiles);
+	int t_end = min(t_begin + tps, n_tiles);
 	int n_my = t_end - t_begin > w ? (t_end - t_begin - w + NW - 1) / NW : 0;
 	int t0 = t_begin + w;
 	uint8_t *ring = smem + w * N * S::BYTES;
@@ -1178,22 +1196,20 @@ void make_plan(const struct kvq_gpu_attn_args *a, kinfo *k, plan *pl)
 	if (n_tiles < 1)
 		n_tiles = 1;
 	/*
-	 * One wave of blocks; but at head_dim 64, where that gives a warp 8
-	 * tiles or more, two waves of half as many tiles.  Measured on the
-	 * H200 in kvqd's decode step (1B shape, q4/q4, 32K): batch 1 +3%, 4
-	 * +6%, 16 +28% tokens/s; at 1K (below the threshold) two waves cost
-	 * 2%.  At head_dim 128 two waves are slower (bench/gpu_attn.py, q4/q4:
-	 * batch 1 at 32K 25 -> 38 us, batch 8 at 8K 35 -> 44 us), so one.
-	 * Where the units alone take a wave or more, one split (the
-	 * workspace's counts are sized for that: ws_layout()).
+	 * One wave of blocks, at both head sizes.  Two waves are slower:
+	 * head_dim 128, bench/gpu_attn.py, q4/q4, batch 1 at 32K 25 -> 38
+	 * us, batch 8 at 8K 35 -> 44 us; head_dim 64 (which took two waves
+	 * where a warp got 8 tiles or more, until each sequence's tiles were
+	 * dealt by its own length, see decode_kernel()), q4/q4, batch 4 at
+	 * 32K 24.3 -> 28.3 us, batch 16 at 8K 24.2 -> 30.4, at 32K 79.6 ->
+	 * 88.5 (bench/gpu_attn_notes.md).  Where the units alone take a wave
+	 * or more, one split (the workspace's counts are sized for that:
+	 * ws_layout()).
 	 */
 	cap = (long long)n_sms * k->per_sm;
 	ns = cap / units;
 	if (ns < 1)
 		ns = 1;
-	if (a->head_dim == 64 && units <= cap &&
-	    (n_tiles + ns - 1) / ns >= 8 * NW)
-		ns *= 2;
 	if (ns > MAX_SPLITS)
 		ns = MAX_SPLITS;
 	/*
@@ -1228,7 +1244,7 @@ void make_plan(const struct kvq_gpu_attn_args *a, kinfo *k, plan *pl)
 	 * batch 2 at 1K 1110-1112 -> 1091-1093; batch 4, and 4K, within 1%
 	 * (four tiles a warp: no better, batch 1 at 1K 884-889).
 	 */
-	mt = a->head_dim == 64 ? 2 * NW : NW;
+	mt = a->head_dim == 64 ? MT_MIN<64> : MT_MIN<128>;
 	if (tps < mt)
 		tps = mt;
 	ns = (n_tiles + tps - 1) / tps;
