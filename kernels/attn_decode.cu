@@ -1201,8 +1201,8 @@ void make_plan(const struct kvq_gpu_attn_args *a, kinfo *k, plan *pl)
 	 * us, batch 8 at 8K 35 -> 44 us; head_dim 64 (which took two waves
 	 * where a warp got 8 tiles or more, until each sequence's tiles were
 	 * dealt by its own length, see decode_kernel()), q4/q4, batch 4 at
-	 * 32K 24.3 -> 28.3 us, batch 16 at 8K 24.2 -> 30.4, at 32K 79.6 ->
-	 * 88.5 (bench/gpu_attn_notes.md).  Where the units alone take a wave
+	 * 32K 24.3 -> 28.0 us, batch 16 at 8K 24.2 -> 29.1, at 32K 77.2 ->
+	 * 86.2 (bench/gpu_attn_notes.md).  Where the units alone take a wave
 	 * or more, one split (the workspace's counts are sized for that:
 	 * ws_layout()).
 	 */
