@@ -443,14 +443,6 @@ out:
 /* ------------------------------------------------------------- append */
 
 /*
- * kvq_gpu_attn_append() of two new rows for each of four sequences (one
- * empty, one in a sink, one at a page end, one long) against the engine's
- * rotation and kvq_kv_write() of the same rows: the K and V pools and the
- * sink copies must be equal byte for byte.  With centring the host cache
- * and the kernel take R_pos c off each rotated key (centres ten times the
- * keys: a missing or wrong correction changes nearly every byte).
- */
-/*
  * Append arguments for layer 0 of host cache @c on device copy @d: its
  * pools, block table, sinks and geometry, RoPE over @rope_dim at base
  * 10000.  The rows, their positions, the angles and the centres are the
@@ -480,6 +472,14 @@ static void append_at(struct kvq_gpu_append_args *a,
 	a->rope_neox = neox;
 }
 
+/*
+ * kvq_gpu_attn_append() of two new rows for each of four sequences (one
+ * empty, one in a sink, one at a page end, one long) against the engine's
+ * rotation and kvq_kv_write() of the same rows: the K and V pools and the
+ * sink copies must be equal byte for byte.  With centring the host cache
+ * and the kernel take R_pos c off each rotated key (centres ten times the
+ * keys: a missing or wrong correction changes nearly every byte).
+ */
 void run_append(const struct acase *tc)
 {
 	enum { B = 4, NEW = 2 };
