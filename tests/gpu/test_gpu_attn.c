@@ -77,6 +77,8 @@ struct dcase {
 	float scale;		/* 0: 1/sqrt(head_dim) */
 	float kmag;		/* key magnitude: larger is a peakier softmax */
 	int q_f16, out_f16;
+	uint32_t plan_len;	/* 0: the longest length; else the split plan's
+				 * bound, as a decode step's length bucket */
 };
 
 /* A host cache with @batch sequences of random tokens, interleaved so
@@ -283,7 +285,7 @@ static int run_decode(const struct dcase *tc)
 	a.block_table = d.bt;
 	a.bt_stride = d.bt_stride;
 	a.seq_lens = d.lens;
-	a.max_len = maxl;
+	a.max_len = tc->plan_len > maxl ? tc->plan_len : maxl;
 	a.sink = tc->n_sink ? (const uint16_t *const *)d.sinkv : NULL;
 	a.n_sink = c->o.n_sink;
 	a.batch = tc->batch;
@@ -743,6 +745,17 @@ static void decode_suite(void)
 			 * tolerance */
 			{ "peaky", kt, vt, 32, 8, 16, 4, 2, { 2000, 129 },
 			  0.5f, 3.0f, 0, 0 },
+			/* planned for the length bucket above every length,
+			 * as kvqd's decode steps are: each sequence's tiles
+			 * dealt over the splits by its own length (32K + 1
+			 * fills about half of the 64K bucket's splits) */
+			{ "bucket", kt, vt, 32, 8, 16, 4, 3, { 32769, 9000, 1 },
+			  0, 1.0f, 0, 0, 65536 },
+			{ "bucket8", kt, vt, 32, 8, 16, 4, 8,
+			  { 8193, 5000, 4097, 300, 0, 17, 8000, 2 }, 0, 1.0f,
+			  0, 0, 16384 },
+			{ "bucket1", kt, vt, 32, 8, 16, 4, 1, { 1025 }, 0, 1.0f,
+			  0, 0, 2048 },
 		};
 		for (j = 0; j < (int)(sizeof(cases) / sizeof(cases[0])); j++)
 			run_decode(&cases[j]);
