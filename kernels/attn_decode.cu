@@ -345,9 +345,31 @@ __device__ __forceinline__ void append_new(const kparams &p, int b, int h,
 	kvq_syncwarp();
 }
 
-/* A split's fewest tiles: one a warp; two at head_dim 64, where a step
- * of a short context has more splits than work for them (make_plan()). */
-template <int HD> constexpr int MT_MIN = HD == 64 ? 2 * NW : NW;
+/*
+ * A split's fewest tiles, for @n_tiles over at most @ns splits (the
+ * plan's bound, or a sequence's own length): two a warp at head_dim 64,
+ * where a short context has more splits than work for them; one at 128,
+ * or two where one would leave more than MERGE_U splits (a second round
+ * of the merge).  H200, head_dim 128, q4/q4, bench/gpu_attn.py, us:
+ * two a warp everywhere lost where one gives 16 splits or fewer (batch 1
+ * / 1K 5.35 -> 5.87, 1 / 2K 5.43 -> 6.02); this rule, against one a
+ * warp, batch 1 / 4K 6.99 -> 6.15 (32 -> 16 splits), 1K-2K and 8K-32K
+ * unchanged; kvqd's decode step (dim 2048, 16 / 4 heads), batch 1 / 8K
+ * 1107 -> 1125 tokens/s (bench/gpu_attn_notes.md, "Two tiles a warp at
+ * head_dim 128 past 16 splits").
+ */
+template <int HD>
+__host__ __device__ __forceinline__ int mt_min(long long n_tiles,
+					       long long ns)
+{
+	long long t = (n_tiles + ns - 1) / ns;
+
+	if (HD == 64)
+		return 2 * NW;
+	if (t < NW)
+		t = NW;
+	return (n_tiles + t - 1) / t > MERGE_U ? 2 * NW : NW;
+}
 
 /*
  * One block: sequence blockIdx.z, KV head blockIdx.y / n_chunks (query
@@ -394,16 +416,18 @@ __global__ void __launch_bounds__(NW * 32, 16 / NW) decode_kernel(kparams p)
 	/*
 	 * The plan's split count is for the step's longest length bucket
 	 * (a power of two: up to twice the sequence); the sequence's tiles
-	 * are dealt over those splits by its own length, at least MT_MIN a
-	 * split (the plan's own minimum) and at most p.tps.  H200, kvqd's
+	 * are dealt over those splits by its own length, at least mt_min()
+	 * a split (the plan's rule) and at most p.tps.  H200, kvqd's
 	 * decode step (1B shape, head_dim 64), against the plan's tiles a
 	 * split: bench/gpu_decode_notes.md, "Tiles a split by the
 	 * sequence's own length".
 	 */
 	int tps = (n_tiles + p.n_splits - 1) / p.n_splits;
 
-	if (tps < MT_MIN<HD>)
-		tps = MT_MIN<HD>;
+	int mt = mt_min<HD>(n_tiles, p.n_splits);
+
+	if (tps < mt)
+		tps = mt;
 	if (tps > p.tps)
 		tps = p.tps;
 	int t_begin = split * tps;
@@ -1237,14 +1261,15 @@ void make_plan(const struct kvq_gpu_attn_args *a, kinfo *k, plan *pl)
 	if (units * 4 >= (long long)n_sms * 3 && tps < 16 * NW)
 		tps = n_tiles;
 	/*
-	 * A warp's share of a split: one tile at least; two at head_dim 64,
-	 * where a step of a short context has more splits than work for
-	 * them.  kvqd's decode step (1B shape, q4/q4), H200, three
+	 * A warp's share of a split: two tiles at least at head_dim 64; at
+	 * 128 one, or two past MERGE_U splits (mt_min()).  At head_dim 64,
+	 * kvqd's decode step (1B shape, q4/q4), H200, three
 	 * alternating runs, us a step: batch 1 at 1K 879-881 -> 871-875,
 	 * batch 2 at 1K 1110-1112 -> 1091-1093; batch 4, and 4K, within 1%
 	 * (four tiles a warp: no better, batch 1 at 1K 884-889).
 	 */
-	mt = a->head_dim == 64 ? MT_MIN<64> : MT_MIN<128>;
+	mt = a->head_dim == 64 ? mt_min<64>(n_tiles, ns) :
+				 mt_min<128>(n_tiles, ns);
 	if (tps < mt)
 		tps = mt;
 	ns = (n_tiles + tps - 1) / tps;
